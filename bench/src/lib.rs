@@ -1,0 +1,1 @@
+//! livemig benchmarks live in `benches/`.

@@ -1,0 +1,274 @@
+//! Guest RAM: memfd-backed regions mapped with vm-memory.
+//!
+//! This module owns the host mappings of guest RAM and the RAM layout that travels to the
+//! destination. It knows nothing of KVM or of the wire: the VM registers these regions as KVM
+//! memory slots (slot `i` = region `i`), the scheduler reads pages from them in place and the
+//! destination receives pages straight into them.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
+
+/// Size of a guest page, in bytes.
+pub const PAGE_SIZE: u64 = 4096;
+/// Largest total RAM a layout may declare (1 TiB): a bound on what a peer can make us allocate.
+pub const MAX_RAM_BYTES: u64 = 1 << 40;
+/// Largest number of RAM regions in a layout.
+pub const MAX_REGIONS: usize = 64;
+
+/// Errors of guest RAM set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The declared layout is not usable.
+    #[error("invalid RAM layout: {0}")]
+    InvalidLayout(String),
+    /// memfd_create or ftruncate failed.
+    #[error("cannot create memfd for region at gpa {gpa:#x} ({size} bytes)")]
+    Memfd {
+        /// Guest physical address of the region.
+        gpa: u64,
+        /// Size of the region.
+        size: u64,
+        /// Underlying OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// mmap of a region failed.
+    #[error("cannot map region at gpa {gpa:#x} ({size} bytes): {reason}")]
+    Mmap {
+        /// Guest physical address of the region.
+        gpa: u64,
+        /// Size of the region.
+        size: u64,
+        /// What vm-memory reported.
+        reason: String,
+    },
+}
+
+/// One contiguous range of guest-physical RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamRegionSpec {
+    /// Guest physical start address (page aligned).
+    pub gpa: u64,
+    /// Length in bytes (page multiple).
+    pub size: u64,
+}
+
+/// The RAM layout of a VM: sorted, non-overlapping, page-aligned regions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamLayout {
+    /// Regions, sorted by address.
+    pub regions: Vec<RamRegionSpec>,
+}
+
+impl RamLayout {
+    /// One region of `bytes` starting at guest address 0.
+    pub fn single(bytes: u64) -> Self {
+        RamLayout {
+            regions: vec![RamRegionSpec { gpa: 0, size: bytes }],
+        }
+    }
+
+    /// Checks alignment, ordering, overlap and the global size cap.
+    pub fn validate(&self) -> Result<(), MemoryError> {
+        let bad = |m: String| Err(MemoryError::InvalidLayout(m));
+        if self.regions.is_empty() || self.regions.len() > MAX_REGIONS {
+            return bad(format!("{} regions (1..={MAX_REGIONS} allowed)", self.regions.len()));
+        }
+        let mut end = 0u64;
+        let mut total = 0u64;
+        for (i, r) in self.regions.iter().enumerate() {
+            if r.size == 0 || r.gpa % PAGE_SIZE != 0 || r.size % PAGE_SIZE != 0 {
+                return bad(format!("region {i} ({:#x}+{:#x}) not page aligned or empty", r.gpa, r.size));
+            }
+            if i > 0 && r.gpa < end {
+                return bad(format!("region {i} at {:#x} overlaps or is out of order", r.gpa));
+            }
+            end = match r.gpa.checked_add(r.size) {
+                Some(e) => e,
+                None => return bad(format!("region {i} wraps the address space")),
+            };
+            total = total.saturating_add(r.size);
+        }
+        if total > MAX_RAM_BYTES {
+            return bad(format!("{total} bytes of RAM exceeds the {MAX_RAM_BYTES} byte limit"));
+        }
+        Ok(())
+    }
+
+    /// Total bytes of RAM.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// Total pages of RAM.
+    pub fn total_pages(&self) -> u64 {
+        self.total_bytes() / PAGE_SIZE
+    }
+
+    /// True when `[gpa, gpa + len)` lies inside one region.
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        let Some(end) = gpa.checked_add(len) else {
+            return false;
+        };
+        self.regions
+            .iter()
+            .any(|r| gpa >= r.gpa && end <= r.gpa + r.size)
+    }
+}
+
+/// How the host pages behind guest RAM are faulted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Populate {
+    /// Lazily, on first touch.
+    Lazy,
+    /// Up front, at mapping time (`MAP_POPULATE`).
+    Eager,
+}
+
+/// Guest RAM: the regions of a [`RamLayout`], each backed by its own memfd and mapped shared.
+#[derive(Debug, Clone)]
+pub struct GuestRam {
+    layout: RamLayout,
+    memory: GuestMemoryMmap<AtomicBitmap>,
+}
+
+impl GuestRam {
+    /// Allocates RAM for `layout`, one memfd per region.
+    pub fn new(layout: &RamLayout, populate: Populate) -> Result<Self, MemoryError> {
+        layout.validate()?;
+        let mut regions = Vec::with_capacity(layout.regions.len());
+        for r in &layout.regions {
+            let file = memfd(r)?;
+            let mut flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
+            if populate == Populate::Eager {
+                flags |= libc::MAP_POPULATE;
+            }
+            let mmap_err = |reason: String| MemoryError::Mmap {
+                gpa: r.gpa,
+                size: r.size,
+                reason,
+            };
+            let size = usize::try_from(r.size).map_err(|e| mmap_err(e.to_string()))?;
+            let mapping = MmapRegionBuilder::new_with_bitmap(
+                size,
+                <AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(size),
+            )
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_file_offset(FileOffset::new(file, 0))
+            .build()
+            .map_err(|e| mmap_err(e.to_string()))?;
+            let region = GuestRegionMmap::new(mapping, GuestAddress(r.gpa))
+                .ok_or_else(|| mmap_err("address overflow".into()))?;
+            regions.push(Arc::new(region));
+        }
+        let memory = GuestMemoryMmap::from_arc_regions(regions)
+            .map_err(|e| MemoryError::InvalidLayout(e.to_string()))?;
+        Ok(GuestRam {
+            layout: layout.clone(),
+            memory,
+        })
+    }
+
+    /// The layout this RAM was built from.
+    pub fn layout(&self) -> &RamLayout {
+        &self.layout
+    }
+
+    /// The vm-memory view of guest RAM (its bitmap records VMM-side writes).
+    pub fn memory(&self) -> &GuestMemoryMmap<AtomicBitmap> {
+        &self.memory
+    }
+
+    /// Host mappings of each region, in layout order: `(gpa, host address, length)`.
+    pub fn host_regions(&self) -> Vec<(u64, *mut u8, u64)> {
+        self.memory
+            .iter()
+            .map(|r| (r.start_addr().0, r.as_ptr(), r.len()))
+            .collect()
+    }
+
+    /// Total bytes of RAM.
+    pub fn total_bytes(&self) -> u64 {
+        self.layout.total_bytes()
+    }
+
+    /// Takes the VMM-side dirty bits of region `index` (pages written through vm-memory since
+    /// the last call), one bit per page, and clears them.
+    pub fn take_vmm_dirty(&self, index: usize) -> Vec<u64> {
+        self.memory
+            .iter()
+            .nth(index)
+            .map(|r| vm_memory::mmap::MmapRegion::bitmap(r).get_and_reset())
+            .unwrap_or_default()
+    }
+}
+
+fn memfd(r: &RamRegionSpec) -> Result<File, MemoryError> {
+    let err = |source| MemoryError::Memfd {
+        gpa: r.gpa,
+        size: r.size,
+        source,
+    };
+    // SAFETY: the name is a valid NUL-terminated C string; the call has no memory effects.
+    let fd = unsafe { libc::memfd_create(c"livemig-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(r.size).map_err(err)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn layout_rejects_bad_regions() {
+        assert!(RamLayout::single(1 << 20).validate().is_ok());
+        assert!(RamLayout::single(0).validate().is_err());
+        assert!(RamLayout::single(4095).validate().is_err());
+        let overlap = RamLayout {
+            regions: vec![
+                RamRegionSpec { gpa: 0, size: 0x2000 },
+                RamRegionSpec { gpa: 0x1000, size: 0x1000 },
+            ],
+        };
+        assert!(overlap.validate().is_err());
+        assert!(RamLayout::single(MAX_RAM_BYTES + PAGE_SIZE).validate().is_err());
+        let wrap = RamLayout {
+            regions: vec![RamRegionSpec { gpa: u64::MAX & !0xfff, size: 0x2000 }],
+        };
+        assert!(wrap.validate().is_err());
+    }
+
+    #[test]
+    fn contains_checks_bounds() {
+        let l = RamLayout::single(0x10000);
+        assert!(l.contains(0, 0x10000));
+        assert!(!l.contains(0xf000, 0x2000));
+        assert!(!l.contains(u64::MAX, 2));
+    }
+
+    #[test]
+    fn ram_is_shared_memfd_and_tracks_vmm_writes() {
+        let ram = GuestRam::new(&RamLayout::single(1 << 20), Populate::Lazy).unwrap();
+        ram.memory().write_obj(0xdead_beefu32, GuestAddress(0x3000)).unwrap();
+        let region = ram.memory().iter().next().unwrap();
+        assert!(region.file_offset().is_some());
+        let words = ram.take_vmm_dirty(0);
+        assert_eq!(words[0], 1 << 3);
+        assert_eq!(ram.memory().read_obj::<u32>(GuestAddress(0x3000)).unwrap(), 0xdead_beef);
+    }
+}
