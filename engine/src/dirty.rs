@@ -110,7 +110,10 @@ impl DirtyBitmap {
                 let first = wi as u64 * 64;
                 if w == 0 {
                     if let Some((s, n)) = run.take() {
-                        out.push(Extent { gpa: base + s * PAGE_SIZE, pages: n });
+                        out.push(Extent {
+                            gpa: base + s * PAGE_SIZE,
+                            pages: n,
+                        });
                     }
                     continue;
                 }
@@ -127,7 +130,10 @@ impl DirtyBitmap {
                     let zeros = u64::from(bits.trailing_zeros()).min(64 - pos);
                     if zeros > 0 {
                         if let Some((s, n)) = run.take() {
-                            out.push(Extent { gpa: base + s * PAGE_SIZE, pages: n });
+                            out.push(Extent {
+                                gpa: base + s * PAGE_SIZE,
+                                pages: n,
+                            });
                         }
                         pos += zeros;
                         bits = bits.checked_shr(zeros as u32).unwrap_or(0);
@@ -145,7 +151,10 @@ impl DirtyBitmap {
                 }
             }
             if let Some((s, n)) = run.take() {
-                out.push(Extent { gpa: base + s * PAGE_SIZE, pages: n });
+                out.push(Extent {
+                    gpa: base + s * PAGE_SIZE,
+                    pages: n,
+                });
             }
         }
         out
@@ -171,8 +180,14 @@ mod tests {
     fn layout() -> RamLayout {
         RamLayout {
             regions: vec![
-                RamRegionSpec { gpa: 0, size: 200 * PAGE_SIZE },
-                RamRegionSpec { gpa: 1 << 30, size: 130 * PAGE_SIZE },
+                RamRegionSpec {
+                    gpa: 0,
+                    size: 200 * PAGE_SIZE,
+                },
+                RamRegionSpec {
+                    gpa: 1 << 30,
+                    size: 130 * PAGE_SIZE,
+                },
             ],
         }
     }
@@ -186,7 +201,10 @@ mod tests {
             b.extents(),
             vec![
                 Extent { gpa: 0, pages: 200 },
-                Extent { gpa: 1 << 30, pages: 130 }
+                Extent {
+                    gpa: 1 << 30,
+                    pages: 130
+                }
             ]
         );
     }
@@ -203,9 +221,18 @@ mod tests {
         assert_eq!(
             b.extents(),
             vec![
-                Extent { gpa: 60 * PAGE_SIZE, pages: 10 },
-                Extent { gpa: 199 * PAGE_SIZE, pages: 1 },
-                Extent { gpa: 1 << 30, pages: 1 }
+                Extent {
+                    gpa: 60 * PAGE_SIZE,
+                    pages: 10
+                },
+                Extent {
+                    gpa: 199 * PAGE_SIZE,
+                    pages: 1
+                },
+                Extent {
+                    gpa: 1 << 30,
+                    pages: 1
+                }
             ]
         );
     }

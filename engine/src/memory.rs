@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 
 /// Size of a guest page, in bytes.
@@ -72,7 +73,10 @@ impl RamLayout {
     /// One region of `bytes` starting at guest address 0.
     pub fn single(bytes: u64) -> Self {
         RamLayout {
-            regions: vec![RamRegionSpec { gpa: 0, size: bytes }],
+            regions: vec![RamRegionSpec {
+                gpa: 0,
+                size: bytes,
+            }],
         }
     }
 
@@ -80,16 +84,25 @@ impl RamLayout {
     pub fn validate(&self) -> Result<(), MemoryError> {
         let bad = |m: String| Err(MemoryError::InvalidLayout(m));
         if self.regions.is_empty() || self.regions.len() > MAX_REGIONS {
-            return bad(format!("{} regions (1..={MAX_REGIONS} allowed)", self.regions.len()));
+            return bad(format!(
+                "{} regions (1..={MAX_REGIONS} allowed)",
+                self.regions.len()
+            ));
         }
         let mut end = 0u64;
         let mut total = 0u64;
         for (i, r) in self.regions.iter().enumerate() {
             if r.size == 0 || r.gpa % PAGE_SIZE != 0 || r.size % PAGE_SIZE != 0 {
-                return bad(format!("region {i} ({:#x}+{:#x}) not page aligned or empty", r.gpa, r.size));
+                return bad(format!(
+                    "region {i} ({:#x}+{:#x}) not page aligned or empty",
+                    r.gpa, r.size
+                ));
             }
             if i > 0 && r.gpa < end {
-                return bad(format!("region {i} at {:#x} overlaps or is out of order", r.gpa));
+                return bad(format!(
+                    "region {i} at {:#x} overlaps or is out of order",
+                    r.gpa
+                ));
             }
             end = match r.gpa.checked_add(r.size) {
                 Some(e) => e,
@@ -98,7 +111,9 @@ impl RamLayout {
             total = total.saturating_add(r.size);
         }
         if total > MAX_RAM_BYTES {
-            return bad(format!("{total} bytes of RAM exceeds the {MAX_RAM_BYTES} byte limit"));
+            return bad(format!(
+                "{total} bytes of RAM exceeds the {MAX_RAM_BYTES} byte limit"
+            ));
         }
         Ok(())
     }
@@ -241,14 +256,25 @@ mod tests {
         assert!(RamLayout::single(4095).validate().is_err());
         let overlap = RamLayout {
             regions: vec![
-                RamRegionSpec { gpa: 0, size: 0x2000 },
-                RamRegionSpec { gpa: 0x1000, size: 0x1000 },
+                RamRegionSpec {
+                    gpa: 0,
+                    size: 0x2000,
+                },
+                RamRegionSpec {
+                    gpa: 0x1000,
+                    size: 0x1000,
+                },
             ],
         };
         assert!(overlap.validate().is_err());
-        assert!(RamLayout::single(MAX_RAM_BYTES + PAGE_SIZE).validate().is_err());
+        assert!(RamLayout::single(MAX_RAM_BYTES + PAGE_SIZE)
+            .validate()
+            .is_err());
         let wrap = RamLayout {
-            regions: vec![RamRegionSpec { gpa: u64::MAX & !0xfff, size: 0x2000 }],
+            regions: vec![RamRegionSpec {
+                gpa: u64::MAX & !0xfff,
+                size: 0x2000,
+            }],
         };
         assert!(wrap.validate().is_err());
     }
@@ -264,11 +290,16 @@ mod tests {
     #[test]
     fn ram_is_shared_memfd_and_tracks_vmm_writes() {
         let ram = GuestRam::new(&RamLayout::single(1 << 20), Populate::Lazy).unwrap();
-        ram.memory().write_obj(0xdead_beefu32, GuestAddress(0x3000)).unwrap();
+        ram.memory()
+            .write_obj(0xdead_beefu32, GuestAddress(0x3000))
+            .unwrap();
         let region = ram.memory().iter().next().unwrap();
         assert!(region.file_offset().is_some());
         let words = ram.take_vmm_dirty(0);
         assert_eq!(words[0], 1 << 3);
-        assert_eq!(ram.memory().read_obj::<u32>(GuestAddress(0x3000)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            ram.memory().read_obj::<u32>(GuestAddress(0x3000)).unwrap(),
+            0xdead_beef
+        );
     }
 }
