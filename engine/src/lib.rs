@@ -4,3 +4,6 @@
 pub mod dirty;
 pub mod memory;
 pub mod vm;
+pub mod digest;
+pub mod protocol;
+pub mod scheduler;

@@ -1,0 +1,270 @@
+//! The page-scheduler core shared by every transport.
+//!
+//! ```text
+//! DirtyBitmap → extents → chunks (bounded) → channel queues (crossbeam, bounded) → workers
+//! ```
+//!
+//! The scheduler thread only cuts extents into chunks and hands them out; page work (reading
+//! guest RAM, syscalls) happens in the channel workers, one per channel, pinned to a core when
+//! asked. A round ends with a marker on every channel; the destination's receivers meet at a
+//! barrier on each marker, so a page re-sent in round k+1 can never be overtaken by its stale
+//! copy from round k on another channel.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use livemig_transport::tcp::DataSender;
+use livemig_transport::{MemoryMap, TransportError};
+
+use crate::dirty::Extent;
+use crate::memory::PAGE_SIZE;
+
+/// Most pages in one chunk (2 MiB).
+pub const CHUNK_PAGES: u64 = 512;
+/// Most extents in one chunk.
+pub const CHUNK_EXTENTS: usize = 64;
+/// Chunks queued per channel before the scheduler blocks (backpressure).
+pub const QUEUE_DEPTH: usize = 4;
+/// Per-message framing bytes on a data channel (header), and per extent (table entry).
+pub const MESSAGE_OVERHEAD: u64 = 16;
+/// Framing bytes per extent entry.
+pub const EXTENT_OVERHEAD: u64 = 16;
+
+/// Errors of the data path.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// A channel failed.
+    #[error("data channel {channel}: {source}")]
+    Channel {
+        /// Channel index.
+        channel: usize,
+        /// Transport error.
+        #[source]
+        source: TransportError,
+    },
+    /// A channel worker vanished without a report.
+    #[error("data channel {0} worker stopped")]
+    WorkerGone(usize),
+    /// The migration was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Splits extents into chunks of at most `max_pages` pages and `max_extents` extents, in
+/// order, each chunk a list of `(gpa, bytes)`.
+pub fn chunks(extents: &[Extent], max_pages: u64, max_extents: usize) -> Vec<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut cur: Vec<(u64, u64)> = Vec::new();
+    let mut cur_pages = 0u64;
+    for e in extents {
+        let mut gpa = e.gpa;
+        let mut left = e.pages;
+        while left > 0 {
+            if cur_pages == max_pages || cur.len() == max_extents {
+                out.push(std::mem::take(&mut cur));
+                cur_pages = 0;
+            }
+            let n = left.min(max_pages - cur_pages);
+            cur.push((gpa, n * PAGE_SIZE));
+            cur_pages += n;
+            gpa += n * PAGE_SIZE;
+            left -= n;
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+enum Work {
+    Chunk(Vec<(u64, u64)>),
+    Marker(u64),
+}
+
+enum Event {
+    MarkerSent { round: u64, bytes: u64 },
+    Failed { channel: usize, error: TransportError },
+}
+
+/// What one round moved.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoundStats {
+    /// Pages sent.
+    pub pages: u64,
+    /// Bytes put on the wire (pages plus framing).
+    pub wire_bytes: u64,
+    /// Time from the first chunk to the last marker written.
+    pub elapsed: Duration,
+}
+
+/// Fans chunks out to channel workers and runs round barriers.
+pub struct Scheduler {
+    queues: Vec<Sender<Work>>,
+    events: Receiver<Event>,
+    workers: Vec<JoinHandle<()>>,
+    next: usize,
+}
+
+impl Scheduler {
+    /// Starts one worker per sender; `pin` pins worker `i` to core `i % cores`.
+    pub fn new(senders: Vec<DataSender>, map: MemoryMap, pin: bool) -> Scheduler {
+        let (ev_tx, events) = unbounded();
+        let cores = if pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+        let mut queues = Vec::new();
+        let mut workers = Vec::new();
+        for (i, mut tx) in senders.into_iter().enumerate() {
+            let (q_tx, q_rx) = bounded::<Work>(QUEUE_DEPTH);
+            queues.push(q_tx);
+            let ev = ev_tx.clone();
+            let map = map.clone();
+            let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+            let handle = std::thread::Builder::new()
+                .name(format!("livemig-tx{i}"))
+                .spawn(move || {
+                    if let Some(c) = core {
+                        core_affinity::set_for_current(c);
+                    }
+                    let mut bytes = 0u64;
+                    for w in q_rx {
+                        let r = match w {
+                            Work::Chunk(ext) => tx.send_extents(&map, &ext).map(|b| {
+                                bytes += b + MESSAGE_OVERHEAD + EXTENT_OVERHEAD * ext.len() as u64;
+                            }),
+                            Work::Marker(round) => tx.send_marker(round).map(|()| {
+                                let _ = ev.send(Event::MarkerSent {
+                                    round,
+                                    bytes: bytes + MESSAGE_OVERHEAD,
+                                });
+                                bytes = 0;
+                            }),
+                        };
+                        if let Err(error) = r {
+                            let _ = ev.send(Event::Failed { channel: i, error });
+                            let _ = tx.stream().shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                    }
+                });
+            match handle {
+                Ok(h) => workers.push(h),
+                Err(_) => {
+                    // Without a worker the queue's receiver is gone: the first send to it fails
+                    // and reports WorkerGone.
+                }
+            }
+        }
+        Scheduler {
+            queues,
+            events,
+            workers,
+            next: 0,
+        }
+    }
+
+    /// Number of channels.
+    pub fn channels(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Sends every page of `extents` as round `round`, then a marker on every channel, and
+    /// waits until every worker has written its marker.
+    pub fn send_round(
+        &mut self,
+        round: u64,
+        extents: &[Extent],
+        cancel: &AtomicBool,
+    ) -> Result<RoundStats, SchedulerError> {
+        let start = Instant::now();
+        let mut pages = 0u64;
+        for chunk in chunks(extents, CHUNK_PAGES, CHUNK_EXTENTS) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(SchedulerError::Cancelled);
+            }
+            pages += chunk.iter().map(|c| c.1 / PAGE_SIZE).sum::<u64>();
+            let ch = self.next % self.queues.len();
+            self.next += 1;
+            if self.queues[ch].send(Work::Chunk(chunk)).is_err() {
+                return Err(self.failure(ch));
+            }
+        }
+        for ch in 0..self.queues.len() {
+            if self.queues[ch].send(Work::Marker(round)).is_err() {
+                return Err(self.failure(ch));
+            }
+        }
+        let mut pending = self.queues.len();
+        let mut wire_bytes = 0;
+        while pending > 0 {
+            match self.events.recv_timeout(Duration::from_millis(200)) {
+                Ok(Event::MarkerSent { round: r, bytes }) if r == round => {
+                    pending -= 1;
+                    wire_bytes += bytes;
+                }
+                Ok(Event::MarkerSent { .. }) => {}
+                Ok(Event::Failed { channel, error }) => {
+                    return Err(SchedulerError::Channel { channel, source: error })
+                }
+                Err(_) if cancel.load(Ordering::Relaxed) => return Err(SchedulerError::Cancelled),
+                Err(_) => {}
+            }
+        }
+        Ok(RoundStats {
+            pages,
+            wire_bytes,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    fn failure(&self, ch: usize) -> SchedulerError {
+        match self.events.recv_timeout(Duration::from_secs(1)) {
+            Ok(Event::Failed { channel, error }) => SchedulerError::Channel { channel, source: error },
+            _ => SchedulerError::WorkerGone(ch),
+        }
+    }
+
+    /// Stops the workers (their sockets close when they exit).
+    pub fn shutdown(self) {
+        drop(self.queues);
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn chunks_cover_extents_exactly_within_bounds(
+            runs in proptest::collection::vec((0u64..4, 1u64..1500), 0..40),
+            max_pages in 1u64..600,
+            max_extents in 1usize..70,
+        ) {
+            let mut extents = Vec::new();
+            let mut gpa = 0;
+            for (gap, pages) in runs {
+                gpa += (gap + 1) * PAGE_SIZE;
+                extents.push(Extent { gpa, pages });
+                gpa += pages * PAGE_SIZE;
+            }
+            let cs = chunks(&extents, max_pages, max_extents);
+            let mut flat: Vec<u64> = Vec::new();
+            for c in &cs {
+                prop_assert!(!c.is_empty() && c.len() <= max_extents);
+                prop_assert!(c.iter().map(|x| x.1).sum::<u64>() <= max_pages * PAGE_SIZE);
+                for &(g, len) in c {
+                    prop_assert!(len > 0 && len % PAGE_SIZE == 0);
+                    flat.extend((0..len / PAGE_SIZE).map(|i| g + i * PAGE_SIZE));
+                }
+            }
+            let want: Vec<u64> = extents.iter().flat_map(|e| (0..e.pages).map(move |i| e.gpa + i * PAGE_SIZE)).collect();
+            prop_assert_eq!(flat, want);
+        }
+    }
+}
