@@ -7,6 +7,7 @@
 
 pub mod guest;
 pub mod kvm;
+pub mod memory_only;
 
 use serde::{Deserialize, Serialize};
 

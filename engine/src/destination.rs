@@ -1,0 +1,522 @@
+//! The destination state machine: accept a source, build the VM skeleton, receive pages into
+//! guest RAM on every data channel in parallel, apply device state, resume on commit.
+//!
+//! Nothing is resumed before the source's Commit; any failure before it discards the VM and
+//! its RAM. Every address received is checked against the declared layout by the transport
+//! before a byte is written.
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use livemig_transport::tcp::{DataReceiver, Received};
+use livemig_transport::{frame, MappedRegion, MemoryMap};
+use tracing::{info, warn};
+
+use crate::digest::PageHashes;
+use crate::memory::{GuestRam, Populate, RamLayout};
+use crate::protocol::{negotiate, Message, MAX_VCPUS};
+use crate::session::{Control, MigrationError};
+use crate::vm::{MigratableVm, VmError, VmSpec};
+
+/// Builds a VM skeleton over received RAM.
+pub type VmFactory<'a> = &'a dyn Fn(&VmSpec, GuestRam) -> Result<Arc<dyn MigratableVm>, VmError>;
+
+/// Options of an incoming migration.
+#[derive(Default)]
+pub struct IncomingOptions {
+    /// RAM reserved and faulted in ahead of time (like QEMU's `-mem-prealloc` on an
+    /// `-incoming` VM). Used when its layout matches the incoming one.
+    pub reserved: Option<GuestRam>,
+    /// Longest wait for the source during handshake and switchover (data may flow for much
+    /// longer during pre-copy).
+    pub timeout: Duration,
+    /// How long to watch the guest's counter after resume before reporting.
+    pub progress_wait: Duration,
+}
+
+/// A migrated VM, running on the destination.
+pub struct Incoming {
+    /// The VM, resumed.
+    pub vm: Arc<dyn MigratableVm>,
+    /// Pages received in all rounds.
+    pub pages_received: u64,
+    /// Whether the reserved RAM was used.
+    pub used_reserved_ram: bool,
+    /// Guest counter movement seen after resume.
+    pub progress_after_resume: u64,
+}
+
+/// Receives one migration on `listener`.
+pub fn receive(
+    listener: &TcpListener,
+    mut opts: IncomingOptions,
+    factory: VmFactory<'_>,
+) -> Result<Incoming, MigrationError> {
+    let timeout = if opts.timeout.is_zero() {
+        Duration::from_secs(60)
+    } else {
+        opts.timeout
+    };
+    let (stream, _) = listener
+        .accept()
+        .map_err(|source| MigrationError::Connect {
+            addr: listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            source,
+        })?;
+    let mut ctl = Control::new(stream);
+    let _ = ctl.stream().set_write_timeout(Some(timeout));
+    info!(peer = ctl.peer(), "incoming migration");
+
+    // Handshake.
+    match ctl.recv(Some(timeout), "waiting for Hello")? {
+        Message::Hello {
+            min_version,
+            max_version,
+            ..
+        } => match negotiate(min_version, max_version) {
+            Ok(version) => ctl.send(&Message::Welcome {
+                version,
+                features: 0,
+            })?,
+            Err(reason) => {
+                let _ = ctl.send(&Message::Refuse {
+                    reason: reason.clone(),
+                });
+                return Err(MigrationError::Refused {
+                    peer: ctl.peer().to_string(),
+                    reason: format!("refused the source: {reason}"),
+                });
+            }
+        },
+        m => return Err(ctl.unexpected(&m, "waiting for Hello")),
+    }
+    let (spec, layout, channels, token) = match ctl.recv(Some(timeout), "waiting for Config")? {
+        Message::Config {
+            spec,
+            layout,
+            channels,
+            token,
+        } => (spec, layout, channels, token),
+        m => return Err(ctl.unexpected(&m, "waiting for Config")),
+    };
+    if spec.vcpus > MAX_VCPUS {
+        return Err(MigrationError::Vm(VmError::InvalidSpec(format!(
+            "{} vCPUs",
+            spec.vcpus
+        ))));
+    }
+
+    // Skeleton VM and RAM.
+    let (ram, used_reserved_ram) = match opts.reserved.take() {
+        Some(r) if r.layout() == &layout => (r, true),
+        _ => (
+            GuestRam::new(&layout, Populate::Lazy).map_err(VmError::from)?,
+            false,
+        ),
+    };
+    let populating = Arc::new(AtomicBool::new(!used_reserved_ram));
+    let populate = (!used_reserved_ram).then(|| spawn_populate(&ram, populating.clone()));
+    let vm = match factory(&spec, ram.clone()) {
+        Ok(vm) => vm,
+        Err(e) => {
+            let _ = ctl.send(&Message::Refuse {
+                reason: format!("destination cannot build the VM: {e}"),
+            });
+            return Err(e.into());
+        }
+    };
+    let hashes = Arc::new(PageHashes::new_zeroed(&layout));
+    ctl.send(&Message::Ready)?;
+
+    // Data channels.
+    let shared = Arc::new(Shared::new(channels as usize));
+    if let Ok(c) = ctl.stream().try_clone() {
+        *shared.control.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+    }
+    let result = (|| {
+        let receivers = accept_channels(listener, channels, token, timeout)?;
+        let map = memory_map(&ram);
+        let mut workers = Vec::new();
+        for (i, rx) in receivers.into_iter().enumerate() {
+            if let Ok(c) = rx.stream().try_clone() {
+                shared
+                    .streams
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(c);
+            }
+            workers.push(spawn_receiver(
+                i,
+                rx,
+                map.clone(),
+                hashes.clone(),
+                shared.clone(),
+            )?);
+        }
+        let r = switchover(&mut ctl, &*vm, &hashes, &shared, timeout, &layout);
+        shared.finish();
+        for w in workers {
+            let _ = w.join();
+        }
+        r
+    })();
+    populating.store(false, Ordering::Relaxed);
+    if let Some(p) = populate {
+        let _ = p.join();
+    }
+    if let Err(e) = result {
+        vm.shutdown();
+        let e = shared
+            .first_error()
+            .map(|r| MigrationError::Aborted(format!("data channel failed: {r}")))
+            .filter(|_| {
+                // A receiver error explains a control-connection failure we caused by shutting it.
+                matches!(e, MigrationError::Transport(_))
+            })
+            .unwrap_or(e);
+        return Err(e);
+    }
+    let pages_received = shared.pages.load(Ordering::Relaxed);
+
+    // Resumed: report how far the guest gets.
+    let base = vm.progress().unwrap_or(0);
+    let deadline = Instant::now() + opts.progress_wait.max(Duration::from_millis(100));
+    let mut delta = 0;
+    while Instant::now() < deadline {
+        delta = vm.progress().unwrap_or(base).saturating_sub(base);
+        if delta >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = ctl.send(&Message::Progress { delta });
+    Ok(Incoming {
+        vm,
+        pages_received,
+        used_reserved_ram,
+        progress_after_resume: delta,
+    })
+}
+
+fn switchover(
+    ctl: &mut Control,
+    vm: &dyn MigratableVm,
+    hashes: &PageHashes,
+    shared: &Shared,
+    timeout: Duration,
+    layout: &RamLayout,
+) -> Result<(), MigrationError> {
+    // Pre-copy may last long: wait for device state as long as the data keeps the session
+    // alive; a dead source closes the connection.
+    let (final_round, sections) = match ctl.recv(None, "waiting for device state")? {
+        Message::DeviceState {
+            final_round,
+            sections,
+        } => (final_round, sections),
+        m => return Err(ctl.unexpected(&m, "waiting for DeviceState")),
+    };
+    shared.wait_round(final_round, timeout)?;
+    vm.restore_state(&sections)?;
+    let digest = hashes.digest();
+    info!(
+        final_round,
+        digest = format!("{digest:016x}"),
+        bytes = layout.total_bytes(),
+        "prepared"
+    );
+    ctl.send(&Message::Prepared { digest })?;
+    match ctl.recv(Some(timeout), "waiting for Commit")? {
+        Message::Commit => {}
+        m => return Err(ctl.unexpected(&m, "waiting for Commit")),
+    }
+    vm.resume()?;
+    if let Err(e) = ctl.send(&Message::Resumed) {
+        // The guest runs here now; the source will report "outcome unknown".
+        warn!("could not confirm resume to the source: {e}");
+    }
+    Ok(())
+}
+
+fn accept_channels(
+    listener: &TcpListener,
+    channels: u16,
+    token: u64,
+    timeout: Duration,
+) -> Result<Vec<DataReceiver>, MigrationError> {
+    let mut slots: Vec<Option<DataReceiver>> = (0..channels).map(|_| None).collect();
+    let deadline = Instant::now() + timeout;
+    let _ = listener.set_nonblocking(true);
+    let result = (|| {
+        while slots.iter().any(Option::is_none) {
+            if Instant::now() >= deadline {
+                return Err(MigrationError::Timeout {
+                    secs: timeout.as_secs(),
+                    during: "waiting for data channels",
+                });
+            }
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                Err(source) => {
+                    return Err(MigrationError::Connect {
+                        addr: "data listener".into(),
+                        source,
+                    })
+                }
+            };
+            let _ = stream.set_nonblocking(false);
+            match channel_hello(&stream, timeout) {
+                Some((t, i))
+                    if t == token && slots.get(i as usize).is_some_and(Option::is_none) =>
+                {
+                    let _ = stream.set_read_timeout(None);
+                    slots[i as usize] = Some(DataReceiver::new(stream)?);
+                }
+                _ => warn!("dropped a connection that is not a data channel of this session"),
+            }
+        }
+        Ok(())
+    })();
+    let _ = listener.set_nonblocking(false);
+    result?;
+    Ok(slots.into_iter().flatten().collect())
+}
+
+fn channel_hello(mut stream: &TcpStream, timeout: Duration) -> Option<(u64, u16)> {
+    let _ = stream.set_read_timeout(Some(timeout.min(Duration::from_secs(10))));
+    let (kind, payload) = frame::read_frame(&mut stream, 64, "data channel").ok()?;
+    match Message::decode(kind, &payload).ok()? {
+        Message::ChannelHello { token, index } => Some((token, index)),
+        _ => None,
+    }
+}
+
+fn memory_map(ram: &GuestRam) -> MemoryMap {
+    let regions = ram
+        .host_regions()
+        .into_iter()
+        .map(|(addr, host, len)| MappedRegion { addr, host, len })
+        .collect();
+    // SAFETY: the regions are the live mappings of `ram`, kept alive by the clone passed as
+    // owner. Until resume only the receivers write them (a page at most once per round, rounds
+    // separated by the barrier) and no Rust reference into them exists.
+    unsafe { MemoryMap::new(regions, Arc::new(ram.clone())) }
+}
+
+/// Faults destination RAM in ahead of the receivers (MADV_POPULATE_WRITE), so they write into
+/// populated pages instead of taking a fault per page.
+fn spawn_populate(ram: &GuestRam, running: Arc<AtomicBool>) -> JoinHandle<()> {
+    let regions: Vec<(usize, u64)> = ram
+        .host_regions()
+        .into_iter()
+        .map(|(_, host, len)| (host as usize, len))
+        .collect();
+    let ram = ram.clone();
+    std::thread::spawn(move || {
+        const STEP: u64 = 32 << 20;
+        for (host, len) in regions {
+            let mut off = 0;
+            while off < len && running.load(Ordering::Relaxed) {
+                let n = STEP.min(len - off);
+                // SAFETY: `host + off .. + n` lies inside a live mapping of `ram` (held by this
+                // thread); MADV_POPULATE_WRITE only faults pages in, it does not change them.
+                unsafe {
+                    libc::madvise((host + off as usize) as *mut libc::c_void, n as usize, 23);
+                }
+                off += n;
+            }
+        }
+        drop(ram);
+    })
+}
+
+/// State shared by the receivers and the control thread.
+struct Shared {
+    channels: usize,
+    barrier: Mutex<BarrierState>,
+    cv: Condvar,
+    streams: Mutex<Vec<TcpStream>>,
+    control: Mutex<Option<TcpStream>>,
+    finished: AtomicBool,
+    pages: AtomicU64,
+}
+
+#[derive(Default)]
+struct BarrierState {
+    arrived: usize,
+    completed: Option<u64>,
+    error: Option<String>,
+}
+
+impl Shared {
+    fn new(channels: usize) -> Self {
+        Shared {
+            channels,
+            barrier: Mutex::new(BarrierState::default()),
+            cv: Condvar::new(),
+            streams: Mutex::new(Vec::new()),
+            control: Mutex::new(None),
+            finished: AtomicBool::new(false),
+            pages: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BarrierState> {
+        self.barrier.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A receiver reached the marker of `round`: wait until every channel has.
+    fn arrive(&self, round: u64) -> Result<(), ()> {
+        let mut s = self.lock();
+        s.arrived += 1;
+        if s.arrived == self.channels {
+            s.arrived = 0;
+            s.completed = Some(round);
+            self.cv.notify_all();
+            return Ok(());
+        }
+        while s.completed.is_none_or(|c| c < round) && s.error.is_none() {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if s.error.is_some() {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn wait_round(&self, round: u64, timeout: Duration) -> Result<(), MigrationError> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        loop {
+            if let Some(e) = &s.error {
+                return Err(MigrationError::Aborted(format!("data channel failed: {e}")));
+            }
+            if s.completed.is_some_and(|c| c >= round) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(MigrationError::Timeout {
+                    secs: timeout.as_secs(),
+                    during: "waiting for the last round of pages",
+                });
+            }
+            s = self
+                .cv
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// A receiver failed: record it, wake everyone, and cut every connection so the control
+    /// thread stops waiting.
+    fn fail(&self, reason: String) {
+        if self.finished.load(Ordering::Relaxed) {
+            return;
+        }
+        {
+            let mut s = self.lock();
+            if s.error.is_none() {
+                s.error = Some(reason);
+            }
+        }
+        self.cv.notify_all();
+        self.shutdown_streams();
+        if let Some(c) = self
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn first_error(&self) -> Option<String> {
+        self.lock().error.clone()
+    }
+
+    /// The migration is over (either way): receivers may stop.
+    fn finish(&self) {
+        self.finished.store(true, Ordering::Relaxed);
+        {
+            let mut s = self.lock();
+            if s.error.is_none() {
+                s.error = Some("migration finished".into());
+            }
+        }
+        self.cv.notify_all();
+        self.shutdown_streams();
+    }
+
+    fn shutdown_streams(&self) {
+        for s in self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn spawn_receiver(
+    index: usize,
+    mut rx: DataReceiver,
+    map: MemoryMap,
+    hashes: Arc<PageHashes>,
+    shared: Arc<Shared>,
+) -> Result<JoinHandle<()>, MigrationError> {
+    std::thread::Builder::new()
+        .name(format!("livemig-rx{index}"))
+        .spawn(move || {
+            let mut written = Vec::new();
+            let mut expected_round = 0u64;
+            loop {
+                match rx.recv(&map, &mut written) {
+                    Ok(Received::Extents { bytes }) => {
+                        for (gpa, len) in written.drain(..) {
+                            if let Ok(host) = map.host_ptr(gpa, len) {
+                                // SAFETY: the range was just written by this receiver and is
+                                // inside registered RAM; nothing else writes it until the next
+                                // round's barrier.
+                                unsafe { hashes.update(gpa, len, host) };
+                            }
+                        }
+                        shared
+                            .pages
+                            .fetch_add(bytes / crate::memory::PAGE_SIZE, Ordering::Relaxed);
+                    }
+                    Ok(Received::Marker(round)) => {
+                        if round != expected_round {
+                            shared.fail(format!(
+                                "channel {index}: round marker {round}, expected {expected_round}"
+                            ));
+                            return;
+                        }
+                        expected_round += 1;
+                        if shared.arrive(round).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        shared.fail(format!("channel {index}: {e}"));
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|e| MigrationError::Aborted(format!("cannot start receiver thread {index}: {e}")))
+}

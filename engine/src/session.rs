@@ -1,0 +1,259 @@
+//! What both ends of a migration share: the control connection, errors and the report.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use livemig_transport::{frame, TransportError};
+use serde::Serialize;
+
+use crate::protocol::{Message, ProtocolError, MAX_CONTROL_FRAME};
+use crate::scheduler::SchedulerError;
+use crate::vm::VmError;
+
+/// Errors of a migration, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The control connection could not be opened.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Destination address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer refused the migration.
+    #[error("refused by {peer}: {reason}")]
+    Refused {
+        /// Peer address.
+        peer: String,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// The source abandoned the migration (seen by the destination).
+    #[error("source aborted the migration: {0}")]
+    Aborted(String),
+    /// The peer broke the protocol.
+    #[error("protocol error from {peer}: {source}")]
+    Protocol {
+        /// Peer address.
+        peer: String,
+        /// What was wrong.
+        #[source]
+        source: ProtocolError,
+    },
+    /// The peer sent a valid message at the wrong time.
+    #[error("unexpected {got} from {peer} while {during}")]
+    Unexpected {
+        /// Peer address.
+        peer: String,
+        /// Message received.
+        got: &'static str,
+        /// What we were waiting for.
+        during: &'static str,
+    },
+    /// A connection failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The data path failed.
+    #[error(transparent)]
+    DataPath(#[from] SchedulerError),
+    /// A VM operation failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Cancelled before the switchover; the VM still runs on the source.
+    #[error("migration cancelled; the VM keeps running on the source")]
+    Cancelled,
+    /// Failed between pause and commit; the source resumed the guest.
+    #[error("migration failed after the guest was paused ({cause}); the guest was resumed on the source")]
+    RolledBack {
+        /// What failed.
+        cause: String,
+    },
+    /// Commit was sent but not confirmed: the guest stays paused on the source.
+    #[error("outcome unknown — check destination: commit was sent but {cause}; the source stays paused and will not resume on its own")]
+    OutcomeUnknown {
+        /// What failed.
+        cause: String,
+    },
+    /// A wait ran out.
+    #[error("timed out after {secs} s while {during}")]
+    Timeout {
+        /// Seconds waited.
+        secs: u64,
+        /// What we waited for.
+        during: &'static str,
+    },
+}
+
+/// The control connection: framed [`Message`]s over TCP.
+#[derive(Debug)]
+pub struct Control {
+    stream: TcpStream,
+    peer: String,
+}
+
+impl Control {
+    /// Wraps a connected stream.
+    pub fn new(stream: TcpStream) -> Control {
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "unknown peer".into());
+        let _ = stream.set_nodelay(true);
+        Control { stream, peer }
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// The stream (to clone it for shutdown, or set timeouts).
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Sends a message.
+    pub fn send(&mut self, m: &Message) -> Result<(), MigrationError> {
+        let (kind, payload) = m.encode();
+        frame::write_frame(&mut self.stream, kind, &payload)
+            .and_then(|()| self.stream.flush())
+            .map_err(|source| {
+                TransportError::Io {
+                    op: "sending a control message",
+                    peer: self.peer.clone(),
+                    source,
+                }
+                .into()
+            })
+    }
+
+    /// Receives a message, waiting at most `timeout` (None = forever). A `Refuse` from the
+    /// peer becomes [`MigrationError::Refused`], an `Abort` [`MigrationError::Aborted`].
+    pub fn recv(
+        &mut self,
+        timeout: Option<Duration>,
+        during: &'static str,
+    ) -> Result<Message, MigrationError> {
+        let _ = self.stream.set_read_timeout(timeout);
+        let (kind, payload) =
+            match frame::read_frame(&mut self.stream, MAX_CONTROL_FRAME, &self.peer) {
+                Ok(f) => f,
+                Err(TransportError::Io { source, .. })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(MigrationError::Timeout {
+                        secs: timeout.map(|t| t.as_secs()).unwrap_or(0),
+                        during,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            };
+        match Message::decode(kind, &payload) {
+            Ok(Message::Refuse { reason }) => Err(MigrationError::Refused {
+                peer: self.peer.clone(),
+                reason,
+            }),
+            Ok(Message::Abort { reason }) => Err(MigrationError::Aborted(reason)),
+            Ok(m) => Ok(m),
+            Err(source) => Err(MigrationError::Protocol {
+                peer: self.peer.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// An [`MigrationError::Unexpected`] for `m`.
+    pub fn unexpected(&self, m: &Message, during: &'static str) -> MigrationError {
+        MigrationError::Unexpected {
+            peer: self.peer.clone(),
+            got: m.name(),
+            during,
+        }
+    }
+}
+
+/// One pre-copy or stop-and-copy round, as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    /// Round number (0 = full RAM).
+    pub round: u64,
+    /// Pages sent.
+    pub pages: u64,
+    /// Bytes on the wire.
+    pub wire_bytes: u64,
+    /// Milliseconds spent sending.
+    pub ms: f64,
+    /// Pages dirtied while the round ran.
+    pub dirtied_pages: u64,
+    /// Dirty rate in pages per second.
+    pub dirty_rate: f64,
+    /// Bandwidth estimate after this round, bytes per second.
+    pub bandwidth: f64,
+    /// Predicted downtime for stopping now, milliseconds.
+    pub predicted_downtime_ms: f64,
+    /// Whether this was the stop-and-copy round.
+    pub stop_and_copy: bool,
+}
+
+/// The summary of a migration, as printed by `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    /// `completed`, or `digest-mismatch`.
+    pub status: String,
+    /// From the migrate command to the guest running on the destination.
+    pub total_time_ms: f64,
+    /// From pausing on the source to the destination confirming resume.
+    pub downtime_ms: f64,
+    /// Connect, handshake, destination VM and RAM set-up.
+    pub setup_ms: f64,
+    /// Rounds, the stop-and-copy round included.
+    pub rounds: u64,
+    /// Pages sent in all rounds.
+    pub pages_sent: u64,
+    /// Bytes sent on data and control connections.
+    pub bytes_on_wire: u64,
+    /// Guest RAM size.
+    pub ram_bytes: u64,
+    /// `ram_bytes / total_time`, GB/s.
+    pub effective_gbps: f64,
+    /// Source digest at pause equals destination digest before resume.
+    pub digest_match: bool,
+    /// Digest of source RAM at pause.
+    pub source_digest: String,
+    /// Digest of destination RAM before resume.
+    pub destination_digest: String,
+    /// Time to compute the source digest (after the switchover, outside the downtime).
+    pub verify_ms: f64,
+    /// Guest counter movement on the destination after resume.
+    pub guest_progress_after_resume: u64,
+    /// Transport used.
+    pub transport: String,
+    /// Data channels.
+    pub channels: u16,
+    /// Page bytes copied through intermediate buffers (0: pages move from and into guest RAM).
+    pub bytes_copied_staging: u64,
+    /// Per round.
+    pub round_details: Vec<RoundReport>,
+}
+
+/// A random 64-bit value from the kernel.
+pub fn random_u64() -> u64 {
+    let mut v = 0u64;
+    // SAFETY: getrandom writes at most 8 bytes into `v`, which is valid for 8 bytes.
+    let n = unsafe { libc::getrandom((&raw mut v).cast(), 8, 0) };
+    if n != 8 {
+        // getrandom cannot fail for 8 bytes once the pool is ready; fall back to time-based
+        // bits rather than a fixed token.
+        v = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x5eed);
+    }
+    v
+}

@@ -1,0 +1,408 @@
+//! The source state machine: pre-copy rounds, the stop decision, stop-and-copy and the
+//! switchover (DESIGN §5).
+//!
+//! Invariants kept here:
+//! - before the guest is paused, any failure or cancel leaves it running, unchanged;
+//! - between pause and commit, a failure resumes it on the source;
+//! - once Commit is sent, the source never resumes it: a lost answer is "outcome unknown".
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use livemig_transport::tcp::DataSender;
+use livemig_transport::{frame, MappedRegion, MemoryMap, TransportError};
+use tracing::{info, warn};
+
+use crate::convergence::Convergence;
+use crate::digest::ram_digest;
+use crate::dirty::DirtyBitmap;
+use crate::memory::PAGE_SIZE;
+use crate::protocol::{Message, MIN_VERSION, VERSION};
+use crate::scheduler::Scheduler;
+use crate::session::{random_u64, Control, MigrationError, MigrationReport, RoundReport};
+use crate::vm::MigratableVm;
+
+/// Options of an outgoing migration.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Data channels (TCP connections for pages).
+    pub channels: u16,
+    /// Stop-and-copy once the predicted downtime is at most this.
+    pub downtime_limit_ms: u64,
+    /// Stop-and-copy after at most this many pre-copy rounds.
+    pub max_rounds: u32,
+    /// Pin channel workers to cores.
+    pub pin_workers: bool,
+    /// Longest wait for any single answer of the destination.
+    pub timeout: Duration,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            channels: 1,
+            downtime_limit_ms: 300,
+            max_rounds: 30,
+            pin_workers: true,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Progress of an outgoing migration.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Handshake done, destination ready.
+    Connected {
+        /// Set-up time.
+        setup_ms: f64,
+        /// Pages to send in round 0.
+        total_pages: u64,
+    },
+    /// A round finished.
+    Round(RoundReport),
+    /// The guest is paused; the final round starts.
+    Paused {
+        /// Pages left to send.
+        pages: u64,
+    },
+    /// Commit was sent.
+    Committed,
+}
+
+/// Migrates `vm` to the destination listening at `to`.
+pub fn migrate(
+    vm: &dyn MigratableVm,
+    to: &str,
+    opts: &MigrateOptions,
+    cancel: &AtomicBool,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
+    let t0 = Instant::now();
+    let layout = vm.ram().layout().clone();
+    let connect = |what: &str| -> Result<TcpStream, MigrationError> {
+        let err = |source| MigrationError::Connect {
+            addr: to.to_string(),
+            source,
+        };
+        let addrs: Vec<_> = to.to_socket_addrs().map_err(err)?.collect();
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no address for {what}"),
+        );
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, opts.timeout) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(err(last))
+    };
+
+    // Set-up: handshake, config, data channels. The VM is untouched so far.
+    let mut ctl = Control::new(connect("control")?);
+    let _ = ctl.stream().set_write_timeout(Some(opts.timeout));
+    ctl.send(&Message::Hello {
+        min_version: MIN_VERSION,
+        max_version: VERSION,
+        features: 0,
+    })?;
+    match ctl.recv(Some(opts.timeout), "waiting for Welcome")? {
+        Message::Welcome { .. } => {}
+        m => return Err(ctl.unexpected(&m, "waiting for Welcome")),
+    }
+    let token = random_u64();
+    ctl.send(&Message::Config {
+        spec: vm.spec().clone(),
+        layout: layout.clone(),
+        channels: opts.channels,
+        token,
+    })?;
+    match ctl.recv(
+        Some(opts.timeout),
+        "waiting for the destination to allocate RAM",
+    )? {
+        Message::Ready => {}
+        m => return Err(ctl.unexpected(&m, "waiting for Ready")),
+    }
+    let mut senders = Vec::new();
+    for index in 0..opts.channels {
+        let mut s = connect("data channel")?;
+        let _ = s.set_write_timeout(Some(opts.timeout));
+        let (kind, payload) = Message::ChannelHello { token, index }.encode();
+        frame::write_frame(&mut s, kind, &payload).map_err(|source| TransportError::Io {
+            op: "opening a data channel",
+            peer: to.to_string(),
+            source,
+        })?;
+        senders.push(DataSender::new(s)?);
+    }
+    let setup = t0.elapsed();
+    let total_pages = layout.total_pages();
+    on_progress(&Progress::Connected {
+        setup_ms: ms(setup),
+        total_pages,
+    });
+
+    let ram = vm.ram().clone();
+    let regions = ram
+        .host_regions()
+        .into_iter()
+        .map(|(addr, host, len)| MappedRegion { addr, host, len })
+        .collect();
+    // SAFETY: the regions are the live mappings of `ram`, kept alive by the Arc'd clone passed
+    // as owner; the data path only reads them (writev), which tolerates the guest writing.
+    let map = unsafe { MemoryMap::new(regions, Arc::new(ram)) };
+    let mut sched = Scheduler::new(senders, map, opts.pin_workers);
+
+    let result = run_rounds(
+        vm,
+        &mut ctl,
+        &mut sched,
+        opts,
+        cancel,
+        on_progress,
+        t0,
+        setup,
+    );
+    sched.shutdown();
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_rounds(
+    vm: &dyn MigratableVm,
+    ctl: &mut Control,
+    sched: &mut Scheduler,
+    opts: &MigrateOptions,
+    cancel: &AtomicBool,
+    on_progress: &mut dyn FnMut(&Progress),
+    t0: Instant,
+    setup: Duration,
+) -> Result<MigrationReport, MigrationError> {
+    let layout = vm.ram().layout().clone();
+    let abort = |ctl: &mut Control, reason: &str| {
+        let _ = ctl.send(&Message::Abort {
+            reason: reason.to_string(),
+        });
+    };
+
+    // Pre-copy. Tracking starts before round 0 reads a single page, so every later write is
+    // caught by a harvest.
+    if let Err(e) = vm.start_dirty_tracking() {
+        abort(ctl, "source could not start dirty tracking");
+        return Err(e.into());
+    }
+    let mut dirty = DirtyBitmap::new(&layout);
+    if let Err(e) = vm.harvest_dirty(&mut dirty) {
+        let _ = vm.stop_dirty_tracking();
+        abort(ctl, "source could not read its dirty log");
+        return Err(e.into());
+    }
+    let mut to_send = DirtyBitmap::all(&layout);
+    let mut conv = Convergence::new(opts.downtime_limit_ms);
+    let mut rounds: Vec<RoundReport> = Vec::new();
+    let mut pages_sent = 0u64;
+    let mut wire = 0u64;
+    let mut round = 0u64;
+    let precopy: Result<(), MigrationError> = (|| loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(MigrationError::Cancelled);
+        }
+        let extents = to_send.extents();
+        let stats = sched
+            .send_round(round, &extents, cancel)
+            .map_err(|e| match e {
+                crate::scheduler::SchedulerError::Cancelled => MigrationError::Cancelled,
+                e => e.into(),
+            })?;
+        pages_sent += stats.pages;
+        wire += stats.wire_bytes;
+        to_send.clear();
+        vm.harvest_dirty(&mut to_send)?;
+        let dirtied = to_send.count();
+        let est = conv.after_round(stats.wire_bytes, stats.elapsed, dirtied);
+        let report = RoundReport {
+            round,
+            pages: stats.pages,
+            wire_bytes: stats.wire_bytes,
+            ms: ms(stats.elapsed),
+            dirtied_pages: dirtied,
+            dirty_rate: est.dirty_rate,
+            bandwidth: est.bandwidth,
+            predicted_downtime_ms: est.predicted_downtime_ms,
+            stop_and_copy: false,
+        };
+        info!(
+            round,
+            pages = stats.pages,
+            dirtied,
+            predicted_ms = est.predicted_downtime_ms,
+            "pre-copy round done"
+        );
+        on_progress(&Progress::Round(report.clone()));
+        rounds.push(report);
+        round += 1;
+        if est.converged || round >= u64::from(opts.max_rounds.max(1)) {
+            return Ok(());
+        }
+    })();
+    if let Err(e) = precopy {
+        let _ = vm.stop_dirty_tracking();
+        abort(
+            ctl,
+            if matches!(e, MigrationError::Cancelled) {
+                "cancelled on the source"
+            } else {
+                "source failed during pre-copy"
+            },
+        );
+        return Err(e);
+    }
+    if cancel.load(Ordering::Relaxed) {
+        let _ = vm.stop_dirty_tracking();
+        abort(ctl, "cancelled on the source");
+        return Err(MigrationError::Cancelled);
+    }
+
+    // Stop-and-copy.
+    let t_pause = Instant::now();
+    if let Err(e) = vm.pause() {
+        // A partial pause is undone: resume whatever stopped.
+        let _ = vm.resume();
+        let _ = vm.stop_dirty_tracking();
+        abort(ctl, "source could not pause the guest");
+        return Err(e.into());
+    }
+    let switch: Result<(u64, crate::scheduler::RoundStats), MigrationError> = (|| {
+        vm.harvest_dirty(&mut to_send)?;
+        on_progress(&Progress::Paused {
+            pages: to_send.count(),
+        });
+        let stats = sched
+            .send_round(round, &to_send.extents(), cancel)
+            .map_err(|e| match e {
+                crate::scheduler::SchedulerError::Cancelled => MigrationError::Cancelled,
+                e => e.into(),
+            })?;
+        let sections = vm.save_state()?;
+        ctl.send(&Message::DeviceState {
+            final_round: round,
+            sections,
+        })?;
+        match ctl.recv(Some(opts.timeout), "waiting for the destination to prepare")? {
+            Message::Prepared { digest } => Ok((digest, stats)),
+            m => Err(ctl.unexpected(&m, "waiting for Prepared")),
+        }
+    })();
+    let (dest_digest, final_stats) = match switch {
+        Ok(v) => v,
+        Err(e) => {
+            abort(ctl, "source failed during stop-and-copy");
+            let _ = vm.stop_dirty_tracking();
+            let cause = e.to_string();
+            return match vm.resume() {
+                Ok(()) if matches!(e, MigrationError::Cancelled) => Err(MigrationError::Cancelled),
+                Ok(()) => Err(MigrationError::RolledBack { cause }),
+                Err(re) => Err(MigrationError::RolledBack {
+                    cause: format!("{cause}; resuming on the source also failed: {re}"),
+                }),
+            };
+        }
+    };
+    pages_sent += final_stats.pages;
+    wire += final_stats.wire_bytes;
+    rounds.push(RoundReport {
+        round,
+        pages: final_stats.pages,
+        wire_bytes: final_stats.wire_bytes,
+        ms: ms(final_stats.elapsed),
+        dirtied_pages: 0,
+        dirty_rate: 0.0,
+        bandwidth: conv.bandwidth(),
+        predicted_downtime_ms: 0.0,
+        stop_and_copy: true,
+    });
+    on_progress(&Progress::Round(rounds[rounds.len() - 1].clone()));
+
+    // Commit: from here on the source never resumes the guest.
+    if let Err(e) = ctl.send(&Message::Commit) {
+        return Err(MigrationError::OutcomeUnknown {
+            cause: format!("sending it failed ({e})"),
+        });
+    }
+    on_progress(&Progress::Committed);
+    match ctl.recv(Some(opts.timeout), "waiting for the destination to resume") {
+        Ok(Message::Resumed) => {}
+        Ok(m) => {
+            return Err(MigrationError::OutcomeUnknown {
+                cause: format!("the destination answered {}", m.name()),
+            })
+        }
+        Err(e) => {
+            return Err(MigrationError::OutcomeUnknown {
+                cause: format!("no confirmation came ({e})"),
+            })
+        }
+    }
+    let total = t0.elapsed();
+    let downtime = t_pause.elapsed();
+    let _ = vm.stop_dirty_tracking();
+
+    // Verification, outside the downtime: the source RAM is frozen for good.
+    let tv = Instant::now();
+    let source_digest = ram_digest(vm.ram());
+    let verify = tv.elapsed();
+    let progress = match ctl.recv(
+        Some(opts.timeout),
+        "waiting for guest progress on the destination",
+    ) {
+        Ok(Message::Progress { delta }) => delta,
+        Ok(m) => {
+            warn!("destination sent {} instead of Progress", m.name());
+            0
+        }
+        Err(e) => {
+            warn!("no progress report from the destination: {e}");
+            0
+        }
+    };
+    let digest_match = source_digest == dest_digest;
+    let ram_bytes = layout.total_bytes();
+    Ok(MigrationReport {
+        status: if digest_match {
+            "completed"
+        } else {
+            "digest-mismatch"
+        }
+        .into(),
+        total_time_ms: ms(total),
+        downtime_ms: ms(downtime),
+        setup_ms: ms(setup),
+        rounds: rounds.len() as u64,
+        pages_sent,
+        bytes_on_wire: wire,
+        ram_bytes,
+        effective_gbps: ram_bytes as f64 / total.as_secs_f64() / 1e9,
+        digest_match,
+        source_digest: format!("{source_digest:016x}"),
+        destination_digest: format!("{dest_digest:016x}"),
+        verify_ms: ms(verify),
+        guest_progress_after_resume: progress,
+        transport: "tcp".into(),
+        channels: sched.channels() as u16,
+        bytes_copied_staging: 0,
+        round_details: rounds,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Bytes of `pages` guest pages.
+pub fn page_bytes(pages: u64) -> u64 {
+    pages * PAGE_SIZE
+}
