@@ -1,1 +1,177 @@
-fn main() {}
+//! `livemig`: live-migrate running KVM virtual machines between hosts.
+//!
+//! The CLI is a thin layer over `livemig-engine`: it runs VM processes with a JSON control
+//! socket, receives migrations, drives them and shows their progress.
+
+mod client;
+mod demo;
+mod vm_process;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use livemig_engine::vm::{Fill, Pattern, VmSpec, Workload};
+
+/// Live-migrate running KVM virtual machines between hosts.
+#[derive(Parser, Debug)]
+#[command(name = "livemig", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run everything on this machine: a VM, a destination, a migration, a summary.
+    Demo(demo::DemoArgs),
+    /// Run a VM with a JSON control socket (the migration source).
+    RunVm(RunVmArgs),
+    /// Wait for one incoming migration, then run the migrated VM.
+    Receive(ReceiveArgs),
+    /// Migrate the VM behind a control socket to a destination.
+    Migrate(client::MigrateArgs),
+    /// Show a VM's state and its last migration.
+    Status(SocketArg),
+    /// Cancel the migration a VM is running (the VM keeps running on the source).
+    Cancel(SocketArg),
+    /// Stop a VM process.
+    Stop(SocketArg),
+}
+
+/// Which VMM runs the guest.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Backend {
+    /// The built-in KVM mini VMM (needs /dev/kvm).
+    Kvm,
+    /// RAM plus a host writer thread, no vCPUs (for hosts without KVM).
+    Memory,
+}
+
+#[derive(Args, Debug, Clone)]
+struct VmArgs {
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// RAM content written before the guest starts.
+    #[arg(long, value_enum, default_value_t = FillArg::Random)]
+    fill: FillArg,
+    /// Working set the guest writes into, in MiB.
+    #[arg(long, default_value_t = 64)]
+    working_set: u64,
+    /// Pages the guest writes per second (0 = idle).
+    #[arg(long, default_value_t = 0)]
+    dirty_rate: u64,
+    /// Order in which the guest writes its working set.
+    #[arg(long, value_enum, default_value_t = PatternArg::Sequential)]
+    pattern: PatternArg,
+    /// VMM backend.
+    #[arg(long, value_enum, default_value_t = Backend::Kvm)]
+    backend: Backend,
+}
+
+impl VmArgs {
+    fn spec(&self) -> VmSpec {
+        VmSpec {
+            memory_mib: self.memory,
+            vcpus: self.vcpus,
+            fill: match self.fill {
+                FillArg::Zero => Fill::Zero,
+                FillArg::Random => Fill::Random,
+                FillArg::Text => Fill::Text,
+            },
+            workload: Workload {
+                working_set_mib: self.working_set,
+                dirty_rate: self.dirty_rate,
+                pattern: match self.pattern {
+                    PatternArg::Sequential => Pattern::Sequential,
+                    PatternArg::Random => Pattern::Random,
+                    PatternArg::Hotspot => Pattern::Hotspot,
+                },
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FillArg {
+    Zero,
+    Random,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PatternArg {
+    Sequential,
+    Random,
+    Hotspot,
+}
+
+#[derive(Args, Debug)]
+struct RunVmArgs {
+    /// Path of the JSON control socket to create.
+    #[arg(long)]
+    socket: PathBuf,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+#[derive(Args, Debug)]
+struct ReceiveArgs {
+    /// Address to listen on for the source (host:port; port 0 picks one).
+    #[arg(long)]
+    listen: String,
+    /// Control socket of the migrated VM (default: none).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Reserve and fault in this much RAM (MiB) before accepting, like QEMU's -mem-prealloc
+    /// on an -incoming VM; used when the incoming VM has exactly this size.
+    #[arg(long)]
+    reserve_mib: Option<u64>,
+    /// VMM backend for the incoming VM.
+    #[arg(long, value_enum, default_value_t = Backend::Kvm)]
+    backend: Backend,
+    /// Exit as soon as the VM runs here, stopping it (for tests and demos).
+    #[arg(long)]
+    exit_after_resume: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct SocketArg {
+    /// The VM's control socket.
+    #[arg(long)]
+    vm: PathBuf,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LIVEMIG_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("livemig: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::RunVm(a) => vm_process::run_vm(&a.socket, &a.vm),
+        Command::Receive(a) => vm_process::receive(&a),
+        Command::Migrate(a) => client::migrate(&a),
+        Command::Status(a) => client::simple(&a.vm, "status"),
+        Command::Cancel(a) => client::simple(&a.vm, "cancel"),
+        Command::Stop(a) => client::simple(&a.vm, "stop"),
+    }
+}

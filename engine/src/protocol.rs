@@ -295,7 +295,10 @@ impl Message {
             T_ABORT => "Abort",
             other => return Err(ProtocolError::UnknownType(other)),
         };
-        let mut r = Reader { buf: payload, msg: name };
+        let mut r = Reader {
+            buf: payload,
+            msg: name,
+        };
         let m = match kind {
             T_HELLO => {
                 let magic = r.u32()?;
@@ -318,7 +321,9 @@ impl Message {
                 version: r.u16()?,
                 features: r.u64()?,
             },
-            T_REFUSE => Message::Refuse { reason: r.string()? },
+            T_REFUSE => Message::Refuse {
+                reason: r.string()?,
+            },
             T_CONFIG => {
                 let memory_mib = r.u64()?;
                 let vcpus = r.u32()?;
@@ -414,7 +419,9 @@ impl Message {
             T_COMMIT => Message::Commit,
             T_RESUMED => Message::Resumed,
             T_PROGRESS => Message::Progress { delta: r.u64()? },
-            _ => Message::Abort { reason: r.string()? },
+            _ => Message::Abort {
+                reason: r.string()?,
+            },
         };
         r.finish()?;
         Ok(m)
@@ -599,7 +606,11 @@ mod tests {
             assert_eq!(Message::decode(k, &p).unwrap(), m);
             // every strict prefix is an error, never a panic
             for cut in 0..p.len() {
-                assert!(Message::decode(k, &p[..cut]).is_err(), "{} cut at {cut}", m.name());
+                assert!(
+                    Message::decode(k, &p[..cut]).is_err(),
+                    "{} cut at {cut}",
+                    m.name()
+                );
             }
             let mut longer = p.clone();
             longer.push(0);
@@ -610,22 +621,34 @@ mod tests {
     #[test]
     fn caps_and_ranges_are_enforced() {
         assert_eq!(Message::decode(0, &[]), Err(ProtocolError::UnknownType(0)));
-        assert_eq!(Message::decode(999, &[]), Err(ProtocolError::UnknownType(999)));
+        assert_eq!(
+            Message::decode(999, &[]),
+            Err(ProtocolError::UnknownType(999))
+        );
         let mut bad_magic = Vec::new();
         put_u32(&mut bad_magic, 0x1234);
-        assert!(matches!(Message::decode(T_HELLO, &bad_magic), Err(ProtocolError::BadMagic(_))));
+        assert!(matches!(
+            Message::decode(T_HELLO, &bad_magic),
+            Err(ProtocolError::BadMagic(_))
+        ));
         // DeviceState with a huge section count or length
         let mut d = Vec::new();
         put_u64(&mut d, 0);
         put_u32(&mut d, u32::MAX);
-        assert!(matches!(Message::decode(T_DEVICE_STATE, &d), Err(ProtocolError::Invalid { .. })));
+        assert!(matches!(
+            Message::decode(T_DEVICE_STATE, &d),
+            Err(ProtocolError::Invalid { .. })
+        ));
         let mut d = Vec::new();
         put_u64(&mut d, 0);
         put_u32(&mut d, 1);
         for v in [1u32, 0, 1, u32::MAX] {
             put_u32(&mut d, v);
         }
-        assert!(matches!(Message::decode(T_DEVICE_STATE, &d), Err(ProtocolError::Invalid { .. })));
+        assert!(matches!(
+            Message::decode(T_DEVICE_STATE, &d),
+            Err(ProtocolError::Invalid { .. })
+        ));
         // Config whose layout disagrees with the spec, or with absurd channel counts
         if let Message::Config { spec, .. } = &samples()[3] {
             let m = Message::Config {

@@ -27,6 +27,8 @@ pub const CHUNK_PAGES: u64 = 512;
 pub const CHUNK_EXTENTS: usize = 64;
 /// Chunks queued per channel before the scheduler blocks (backpressure).
 pub const QUEUE_DEPTH: usize = 4;
+/// Chunks between two progress reports.
+pub const PROGRESS_EVERY: usize = 32;
 /// Per-message framing bytes on a data channel (header), and per extent (table entry).
 pub const MESSAGE_OVERHEAD: u64 = 16;
 /// Framing bytes per extent entry.
@@ -85,8 +87,14 @@ enum Work {
 }
 
 enum Event {
-    MarkerSent { round: u64, bytes: u64 },
-    Failed { channel: usize, error: TransportError },
+    MarkerSent {
+        round: u64,
+        bytes: u64,
+    },
+    Failed {
+        channel: usize,
+        error: TransportError,
+    },
 }
 
 /// What one round moved.
@@ -112,7 +120,11 @@ impl Scheduler {
     /// Starts one worker per sender; `pin` pins worker `i` to core `i % cores`.
     pub fn new(senders: Vec<DataSender>, map: MemoryMap, pin: bool) -> Scheduler {
         let (ev_tx, events) = unbounded();
-        let cores = if pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+        let cores = if pin {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let mut queues = Vec::new();
         let mut workers = Vec::new();
         for (i, mut tx) in senders.into_iter().enumerate() {
@@ -170,18 +182,26 @@ impl Scheduler {
     }
 
     /// Sends every page of `extents` as round `round`, then a marker on every channel, and
-    /// waits until every worker has written its marker.
+    /// waits until every worker has written its marker. `on_progress` hears the pages queued so
+    /// far, every [`PROGRESS_EVERY`] chunks.
     pub fn send_round(
         &mut self,
         round: u64,
         extents: &[Extent],
         cancel: &AtomicBool,
+        on_progress: &mut dyn FnMut(u64),
     ) -> Result<RoundStats, SchedulerError> {
         let start = Instant::now();
         let mut pages = 0u64;
-        for chunk in chunks(extents, CHUNK_PAGES, CHUNK_EXTENTS) {
+        for (i, chunk) in chunks(extents, CHUNK_PAGES, CHUNK_EXTENTS)
+            .into_iter()
+            .enumerate()
+        {
             if cancel.load(Ordering::Relaxed) {
                 return Err(SchedulerError::Cancelled);
+            }
+            if i % PROGRESS_EVERY == PROGRESS_EVERY - 1 {
+                on_progress(pages);
             }
             pages += chunk.iter().map(|c| c.1 / PAGE_SIZE).sum::<u64>();
             let ch = self.next % self.queues.len();
@@ -205,7 +225,10 @@ impl Scheduler {
                 }
                 Ok(Event::MarkerSent { .. }) => {}
                 Ok(Event::Failed { channel, error }) => {
-                    return Err(SchedulerError::Channel { channel, source: error })
+                    return Err(SchedulerError::Channel {
+                        channel,
+                        source: error,
+                    })
                 }
                 Err(_) if cancel.load(Ordering::Relaxed) => return Err(SchedulerError::Cancelled),
                 Err(_) => {}
@@ -220,7 +243,10 @@ impl Scheduler {
 
     fn failure(&self, ch: usize) -> SchedulerError {
         match self.events.recv_timeout(Duration::from_secs(1)) {
-            Ok(Event::Failed { channel, error }) => SchedulerError::Channel { channel, source: error },
+            Ok(Event::Failed { channel, error }) => SchedulerError::Channel {
+                channel,
+                source: error,
+            },
             _ => SchedulerError::WorkerGone(ch),
         }
     }

@@ -18,7 +18,6 @@ use tracing::{info, warn};
 use crate::convergence::Convergence;
 use crate::digest::ram_digest;
 use crate::dirty::DirtyBitmap;
-use crate::memory::PAGE_SIZE;
 use crate::protocol::{Message, MIN_VERSION, VERSION};
 use crate::scheduler::Scheduler;
 use crate::session::{random_u64, Control, MigrationError, MigrationReport, RoundReport};
@@ -60,6 +59,15 @@ pub enum Progress {
         setup_ms: f64,
         /// Pages to send in round 0.
         total_pages: u64,
+    },
+    /// Pages of a round are being sent.
+    Sending {
+        /// Round number.
+        round: u64,
+        /// Pages queued so far.
+        pages_done: u64,
+        /// Pages in the round.
+        pages_total: u64,
     },
     /// A round finished.
     Round(RoundReport),
@@ -212,8 +220,15 @@ fn run_rounds(
             return Err(MigrationError::Cancelled);
         }
         let extents = to_send.extents();
+        let pages_total = to_send.count();
         let stats = sched
-            .send_round(round, &extents, cancel)
+            .send_round(round, &extents, cancel, &mut |pages_done| {
+                on_progress(&Progress::Sending {
+                    round,
+                    pages_done,
+                    pages_total,
+                })
+            })
             .map_err(|e| match e {
                 crate::scheduler::SchedulerError::Cancelled => MigrationError::Cancelled,
                 e => e.into(),
@@ -282,7 +297,7 @@ fn run_rounds(
             pages: to_send.count(),
         });
         let stats = sched
-            .send_round(round, &to_send.extents(), cancel)
+            .send_round(round, &to_send.extents(), cancel, &mut |_| {})
             .map_err(|e| match e {
                 crate::scheduler::SchedulerError::Cancelled => MigrationError::Cancelled,
                 e => e.into(),
@@ -400,9 +415,4 @@ fn run_rounds(
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// Bytes of `pages` guest pages.
-pub fn page_bytes(pages: u64) -> u64 {
-    pages * PAGE_SIZE
 }
