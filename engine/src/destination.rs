@@ -140,7 +140,7 @@ pub fn receive(
         *shared.control.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
     }
     let result = (|| {
-        let receivers = accept_channels(listener, channels, token, timeout)?;
+        let receivers = accept_channels(listener, &mut ctl, channels, token, timeout)?;
         let map = memory_map(&ram);
         let mut workers = Vec::new();
         for (i, rx) in receivers.into_iter().enumerate() {
@@ -160,11 +160,18 @@ pub fn receive(
             )?);
         }
         let r = switchover(&mut ctl, &*vm, &hashes, &shared, timeout, &layout);
+        // A receiver's failure explains a control connection we cut because of it.
+        let data_error = shared.first_error();
         shared.finish();
         for w in workers {
             let _ = w.join();
         }
-        r
+        match (r, data_error) {
+            (Err(MigrationError::Transport(_)), Some(e)) => {
+                Err(MigrationError::Aborted(format!("data channel failed: {e}")))
+            }
+            (r, _) => r,
+        }
     })();
     populating.store(false, Ordering::Relaxed);
     if let Some(p) = populate {
@@ -172,14 +179,6 @@ pub fn receive(
     }
     if let Err(e) = result {
         vm.shutdown();
-        let e = shared
-            .first_error()
-            .map(|r| MigrationError::Aborted(format!("data channel failed: {r}")))
-            .filter(|_| {
-                // A receiver error explains a control-connection failure we caused by shutting it.
-                matches!(e, MigrationError::Transport(_))
-            })
-            .unwrap_or(e);
         return Err(e);
     }
     let pages_received = shared.pages.load(Ordering::Relaxed);
@@ -245,6 +244,7 @@ fn switchover(
 
 fn accept_channels(
     listener: &TcpListener,
+    ctl: &mut Control,
     channels: u16,
     token: u64,
     timeout: Duration,
@@ -263,6 +263,7 @@ fn accept_channels(
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    control_quiet(ctl)?;
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
                 }
@@ -289,6 +290,22 @@ fn accept_channels(
     let _ = listener.set_nonblocking(false);
     result?;
     Ok(slots.into_iter().flatten().collect())
+}
+
+/// While waiting for data channels, the source may abort or vanish on the control connection.
+fn control_quiet(ctl: &mut Control) -> Result<(), MigrationError> {
+    let _ = ctl.stream().set_nonblocking(true);
+    let mut b = [0u8; 1];
+    let peeked = ctl.stream().peek(&mut b);
+    let _ = ctl.stream().set_nonblocking(false);
+    match peeked {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        // Data, EOF or an error: let the control reader say what it is.
+        _ => {
+            let m = ctl.recv(Some(Duration::from_secs(5)), "waiting for data channels")?;
+            Err(ctl.unexpected(&m, "waiting for data channels"))
+        }
+    }
 }
 
 fn channel_hello(mut stream: &TcpStream, timeout: Duration) -> Option<(u64, u16)> {

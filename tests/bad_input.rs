@@ -1,0 +1,165 @@
+//! A destination fed garbage, truncated streams, out-of-range pages or a newer protocol exits
+//! with a clear error and never panics.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+use livemig_engine::memory::RamLayout;
+use livemig_engine::protocol::{Message, VERSION};
+use livemig_engine::vm::VmSpec;
+use livemig_transport::frame;
+
+fn send(s: &mut TcpStream, m: &Message) {
+    let (k, p) = m.encode();
+    frame::write_frame(s, k, &p).unwrap();
+}
+
+fn recv(s: &mut TcpStream) -> Message {
+    let (k, p) = frame::read_frame(s, 1 << 20, "test").unwrap();
+    Message::decode(k, &p).unwrap()
+}
+
+/// A destination on the memory backend (no KVM needed for protocol errors).
+fn destination() -> (Proc, String) {
+    receive(&[], "127.0.0.1:0", &["--backend", "memory"])
+}
+
+/// Handshake + config for a 16 MiB VM; returns the control stream once Ready.
+fn handshake(addr: &str, token: u64) -> TcpStream {
+    let mut c = TcpStream::connect(addr).unwrap();
+    send(
+        &mut c,
+        &Message::Hello {
+            min_version: 1,
+            max_version: VERSION,
+            features: 0,
+        },
+    );
+    assert!(matches!(recv(&mut c), Message::Welcome { .. }));
+    send(
+        &mut c,
+        &Message::Config {
+            spec: VmSpec {
+                memory_mib: 16,
+                ..VmSpec::default()
+            },
+            layout: RamLayout::single(16 << 20),
+            channels: 1,
+            token,
+        },
+    );
+    assert_eq!(recv(&mut c), Message::Ready);
+    c
+}
+
+fn data_channel(addr: &str, token: u64) -> TcpStream {
+    let mut d = TcpStream::connect(addr).unwrap();
+    send(&mut d, &Message::ChannelHello { token, index: 0 });
+    d
+}
+
+fn extents_message(addr: u64, len: u32) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&1u16.to_le_bytes());
+    v.extend_from_slice(&1u16.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v.extend_from_slice(&u64::from(len).to_le_bytes());
+    v.extend_from_slice(&addr.to_le_bytes());
+    v.extend_from_slice(&len.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v
+}
+
+#[test]
+fn garbage_on_the_listening_port() {
+    let (rx, addr) = destination();
+    let mut c = TcpStream::connect(&addr).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
+        .unwrap();
+    let (code, err) = rx.wait_exit(Duration::from_secs(20));
+    assert_clean_error(code, &err, "frame");
+}
+
+#[test]
+fn random_bytes_on_the_listening_port() {
+    let (rx, addr) = destination();
+    let mut c = TcpStream::connect(&addr).unwrap();
+    let junk: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let _ = c.write_all(&junk);
+    let (code, err) = rx.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("incoming migration failed"), "{err}");
+}
+
+#[test]
+fn newer_protocol_is_refused_with_a_reason() {
+    let (rx, addr) = destination();
+    let mut c = TcpStream::connect(&addr).unwrap();
+    send(
+        &mut c,
+        &Message::Hello {
+            min_version: VERSION + 1,
+            max_version: VERSION + 3,
+            features: 0,
+        },
+    );
+    match recv(&mut c) {
+        Message::Refuse { reason } => assert!(reason.contains("newer"), "{reason}"),
+        m => panic!("expected Refuse, got {m:?}"),
+    }
+    let (code, err) = rx.wait_exit(Duration::from_secs(20));
+    assert_clean_error(code, &err, "newer");
+}
+
+#[test]
+fn page_batch_outside_ram_is_rejected() {
+    let (rx, addr) = destination();
+    let _c = handshake(&addr, 7);
+    let mut d = data_channel(&addr, 7);
+    let mut m = extents_message(16 << 20, 4096);
+    m.extend_from_slice(&[0xaa; 4096]);
+    let _ = d.write_all(&m);
+    let (code, err) = rx.wait_exit(Duration::from_secs(20));
+    assert_clean_error(code, &err, "outside registered memory");
+}
+
+#[test]
+fn truncated_stream_is_an_error() {
+    let (rx, addr) = destination();
+    let c = handshake(&addr, 9);
+    let mut d = data_channel(&addr, 9);
+    let mut m = extents_message(0, 8192);
+    m.extend_from_slice(&[0x55; 1000]);
+    d.write_all(&m).unwrap();
+    drop(d);
+    drop(c);
+    let (code, err) = rx.wait_exit(Duration::from_secs(20));
+    assert_clean_error(code, &err, "closed");
+}
+
+#[test]
+fn wrong_token_data_channel_is_not_accepted() {
+    let (rx, addr) = destination();
+    let mut c = handshake(&addr, 11);
+    let mut d = data_channel(&addr, 12);
+    // The stray connection is dropped by the destination.
+    let mut buf = [0u8; 1];
+    d.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert_eq!(d.read(&mut buf).unwrap_or(0), 0);
+    // The session itself can still be aborted cleanly by its source.
+    send(
+        &mut c,
+        &Message::Abort {
+            reason: "test over".into(),
+        },
+    );
+    let (code, err) = rx.wait_exit(Duration::from_secs(30));
+    assert_clean_error(code, &err, "aborted");
+}

@@ -1,0 +1,190 @@
+//! Helpers for end-to-end tests: VM processes, destinations and migrations through the
+//! `livemig` binary.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_livemig")
+}
+
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("livemig-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub stdout: Option<BufReader<ChildStdout>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Reads stdout lines until one contains `needle`.
+    pub fn wait_line(&mut self, needle: &str) -> String {
+        let out = self.stdout.as_mut().expect("stdout piped");
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = out.read_line(&mut line).unwrap();
+            assert!(n > 0, "process exited before printing {needle:?}");
+            if line.contains(needle) {
+                return line.trim().to_string();
+            }
+        }
+    }
+
+    /// Waits for exit (bounded) and returns (status code, stderr).
+    pub fn wait_exit(mut self, limit: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (st.code(), err);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `prefix` (e.g. `ip netns exec A`) + livemig + args, stdout and stderr piped.
+pub fn spawn(prefix: &[&str], args: &[&str]) -> Proc {
+    let mut cmd = if let Some((first, rest)) = prefix.split_first() {
+        let mut c = Command::new(first);
+        c.args(rest).arg(bin());
+        c
+    } else {
+        Command::new(bin())
+    };
+    let mut child = cmd
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().map(BufReader::new);
+    Proc { child, stdout }
+}
+
+/// Starts a VM process; returns it once its control socket answers.
+pub fn run_vm(prefix: &[&str], socket: &Path, args: &[&str]) -> Proc {
+    let mut all = vec!["run-vm", "--socket", socket.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let mut p = spawn(prefix, &all);
+    p.wait_line("VM running");
+    p
+}
+
+/// Starts a destination; returns it and the address it listens on.
+pub fn receive(prefix: &[&str], listen: &str, args: &[&str]) -> (Proc, String) {
+    let mut all = vec!["receive", "--listen", listen, "--json"];
+    all.extend_from_slice(args);
+    let mut p = spawn(prefix, &all);
+    let line = p.wait_line("listening on ");
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    (p, addr)
+}
+
+/// One request on a control socket.
+pub fn request(socket: &Path, req: &str) -> Value {
+    let mut s = UnixStream::connect(socket).unwrap();
+    writeln!(s, "{req}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+pub fn counter(socket: &Path) -> u64 {
+    request(socket, r#"{"cmd":"status"}"#)["guest_counter"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Waits (bounded) until the guest counter behind `socket` moves past `after`.
+pub fn wait_counter_beyond(socket: &Path, after: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = counter(socket);
+        if c > after {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "guest counter stuck at {c}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `livemig migrate --json`; returns the process output.
+pub fn migrate(prefix: &[&str], socket: &Path, to: &str, args: &[&str]) -> Output {
+    let mut cmd = if let Some((first, rest)) = prefix.split_first() {
+        let mut c = Command::new(first);
+        c.args(rest).arg(bin());
+        c
+    } else {
+        Command::new(bin())
+    };
+    cmd.args([
+        "migrate",
+        "--json",
+        "--vm",
+        socket.to_str().unwrap(),
+        "--to",
+        to,
+    ])
+    .args(args)
+    .output()
+    .unwrap()
+}
+
+/// Runs a migration that must succeed and returns its report.
+pub fn migrate_ok(prefix: &[&str], socket: &Path, to: &str, args: &[&str]) -> Value {
+    let out = migrate(prefix, socket, to, args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "migrate failed: {stdout}\n{stderr}");
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(report["digest_match"], true, "{report}");
+    assert_eq!(report["source_digest"], report["destination_digest"]);
+    report
+}
+
+/// Asserts a failed process ended with a clear error and no panic.
+pub fn assert_clean_error(code: Option<i32>, stderr: &str, needle: &str) {
+    assert_eq!(code, Some(1), "expected a clean failure, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(stderr.contains("error"), "no error message: {stderr}");
+    assert!(
+        stderr.to_lowercase().contains(&needle.to_lowercase()),
+        "error does not mention {needle:?}: {stderr}"
+    );
+}
+
+pub fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}

@@ -1,0 +1,144 @@
+//! Live migration of real KVM guests through the `livemig` binary over loopback TCP.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+fn require_kvm() {
+    assert!(
+        kvm_available(),
+        "these tests need /dev/kvm (read-write); run them on a host with KVM"
+    );
+}
+
+#[test]
+fn idle_guest_migrates_and_keeps_running_on_the_destination() {
+    require_kvm();
+    let dir = tmpdir("idle");
+    let src = dir.join("src.sock");
+    let dst = dir.join("dst.sock");
+    let (_rx, addr) = receive(&[], "127.0.0.1:0", &["--socket", dst.to_str().unwrap()]);
+    let _vm = run_vm(
+        &[],
+        &src,
+        &["--memory", "64", "--fill", "random", "--dirty-rate", "0"],
+    );
+    let before = wait_counter_beyond(&src, 0);
+    let report = migrate_ok(&[], &src, &addr, &[]);
+    assert!(report["rounds"].as_u64().unwrap() >= 2);
+    assert!(report["guest_progress_after_resume"].as_u64().unwrap() > 0);
+    assert_eq!(report["ram_bytes"], 64 << 20);
+    assert!(report["downtime_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["transport"], "tcp");
+    // The guest continues on the destination from where it was: its counter is past the
+    // source's and keeps moving.
+    let c1 = counter(&dst);
+    assert!(
+        c1 > before,
+        "destination counter {c1} <= source counter {before}"
+    );
+    wait_counter_beyond(&dst, c1);
+    let st = request(&src, r#"{"cmd":"status"}"#);
+    assert_eq!(st["phase"], "migrated");
+    request(&dst, r#"{"cmd":"stop"}"#);
+    request(&src, r#"{"cmd":"stop"}"#);
+}
+
+#[test]
+fn busy_guest_needs_several_rounds() {
+    require_kvm();
+    let dir = tmpdir("busy");
+    let src = dir.join("src.sock");
+    let dst = dir.join("dst.sock");
+    let (_rx, addr) = receive(&[], "127.0.0.1:0", &["--socket", dst.to_str().unwrap()]);
+    let _vm = run_vm(
+        &[],
+        &src,
+        &[
+            "--memory",
+            "128",
+            "--working-set",
+            "32",
+            "--dirty-rate",
+            "5000",
+            "--pattern",
+            "random",
+            "--vcpus",
+            "2",
+        ],
+    );
+    wait_counter_beyond(&src, 0);
+    // A 1 ms downtime budget cannot be met while the guest writes 5000 pages/s: the engine
+    // runs pre-copy rounds until max-rounds, then stops and copies.
+    let report = migrate_ok(
+        &[],
+        &src,
+        &addr,
+        &[
+            "--downtime-limit",
+            "1",
+            "--max-rounds",
+            "4",
+            "--channels",
+            "2",
+        ],
+    );
+    assert_eq!(report["rounds"], 5, "{report}");
+    let rounds = report["round_details"].as_array().unwrap();
+    assert!(
+        rounds[1]["pages"].as_u64().unwrap() > 0,
+        "guest dirtied pages during round 0"
+    );
+    assert!(report["pages_sent"].as_u64().unwrap() > (128 << 20) / 4096);
+    assert_eq!(report["channels"], 2);
+    let c = counter(&dst);
+    wait_counter_beyond(&dst, c);
+    request(&dst, r#"{"cmd":"stop"}"#);
+}
+
+#[test]
+fn destination_vanishing_mid_migration_leaves_the_source_running() {
+    require_kvm();
+    let dir = tmpdir("vanish");
+    let src = dir.join("src.sock");
+    let (mut rx, addr) = receive(&[], "127.0.0.1:0", &["--backend", "kvm"]);
+    let _vm = run_vm(
+        &[],
+        &src,
+        &[
+            "--memory",
+            "128",
+            "--working-set",
+            "32",
+            "--dirty-rate",
+            "4000",
+        ],
+    );
+    wait_counter_beyond(&src, 0);
+    // With a zero downtime budget the migration never converges on its own: it is still in
+    // pre-copy when the destination dies.
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        let _ = rx.child.kill();
+        let _ = rx.child.wait();
+    });
+    let out = migrate(
+        &[],
+        &src,
+        &addr,
+        &["--downtime-limit", "0", "--max-rounds", "100000"],
+    );
+    killer.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("migration failed"), "{stderr}");
+    assert!(stderr.contains("running"), "{stderr}");
+    let st = request(&src, r#"{"cmd":"status"}"#);
+    assert_eq!(st["phase"], "running", "{st}");
+    assert_eq!(st["run_state"], "running", "{st}");
+    let c = counter(&src);
+    wait_counter_beyond(&src, c);
+    request(&src, r#"{"cmd":"stop"}"#);
+}
