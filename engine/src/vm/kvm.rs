@@ -9,18 +9,21 @@
 //!
 //! Each vCPU thread loops on `KVM_RUN`. The guest exits to the VMM with `out 0x10` after every
 //! batch of page writes; at that exit the thread sleeps to hold the configured dirty rate and
-//! checks for pause or stop requests. The guest exits at least every few milliseconds (the
-//! batch size is chosen for that), so a pause request is always seen promptly and no
-//! signal-based kick out of `KVM_RUN` is needed. Sleeps wait on a condition variable, so a
-//! pause interrupts them. Before parking, a thread re-enters `KVM_RUN` with `immediate_exit`
-//! set so KVM completes the pending `out` (advances RIP): the saved state is then consistent.
+//! checks for pause or stop requests. The guest runs at most [`MAX_BATCH`] page writes
+//! between two exits (about 2 ms of guest time on the slow nested host this was built on), so
+//! a pause request is always seen within milliseconds and no signal-based kick out of
+//! `KVM_RUN` is needed. Sleeps wait on a condition variable, so a pause interrupts them.
+//! Before parking, a thread re-enters `KVM_RUN` with `immediate_exit` set so KVM completes the
+//! pending `out` (advances RIP): the saved state is then consistent.
 //!
 //! # Dirty tracking
 //!
-//! Slots are registered without `KVM_MEM_LOG_DIRTY_PAGES`; [`MigratableVm::start_dirty_tracking`]
-//! re-registers them with the flag (write-protection costs the guest nothing until then) and
+//! Slots are registered without `KVM_MEM_LOG_DIRTY_PAGES`:
+//! [`MigratableVm::start_dirty_tracking`] re-registers them with the flag (so the guest takes
+//! no write-protection faults before a migration starts) and
 //! [`MigratableVm::stop_dirty_tracking`] clears it. A harvest ORs the KVM log of each slot and
-//! the VMM-side writes recorded by vm-memory into the caller's bitmap.
+//! the VMM-side writes recorded by vm-memory since the previous harvest into the caller's
+//! bitmap; pages written before tracking started may show up in the first harvest too.
 //!
 //! # State sections
 //!
@@ -103,8 +106,8 @@ pub const MAX_BATCH: u64 = 256;
 /// Exit period of an idle guest (dirty rate 0): the progress counter still moves.
 pub const IDLE_EXIT_PERIOD: Duration = Duration::from_millis(5);
 
-/// Pages per second per vCPU at which the batch grows beyond one page: the guest exits about
-/// this often (at most) until the batch reaches [`MAX_BATCH`].
+/// Exits per second a paced vCPU aims at: its batch is its share of the dirty rate divided by
+/// this, between 1 and [`MAX_BATCH`] pages.
 const TARGET_EXITS_PER_SEC: u64 = 1000;
 /// How far a vCPU may fall behind its pacing schedule before the schedule restarts (so a slow
 /// stretch is not followed by an unbounded burst).
@@ -189,7 +192,8 @@ impl KvmVm {
     /// ([`RunState::Created`]). Call [`MigratableVm::restore_state`], then
     /// [`MigratableVm::resume`].
     ///
-    /// `ram` must cover guest-physical `0..spec.memory_mib MiB` without holes.
+    /// `ram` must cover guest-physical `0..spec.memory_mib MiB` without holes. `resume` is
+    /// refused until `restore_state` succeeded.
     pub fn new_incoming(spec: &VmSpec, ram: GuestRam) -> Result<KvmVm, VmError> {
         let layout = GuestLayout::new(spec)?;
         let mut end = 0;
@@ -208,7 +212,9 @@ impl KvmVm {
                 layout.ram_bytes()
             )));
         }
-        KvmVm::build(spec, layout, ram)
+        let vm = KvmVm::build(spec, layout, ram)?;
+        lock(&vm.control.ctl).awaiting_state = true;
+        Ok(vm)
     }
 
     /// The guest layout (working set, status slots) of this VM.
@@ -536,6 +542,10 @@ impl MigratableVm for KvmVm {
         }
         let mut ctl = lock(&self.control.ctl);
         match ctl.state {
+            state @ RunState::Created if ctl.awaiting_state => Err(VmError::WrongState {
+                state,
+                op: "resume an incoming VM before its state is restored",
+            }),
             RunState::Created | RunState::Paused => {
                 ctl.target = Target::Run;
                 ctl.state = RunState::Running;
@@ -591,25 +601,20 @@ impl MigratableVm for KvmVm {
         self.require_stopped_vcpus("restore state")?;
         // Decode and check everything before touching KVM: bad input changes nothing.
         let state = DecodedState::decode(sections, self.spec.vcpus, self.xsave_size)?;
-        for (chip, irqchip) in state.irqchips.iter().enumerate() {
-            if irqchip.chip_id != chip as u32 {
-                return Err(state_err(
-                    section::IRQCHIP,
-                    chip as u32,
-                    format!("holds chip id {}", irqchip.chip_id),
-                ));
-            }
+        for irqchip in &state.irqchips {
             self.vm
                 .set_irqchip(irqchip)
                 .map_err(kvm("KVM_SET_IRQCHIP"))?;
         }
         let mut clock = state.clock;
-        // Only flags KVM_SET_CLOCK accepts (it rejects the TSC_STABLE/HOST_TSC it reports).
+        // Keep only KVM_CLOCK_REALTIME: with it KVM advances the clock by the wall time since
+        // the save (the downtime); kernels before 5.16 accept no flag and never report it.
         clock.flags &= kvm_bindings::KVM_CLOCK_REALTIME;
         self.vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
         for (i, vcpu) in state.vcpus.iter().enumerate() {
             self.restore_vcpu(i as u32, &lock(&self.vcpus[i]), vcpu)?;
         }
+        lock(&self.control.ctl).awaiting_state = false;
         Ok(())
     }
 
@@ -636,7 +641,7 @@ impl MigratableVm for KvmVm {
     fn shutdown(&self) {
         let _ops = lock(&self.ops);
         let threads = std::mem::take(&mut *lock(&self.threads));
-        {
+        let all_exited = {
             let mut ctl = lock(&self.control.ctl);
             ctl.target = Target::Stop;
             ctl.state = RunState::Stopped;
@@ -655,9 +660,11 @@ impl MigratableVm for KvmVm {
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
-        }
+            ctl.exited >= self.vcpus.len()
+        };
         for t in threads {
-            if t.is_finished() {
+            // Once every thread reported its exit, each is past its loop and joins at once.
+            if all_exited || t.is_finished() {
                 if t.join().is_err() {
                     tracing::error!("a vCPU thread panicked");
                 }
@@ -945,7 +952,15 @@ impl<'a> DecodedState<'a> {
         let mut irqchips = Vec::with_capacity(3);
         for (c, s) in chips.iter().enumerate() {
             let s = take(*s, section::IRQCHIP, c as u32)?;
-            irqchips.push(pod_from(section::IRQCHIP, c as u32, &s.data)?);
+            let chip: kvm_irqchip = pod_from(section::IRQCHIP, c as u32, &s.data)?;
+            if chip.chip_id != c as u32 {
+                return Err(state_err(
+                    section::IRQCHIP,
+                    c as u32,
+                    format!("holds chip id {}", chip.chip_id),
+                ));
+            }
+            irqchips.push(chip);
         }
         let clock = pod_from(section::CLOCK, 0, &take(clock, section::CLOCK, 0)?.data)?;
         Ok(DecodedState {
@@ -965,8 +980,9 @@ impl<'a> DecodedState<'a> {
 /// every bit pattern is a valid value.
 unsafe trait Pod {}
 
-// SAFETY (all impls below): bindgen-generated uapi structs of integer fields with explicit
-// padding fields; kvm-bindings checks their size and field offsets against the C headers.
+// SAFETY: kvm_regs, like every type below, is a bindgen-generated uapi struct of integer
+// fields with explicit padding fields; kvm-bindings checks its size and field offsets against
+// the C headers.
 unsafe impl Pod for kvm_regs {}
 // SAFETY: see above.
 unsafe impl Pod for kvm_sregs {}
@@ -1079,6 +1095,8 @@ struct Ctl {
     exited: usize,
     /// First vCPU failure.
     failure: Option<(u32, String)>,
+    /// An incoming VM whose state is not restored yet: it must not start.
+    awaiting_state: bool,
 }
 
 struct Control {
@@ -1095,6 +1113,7 @@ impl Control {
                 parked: vec![false; vcpus],
                 exited: 0,
                 failure: None,
+                awaiting_state: false,
             }),
             cv: Condvar::new(),
         }
@@ -1434,6 +1453,35 @@ mod tests {
                 assert_eq!(x.data, y.data, "section {} of vCPU {}", x.id, x.instance);
             }
         }
+        // The pending `out` was completed before the pause: no vCPU sits on it.
+        let out_at = guest::CODE_ADDR
+            + guest::GUEST_CODE
+                .windows(2)
+                .position(|w| w == [0xe6, 0x10])
+                .unwrap() as u64;
+        for v in 0..2 {
+            let r = saved
+                .iter()
+                .find(|s| s.id == section::REGS && s.instance == v)
+                .unwrap();
+            let regs: kvm_regs = pod_from(section::REGS, v, &r.data).unwrap();
+            assert_ne!(regs.rip, out_at, "vCPU {v} paused on its out instruction");
+        }
+        // The guest's TSC continues from the source's value instead of restarting.
+        let tsc = |v: &[DeviceSection]| {
+            let m = v
+                .iter()
+                .find(|s| s.id == section::MSRS && s.instance == 1)
+                .unwrap();
+            let msrs = decode_msrs(1, &m.data).unwrap();
+            msrs.iter().find(|e| e.index == MSR_IA32_TSC).unwrap().data
+        };
+        assert!(
+            tsc(&again) >= tsc(&saved),
+            "TSC went back: {} < {}",
+            tsc(&again),
+            tsc(&saved)
+        );
         // Restoring onto the paused source itself also works.
         a.restore_state(&saved).unwrap();
         a.resume().unwrap();
@@ -1449,7 +1497,12 @@ mod tests {
         let good = a.save_state().unwrap();
         let b = KvmVm::new_incoming(&s, GuestRam::new(a.ram().layout(), Populate::Lazy).unwrap())
             .unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut Vec<DeviceSection>)>)> = vec![
+        assert!(
+            matches!(b.resume(), Err(VmError::WrongState { .. })),
+            "no state restored yet"
+        );
+        type Mutation = Box<dyn Fn(&mut Vec<DeviceSection>)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("truncated", Box::new(|v| v[1].data.truncate(10))),
             ("oversized", Box::new(|v| v[2].data.push(0))),
             ("empty", Box::new(|v| v[7].data.clear())),
@@ -1524,6 +1577,30 @@ mod tests {
             a.restore_state(&good),
             Err(VmError::WrongState { .. })
         ));
+    }
+
+    #[test]
+    fn vcpu_failure_is_reported_not_panicked() {
+        let s = spec(1, 0, 1, Pattern::Sequential);
+        let a = KvmVm::launch(&s).unwrap();
+        a.pause().unwrap();
+        let mut sections = a.save_state().unwrap();
+        let r = sections.iter_mut().find(|s| s.id == section::REGS).unwrap();
+        let mut regs: kvm_regs = pod_from(section::REGS, 0, &r.data).unwrap();
+        regs.rip = 0xdead_0000_0000_0000; // non-canonical: #GP without an IDT: triple fault
+        r.data = pod_bytes(&regs);
+        let b = KvmVm::new_incoming(&s, GuestRam::new(a.ram().layout(), Populate::Lazy).unwrap())
+            .unwrap();
+        b.restore_state(&sections).unwrap();
+        b.resume().unwrap();
+        wait_for("the vCPU failure", || b.run_state() == RunState::Stopped);
+        assert!(matches!(
+            b.progress(),
+            Err(VmError::VcpuFailed { vcpu: 0, .. })
+        ));
+        assert!(matches!(b.pause(), Err(VmError::VcpuFailed { .. })));
+        assert!(matches!(b.resume(), Err(VmError::VcpuFailed { .. })));
+        b.shutdown();
     }
 
     #[test]

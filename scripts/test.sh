@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit/property/doc tests, end-to-end tests with real
+# KVM guests, two-host (network namespace) tests and bad-input tests.
+# Needs: root (network namespaces), /dev/kvm, iproute2. Installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+"$(dirname "$0")/setup.sh"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --release -- -D warnings
+echo "== cargo test (release: KVM guests and page copies are slow in debug builds)"
+cargo test --workspace --release -- --test-threads=2
+echo "== criterion benches compile"
+cargo bench --workspace --no-run --quiet
