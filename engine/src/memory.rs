@@ -272,7 +272,7 @@ mod tests {
             .is_err());
         let wrap = RamLayout {
             regions: vec![RamRegionSpec {
-                gpa: u64::MAX & !0xfff,
+                gpa: !0xfff,
                 size: 0x2000,
             }],
         };

@@ -19,7 +19,7 @@ pub struct MappedRegion {
 /// Registered memory: every access is bounds-checked against the regions.
 #[derive(Clone)]
 pub struct MemoryMap {
-    regions: Arc<Vec<MappedRegion>>,
+    regions: Vec<MappedRegion>,
     _owner: Arc<dyn Any + Send + Sync>,
 }
 
@@ -49,7 +49,7 @@ impl MemoryMap {
     /// the caller must not hold Rust references into it meanwhile.
     pub unsafe fn new(regions: Vec<MappedRegion>, owner: Arc<dyn Any + Send + Sync>) -> Self {
         MemoryMap {
-            regions: Arc::new(regions),
+            regions,
             _owner: owner,
         }
     }
