@@ -42,13 +42,16 @@ fn tcp(c: &mut Criterion) {
     let src = region(BYTES);
     let dst = region(BYTES);
     let mut g = c.benchmark_group("tcp_loopback_256MiB");
-    g.throughput(Throughput::Bytes(BYTES));
     g.sample_size(10);
     // 2 MiB contiguous chunks (round 0) and 64 scattered pages per chunk (later rounds).
     for (name, chunk, stride) in [
         ("contiguous_2MiB", 2u64 << 20, 2u64 << 20),
+        ("contiguous_512KiB", 512 << 10, 512 << 10),
+        ("contiguous_256KiB", 256 << 10, 256 << 10),
         ("scattered_4KiB", 4096, 8192),
     ] {
+        // Bytes actually moved: every `stride`, one `chunk`.
+        g.throughput(Throughput::Bytes(BYTES / stride * chunk));
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| {
                 let l = TcpListener::bind("127.0.0.1:0").unwrap();

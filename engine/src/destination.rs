@@ -499,6 +499,12 @@ fn spawn_receiver(
     std::thread::Builder::new()
         .name(format!("livemig-rx{index}"))
         .spawn(move || {
+            // Receivers take the cores from the top down while senders (on a same-host
+            // migration) take them from the bottom up, so a sender and its receiver do not
+            // share a core.
+            if let Some(cores) = core_affinity::get_core_ids().filter(|c| !c.is_empty()) {
+                core_affinity::set_for_current(cores[cores.len() - 1 - index % cores.len()]);
+            }
             let mut written = Vec::new();
             let mut expected_round = 0u64;
             loop {

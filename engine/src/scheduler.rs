@@ -22,7 +22,7 @@ use crate::dirty::Extent;
 use crate::memory::PAGE_SIZE;
 
 /// Most pages in one chunk (2 MiB).
-pub const CHUNK_PAGES: u64 = 512;
+pub const CHUNK_PAGES: u64 = 256;
 /// Most extents in one chunk.
 pub const CHUNK_EXTENTS: usize = 64;
 /// Chunks queued per channel before the scheduler blocks (backpressure).

@@ -151,6 +151,7 @@ impl DataReceiver {
     /// Wraps a connected stream.
     pub fn new(stream: TcpStream) -> Result<Self, TransportError> {
         let peer = peer_name(&stream);
+        set_buffer(&stream, libc::SO_RCVBUF);
         Ok(DataReceiver {
             stream,
             peer,
@@ -273,6 +274,24 @@ fn put_header(buf: &mut Vec<u8>, kind: u16, count: u16, value: u64) {
     buf.extend_from_slice(&count.to_le_bytes());
     buf.extend_from_slice(&0u32.to_le_bytes());
     buf.extend_from_slice(&value.to_le_bytes());
+}
+
+/// Socket buffer size for data channels: several chunks in flight per connection, so sender
+/// and receiver wake each other less often.
+pub const SOCKET_BUFFER: i32 = 8 << 20;
+
+fn set_buffer(stream: &TcpStream, opt: i32) {
+    let v = SOCKET_BUFFER;
+    // SAFETY: setsockopt reads `size_of::<i32>()` bytes from `&v`, a valid i32; the fd is open.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&raw const v).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
+    }
 }
 
 fn peer_name(stream: &TcpStream) -> String {
