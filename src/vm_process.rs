@@ -34,8 +34,17 @@ pub fn launch(spec: &VmSpec, backend: Backend) -> Result<Arc<dyn MigratableVm>> 
 
 fn factory(
     backend: Backend,
-) -> impl Fn(&VmSpec, GuestRam) -> Result<Arc<dyn MigratableVm>, VmError> {
-    move |spec, ram| -> Result<Arc<dyn MigratableVm>, VmError> {
+) -> impl Fn(&str, &VmSpec, GuestRam) -> Result<Arc<dyn MigratableVm>, VmError> {
+    move |machine, spec, ram| -> Result<Arc<dyn MigratableVm>, VmError> {
+        let mine = match backend {
+            Backend::Kvm => livemig_engine::vm::kvm::MACHINE,
+            Backend::Memory => livemig_engine::vm::memory_only::MACHINE,
+        };
+        if machine != mine {
+            return Err(VmError::InvalidSpec(format!(
+                "the source VM runs on {machine:?} but this destination runs {mine:?} (see --backend)"
+            )));
+        }
         Ok(match backend {
             Backend::Kvm => Arc::new(KvmVm::new_incoming(spec, ram)?),
             Backend::Memory => Arc::new(MemoryVm::new_incoming(spec, ram)?),

@@ -43,6 +43,7 @@ fn handshake(addr: &str, token: u64) -> TcpStream {
     send(
         &mut c,
         &Message::Config {
+            machine: livemig_engine::vm::memory_only::MACHINE.into(),
             spec: VmSpec {
                 memory_mib: 16,
                 ..VmSpec::default()
@@ -162,4 +163,38 @@ fn wrong_token_data_channel_is_not_accepted() {
     );
     let (code, err) = rx.wait_exit(Duration::from_secs(30));
     assert_clean_error(code, &err, "aborted");
+}
+
+#[test]
+fn a_vm_of_another_machine_is_refused_before_any_page() {
+    let (rx, addr) = destination();
+    let mut c = TcpStream::connect(&addr).unwrap();
+    send(
+        &mut c,
+        &Message::Hello {
+            min_version: 1,
+            max_version: VERSION,
+            features: 0,
+        },
+    );
+    assert!(matches!(recv(&mut c), Message::Welcome { .. }));
+    send(
+        &mut c,
+        &Message::Config {
+            machine: livemig_engine::vm::kvm::MACHINE.into(),
+            spec: VmSpec {
+                memory_mib: 16,
+                ..VmSpec::default()
+            },
+            layout: RamLayout::single(16 << 20),
+            channels: 1,
+            token: 1,
+        },
+    );
+    match recv(&mut c) {
+        Message::Refuse { reason } => assert!(reason.contains("--backend"), "{reason}"),
+        m => panic!("expected Refuse, got {m:?}"),
+    }
+    let (code, err) = rx.wait_exit(Duration::from_secs(20));
+    assert_clean_error(code, &err, "destination runs");
 }

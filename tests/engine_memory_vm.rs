@@ -38,7 +38,7 @@ fn fill(ram: &GuestRam) {
     }
 }
 
-fn factory(spec: &VmSpec, ram: GuestRam) -> Result<Arc<dyn MigratableVm>, VmError> {
+fn factory(_machine: &str, spec: &VmSpec, ram: GuestRam) -> Result<Arc<dyn MigratableVm>, VmError> {
     Ok(Arc::new(MemoryVm::new_incoming(spec, ram)?))
 }
 
@@ -108,9 +108,10 @@ fn destination_vanishing_leaves_the_source_running() {
     let addr = listener.local_addr().unwrap().to_string();
     // A "destination" that handshakes properly then dies right after Ready.
     let dest = std::thread::spawn(move || {
-        let factory = |spec: &VmSpec, ram: GuestRam| -> Result<Arc<dyn MigratableVm>, VmError> {
-            Ok(Arc::new(MemoryVm::new_incoming(spec, ram)?))
-        };
+        let factory =
+            |_m: &str, spec: &VmSpec, ram: GuestRam| -> Result<Arc<dyn MigratableVm>, VmError> {
+                Ok(Arc::new(MemoryVm::new_incoming(spec, ram)?))
+            };
         let (s, _) = listener.accept().unwrap();
         drop(s);
         let _ = factory;

@@ -22,7 +22,9 @@ use crate::session::{Control, MigrationError};
 use crate::vm::{MigratableVm, VmError, VmSpec};
 
 /// Builds a VM skeleton over received RAM.
-pub type VmFactory<'a> = &'a dyn Fn(&VmSpec, GuestRam) -> Result<Arc<dyn MigratableVm>, VmError>;
+/// Builds a VM skeleton of the named machine over received RAM; refuses machines it cannot run.
+pub type VmFactory<'a> =
+    &'a dyn Fn(&str, &VmSpec, GuestRam) -> Result<Arc<dyn MigratableVm>, VmError>;
 
 /// Options of an incoming migration.
 #[derive(Default)]
@@ -96,15 +98,17 @@ pub fn receive(
         },
         m => return Err(ctl.unexpected(&m, "waiting for Hello")),
     }
-    let (spec, layout, channels, token) = match ctl.recv(Some(timeout), "waiting for Config")? {
-        Message::Config {
-            spec,
-            layout,
-            channels,
-            token,
-        } => (spec, layout, channels, token),
-        m => return Err(ctl.unexpected(&m, "waiting for Config")),
-    };
+    let (machine, spec, layout, channels, token) =
+        match ctl.recv(Some(timeout), "waiting for Config")? {
+            Message::Config {
+                machine,
+                spec,
+                layout,
+                channels,
+                token,
+            } => (machine, spec, layout, channels, token),
+            m => return Err(ctl.unexpected(&m, "waiting for Config")),
+        };
     if spec.vcpus > MAX_VCPUS {
         return Err(MigrationError::Vm(VmError::InvalidSpec(format!(
             "{} vCPUs",
@@ -122,7 +126,7 @@ pub fn receive(
     };
     let populating = Arc::new(AtomicBool::new(!used_reserved_ram));
     let populate = (!used_reserved_ram).then(|| spawn_populate(&ram, populating.clone()));
-    let vm = match factory(&spec, ram.clone()) {
+    let vm = match factory(&machine, &spec, ram.clone()) {
         Ok(vm) => vm,
         Err(e) => {
             let _ = ctl.send(&Message::Refuse {

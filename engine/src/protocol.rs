@@ -8,7 +8,8 @@
 //! source                                   destination
 //!   | Hello {versions, features}  ------------> |  refuses newer-only streams (Refuse)
 //!   | <------------------------ Welcome {version}|
-//!   | Config {spec, layout, channels, token} -> |  builds the VM skeleton, allocates RAM
+//!   | Config {machine, spec, layout, channels,  |
+//!   |         token} -------------------------> |  builds the VM skeleton, allocates RAM
 //!   | <------------------------------- Ready     |
 //!   | N data connections: ChannelHello{token,i} |
 //!   | data: round 0 pages ... Marker(0)          |  receivers meet at a barrier per round
@@ -116,6 +117,8 @@ pub enum Message {
     },
     /// Source → destination: what to build.
     Config {
+        /// Which VMM runs the VM.
+        machine: String,
         /// VM spec.
         spec: VmSpec,
         /// RAM layout; every page address later received is checked against it.
@@ -219,11 +222,13 @@ impl Message {
                 T_REFUSE
             }
             Message::Config {
+                machine,
                 spec,
                 layout,
                 channels,
                 token,
             } => {
+                put_str(&mut w, machine);
                 put_u64(&mut w, spec.memory_mib);
                 put_u32(&mut w, spec.vcpus);
                 w.push(fill_code(spec.fill));
@@ -325,6 +330,7 @@ impl Message {
                 reason: r.string()?,
             },
             T_CONFIG => {
+                let machine = r.string()?;
                 let memory_mib = r.u64()?;
                 let vcpus = r.u32()?;
                 let fill = match r.u8()? {
@@ -368,6 +374,7 @@ impl Message {
                     return Err(r.invalid(format!("{channels} channels (1..={MAX_CHANNELS})")));
                 }
                 Message::Config {
+                    machine,
                     spec: VmSpec {
                         memory_mib,
                         vcpus,
@@ -564,6 +571,7 @@ mod tests {
                 reason: "nope".into(),
             },
             Message::Config {
+                machine: "m".into(),
                 spec: VmSpec {
                     memory_mib: 64,
                     vcpus: 2,
@@ -652,6 +660,7 @@ mod tests {
         // Config whose layout disagrees with the spec, or with absurd channel counts
         if let Message::Config { spec, .. } = &samples()[3] {
             let m = Message::Config {
+                machine: "m".into(),
                 spec: spec.clone(),
                 layout: RamLayout::single(32 << 20),
                 channels: 1,
@@ -660,6 +669,7 @@ mod tests {
             let (k, p) = m.encode();
             assert!(Message::decode(k, &p).is_err());
             let m = Message::Config {
+                machine: "m".into(),
                 spec: spec.clone(),
                 layout: RamLayout::single(64 << 20),
                 channels: 0,

@@ -123,6 +123,7 @@ pub fn migrate(
     }
     let token = random_u64();
     ctl.send(&Message::Config {
+        machine: vm.machine().to_string(),
         spec: vm.spec().clone(),
         layout: layout.clone(),
         channels: opts.channels,

@@ -126,6 +126,9 @@ const LEGACY_XSAVE: usize = std::mem::size_of::<kvm_xsave>();
 ///
 /// When a vCPU fails (unexpected exit), [`MigratableVm::run_state`] reports
 /// [`RunState::Stopped`] and [`MigratableVm::progress`], `pause` and `resume` return
+/// Machine name of the built-in KVM VMM, checked by destinations.
+pub const MACHINE: &str = "livemig-kvm-mini";
+
 /// [`VmError::VcpuFailed`].
 pub struct KvmVm {
     // Field order matters for drop: the VM and vCPU fds go before the RAM they map.
@@ -440,6 +443,10 @@ impl KvmVm {
 }
 
 impl MigratableVm for KvmVm {
+    fn machine(&self) -> &'static str {
+        MACHINE
+    }
+
     fn spec(&self) -> &VmSpec {
         &self.spec
     }

@@ -19,6 +19,8 @@ use crate::memory::{GuestRam, Populate, RamLayout, PAGE_SIZE};
 
 /// Section id of the writer state.
 pub const SECTION_WRITER: u32 = 0x100;
+/// Machine name of the memory-only VM, checked by destinations.
+pub const MACHINE: &str = "livemig-memory-only";
 /// Guest address of the progress counter.
 const COUNTER_GPA: u64 = 0;
 
@@ -145,6 +147,10 @@ impl MemoryVm {
 }
 
 impl MigratableVm for MemoryVm {
+    fn machine(&self) -> &'static str {
+        MACHINE
+    }
+
     fn spec(&self) -> &VmSpec {
         &self.spec
     }

@@ -172,6 +172,8 @@ pub struct DeviceSection {
 pub trait MigratableVm: Send + Sync {
     /// The spec the destination needs to build a skeleton of this VM.
     fn spec(&self) -> &VmSpec;
+    /// Which VMM runs this VM (its device state only restores into the same kind).
+    fn machine(&self) -> &'static str;
     /// Guest RAM.
     fn ram(&self) -> &GuestRam;
     /// Current run state.
