@@ -38,6 +38,32 @@ pub struct Tuning {
     /// Pause the guest after at most this many pre-copy rounds.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_rounds: u32,
+    /// Page encoding: zero pages always travel as markers; `auto` picks per chunk.
+    #[arg(long, value_enum, default_value_t = Compress::Auto)]
+    pub compress: Compress,
+    /// zstd level (with `--compress zstd`).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub zstd_level: i32,
+    /// Cache of last-sent pages for delta encoding, in MiB (with `delta` and `auto`).
+    #[arg(long, default_value_t = 64)]
+    pub delta_cache_mib: u64,
+}
+
+/// `--compress` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Compress {
+    /// Pages raw (zero pages as markers).
+    None,
+    /// Zero-page markers, other pages raw.
+    Zero,
+    /// LZ4 per run of pages.
+    Lz4,
+    /// zstd per run of pages.
+    Zstd,
+    /// Re-sent pages as deltas against the version sent before.
+    Delta,
+    /// Per chunk, from measured compressor speed, link speed and ratio.
+    Auto,
 }
 
 impl Tuning {
@@ -48,6 +74,9 @@ impl Tuning {
             "channels": self.channels,
             "downtime_limit_ms": self.downtime_limit,
             "max_rounds": self.max_rounds,
+            "compress": format!("{:?}", self.compress).to_lowercase(),
+            "zstd_level": self.zstd_level,
+            "delta_cache_mib": self.delta_cache_mib,
         })
     }
 }
@@ -203,8 +232,27 @@ fn print_summary(r: &Value) {
             ),
         ),
         (
+            "encoding",
+            format!(
+                "{}: {} raw, {} zero, {} lz4, {} zstd, {} delta pages; {:.1} -> {:.1} MiB (ratio {:.2})",
+                r["compress"].as_str().unwrap_or("?"),
+                r["codec"]["pages_raw"],
+                r["codec"]["pages_zero"],
+                r["codec"]["pages_lz4"],
+                r["codec"]["pages_zstd"],
+                r["codec"]["pages_delta"],
+                r["codec"]["bytes_before"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+                r["codec"]["bytes_after"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+                r["codec"]["compression_ratio"].as_f64().unwrap_or(1.0)
+            ),
+        ),
+        (
             "staging copies",
             format!("{} bytes", u("bytes_copied_staging")),
+        ),
+        (
+            "CPU",
+            format!("source {:.2} s, destination {:.2} s", f("source_cpu_s"), f("destination_cpu_s")),
         ),
         (
             "RAM digest",

@@ -17,6 +17,7 @@ use livemig_engine::source::{self, MigrateOptions, Progress};
 use livemig_engine::vm::kvm::KvmVm;
 use livemig_engine::vm::memory_only::MemoryVm;
 use livemig_engine::vm::{guest, MigratableVm, VmError, VmSpec};
+use livemig_transport::codec::Mode;
 use serde_json::{json, Value};
 
 use crate::{Backend, ReceiveArgs, VmArgs};
@@ -249,6 +250,27 @@ fn migrate(req: &Value, p: &Arc<VmProcess>, out: &mut UnixStream) -> Result<()> 
         channels: num("channels", 1).clamp(1, 64) as u16,
         downtime_limit_ms: num("downtime_limit_ms", 300),
         max_rounds: num("max_rounds", 30).clamp(1, 10_000) as u32,
+        compress: match req
+            .get("compress")
+            .and_then(Value::as_str)
+            .unwrap_or("auto")
+        {
+            "none" => Mode::None,
+            "zero" => Mode::Zero,
+            "lz4" => Mode::Lz4,
+            "zstd" => Mode::Zstd(num("zstd_level", 3).clamp(1, 19) as i32),
+            "delta" => Mode::Delta,
+            "auto" => Mode::Auto,
+            other => {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"event": "error", "error": format!("unknown compress mode {other:?}")})
+                )?;
+                return Ok(());
+            }
+        },
+        delta_cache_bytes: num("delta_cache_mib", 64).clamp(1, 1 << 20) << 20,
         ..MigrateOptions::default()
     };
     {

@@ -5,7 +5,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use livemig_transport::tcp::{DataReceiver, DataSender, Received};
+use livemig_transport::tcp::{DataReceiver, DataSender, Landed, Received};
 use livemig_transport::{MappedRegion, MemoryMap};
 
 const BYTES: u64 = 256 << 20;
@@ -76,7 +76,7 @@ fn tcp(c: &mut Criterion) {
                     tx.send_marker(0).unwrap();
                 });
                 let mut rx = DataReceiver::new(l.accept().unwrap().0).unwrap();
-                let mut w = Vec::new();
+                let mut w = Landed::default();
                 while rx.recv(&dst, &mut w).unwrap() != Received::Marker(0) {
                     w.clear();
                 }

@@ -11,13 +11,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use livemig_transport::tcp::{DataReceiver, Received};
+use livemig_transport::tcp::{DataReceiver, Landed, Received};
 use livemig_transport::{frame, MappedRegion, MemoryMap};
 use tracing::{info, warn};
 
 use crate::digest::PageHashes;
-use crate::memory::{GuestRam, Populate, RamLayout};
+use crate::memory::{GuestRam, Populate, RamLayout, PAGE_SIZE};
 use crate::protocol::{negotiate, Message, MAX_VCPUS};
+use crate::scheduler::thread_cpu_ns;
 use crate::session::{Control, MigrationError};
 use crate::vm::{MigratableVm, VmError, VmSpec};
 
@@ -233,7 +234,8 @@ fn switchover(
         bytes = layout.total_bytes(),
         "prepared"
     );
-    ctl.send(&Message::Prepared { digest })?;
+    let cpu_ns = shared.cpu_ns.load(Ordering::Relaxed);
+    ctl.send(&Message::Prepared { digest, cpu_ns })?;
     match ctl.recv(Some(timeout), "waiting for Commit")? {
         Message::Commit => {}
         m => return Err(ctl.unexpected(&m, "waiting for Commit")),
@@ -369,6 +371,7 @@ struct Shared {
     control: Mutex<Option<TcpStream>>,
     finished: AtomicBool,
     pages: AtomicU64,
+    cpu_ns: AtomicU64,
 }
 
 #[derive(Default)]
@@ -388,6 +391,7 @@ impl Shared {
             control: Mutex::new(None),
             finished: AtomicBool::new(false),
             pages: AtomicU64::new(0),
+            cpu_ns: AtomicU64::new(0),
         }
     }
 
@@ -509,22 +513,36 @@ fn spawn_receiver(
             if let Some(cores) = core_affinity::get_core_ids().filter(|c| !c.is_empty()) {
                 core_affinity::set_for_current(cores[cores.len() - 1 - index % cores.len()]);
             }
-            let mut written = Vec::new();
+            let mut landed = Landed::default();
             let mut expected_round = 0u64;
+            let mut cpu = thread_cpu_ns();
             loop {
-                match rx.recv(&map, &mut written) {
-                    Ok(Received::Extents { bytes }) => {
-                        for (gpa, len) in written.drain(..) {
+                landed.clear();
+                match rx.recv(&map, &mut landed) {
+                    Ok(Received::Extents { .. }) => {
+                        let mut pages = 0;
+                        for &(gpa, len) in &landed.data {
                             if let Ok(host) = map.host_ptr(gpa, len) {
                                 // SAFETY: the range was just written by this receiver and is
                                 // inside registered RAM; nothing else writes it until the next
                                 // round's barrier.
                                 unsafe { hashes.update(gpa, len, host) };
                             }
+                            pages += len / PAGE_SIZE;
                         }
-                        shared
-                            .pages
-                            .fetch_add(bytes / crate::memory::PAGE_SIZE, Ordering::Relaxed);
+                        for &(gpa, len) in &landed.zero {
+                            // Zero pages were not written by the transport: clear the ones an
+                            // earlier round filled (fresh RAM is zero already).
+                            hashes.clear_nonzero(gpa, len, |start, bytes| {
+                                if let Ok(host) = map.host_ptr(start, bytes) {
+                                    // SAFETY: inside registered RAM, written only by this
+                                    // receiver until the next barrier.
+                                    unsafe { std::ptr::write_bytes(host, 0, bytes as usize) };
+                                }
+                            });
+                            pages += len / PAGE_SIZE;
+                        }
+                        shared.pages.fetch_add(pages, Ordering::Relaxed);
                     }
                     Ok(Received::Marker(round)) => {
                         if round != expected_round {
@@ -534,6 +552,9 @@ fn spawn_receiver(
                             return;
                         }
                         expected_round += 1;
+                        let now = thread_cpu_ns();
+                        shared.cpu_ns.fetch_add(now - cpu, Ordering::Relaxed);
+                        cpu = now;
                         if shared.arrive(round).is_err() {
                             return;
                         }

@@ -23,6 +23,7 @@ pub struct PageHashes {
     /// `(gpa, first index)` per region.
     regions: Vec<(u64, u64, usize)>,
     hashes: Vec<AtomicU64>,
+    zero: u64,
 }
 
 impl PageHashes {
@@ -38,6 +39,7 @@ impl PageHashes {
         PageHashes {
             regions,
             hashes: (0..idx).map(|_| AtomicU64::new(zero)).collect(),
+            zero,
         }
     }
 
@@ -64,6 +66,39 @@ impl PageHashes {
             };
             if let Some(h) = self.hashes.get(first_page + i) {
                 h.store(page_hash(page), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// For the pages of `[gpa, gpa + len)` whose hash is not the zero page's, calls
+    /// `clear(start, bytes)` on each run of them and records them as zero.
+    pub fn clear_nonzero(&self, gpa: u64, len: u64, mut clear: impl FnMut(u64, u64)) {
+        let Some(&(base, _, first)) = self
+            .regions
+            .iter()
+            .find(|(b, s, _)| gpa >= *b && gpa + len <= b + s)
+        else {
+            return;
+        };
+        let first_page = first + ((gpa - base) / PAGE_SIZE) as usize;
+        let pages = (len / PAGE_SIZE) as usize;
+        let mut run: Option<usize> = None;
+        for i in 0..=pages {
+            let nonzero = i < pages
+                && self
+                    .hashes
+                    .get(first_page + i)
+                    .is_some_and(|h| h.load(Ordering::Relaxed) != self.zero);
+            match (nonzero, run) {
+                (true, None) => run = Some(i),
+                (false, Some(s)) => {
+                    clear(gpa + s as u64 * PAGE_SIZE, (i - s) as u64 * PAGE_SIZE);
+                    for k in s..i {
+                        self.hashes[first_page + k].store(self.zero, Ordering::Relaxed);
+                    }
+                    run = None;
+                }
+                _ => {}
             }
         }
     }

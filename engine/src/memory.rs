@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::AtomicBitmap;
+
+use crate::dirty::Extent;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -216,6 +218,56 @@ impl GuestRam {
         self.layout.total_bytes()
     }
 
+    /// Splits `extents` into pages that may hold data and pages in holes of the backing memfd
+    /// (never written since the RAM was allocated, so zero), without touching any page.
+    pub fn split_holes(&self, extents: &[Extent]) -> (Vec<Extent>, Vec<Extent>) {
+        let mut data = Vec::new();
+        let mut holes = Vec::new();
+        for e in extents {
+            let Some(region) = self.memory.iter().find(|r| {
+                e.gpa >= r.start_addr().0 && e.gpa + e.bytes() <= r.start_addr().0 + r.len()
+            }) else {
+                data.push(*e);
+                continue;
+            };
+            let Some(fo) = region.file_offset() else {
+                data.push(*e);
+                continue;
+            };
+            let base = region.start_addr().0;
+            let (start, end) = (e.gpa - base, e.gpa - base + e.bytes());
+            let mut pos = start;
+            while pos < end {
+                let off = fo.start() + pos;
+                let next_data = seek(fo.file(), off, libc::SEEK_DATA).map(|d| d - fo.start());
+                let d = match next_data {
+                    Some(d) => (d / PAGE_SIZE * PAGE_SIZE).min(end),
+                    None => end,
+                };
+                if d > pos {
+                    holes.push(Extent {
+                        gpa: base + pos,
+                        pages: (d - pos) / PAGE_SIZE,
+                    });
+                }
+                if d >= end {
+                    break;
+                }
+                let h = seek(fo.file(), fo.start() + d, libc::SEEK_HOLE)
+                    .map(|h| (h - fo.start()).div_ceil(PAGE_SIZE) * PAGE_SIZE)
+                    .unwrap_or(end)
+                    .min(end);
+                let h = h.max(d + PAGE_SIZE);
+                data.push(Extent {
+                    gpa: base + d,
+                    pages: (h - d) / PAGE_SIZE,
+                });
+                pos = h;
+            }
+        }
+        (data, holes)
+    }
+
     /// Takes the VMM-side dirty bits of region `index` (pages written through vm-memory since
     /// the last call), one bit per page, and clears them.
     pub fn take_vmm_dirty(&self, index: usize) -> Vec<u64> {
@@ -225,6 +277,14 @@ impl GuestRam {
             .map(|r| vm_memory::mmap::MmapRegion::bitmap(r).get_and_reset())
             .unwrap_or_default()
     }
+}
+
+/// `lseek(fd, off, whence)`; None when there is no further data/hole (ENXIO) or on error.
+fn seek(file: &File, off: u64, whence: i32) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an open descriptor has no memory effects.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
+    (r >= 0).then_some(r as u64)
 }
 
 fn memfd(r: &RamRegionSpec) -> Result<File, MemoryError> {
@@ -277,6 +337,34 @@ mod tests {
             }],
         };
         assert!(wrap.validate().is_err());
+    }
+
+    #[test]
+    fn holes_are_found_without_touching_pages() {
+        let ram = GuestRam::new(&RamLayout::single(64 << 20), Populate::Lazy).unwrap();
+        ram.memory().write_obj(1u8, GuestAddress(0x5000)).unwrap();
+        ram.memory()
+            .write_obj(1u8, GuestAddress(0x20_0000))
+            .unwrap();
+        let all = [Extent {
+            gpa: 0,
+            pages: (64 << 20) / PAGE_SIZE,
+        }];
+        let (data, holes) = ram.split_holes(&all);
+        let pages = |v: &[Extent]| v.iter().map(|e| e.pages).sum::<u64>();
+        assert_eq!(pages(&data) + pages(&holes), (64 << 20) / PAGE_SIZE);
+        assert!(data
+            .iter()
+            .any(|e| e.gpa <= 0x5000 && 0x5000 < e.gpa + e.bytes()));
+        assert!(data
+            .iter()
+            .any(|e| e.gpa <= 0x20_0000 && 0x20_0000 < e.gpa + e.bytes()));
+        assert!(pages(&data) < 1024, "{data:?}");
+        for h in &holes {
+            for d in &data {
+                assert!(h.gpa + h.bytes() <= d.gpa || d.gpa + d.bytes() <= h.gpa);
+            }
+        }
     }
 
     #[test]

@@ -148,6 +148,8 @@ pub enum Message {
     Prepared {
         /// Digest of destination RAM (see `crate::digest`).
         digest: u64,
+        /// CPU nanoseconds the destination's receivers used.
+        cpu_ns: u64,
     },
     /// Source → destination: resume the guest; the source will never resume it again.
     Commit,
@@ -265,8 +267,9 @@ impl Message {
                 }
                 T_DEVICE_STATE
             }
-            Message::Prepared { digest } => {
+            Message::Prepared { digest, cpu_ns } => {
                 put_u64(&mut w, *digest);
+                put_u64(&mut w, *cpu_ns);
                 T_PREPARED
             }
             Message::Commit => T_COMMIT,
@@ -422,7 +425,10 @@ impl Message {
                     sections,
                 }
             }
-            T_PREPARED => Message::Prepared { digest: r.u64()? },
+            T_PREPARED => Message::Prepared {
+                digest: r.u64()?,
+                cpu_ns: r.u64()?,
+            },
             T_COMMIT => Message::Commit,
             T_RESUMED => Message::Resumed,
             T_PROGRESS => Message::Progress { delta: r.u64()? },
@@ -597,7 +603,10 @@ mod tests {
                     data: vec![1, 2, 3],
                 }],
             },
-            Message::Prepared { digest: 0xabc },
+            Message::Prepared {
+                digest: 0xabc,
+                cpu_ns: 5,
+            },
             Message::Commit,
             Message::Resumed,
             Message::Progress { delta: 12 },

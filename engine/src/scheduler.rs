@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use livemig_transport::codec::{CodecStats, DeltaCache, Encoder, Mode};
 use livemig_transport::tcp::DataSender;
 use livemig_transport::{MemoryMap, TransportError};
 
@@ -29,10 +30,21 @@ pub const CHUNK_EXTENTS: usize = 64;
 pub const QUEUE_DEPTH: usize = 4;
 /// Chunks between two progress reports.
 pub const PROGRESS_EVERY: usize = 32;
-/// Per-message framing bytes on a data channel (header), and per extent (table entry).
+/// Framing bytes of a marker message.
 pub const MESSAGE_OVERHEAD: u64 = 16;
-/// Framing bytes per extent entry.
-pub const EXTENT_OVERHEAD: u64 = 16;
+
+/// CPU time consumed by the calling thread, in nanoseconds.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which is valid.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 /// Errors of the data path.
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +94,10 @@ pub fn chunks(extents: &[Extent], max_pages: u64, max_extents: usize) -> Vec<Vec
 }
 
 enum Work {
-    Chunk(Vec<(u64, u64)>),
+    /// Pages to read, encode and send, with the round they belong to.
+    Chunk(Vec<(u64, u64)>, u64),
+    /// Ranges known to be zero (never-written holes): markers only, nothing read.
+    Zero(Vec<(u64, u64)>),
     Marker(u64),
 }
 
@@ -90,6 +105,8 @@ enum Event {
     MarkerSent {
         round: u64,
         bytes: u64,
+        codec: CodecStats,
+        cpu_ns: u64,
     },
     Failed {
         channel: usize,
@@ -106,6 +123,10 @@ pub struct RoundStats {
     pub wire_bytes: u64,
     /// Time from the first chunk to the last marker written.
     pub elapsed: Duration,
+    /// What the encoders did.
+    pub codec: CodecStats,
+    /// CPU time of the channel workers.
+    pub cpu_ns: u64,
 }
 
 /// Fans chunks out to channel workers and runs round barriers.
@@ -117,14 +138,23 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts one worker per sender; `pin` pins worker `i` to core `i % cores`.
-    pub fn new(senders: Vec<DataSender>, map: MemoryMap, pin: bool) -> Scheduler {
+    /// Starts one worker per sender, each with an encoder for `mode` (sharing one delta
+    /// cache of `delta_cache_bytes`); `pin` pins worker `i` to core `i % cores`.
+    pub fn new(
+        senders: Vec<DataSender>,
+        map: MemoryMap,
+        pin: bool,
+        mode: Mode,
+        delta_cache_bytes: u64,
+    ) -> Scheduler {
         let (ev_tx, events) = unbounded();
         let cores = if pin {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
             Vec::new()
         };
+        let cache =
+            matches!(mode, Mode::Delta | Mode::Auto).then(|| DeltaCache::new(delta_cache_bytes));
         let mut queues = Vec::new();
         let mut workers = Vec::new();
         for (i, mut tx) in senders.into_iter().enumerate() {
@@ -133,6 +163,7 @@ impl Scheduler {
             let ev = ev_tx.clone();
             let map = map.clone();
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+            let mut enc = Encoder::new(mode, cache.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("livemig-tx{i}"))
                 .spawn(move || {
@@ -140,16 +171,22 @@ impl Scheduler {
                         core_affinity::set_for_current(c);
                     }
                     let mut bytes = 0u64;
+                    let mut cpu = thread_cpu_ns();
                     for w in q_rx {
                         let r = match w {
-                            Work::Chunk(ext) => tx.send_extents(&map, &ext).map(|b| {
-                                bytes += b + MESSAGE_OVERHEAD + EXTENT_OVERHEAD * ext.len() as u64;
-                            }),
+                            Work::Chunk(ext, round) => tx
+                                .send_encoded(&map, &ext, &mut enc, round)
+                                .map(|b| bytes += b),
+                            Work::Zero(ext) => tx.send_zero(&ext, &mut enc).map(|b| bytes += b),
                             Work::Marker(round) => tx.send_marker(round).map(|()| {
+                                let now = thread_cpu_ns();
                                 let _ = ev.send(Event::MarkerSent {
                                     round,
                                     bytes: bytes + MESSAGE_OVERHEAD,
+                                    codec: enc.take_stats(),
+                                    cpu_ns: now.saturating_sub(cpu),
                                 });
+                                cpu = now;
                                 bytes = 0;
                             }),
                         };
@@ -188,11 +225,24 @@ impl Scheduler {
         &mut self,
         round: u64,
         extents: &[Extent],
+        holes: &[Extent],
         cancel: &AtomicBool,
         on_progress: &mut dyn FnMut(u64),
     ) -> Result<RoundStats, SchedulerError> {
         let start = Instant::now();
         let mut pages = 0u64;
+        // Holes first, spread over the channels in large pieces: they cost a marker each.
+        for (i, piece) in holes
+            .chunks(holes.len().div_ceil(self.queues.len()).max(1))
+            .enumerate()
+        {
+            let ch = i % self.queues.len();
+            pages += piece.iter().map(|e| e.pages).sum::<u64>();
+            let ranges = piece.iter().map(|e| (e.gpa, e.bytes())).collect();
+            if self.queues[ch].send(Work::Zero(ranges)).is_err() {
+                return Err(self.failure(ch));
+            }
+        }
         for (i, chunk) in chunks(extents, CHUNK_PAGES, CHUNK_EXTENTS)
             .into_iter()
             .enumerate()
@@ -206,7 +256,7 @@ impl Scheduler {
             pages += chunk.iter().map(|c| c.1 / PAGE_SIZE).sum::<u64>();
             let ch = self.next % self.queues.len();
             self.next += 1;
-            if self.queues[ch].send(Work::Chunk(chunk)).is_err() {
+            if self.queues[ch].send(Work::Chunk(chunk, round)).is_err() {
                 return Err(self.failure(ch));
             }
         }
@@ -217,11 +267,20 @@ impl Scheduler {
         }
         let mut pending = self.queues.len();
         let mut wire_bytes = 0;
+        let mut codec = CodecStats::default();
+        let mut cpu_ns = 0;
         while pending > 0 {
             match self.events.recv_timeout(Duration::from_millis(200)) {
-                Ok(Event::MarkerSent { round: r, bytes }) if r == round => {
+                Ok(Event::MarkerSent {
+                    round: r,
+                    bytes,
+                    codec: c,
+                    cpu_ns: t,
+                }) if r == round => {
                     pending -= 1;
                     wire_bytes += bytes;
+                    codec.add(&c);
+                    cpu_ns += t;
                 }
                 Ok(Event::MarkerSent { .. }) => {}
                 Ok(Event::Failed { channel, error }) => {
@@ -238,6 +297,8 @@ impl Scheduler {
             pages,
             wire_bytes,
             elapsed: start.elapsed(),
+            codec,
+            cpu_ns,
         })
     }
 

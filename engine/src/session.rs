@@ -236,10 +236,59 @@ pub struct MigrationReport {
     pub transport: String,
     /// Data channels.
     pub channels: u16,
-    /// Page bytes copied through intermediate buffers (0: pages move from and into guest RAM).
+    /// Page bytes copied through intermediate buffers on the source (pages compressed or
+    /// delta-encoded are snapshotted first; raw pages move from and into guest RAM in place).
     pub bytes_copied_staging: u64,
+    /// Page encoding mode.
+    pub compress: String,
+    /// What the encoders did.
+    pub codec: CodecReport,
+    /// CPU seconds of the source's migration threads (scheduler and channel workers).
+    pub source_cpu_s: f64,
+    /// CPU seconds of the destination's receivers.
+    pub destination_cpu_s: f64,
     /// Per round.
     pub round_details: Vec<RoundReport>,
+}
+
+/// Per-codec counters of a migration.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct CodecReport {
+    /// Pages sent raw.
+    pub pages_raw: u64,
+    /// Pages sent as zero markers.
+    pub pages_zero: u64,
+    /// Pages sent LZ4-compressed.
+    pub pages_lz4: u64,
+    /// Pages sent zstd-compressed.
+    pub pages_zstd: u64,
+    /// Pages sent as deltas.
+    pub pages_delta: u64,
+    /// Bytes of non-zero pages before encoding.
+    pub bytes_before: u64,
+    /// Their bytes after encoding.
+    pub bytes_after: u64,
+    /// `bytes_before / bytes_after` (1 = no gain).
+    pub compression_ratio: f64,
+}
+
+impl From<&livemig_transport::codec::CodecStats> for CodecReport {
+    fn from(c: &livemig_transport::codec::CodecStats) -> Self {
+        CodecReport {
+            pages_raw: c.pages_raw,
+            pages_zero: c.pages_zero,
+            pages_lz4: c.pages_lz4,
+            pages_zstd: c.pages_zstd,
+            pages_delta: c.pages_delta,
+            bytes_before: c.bytes_in,
+            bytes_after: c.bytes_out,
+            compression_ratio: if c.bytes_out == 0 {
+                1.0
+            } else {
+                c.bytes_in as f64 / c.bytes_out as f64
+            },
+        }
+    }
 }
 
 /// A random 64-bit value from the kernel.

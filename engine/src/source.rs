@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use livemig_transport::codec::{CodecStats, Mode};
 use livemig_transport::tcp::DataSender;
 use livemig_transport::{frame, MappedRegion, MemoryMap, TransportError};
 use tracing::{info, warn};
@@ -20,7 +21,9 @@ use crate::digest::ram_digest;
 use crate::dirty::DirtyBitmap;
 use crate::protocol::{Message, MIN_VERSION, VERSION};
 use crate::scheduler::Scheduler;
-use crate::session::{random_u64, Control, MigrationError, MigrationReport, RoundReport};
+use crate::session::{
+    random_u64, CodecReport, Control, MigrationError, MigrationReport, RoundReport,
+};
 use crate::vm::MigratableVm;
 
 /// Options of an outgoing migration.
@@ -36,6 +39,10 @@ pub struct MigrateOptions {
     pub pin_workers: bool,
     /// Longest wait for any single answer of the destination.
     pub timeout: Duration,
+    /// Page encoding.
+    pub compress: Mode,
+    /// Bytes of last-sent page versions kept for delta encoding.
+    pub delta_cache_bytes: u64,
 }
 
 impl Default for MigrateOptions {
@@ -46,6 +53,8 @@ impl Default for MigrateOptions {
             max_rounds: 30,
             pin_workers: true,
             timeout: Duration::from_secs(60),
+            compress: Mode::Auto,
+            delta_cache_bytes: 64 << 20,
         }
     }
 }
@@ -164,7 +173,13 @@ pub fn migrate(
     // SAFETY: the regions are the live mappings of `ram`, kept alive by the Arc'd clone passed
     // as owner; the data path only reads them (writev), which tolerates the guest writing.
     let map = unsafe { MemoryMap::new(regions, Arc::new(ram)) };
-    let mut sched = Scheduler::new(senders, map, opts.pin_workers);
+    let mut sched = Scheduler::new(
+        senders,
+        map,
+        opts.pin_workers,
+        opts.compress,
+        opts.delta_cache_bytes,
+    );
 
     let result = run_rounds(
         vm,
@@ -216,14 +231,23 @@ fn run_rounds(
     let mut pages_sent = 0u64;
     let mut wire = 0u64;
     let mut round = 0u64;
+    let mut codec = CodecStats::default();
+    let mut cpu_ns = 0u64;
+    let cpu_start = crate::scheduler::thread_cpu_ns();
     let precopy: Result<(), MigrationError> = (|| loop {
         if cancel.load(Ordering::Relaxed) {
             return Err(MigrationError::Cancelled);
         }
-        let extents = to_send.extents();
+        // Round 0 covers all RAM: pages in holes of the backing memory were never written and
+        // go as zero markers without being read.
+        let (extents, holes) = if round == 0 {
+            vm.ram().split_holes(&to_send.extents())
+        } else {
+            (to_send.extents(), Vec::new())
+        };
         let pages_total = to_send.count();
         let stats = sched
-            .send_round(round, &extents, cancel, &mut |pages_done| {
+            .send_round(round, &extents, &holes, cancel, &mut |pages_done| {
                 on_progress(&Progress::Sending {
                     round,
                     pages_done,
@@ -236,6 +260,8 @@ fn run_rounds(
             })?;
         pages_sent += stats.pages;
         wire += stats.wire_bytes;
+        codec.add(&stats.codec);
+        cpu_ns += stats.cpu_ns;
         to_send.clear();
         vm.harvest_dirty(&mut to_send)?;
         let dirtied = to_send.count();
@@ -292,13 +318,13 @@ fn run_rounds(
         abort(ctl, "source could not pause the guest");
         return Err(e.into());
     }
-    let switch: Result<(u64, crate::scheduler::RoundStats), MigrationError> = (|| {
+    let switch: Result<(u64, u64, crate::scheduler::RoundStats), MigrationError> = (|| {
         vm.harvest_dirty(&mut to_send)?;
         on_progress(&Progress::Paused {
             pages: to_send.count(),
         });
         let stats = sched
-            .send_round(round, &to_send.extents(), cancel, &mut |_| {})
+            .send_round(round, &to_send.extents(), &[], cancel, &mut |_| {})
             .map_err(|e| match e {
                 crate::scheduler::SchedulerError::Cancelled => MigrationError::Cancelled,
                 e => e.into(),
@@ -309,11 +335,11 @@ fn run_rounds(
             sections,
         })?;
         match ctl.recv(Some(opts.timeout), "waiting for the destination to prepare")? {
-            Message::Prepared { digest } => Ok((digest, stats)),
+            Message::Prepared { digest, cpu_ns } => Ok((digest, cpu_ns, stats)),
             m => Err(ctl.unexpected(&m, "waiting for Prepared")),
         }
     })();
-    let (dest_digest, final_stats) = match switch {
+    let (dest_digest, dest_cpu_ns, final_stats) = match switch {
         Ok(v) => v,
         Err(e) => {
             abort(ctl, "source failed during stop-and-copy");
@@ -330,6 +356,8 @@ fn run_rounds(
     };
     pages_sent += final_stats.pages;
     wire += final_stats.wire_bytes;
+    codec.add(&final_stats.codec);
+    cpu_ns += final_stats.cpu_ns;
     rounds.push(RoundReport {
         round,
         pages: final_stats.pages,
@@ -365,6 +393,7 @@ fn run_rounds(
     }
     let total = t0.elapsed();
     let downtime = t_pause.elapsed();
+    let source_cpu_ns = cpu_ns + crate::scheduler::thread_cpu_ns().saturating_sub(cpu_start);
     let _ = vm.stop_dirty_tracking();
 
     // Verification, outside the downtime: the source RAM is frozen for good.
@@ -409,7 +438,11 @@ fn run_rounds(
         guest_progress_after_resume: progress,
         transport: "tcp".into(),
         channels: sched.channels() as u16,
-        bytes_copied_staging: 0,
+        bytes_copied_staging: codec.bytes_staged,
+        compress: opts.compress.name().into(),
+        codec: CodecReport::from(&codec),
+        source_cpu_s: source_cpu_ns as f64 / 1e9,
+        destination_cpu_s: dest_cpu_ns as f64 / 1e9,
         round_details: rounds,
     })
 }

@@ -29,16 +29,17 @@
 //!     tx.send_marker(1).unwrap();
 //! });
 //! let mut rx = tcp::DataReceiver::new(listener.accept().unwrap().0).unwrap();
-//! let mut got = Vec::new();
+//! let mut got = tcp::Landed::default();
 //! assert!(matches!(rx.recv(&dst_map, &mut got).unwrap(), tcp::Received::Extents { bytes: 4096 }));
 //! assert!(matches!(rx.recv(&dst_map, &mut got).unwrap(), tcp::Received::Marker(1)));
 //! t.join().unwrap();
-//! assert_eq!(got, vec![(4096, 4096)]);
+//! assert_eq!(got.data, vec![(4096, 4096)]);
 //! drop(dst_map);
 //! assert_eq!(&dst[4096..], &src[4096..]);
 //! assert!(dst[..4096].iter().all(|&b| b == 0));
 //! ```
 
+pub mod codec;
 pub mod frame;
 mod memory_map;
 pub mod tcp;

@@ -7,8 +7,16 @@
 //!   kind 1 = extents: `count` entries follow, then the bytes of every extent in order;
 //!            value = total payload bytes
 //!   kind 2 = marker: no body; value is opaque to the transport
+//!   kind 3 = encoded: `count` encoded entries follow, then their bodies in order;
+//!            value = total body bytes
 //! entry    addr: u64 | len: u32 | reserved: u32 (0)                     16 bytes
+//! encoded  addr: u64 | raw_len: u32 | enc_len: u32 | encoding: u8 | 0: [u8; 7]   24 bytes
 //! ```
+//!
+//! Encoded entries (see [`crate::codec`]): raw bodies are read straight into place; zero
+//! entries have no body and are reported, not written (the receiver's owner knows which pages
+//! may hold old data); compressed and delta bodies land in a scratch buffer and are decoded into
+//! place with their sizes checked exactly.
 //!
 //! The sender gathers the header, the entry table and the extents' bytes from registered
 //! memory into one `writev`; the receiver reads the table, checks every entry against its
@@ -18,6 +26,9 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
+use std::time::Instant;
+
+use crate::codec::{self, Body, Encoder, Encoding, MAX_ZERO_ENTRY, PAGE};
 use crate::frame::read_exact;
 use crate::{MemoryMap, TransportError};
 
@@ -30,8 +41,27 @@ const HEADER_LEN: usize = 16;
 const ENTRY_LEN: usize = 16;
 const KIND_EXTENTS: u16 = 1;
 const KIND_MARKER: u16 = 2;
+const KIND_ENCODED: u16 = 3;
+const ENCODED_ENTRY_LEN: usize = 24;
 /// `writev`/`readv` accept at most this many buffers (Linux `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
+
+/// Ranges a message landed: data written into memory, and zero ranges reported (not written).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Landed {
+    /// `(addr, len)` written with data.
+    pub data: Vec<(u64, u64)>,
+    /// `(addr, len)` announced as all-zero; the receiver did not touch them.
+    pub zero: Vec<(u64, u64)>,
+}
+
+impl Landed {
+    /// Forgets everything.
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.zero.clear();
+    }
+}
 
 /// What [`DataReceiver::recv`] got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +150,101 @@ impl DataSender {
         Ok(total)
     }
 
+    /// Encodes the pages of `extents` with `enc` and sends them as one message. Returns the
+    /// bytes put on the wire (framing included).
+    pub fn send_encoded(
+        &mut self,
+        map: &MemoryMap,
+        extents: &[(u64, u64)],
+        enc: &mut Encoder,
+        round: u64,
+    ) -> Result<u64, TransportError> {
+        let mut with_host = Vec::with_capacity(extents.len());
+        for &(addr, len) in extents {
+            if len % PAGE as u64 != 0 {
+                return Err(TransportError::OutOfBounds { addr, len });
+            }
+            with_host.push((addr, len, map.host_ptr(addr, len)?.cast_const()));
+        }
+        // SAFETY: every pointer was bounds-checked against `map`, which keeps the memory mapped
+        // for as long as this call (and the send below) runs.
+        unsafe { enc.encode(&with_host, round) };
+        self.send_entries(enc)
+    }
+
+    /// Sends `extents` as zero pages without reading them (the caller knows they are holes).
+    pub fn send_zero(
+        &mut self,
+        extents: &[(u64, u64)],
+        enc: &mut Encoder,
+    ) -> Result<u64, TransportError> {
+        enc.entries.clear();
+        enc.out.clear();
+        for &(addr, len) in extents {
+            let mut a = addr;
+            let end = addr + len;
+            while a < end {
+                let n = (end - a).min(MAX_ZERO_ENTRY);
+                enc.push_zero(a, n);
+                a += n;
+            }
+        }
+        self.send_entries(enc)
+    }
+
+    fn send_entries(&mut self, enc: &mut Encoder) -> Result<u64, TransportError> {
+        let mut wire = 0;
+        let entries = std::mem::take(&mut enc.entries);
+        for batch in entries.chunks(MAX_EXTENTS) {
+            let body: u64 = batch.iter().map(|e| e.enc_len).sum();
+            self.table.clear();
+            put_header(&mut self.table, KIND_ENCODED, batch.len() as u16, body);
+            let mut iov = Vec::with_capacity(batch.len() + 1);
+            iov.push(libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            });
+            for e in batch {
+                self.table.extend_from_slice(&e.addr.to_le_bytes());
+                self.table
+                    .extend_from_slice(&(e.raw_len as u32).to_le_bytes());
+                self.table
+                    .extend_from_slice(&(e.enc_len as u32).to_le_bytes());
+                self.table.push(e.encoding as u8);
+                self.table.extend_from_slice(&[0u8; 7]);
+                let base = match e.body {
+                    Body::Guest(p) => p.cast_mut(),
+                    Body::Out(off) => enc.out[off..].as_ptr().cast_mut(),
+                    Body::None => continue,
+                };
+                iov.push(libc::iovec {
+                    iov_base: base.cast(),
+                    iov_len: e.enc_len as usize,
+                });
+            }
+            iov[0] = libc::iovec {
+                iov_base: self.table.as_ptr() as *mut libc::c_void,
+                iov_len: self.table.len(),
+            };
+            let t = Instant::now();
+            // SAFETY: the iovecs point into `self.table`, the encoder's output buffer (not
+            // modified until the next encode) or registered guest memory checked in
+            // `send_encoded`; writev only reads them.
+            unsafe { transfer(self.stream.as_raw_fd(), &mut iov, Dir::Write) }.map_err(
+                |source| TransportError::Io {
+                    op: "writev of encoded pages",
+                    peer: self.peer.clone(),
+                    source,
+                },
+            )?;
+            let bytes = self.table.len() as u64 + body;
+            enc.record_link(bytes, t.elapsed().as_secs_f64());
+            wire += bytes;
+        }
+        enc.entries = entries;
+        Ok(wire)
+    }
+
     /// Sends a marker.
     pub fn send_marker(&mut self, value: u64) -> Result<(), TransportError> {
         let mut hdr = Vec::with_capacity(HEADER_LEN);
@@ -145,6 +270,8 @@ pub struct DataReceiver {
     stream: TcpStream,
     peer: String,
     table: Vec<u8>,
+    scratch: Vec<u8>,
+    decoded: Vec<u8>,
 }
 
 impl DataReceiver {
@@ -155,16 +282,18 @@ impl DataReceiver {
         Ok(DataReceiver {
             stream,
             peer,
-            table: vec![0u8; MAX_EXTENTS * ENTRY_LEN],
+            table: vec![0u8; MAX_EXTENTS * ENCODED_ENTRY_LEN],
+            scratch: Vec::new(),
+            decoded: Vec::new(),
         })
     }
 
-    /// Receives one message. Extents land in `map`; their `(addr, len)` are appended to
-    /// `written`. Nothing is written to memory unless every entry of the table is valid.
+    /// Receives one message. Extents land in `map` and are appended to `landed`. Nothing is
+    /// written to memory unless every entry of the table is valid.
     pub fn recv(
         &mut self,
         map: &MemoryMap,
-        written: &mut Vec<(u64, u64)>,
+        landed: &mut Landed,
     ) -> Result<Received, TransportError> {
         let mut hdr = [0u8; HEADER_LEN];
         read_exact(
@@ -190,6 +319,7 @@ impl DataReceiver {
             KIND_MARKER if count == 0 => return Ok(Received::Marker(value)),
             KIND_MARKER => return Err(bad(format!("marker with {count} entries"))),
             KIND_EXTENTS => {}
+            KIND_ENCODED => return self.recv_encoded(map, landed, count, value),
             other => return Err(bad(format!("unknown data message kind {other}"))),
         }
         if count == 0 || count > MAX_EXTENTS {
@@ -211,6 +341,7 @@ impl DataReceiver {
         )?;
         let mut iov = Vec::with_capacity(count);
         let mut sum = 0u64;
+        let written = &mut landed.data;
         let first = written.len();
         for e in table.chunks_exact(ENTRY_LEN) {
             let addr = u64::from_le_bytes(e[0..8].try_into().unwrap_or_default());
@@ -260,6 +391,145 @@ impl DataReceiver {
                 }
             }
         })?;
+        Ok(Received::Extents { bytes: value })
+    }
+
+    fn recv_encoded(
+        &mut self,
+        map: &MemoryMap,
+        landed: &mut Landed,
+        count: usize,
+        value: u64,
+    ) -> Result<Received, TransportError> {
+        let bad = |reason: String| TransportError::Malformed {
+            peer: self.peer.clone(),
+            reason,
+        };
+        if count == 0 || count > MAX_EXTENTS {
+            return Err(bad(format!(
+                "{count} entries in one message (1..={MAX_EXTENTS})"
+            )));
+        }
+        if value > MAX_MESSAGE_BYTES {
+            return Err(bad(format!(
+                "{value} body bytes exceed the {MAX_MESSAGE_BYTES} cap"
+            )));
+        }
+        let table = &mut self.table[..count * ENCODED_ENTRY_LEN];
+        read_exact(
+            &mut self.stream,
+            table,
+            &self.peer,
+            "reading an encoded entry table",
+        )?;
+        // Validate every entry before touching memory.
+        let mut entries = Vec::with_capacity(count);
+        let mut body_sum = 0u64;
+        let mut scratch_len = 0usize;
+        for e in table.chunks_exact(ENCODED_ENTRY_LEN) {
+            let addr = u64::from_le_bytes(e[0..8].try_into().unwrap_or_default());
+            let raw_len = u64::from(u32::from_le_bytes(e[8..12].try_into().unwrap_or_default()));
+            let enc_len = u64::from(u32::from_le_bytes(e[12..16].try_into().unwrap_or_default()));
+            let pad = &e[17..24];
+            let Some(encoding) = Encoding::from_u8(e[16]) else {
+                return Err(bad(format!("unknown page encoding {}", e[16])));
+            };
+            let ok = pad.iter().all(|&b| b == 0)
+                && raw_len > 0
+                && match encoding {
+                    Encoding::Raw => enc_len == raw_len && raw_len <= MAX_MESSAGE_BYTES,
+                    Encoding::Zero => enc_len == 0 && raw_len <= MAX_ZERO_ENTRY,
+                    Encoding::Lz4 | Encoding::Zstd => {
+                        enc_len > 0 && enc_len <= raw_len && raw_len <= MAX_MESSAGE_BYTES
+                    }
+                    Encoding::Delta => raw_len == PAGE as u64 && enc_len <= 2 * PAGE as u64,
+                };
+            if !ok {
+                return Err(bad(format!(
+                    "bad {encoding:?} entry {addr:#x}: {raw_len} bytes encoded in {enc_len}"
+                )));
+            }
+            let host = map.host_ptr(addr, raw_len)?;
+            body_sum += enc_len;
+            if !matches!(encoding, Encoding::Raw | Encoding::Zero) {
+                scratch_len += enc_len as usize;
+            }
+            entries.push((addr, raw_len, enc_len, encoding, host));
+        }
+        if body_sum != value {
+            return Err(bad(format!(
+                "entry bodies add up to {body_sum}, header says {value}"
+            )));
+        }
+        // One readv: raw bodies straight into guest memory, encoded ones into scratch.
+        self.scratch.resize(scratch_len, 0);
+        let mut iov = Vec::with_capacity(count);
+        let mut off = 0usize;
+        for &(_, _, enc_len, encoding, host) in &entries {
+            match encoding {
+                Encoding::Zero => {}
+                Encoding::Raw => iov.push(libc::iovec {
+                    iov_base: host.cast(),
+                    iov_len: enc_len as usize,
+                }),
+                _ => {
+                    iov.push(libc::iovec {
+                        iov_base: self.scratch[off..].as_mut_ptr().cast(),
+                        iov_len: enc_len as usize,
+                    });
+                    off += enc_len as usize;
+                }
+            }
+        }
+        // SAFETY: raw iovecs point into registered memory (bounds checked above); the others
+        // into `self.scratch`, sized to hold every encoded body.
+        unsafe { transfer(self.stream.as_raw_fd(), &mut iov, Dir::Read) }.map_err(|source| {
+            if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                TransportError::Closed {
+                    peer: self.peer.clone(),
+                    during: "reading encoded pages",
+                }
+            } else {
+                TransportError::Io {
+                    op: "readv of encoded pages",
+                    peer: self.peer.clone(),
+                    source,
+                }
+            }
+        })?;
+        let mut off = 0usize;
+        for (addr, raw_len, enc_len, encoding, host) in entries {
+            match encoding {
+                Encoding::Zero => landed.zero.push((addr, raw_len)),
+                Encoding::Raw => landed.data.push((addr, raw_len)),
+                _ => {
+                    let body = &self.scratch[off..off + enc_len as usize];
+                    off += enc_len as usize;
+                    // Decode into a page-sized staging buffer first: a corrupt body is an
+                    // error that leaves the destination range untouched.
+                    self.decoded.resize(raw_len as usize, 0);
+                    if encoding == Encoding::Delta {
+                        // SAFETY: `host..host + raw_len` is registered memory (checked above)
+                        // that only this receiver writes meanwhile.
+                        let old = unsafe { std::slice::from_raw_parts(host, raw_len as usize) };
+                        self.decoded.copy_from_slice(old);
+                    }
+                    let r = match encoding {
+                        Encoding::Delta => codec::delta_apply(body, &mut self.decoded),
+                        c => codec::decompress_into(c, body, &mut self.decoded),
+                    };
+                    r.map_err(|e| TransportError::Malformed {
+                        peer: self.peer.clone(),
+                        reason: format!("entry {addr:#x}: {e}"),
+                    })?;
+                    // SAFETY: as above; the source buffer is ours and does not overlap it.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(self.decoded.as_ptr(), host, raw_len as usize)
+                    };
+                    landed.data.push((addr, raw_len));
+                }
+            }
+        }
         Ok(Received::Extents { bytes: value })
     }
 
@@ -316,7 +586,14 @@ enum Dir {
 /// for `Read`) for the whole call.
 unsafe fn transfer(fd: i32, iov: &mut [libc::iovec], dir: Dir) -> std::io::Result<()> {
     let mut start = 0;
-    while start < iov.len() {
+    loop {
+        // Empty buffers move nothing; a call with only empty buffers would read as EOF.
+        while start < iov.len() && iov[start].iov_len == 0 {
+            start += 1;
+        }
+        if start == iov.len() {
+            break;
+        }
         let end = (start + IOV_MAX).min(iov.len());
         let batch = &iov[start..end];
         let n = match dir {
@@ -346,9 +623,6 @@ unsafe fn transfer(fd: i32, iov: &mut [libc::iovec], dir: Dir) -> std::io::Resul
                 v.iov_len -= n;
                 n = 0;
             }
-        }
-        while start < iov.len() && iov[start].iov_len == 0 {
-            start += 1;
         }
     }
     Ok(())
@@ -395,14 +669,14 @@ mod tests {
             tx.send_marker(42).unwrap();
         });
         let mut rx = DataReceiver::new(b).unwrap();
-        let mut w = Vec::new();
+        let mut w = Landed::default();
         assert_eq!(
             rx.recv(&dm, &mut w).unwrap(),
             Received::Extents { bytes: 100 * 4096 }
         );
         assert_eq!(rx.recv(&dm, &mut w).unwrap(), Received::Marker(42));
         t.join().unwrap();
-        assert_eq!(w, extents);
+        assert_eq!(w.data, extents);
         drop(dm);
         for (i, chunk) in dst.chunks(4096).enumerate() {
             if i % 2 == 0 && i < 200 {
@@ -420,7 +694,7 @@ mod tests {
         a.write_all(bytes).unwrap();
         drop(a);
         let mut rx = DataReceiver::new(b).unwrap();
-        let r = rx.recv(&dm, &mut Vec::new());
+        let r = rx.recv(&dm, &mut Landed::default());
         drop(dm);
         assert!(
             dst.iter().all(|&b| b == 0),
@@ -490,6 +764,123 @@ mod tests {
     }
 
     #[test]
+    fn encoded_chunks_land_in_place_in_every_mode() {
+        use crate::codec::{DeltaCache, Mode};
+        let pages = 64usize;
+        let mut src = vec![0u8; pages * PAGE];
+        for (i, p) in src.chunks_mut(PAGE).enumerate() {
+            match i % 4 {
+                0 => {}
+                1 => p
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = (j * 31 + i) as u8),
+                _ => p.copy_from_slice(&b"text-like words repeat often "[..].repeat(200)[..PAGE]),
+            }
+        }
+        let mut dst = vec![0u8; pages * PAGE];
+        let (sm, dm) = (map(&mut src), map(&mut dst));
+        for mode in [
+            Mode::None,
+            Mode::Lz4,
+            Mode::Zstd(3),
+            Mode::Delta,
+            Mode::Auto,
+        ] {
+            let (a, b) = pair();
+            let s2 = sm.clone();
+            let t = std::thread::spawn(move || {
+                let mut tx = DataSender::new(a).unwrap();
+                let mut enc = Encoder::new(mode, Some(DeltaCache::new(1 << 20)));
+                for round in 0..3 {
+                    tx.send_encoded(&s2, &[(0, (pages * PAGE) as u64)], &mut enc, round)
+                        .unwrap();
+                }
+                tx.send_zero(&[(0, PAGE as u64)], &mut enc).unwrap();
+                tx.send_marker(9).unwrap();
+                enc.take_stats()
+            });
+            let mut rx = DataReceiver::new(b).unwrap();
+            let mut landed = Landed::default();
+            loop {
+                match rx.recv(&dm, &mut landed) {
+                    Ok(Received::Marker(9)) => break,
+                    Ok(_) => {}
+                    Err(e) => panic!("{mode:?}: {e} (sender: {:?})", t.join()),
+                }
+            }
+            let stats = t.join().unwrap();
+            assert!(landed.zero.contains(&(0, PAGE as u64)), "{mode:?}");
+            assert_eq!(stats.pages_zero, 3 * 16 + 1, "{mode:?}: {stats:?}");
+            if matches!(mode, Mode::Lz4 | Mode::Zstd(_)) {
+                assert!(stats.bytes_out < stats.bytes_in, "{mode:?}: {stats:?}");
+            }
+            if mode == Mode::Delta {
+                assert!(stats.pages_delta > 0, "{stats:?}");
+            }
+        }
+        drop((sm, dm));
+        // zero pages are reported, never written: the destination was zero already
+        assert_eq!(src, dst);
+    }
+
+    #[test]
+    fn corrupt_or_oversized_encoded_entries_are_rejected() {
+        let enc_msg = |raw: u32, body: &[u8], encoding: u8| {
+            let mut v = Vec::new();
+            put_header(&mut v, KIND_ENCODED, 1, body.len() as u64);
+            v.extend_from_slice(&0u64.to_le_bytes());
+            v.extend_from_slice(&raw.to_le_bytes());
+            v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            v.push(encoding);
+            v.extend_from_slice(&[0u8; 7]);
+            v.extend_from_slice(body);
+            v
+        };
+        let lz = lz4_flex::block::compress(&[5u8; 8192]);
+        // decodes to more than announced
+        assert!(matches!(
+            raw(&enc_msg(4096, &lz, 3)),
+            Err(TransportError::Malformed { .. })
+        ));
+        // garbage
+        assert!(matches!(
+            raw(&enc_msg(4096, &[0xf0; 64], 3)),
+            Err(TransportError::Malformed { .. })
+        ));
+        assert!(matches!(
+            raw(&enc_msg(4096, &[0xf0; 64], 4)),
+            Err(TransportError::Malformed { .. })
+        ));
+        assert!(matches!(
+            raw(&enc_msg(4096, &[0xff, 0xff, 0x03, 1], 5)),
+            Err(TransportError::Malformed { .. })
+        ));
+        // compressed larger than raw, unknown encoding, zero with a body, oversized delta page
+        assert!(matches!(
+            raw(&enc_msg(16, &[0; 32], 3)),
+            Err(TransportError::Malformed { .. })
+        ));
+        assert!(matches!(
+            raw(&enc_msg(4096, &[0; 8], 9)),
+            Err(TransportError::Malformed { .. })
+        ));
+        assert!(matches!(
+            raw(&enc_msg(4096, &[0; 8], 2)),
+            Err(TransportError::Malformed { .. })
+        ));
+        assert!(matches!(
+            raw(&enc_msg(8192, &[0; 8], 5)),
+            Err(TransportError::Malformed { .. })
+        ));
+        // out of bounds
+        assert!(matches!(
+            raw(&enc_msg(1 << 20, &[], 2)),
+            Err(TransportError::OutOfBounds { .. })
+        ));
+    }
+
+    #[test]
     fn truncated_data_is_an_error() {
         let mut dst = vec![0u8; 65536];
         let dm = map(&mut dst);
@@ -500,7 +891,7 @@ mod tests {
         drop(a);
         let mut rx = DataReceiver::new(b).unwrap();
         assert!(matches!(
-            rx.recv(&dm, &mut Vec::new()),
+            rx.recv(&dm, &mut Landed::default()),
             Err(TransportError::Closed { .. })
         ));
     }

@@ -1,0 +1,817 @@
+//! Page encodings for data channels: zero-page markers, LZ4, zstd, delta against the last
+//! version sent, and `auto`, which picks per chunk.
+//!
+//! The [`Encoder`] runs in a channel worker (never on the scheduler thread). It reads guest
+//! pages in place to find zero pages; pages it compresses are first copied into a staging
+//! buffer (the guest may write them meanwhile, and a compressor must see stable bytes); raw
+//! pages go to the socket straight from guest memory. Every encoded body carries its raw length
+//! and the decoders check it exactly: a corrupt or oversized body is an error, never a panic
+//! and never a write past its page range.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Page size the codecs work in.
+pub const PAGE: usize = 4096;
+
+/// How a channel encodes pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Pages raw (zero pages are markers, as in every mode).
+    None,
+    /// Zero-page markers only; the same wire bytes as `None`, named for clarity.
+    Zero,
+    /// LZ4 block compression per run of pages.
+    Lz4,
+    /// zstd at the given level per run of pages.
+    Zstd(i32),
+    /// Pages re-sent in later rounds travel as the bytes that changed since the version last
+    /// sent (bounded cache); others raw.
+    Delta,
+    /// Per chunk: zero markers, delta for cached pages, LZ4 when measured speeds and ratio say
+    /// it pays, raw otherwise.
+    Auto,
+}
+
+impl Mode {
+    /// Name as used on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::None => "none",
+            Mode::Zero => "zero",
+            Mode::Lz4 => "lz4",
+            Mode::Zstd(_) => "zstd",
+            Mode::Delta => "delta",
+            Mode::Auto => "auto",
+        }
+    }
+}
+
+/// Encoding of one entry on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Encoding {
+    /// Raw bytes, received straight into place.
+    Raw = 1,
+    /// All-zero pages; no body.
+    Zero = 2,
+    /// LZ4 block.
+    Lz4 = 3,
+    /// zstd frame.
+    Zstd = 4,
+    /// Delta: `(unchanged: varint, changed: varint, changed bytes)*` over one page.
+    Delta = 5,
+}
+
+impl Encoding {
+    /// Parses a wire byte.
+    pub fn from_u8(v: u8) -> Option<Encoding> {
+        Some(match v {
+            1 => Encoding::Raw,
+            2 => Encoding::Zero,
+            3 => Encoding::Lz4,
+            4 => Encoding::Zstd,
+            5 => Encoding::Delta,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a body could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The compressed body is corrupt.
+    #[error("corrupt {codec} body: {reason}")]
+    Corrupt {
+        /// Codec name.
+        codec: &'static str,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// The body decodes to another size than announced.
+    #[error("{codec} body decodes to {got} bytes, entry says {want}")]
+    WrongSize {
+        /// Codec name.
+        codec: &'static str,
+        /// Bytes produced.
+        got: usize,
+        /// Bytes announced.
+        want: usize,
+    },
+}
+
+/// Per-codec counters of one channel (added up by the engine).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CodecStats {
+    /// Pages sent raw.
+    pub pages_raw: u64,
+    /// Pages sent as zero markers.
+    pub pages_zero: u64,
+    /// Pages sent LZ4-compressed.
+    pub pages_lz4: u64,
+    /// Pages sent zstd-compressed.
+    pub pages_zstd: u64,
+    /// Pages sent as deltas.
+    pub pages_delta: u64,
+    /// Bytes of non-zero pages before encoding.
+    pub bytes_in: u64,
+    /// Payload bytes after encoding (framing excluded).
+    pub bytes_out: u64,
+    /// Page bytes copied into staging buffers (to compress them).
+    pub bytes_staged: u64,
+}
+
+impl CodecStats {
+    /// Adds `o` into `self`.
+    pub fn add(&mut self, o: &CodecStats) {
+        self.pages_raw += o.pages_raw;
+        self.pages_zero += o.pages_zero;
+        self.pages_lz4 += o.pages_lz4;
+        self.pages_zstd += o.pages_zstd;
+        self.pages_delta += o.pages_delta;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.bytes_staged += o.bytes_staged;
+    }
+}
+
+/// Last-sent versions of re-sent pages, shared by every channel of a migration, bounded.
+#[derive(Debug)]
+pub struct DeltaCache {
+    shards: Vec<Mutex<Shard>>,
+    per_shard: usize,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    pages: HashMap<u64, Box<[u8]>>,
+    order: VecDeque<u64>,
+}
+
+const SHARDS: usize = 64;
+
+impl DeltaCache {
+    /// A cache of at most `bytes` of pages.
+    pub fn new(bytes: u64) -> Arc<DeltaCache> {
+        let pages = (bytes / PAGE as u64).max(SHARDS as u64) as usize;
+        Arc::new(DeltaCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            per_shard: pages / SHARDS,
+        })
+    }
+
+    fn shard(&self, addr: u64) -> std::sync::MutexGuard<'_, Shard> {
+        let i = ((addr / PAGE as u64) as usize).wrapping_mul(0x9e37_79b9) % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn contains(&self, addr: u64) -> bool {
+        self.shard(addr).pages.contains_key(&addr)
+    }
+
+    /// Encodes `new` against the cached version of `addr` into `out` (cleared first) and
+    /// caches `new`. Returns false (leaving the cache updated) when the page was not cached or
+    /// the delta would not be smaller than `limit`.
+    fn delta_and_update(&self, addr: u64, new: &[u8], out: &mut Vec<u8>, limit: usize) -> bool {
+        let mut s = self.shard(addr);
+        let hit = match s.pages.get_mut(&addr) {
+            Some(old) => {
+                let ok = delta_encode(old, new, out, limit);
+                old.copy_from_slice(new);
+                ok
+            }
+            None => {
+                if s.pages.len() >= self.per_shard {
+                    if let Some(victim) = s.order.pop_front() {
+                        s.pages.remove(&victim);
+                    }
+                }
+                s.pages.insert(addr, new.into());
+                s.order.push_back(addr);
+                false
+            }
+        };
+        hit
+    }
+
+    fn insert(&self, addr: u64, page: &[u8]) {
+        let _ = self.delta_and_update(addr, page, &mut Vec::new(), 0);
+    }
+}
+
+/// One entry the encoder produced: where its body comes from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Body {
+    /// Straight from guest memory.
+    Guest(*const u8),
+    /// From the encoder's output buffer at this offset.
+    Out(usize),
+    /// No body (zero pages).
+    None,
+}
+
+/// An encoded entry.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Entry {
+    pub addr: u64,
+    pub raw_len: u64,
+    pub enc_len: u64,
+    pub encoding: Encoding,
+    pub body: Body,
+}
+
+/// Adaptive state of `auto`.
+#[derive(Debug, Clone, Copy)]
+struct Auto {
+    /// LZ4 input bytes per second (EWMA).
+    comp_speed: f64,
+    /// LZ4 output/input (EWMA).
+    ratio: f64,
+    /// Socket bytes per second (EWMA).
+    link_speed: f64,
+    chunks: u64,
+}
+
+/// A channel's encoder.
+pub struct Encoder {
+    mode: Mode,
+    cache: Option<Arc<DeltaCache>>,
+    stage: Vec<u8>,
+    pub(crate) out: Vec<u8>,
+    tmp: Vec<u8>,
+    pub(crate) entries: Vec<Entry>,
+    auto: Auto,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Counters since the last [`Encoder::take_stats`].
+    pub stats: CodecStats,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("mode", &self.mode)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+// SAFETY: `Entry::Body::Guest` pointers are only kept between `encode` and the send of the
+// same chunk on the same thread; the encoder holds no other thread-bound state.
+unsafe impl Send for Encoder {}
+
+impl Encoder {
+    /// An encoder for `mode`; `cache` is needed by `Delta` and used by `Auto` when given.
+    pub fn new(mode: Mode, cache: Option<Arc<DeltaCache>>) -> Encoder {
+        let zstd = match mode {
+            Mode::Zstd(level) => zstd::bulk::Compressor::new(level).ok(),
+            _ => None,
+        };
+        Encoder {
+            mode,
+            cache,
+            stage: Vec::new(),
+            out: Vec::new(),
+            tmp: Vec::new(),
+            entries: Vec::new(),
+            auto: Auto {
+                comp_speed: 0.0,
+                ratio: 0.5,
+                link_speed: 0.0,
+                chunks: 0,
+            },
+            zstd,
+            stats: CodecStats::default(),
+        }
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Returns and resets the counters.
+    pub fn take_stats(&mut self) -> CodecStats {
+        std::mem::take(&mut self.stats)
+    }
+
+    /// Records that `bytes` took `secs` to go into the socket (feeds `auto`).
+    pub fn record_link(&mut self, bytes: u64, secs: f64) {
+        if bytes >= 64 * 1024 && secs > 0.0 {
+            let s = bytes as f64 / secs;
+            self.auto.link_speed = ewma(self.auto.link_speed, s);
+        }
+    }
+
+    /// Whether `auto` currently compresses non-zero pages.
+    pub fn auto_compresses(&self) -> bool {
+        let a = &self.auto;
+        if a.comp_speed == 0.0 || a.link_speed == 0.0 {
+            return true; // measure first
+        }
+        // Serial model (the worker compresses, then writes): time per raw byte.
+        let raw = 1.0 / a.link_speed;
+        let packed = 1.0 / a.comp_speed + a.ratio / a.link_speed;
+        a.ratio < 0.9 && packed < raw
+    }
+
+    /// Encodes the pages of `extents` (`(addr, len)`, page multiples; `host` gives each
+    /// extent's host address) into entries. `round` > 0 means pages may have been sent before.
+    ///
+    /// # Safety
+    ///
+    /// Every `host` pointer must be valid for reads of its extent's length until the entries
+    /// are sent.
+    pub(crate) unsafe fn encode(&mut self, extents: &[(u64, u64, *const u8)], round: u64) {
+        self.entries.clear();
+        self.out.clear();
+        self.auto.chunks += 1;
+        // `auto` probes LZ4 every 32 chunks even while it sends raw, to notice content change.
+        let compress = match self.mode {
+            Mode::Lz4 | Mode::Zstd(_) => true,
+            Mode::Auto => self.auto_compresses() || self.auto.chunks % 32 == 0,
+            _ => false,
+        };
+        for &(addr, len, host) in extents {
+            let pages = (len as usize) / PAGE;
+            let mut i = 0;
+            while i < pages {
+                // A run of zero or non-zero pages.
+                // SAFETY: page `i` lies inside the extent (caller's guarantee).
+                let zero = unsafe { is_zero_page(host.add(i * PAGE)) };
+                let mut j = i + 1;
+                // SAFETY: as above, for page `j`.
+                while j < pages && unsafe { is_zero_page(host.add(j * PAGE)) } == zero {
+                    j += 1;
+                }
+                let run_addr = addr + (i * PAGE) as u64;
+                // SAFETY: the run lies inside the extent.
+                let run_host = unsafe { host.add(i * PAGE) };
+                let run_len = (j - i) * PAGE;
+                if zero {
+                    self.push_zero(run_addr, run_len as u64);
+                } else {
+                    // SAFETY: the run is readable (caller's guarantee).
+                    unsafe { self.encode_run(run_addr, run_host, run_len, round, compress) };
+                }
+                i = j;
+            }
+        }
+    }
+
+    /// Adds zero entries for `[addr, addr + len)` without reading it (known holes).
+    pub(crate) fn push_zero(&mut self, addr: u64, len: u64) {
+        self.stats.pages_zero += len / PAGE as u64;
+        match self.entries.last_mut() {
+            Some(e)
+                if e.encoding == Encoding::Zero
+                    && e.addr + e.raw_len == addr
+                    && e.raw_len + len <= MAX_ZERO_ENTRY =>
+            {
+                e.raw_len += len;
+            }
+            _ => self.entries.push(Entry {
+                addr,
+                raw_len: len,
+                enc_len: 0,
+                encoding: Encoding::Zero,
+                body: Body::None,
+            }),
+        }
+    }
+
+    /// # Safety
+    /// `host..host + len` must be readable.
+    unsafe fn encode_run(
+        &mut self,
+        addr: u64,
+        host: *const u8,
+        len: usize,
+        round: u64,
+        compress: bool,
+    ) {
+        let pages = (len / PAGE) as u64;
+        self.stats.bytes_in += len as u64;
+        let use_delta =
+            round > 0 && matches!(self.mode, Mode::Delta | Mode::Auto) && self.cache.is_some();
+        if use_delta {
+            // Page by page: cached pages as deltas, the rest raw (and cached for next time).
+            let cache = self.cache.clone();
+            let Some(cache) = cache else { return };
+            let mut k = 0usize;
+            while k < len / PAGE {
+                let paddr = addr + (k * PAGE) as u64;
+                // SAFETY: page `k` of the run is readable.
+                let phost = unsafe { host.add(k * PAGE) };
+                if cache.contains(paddr) || self.mode == Mode::Delta {
+                    self.stage.clear();
+                    // SAFETY: page readable; the copy snapshots it so the delta and the cache
+                    // agree even if the guest writes it meanwhile.
+                    self.stage
+                        .extend_from_slice(unsafe { std::slice::from_raw_parts(phost, PAGE) });
+                    self.stats.bytes_staged += PAGE as u64;
+                    let mut d = std::mem::take(&mut self.tmp);
+                    if cache.delta_and_update(paddr, &self.stage, &mut d, PAGE / 2) {
+                        let off = self.out.len();
+                        self.out.extend_from_slice(&d);
+                        self.entries.push(Entry {
+                            addr: paddr,
+                            raw_len: PAGE as u64,
+                            enc_len: d.len() as u64,
+                            encoding: Encoding::Delta,
+                            body: Body::Out(off),
+                        });
+                        self.stats.pages_delta += 1;
+                        self.stats.bytes_out += d.len() as u64;
+                    } else {
+                        // First sight (now cached) or too different: send the snapshot.
+                        let off = self.out.len();
+                        self.out.extend_from_slice(&self.stage);
+                        self.push_raw_out(paddr, off, PAGE);
+                    }
+                    self.tmp = d;
+                } else {
+                    self.push_raw_guest(paddr, phost, PAGE);
+                }
+                k += 1;
+            }
+            return;
+        }
+        if compress {
+            self.stage.clear();
+            // SAFETY: the run is readable; the snapshot gives the compressor stable bytes.
+            self.stage
+                .extend_from_slice(unsafe { std::slice::from_raw_parts(host, len) });
+            self.stats.bytes_staged += len as u64;
+            let t = Instant::now();
+            let off = self.out.len();
+            let (enc, n) = match (self.mode, self.zstd.as_mut()) {
+                (Mode::Zstd(_), Some(z)) => {
+                    self.out
+                        .resize(off + zstd::zstd_safe::compress_bound(len), 0);
+                    match z.compress_to_buffer(&self.stage, &mut self.out[off..]) {
+                        Ok(n) => (Encoding::Zstd, n),
+                        Err(_) => (Encoding::Raw, usize::MAX),
+                    }
+                }
+                _ => {
+                    self.out
+                        .resize(off + lz4_flex::block::get_maximum_output_size(len), 0);
+                    match lz4_flex::block::compress_into(&self.stage, &mut self.out[off..]) {
+                        Ok(n) => (Encoding::Lz4, n),
+                        Err(_) => (Encoding::Raw, usize::MAX),
+                    }
+                }
+            };
+            let secs = t.elapsed().as_secs_f64();
+            if enc == Encoding::Lz4 && n != usize::MAX {
+                self.auto.comp_speed = ewma(self.auto.comp_speed, len as f64 / secs.max(1e-9));
+                self.auto.ratio = ewma(self.auto.ratio, n as f64 / len as f64);
+            }
+            if n < len - len / 16 {
+                self.out.truncate(off + n);
+                self.entries.push(Entry {
+                    addr,
+                    raw_len: len as u64,
+                    enc_len: n as u64,
+                    encoding: enc,
+                    body: Body::Out(off),
+                });
+                if enc == Encoding::Zstd {
+                    self.stats.pages_zstd += pages;
+                } else {
+                    self.stats.pages_lz4 += pages;
+                }
+                self.stats.bytes_out += n as u64;
+                return;
+            }
+            // Not worth it: send the staged copy (already stable) raw.
+            self.out.truncate(off);
+            self.out.extend_from_slice(&self.stage);
+            self.push_raw_out(addr, off, len);
+            return;
+        }
+        if self.mode == Mode::Auto && round > 0 {
+            if let Some(cache) = &self.cache {
+                // Remember pages re-sent in later rounds: the next re-send can be a delta.
+                for k in 0..len / PAGE {
+                    // SAFETY: page `k` of the run is readable.
+                    let page = unsafe { std::slice::from_raw_parts(host.add(k * PAGE), PAGE) };
+                    cache.insert(addr + (k * PAGE) as u64, page);
+                }
+            }
+        }
+        self.push_raw_guest(addr, host, len);
+    }
+
+    fn push_raw_guest(&mut self, addr: u64, host: *const u8, len: usize) {
+        self.stats.pages_raw += (len / PAGE) as u64;
+        self.stats.bytes_out += len as u64;
+        if let Some(e) = self.entries.last_mut() {
+            if let Body::Guest(p) = e.body {
+                if e.encoding == Encoding::Raw
+                    && e.addr + e.raw_len == addr
+                    && p.wrapping_add(e.raw_len as usize) == host
+                {
+                    e.raw_len += len as u64;
+                    e.enc_len += len as u64;
+                    return;
+                }
+            }
+        }
+        self.entries.push(Entry {
+            addr,
+            raw_len: len as u64,
+            enc_len: len as u64,
+            encoding: Encoding::Raw,
+            body: Body::Guest(host),
+        });
+    }
+
+    fn push_raw_out(&mut self, addr: u64, off: usize, len: usize) {
+        self.stats.pages_raw += (len / PAGE) as u64;
+        self.stats.bytes_out += len as u64;
+        self.entries.push(Entry {
+            addr,
+            raw_len: len as u64,
+            enc_len: len as u64,
+            encoding: Encoding::Raw,
+            body: Body::Out(off),
+        });
+    }
+}
+
+/// Largest zero entry (bytes of guest memory it stands for).
+pub const MAX_ZERO_ENTRY: u64 = 1 << 30;
+
+fn ewma(old: f64, new: f64) -> f64 {
+    if old == 0.0 {
+        new
+    } else {
+        old * 0.8 + new * 0.2
+    }
+}
+
+/// Whether the page at `p` is all zero, reading it word by word.
+///
+/// # Safety
+///
+/// `p..p + PAGE` must be readable. The guest may write it concurrently: the answer is then
+/// either state, and the dirty log catches the write.
+pub unsafe fn is_zero_page(p: *const u8) -> bool {
+    let w = p.cast::<u64>();
+    let mut i = 0;
+    while i < PAGE / 8 {
+        let mut acc = 0u64;
+        for k in 0..8 {
+            // SAFETY: `i + k < PAGE / 8`, inside the page; volatile because the guest may write
+            // it concurrently. Pages are page-aligned, so the u64 reads are aligned.
+            acc |= unsafe { w.add(i + k).read_volatile() };
+        }
+        if acc != 0 {
+            return false;
+        }
+        i += 8;
+    }
+    true
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: usize) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(buf: &[u8], pos: &mut usize) -> Option<usize> {
+    let mut v = 0usize;
+    for shift in [0, 7, 14] {
+        let b = *buf.get(*pos)?;
+        *pos += 1;
+        v |= usize::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Encodes the changes from `old` to `new` (same length) as `(unchanged, changed, bytes)*`.
+/// Returns false if the encoding would exceed `limit` bytes.
+pub fn delta_encode(old: &[u8], new: &[u8], out: &mut Vec<u8>, limit: usize) -> bool {
+    out.clear();
+    let n = new.len().min(old.len());
+    let mut i = 0;
+    while i < n {
+        let start = i;
+        while i < n && old[i] == new[i] {
+            i += 1;
+        }
+        if i == n {
+            break;
+        }
+        let skip = i - start;
+        let lit_start = i;
+        // A changed run ends at the first 4 equal bytes (shorter gaps are cheaper inline).
+        while i < n && !(i + 4 <= n && old[i..i + 4] == new[i..i + 4]) {
+            i += 1;
+        }
+        put_varint(out, skip);
+        put_varint(out, i - lit_start);
+        out.extend_from_slice(&new[lit_start..i]);
+        if out.len() > limit {
+            return false;
+        }
+    }
+    true
+}
+
+/// Applies a delta in place: `page` holds the old version and gets the new one.
+pub fn delta_apply(delta: &[u8], page: &mut [u8]) -> Result<(), DecodeError> {
+    let bad = |reason: &str| DecodeError::Corrupt {
+        codec: "delta",
+        reason: reason.to_string(),
+    };
+    let mut pos = 0;
+    let mut at = 0usize;
+    while pos < delta.len() {
+        let skip = get_varint(delta, &mut pos).ok_or_else(|| bad("bad varint"))?;
+        let len = get_varint(delta, &mut pos).ok_or_else(|| bad("bad varint"))?;
+        at = at.checked_add(skip).ok_or_else(|| bad("overflow"))?;
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e <= page.len())
+            .ok_or_else(|| bad("run past the page"))?;
+        let src = delta
+            .get(pos..pos + len)
+            .ok_or_else(|| bad("literal past the body"))?;
+        page[at..end].copy_from_slice(src);
+        pos += len;
+        at = end;
+    }
+    Ok(())
+}
+
+/// Decodes an LZ4 or zstd body into `out`, which must come out exactly full.
+pub fn decompress_into(encoding: Encoding, body: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    let want = out.len();
+    let (codec, got) = match encoding {
+        Encoding::Lz4 => (
+            "lz4",
+            lz4_flex::block::decompress_into(body, out).map_err(|e| DecodeError::Corrupt {
+                codec: "lz4",
+                reason: e.to_string(),
+            })?,
+        ),
+        Encoding::Zstd => (
+            "zstd",
+            zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(body, out))
+                .map_err(|e| DecodeError::Corrupt {
+                    codec: "zstd",
+                    reason: e.to_string(),
+                })?,
+        ),
+        _ => {
+            return Err(DecodeError::Corrupt {
+                codec: "none",
+                reason: "not a compressed encoding".into(),
+            })
+        }
+    };
+    if got != want {
+        return Err(DecodeError::WrongSize { codec, got, want });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn zero_pages_are_found() {
+        let mut p = vec![0u8; PAGE * 2];
+        // SAFETY: `p` holds two pages.
+        unsafe {
+            assert!(is_zero_page(p.as_ptr()));
+            p[PAGE + 4095] = 1;
+            assert!(!is_zero_page(p.as_ptr().add(PAGE)));
+        }
+    }
+
+    #[test]
+    fn corrupt_bodies_are_errors() {
+        let mut out = vec![0u8; PAGE];
+        assert!(decompress_into(Encoding::Lz4, &[0xff; 20], &mut out).is_err());
+        assert!(
+            decompress_into(Encoding::Zstd, &[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3], &mut out).is_err()
+        );
+        let small = lz4_flex::block::compress(&[7u8; 100]);
+        assert_eq!(
+            decompress_into(Encoding::Lz4, &small, &mut out),
+            Err(DecodeError::WrongSize {
+                codec: "lz4",
+                got: 100,
+                want: PAGE
+            })
+        );
+        // a body that would expand past the page is refused, not written past it
+        let big = lz4_flex::block::compress(&vec![7u8; 2 * PAGE]);
+        assert!(decompress_into(Encoding::Lz4, &big, &mut out).is_err());
+        assert!(delta_apply(&[0x80, 0x80, 0x80, 0x80], &mut out).is_err());
+        assert!(delta_apply(&[0, 10, 1, 2], &mut out).is_err());
+        assert!(delta_apply(&[0x80, 0x20, 1, 0], &mut out).is_err());
+        assert!(delta_apply(&[0xff, 0x1f, 1, 0], &mut out).is_ok());
+    }
+
+    fn page_from(seed: u64, text: bool) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..PAGE)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if text {
+                    b"the quick brown fox "[(i + (x % 3) as usize) % 20]
+                } else {
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    fn round_trip(
+        mode: Mode,
+        pages: &[Vec<u8>],
+        round: u64,
+        cache: Option<Arc<DeltaCache>>,
+        dest: &mut [u8],
+    ) {
+        let src: Vec<u8> = pages.concat();
+        let mut enc = Encoder::new(mode, cache);
+        // SAFETY: `src` outlives the encoding.
+        unsafe { enc.encode(&[(0, src.len() as u64, src.as_ptr())], round) };
+        for e in &enc.entries {
+            let at = e.addr as usize;
+            let range = &mut dest[at..at + e.raw_len as usize];
+            let body: &[u8] = match e.body {
+                // SAFETY: points into `src`, alive.
+                Body::Guest(p) => unsafe { std::slice::from_raw_parts(p, e.enc_len as usize) },
+                Body::Out(off) => &enc.out[off..off + e.enc_len as usize],
+                Body::None => &[],
+            };
+            match e.encoding {
+                Encoding::Raw => range.copy_from_slice(body),
+                Encoding::Zero => range.fill(0),
+                Encoding::Delta => delta_apply(body, range).unwrap(),
+                c => decompress_into(c, body, range).unwrap(),
+            }
+        }
+        assert_eq!(&dest[..src.len()], &src[..]);
+    }
+
+    proptest! {
+        #[test]
+        fn every_codec_round_trips(kinds in proptest::collection::vec(0u8..3, 1..12), seed in any::<u64>(), level in 1i32..6) {
+            let pages: Vec<Vec<u8>> = kinds.iter().enumerate().map(|(i, k)| match k {
+                0 => vec![0u8; PAGE],
+                1 => page_from(seed + i as u64, false),
+                _ => page_from(seed + i as u64, true),
+            }).collect();
+            for mode in [Mode::None, Mode::Zero, Mode::Lz4, Mode::Zstd(level), Mode::Delta, Mode::Auto] {
+                let cache = DeltaCache::new(1 << 20);
+                let mut dest = vec![0xeeu8; pages.len() * PAGE];
+                round_trip(mode, &pages, 0, Some(cache.clone()), &mut dest);
+                // Round 1: some pages change a little; deltas apply to what round 0 left.
+                let mut changed = pages.clone();
+                for (i, p) in changed.iter_mut().enumerate() {
+                    if i % 2 == 0 { p[i * 7 % PAGE] ^= 0x5a; p[100] = 1; }
+                }
+                round_trip(mode, &changed, 1, Some(cache.clone()), &mut dest);
+                round_trip(mode, &changed, 2, Some(cache), &mut dest);
+            }
+        }
+
+        #[test]
+        fn delta_round_trips(old in proptest::collection::vec(any::<u8>(), PAGE), edits in proptest::collection::vec((0usize..PAGE, any::<u8>()), 0..64)) {
+            let mut new = old.clone();
+            for (i, b) in edits { new[i] = b; }
+            let mut d = Vec::new();
+            prop_assert!(delta_encode(&old, &new, &mut d, usize::MAX));
+            let mut page = old.clone();
+            delta_apply(&d, &mut page).unwrap();
+            prop_assert_eq!(page, new);
+        }
+
+        #[test]
+        fn decoders_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut out = vec![0u8; PAGE];
+            let _ = decompress_into(Encoding::Lz4, &body, &mut out);
+            let _ = decompress_into(Encoding::Zstd, &body, &mut out);
+            let _ = delta_apply(&body, &mut out);
+        }
+    }
+}
