@@ -188,3 +188,71 @@ pub fn kvm_available() -> bool {
         .open("/dev/kvm")
         .is_ok()
 }
+
+/// Two emulated hosts (network namespaces joined by veth, optionally shaped), made by
+/// `scripts/netns-link.sh`, deleted on drop.
+pub struct Hosts {
+    pub name: String,
+    pub a: String,
+    pub b: String,
+    pub addr_b: String,
+    pub dev_b: String,
+}
+
+impl Hosts {
+    pub fn new(tag: &str, profile: &str) -> Hosts {
+        let name = format!("lm{tag}{}", std::process::id() % 10_000);
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns-link.sh");
+        let out = Command::new(script)
+            .args(["up", &name, profile])
+            .output()
+            .expect("running netns-link.sh");
+        assert!(
+            out.status.success(),
+            "netns-link.sh failed (needs root and iproute2): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let field = |k: &str| {
+            text.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")).map(str::to_string))
+                .unwrap_or_else(|| panic!("netns-link.sh printed no {k}: {text}"))
+        };
+        Hosts {
+            a: field("NS_A"),
+            b: field("NS_B"),
+            addr_b: field("B"),
+            dev_b: field("DEV_B"),
+            name,
+        }
+    }
+
+    pub fn exec(ns: &str) -> Vec<&str> {
+        vec!["ip", "netns", "exec", ns]
+    }
+
+    /// Bytes received by host B's end of the link.
+    pub fn rx_bytes_b(&self) -> u64 {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.b,
+                "cat",
+                &format!("/sys/class/net/{}/statistics/rx_bytes", self.dev_b),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns-link.sh");
+        let _ = Command::new(script).args(["down", &self.name]).output();
+    }
+}

@@ -243,6 +243,8 @@ pub struct Encoder {
     pub(crate) entries: Vec<Entry>,
     auto: Auto,
     zstd: Option<zstd::bulk::Compressor<'static>>,
+    rates: [f64; RATE_WINDOW],
+    next_rate: usize,
     /// Counters since the last [`Encoder::take_stats`].
     pub stats: CodecStats,
 }
@@ -281,6 +283,8 @@ impl Encoder {
                 chunks: 0,
             },
             zstd,
+            rates: [0.0; RATE_WINDOW],
+            next_rate: 0,
             stats: CodecStats::default(),
         }
     }
@@ -295,11 +299,17 @@ impl Encoder {
         std::mem::take(&mut self.stats)
     }
 
-    /// Records that `bytes` took `secs` to go into the socket (feeds `auto`).
-    pub fn record_link(&mut self, bytes: u64, secs: f64) {
-        if bytes >= 64 * 1024 && secs > 0.0 {
-            let s = bytes as f64 / secs;
-            self.auto.link_speed = ewma(self.auto.link_speed, s);
+    /// Records a delivery-rate sample of the link in bytes per second (feeds `auto`).
+    ///
+    /// Samples taken while the sender was the bottleneck (compressing, say) understate the
+    /// link, so the estimate is the maximum of the last [`RATE_WINDOW`] samples, as BBR keeps
+    /// its bandwidth filter; a window rather than a decaying peak forgets the bursts of a
+    /// connection's first moments (a shaper's bucket, slow start) quickly.
+    pub fn record_link_rate(&mut self, rate: f64) {
+        if rate > 0.0 {
+            self.rates[self.next_rate % RATE_WINDOW] = rate;
+            self.next_rate += 1;
+            self.auto.link_speed = self.rates.iter().copied().fold(0.0, f64::max);
         }
     }
 
@@ -309,10 +319,10 @@ impl Encoder {
         if a.comp_speed == 0.0 || a.link_speed == 0.0 {
             return true; // measure first
         }
-        // Serial model (the worker compresses, then writes): time per raw byte.
-        let raw = 1.0 / a.link_speed;
-        let packed = 1.0 / a.comp_speed + a.ratio / a.link_speed;
-        a.ratio < 0.9 && packed < raw
+        // Compressing overlaps with the socket draining what was queued before, so the
+        // compressed pipeline moves min(C, L / ratio) raw bytes per second against L raw: it
+        // pays exactly when the compressor outruns the link.
+        a.ratio < 0.9 && a.comp_speed > a.link_speed
     }
 
     /// Encodes the pages of `extents` (`(addr, len)`, page multiples; `host` gives each
@@ -540,6 +550,9 @@ impl Encoder {
         });
     }
 }
+
+/// Link-rate samples `auto` keeps.
+pub const RATE_WINDOW: usize = 16;
 
 /// Largest zero entry (bytes of guest memory it stands for).
 pub const MAX_ZERO_ENTRY: u64 = 1 << 30;

@@ -26,8 +26,6 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
-use std::time::Instant;
-
 use crate::codec::{self, Body, Encoder, Encoding, MAX_ZERO_ENTRY, PAGE};
 use crate::frame::read_exact;
 use crate::{MemoryMap, TransportError};
@@ -226,7 +224,6 @@ impl DataSender {
                 iov_base: self.table.as_ptr() as *mut libc::c_void,
                 iov_len: self.table.len(),
             };
-            let t = Instant::now();
             // SAFETY: the iovecs point into `self.table`, the encoder's output buffer (not
             // modified until the next encode) or registered guest memory checked in
             // `send_encoded`; writev only reads them.
@@ -237,9 +234,10 @@ impl DataSender {
                     source,
                 },
             )?;
-            let bytes = self.table.len() as u64 + body;
-            enc.record_link(bytes, t.elapsed().as_secs_f64());
-            wire += bytes;
+            wire += self.table.len() as u64 + body;
+            if let Some(rate) = delivery_rate(&self.stream) {
+                enc.record_link_rate(rate as f64);
+            }
         }
         enc.entries = entries;
         Ok(wire)
@@ -544,6 +542,25 @@ fn put_header(buf: &mut Vec<u8>, kind: u16, count: u16, value: u64) {
     buf.extend_from_slice(&count.to_le_bytes());
     buf.extend_from_slice(&0u32.to_le_bytes());
     buf.extend_from_slice(&value.to_le_bytes());
+}
+
+/// The kernel's estimate of the connection's delivery rate, bytes per second.
+fn delivery_rate(stream: &TcpStream) -> Option<u64> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which has that size.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_busy_time))
+        .then_some(info.tcpi_delivery_rate)
 }
 
 /// Socket buffer size for data channels: several chunks in flight per connection, so sender
