@@ -107,6 +107,18 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
 fn run_in(a: &DemoArgs, backend: Backend, exe: &Path, dir: &Path) -> Result<()> {
     let src_sock: PathBuf = dir.join("source.sock");
+    // A key for this demo only: both processes authenticate with it.
+    let key_file = dir.join("migration.key");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_file)
+            .context("writing the demo's key")?;
+        std::io::Write::write_all(&mut f, livemig_engine::auth::Key::generate().as_bytes())?;
+    }
     let dst_sock: PathBuf = dir.join("destination.sock");
     let say = |m: &str| {
         if !a.json {
@@ -126,6 +138,8 @@ fn run_in(a: &DemoArgs, backend: Backend, exe: &Path, dir: &Path) -> Result<()> 
     ])
     .arg("--socket")
     .arg(&dst_sock)
+    .arg("--key-file")
+    .arg(&key_file)
     .stdout(Stdio::piped());
     if !a.no_reserve {
         recv.args(["--reserve-mib", &a.memory.to_string()]);
@@ -142,6 +156,8 @@ fn run_in(a: &DemoArgs, backend: Backend, exe: &Path, dir: &Path) -> Result<()> 
     ));
     let mut run = Command::new(exe);
     run.arg("run-vm")
+        .arg("--key-file")
+        .arg(&key_file)
         .arg("--socket")
         .arg(&src_sock)
         .args(["--memory", &a.memory.to_string()])

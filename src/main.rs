@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use livemig_engine::auth::Key;
 use livemig_engine::vm::{Fill, Pattern, VmSpec, Workload};
 
 /// Live-migrate running KVM virtual machines between hosts.
@@ -117,6 +118,37 @@ struct RunVmArgs {
     socket: PathBuf,
     #[command(flatten)]
     vm: VmArgs,
+    #[command(flatten)]
+    auth: AuthArgs,
+}
+
+/// The pre-shared key of the migration control channel.
+#[derive(Args, Debug, Clone)]
+struct AuthArgs {
+    /// File holding the pre-shared key (at least 16 bytes); or set LIVEMIG_KEY to the key.
+    #[arg(long, env = "LIVEMIG_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Migrate without authentication (trusted networks only; the peer must agree).
+    #[arg(long)]
+    no_auth: bool,
+}
+
+impl AuthArgs {
+    fn load(&self) -> Result<Option<Key>> {
+        if self.no_auth {
+            return Ok(None);
+        }
+        if let Some(path) = &self.key_file {
+            return Ok(Some(Key::from_file(path)?));
+        }
+        match std::env::var("LIVEMIG_KEY") {
+            Ok(k) => Ok(Some(Key::new(k.as_bytes())?)),
+            Err(_) => anyhow::bail!(
+                "no migration key: pass --key-file PATH or set LIVEMIG_KEY (the same key on both \
+                 hosts), or --no-auth on a trusted network"
+            ),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -140,6 +172,8 @@ struct ReceiveArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    auth: AuthArgs,
 }
 
 #[derive(Args, Debug)]
@@ -167,7 +201,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(a) => demo::run(a),
-        Command::RunVm(a) => vm_process::run_vm(&a.socket, &a.vm),
+        Command::RunVm(a) => vm_process::run_vm(&a.socket, &a.vm, a.auth.load()?),
         Command::Receive(a) => vm_process::receive(&a),
         Command::Migrate(a) => client::migrate(&a),
         Command::Status(a) => client::simple(&a.vm, "status"),

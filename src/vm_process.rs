@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use livemig_engine::auth::Key;
 use livemig_engine::destination::{self, IncomingOptions};
 use livemig_engine::memory::{GuestRam, Populate, RamLayout};
 use livemig_engine::session::MigrationError;
@@ -54,7 +55,7 @@ fn factory(
 }
 
 /// `livemig run-vm`.
-pub fn run_vm(socket: &Path, args: &VmArgs) -> Result<()> {
+pub fn run_vm(socket: &Path, args: &VmArgs, key: Option<Key>) -> Result<()> {
     let spec = args.spec();
     let vm = launch(&spec, args.backend)?;
     let listener = bind(socket)?;
@@ -66,11 +67,16 @@ pub fn run_vm(socket: &Path, args: &VmArgs) -> Result<()> {
         socket.display()
     );
     let _ = std::io::stdout().flush();
-    serve(listener, socket, Arc::new(VmProcess::new(vm, "running")))
+    serve(
+        listener,
+        socket,
+        Arc::new(VmProcess::new(vm, "running", key)),
+    )
 }
 
 /// `livemig receive`.
 pub fn receive(args: &ReceiveArgs) -> Result<()> {
+    let key = args.auth.load()?;
     let reserved = match args.reserve_mib {
         Some(mib) => Some(
             GuestRam::new(&RamLayout::single(mib << 20), Populate::Eager)
@@ -91,6 +97,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
             reserved,
             timeout: Duration::from_secs(60),
             progress_wait: Duration::from_secs(3),
+            key: key.clone(),
         },
         &make,
     )
@@ -121,7 +128,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         incoming.vm.shutdown();
         return Ok(());
     }
-    let process = Arc::new(VmProcess::new(incoming.vm, "running"));
+    let process = Arc::new(VmProcess::new(incoming.vm, "running", key));
     match (sock_listener, &args.socket) {
         (Some(l), Some(path)) => serve(l, path, process),
         _ => loop {
@@ -148,15 +155,17 @@ pub struct VmProcess {
     phase: Mutex<&'static str>,
     cancel: AtomicBool,
     last: Mutex<Value>,
+    key: Option<Key>,
 }
 
 impl VmProcess {
-    fn new(vm: Arc<dyn MigratableVm>, phase: &'static str) -> Self {
+    fn new(vm: Arc<dyn MigratableVm>, phase: &'static str, key: Option<Key>) -> Self {
         VmProcess {
             vm,
             phase: Mutex::new(phase),
             cancel: AtomicBool::new(false),
             last: Mutex::new(Value::Null),
+            key,
         }
     }
 
@@ -271,6 +280,7 @@ fn migrate(req: &Value, p: &Arc<VmProcess>, out: &mut UnixStream) -> Result<()> 
             }
         },
         delta_cache_bytes: num("delta_cache_mib", 64).clamp(1, 1 << 20) << 20,
+        key: p.key.clone(),
         ..MigrateOptions::default()
     };
     {

@@ -8,6 +8,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
+use livemig_engine::auth::Key;
 use livemig_engine::memory::RamLayout;
 use livemig_engine::protocol::{Message, VERSION};
 use livemig_engine::vm::VmSpec;
@@ -28,18 +29,36 @@ fn destination() -> (Proc, String) {
     receive(&[], "127.0.0.1:0", &["--backend", "memory"])
 }
 
-/// Handshake + config for a 16 MiB VM; returns the control stream once Ready.
-fn handshake(addr: &str, token: u64) -> TcpStream {
-    let mut c = TcpStream::connect(addr).unwrap();
+/// Hello, Welcome and Auth with the test key; returns the session token.
+fn authenticate(c: &mut TcpStream) -> u64 {
+    let key = Key::new(TEST_KEY.as_bytes()).unwrap();
+    let nonce_s = [7u8; 32];
     send(
-        &mut c,
+        c,
         &Message::Hello {
             min_version: 1,
             max_version: VERSION,
             features: 0,
+            nonce: nonce_s,
         },
     );
-    assert!(matches!(recv(&mut c), Message::Welcome { .. }));
+    let Message::Welcome { nonce, proof, .. } = recv(c) else {
+        panic!("no Welcome")
+    };
+    assert_eq!(proof, key.destination_proof(&nonce_s, &nonce));
+    send(
+        c,
+        &Message::Auth {
+            proof: key.source_proof(&nonce_s, &nonce),
+        },
+    );
+    key.session_token(&nonce_s, &nonce)
+}
+
+/// Handshake + config for a 16 MiB VM; returns the control stream and token once Ready.
+fn handshake(addr: &str) -> (TcpStream, u64) {
+    let mut c = TcpStream::connect(addr).unwrap();
+    let token = authenticate(&mut c);
     send(
         &mut c,
         &Message::Config {
@@ -54,7 +73,7 @@ fn handshake(addr: &str, token: u64) -> TcpStream {
         },
     );
     assert_eq!(recv(&mut c), Message::Ready);
-    c
+    (c, token)
 }
 
 fn data_channel(addr: &str, token: u64) -> TcpStream {
@@ -109,6 +128,7 @@ fn newer_protocol_is_refused_with_a_reason() {
             min_version: VERSION + 1,
             max_version: VERSION + 3,
             features: 0,
+            nonce: [1; 32],
         },
     );
     match recv(&mut c) {
@@ -122,8 +142,8 @@ fn newer_protocol_is_refused_with_a_reason() {
 #[test]
 fn page_batch_outside_ram_is_rejected() {
     let (rx, addr) = destination();
-    let _c = handshake(&addr, 7);
-    let mut d = data_channel(&addr, 7);
+    let (_c, token) = handshake(&addr);
+    let mut d = data_channel(&addr, token);
     let mut m = extents_message(16 << 20, 4096);
     m.extend_from_slice(&[0xaa; 4096]);
     let _ = d.write_all(&m);
@@ -134,8 +154,8 @@ fn page_batch_outside_ram_is_rejected() {
 #[test]
 fn truncated_stream_is_an_error() {
     let (rx, addr) = destination();
-    let c = handshake(&addr, 9);
-    let mut d = data_channel(&addr, 9);
+    let (c, token) = handshake(&addr);
+    let mut d = data_channel(&addr, token);
     let mut m = extents_message(0, 8192);
     m.extend_from_slice(&[0x55; 1000]);
     d.write_all(&m).unwrap();
@@ -148,8 +168,8 @@ fn truncated_stream_is_an_error() {
 #[test]
 fn wrong_token_data_channel_is_not_accepted() {
     let (rx, addr) = destination();
-    let mut c = handshake(&addr, 11);
-    let mut d = data_channel(&addr, 12);
+    let (mut c, token) = handshake(&addr);
+    let mut d = data_channel(&addr, token.wrapping_add(1));
     // The stray connection is dropped by the destination.
     let mut buf = [0u8; 1];
     d.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -169,15 +189,7 @@ fn wrong_token_data_channel_is_not_accepted() {
 fn a_vm_of_another_machine_is_refused_before_any_page() {
     let (rx, addr) = destination();
     let mut c = TcpStream::connect(&addr).unwrap();
-    send(
-        &mut c,
-        &Message::Hello {
-            min_version: 1,
-            max_version: VERSION,
-            features: 0,
-        },
-    );
-    assert!(matches!(recv(&mut c), Message::Welcome { .. }));
+    let token = authenticate(&mut c);
     send(
         &mut c,
         &Message::Config {
@@ -188,7 +200,7 @@ fn a_vm_of_another_machine_is_refused_before_any_page() {
             },
             layout: RamLayout::single(16 << 20),
             channels: 1,
-            token: 1,
+            token,
         },
     );
     match recv(&mut c) {
@@ -197,4 +209,38 @@ fn a_vm_of_another_machine_is_refused_before_any_page() {
     }
     let (code, err) = rx.wait_exit(Duration::from_secs(20));
     assert_clean_error(code, &err, "destination runs");
+}
+
+#[test]
+fn wrong_key_is_refused_on_both_sides_before_any_state() {
+    let (rx, addr) = destination();
+    let mut c = TcpStream::connect(&addr).unwrap();
+    let key = Key::new(b"not-the-test-key-at-all").unwrap();
+    let nonce_s = [9u8; 32];
+    send(
+        &mut c,
+        &Message::Hello {
+            min_version: 1,
+            max_version: VERSION,
+            features: 0,
+            nonce: nonce_s,
+        },
+    );
+    let Message::Welcome { nonce, proof, .. } = recv(&mut c) else {
+        panic!("no Welcome")
+    };
+    // The destination's proof does not verify with the wrong key either.
+    assert_ne!(proof, key.destination_proof(&nonce_s, &nonce));
+    send(
+        &mut c,
+        &Message::Auth {
+            proof: key.source_proof(&nonce_s, &nonce),
+        },
+    );
+    match recv(&mut c) {
+        Message::Refuse { reason } => assert!(reason.contains("does not match"), "{reason}"),
+        m => panic!("expected Refuse, got {m:?}"),
+    }
+    let (code, err) = rx.wait_exit(Duration::from_secs(20));
+    assert_clean_error(code, &err, "authentication failed");
 }

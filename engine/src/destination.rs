@@ -15,6 +15,7 @@ use livemig_transport::tcp::{DataReceiver, Landed, Received};
 use livemig_transport::{frame, MappedRegion, MemoryMap};
 use tracing::{info, warn};
 
+use crate::auth::{self, Key};
 use crate::digest::PageHashes;
 use crate::memory::{GuestRam, Populate, RamLayout, PAGE_SIZE};
 use crate::protocol::{negotiate, Message, MAX_VCPUS};
@@ -38,6 +39,8 @@ pub struct IncomingOptions {
     pub timeout: Duration,
     /// How long to watch the guest's counter after resume before reporting.
     pub progress_wait: Duration,
+    /// Pre-shared key; None accepts only sources without one (`--no-auth`).
+    pub key: Option<Key>,
 }
 
 /// A migrated VM, running on the destination.
@@ -76,17 +79,29 @@ pub fn receive(
     let _ = ctl.stream().set_write_timeout(Some(timeout));
     info!(peer = ctl.peer(), "incoming migration");
 
-    // Handshake.
-    match ctl.recv(Some(timeout), "waiting for Hello")? {
+    // Handshake: version, then mutual proof of the key, before any state is read.
+    let nonce_d = auth::nonce();
+    let nonce_s = match ctl.recv(Some(timeout), "waiting for Hello")? {
         Message::Hello {
             min_version,
             max_version,
+            nonce,
             ..
         } => match negotiate(min_version, max_version) {
-            Ok(version) => ctl.send(&Message::Welcome {
-                version,
-                features: 0,
-            })?,
+            Ok(version) => {
+                let proof = opts
+                    .key
+                    .as_ref()
+                    .map(|k| k.destination_proof(&nonce, &nonce_d))
+                    .unwrap_or([0; 32]);
+                ctl.send(&Message::Welcome {
+                    version,
+                    features: 0,
+                    nonce: nonce_d,
+                    proof,
+                })?;
+                nonce
+            }
             Err(reason) => {
                 let _ = ctl.send(&Message::Refuse {
                     reason: reason.clone(),
@@ -98,7 +113,31 @@ pub fn receive(
             }
         },
         m => return Err(ctl.unexpected(&m, "waiting for Hello")),
-    }
+    };
+    let proof = match ctl.recv(Some(timeout), "waiting for the source's key proof")? {
+        Message::Auth { proof } => proof,
+        m => return Err(ctl.unexpected(&m, "waiting for Auth")),
+    };
+    let expected_token = match &opts.key {
+        Some(k) => {
+            if !auth::proofs_equal(&proof, &k.source_proof(&nonce_s, &nonce_d)) {
+                let reason = if proof == [0; 32] {
+                    "authentication failed: the source has no key (this destination requires one)"
+                } else {
+                    "authentication failed: the source's key does not match this destination's"
+                };
+                let _ = ctl.send(&Message::Refuse {
+                    reason: reason.into(),
+                });
+                return Err(MigrationError::Refused {
+                    peer: ctl.peer().to_string(),
+                    reason: format!("refused the source: {reason}"),
+                });
+            }
+            Some(k.session_token(&nonce_s, &nonce_d))
+        }
+        None => None,
+    };
     let (machine, spec, layout, channels, token) =
         match ctl.recv(Some(timeout), "waiting for Config")? {
             Message::Config {
@@ -110,6 +149,15 @@ pub fn receive(
             } => (machine, spec, layout, channels, token),
             m => return Err(ctl.unexpected(&m, "waiting for Config")),
         };
+    if expected_token.is_some_and(|t| t != token) {
+        let _ = ctl.send(&Message::Refuse {
+            reason: "session token does not match the authenticated session".into(),
+        });
+        return Err(MigrationError::Refused {
+            peer: ctl.peer().to_string(),
+            reason: "refused the source: wrong session token".into(),
+        });
+    }
     if spec.vcpus > MAX_VCPUS {
         return Err(MigrationError::Vm(VmError::InvalidSpec(format!(
             "{} vCPUs",

@@ -1,6 +1,7 @@
 //! livemig engine: VMs, dirty tracking, the page scheduler, the migration protocol and the
 //! source and destination state machines.
 
+pub mod auth;
 pub mod convergence;
 pub mod destination;
 pub mod digest;

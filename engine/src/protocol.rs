@@ -6,8 +6,9 @@
 //!
 //! ```text
 //! source                                   destination
-//!   | Hello {versions, features}  ------------> |  refuses newer-only streams (Refuse)
-//!   | <------------------------ Welcome {version}|
+//!   | Hello {versions, features, nonce} -------> |  refuses newer-only streams (Refuse)
+//!   | <------- Welcome {version, nonce, proof}   |
+//!   | Auth {proof} ---------------------------> |  checks the key (see `crate::auth`)
 //!   | Config {machine, spec, layout, channels,  |
 //!   |         token} -------------------------> |  builds the VM skeleton, allocates RAM
 //!   | <------------------------------- Ready     |
@@ -102,13 +103,24 @@ pub enum Message {
         max_version: u16,
         /// Feature bits.
         features: u64,
+        /// The source's challenge.
+        nonce: [u8; 32],
     },
-    /// Destination → source: the chosen version.
+    /// Destination → source: the chosen version and the destination's key proof.
     Welcome {
         /// Version both sides use.
         version: u16,
         /// Feature bits accepted.
         features: u64,
+        /// The destination's challenge.
+        nonce: [u8; 32],
+        /// HMAC proof of the key (zero without a key).
+        proof: [u8; 32],
+    },
+    /// Source → destination: the source's key proof.
+    Auth {
+        /// HMAC proof of the key (zero without a key).
+        proof: [u8; 32],
     },
     /// Either side: refusal with a reason; the connection closes after it.
     Refuse {
@@ -179,6 +191,7 @@ const T_COMMIT: u16 = 9;
 const T_RESUMED: u16 = 10;
 const T_PROGRESS: u16 = 11;
 const T_ABORT: u16 = 12;
+const T_AUTH: u16 = 13;
 
 impl Message {
     /// Short name, for errors and logs.
@@ -186,6 +199,7 @@ impl Message {
         match self {
             Message::Hello { .. } => "Hello",
             Message::Welcome { .. } => "Welcome",
+            Message::Auth { .. } => "Auth",
             Message::Refuse { .. } => "Refuse",
             Message::Config { .. } => "Config",
             Message::Ready => "Ready",
@@ -207,17 +221,30 @@ impl Message {
                 min_version,
                 max_version,
                 features,
+                nonce,
             } => {
                 put_u32(&mut w, MAGIC);
                 put_u16(&mut w, *min_version);
                 put_u16(&mut w, *max_version);
                 put_u64(&mut w, *features);
+                w.extend_from_slice(nonce);
                 T_HELLO
             }
-            Message::Welcome { version, features } => {
+            Message::Welcome {
+                version,
+                features,
+                nonce,
+                proof,
+            } => {
                 put_u16(&mut w, *version);
                 put_u64(&mut w, *features);
+                w.extend_from_slice(nonce);
+                w.extend_from_slice(proof);
                 T_WELCOME
+            }
+            Message::Auth { proof } => {
+                w.extend_from_slice(proof);
+                T_AUTH
             }
             Message::Refuse { reason } => {
                 put_str(&mut w, reason);
@@ -301,6 +328,7 @@ impl Message {
             T_RESUMED => "Resumed",
             T_PROGRESS => "Progress",
             T_ABORT => "Abort",
+            T_AUTH => "Auth",
             other => return Err(ProtocolError::UnknownType(other)),
         };
         let mut r = Reader {
@@ -323,12 +351,16 @@ impl Message {
                     min_version,
                     max_version,
                     features,
+                    nonce: r.array()?,
                 }
             }
             T_WELCOME => Message::Welcome {
                 version: r.u16()?,
                 features: r.u64()?,
+                nonce: r.array()?,
+                proof: r.array()?,
             },
+            T_AUTH => Message::Auth { proof: r.array()? },
             T_REFUSE => Message::Refuse {
                 reason: r.string()?,
             },
@@ -568,11 +600,15 @@ mod tests {
                 min_version: 1,
                 max_version: 3,
                 features: 5,
+                nonce: [3; 32],
             },
             Message::Welcome {
                 version: 1,
                 features: 0,
+                nonce: [4; 32],
+                proof: [5; 32],
             },
+            Message::Auth { proof: [6; 32] },
             Message::Refuse {
                 reason: "nope".into(),
             },
@@ -699,7 +735,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decode_never_panics(kind in 0u16..16, bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fn decode_never_panics(kind in 0u16..20, bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = Message::decode(kind, &bytes);
         }
     }

@@ -16,6 +16,7 @@ use livemig_transport::tcp::DataSender;
 use livemig_transport::{frame, MappedRegion, MemoryMap, TransportError};
 use tracing::{info, warn};
 
+use crate::auth::{self, Key};
 use crate::convergence::Convergence;
 use crate::digest::ram_digest;
 use crate::dirty::DirtyBitmap;
@@ -43,6 +44,8 @@ pub struct MigrateOptions {
     pub compress: Mode,
     /// Bytes of last-sent page versions kept for delta encoding.
     pub delta_cache_bytes: u64,
+    /// Pre-shared key; None only talks to destinations without one (`--no-auth`).
+    pub key: Option<Key>,
 }
 
 impl Default for MigrateOptions {
@@ -55,6 +58,7 @@ impl Default for MigrateOptions {
             timeout: Duration::from_secs(60),
             compress: Mode::Auto,
             delta_cache_bytes: 64 << 20,
+            key: None,
         }
     }
 }
@@ -121,16 +125,55 @@ pub fn migrate(
     // Set-up: handshake, config, data channels. The VM is untouched so far.
     let mut ctl = Control::new(connect("control")?);
     let _ = ctl.stream().set_write_timeout(Some(opts.timeout));
+    let nonce_s = auth::nonce();
     ctl.send(&Message::Hello {
         min_version: MIN_VERSION,
         max_version: VERSION,
         features: 0,
+        nonce: nonce_s,
     })?;
-    match ctl.recv(Some(opts.timeout), "waiting for Welcome")? {
-        Message::Welcome { .. } => {}
+    let (nonce_d, proof_d) = match ctl.recv(Some(opts.timeout), "waiting for Welcome")? {
+        Message::Welcome { nonce, proof, .. } => (nonce, proof),
         m => return Err(ctl.unexpected(&m, "waiting for Welcome")),
-    }
-    let token = random_u64();
+    };
+    // The destination proves the key first; only then does the source prove it and send state.
+    let refuse = |ctl: &mut Control, reason: &str| {
+        let _ = ctl.send(&Message::Refuse {
+            reason: reason.into(),
+        });
+        MigrationError::Refused {
+            peer: ctl.peer().to_string(),
+            reason: format!("refused the destination: {reason}"),
+        }
+    };
+    let token = match &opts.key {
+        Some(k) => {
+            if !auth::proofs_equal(&proof_d, &k.destination_proof(&nonce_s, &nonce_d)) {
+                return Err(refuse(
+                    &mut ctl,
+                    if proof_d == [0; 32] {
+                        "authentication failed: the destination has no key (this source requires one)"
+                    } else {
+                        "authentication failed: the destination's key does not match this source's"
+                    },
+                ));
+            }
+            ctl.send(&Message::Auth {
+                proof: k.source_proof(&nonce_s, &nonce_d),
+            })?;
+            k.session_token(&nonce_s, &nonce_d)
+        }
+        None => {
+            if proof_d != [0; 32] {
+                return Err(refuse(
+                    &mut ctl,
+                    "authentication failed: the destination requires a key and this source has none",
+                ));
+            }
+            ctl.send(&Message::Auth { proof: [0; 32] })?;
+            random_u64()
+        }
+    };
     ctl.send(&Message::Config {
         machine: vm.machine().to_string(),
         spec: vm.spec().clone(),

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The key every test process shares (through LIVEMIG_KEY) unless a test says otherwise.
+pub const TEST_KEY: &str = "livemig-test-key-0123456789";
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_livemig")
 }
@@ -80,6 +83,7 @@ pub fn spawn(prefix: &[&str], args: &[&str]) -> Proc {
     };
     let mut child = cmd
         .args(args)
+        .env("LIVEMIG_KEY", TEST_KEY)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -299,12 +299,11 @@ impl Encoder {
         std::mem::take(&mut self.stats)
     }
 
-    /// Records a delivery-rate sample of the link in bytes per second (feeds `auto`).
+    /// Records a sample of the link's rate in bytes per second (feeds `auto`).
     ///
     /// Samples taken while the sender was the bottleneck (compressing, say) understate the
     /// link, so the estimate is the maximum of the last [`RATE_WINDOW`] samples, as BBR keeps
-    /// its bandwidth filter; a window rather than a decaying peak forgets the bursts of a
-    /// connection's first moments (a shaper's bucket, slow start) quickly.
+    /// its bandwidth filter.
     pub fn record_link_rate(&mut self, rate: f64) {
         if rate > 0.0 {
             self.rates[self.next_rate % RATE_WINDOW] = rate;

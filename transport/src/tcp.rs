@@ -79,6 +79,7 @@ pub struct DataSender {
     stream: TcpStream,
     peer: String,
     table: Vec<u8>,
+    rate_sample: Option<(std::time::Instant, u64)>,
 }
 
 impl DataSender {
@@ -96,6 +97,7 @@ impl DataSender {
             stream,
             peer,
             table: Vec::with_capacity(HEADER_LEN + MAX_EXTENTS * ENTRY_LEN),
+            rate_sample: None,
         })
     }
 
@@ -235,12 +237,28 @@ impl DataSender {
                 },
             )?;
             wire += self.table.len() as u64 + body;
-            if let Some(rate) = delivery_rate(&self.stream) {
-                enc.record_link_rate(rate as f64);
-            }
+            self.sample_link(enc);
         }
         enc.entries = entries;
         Ok(wire)
+    }
+
+    /// Feeds the encoder the rate at which the peer acknowledged bytes since the last sample.
+    fn sample_link(&mut self, enc: &mut Encoder) {
+        let now = std::time::Instant::now();
+        let Some(acked) = bytes_acked(&self.stream) else {
+            return;
+        };
+        match self.rate_sample {
+            Some((t, a)) if now.duration_since(t) >= RATE_INTERVAL => {
+                enc.record_link_rate(
+                    acked.saturating_sub(a) as f64 / now.duration_since(t).as_secs_f64(),
+                );
+                self.rate_sample = Some((now, acked));
+            }
+            Some(_) => {}
+            None => self.rate_sample = Some((now, acked)),
+        }
     }
 
     /// Sends a marker.
@@ -544,8 +562,8 @@ fn put_header(buf: &mut Vec<u8>, kind: u16, count: u16, value: u64) {
     buf.extend_from_slice(&value.to_le_bytes());
 }
 
-/// The kernel's estimate of the connection's delivery rate, bytes per second.
-fn delivery_rate(stream: &TcpStream) -> Option<u64> {
+/// Bytes of this connection the peer has acknowledged so far.
+fn bytes_acked(stream: &TcpStream) -> Option<u64> {
     // SAFETY: tcp_info is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -559,9 +577,12 @@ fn delivery_rate(stream: &TcpStream) -> Option<u64> {
             &mut len,
         )
     };
-    (r == 0 && len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_busy_time))
-        .then_some(info.tcpi_delivery_rate)
+    (r == 0 && len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received))
+        .then_some(info.tcpi_bytes_acked)
 }
+
+/// Shortest interval over which the link rate is sampled.
+const RATE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Socket buffer size for data channels: several chunks in flight per connection, so sender
 /// and receiver wake each other less often.

@@ -1,0 +1,91 @@
+//! The control channel is authenticated with a pre-shared key: a wrong key or no key is
+//! refused on both sides before any state is read or RAM written, with a clear message.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn key_file(dir: &std::path::Path, name: &str, key: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, key).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// Runs a migration between a destination and a source started with the given extra args;
+/// returns the migrate stderr and the destination's exit code and stderr.
+fn attempt(dst_args: &[&str], src_args: &[&str]) -> (String, Option<i32>, String) {
+    let dir = tmpdir(&format!("auth{}", dst_args.len() * 10 + src_args.len()));
+    let src = dir.join("src.sock");
+    let mut a = vec!["--backend", "memory"];
+    a.extend_from_slice(dst_args);
+    let (rx, addr) = receive(&[], "127.0.0.1:0", &a);
+    let mut b = vec![
+        "--backend",
+        "memory",
+        "--memory",
+        "32",
+        "--dirty-rate",
+        "100",
+    ];
+    b.extend_from_slice(src_args);
+    let _vm = run_vm(&[], &src, &b);
+    let before = wait_counter_beyond(&src, 0);
+    let out = migrate(&[], &src, &addr, &[]);
+    assert!(!out.status.success());
+    let (code, dst_err) = rx.wait_exit(Duration::from_secs(20));
+    // The source VM never stopped.
+    let st = request(&src, r#"{"cmd":"status"}"#);
+    assert_eq!(st["phase"], "running", "{st}");
+    wait_counter_beyond(&src, before);
+    (
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        code,
+        dst_err,
+    )
+}
+
+#[test]
+fn wrong_key_is_refused_on_both_sides() {
+    let dir = tmpdir("keys");
+    let k1 = key_file(&dir, "k1", "first-key-0123456789");
+    let k2 = key_file(&dir, "k2", "second-key-0123456789");
+    let (src_err, code, dst_err) = attempt(&["--key-file", &k1], &["--key-file", &k2]);
+    assert!(src_err.contains("key does not match"), "{src_err}");
+    assert_clean_error(code, &dst_err, "refused");
+    assert!(!dst_err.contains("panicked"));
+}
+
+#[test]
+fn a_source_without_key_is_refused() {
+    let (src_err, code, dst_err) = attempt(&[], &["--no-auth"]);
+    assert!(
+        src_err.contains("requires a key and this source has none"),
+        "{src_err}"
+    );
+    assert_clean_error(code, &dst_err, "refused");
+}
+
+#[test]
+fn a_destination_without_key_is_refused() {
+    let (src_err, code, dst_err) = attempt(&["--no-auth"], &[]);
+    assert!(src_err.contains("the destination has no key"), "{src_err}");
+    assert_clean_error(code, &dst_err, "refused");
+}
+
+#[test]
+fn a_process_without_any_key_says_how_to_get_one() {
+    let out = std::process::Command::new(bin())
+        .args(["receive", "--listen", "127.0.0.1:0"])
+        .env_remove("LIVEMIG_KEY")
+        .env_remove("LIVEMIG_KEY_FILE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--key-file") && err.contains("LIVEMIG_KEY"),
+        "{err}"
+    );
+}
