@@ -260,3 +260,154 @@ impl Drop for Hosts {
         let _ = Command::new(script).args(["down", &self.name]).output();
     }
 }
+
+/// Where a [`Proxy`] cuts a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// When the source sends a control frame of this kind (before it is forwarded).
+    SourceFrame(u16),
+    /// When the destination sends a control frame of this kind (before it is forwarded).
+    DestinationFrame(u16),
+    /// When more than this many bytes went source → destination on data channels.
+    DataBytes(u64),
+}
+
+/// Control frame kinds (see engine/src/protocol.rs).
+pub mod kind {
+    pub const HELLO: u16 = 1;
+    pub const CONFIG: u16 = 4;
+    pub const DEVICE_STATE: u16 = 7;
+    pub const PREPARED: u16 = 8;
+    pub const COMMIT: u16 = 9;
+    pub const RESUMED: u16 = 10;
+    pub const AUTH: u16 = 13;
+}
+
+/// A TCP proxy in front of a destination that fires once at a trigger: it calls the action
+/// (e.g. kill a process) and cuts every connection of the session.
+pub struct Proxy {
+    pub addr: String,
+    pub fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(upstream: &str, trigger: Trigger, action: Box<dyn FnOnce() + Send>) -> Proxy {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let upstream = upstream.to_string();
+        let fired = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let action = Arc::new(Mutex::new(Some(action)));
+        let data = Arc::new(AtomicU64::new(0));
+        let f2 = fired.clone();
+        std::thread::spawn(move || {
+            let fire = {
+                let conns = conns.clone();
+                let fired = f2.clone();
+                let action = action.clone();
+                move || {
+                    if !fired.swap(true, Ordering::SeqCst) {
+                        if let Some(a) = action.lock().unwrap().take() {
+                            a();
+                        }
+                        for c in conns.lock().unwrap().iter() {
+                            let _ = c.shutdown(Shutdown::Both);
+                        }
+                    }
+                }
+            };
+            for (n, down) in l.incoming().enumerate() {
+                let Ok(down) = down else { continue };
+                if f2.load(Ordering::SeqCst) {
+                    let _ = down.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                conns.lock().unwrap().push(down.try_clone().unwrap());
+                conns.lock().unwrap().push(up.try_clone().unwrap());
+                let control = n == 0;
+                for (from, to, src_side) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap(), true),
+                    (up.try_clone().unwrap(), down.try_clone().unwrap(), false),
+                ] {
+                    let fire = fire.clone();
+                    let data = data.clone();
+                    std::thread::spawn(move || {
+                        pump(from, to, control, src_side, trigger, &data, &fire)
+                    });
+                }
+            }
+        });
+        Proxy { addr, fired }
+    }
+}
+
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    control: bool,
+    src_side: bool,
+    trigger: Trigger,
+    data: &std::sync::atomic::AtomicU64,
+    fire: &dyn Fn(),
+) {
+    use std::sync::atomic::Ordering;
+    if control {
+        // Forward frame by frame so a trigger can stop a frame before it is delivered.
+        loop {
+            let mut hdr = [0u8; 8];
+            if from.read_exact(&mut hdr).is_err() {
+                break;
+            }
+            let k = u16::from_le_bytes([hdr[0], hdr[1]]);
+            let len = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]) as usize;
+            let mut body = vec![0u8; len.min(64 << 20)];
+            if from.read_exact(&mut body).is_err() {
+                break;
+            }
+            let hit = match trigger {
+                Trigger::SourceFrame(t) => src_side && t == k,
+                Trigger::DestinationFrame(t) => !src_side && t == k,
+                Trigger::DataBytes(_) => false,
+            };
+            if hit {
+                fire();
+                break;
+            }
+            if to
+                .write_all(&hdr)
+                .and_then(|()| to.write_all(&body))
+                .is_err()
+            {
+                break;
+            }
+        }
+    } else {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if src_side {
+                let total = data.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                if let Trigger::DataBytes(limit) = trigger {
+                    if total > limit {
+                        fire();
+                        break;
+                    }
+                }
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
