@@ -105,8 +105,17 @@ pub fn request(socket: &Path, req: &Value) -> Result<Value> {
     Ok(serde_json::from_str(&line)?)
 }
 
-/// `livemig migrate`.
+/// `livemig migrate`. Ctrl-C cancels the migration (before the switchover the VM keeps
+/// running on the source) and waits for the VM process to say how it ended.
 pub fn migrate(a: &MigrateArgs) -> Result<()> {
+    let socket = a.vm.clone();
+    let quiet = a.json;
+    let _ = ctrlc::set_handler(move || {
+        if !quiet {
+            eprintln!("\nlivemig: cancelling the migration (the VM stays on the source unless it already switched over) ...");
+        }
+        let _ = request(&socket, &json!({"cmd": "cancel"}));
+    });
     let report = drive(&a.vm, &a.tuning.request(&a.to), a.json)?;
     finish(&report, a.json)
 }
