@@ -978,6 +978,17 @@ impl<'a> DecodedState<'a> {
     }
 }
 
+/// Checks device-state sections as [`KvmVm`]'s restore would (ids, instances, versions, sizes,
+/// completeness for `vcpus` vCPUs and an XSAVE area of `xsave_size` bytes) without a VM. For
+/// fuzzing and for refusing bad state early.
+pub fn check_sections(
+    sections: &[DeviceSection],
+    vcpus: u32,
+    xsave_size: usize,
+) -> Result<(), VmError> {
+    DecodedState::decode(sections, vcpus, xsave_size).map(|_| ())
+}
+
 /// KVM uapi structures that are plain old data.
 ///
 /// # Safety
