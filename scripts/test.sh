@@ -15,3 +15,5 @@ echo "== cargo test (release: KVM guests and page copies are slow in debug build
 cargo test --workspace --release -- --test-threads=2
 echo "== criterion benches compile"
 cargo bench --workspace --no-run --quiet
+echo "== fuzz targets: build and run each briefly"
+./scripts/fuzz.sh
