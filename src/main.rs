@@ -83,6 +83,7 @@ impl VmArgs {
                 FillArg::Zero => Fill::Zero,
                 FillArg::Random => Fill::Random,
                 FillArg::Text => Fill::Text,
+                FillArg::Mixed => Fill::Mixed,
             },
             workload: Workload {
                 working_set_mib: self.working_set,
@@ -102,6 +103,8 @@ enum FillArg {
     Zero,
     Random,
     Text,
+    /// A third each of zero, text-like and random 64 KiB blocks.
+    Mixed,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

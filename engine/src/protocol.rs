@@ -372,6 +372,7 @@ impl Message {
                     0 => Fill::Zero,
                     1 => Fill::Random,
                     2 => Fill::Text,
+                    3 => Fill::Mixed,
                     f => return Err(r.invalid(format!("unknown fill {f}"))),
                 };
                 let pattern = match r.u8()? {
@@ -498,6 +499,7 @@ fn fill_code(f: Fill) -> u8 {
         Fill::Zero => 0,
         Fill::Random => 1,
         Fill::Text => 2,
+        Fill::Mixed => 3,
     }
 }
 

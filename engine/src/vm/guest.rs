@@ -411,7 +411,7 @@ pub fn fill(ram: &GuestRam, fill: Fill, seed: u64) {
     if fill == Fill::Zero {
         return;
     }
-    let bank = if fill == Fill::Text {
+    let bank = if matches!(fill, Fill::Text | Fill::Mixed) {
         text_bank(seed)
     } else {
         Vec::new()
@@ -450,7 +450,15 @@ pub fn fill(ram: &GuestRam, fill: Fill, seed: u64) {
                         let off = b * FILL_BLOCK;
                         let n = FILL_BLOCK.min(len - off);
                         let block_seed = seed ^ (gpa + off as u64).wrapping_mul(0x9e37_79b9);
-                        let src: &[u8] = match fill {
+                        // Mixed RAM: a third each of zero, text-like and random blocks.
+                        let kind = match fill {
+                            Fill::Mixed => [Fill::Zero, Fill::Text, Fill::Random][((gpa as usize + off) / FILL_BLOCK) % 3],
+                            f => f,
+                        };
+                        if kind == Fill::Zero {
+                            continue;
+                        }
+                        let src: &[u8] = match kind {
                             Fill::Random => {
                                 let mut rng = SplitMix64(block_seed);
                                 buf.iter_mut().for_each(|w| *w = rng.next());

@@ -79,6 +79,8 @@ pub enum Fill {
     Random,
     /// Compressible, text-like bytes.
     Text,
+    /// A third each of zero, text-like and random blocks (64 KiB), interleaved.
+    Mixed,
 }
 
 /// Order in which the guest workload visits the pages of its working set.
