@@ -1,16 +1,15 @@
 //! `livemig demo`: a VM process, a destination process and a migration between them, on this
 //! machine, with defaults that just work.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::client::{self, Tuning};
+use crate::pair::{self, Pair, PairSpec};
 use crate::{Backend, FillArg, PatternArg};
 
 #[derive(Args, Debug)]
@@ -47,38 +46,10 @@ pub struct DemoArgs {
     json: bool,
 }
 
-/// Kills a child process when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn value<T: clap::ValueEnum>(v: T) -> String {
+pub fn value<T: clap::ValueEnum>(v: T) -> String {
     v.to_possible_value()
         .map(|p| p.get_name().to_string())
         .unwrap_or_default()
-}
-
-fn wait_line(
-    out: ChildStdout,
-    what: &str,
-    needle: &str,
-) -> Result<(String, BufReader<ChildStdout>)> {
-    let mut r = BufReader::new(out);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            bail!("{what} exited before it was ready (see its messages above)");
-        }
-        if line.contains(needle) {
-            return Ok((line.trim().to_string(), r));
-        }
-    }
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
@@ -106,112 +77,56 @@ pub fn run(a: DemoArgs) -> Result<()> {
 }
 
 fn run_in(a: &DemoArgs, backend: Backend, exe: &Path, dir: &Path) -> Result<()> {
-    let src_sock: PathBuf = dir.join("source.sock");
-    // A key for this demo only: both processes authenticate with it.
-    let key_file = dir.join("migration.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key_file)
-            .context("writing the demo's key")?;
-        std::io::Write::write_all(&mut f, livemig_engine::auth::Key::generate().as_bytes())?;
-    }
-    let dst_sock: PathBuf = dir.join("destination.sock");
     let say = |m: &str| {
         if !a.json {
             eprintln!("{m}");
         }
     };
-
-    say("livemig demo: starting the destination (livemig receive) ...");
-    let mut recv = Command::new(exe);
-    recv.args([
-        "receive",
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        &value(backend),
-        "--json",
-    ])
-    .arg("--socket")
-    .arg(&dst_sock)
-    .arg("--key-file")
-    .arg(&key_file)
-    .stdout(Stdio::piped());
-    if !a.no_reserve {
-        recv.args(["--reserve-mib", &a.memory.to_string()]);
-    }
-    let mut dst = Guard(recv.spawn().context("starting livemig receive")?);
-    let out = dst.0.stdout.take().context("destination stdout")?;
-    let (line, mut dst_out) = wait_line(out, "the destination", "listening on ")?;
-    let addr = line.rsplit(' ').next().unwrap_or_default().to_string();
-
+    // A key for this demo only: both processes authenticate with it.
+    let key_file = pair::write_key(dir)?;
     say(&format!(
-        "livemig demo: starting a {} MiB {} guest (livemig run-vm) ...",
+        "livemig demo: starting a destination (livemig receive) and a {} MiB {} guest (livemig run-vm) ...",
         a.memory,
         value(backend)
     ));
-    let mut run = Command::new(exe);
-    run.arg("run-vm")
-        .arg("--key-file")
-        .arg(&key_file)
-        .arg("--socket")
-        .arg(&src_sock)
-        .args(["--memory", &a.memory.to_string()])
-        .args(["--vcpus", &a.vcpus.to_string()])
-        .args(["--fill", &value(a.fill)])
-        .args(["--working-set", &a.working_set.to_string()])
-        .args(["--dirty-rate", &a.dirty_rate.to_string()])
-        .args(["--pattern", &value(a.pattern)])
-        .args(["--backend", &value(backend)])
-        .stdout(Stdio::piped());
-    let mut src = Guard(run.spawn().context("starting livemig run-vm")?);
-    let out = src.0.stdout.take().context("source stdout")?;
-    let _ = wait_line(out, "the source VM", "VM running")?;
+    let p = Pair::start(&PairSpec {
+        exe,
+        dir,
+        key_file: &key_file,
+        backend,
+        reserve_mib: (!a.no_reserve).then_some(a.memory),
+        ns: None,
+        listen: "127.0.0.1:0".into(),
+        vm_args: vec![
+            "--memory".into(),
+            a.memory.to_string(),
+            "--vcpus".into(),
+            a.vcpus.to_string(),
+            "--fill".into(),
+            value(a.fill),
+            "--working-set".into(),
+            a.working_set.to_string(),
+            "--dirty-rate".into(),
+            a.dirty_rate.to_string(),
+            "--pattern".into(),
+            value(a.pattern),
+        ],
+    })?;
     // Let the guest run a moment so the migration catches it mid-flight.
     std::thread::sleep(Duration::from_millis(300));
-    let before = client::request(&src_sock, &json!({"cmd": "status"}))?;
+    let before = client::request(&p.src_sock, &json!({"cmd": "status"}))?;
     say(&format!(
-        "livemig demo: guest running, counter {}; migrating to {addr} ...",
-        before["guest_counter"]
+        "livemig demo: guest running, counter {}; migrating to {} ...",
+        before["guest_counter"], p.addr
     ));
-
-    let report = client::drive(&src_sock, &a.tuning.request(&addr), a.json)?;
-
-    // The destination prints one JSON line once the guest runs there.
-    let mut line = String::new();
-    dst_out.read_line(&mut line)?;
-    let dst_info: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
-    std::thread::sleep(Duration::from_millis(100));
-    let after = client::request(&dst_sock, &json!({"cmd": "status"}))?;
-    let src_status = client::request(&src_sock, &json!({"cmd": "status"}))?;
-    let _ = client::request(&dst_sock, &json!({"cmd": "stop"}));
-    let _ = client::request(&src_sock, &json!({"cmd": "stop"}));
-    drop(src);
-    drop(dst);
-
-    let mut report = report;
-    if let Value::Object(m) = &mut report {
-        m.insert(
-            "destination_reserved_ram".into(),
-            dst_info["used_reserved_ram"].clone(),
-        );
-        m.insert(
-            "destination_guest_counter".into(),
-            after["guest_counter"].clone(),
-        );
-        m.insert("source_phase_after".into(), src_status["phase"].clone());
-    }
+    let report = p.migrate(&a.tuning.request(""), a.json)?;
     client::finish(&report, a.json)?;
     if !a.json {
         println!(
-            "  {:<28} {} (source: {})",
+            "  {:<28} {} on the destination (source: {})",
             "VM now",
-            after["phase"].as_str().unwrap_or("?").to_string() + " on the destination",
-            src_status["phase"].as_str().unwrap_or("?")
+            report["destination_phase"].as_str().unwrap_or("?"),
+            report["source_phase_after"].as_str().unwrap_or("?")
         );
     }
     Ok(())

@@ -5,6 +5,7 @@
 
 mod client;
 mod demo;
+mod pair;
 mod vm_process;
 
 use std::path::PathBuf;
