@@ -3,6 +3,8 @@
 //! The CLI is a thin layer over `livemig-engine`: it runs VM processes with a JSON control
 //! socket, receives migrations, drives them and shows their progress.
 
+mod bench;
+mod bench_plot;
 mod client;
 mod demo;
 mod pair;
@@ -39,6 +41,11 @@ enum Command {
     Cancel(SocketArg),
     /// Stop a VM process.
     Stop(SocketArg),
+    /// Benchmark matrix: livemig vs QEMU vs the physical limits, tables and plots.
+    Bench(bench::BenchArgs),
+    /// Raw TCP throughput between two hosts (a helper of `bench`).
+    #[command(hide = true)]
+    BenchLink(bench::LinkArgs),
 }
 
 /// Which VMM runs the guest.
@@ -211,5 +218,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status(a) => client::simple(&a.vm, "status"),
         Command::Cancel(a) => client::simple(&a.vm, "cancel"),
         Command::Stop(a) => client::simple(&a.vm, "stop"),
+        Command::Bench(a) => bench::run(a),
+        Command::BenchLink(a) => bench::link(a),
     }
 }

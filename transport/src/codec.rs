@@ -316,7 +316,9 @@ impl Encoder {
     pub fn auto_compresses(&self) -> bool {
         let a = &self.auto;
         if a.comp_speed == 0.0 || a.link_speed == 0.0 {
-            return true; // measure first
+            // Raw until both are measured: raw writes fill the socket queue and so measure
+            // the link; the probes below measure the compressor.
+            return false;
         }
         // Compressing overlaps with the socket draining what was queued before, so the
         // compressed pipeline moves min(C, L / ratio) raw bytes per second against L raw: it
@@ -338,7 +340,7 @@ impl Encoder {
         // `auto` probes LZ4 every 32 chunks even while it sends raw, to notice content change.
         let compress = match self.mode {
             Mode::Lz4 | Mode::Zstd(_) => true,
-            Mode::Auto => self.auto_compresses() || self.auto.chunks % 32 == 0,
+            Mode::Auto => self.auto_compresses() || self.auto.chunks % 32 == 1,
             _ => false,
         };
         for &(addr, len, host) in extents {
