@@ -246,14 +246,18 @@ impl DataSender {
     /// Feeds the encoder the rate at which the peer acknowledged bytes since the last sample.
     fn sample_link(&mut self, enc: &mut Encoder) {
         let now = std::time::Instant::now();
-        let Some(acked) = bytes_acked(&self.stream) else {
+        let Some((acked, queued)) = tcp_progress(&self.stream) else {
             return;
         };
         match self.rate_sample {
             Some((t, a)) if now.duration_since(t) >= RATE_INTERVAL => {
-                enc.record_link_rate(
-                    acked.saturating_sub(a) as f64 / now.duration_since(t).as_secs_f64(),
-                );
+                // Only a sample taken with data still queued measures the link; with an
+                // empty queue the sender (compressing, say) was the bottleneck.
+                if queued >= QUEUED_FOR_SAMPLE {
+                    enc.record_link_rate(
+                        acked.saturating_sub(a) as f64 / now.duration_since(t).as_secs_f64(),
+                    );
+                }
                 self.rate_sample = Some((now, acked));
             }
             Some(_) => {}
@@ -563,7 +567,11 @@ fn put_header(buf: &mut Vec<u8>, kind: u16, count: u16, value: u64) {
 }
 
 /// Bytes of this connection the peer has acknowledged so far.
-fn bytes_acked(stream: &TcpStream) -> Option<u64> {
+/// Bytes the sender must still have queued for a rate sample to count.
+const QUEUED_FOR_SAMPLE: u32 = 64 << 10;
+
+/// `(bytes the peer acknowledged so far, bytes queued but not yet sent)`.
+fn tcp_progress(stream: &TcpStream) -> Option<(u64, u32)> {
     // SAFETY: tcp_info is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -577,8 +585,8 @@ fn bytes_acked(stream: &TcpStream) -> Option<u64> {
             &mut len,
         )
     };
-    (r == 0 && len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received))
-        .then_some(info.tcpi_bytes_acked)
+    (r == 0 && len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt))
+        .then_some((info.tcpi_bytes_acked, info.tcpi_notsent_bytes))
 }
 
 /// Shortest interval over which the link rate is sampled.

@@ -452,7 +452,8 @@ pub fn fill(ram: &GuestRam, fill: Fill, seed: u64) {
                         let block_seed = seed ^ (gpa + off as u64).wrapping_mul(0x9e37_79b9);
                         // Mixed RAM: a third each of zero, text-like and random blocks.
                         let kind = match fill {
-                            Fill::Mixed => [Fill::Zero, Fill::Text, Fill::Random][((gpa as usize + off) / FILL_BLOCK) % 3],
+                            Fill::Mixed => [Fill::Zero, Fill::Text, Fill::Random]
+                                [((gpa as usize + off) / FILL_BLOCK) % 3],
                             f => f,
                         };
                         if kind == Fill::Zero {
