@@ -61,32 +61,48 @@ impl Link {
 /// What migrates the RAM.
 #[derive(Debug, Clone, PartialEq)]
 enum Variant {
+    /// `reserve`: the destination reserves and faults in its RAM before the migration.
     Livemig {
         channels: u16,
         compress: &'static str,
+        reserve: bool,
     },
+    /// `prealloc`: the destination QEMU faults in its RAM at start (`prealloc=on`).
     Qemu {
         channels: u16,
         zstd: bool,
+        prealloc: bool,
     },
 }
 
 impl Variant {
     fn label(&self) -> String {
         match self {
-            Variant::Livemig { channels, compress } => {
-                format!("livemig tcp x{channels} {compress}")
-            }
+            Variant::Livemig {
+                channels,
+                compress,
+                reserve,
+            } => format!(
+                "livemig tcp x{channels} {compress}{}",
+                if *reserve { "" } else { " (no reserve)" }
+            ),
             Variant::Qemu {
                 channels: 1,
                 zstd: false,
-            } => "qemu single".into(),
-            Variant::Qemu { channels, zstd } => {
-                format!(
-                    "qemu multifd x{channels}{}",
-                    if *zstd { " zstd" } else { "" }
-                )
-            }
+                prealloc,
+            } => format!(
+                "qemu single{}",
+                if *prealloc { "" } else { " (no prealloc)" }
+            ),
+            Variant::Qemu {
+                channels,
+                zstd,
+                prealloc,
+            } => format!(
+                "qemu multifd x{channels}{}{}",
+                if *zstd { " zstd" } else { "" },
+                if *prealloc { "" } else { " (no prealloc)" }
+            ),
         }
     }
     fn system(&self) -> &'static str {
@@ -138,8 +154,16 @@ fn fill_name(f: Fill) -> &'static str {
 
 fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
     let mut cells = Vec::new();
-    let lm = |channels, compress| Variant::Livemig { channels, compress };
-    let q = |channels, zstd| Variant::Qemu { channels, zstd };
+    let lm = |channels, compress| Variant::Livemig {
+        channels,
+        compress,
+        reserve: true,
+    };
+    let q = |channels, zstd| Variant::Qemu {
+        channels,
+        zstd,
+        prealloc: true,
+    };
     let mut add = |link, fill, memory_mib, dirty_rate, variants: Vec<Variant>| {
         for v in variants {
             if matches!(v, Variant::Qemu { .. }) && !qemu {
@@ -401,19 +425,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 rep + 1
             ));
             let r = match &cell.variant {
-                Variant::Livemig { channels, compress } => run_livemig(
+                Variant::Livemig {
+                    channels,
+                    compress,
+                    reserve,
+                } => run_livemig(
                     &exe,
                     &work,
                     &key_file,
                     backend,
                     cell,
                     hosts.get(&cell.link),
-                    *channels,
-                    compress,
+                    (*channels, compress, *reserve),
                 ),
-                Variant::Qemu { channels, zstd } => {
-                    run_qemu(&work, cell, hosts.get(&cell.link), *channels, *zstd)
-                }
+                Variant::Qemu {
+                    channels,
+                    zstd,
+                    prealloc,
+                } => run_qemu(
+                    &work,
+                    cell,
+                    hosts.get(&cell.link),
+                    *channels,
+                    *zstd,
+                    *prealloc,
+                ),
             };
             bar.inc(1);
             let r = match r {
@@ -500,8 +536,7 @@ fn run_livemig(
     backend: Backend,
     cell: &Cell,
     hosts: Option<&Hosts>,
-    channels: u16,
-    compress: &str,
+    (channels, compress, reserve): (u16, &str, bool),
 ) -> Result<Value> {
     let dir = work.join("pair");
     let _ = std::fs::remove_dir_all(&dir);
@@ -511,7 +546,7 @@ fn run_livemig(
         dir: &dir,
         key_file: key,
         backend,
-        reserve_mib: Some(cell.memory_mib),
+        reserve_mib: reserve.then_some(cell.memory_mib),
         ns: hosts.map(|h| (h.ns_a.as_str(), h.ns_b.as_str())),
         listen: hosts
             .map(|h| format!("{}:7400", h.addr_b))
@@ -641,6 +676,7 @@ fn run_qemu(
     hosts: Option<&Hosts>,
     channels: u16,
     zstd: bool,
+    prealloc: bool,
 ) -> Result<Value> {
     let src_ram = PathBuf::from(format!(
         "/dev/shm/livemig-bench-qemu-src-{}",
@@ -666,14 +702,15 @@ fn run_qemu(
             false,
             false,
         )?;
-        // The destination faults its RAM in before the migration starts, as ours does.
+        // With prealloc the destination faults its RAM in before the migration starts, as
+        // ours does with its reserve.
         let _dst = qemu(
             hosts.map(|h| h.ns_b.as_str()),
             &dst_ram,
             cell.memory_mib,
             &qd,
             true,
-            true,
+            prealloc,
         )?;
         let mut s = Qmp::connect(&qs)?;
         let mut d = Qmp::connect(&qd)?;
@@ -1015,10 +1052,18 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
     }
     s.push_str("\n\n| link | content | RAM MiB | dirty pages/s | variant | total ms (median [min–max]) | downtime ms | GB/s | wire / RAM | vs QEMU single | digest |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    // Each row against QEMU's single stream in the same destination-RAM regime.
     let qemu_single = |r: &Row| {
+        let cold = r.variant.ends_with("(no reserve)") || r.variant.ends_with("(no prealloc)");
+        let peer = if cold {
+            "qemu single (no prealloc)"
+        } else {
+            "qemu single"
+        };
         rows.iter()
             .find(|q| {
-                q.variant == "qemu single"
+                q.variant == peer
+                    && q.variant != r.variant
                     && q.link == r.link
                     && q.content == r.content
                     && q.memory_mib == r.memory_mib
@@ -1028,7 +1073,6 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
     };
     for r in rows {
         let vs = qemu_single(r)
-            .filter(|_| r.variant != "qemu single")
             .map(|q| format!("{:.2}× faster", q / r.total_ms_median.max(1e-9)))
             .unwrap_or_else(|| "—".into());
         s.push_str(&format!(
