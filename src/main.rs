@@ -177,6 +177,13 @@ struct ReceiveArgs {
     /// VMM backend for the incoming VM.
     #[arg(long, value_enum, default_value_t = Backend::Kvm)]
     backend: Backend,
+    /// Longest silence from the source before giving up on it, in seconds (handshake,
+    /// pre-copy without pages, switchover).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_secs: u64,
+    /// Refuse incoming VMs with more RAM than this (MiB; default: this host's memory).
+    #[arg(long, default_value_t = 0)]
+    max_memory_mib: u64,
     /// Exit as soon as the VM runs here, stopping it (for tests and demos).
     #[arg(long)]
     exit_after_resume: bool,

@@ -95,9 +95,10 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         &listener,
         IncomingOptions {
             reserved,
-            timeout: Duration::from_secs(60),
+            timeout: Duration::from_secs(args.timeout_secs),
             progress_wait: Duration::from_secs(3),
             key: key.clone(),
+            max_ram_bytes: args.max_memory_mib << 20,
         },
         &make,
     )

@@ -244,3 +244,47 @@ fn wrong_key_is_refused_on_both_sides_before_any_state() {
     let (code, err) = rx.wait_exit(Duration::from_secs(20));
     assert_clean_error(code, &err, "authentication failed");
 }
+
+#[test]
+fn more_ram_than_the_destination_accepts_is_refused_before_allocating() {
+    let (rx, addr) = receive(
+        &[],
+        "127.0.0.1:0",
+        &["--backend", "memory", "--max-memory-mib", "64"],
+    );
+    let mut c = TcpStream::connect(&addr).unwrap();
+    let token = authenticate(&mut c);
+    send(
+        &mut c,
+        &Message::Config {
+            machine: livemig_engine::vm::memory_only::MACHINE.into(),
+            spec: VmSpec {
+                memory_mib: 1 << 20,
+                ..VmSpec::default()
+            },
+            layout: RamLayout::single(1 << 40),
+            channels: 1,
+            token,
+        },
+    );
+    match recv(&mut c) {
+        Message::Refuse { reason } => assert!(reason.contains("at most 64 MiB"), "{reason}"),
+        m => panic!("expected Refuse, got {m:?}"),
+    }
+    let (code, err) = rx.wait_exit(Duration::from_secs(20));
+    assert_clean_error(code, &err, "accepts at most");
+}
+
+#[test]
+fn a_silent_source_cannot_hold_the_destination() {
+    let (rx, addr) = receive(
+        &[],
+        "127.0.0.1:0",
+        &["--backend", "memory", "--timeout-secs", "2"],
+    );
+    let (_c, token) = handshake(&addr);
+    let _d = data_channel(&addr, token);
+    // Connected, authenticated, channels open — and then nothing.
+    let (code, err) = rx.wait_exit(Duration::from_secs(30));
+    assert_clean_error(code, &err, "sent neither pages nor device state");
+}

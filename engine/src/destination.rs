@@ -41,6 +41,8 @@ pub struct IncomingOptions {
     pub progress_wait: Duration,
     /// Pre-shared key; None accepts only sources without one (`--no-auth`).
     pub key: Option<Key>,
+    /// Largest RAM an incoming VM may declare (0: this host's physical memory).
+    pub max_ram_bytes: u64,
 }
 
 /// A migrated VM, running on the destination.
@@ -165,6 +167,25 @@ pub fn receive(
         ))));
     }
 
+    // A peer cannot make this host allocate more than it is willing to host: the RAM (and the
+    // per-page hashes, 1/512 of it) is bounded before anything is allocated.
+    let max_ram = if opts.max_ram_bytes == 0 {
+        host_memory_bytes()
+    } else {
+        opts.max_ram_bytes
+    };
+    if layout.total_bytes() > max_ram {
+        let reason = format!(
+            "the VM has {} MiB of RAM; this destination accepts at most {} MiB (see --max-memory-mib)",
+            layout.total_bytes() >> 20,
+            max_ram >> 20
+        );
+        let _ = ctl.send(&Message::Refuse {
+            reason: reason.clone(),
+        });
+        return Err(MigrationError::Vm(VmError::InvalidSpec(reason)));
+    }
+
     // Skeleton VM and RAM.
     let (ram, used_reserved_ram) = match opts.reserved.take() {
         Some(r) if r.layout() == &layout => (r, true),
@@ -264,14 +285,28 @@ fn switchover(
     timeout: Duration,
     layout: &RamLayout,
 ) -> Result<(), MigrationError> {
-    // Pre-copy may last long: wait for device state as long as the data keeps the session
-    // alive; a dead source closes the connection.
-    let (final_round, sections) = match ctl.recv(None, "waiting for device state")? {
-        Message::DeviceState {
-            final_round,
-            sections,
-        } => (final_round, sections),
-        m => return Err(ctl.unexpected(&m, "waiting for DeviceState")),
+    // Pre-copy may last long: wait for device state as long as pages keep arriving; a source
+    // that sends nothing for `timeout` is given up on (it cannot hold the destination forever).
+    let mut seen = shared.pages.load(Ordering::Relaxed);
+    let (final_round, sections) = loop {
+        match ctl.recv(Some(timeout), "waiting for device state") {
+            Ok(Message::DeviceState {
+                final_round,
+                sections,
+            }) => break (final_round, sections),
+            Ok(m) => return Err(ctl.unexpected(&m, "waiting for DeviceState")),
+            Err(MigrationError::Timeout { .. }) => {
+                let now = shared.pages.load(Ordering::Relaxed);
+                if now == seen {
+                    return Err(MigrationError::Timeout {
+                        secs: timeout.as_secs(),
+                        during: "pre-copy: the source sent neither pages nor device state",
+                    });
+                }
+                seen = now;
+            }
+            Err(e) => return Err(e),
+        }
     };
     shared.wait_round(final_round, timeout)?;
     vm.restore_state(&sections)?;
@@ -615,4 +650,21 @@ fn spawn_receiver(
             }
         })
         .map_err(|e| MigrationError::Aborted(format!("cannot start receiver thread {index}: {e}")))
+}
+
+/// Physical memory of this host, in bytes (a conservative 1 GiB if it cannot be read).
+fn host_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|k| k.parse::<u64>().ok())
+                })
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(1 << 30)
 }
