@@ -6,7 +6,10 @@
 //! - [`frame`]: length-prefixed control messages with a hard size cap;
 //! - [`tcp`]: data channels that send extents of registered memory straight from it
 //!   (`writev`, no staging copy) and receive them straight into it (`readv`), interleaved
-//!   with opaque markers that the engine uses for round barriers.
+//!   with opaque markers that the engine uses for round barriers;
+//! - [`rdma`] (feature `rdma`, on by default): one-sided RDMA WRITEs from registered source
+//!   memory into registered destination memory over reliable-connected queue pairs, on the
+//!   host's libibverbs.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -42,6 +45,8 @@
 pub mod codec;
 pub mod frame;
 mod memory_map;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod tcp;
 
 pub use memory_map::{MappedRegion, MemoryMap};
@@ -84,4 +89,23 @@ pub enum TransportError {
         /// Length in bytes.
         len: u64,
     },
+    /// The RDMA transport failed.
+    #[cfg(feature = "rdma")]
+    #[error(transparent)]
+    Rdma(#[from] rdma::RdmaError),
+}
+
+/// 32 random bits from the kernel (falls back to the clock).
+#[cfg(feature = "rdma")]
+fn random_u32() -> u32 {
+    let mut v = 0u32;
+    // SAFETY: getrandom writes at most 4 bytes into `v`, which is valid for 4 bytes.
+    let n = unsafe { libc::getrandom((&raw mut v).cast(), 4, 0) };
+    if n != 4 {
+        v = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0x5eed);
+    }
+    v
 }
