@@ -580,6 +580,14 @@ impl Shared {
     }
 }
 
+/// Work for a receiver's hashing thread.
+enum HashJob {
+    /// Ranges the receiver wrote.
+    Pages(Vec<(u64, u64)>),
+    /// Answer with the CPU time used since the last flush once every earlier job is done.
+    Flush(crossbeam_channel::Sender<u64>),
+}
+
 fn spawn_receiver(
     index: usize,
     mut rx: DataReceiver,
@@ -596,22 +604,60 @@ fn spawn_receiver(
             if let Some(cores) = core_affinity::get_core_ids().filter(|c| !c.is_empty()) {
                 core_affinity::set_for_current(cores[cores.len() - 1 - index % cores.len()]);
             }
+            // Page hashing runs beside the receiver, in the time the receiver waits on its
+            // socket; each round's hashing finishes before the receiver reaches the round's
+            // barrier, so no page is hashed while a later round rewrites it.
+            let (jobs, job_rx) = crossbeam_channel::bounded::<HashJob>(8);
+            let hasher = {
+                let map = map.clone();
+                let hashes = hashes.clone();
+                std::thread::Builder::new()
+                    .name(format!("livemig-hash{index}"))
+                    .spawn(move || {
+                        let mut cpu = thread_cpu_ns();
+                        for job in job_rx {
+                            match job {
+                                HashJob::Pages(ranges) => {
+                                    for (gpa, len) in ranges {
+                                        if let Ok(host) = map.host_ptr(gpa, len) {
+                                            // SAFETY: the receiver wrote this range in the
+                                            // current round and nothing writes it again
+                                            // before the round's barrier, which waits for
+                                            // this job (Flush below).
+                                            unsafe { hashes.update(gpa, len, host) };
+                                        }
+                                    }
+                                }
+                                HashJob::Flush(done) => {
+                                    let now = thread_cpu_ns();
+                                    let _ = done.send(now - cpu);
+                                    cpu = now;
+                                }
+                            }
+                        }
+                    })
+            };
+            let Ok(hasher) = hasher else {
+                shared.fail(format!("channel {index}: cannot start its hashing thread"));
+                return;
+            };
             let mut landed = Landed::default();
             let mut expected_round = 0u64;
             let mut cpu = thread_cpu_ns();
-            loop {
+            let result = loop {
                 landed.clear();
                 match rx.recv(&map, &mut landed) {
                     Ok(Received::Extents { .. }) => {
                         let mut pages = 0;
-                        for &(gpa, len) in &landed.data {
-                            if let Ok(host) = map.host_ptr(gpa, len) {
-                                // SAFETY: the range was just written by this receiver and is
-                                // inside registered RAM; nothing else writes it until the next
-                                // round's barrier.
-                                unsafe { hashes.update(gpa, len, host) };
-                            }
+                        for &(_, len) in &landed.data {
                             pages += len / PAGE_SIZE;
+                        }
+                        if !landed.data.is_empty()
+                            && jobs
+                                .send(HashJob::Pages(std::mem::take(&mut landed.data)))
+                                .is_err()
+                        {
+                            break Err(format!("channel {index}: hashing thread stopped"));
                         }
                         for &(gpa, len) in &landed.zero {
                             // Zero pages were not written by the transport: clear the ones an
@@ -629,24 +675,37 @@ fn spawn_receiver(
                     }
                     Ok(Received::Marker(round)) => {
                         if round != expected_round {
-                            shared.fail(format!(
+                            break Err(format!(
                                 "channel {index}: round marker {round}, expected {expected_round}"
                             ));
-                            return;
                         }
                         expected_round += 1;
+                        // The round's pages are hashed before this channel reaches the barrier.
+                        let (done, wait) = crossbeam_channel::bounded(1);
+                        let hash_cpu = match jobs
+                            .send(HashJob::Flush(done))
+                            .ok()
+                            .and_then(|()| wait.recv().ok())
+                        {
+                            Some(ns) => ns,
+                            None => break Err(format!("channel {index}: hashing thread stopped")),
+                        };
                         let now = thread_cpu_ns();
-                        shared.cpu_ns.fetch_add(now - cpu, Ordering::Relaxed);
+                        shared
+                            .cpu_ns
+                            .fetch_add(now - cpu + hash_cpu, Ordering::Relaxed);
                         cpu = now;
                         if shared.arrive(round).is_err() {
-                            return;
+                            break Ok(());
                         }
                     }
-                    Err(e) => {
-                        shared.fail(format!("channel {index}: {e}"));
-                        return;
-                    }
+                    Err(e) => break Err(format!("channel {index}: {e}")),
                 }
+            };
+            drop(jobs);
+            let _ = hasher.join();
+            if let Err(e) = result {
+                shared.fail(e);
             }
         })
         .map_err(|e| MigrationError::Aborted(format!("cannot start receiver thread {index}: {e}")))
