@@ -2,7 +2,9 @@
 //!
 //! One TCP control connection carries the exchange below; `channels` TCP data connections
 //! carry pages (see `livemig_transport::tcp`), each opened with a [`Message::ChannelHello`]
-//! bound to the session token.
+//! bound to the session token — or, when both sides agreed on [`FEATURE_RDMA`], `channels`
+//! RDMA queue pairs write pages straight into destination RAM (see `livemig_transport::rdma`)
+//! and no data connection is opened.
 //!
 //! ```text
 //! source                                   destination
@@ -17,7 +19,14 @@
 //!   | data: round k pages ... Marker(k)          |
 //!   |   (source pauses the guest)                |
 //!   | data: final round pages ... Marker(n)      |
-//!   | DeviceState {final_round, sections} -----> |  waits for round n, restores state
+//!   |   -- or, with RDMA (FEATURE_RDMA in Hello and Welcome) --
+//!   | RdmaConnect {N QPs: qpn, psn, gid} ------> |  registers RAM for remote writes,
+//!   | <---- RdmaAccept {N QPs, rkey per region}  |  connects N QPs to the source's
+//!   | RDMA WRITEs of round k (destination CPU idle); when all completed:
+//!   | RoundProgress {k, pages, complete} ------> |  (also sent while a long round runs)
+//!   |   (source pauses the guest; final round n the same way)
+//!   | DeviceState {final_round, sections} -----> |  RDMA: revokes the source's access
+//!   |   -- both --                               |  waits for round n, restores state
 //!   | <--------------------- Prepared {digest}   |
 //!   | Commit -------------------------------->   |  resumes the guest
 //!   | <------------------------------- Resumed   |
@@ -35,7 +44,7 @@
 //! newest version is refused with a message that says so: older sources may migrate to newer
 //! destinations, never the reverse.
 
-use crate::memory::{RamLayout, RamRegionSpec, MAX_REGIONS};
+use crate::memory::{RamLayout, RamRegionSpec, MAX_REGIONS, PAGE_SIZE};
 use crate::vm::{DeviceSection, Fill, Pattern, VmSpec, Workload};
 
 /// "LVMG" little-endian: first bytes of a Hello.
@@ -56,6 +65,39 @@ pub const MAX_REASON: usize = 4096;
 pub const MAX_CHANNELS: u16 = 64;
 /// Cap on vCPUs.
 pub const MAX_VCPUS: u32 = 256;
+/// Feature bit: the source offers (Hello) / the destination accepts (Welcome) RDMA data
+/// channels.
+pub const FEATURE_RDMA: u64 = 1;
+/// Largest RDMA queue pair number or packet sequence number (24 bits).
+pub const MAX_QPN: u32 = 0x00ff_ffff;
+
+/// Connection parameters of one RDMA queue pair (reliable connected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RdmaQp {
+    /// QP number (1..=[`MAX_QPN`]).
+    pub qpn: u32,
+    /// First packet sequence number (at most [`MAX_QPN`]).
+    pub psn: u32,
+    /// GID of the port (IPv6 form; IPv4-mapped on RoCE v2 over IPv4).
+    pub gid: [u8; 16],
+    /// LID of the port (InfiniBand; 0 on RoCE).
+    pub lid: u16,
+    /// Active MTU code of the port: 1 = 256 bytes ... 5 = 4096 bytes.
+    pub mtu: u8,
+}
+
+/// A region of destination RAM the source may write with RDMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RdmaRegion {
+    /// Guest-physical start (page aligned).
+    pub gpa: u64,
+    /// Length in bytes (page multiple).
+    pub len: u64,
+    /// Address of `gpa` in the destination's registration.
+    pub addr: u64,
+    /// Remote key.
+    pub rkey: u32,
+}
 
 /// Errors decoding a message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -177,6 +219,30 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// Source → destination (after Ready, instead of data connections): the source's RDMA
+    /// queue pairs, one per channel.
+    RdmaConnect {
+        /// The queue pairs.
+        qps: Vec<RdmaQp>,
+    },
+    /// Destination → source: the destination's queue pairs (connected to the source's, in
+    /// the same order) and its RAM regions registered for remote writes.
+    RdmaAccept {
+        /// The queue pairs.
+        qps: Vec<RdmaQp>,
+        /// One per RAM region of the layout, in order.
+        regions: Vec<RdmaRegion>,
+    },
+    /// Source → destination, RDMA only (the destination CPU sees no page arrive): pages of
+    /// `round` written so far; `complete` once every write of the round completed.
+    RoundProgress {
+        /// Round number.
+        round: u64,
+        /// Pages of the round written (complete) or queued (not yet complete).
+        pages: u64,
+        /// Every write of the round completed.
+        complete: bool,
+    },
 }
 
 const T_HELLO: u16 = 1;
@@ -192,6 +258,9 @@ const T_RESUMED: u16 = 10;
 const T_PROGRESS: u16 = 11;
 const T_ABORT: u16 = 12;
 const T_AUTH: u16 = 13;
+const T_RDMA_CONNECT: u16 = 14;
+const T_RDMA_ACCEPT: u16 = 15;
+const T_ROUND_PROGRESS: u16 = 16;
 
 impl Message {
     /// Short name, for errors and logs.
@@ -210,6 +279,9 @@ impl Message {
             Message::Resumed => "Resumed",
             Message::Progress { .. } => "Progress",
             Message::Abort { .. } => "Abort",
+            Message::RdmaConnect { .. } => "RdmaConnect",
+            Message::RdmaAccept { .. } => "RdmaAccept",
+            Message::RoundProgress { .. } => "RoundProgress",
         }
     }
 
@@ -309,6 +381,31 @@ impl Message {
                 put_str(&mut w, reason);
                 T_ABORT
             }
+            Message::RdmaConnect { qps } => {
+                put_qps(&mut w, qps);
+                T_RDMA_CONNECT
+            }
+            Message::RdmaAccept { qps, regions } => {
+                put_qps(&mut w, qps);
+                put_u16(&mut w, regions.len() as u16);
+                for r in regions {
+                    put_u64(&mut w, r.gpa);
+                    put_u64(&mut w, r.len);
+                    put_u64(&mut w, r.addr);
+                    put_u32(&mut w, r.rkey);
+                }
+                T_RDMA_ACCEPT
+            }
+            Message::RoundProgress {
+                round,
+                pages,
+                complete,
+            } => {
+                put_u64(&mut w, *round);
+                put_u64(&mut w, *pages);
+                w.push(u8::from(*complete));
+                T_ROUND_PROGRESS
+            }
         };
         (kind, w)
     }
@@ -329,6 +426,9 @@ impl Message {
             T_PROGRESS => "Progress",
             T_ABORT => "Abort",
             T_AUTH => "Auth",
+            T_RDMA_CONNECT => "RdmaConnect",
+            T_RDMA_ACCEPT => "RdmaAccept",
+            T_ROUND_PROGRESS => "RoundProgress",
             other => return Err(ProtocolError::UnknownType(other)),
         };
         let mut r = Reader {
@@ -465,6 +565,44 @@ impl Message {
             T_COMMIT => Message::Commit,
             T_RESUMED => Message::Resumed,
             T_PROGRESS => Message::Progress { delta: r.u64()? },
+            T_RDMA_CONNECT => Message::RdmaConnect { qps: r.qps()? },
+            T_RDMA_ACCEPT => {
+                let qps = r.qps()?;
+                let n = usize::from(r.u16()?);
+                if n == 0 || n > MAX_REGIONS {
+                    return Err(r.invalid(format!("{n} RDMA regions (1..={MAX_REGIONS})")));
+                }
+                let mut regions = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let (gpa, len, addr, rkey) = (r.u64()?, r.u64()?, r.u64()?, r.u32()?);
+                    if len == 0
+                        || gpa % PAGE_SIZE != 0
+                        || len % PAGE_SIZE != 0
+                        || gpa.checked_add(len).is_none()
+                        || addr.checked_add(len).is_none()
+                    {
+                        return Err(r.invalid(format!(
+                            "RDMA region {gpa:#x}+{len:#x} at {addr:#x}: unaligned, empty or wrapping"
+                        )));
+                    }
+                    regions.push(RdmaRegion {
+                        gpa,
+                        len,
+                        addr,
+                        rkey,
+                    });
+                }
+                Message::RdmaAccept { qps, regions }
+            }
+            T_ROUND_PROGRESS => Message::RoundProgress {
+                round: r.u64()?,
+                pages: r.u64()?,
+                complete: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    c => return Err(r.invalid(format!("complete flag {c}"))),
+                },
+            },
             _ => Message::Abort {
                 reason: r.string()?,
             },
@@ -520,6 +658,17 @@ fn put_u32(w: &mut Vec<u8>, v: u32) {
 fn put_u64(w: &mut Vec<u8>, v: u64) {
     w.extend_from_slice(&v.to_le_bytes());
 }
+fn put_qps(w: &mut Vec<u8>, qps: &[RdmaQp]) {
+    put_u16(w, qps.len() as u16);
+    for q in qps {
+        put_u32(w, q.qpn);
+        put_u32(w, q.psn);
+        w.extend_from_slice(&q.gid);
+        put_u16(w, q.lid);
+        w.push(q.mtu);
+    }
+}
+
 fn put_str(w: &mut Vec<u8>, s: &str) {
     let b = &s.as_bytes()[..s.len().min(MAX_REASON)];
     // Cut on a char boundary so the receiver gets valid UTF-8.
@@ -564,6 +713,30 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self) -> Result<u64, ProtocolError> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn qps(&mut self) -> Result<Vec<RdmaQp>, ProtocolError> {
+        let n = self.u16()?;
+        if n == 0 || n > MAX_CHANNELS {
+            return Err(self.invalid(format!("{n} RDMA queue pairs (1..={MAX_CHANNELS})")));
+        }
+        let mut qps = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
+            let q = RdmaQp {
+                qpn: self.u32()?,
+                psn: self.u32()?,
+                gid: self.array()?,
+                lid: self.u16()?,
+                mtu: self.u8()?,
+            };
+            if q.qpn == 0 || q.qpn > MAX_QPN || q.psn > MAX_QPN || !(1..=5).contains(&q.mtu) {
+                return Err(self.invalid(format!(
+                    "RDMA queue pair {:#x} (psn {:#x}, mtu code {}) out of range",
+                    q.qpn, q.psn, q.mtu
+                )));
+            }
+            qps.push(q);
+        }
+        Ok(qps)
     }
     fn string(&mut self) -> Result<String, ProtocolError> {
         let n = self.u32()? as usize;
@@ -651,7 +824,98 @@ mod tests {
             Message::Abort {
                 reason: "cancelled".into(),
             },
+            Message::RdmaConnect {
+                qps: vec![rdma_qp(17), rdma_qp(18)],
+            },
+            Message::RdmaAccept {
+                qps: vec![rdma_qp(33)],
+                regions: vec![RdmaRegion {
+                    gpa: 0,
+                    len: 64 << 20,
+                    addr: 0x7f00_0000_0000,
+                    rkey: 0x1234,
+                }],
+            },
+            Message::RoundProgress {
+                round: 2,
+                pages: 77,
+                complete: true,
+            },
         ]
+    }
+
+    fn rdma_qp(qpn: u32) -> RdmaQp {
+        RdmaQp {
+            qpn,
+            psn: 0xabcdef,
+            gid: [7; 16],
+            lid: 0,
+            mtu: 3,
+        }
+    }
+
+    #[test]
+    fn rdma_messages_are_checked() {
+        let bad_qp = |q: RdmaQp| {
+            let (k, p) = Message::RdmaConnect { qps: vec![q] }.encode();
+            Message::decode(k, &p)
+        };
+        assert!(bad_qp(rdma_qp(1)).is_ok());
+        for q in [
+            rdma_qp(0),
+            rdma_qp(MAX_QPN + 1),
+            RdmaQp {
+                psn: MAX_QPN + 1,
+                ..rdma_qp(1)
+            },
+            RdmaQp {
+                mtu: 0,
+                ..rdma_qp(1)
+            },
+            RdmaQp {
+                mtu: 6,
+                ..rdma_qp(1)
+            },
+        ] {
+            assert!(
+                matches!(bad_qp(q), Err(ProtocolError::Invalid { .. })),
+                "{q:?}"
+            );
+        }
+        let (k, p) = Message::RdmaConnect { qps: vec![] }.encode();
+        assert!(Message::decode(k, &p).is_err());
+        let (k, p) = Message::RdmaConnect {
+            qps: vec![rdma_qp(1); MAX_CHANNELS as usize + 1],
+        }
+        .encode();
+        assert!(Message::decode(k, &p).is_err());
+        let region = |gpa, len, addr| {
+            let (k, p) = Message::RdmaAccept {
+                qps: vec![rdma_qp(1)],
+                regions: vec![RdmaRegion {
+                    gpa,
+                    len,
+                    addr,
+                    rkey: 1,
+                }],
+            }
+            .encode();
+            Message::decode(k, &p)
+        };
+        assert!(region(0, 4096, 0).is_ok());
+        assert!(region(0, 0, 0).is_err());
+        assert!(region(1, 4096, 0).is_err());
+        assert!(region(0, 4095, 0).is_err());
+        assert!(region(u64::MAX - 4095, 8192, 0).is_err());
+        assert!(region(0, 8192, u64::MAX - 10).is_err());
+        let (k, mut p) = Message::RoundProgress {
+            round: 0,
+            pages: 0,
+            complete: false,
+        }
+        .encode();
+        p[16] = 2;
+        assert!(Message::decode(k, &p).is_err());
     }
 
     #[test]
