@@ -4,6 +4,13 @@
 //! Nothing is resumed before the source's Commit; any failure before it discards the VM and
 //! its RAM. Every address received is checked against the declared layout by the transport
 //! before a byte is written.
+//!
+//! With RDMA (the source offers it in Hello, this side accepts it in Welcome when it has a
+//! usable device) there are no receivers: RAM is registered for remote writes, the source's
+//! queue pairs write pages into it unseen, and the source announces finished rounds on the
+//! control channel. The registration and the queue pairs are torn down as soon as the device
+//! state arrives (the source has no business writing after that) and whenever the migration
+//! fails; the RAM digest is then computed with a full pass.
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,9 +23,9 @@ use livemig_transport::{frame, MappedRegion, MemoryMap};
 use tracing::{info, warn};
 
 use crate::auth::{self, Key};
-use crate::digest::PageHashes;
+use crate::digest::{ram_digest, PageHashes};
 use crate::memory::{GuestRam, Populate, RamLayout, PAGE_SIZE};
-use crate::protocol::{negotiate, Message, MAX_VCPUS};
+use crate::protocol::{negotiate, Message, ProtocolError, RdmaQp, FEATURE_RDMA, MAX_VCPUS};
 use crate::scheduler::thread_cpu_ns;
 use crate::session::{Control, MigrationError};
 use crate::vm::{MigratableVm, VmError, VmSpec};
@@ -43,7 +50,19 @@ pub struct IncomingOptions {
     pub key: Option<Key>,
     /// Largest RAM an incoming VM may declare (0: this host's physical memory).
     pub max_ram_bytes: u64,
+    /// RDMA device to take RDMA migrations on (default: the first active device with an
+    /// address in the source's subnet, else the first active device).
+    pub rdma_device: Option<String>,
 }
+
+/// An RDMA device opened for a migration (an uninhabited type without the `rdma` feature).
+#[cfg(feature = "rdma")]
+type RdmaDevice = Arc<livemig_transport::rdma::Device>;
+#[cfg(not(feature = "rdma"))]
+type RdmaDevice = std::convert::Infallible;
+
+/// The source's RDMA access to destination RAM; dropping it revokes that access.
+type RdmaAccess = Box<dyn std::any::Any + Send>;
 
 /// A migrated VM, running on the destination.
 pub struct Incoming {
@@ -83,12 +102,13 @@ pub fn receive(
 
     // Handshake: version, then mutual proof of the key, before any state is read.
     let nonce_d = auth::nonce();
+    let mut rdma_dev: Option<RdmaDevice> = None;
     let nonce_s = match ctl.recv(Some(timeout), "waiting for Hello")? {
         Message::Hello {
             min_version,
             max_version,
             nonce,
-            ..
+            features,
         } => match negotiate(min_version, max_version) {
             Ok(version) => {
                 let proof = opts
@@ -96,9 +116,12 @@ pub fn receive(
                     .as_ref()
                     .map(|k| k.destination_proof(&nonce, &nonce_d))
                     .unwrap_or([0; 32]);
+                if features & FEATURE_RDMA != 0 {
+                    rdma_dev = open_rdma(&opts, &ctl);
+                }
                 ctl.send(&Message::Welcome {
                     version,
-                    features: 0,
+                    features: if rdma_dev.is_some() { FEATURE_RDMA } else { 0 },
                     nonce: nonce_d,
                     proof,
                 })?;
@@ -214,7 +237,28 @@ pub fn receive(
         *shared.control.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
     }
     let result = (|| {
-        let receivers = accept_channels(listener, &mut ctl, channels, token, timeout)?;
+        let receivers = match accept_channels(
+            listener,
+            &mut ctl,
+            channels,
+            token,
+            timeout,
+            rdma_dev.is_some(),
+        )? {
+            Channels::Tcp(r) => r,
+            Channels::Rdma(qps) => {
+                let access = accept_rdma(&mut ctl, rdma_dev.take(), &ram, channels, &qps)?;
+                return switchover(
+                    &mut ctl,
+                    &*vm,
+                    &hashes,
+                    &shared,
+                    timeout,
+                    &layout,
+                    Some(access),
+                );
+            }
+        };
         let map = memory_map(&ram);
         let mut workers = Vec::new();
         for (i, rx) in receivers.into_iter().enumerate() {
@@ -233,7 +277,7 @@ pub fn receive(
                 shared.clone(),
             )?);
         }
-        let r = switchover(&mut ctl, &*vm, &hashes, &shared, timeout, &layout);
+        let r = switchover(&mut ctl, &*vm, &hashes, &shared, timeout, &layout, None);
         // A receiver's failure explains a control connection we cut because of it.
         let data_error = shared.first_error();
         shared.finish();
@@ -277,6 +321,9 @@ pub fn receive(
     })
 }
 
+/// Waits for the device state, restores it, answers Prepared and resumes on Commit. With
+/// `rdma` (the source's access to RAM), RDMA rounds are followed on the control channel and
+/// the access is revoked when the device state arrives.
 fn switchover(
     ctl: &mut Control,
     vm: &dyn MigratableVm,
@@ -284,7 +331,9 @@ fn switchover(
     shared: &Shared,
     timeout: Duration,
     layout: &RamLayout,
+    mut rdma: Option<RdmaAccess>,
 ) -> Result<(), MigrationError> {
+    let is_rdma = rdma.is_some();
     // Pre-copy may last long: wait for device state as long as pages keep arriving; a source
     // that sends nothing for `timeout` is given up on (it cannot hold the destination forever).
     let mut seen = shared.pages.load(Ordering::Relaxed);
@@ -294,6 +343,21 @@ fn switchover(
                 final_round,
                 sections,
             }) => break (final_round, sections),
+            Ok(Message::RoundProgress {
+                round,
+                pages,
+                complete,
+            }) if is_rdma => {
+                if let Err(reason) = shared.rdma_round(round, pages, complete) {
+                    return Err(MigrationError::Protocol {
+                        peer: ctl.peer().to_string(),
+                        source: ProtocolError::Invalid {
+                            msg: "RoundProgress",
+                            reason,
+                        },
+                    });
+                }
+            }
             Ok(m) => return Err(ctl.unexpected(&m, "waiting for DeviceState")),
             Err(MigrationError::Timeout { .. }) => {
                 let now = shared.pages.load(Ordering::Relaxed);
@@ -308,16 +372,40 @@ fn switchover(
             Err(e) => return Err(e),
         }
     };
-    shared.wait_round(final_round, timeout)?;
+    if is_rdma {
+        // Every write the source will make is done: revoke its access (QPs destroyed, RAM
+        // deregistered) before anything here reads or runs on that RAM.
+        drop(rdma.take());
+        let done = shared.lock().completed;
+        if done.is_none_or(|c| c < final_round) {
+            return Err(MigrationError::Aborted(format!(
+                "the source sent device state for final round {final_round} but completed \
+                 only {}",
+                done.map_or("no round".to_string(), |c| format!("round {c}"))
+            )));
+        }
+    } else {
+        shared.wait_round(final_round, timeout)?;
+    }
     vm.restore_state(&sections)?;
-    let digest = hashes.digest();
+    let (digest, cpu_ns) = if is_rdma {
+        // No receiver saw the pages: hash all of RAM once (inside the downtime).
+        let t = Instant::now();
+        let (d, cpu) = full_digest(vm.ram());
+        info!(
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "RAM digest (full pass)"
+        );
+        (d, cpu)
+    } else {
+        (hashes.digest(), shared.cpu_ns.load(Ordering::Relaxed))
+    };
     info!(
         final_round,
         digest = format!("{digest:016x}"),
         bytes = layout.total_bytes(),
         "prepared"
     );
-    let cpu_ns = shared.cpu_ns.load(Ordering::Relaxed);
     ctl.send(&Message::Prepared { digest, cpu_ns })?;
     match ctl.recv(Some(timeout), "waiting for Commit")? {
         Message::Commit => {}
@@ -331,14 +419,77 @@ fn switchover(
     Ok(())
 }
 
+/// [`ram_digest`] (same value), computed on every core: it runs inside the downtime. Returns
+/// the digest and the CPU time used.
+fn full_digest(ram: &GuestRam) -> (u64, u64) {
+    const PIECE: u64 = 16 << 20;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 16);
+    if threads == 1 {
+        let cpu = thread_cpu_ns();
+        let d = ram_digest(ram);
+        return (d, thread_cpu_ns().saturating_sub(cpu));
+    }
+    let hashes = PageHashes::new_zeroed(ram.layout());
+    let pieces: Vec<(u64, usize, u64)> = ram
+        .host_regions()
+        .into_iter()
+        .flat_map(|(gpa, host, len)| {
+            (0..len.div_ceil(PIECE)).map(move |i| {
+                let off = i * PIECE;
+                (
+                    gpa + off,
+                    host as usize + off as usize,
+                    PIECE.min(len - off),
+                )
+            })
+        })
+        .collect();
+    let next = AtomicU64::new(0);
+    let cpu = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let start = thread_cpu_ns();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(&(gpa, host, len)) = pieces.get(i) else {
+                        break;
+                    };
+                    // SAFETY: `host..host + len` lies inside a live mapping of `ram` (borrowed
+                    // for the whole scope); the guest is not running and the source's access
+                    // was revoked, so nothing writes it meanwhile.
+                    unsafe { hashes.update(gpa, len, host as *const u8) };
+                }
+                cpu.fetch_add(thread_cpu_ns().saturating_sub(start), Ordering::Relaxed);
+            });
+        }
+    });
+    (hashes.digest(), cpu.into_inner())
+}
+
+/// How the source sends pages.
+enum Channels {
+    /// TCP data connections, one receiver each.
+    Tcp(Vec<DataReceiver>),
+    /// RDMA: the source's queue pairs.
+    Rdma(Vec<RdmaQp>),
+}
+
+/// Accepts the data connections of the session — or, when `rdma` was agreed, the source's
+/// RdmaConnect on the control connection.
 fn accept_channels(
     listener: &TcpListener,
     ctl: &mut Control,
     channels: u16,
     token: u64,
     timeout: Duration,
-) -> Result<Vec<DataReceiver>, MigrationError> {
+    rdma: bool,
+) -> Result<Channels, MigrationError> {
     let mut slots: Vec<Option<DataReceiver>> = (0..channels).map(|_| None).collect();
+    let mut rdma_qps = None;
     let deadline = Instant::now() + timeout;
     let _ = listener.set_nonblocking(true);
     let result = (|| {
@@ -352,7 +503,10 @@ fn accept_channels(
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    control_quiet(ctl)?;
+                    if let Some(qps) = control_quiet(ctl, rdma)? {
+                        rdma_qps = Some(qps);
+                        return Ok(());
+                    }
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
                 }
@@ -378,22 +532,138 @@ fn accept_channels(
     })();
     let _ = listener.set_nonblocking(false);
     result?;
-    Ok(slots.into_iter().flatten().collect())
+    if let Some(qps) = rdma_qps {
+        return Ok(Channels::Rdma(qps));
+    }
+    Ok(Channels::Tcp(slots.into_iter().flatten().collect()))
 }
 
-/// While waiting for data channels, the source may abort or vanish on the control connection.
-fn control_quiet(ctl: &mut Control) -> Result<(), MigrationError> {
+/// While waiting for data channels, the source may abort or vanish on the control connection
+/// — or, with `rdma` agreed, send its queue pairs instead.
+fn control_quiet(ctl: &mut Control, rdma: bool) -> Result<Option<Vec<RdmaQp>>, MigrationError> {
     let _ = ctl.stream().set_nonblocking(true);
     let mut b = [0u8; 1];
     let peeked = ctl.stream().peek(&mut b);
     let _ = ctl.stream().set_nonblocking(false);
     match peeked {
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
         // Data, EOF or an error: let the control reader say what it is.
-        _ => {
-            let m = ctl.recv(Some(Duration::from_secs(5)), "waiting for data channels")?;
-            Err(ctl.unexpected(&m, "waiting for data channels"))
+        _ => match ctl.recv(Some(Duration::from_secs(5)), "waiting for data channels")? {
+            Message::RdmaConnect { qps } if rdma => Ok(Some(qps)),
+            m => Err(ctl.unexpected(&m, "waiting for data channels")),
+        },
+    }
+}
+
+/// Opens the RDMA device for a source that offers RDMA; None (with a warning) when this side
+/// cannot take it.
+fn open_rdma(opts: &IncomingOptions, ctl: &Control) -> Option<RdmaDevice> {
+    #[cfg(feature = "rdma")]
+    {
+        let peer = ctl.stream().peer_addr().ok().map(|a| a.ip());
+        match livemig_transport::rdma::Device::open_for(opts.rdma_device.as_deref(), peer) {
+            Ok(d) => {
+                let sel = d.selection();
+                info!(
+                    device = %sel.device,
+                    port = sel.port,
+                    gid = %std::net::Ipv6Addr::from(sel.gid.gid),
+                    "taking RDMA"
+                );
+                Some(d)
+            }
+            Err(e) => {
+                warn!("the source offers RDMA but this destination cannot take it: {e}");
+                None
+            }
         }
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        let _ = (opts, ctl);
+        warn!("the source offers RDMA but this livemig was built without it");
+        None
+    }
+}
+
+/// Registers RAM for the source's writes and connects a queue pair to each of the source's;
+/// answers RdmaAccept. The returned access, when dropped, revokes it all.
+fn accept_rdma(
+    ctl: &mut Control,
+    dev: Option<RdmaDevice>,
+    ram: &GuestRam,
+    channels: u16,
+    qps: &[RdmaQp],
+) -> Result<RdmaAccess, MigrationError> {
+    let refuse = |ctl: &mut Control, reason: String| {
+        let _ = ctl.send(&Message::Refuse {
+            reason: reason.clone(),
+        });
+        MigrationError::Refused {
+            peer: ctl.peer().to_string(),
+            reason: format!("refused the source: {reason}"),
+        }
+    };
+    if qps.len() != usize::from(channels) {
+        return Err(refuse(
+            ctl,
+            format!("{} RDMA queue pairs for {channels} channels", qps.len()),
+        ));
+    }
+    let Some(dev) = dev else {
+        return Err(refuse(ctl, "RDMA was not agreed".into()));
+    };
+    #[cfg(feature = "rdma")]
+    {
+        use crate::protocol::RdmaRegion;
+        use livemig_transport::rdma::{QpEndpoint, RdmaTarget};
+        let sources: Vec<QpEndpoint> = qps
+            .iter()
+            .map(|q| QpEndpoint {
+                qpn: q.qpn,
+                psn: q.psn,
+                gid: q.gid,
+                lid: q.lid,
+                mtu: q.mtu,
+            })
+            .collect();
+        let target = match RdmaTarget::new(&dev, &memory_map(ram), &sources) {
+            Ok(t) => t,
+            Err(e) => return Err(refuse(ctl, format!("destination cannot set up RDMA: {e}"))),
+        };
+        ctl.send(&Message::RdmaAccept {
+            qps: target
+                .endpoints()
+                .into_iter()
+                .map(|e| RdmaQp {
+                    qpn: e.qpn,
+                    psn: e.psn,
+                    gid: e.gid,
+                    lid: e.lid,
+                    mtu: e.mtu,
+                })
+                .collect(),
+            regions: target
+                .regions()
+                .into_iter()
+                .map(|r| RdmaRegion {
+                    gpa: r.addr,
+                    len: r.len,
+                    addr: r.remote_addr,
+                    rkey: r.rkey,
+                })
+                .collect(),
+        })?;
+        info!(
+            ?target,
+            "RDMA queue pairs connected; RAM open to the source's writes"
+        );
+        Ok(Box::new(target))
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        let _ = ram;
+        match dev {}
     }
 }
 
@@ -549,6 +819,21 @@ impl Shared {
         {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    /// RDMA: the source reports round `round` (`complete` once all its writes completed).
+    fn rdma_round(&self, round: u64, pages: u64, complete: bool) -> Result<(), String> {
+        let mut s = self.lock();
+        let next = s.completed.map_or(0, |c| c + 1);
+        if round != next {
+            return Err(format!("round {round} while round {next} is under way"));
+        }
+        if complete {
+            s.completed = Some(round);
+            self.pages.fetch_add(pages, Ordering::Relaxed);
+            self.cv.notify_all();
+        }
+        Ok(())
     }
 
     fn first_error(&self) -> Option<String> {

@@ -9,13 +9,24 @@
 //! asked. A round ends with a marker on every channel; the destination's receivers meet at a
 //! barrier on each marker, so a page re-sent in round k+1 can never be overtaken by its stale
 //! copy from round k on another channel.
+//!
+//! Workers come in two kinds sharing this core: TCP workers encode chunks and write them to a
+//! data connection, and the marker travels in-band; RDMA workers (feature `rdma`) post one-sided
+//! RDMA WRITEs for chunks and, at the marker, poll their queue pair's completions until every
+//! write of the round completed — reliable-connected completions mean the data is placed in
+//! destination RAM, so the barrier holds on the source side (the source then tells the
+//! destination over the control channel). Zero ranges cost RDMA nothing: destination RAM
+//! starts zero.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use livemig_transport::codec::{CodecStats, DeltaCache, Encoder, Mode};
+#[cfg(feature = "rdma")]
+use livemig_transport::rdma::RdmaSender;
 use livemig_transport::tcp::DataSender;
 use livemig_transport::{MemoryMap, TransportError};
 
@@ -93,6 +104,104 @@ pub fn chunks(extents: &[Extent], max_pages: u64, max_extents: usize) -> Vec<Vec
     out
 }
 
+/// What a channel worker drives: one data channel of some transport.
+trait ChannelSender: Send + 'static {
+    /// Sends the pages of a chunk; returns the bytes put on the wire.
+    fn chunk(
+        &mut self,
+        map: &MemoryMap,
+        extents: &[(u64, u64)],
+        round: u64,
+        stop: &AtomicBool,
+    ) -> Result<u64, TransportError>;
+    /// Announces zero ranges (never-written holes); returns the bytes put on the wire.
+    fn zero(&mut self, extents: &[(u64, u64)]) -> Result<u64, TransportError>;
+    /// Ends a round on this channel; returns when the round's data is delivered as far as
+    /// this transport's barrier requires, with the bytes the marker cost.
+    fn marker(&mut self, round: u64, stop: &AtomicBool) -> Result<u64, TransportError>;
+    /// Codec counters since the last call.
+    fn take_stats(&mut self) -> CodecStats;
+    /// The channel failed: cut it so the peer notices.
+    fn abort(&mut self);
+}
+
+/// A TCP data connection with its page encoder.
+struct TcpChannel {
+    tx: DataSender,
+    enc: Encoder,
+}
+
+impl ChannelSender for TcpChannel {
+    fn chunk(
+        &mut self,
+        map: &MemoryMap,
+        extents: &[(u64, u64)],
+        round: u64,
+        _stop: &AtomicBool,
+    ) -> Result<u64, TransportError> {
+        self.tx.send_encoded(map, extents, &mut self.enc, round)
+    }
+
+    fn zero(&mut self, extents: &[(u64, u64)]) -> Result<u64, TransportError> {
+        self.tx.send_zero(extents, &mut self.enc)
+    }
+
+    fn marker(&mut self, round: u64, _stop: &AtomicBool) -> Result<u64, TransportError> {
+        self.tx.send_marker(round).map(|()| MESSAGE_OVERHEAD)
+    }
+
+    fn take_stats(&mut self) -> CodecStats {
+        self.enc.take_stats()
+    }
+
+    fn abort(&mut self) {
+        let _ = self.tx.stream().shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// An RDMA queue pair writing into destination RAM; nothing is encoded or copied.
+#[cfg(feature = "rdma")]
+struct RdmaChannel {
+    tx: RdmaSender,
+    stats: CodecStats,
+}
+
+#[cfg(feature = "rdma")]
+impl ChannelSender for RdmaChannel {
+    fn chunk(
+        &mut self,
+        _map: &MemoryMap,
+        extents: &[(u64, u64)],
+        _round: u64,
+        stop: &AtomicBool,
+    ) -> Result<u64, TransportError> {
+        let bytes = self.tx.write_extents(extents, stop)?;
+        self.stats.pages_raw += bytes / PAGE_SIZE;
+        self.stats.bytes_in += bytes;
+        self.stats.bytes_out += bytes;
+        Ok(bytes)
+    }
+
+    fn zero(&mut self, extents: &[(u64, u64)]) -> Result<u64, TransportError> {
+        // Destination RAM is fresh and zero: holes need no write at all.
+        self.stats.pages_zero += extents.iter().map(|e| e.1 / PAGE_SIZE).sum::<u64>();
+        Ok(0)
+    }
+
+    fn marker(&mut self, _round: u64, stop: &AtomicBool) -> Result<u64, TransportError> {
+        self.tx.flush(stop)?;
+        Ok(0)
+    }
+
+    fn take_stats(&mut self) -> CodecStats {
+        std::mem::take(&mut self.stats)
+    }
+
+    fn abort(&mut self) {
+        // Nothing to cut: the QP is destroyed when the worker drops it.
+    }
+}
+
 enum Work {
     /// Pages to read, encode and send, with the round they belong to.
     Chunk(Vec<(u64, u64)>, u64),
@@ -135,6 +244,8 @@ pub struct Scheduler {
     events: Receiver<Event>,
     workers: Vec<JoinHandle<()>>,
     next: usize,
+    /// Tells workers waiting on their transport (RDMA completions) to give up.
+    stop: Arc<AtomicBool>,
 }
 
 impl Scheduler {
@@ -147,14 +258,39 @@ impl Scheduler {
         mode: Mode,
         delta_cache_bytes: u64,
     ) -> Scheduler {
+        let cache =
+            matches!(mode, Mode::Delta | Mode::Auto).then(|| DeltaCache::new(delta_cache_bytes));
+        let channels = senders
+            .into_iter()
+            .map(|tx| TcpChannel {
+                tx,
+                enc: Encoder::new(mode, cache.clone()),
+            })
+            .collect();
+        Self::start(channels, map, pin)
+    }
+
+    /// Starts one RDMA worker per queue pair (`map` is the memory the senders write from).
+    #[cfg(feature = "rdma")]
+    pub fn new_rdma(senders: Vec<RdmaSender>, map: MemoryMap, pin: bool) -> Scheduler {
+        let channels = senders
+            .into_iter()
+            .map(|tx| RdmaChannel {
+                tx,
+                stats: CodecStats::default(),
+            })
+            .collect();
+        Self::start(channels, map, pin)
+    }
+
+    fn start<C: ChannelSender>(senders: Vec<C>, map: MemoryMap, pin: bool) -> Scheduler {
         let (ev_tx, events) = unbounded();
         let cores = if pin {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
             Vec::new()
         };
-        let cache =
-            matches!(mode, Mode::Delta | Mode::Auto).then(|| DeltaCache::new(delta_cache_bytes));
+        let stop = Arc::new(AtomicBool::new(false));
         let mut queues = Vec::new();
         let mut workers = Vec::new();
         for (i, mut tx) in senders.into_iter().enumerate() {
@@ -162,8 +298,8 @@ impl Scheduler {
             queues.push(q_tx);
             let ev = ev_tx.clone();
             let map = map.clone();
+            let stop = stop.clone();
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
-            let mut enc = Encoder::new(mode, cache.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("livemig-tx{i}"))
                 .spawn(move || {
@@ -174,16 +310,16 @@ impl Scheduler {
                     let mut cpu = thread_cpu_ns();
                     for w in q_rx {
                         let r = match w {
-                            Work::Chunk(ext, round) => tx
-                                .send_encoded(&map, &ext, &mut enc, round)
-                                .map(|b| bytes += b),
-                            Work::Zero(ext) => tx.send_zero(&ext, &mut enc).map(|b| bytes += b),
-                            Work::Marker(round) => tx.send_marker(round).map(|()| {
+                            Work::Chunk(ext, round) => {
+                                tx.chunk(&map, &ext, round, &stop).map(|b| bytes += b)
+                            }
+                            Work::Zero(ext) => tx.zero(&ext).map(|b| bytes += b),
+                            Work::Marker(round) => tx.marker(round, &stop).map(|b| {
                                 let now = thread_cpu_ns();
                                 let _ = ev.send(Event::MarkerSent {
                                     round,
-                                    bytes: bytes + MESSAGE_OVERHEAD,
-                                    codec: enc.take_stats(),
+                                    bytes: bytes + b,
+                                    codec: tx.take_stats(),
                                     cpu_ns: now.saturating_sub(cpu),
                                 });
                                 cpu = now;
@@ -192,7 +328,7 @@ impl Scheduler {
                         };
                         if let Err(error) = r {
                             let _ = ev.send(Event::Failed { channel: i, error });
-                            let _ = tx.stream().shutdown(std::net::Shutdown::Both);
+                            tx.abort();
                             return;
                         }
                     }
@@ -210,6 +346,7 @@ impl Scheduler {
             events,
             workers,
             next: 0,
+            stop,
         }
     }
 
@@ -312,8 +449,10 @@ impl Scheduler {
         }
     }
 
-    /// Stops the workers (their sockets close when they exit).
+    /// Stops the workers (their sockets close, their queue pairs are destroyed when they
+    /// exit); a worker waiting for RDMA completions gives up.
     pub fn shutdown(self) {
+        self.stop.store(true, Ordering::Relaxed);
         drop(self.queues);
         for w in self.workers {
             let _ = w.join();

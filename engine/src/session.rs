@@ -77,6 +77,10 @@ pub enum MigrationError {
         /// What failed.
         cause: String,
     },
+    /// The transport asked for cannot be used (no RDMA device, a destination without RDMA,
+    /// a build without the `rdma` feature).
+    #[error("{0}")]
+    TransportUnavailable(String),
     /// A wait ran out.
     #[error("timed out after {secs} s while {during}")]
     Timeout {
@@ -232,8 +236,10 @@ pub struct MigrationReport {
     pub verify_ms: f64,
     /// Guest counter movement on the destination after resume.
     pub guest_progress_after_resume: u64,
-    /// Transport used.
+    /// Transport used: `tcp` or `rdma`.
     pub transport: String,
+    /// How the transport was chosen and what it runs on (device, GIDs, why `auto` chose it).
+    pub transport_detail: String,
     /// Data channels.
     pub channels: u16,
     /// Page bytes copied through intermediate buffers on the source (pages compressed or

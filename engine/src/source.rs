@@ -5,8 +5,12 @@
 //! - before the guest is paused, any failure or cancel leaves it running, unchanged;
 //! - between pause and commit, a failure resumes it on the source;
 //! - once Commit is sent, the source never resumes it: a lost answer is "outcome unknown".
+//!
+//! The data path is TCP connections or RDMA queue pairs ([`TransportChoice`]); both feed the
+//! same page scheduler. With RDMA the source announces each finished round on the control
+//! channel (the destination sees no page arrive).
 
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,18 +24,53 @@ use crate::auth::{self, Key};
 use crate::convergence::Convergence;
 use crate::digest::ram_digest;
 use crate::dirty::DirtyBitmap;
-use crate::protocol::{Message, MIN_VERSION, VERSION};
+use crate::protocol::{Message, FEATURE_RDMA, MIN_VERSION, VERSION};
 use crate::scheduler::Scheduler;
 use crate::session::{
     random_u64, CodecReport, Control, MigrationError, MigrationReport, RoundReport,
 };
 use crate::vm::MigratableVm;
 
+/// Which data transport carries pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// TCP data connections.
+    #[default]
+    Tcp,
+    /// RDMA queue pairs; the migration fails if no usable device here or at the destination.
+    Rdma,
+    /// RDMA when a device here has an address in the destination's subnet and the destination
+    /// takes RDMA; TCP otherwise. The report says which and why.
+    Auto,
+}
+
+impl TransportChoice {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportChoice::Tcp => "tcp",
+            TransportChoice::Rdma => "rdma",
+            TransportChoice::Auto => "auto",
+        }
+    }
+}
+
+/// An RDMA device opened for a migration (an uninhabited type without the `rdma` feature).
+#[cfg(feature = "rdma")]
+type RdmaDevice = Arc<livemig_transport::rdma::Device>;
+#[cfg(not(feature = "rdma"))]
+type RdmaDevice = std::convert::Infallible;
+
 /// Options of an outgoing migration.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
-    /// Data channels (TCP connections for pages).
+    /// Data channels (TCP connections or RDMA queue pairs for pages).
     pub channels: u16,
+    /// Data transport.
+    pub transport: TransportChoice,
+    /// RDMA device to use (default: the first active device with an address in the
+    /// destination's subnet, else the first active device).
+    pub rdma_device: Option<String>,
     /// Stop-and-copy once the predicted downtime is at most this.
     pub downtime_limit_ms: u64,
     /// Stop-and-copy after at most this many pre-copy rounds.
@@ -52,6 +91,8 @@ impl Default for MigrateOptions {
     fn default() -> Self {
         MigrateOptions {
             channels: 1,
+            transport: TransportChoice::Tcp,
+            rdma_device: None,
             downtime_limit_ms: 300,
             max_rounds: 30,
             pin_workers: true,
@@ -72,6 +113,10 @@ pub enum Progress {
         setup_ms: f64,
         /// Pages to send in round 0.
         total_pages: u64,
+        /// `tcp` or `rdma`.
+        transport: &'static str,
+        /// How the transport was chosen and what it runs on.
+        transport_detail: String,
     },
     /// Pages of a round are being sent.
     Sending {
@@ -122,6 +167,15 @@ pub fn migrate(
         Err(err(last))
     };
 
+    // The transport is chosen before connecting: asking for RDMA without a usable device
+    // fails here, before the destination hears of this migration.
+    let peer_ip: Option<IpAddr> = to
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .map(|a| a.ip());
+    let (mut rdma, mut detail) = plan_transport(opts, peer_ip)?;
+
     // Set-up: handshake, config, data channels. The VM is untouched so far.
     let mut ctl = Control::new(connect("control")?);
     let _ = ctl.stream().set_write_timeout(Some(opts.timeout));
@@ -129,11 +183,16 @@ pub fn migrate(
     ctl.send(&Message::Hello {
         min_version: MIN_VERSION,
         max_version: VERSION,
-        features: 0,
+        features: if rdma.is_some() { FEATURE_RDMA } else { 0 },
         nonce: nonce_s,
     })?;
-    let (nonce_d, proof_d) = match ctl.recv(Some(opts.timeout), "waiting for Welcome")? {
-        Message::Welcome { nonce, proof, .. } => (nonce, proof),
+    let (nonce_d, proof_d, features) = match ctl.recv(Some(opts.timeout), "waiting for Welcome")? {
+        Message::Welcome {
+            nonce,
+            proof,
+            features,
+            ..
+        } => (nonce, proof, features),
         m => return Err(ctl.unexpected(&m, "waiting for Welcome")),
     };
     // The destination proves the key first; only then does the source prove it and send state.
@@ -146,6 +205,18 @@ pub fn migrate(
             reason: format!("refused the destination: {reason}"),
         }
     };
+    if rdma.is_some() && features & FEATURE_RDMA == 0 {
+        if opts.transport == TransportChoice::Rdma {
+            let reason = "the destination cannot take RDMA (no usable RDMA device there, or a \
+                          livemig built without RDMA): use --transport tcp or auto";
+            let _ = ctl.send(&Message::Refuse {
+                reason: reason.into(),
+            });
+            return Err(MigrationError::TransportUnavailable(reason.into()));
+        }
+        rdma = None;
+        detail = "auto: tcp (the destination has no usable RDMA device)".into();
+    }
     let token = match &opts.key {
         Some(k) => {
             if !auth::proofs_equal(&proof_d, &k.destination_proof(&nonce_s, &nonce_d)) {
@@ -188,24 +259,6 @@ pub fn migrate(
         Message::Ready => {}
         m => return Err(ctl.unexpected(&m, "waiting for Ready")),
     }
-    let mut senders = Vec::new();
-    for index in 0..opts.channels {
-        let mut s = connect("data channel")?;
-        let _ = s.set_write_timeout(Some(opts.timeout));
-        let (kind, payload) = Message::ChannelHello { token, index }.encode();
-        frame::write_frame(&mut s, kind, &payload).map_err(|source| TransportError::Io {
-            op: "opening a data channel",
-            peer: to.to_string(),
-            source,
-        })?;
-        senders.push(DataSender::new(s)?);
-    }
-    let setup = t0.elapsed();
-    let total_pages = layout.total_pages();
-    on_progress(&Progress::Connected {
-        setup_ms: ms(setup),
-        total_pages,
-    });
 
     let ram = vm.ram().clone();
     let regions = ram
@@ -214,20 +267,71 @@ pub fn migrate(
         .map(|(addr, host, len)| MappedRegion { addr, host, len })
         .collect();
     // SAFETY: the regions are the live mappings of `ram`, kept alive by the Arc'd clone passed
-    // as owner; the data path only reads them (writev), which tolerates the guest writing.
+    // as owner; the data path only reads them (writev, or the RDMA device through a
+    // local-read registration), which tolerates the guest writing.
     let map = unsafe { MemoryMap::new(regions, Arc::new(ram)) };
-    let mut sched = Scheduler::new(
-        senders,
-        map,
-        opts.pin_workers,
-        opts.compress,
-        opts.delta_cache_bytes,
-    );
+    let is_rdma = rdma.is_some();
+    let mut sched = match rdma {
+        Some(dev) => {
+            #[cfg(feature = "rdma")]
+            {
+                match connect_rdma(&mut ctl, &dev, &map, opts) {
+                    Ok((senders, d)) => {
+                        detail = format!("{detail}; {d}");
+                        Scheduler::new_rdma(senders, map, opts.pin_workers)
+                    }
+                    Err(e) => {
+                        let _ = ctl.send(&Message::Abort {
+                            reason: format!("source could not set up RDMA: {e}"),
+                        });
+                        return Err(e);
+                    }
+                }
+            }
+            #[cfg(not(feature = "rdma"))]
+            match dev {}
+        }
+        None => {
+            let mut senders = Vec::new();
+            for index in 0..opts.channels {
+                let mut s = connect("data channel")?;
+                let _ = s.set_write_timeout(Some(opts.timeout));
+                let (kind, payload) = Message::ChannelHello { token, index }.encode();
+                frame::write_frame(&mut s, kind, &payload).map_err(|source| {
+                    TransportError::Io {
+                        op: "opening a data channel",
+                        peer: to.to_string(),
+                        source,
+                    }
+                })?;
+                senders.push(DataSender::new(s)?);
+            }
+            Scheduler::new(
+                senders,
+                map,
+                opts.pin_workers,
+                opts.compress,
+                opts.delta_cache_bytes,
+            )
+        }
+    };
+    let setup = t0.elapsed();
+    let total_pages = layout.total_pages();
+    on_progress(&Progress::Connected {
+        setup_ms: ms(setup),
+        total_pages,
+        transport: if is_rdma { "rdma" } else { "tcp" },
+        transport_detail: detail.clone(),
+    });
 
     let result = run_rounds(
         vm,
         &mut ctl,
         &mut sched,
+        &DataPlane {
+            rdma: is_rdma,
+            detail,
+        },
         opts,
         cancel,
         on_progress,
@@ -238,11 +342,186 @@ pub fn migrate(
     result
 }
 
+/// What carries the pages, as `run_rounds` needs to know it.
+struct DataPlane {
+    /// RDMA: rounds are announced on the control channel.
+    rdma: bool,
+    /// For the report.
+    detail: String,
+}
+
+/// Decides the transport before connecting: an open RDMA device, or none (TCP), and a line
+/// saying why.
+fn plan_transport(
+    opts: &MigrateOptions,
+    peer: Option<IpAddr>,
+) -> Result<(Option<RdmaDevice>, String), MigrationError> {
+    #[cfg(feature = "rdma")]
+    let peer_name = peer.map_or_else(|| "the destination".to_string(), |p| p.to_string());
+    #[cfg(not(feature = "rdma"))]
+    let _ = peer;
+    match opts.transport {
+        TransportChoice::Tcp => Ok((None, "tcp".into())),
+        #[cfg(not(feature = "rdma"))]
+        TransportChoice::Rdma => Err(MigrationError::TransportUnavailable(
+            "this livemig was built without RDMA support (cargo feature `rdma`): use \
+             --transport tcp"
+                .into(),
+        )),
+        #[cfg(not(feature = "rdma"))]
+        TransportChoice::Auto => Ok((
+            None,
+            "auto: tcp (this livemig was built without RDMA support)".into(),
+        )),
+        #[cfg(feature = "rdma")]
+        TransportChoice::Rdma => {
+            let dev = livemig_transport::rdma::Device::open_for(opts.rdma_device.as_deref(), peer)
+                .map_err(|e| {
+                    MigrationError::TransportUnavailable(format!("--transport rdma: {e}"))
+                })?;
+            let d = describe_device(&dev, &peer_name);
+            Ok((Some(dev), format!("rdma: {d}")))
+        }
+        #[cfg(feature = "rdma")]
+        TransportChoice::Auto => {
+            use livemig_transport::rdma::{self, RdmaError};
+            let name = opts.rdma_device.as_deref();
+            let sel =
+                rdma::devices().and_then(|d| rdma::select(&d, name, peer, &rdma::ipv4_prefix));
+            match sel {
+                Ok(sel) if sel.reaches_peer || name.is_some() => match rdma::Device::open(&sel) {
+                    Ok(dev) => {
+                        let d = describe_device(&dev, &peer_name);
+                        Ok((Some(dev), format!("auto: rdma ({d})")))
+                    }
+                    Err(e) => Ok((None, format!("auto: tcp (RDMA device {}: {e})", sel.device))),
+                },
+                Ok(sel) => Ok((
+                    None,
+                    format!(
+                        "auto: tcp (no RDMA device has an address in {peer_name}'s subnet; {} \
+                         would not reach it)",
+                        sel.device
+                    ),
+                )),
+                Err(RdmaError::NoDevice) => Ok((None, "auto: tcp (no RDMA device here)".into())),
+                Err(e) => Ok((None, format!("auto: tcp ({e})"))),
+            }
+        }
+    }
+}
+
+#[cfg(feature = "rdma")]
+fn describe_device(dev: &livemig_transport::rdma::Device, peer: &str) -> String {
+    let sel = dev.selection();
+    format!(
+        "{} port {} GID {} ({}{}){}",
+        sel.device,
+        sel.port,
+        std::net::Ipv6Addr::from(sel.gid.gid),
+        sel.gid.kind,
+        sel.gid
+            .netdev
+            .as_deref()
+            .map(|n| format!(" on {n}"))
+            .unwrap_or_default(),
+        if sel.reaches_peer {
+            format!(", in {peer}'s subnet")
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// Announces the source's queue pairs, connects them to the destination's and makes one
+/// sender per pair.
+#[cfg(feature = "rdma")]
+fn connect_rdma(
+    ctl: &mut Control,
+    dev: &RdmaDevice,
+    map: &MemoryMap,
+    opts: &MigrateOptions,
+) -> Result<(Vec<livemig_transport::rdma::RdmaSender>, String), MigrationError> {
+    use crate::protocol::RdmaQp;
+    use livemig_transport::rdma::{
+        check_remote_regions, QpEndpoint, RdmaError, RdmaSender, RdmaSource, RemoteRegion,
+    };
+    let rdma_err = |e: RdmaError| MigrationError::Transport(e.into());
+    let source = RdmaSource::new(dev, map.clone()).map_err(rdma_err)?;
+    let prepared = (0..opts.channels)
+        .map(|_| source.prepare_qp())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(rdma_err)?;
+    let qps = prepared
+        .iter()
+        .map(|p| {
+            let e = p.endpoint();
+            RdmaQp {
+                qpn: e.qpn,
+                psn: e.psn,
+                gid: e.gid,
+                lid: e.lid,
+                mtu: e.mtu,
+            }
+        })
+        .collect();
+    ctl.send(&Message::RdmaConnect { qps })?;
+    let (qps, regions) = match ctl.recv(
+        Some(opts.timeout),
+        "waiting for the destination's RDMA queue pairs",
+    )? {
+        Message::RdmaAccept { qps, regions } => (qps, regions),
+        m => return Err(ctl.unexpected(&m, "waiting for RdmaAccept")),
+    };
+    if qps.len() != prepared.len() {
+        return Err(rdma_err(RdmaError::Peer(format!(
+            "{} queue pairs for our {}",
+            qps.len(),
+            prepared.len()
+        ))));
+    }
+    let remote: Vec<RemoteRegion> = regions
+        .iter()
+        .map(|r| RemoteRegion {
+            addr: r.gpa,
+            len: r.len,
+            remote_addr: r.addr,
+            rkey: r.rkey,
+        })
+        .collect();
+    check_remote_regions(map, &remote).map_err(rdma_err)?;
+    let remote: Arc<[RemoteRegion]> = remote.into();
+    let mut senders = Vec::with_capacity(qps.len());
+    for (p, q) in prepared.into_iter().zip(&qps) {
+        let qp = p
+            .connect(&QpEndpoint {
+                qpn: q.qpn,
+                psn: q.psn,
+                gid: q.gid,
+                lid: q.lid,
+                mtu: q.mtu,
+            })
+            .map_err(rdma_err)?;
+        senders.push(RdmaSender::new(&source, qp, remote.clone(), opts.timeout).map_err(rdma_err)?);
+    }
+    Ok((
+        senders,
+        format!(
+            "destination GID {}; {} RC queue pair{}, RDMA WRITEs of at most {} KiB",
+            std::net::Ipv6Addr::from(qps[0].gid),
+            qps.len(),
+            if qps.len() == 1 { "" } else { "s" },
+            livemig_transport::rdma::MAX_WRITE_BYTES >> 10
+        ),
+    ))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_rounds(
     vm: &dyn MigratableVm,
     ctl: &mut Control,
     sched: &mut Scheduler,
+    plane: &DataPlane,
     opts: &MigrateOptions,
     cancel: &AtomicBool,
     on_progress: &mut dyn FnMut(&Progress),
@@ -291,6 +570,15 @@ fn run_rounds(
         let pages_total = to_send.count();
         let stats = sched
             .send_round(round, &extents, &holes, cancel, &mut |pages_done| {
+                if plane.rdma {
+                    // The destination sees no page arrive: tell it the source is alive. A
+                    // failure here shows up as failed writes or at the round's end.
+                    let _ = ctl.send(&Message::RoundProgress {
+                        round,
+                        pages: pages_done,
+                        complete: false,
+                    });
+                }
                 on_progress(&Progress::Sending {
                     round,
                     pages_done,
@@ -301,6 +589,13 @@ fn run_rounds(
                 crate::scheduler::SchedulerError::Cancelled => MigrationError::Cancelled,
                 e => e.into(),
             })?;
+        if plane.rdma {
+            ctl.send(&Message::RoundProgress {
+                round,
+                pages: stats.pages,
+                complete: true,
+            })?;
+        }
         pages_sent += stats.pages;
         wire += stats.wire_bytes;
         codec.add(&stats.codec);
@@ -372,6 +667,13 @@ fn run_rounds(
                 crate::scheduler::SchedulerError::Cancelled => MigrationError::Cancelled,
                 e => e.into(),
             })?;
+        if plane.rdma {
+            ctl.send(&Message::RoundProgress {
+                round,
+                pages: stats.pages,
+                complete: true,
+            })?;
+        }
         let sections = vm.save_state()?;
         ctl.send(&Message::DeviceState {
             final_round: round,
@@ -479,10 +781,17 @@ fn run_rounds(
         destination_digest: format!("{dest_digest:016x}"),
         verify_ms: ms(verify),
         guest_progress_after_resume: progress,
-        transport: "tcp".into(),
+        transport: if plane.rdma { "rdma" } else { "tcp" }.into(),
+        transport_detail: plane.detail.clone(),
         channels: sched.channels() as u16,
         bytes_copied_staging: codec.bytes_staged,
-        compress: opts.compress.name().into(),
+        // Pages move as they are in RAM over RDMA: no codec runs.
+        compress: if plane.rdma {
+            "none"
+        } else {
+            opts.compress.name()
+        }
+        .into(),
         codec: CodecReport::from(&codec),
         source_cpu_s: source_cpu_ns as f64 / 1e9,
         destination_cpu_s: dest_cpu_ns as f64 / 1e9,
