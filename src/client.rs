@@ -29,9 +29,18 @@ pub struct MigrateArgs {
 /// Migration tuning shared by `migrate` and `demo`.
 #[derive(Args, Debug, Clone)]
 pub struct Tuning {
-    /// Data channels (TCP connections carrying pages).
+    /// Data channels (TCP connections or RDMA queue pairs carrying pages).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: u16,
+    /// Data transport: TCP connections, RDMA queue pairs (RDMA WRITEs straight into
+    /// destination RAM; no compression), or auto: RDMA when a device here has an address in
+    /// the destination's subnet and the destination takes RDMA, else TCP.
+    #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
+    pub transport: TransportArg,
+    /// RDMA device (default: the first active one with an address in the destination's
+    /// subnet, else the first active one); see `livemig rdma devices`.
+    #[arg(long)]
+    pub rdma_device: Option<String>,
     /// Pause the guest once the predicted downtime is at most this (ms).
     #[arg(long, default_value_t = 300)]
     pub downtime_limit: u64,
@@ -47,6 +56,17 @@ pub struct Tuning {
     /// Cache of last-sent pages for delta encoding, in MiB (with `delta` and `auto`).
     #[arg(long, default_value_t = 64)]
     pub delta_cache_mib: u64,
+}
+
+/// `--transport` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TransportArg {
+    /// TCP data connections.
+    Tcp,
+    /// RDMA reliable-connected queue pairs.
+    Rdma,
+    /// RDMA if a device reaches the destination and it takes RDMA, else TCP.
+    Auto,
 }
 
 /// `--compress` values.
@@ -77,6 +97,8 @@ impl Tuning {
             "compress": format!("{:?}", self.compress).to_lowercase(),
             "zstd_level": self.zstd_level,
             "delta_cache_mib": self.delta_cache_mib,
+            "transport": format!("{:?}", self.transport).to_lowercase(),
+            "rdma_device": self.rdma_device,
         })
     }
 }
@@ -189,6 +211,10 @@ pub fn drive(socket: &Path, req: &Value, quiet: bool) -> Result<Value> {
                     eprintln!("round {round}: {pages} pages {msg}");
                 }
             }
+            Some("connected") if show => eprintln!(
+                "transport: {}",
+                ev["transport_detail"].as_str().unwrap_or("?")
+            ),
             Some("paused") if show && !tty => {
                 eprintln!("guest paused: stop-and-copy of {} pages", ev["pages"])
             }
@@ -218,6 +244,10 @@ fn print_summary(r: &Value) {
                 r["transport"].as_str().unwrap_or("?"),
                 u("channels")
             ),
+        ),
+        (
+            "  chosen",
+            r["transport_detail"].as_str().unwrap_or("?").to_string(),
         ),
         ("RAM", format!("{:.1} MiB", ram as f64 / (1 << 20) as f64)),
         ("total time", format!("{:.1} ms", f("total_time_ms"))),

@@ -8,6 +8,7 @@ mod bench_plot;
 mod client;
 mod demo;
 mod pair;
+mod rdma_cli;
 mod vm_process;
 
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ enum Command {
     RunVm(RunVmArgs),
     /// Wait for one incoming migration, then run the migrated VM.
     Receive(ReceiveArgs),
+    /// RDMA devices of this host (`livemig rdma devices`).
+    Rdma(rdma_cli::RdmaArgs),
     /// Migrate the VM behind a control socket to a destination.
     Migrate(client::MigrateArgs),
     /// Show a VM's state and its last migration.
@@ -184,6 +187,10 @@ struct ReceiveArgs {
     /// Refuse incoming VMs with more RAM than this (MiB; default: this host's memory).
     #[arg(long, default_value_t = 0)]
     max_memory_mib: u64,
+    /// RDMA device to take RDMA migrations on (default: the first active device with an
+    /// address in the source's subnet, else the first active one); see `livemig rdma devices`.
+    #[arg(long)]
+    rdma_device: Option<String>,
     /// Exit as soon as the VM runs here, stopping it (for tests and demos).
     #[arg(long)]
     exit_after_resume: bool,
@@ -221,6 +228,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo::run(a),
         Command::RunVm(a) => vm_process::run_vm(&a.socket, &a.vm, a.auth.load()?),
         Command::Receive(a) => vm_process::receive(&a),
+        Command::Rdma(a) => rdma_cli::run(&a),
         Command::Migrate(a) => client::migrate(&a),
         Command::Status(a) => client::simple(&a.vm, "status"),
         Command::Cancel(a) => client::simple(&a.vm, "cancel"),

@@ -14,7 +14,7 @@ use livemig_engine::auth::Key;
 use livemig_engine::destination::{self, IncomingOptions};
 use livemig_engine::memory::{GuestRam, Populate, RamLayout};
 use livemig_engine::session::MigrationError;
-use livemig_engine::source::{self, MigrateOptions, Progress};
+use livemig_engine::source::{self, MigrateOptions, Progress, TransportChoice};
 use livemig_engine::vm::kvm::KvmVm;
 use livemig_engine::vm::memory_only::MemoryVm;
 use livemig_engine::vm::{guest, MigratableVm, VmError, VmSpec};
@@ -99,6 +99,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
             progress_wait: Duration::from_secs(3),
             key: key.clone(),
             max_ram_bytes: args.max_memory_mib << 20,
+            rdma_device: args.rdma_device.clone(),
         },
         &make,
     )
@@ -281,6 +282,27 @@ fn migrate(req: &Value, p: &Arc<VmProcess>, out: &mut UnixStream) -> Result<()> 
             }
         },
         delta_cache_bytes: num("delta_cache_mib", 64).clamp(1, 1 << 20) << 20,
+        transport: match req
+            .get("transport")
+            .and_then(Value::as_str)
+            .unwrap_or("tcp")
+        {
+            "tcp" => TransportChoice::Tcp,
+            "rdma" => TransportChoice::Rdma,
+            "auto" => TransportChoice::Auto,
+            other => {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"event": "error", "error": format!("unknown transport {other:?} (tcp, rdma, auto)")})
+                )?;
+                return Ok(());
+            }
+        },
+        rdma_device: req
+            .get("rdma_device")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         key: p.key.clone(),
         ..MigrateOptions::default()
     };
@@ -307,8 +329,11 @@ fn migrate(req: &Value, p: &Arc<VmProcess>, out: &mut UnixStream) -> Result<()> 
             Progress::Connected {
                 setup_ms,
                 total_pages,
+                transport,
+                transport_detail,
             } => {
-                json!({"event": "connected", "setup_ms": setup_ms, "total_pages": total_pages})
+                json!({"event": "connected", "setup_ms": setup_ms, "total_pages": total_pages,
+                       "transport": transport, "transport_detail": transport_detail})
             }
             Progress::Sending {
                 round,

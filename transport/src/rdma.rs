@@ -227,7 +227,7 @@ impl GidInfo {
 pub struct PortInfo {
     /// Port number (from 1).
     pub port: u8,
-    /// Link state as libibverbs names it (`PORT_ACTIVE`, `PORT_DOWN`, ...).
+    /// Link state as libibverbs names it (`active`, `down`, `init`, ...).
     pub state: String,
     /// Whether the port is active (usable).
     pub active: bool,
@@ -1755,7 +1755,7 @@ mod tests {
             node_guid: "0".into(),
             ports: vec![PortInfo {
                 port: 1,
-                state: if active { "PORT_ACTIVE" } else { "PORT_DOWN" }.into(),
+                state: if active { "active" } else { "down" }.into(),
                 active,
                 link_layer: "Ethernet",
                 active_mtu: 1024,
