@@ -13,8 +13,13 @@ use serde_json::Value;
 /// The key every test process shares (through LIVEMIG_KEY) unless a test says otherwise.
 pub const TEST_KEY: &str = "livemig-test-key-0123456789";
 
+/// The livemig binary: `LIVEMIG_BIN` if set (tests run inside the soft-RoCE VM, where
+/// cargo's path does not exist), else the one cargo built.
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_livemig")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("LIVEMIG_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_livemig").to_string())
+    })
 }
 
 pub fn tmpdir(name: &str) -> PathBuf {
