@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Leave QEMU out.
     #[arg(long)]
     no_qemu: bool,
+    /// Redraw the table and plots of an earlier run's results folder instead of measuring.
+    #[arg(long, value_name = "DIR")]
+    redraw: Option<PathBuf>,
 }
 
 /// A link between the two hosts.
@@ -123,11 +126,11 @@ struct Cell {
 }
 
 /// One measured cell: the median and spread of its repetitions.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 struct Row {
-    system: &'static str,
+    system: String,
     variant: String,
-    link: &'static str,
+    link: String,
     content: String,
     memory_mib: u64,
     dirty_rate: u64,
@@ -337,6 +340,16 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if let Some(dir) = &a.redraw {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("results.json"))?)
+            .context("reading results.json")?;
+        let rows: Vec<Row> =
+            serde_json::from_value(v["rows"].clone()).context("results.json rows")?;
+        let raw = v["runs"].as_array().cloned().unwrap_or_default();
+        write_outputs(dir, &v["meta"], &rows, &raw)?;
+        println!("{}", std::fs::read_to_string(dir.join("results.md"))?);
+        return Ok(());
+    }
     let exe = std::env::current_exe().context("locating the livemig binary")?;
     let stamp = chrono_stamp();
     let out = a
@@ -483,9 +496,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let max = totals.iter().copied().fold(0.0, f64::max);
         let total = median(&mut totals);
         rows.push(Row {
-            system: cell.variant.system(),
+            system: cell.variant.system().into(),
             variant: cell.variant.label(),
-            link: cell.link.name(),
+            link: cell.link.name().into(),
             content: fill_name(cell.fill).into(),
             memory_mib: cell.memory_mib,
             dirty_rate: cell.dirty_rate,
@@ -1019,7 +1032,7 @@ fn write_outputs(out: &Path, meta: &Value, rows: &[Row], raw: &[Value]) -> Resul
         out,
         rows.iter().map(|r| crate::bench_plot::Point {
             variant: r.variant.clone(),
-            link: r.link,
+            link: r.link.clone(),
             content: r.content.clone(),
             memory_mib: r.memory_mib,
             dirty_rate: r.dirty_rate,

@@ -11,7 +11,7 @@ use plotters::prelude::*;
 /// One measured cell, as plotted.
 pub struct Point {
     pub variant: String,
-    pub link: &'static str,
+    pub link: String,
     pub content: String,
     pub memory_mib: u64,
     pub dirty_rate: u64,
@@ -58,12 +58,26 @@ pub fn plots(out: &Path, points: impl Iterator<Item = Point>) -> Result<()> {
         .iter()
         .filter(|p| p.link == "loopback" && p.dirty_rate == 0 && p.memory_mib == size)
         .collect();
-    let sweep: Vec<&Point> = points
-        .iter()
-        .filter(|p| {
-            p.link == "loopback" && p.content == "random" && p.variant.starts_with("livemig")
-        })
-        .collect();
+    // The dirty-rate sweep: livemig cells on loopback random RAM whose variant and size were
+    // measured at several dirty rates.
+    let swept = |p: &Point| {
+        p.link == "loopback"
+            && p.content == "random"
+            && p.variant.starts_with("livemig")
+            && points
+                .iter()
+                .filter(|q| {
+                    q.variant == p.variant
+                        && q.memory_mib == p.memory_mib
+                        && q.link == p.link
+                        && q.content == p.content
+                })
+                .map(|q| q.dirty_rate)
+                .collect::<BTreeSet<_>>()
+                .len()
+                > 1
+    };
+    let sweep: Vec<&Point> = points.iter().filter(|p| swept(p)).collect();
     let rates: BTreeSet<u64> = sweep.iter().map(|p| p.dirty_rate).collect();
     let mut which = vec!["throughput", "wire"];
     if rates.len() > 1 {
@@ -121,10 +135,13 @@ fn grouped_bars<DB: DrawingBackend>(
     value: impl Fn(&Point) -> f64,
 ) -> Result<()> {
     let contents: Vec<String> = {
-        let mut c: Vec<String> = points.iter().map(|p| p.content.clone()).collect();
-        c.dedup();
-        let set: BTreeSet<String> = c.into_iter().collect();
-        set.into_iter().collect()
+        let mut c = Vec::new();
+        for p in points {
+            if !c.contains(&p.content) {
+                c.push(p.content.clone());
+            }
+        }
+        c
     };
     let variants: Vec<String> = {
         let mut v = Vec::new();
@@ -135,33 +152,33 @@ fn grouped_bars<DB: DrawingBackend>(
         }
         v
     };
-    let max = points
-        .iter()
-        .map(|p| value(p))
-        .fold(0.0f64, f64::max)
-        .max(1e-3)
-        * 1.15;
+    // Log scale: zero pages move tens of times faster than data pages.
+    let floor = 0.1;
+    let max = points.iter().map(|p| value(p)).fold(floor, f64::max) * 3.0;
     let n = variants.len().max(1) as f64;
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 22))
         .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..contents.len() as f64, 0.0..max)
+        .x_label_area_size(10)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..contents.len() as f64, (floor..max).log_scale())
         .map_err(plot_err)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(contents.len())
-        .x_label_formatter(&|x| {
-            contents
-                .get((x - 0.5).round() as usize)
-                .cloned()
-                .unwrap_or_default()
-        })
+        .disable_x_axis()
         .y_desc(y_label)
         .label_style(("sans-serif", 14))
         .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(contents.iter().enumerate().map(|(i, c)| {
+            Text::new(
+                c.clone(),
+                (i as f64 + 0.45, max / 1.6),
+                ("sans-serif", 18).into_font(),
+            )
+        }))
         .map_err(plot_err)?;
     for (vi, v) in variants.iter().enumerate() {
         let color = Palette99::pick(vi).mix(0.9);
@@ -172,13 +189,13 @@ fn grouped_bars<DB: DrawingBackend>(
                 points
                     .iter()
                     .find(|p| &p.variant == v && &p.content == c)
-                    .map(|p| (ci as f64, value(p)))
+                    .map(|p| (ci as f64, value(p).max(floor)))
             })
             .collect();
         chart
             .draw_series(bars.iter().map(|&(x, y)| {
                 let x0 = x + 0.1 + 0.8 * vi as f64 / n;
-                Rectangle::new([(x0, 0.0), (x0 + 0.8 / n, y)], color.filled())
+                Rectangle::new([(x0, floor), (x0 + 0.8 / n, y)], color.filled())
             }))
             .map_err(plot_err)?
             .label(v.as_str())
@@ -186,6 +203,7 @@ fn grouped_bars<DB: DrawingBackend>(
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 13))
