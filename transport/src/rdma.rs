@@ -47,6 +47,10 @@ pub const SEND_QUEUE_DEPTH: u32 = 512;
 pub const MAX_SGE: u32 = 16;
 /// Every this many writes one is signalled (the last write of each batch always is).
 pub const SIGNAL_EVERY: u64 = 32;
+/// Most bytes of writes in flight per queue pair. Enough to cover any link's bandwidth-delay
+/// product; bounded so that a round's end is near its last post (the owner hears progress
+/// while the data actually moves, and a cancel does not wait behind a long queue).
+pub const MAX_INFLIGHT_BYTES: u64 = 32 << 20;
 /// Test hook: the source's RDMA writers read this variable. `qp-error-after:N` moves the QP
 /// to the error state after it posted N writes; `wrong-rkey-after:N` uses a wrong remote key
 /// from the N+1th write on. Either fires once per process (the first QP to get there), so a
@@ -1415,6 +1419,11 @@ pub struct RdmaSender {
     remote: Arc<[RemoteRegion]>,
     posted: u64,
     completed: u64,
+    /// Bytes posted so far, and per posted batch `(last write, bytes posted up to it)`, to
+    /// credit completed bytes.
+    posted_bytes: u64,
+    completed_bytes: u64,
+    batches: std::collections::VecDeque<(u64, u64)>,
     timeout: Duration,
     fault: Fault,
     fault_fired: bool,
@@ -1449,6 +1458,9 @@ impl RdmaSender {
             remote,
             posted: 0,
             completed: 0,
+            posted_bytes: 0,
+            completed_bytes: 0,
+            batches: std::collections::VecDeque::new(),
             timeout,
             fault: Fault::from_env()?,
             fault_fired: false,
@@ -1494,15 +1506,28 @@ impl RdmaSender {
         let depth = u64::from(self.qp.qp.sq_depth);
         let mut next = 0;
         while next < self.wrs.len() {
-            // Room in the send queue: every batch ends signalled, so waiting always ends.
-            let room = depth.saturating_sub(self.posted - self.completed);
-            if room == 0 {
+            // Room in the send queue and under the in-flight cap (an empty queue always has
+            // room); every batch ends signalled, so waiting always ends.
+            let room = depth.saturating_sub(self.posted - self.completed) as usize;
+            let mut n = 0;
+            let mut bytes = 0;
+            let inflight = self.posted_bytes - self.completed_bytes;
+            while n < room.min(self.wrs.len() - next) {
+                let b = self.wrs[next + n].bytes;
+                if (inflight > 0 || n > 0) && inflight + bytes + b > MAX_INFLIGHT_BYTES {
+                    break;
+                }
+                bytes += b;
+                n += 1;
+            }
+            if n == 0 {
                 let target = self.completed + 1;
                 self.wait_completed(target, stop)?;
                 continue;
             }
-            let n = (room as usize).min(self.wrs.len() - next);
             self.post_batch(next, n)?;
+            self.posted_bytes += bytes;
+            self.batches.push_back((self.posted, self.posted_bytes));
             next += n;
         }
         self.stats.writes += self.wrs.len() as u64;
@@ -1643,6 +1668,13 @@ impl RdmaSender {
             }
             // RC completes in order: a completion covers every earlier write.
             self.completed = self.completed.max(wc.wr_id);
+        }
+        while let Some(&(last, bytes)) = self.batches.front() {
+            if last > self.completed {
+                break;
+            }
+            self.completed_bytes = bytes;
+            self.batches.pop_front();
         }
         Ok(n)
     }
