@@ -42,10 +42,11 @@ fn devices() -> Devices {
     }
 }
 
-/// A `run-vm` with the memory backend and extra environment (the fault hook).
-fn memory_vm(socket: &Path, mib: u64, dirty_rate: u64, env: &[(&str, &str)]) -> Proc {
+/// A `run-vm` with the memory backend, RAM filled with `fill` (`random`, `zero`, ...), and
+/// extra environment (the fault hook).
+fn memory_vm(socket: &Path, mib: u64, dirty_rate: u64, fill: &str, env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(bin());
-    cmd.args(["run-vm", "--backend", "memory", "--socket"])
+    cmd.args(["run-vm", "--backend", "memory", "--fill", fill, "--socket"])
         .arg(socket)
         .args(["--memory", &mib.to_string()])
         .args(["--dirty-rate", &dirty_rate.to_string()])
@@ -181,7 +182,7 @@ fn a_busy_64_mib_vm_migrates_over_two_queue_pairs() {
     let d = devices();
     let dir = tmpdir("rdma-busy");
     let sock = dir.join("vm.sock");
-    let _vm = memory_vm(&sock, 64, 2000, &[]);
+    let _vm = memory_vm(&sock, 64, 2000, "random", &[]);
     let before = counter(&sock);
     wait_counter_beyond(&sock, before);
     let (dst, addr) = destination(&d, &[]);
@@ -231,7 +232,7 @@ fn fault_then_retry(name: &str, fault: &str, retry: &[&str]) {
     let d = devices();
     let dir = tmpdir(name);
     let sock = dir.join("vm.sock");
-    let _vm = memory_vm(&sock, 32, 1000, &[("LIVEMIG_RDMA_FAULT", fault)]);
+    let _vm = memory_vm(&sock, 32, 1000, "random", &[("LIVEMIG_RDMA_FAULT", fault)]);
     let (dst, addr) = destination(&d, &[]);
     let t = Instant::now();
     let (ok, _, err) = try_migrate(
@@ -312,7 +313,8 @@ fn auto_chooses_rdma_and_a_missing_device_is_a_clear_error() {
     let d = devices();
     let dir = tmpdir("rdma-auto");
     let sock = dir.join("vm.sock");
-    let _vm = memory_vm(&sock, 16, 500, &[]);
+    // Never-written RAM: round 0 finds holes, which RDMA skips (destination RAM is zero).
+    let _vm = memory_vm(&sock, 16, 500, "zero", &[]);
     let (dst, addr) = destination(&d, &[]);
     let (ok, _, err) = try_migrate(
         &sock,
@@ -335,6 +337,9 @@ fn auto_chooses_rdma_and_a_missing_device_is_a_clear_error() {
             .starts_with("auto: rdma"),
         "{r}"
     );
+    let zero = r["codec"]["pages_zero"].as_u64().unwrap();
+    let raw = r["codec"]["pages_raw"].as_u64().unwrap();
+    assert!(zero > raw, "holes were written, not skipped: {r}");
     let (code, stderr) = dst.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(0), "destination: {stderr}");
 }
@@ -361,7 +366,7 @@ fn throughput_of_a_large_round_against_ib_write_bw() {
     let dir = tmpdir("rdma-bw");
     let sock = dir.join("vm.sock");
     let mib = 256;
-    let _vm = memory_vm(&sock, mib, 0, &[]);
+    let _vm = memory_vm(&sock, mib, 0, "random", &[]);
     let (dst, addr) = destination(&d, &["--reserve-mib", &mib.to_string()]);
     let (ok, r, err) = try_migrate(
         &sock,
@@ -414,7 +419,7 @@ fn without_rdma_devices_rdma_says_how_to_fix_it_and_auto_uses_tcp() {
 
     let dir = tmpdir("no-rdma");
     let sock = dir.join("vm.sock");
-    let _vm = memory_vm(&sock, 8, 100, &[]);
+    let _vm = memory_vm(&sock, 8, 100, "random", &[]);
     let (dst, addr) = receive(
         &[],
         "127.0.0.1:0",
