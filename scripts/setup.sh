@@ -4,6 +4,13 @@ set -euo pipefail
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v cc >/dev/null || need+=(gcc)
+# The RDMA transport (cargo feature `rdma`, on by default): rdma-sys runs bindgen on the
+# verbs headers (libibverbs-dev, librdmacm-dev, libclang-dev, found through pkg-config) and links
+# libibverbs.so.1/librdmacm.so.1; at run time libibverbs loads the providers (ibverbs-providers:
+# rxe, mlx5, ...); rdma-core brings the `rdma` tool and udev rules for real devices.
+for p in libibverbs-dev librdmacm-dev libclang-dev pkg-config ibverbs-providers rdma-core; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need+=("$p")
+done
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need ${need[*]}; run as root or install them" >&2

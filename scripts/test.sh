@@ -17,3 +17,5 @@ echo "== criterion benches compile"
 cargo bench --workspace --no-run --quiet
 echo "== fuzz targets: build and run each briefly"
 ./scripts/fuzz.sh
+echo "== RDMA: tests on soft-RoCE in a QEMU VM (scripts/test-rdma.sh)"
+./scripts/test-rdma.sh
