@@ -224,14 +224,17 @@ pub(crate) struct Entry {
 /// Adaptive state of `auto`.
 #[derive(Debug, Clone, Copy)]
 struct Auto {
-    /// LZ4 input bytes per second (EWMA).
-    comp_speed: f64,
-    /// LZ4 output/input (EWMA).
-    ratio: f64,
-    /// Socket bytes per second (EWMA).
+    /// LZ4: input bytes per second and output/input (EWMA).
+    lz4: (f64, f64),
+    /// zstd level 1: the same.
+    zstd: (f64, f64),
+    /// Socket bytes per second (windowed maximum).
     link_speed: f64,
     chunks: u64,
 }
+
+/// Level of the zstd compressor `auto` uses.
+const AUTO_ZSTD_LEVEL: i32 = 1;
 
 /// A channel's encoder.
 pub struct Encoder {
@@ -267,6 +270,7 @@ impl Encoder {
     pub fn new(mode: Mode, cache: Option<Arc<DeltaCache>>) -> Encoder {
         let zstd = match mode {
             Mode::Zstd(level) => zstd::bulk::Compressor::new(level).ok(),
+            Mode::Auto => zstd::bulk::Compressor::new(AUTO_ZSTD_LEVEL).ok(),
             _ => None,
         };
         Encoder {
@@ -277,8 +281,8 @@ impl Encoder {
             tmp: Vec::new(),
             entries: Vec::new(),
             auto: Auto {
-                comp_speed: 0.0,
-                ratio: 0.5,
+                lz4: (0.0, 0.0),
+                zstd: (0.0, 0.0),
                 link_speed: 0.0,
                 chunks: 0,
             },
@@ -312,18 +316,34 @@ impl Encoder {
         }
     }
 
-    /// Whether `auto` currently compresses non-zero pages.
-    pub fn auto_compresses(&self) -> bool {
+    /// The codec `auto` uses now: None for raw, else LZ4 or zstd.
+    ///
+    /// Compressing overlaps with the socket draining what was queued before, so a codec of
+    /// speed C and ratio r moves min(C, L / r) raw bytes per second against L raw: `auto` takes
+    /// whichever of raw, LZ4 and zstd is fastest by the latest measurements (raw unless a
+    /// codec wins by 10%). It is raw until the link and a codec are measured: raw writes fill
+    /// the socket queue and so measure the link; probes measure the codecs.
+    pub fn auto_choice(&self) -> Option<Encoding> {
         let a = &self.auto;
-        if a.comp_speed == 0.0 || a.link_speed == 0.0 {
-            // Raw until both are measured: raw writes fill the socket queue and so measure
-            // the link; the probes below measure the compressor.
-            return false;
+        if a.link_speed == 0.0 {
+            return None;
         }
-        // Compressing overlaps with the socket draining what was queued before, so the
-        // compressed pipeline moves min(C, L / ratio) raw bytes per second against L raw: it
-        // pays exactly when the compressor outruns the link.
-        a.ratio < 0.9 && a.comp_speed > a.link_speed
+        let rate = |(c, r): (f64, f64)| {
+            if c == 0.0 || r >= 0.95 {
+                0.0
+            } else {
+                c.min(a.link_speed / r.max(1e-3))
+            }
+        };
+        let (lz4, zstd) = (rate(a.lz4), rate(a.zstd));
+        let best = lz4.max(zstd);
+        if best < a.link_speed * 1.1 {
+            None
+        } else if zstd > lz4 && self.zstd.is_some() {
+            Some(Encoding::Zstd)
+        } else {
+            Some(Encoding::Lz4)
+        }
     }
 
     /// Encodes the pages of `extents` (`(addr, len)`, page multiples; `host` gives each
@@ -338,10 +358,17 @@ impl Encoder {
         self.out.clear();
         self.auto.chunks += 1;
         // `auto` probes LZ4 every 32 chunks even while it sends raw, to notice content change.
-        let compress = match self.mode {
-            Mode::Lz4 | Mode::Zstd(_) => true,
-            Mode::Auto => self.auto_compresses() || self.auto.chunks % 32 == 1,
-            _ => false,
+        // `auto` probes each codec every 64 chunks, even while it sends raw, to notice when
+        // the content or the link changes.
+        let codec = match self.mode {
+            Mode::Lz4 => Some(Encoding::Lz4),
+            Mode::Zstd(_) => Some(Encoding::Zstd),
+            Mode::Auto => match self.auto.chunks % 64 {
+                1 => Some(Encoding::Lz4),
+                33 if self.zstd.is_some() => Some(Encoding::Zstd),
+                _ => self.auto_choice(),
+            },
+            _ => None,
         };
         for &(addr, len, host) in extents {
             let pages = (len as usize) / PAGE;
@@ -363,7 +390,7 @@ impl Encoder {
                     self.push_zero(run_addr, run_len as u64);
                 } else {
                     // SAFETY: the run is readable (caller's guarantee).
-                    unsafe { self.encode_run(run_addr, run_host, run_len, round, compress) };
+                    unsafe { self.encode_run(run_addr, run_host, run_len, round, codec) };
                 }
                 i = j;
             }
@@ -399,7 +426,7 @@ impl Encoder {
         host: *const u8,
         len: usize,
         round: u64,
-        compress: bool,
+        codec: Option<Encoding>,
     ) {
         let pages = (len / PAGE) as u64;
         self.stats.bytes_in += len as u64;
@@ -448,7 +475,7 @@ impl Encoder {
             }
             return;
         }
-        if compress {
+        if let Some(codec) = codec {
             self.stage.clear();
             // SAFETY: the run is readable; the snapshot gives the compressor stable bytes.
             self.stage
@@ -456,8 +483,8 @@ impl Encoder {
             self.stats.bytes_staged += len as u64;
             let t = Instant::now();
             let off = self.out.len();
-            let (enc, n) = match (self.mode, self.zstd.as_mut()) {
-                (Mode::Zstd(_), Some(z)) => {
+            let (enc, n) = match (codec, self.zstd.as_mut()) {
+                (Encoding::Zstd, Some(z)) => {
                     self.out
                         .resize(off + zstd::zstd_safe::compress_bound(len), 0);
                     match z.compress_to_buffer(&self.stage, &mut self.out[off..]) {
@@ -475,9 +502,14 @@ impl Encoder {
                 }
             };
             let secs = t.elapsed().as_secs_f64();
-            if enc == Encoding::Lz4 && n != usize::MAX {
-                self.auto.comp_speed = ewma(self.auto.comp_speed, len as f64 / secs.max(1e-9));
-                self.auto.ratio = ewma(self.auto.ratio, n as f64 / len as f64);
+            if n != usize::MAX {
+                let m = if enc == Encoding::Zstd {
+                    &mut self.auto.zstd
+                } else {
+                    &mut self.auto.lz4
+                };
+                m.0 = ewma(m.0, len as f64 / secs.max(1e-9));
+                m.1 = ewma(m.1, n as f64 / len as f64);
             }
             if n < len - len / 16 {
                 self.out.truncate(off + n);
