@@ -23,8 +23,14 @@ test_exe() {
 
 echo "== building livemig and the RDMA test binaries (release)"
 cargo build --release --bin livemig
-rdma_tests=$(cargo test --release --test rdma --no-run 2>&1 | tee /dev/stderr | test_exe)
-transport_tests=$(cargo test --release -p livemig-transport --lib --no-run 2>&1 | tee /dev/stderr | test_exe)
+# (cargo's messages are shown as they are; not through `tee /dev/stderr`, which would truncate
+# a log file our stderr is redirected to)
+out=$(cargo test --release --test rdma --no-run 2>&1) || { echo "$out" >&2; exit 1; }
+echo "$out" >&2
+rdma_tests=$(test_exe <<<"$out")
+out=$(cargo test --release -p livemig-transport --lib --no-run 2>&1) || { echo "$out" >&2; exit 1; }
+echo "$out" >&2
+transport_tests=$(test_exe <<<"$out")
 [ -x "$rdma_tests" ] || { echo "test-rdma: no tests/rdma.rs executable found" >&2; exit 1; }
 [ -x "$transport_tests" ] || { echo "test-rdma: no livemig-transport test executable found" >&2; exit 1; }
 bin=target/release/livemig
