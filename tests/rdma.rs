@@ -148,7 +148,7 @@ fn rdma_devices_lists_devices_ports_and_gids() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    println!("--- livemig rdma devices ---\n{text}---");
+    println!("\n--- livemig rdma devices ---\n{text}---");
     assert!(
         out.status.success(),
         "{}",
