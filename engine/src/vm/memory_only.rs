@@ -45,6 +45,13 @@ impl MemoryVm {
     pub fn launch(spec: &VmSpec, fill: impl FnOnce(&GuestRam)) -> Result<Self, VmError> {
         let ram = GuestRam::new(&RamLayout::single(spec.memory_mib << 20), Populate::Lazy)?;
         fill(&ram);
+        // The guest's counter starts at zero whatever the fill wrote there.
+        ram.memory()
+            .write_obj(0u64, GuestAddress(COUNTER_GPA))
+            .map_err(|e| VmError::GuestAccess {
+                gpa: COUNTER_GPA,
+                reason: e.to_string(),
+            })?;
         let vm = Self::new_incoming(spec, ram)?;
         vm.resume()?;
         Ok(vm)
