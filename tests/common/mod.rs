@@ -318,7 +318,9 @@ impl Proxy {
                         if let Some(a) = action.lock().unwrap().take() {
                             a();
                         }
-                        for c in conns.lock().unwrap().iter() {
+                        // Shut down and close: once every copy is gone, whatever the peers
+                        // still send is answered with a reset, as from a vanished host.
+                        for c in conns.lock().unwrap().drain(..) {
                             let _ = c.shutdown(Shutdown::Both);
                         }
                     }
