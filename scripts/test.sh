@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit/property/doc tests, end-to-end tests with real
-# KVM guests, two-host (network namespace) tests and bad-input tests.
-# Needs: root (network namespaces), /dev/kvm, iproute2. Installs what is missing.
+# KVM guests, two-host (network namespace) tests, bad-input and fault tests, the fuzz targets,
+# and the RDMA suite inside a soft-RoCE VM (scripts/test-rdma.sh).
+# Needs: root (network namespaces), /dev/kvm. Installs what is missing (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -472,7 +472,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     continue;
                 }
             };
-            totals.push(r["total_time_ms"].as_f64().unwrap_or(0.0));
+            let Some(total) = r["total_time_ms"]
+                .as_f64()
+                .filter(|t| t.is_finite() && *t > 0.0)
+            else {
+                bar.println(format!("{}: no total time in {r}", cell.variant.label()));
+                continue;
+            };
+            totals.push(total);
             downs.push(r["downtime_ms"].as_f64().unwrap_or(0.0));
             wires.push(r["bytes_on_wire"].as_f64().unwrap_or(0.0));
             if let Some(d) = r.get("digest_match").and_then(Value::as_bool) {
@@ -750,15 +757,28 @@ fn run_qemu(
         )?;
         s.cmd("migrate", json!({"uri": format!("tcp:{host}:{port}")}))?;
         let deadline = Instant::now() + Duration::from_secs(600);
+        let mut completed_polls = 0;
         loop {
             let st = s.cmd("query-migrate", json!({}))?;
             match st["status"].as_str() {
                 Some("completed") => {
-                    let ram = &st["ram"];
-                    let wire = ram["transferred"].as_f64().unwrap_or(0.0);
+                    // QEMU sets the completed status a moment before it fills in the total
+                    // time and downtime: ask again until they are there.
+                    let (Some(total), Some(down), Some(wire)) = (
+                        st["total-time"].as_f64().filter(|t| *t > 0.0),
+                        st["downtime"].as_f64().filter(|d| *d > 0.0),
+                        st["ram"]["transferred"].as_f64(),
+                    ) else {
+                        completed_polls += 1;
+                        if completed_polls > 200 {
+                            bail!("QEMU reported completion without its figures: {st}");
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
                     return Ok(json!({
-                        "total_time_ms": st["total-time"],
-                        "downtime_ms": st["downtime"],
+                        "total_time_ms": total,
+                        "downtime_ms": down,
                         "bytes_on_wire": wire,
                         "ram_bytes": cell.memory_mib << 20,
                     }));
