@@ -13,7 +13,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
 echo "== cargo test (release: KVM guests and page copies are slow in debug builds)"
-cargo test --workspace --release -- --test-threads=2
+cargo test --workspace --release -- --test-threads=2 --skip fault_matrix
+echo "== fault matrix (prints its table of cases and outcomes)"
+cargo test --release --test faults -- --nocapture
 echo "== criterion benches compile"
 cargo bench --workspace --no-run --quiet
 echo "== fuzz targets: build and run each briefly"
