@@ -260,7 +260,7 @@ fn migrate(req: &Value, p: &Arc<VmProcess>, out: &mut UnixStream) -> Result<()> 
     let opts = MigrateOptions {
         channels: num("channels", 1).clamp(1, 64) as u16,
         downtime_limit_ms: num("downtime_limit_ms", 300),
-        max_rounds: num("max_rounds", 30).clamp(1, 10_000) as u32,
+        max_rounds: num("max_rounds", 30).clamp(1, u64::from(u32::MAX)) as u32,
         compress: match req
             .get("compress")
             .and_then(Value::as_str)
