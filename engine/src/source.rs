@@ -568,34 +568,23 @@ fn run_rounds(
             (to_send.extents(), Vec::new())
         };
         let pages_total = to_send.count();
-        let stats = sched
-            .send_round(round, &extents, &holes, cancel, &mut |pages_done| {
-                if plane.rdma {
-                    // The destination sees no page arrive: tell it the source is alive. A
-                    // failure here shows up as failed writes or at the round's end.
-                    let _ = ctl.send(&Message::RoundProgress {
-                        round,
-                        pages: pages_done,
-                        complete: false,
-                    });
-                }
-                on_progress(&Progress::Sending {
+        let sent = sched.send_round(round, &extents, &holes, cancel, &mut |pages_done| {
+            if plane.rdma {
+                // The destination sees no page arrive: tell it the source is alive. A
+                // failure here shows up as failed writes or at the round's end.
+                let _ = ctl.send(&Message::RoundProgress {
                     round,
-                    pages_done,
-                    pages_total,
-                })
-            })
-            .map_err(|e| match e {
-                crate::scheduler::SchedulerError::Cancelled => MigrationError::Cancelled,
-                e => e.into(),
-            })?;
-        if plane.rdma {
-            ctl.send(&Message::RoundProgress {
+                    pages: pages_done,
+                    complete: false,
+                });
+            }
+            on_progress(&Progress::Sending {
                 round,
-                pages: stats.pages,
-                complete: true,
-            })?;
-        }
+                pages_done,
+                pages_total,
+            })
+        });
+        let stats = end_round(sent, ctl, plane, round)?;
         pages_sent += stats.pages;
         wire += stats.wire_bytes;
         codec.add(&stats.codec);
@@ -661,19 +650,8 @@ fn run_rounds(
         on_progress(&Progress::Paused {
             pages: to_send.count(),
         });
-        let stats = sched
-            .send_round(round, &to_send.extents(), &[], cancel, &mut |_| {})
-            .map_err(|e| match e {
-                crate::scheduler::SchedulerError::Cancelled => MigrationError::Cancelled,
-                e => e.into(),
-            })?;
-        if plane.rdma {
-            ctl.send(&Message::RoundProgress {
-                round,
-                pages: stats.pages,
-                complete: true,
-            })?;
-        }
+        let sent = sched.send_round(round, &to_send.extents(), &[], cancel, &mut |_| {});
+        let stats = end_round(sent, ctl, plane, round)?;
         let sections = vm.save_state()?;
         ctl.send(&Message::DeviceState {
             final_round: round,
@@ -797,6 +775,28 @@ fn run_rounds(
         destination_cpu_s: dest_cpu_ns as f64 / 1e9,
         round_details: rounds,
     })
+}
+
+/// Turns a round's outcome into the migration's terms and, over RDMA (where the destination
+/// sees no page arrive), tells the destination the round is complete.
+fn end_round(
+    sent: Result<crate::scheduler::RoundStats, crate::scheduler::SchedulerError>,
+    ctl: &mut Control,
+    plane: &DataPlane,
+    round: u64,
+) -> Result<crate::scheduler::RoundStats, MigrationError> {
+    let stats = sent.map_err(|e| match e {
+        crate::scheduler::SchedulerError::Cancelled => MigrationError::Cancelled,
+        e => e.into(),
+    })?;
+    if plane.rdma {
+        ctl.send(&Message::RoundProgress {
+            round,
+            pages: stats.pages,
+            complete: true,
+        })?;
+    }
+    Ok(stats)
 }
 
 fn ms(d: Duration) -> f64 {
