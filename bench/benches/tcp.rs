@@ -5,6 +5,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use livemig_transport::codec::{Encoder, Mode};
 use livemig_transport::tcp::{DataReceiver, DataSender, Landed, Received};
 use livemig_transport::{MappedRegion, MemoryMap};
 
@@ -59,6 +60,7 @@ fn tcp(c: &mut Criterion) {
                 let s = src.clone();
                 let t = std::thread::spawn(move || {
                     let mut tx = DataSender::new(TcpStream::connect(addr).unwrap()).unwrap();
+                    let mut enc = Encoder::new(Mode::None, None);
                     let per = (64 * 4096 / chunk).max(1) as usize;
                     let mut ext = Vec::new();
                     let mut off = 0;
@@ -66,12 +68,12 @@ fn tcp(c: &mut Criterion) {
                         ext.push((off, chunk));
                         off += stride;
                         if ext.len() == per {
-                            tx.send_extents(&s, &ext).unwrap();
+                            tx.send_encoded(&s, &ext, &mut enc, 0).unwrap();
                             ext.clear();
                         }
                     }
                     if !ext.is_empty() {
-                        tx.send_extents(&s, &ext).unwrap();
+                        tx.send_encoded(&s, &ext, &mut enc, 0).unwrap();
                     }
                     tx.send_marker(0).unwrap();
                 });

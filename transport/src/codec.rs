@@ -35,7 +35,12 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// Name as used on the command line.
+    /// zstd level of plain `zstd`.
+    pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+    /// Every mode's name, as the command line and the control socket spell it.
+    pub const NAMES: &'static [&'static str] = &["none", "zero", "lz4", "zstd", "delta", "auto"];
+
+    /// Name as used on the command line (without the zstd level).
     pub fn name(&self) -> &'static str {
         match self {
             Mode::None => "none",
@@ -45,6 +50,52 @@ impl Mode {
             Mode::Delta => "delta",
             Mode::Auto => "auto",
         }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Zstd(l) if *l != Mode::DEFAULT_ZSTD_LEVEL => write!(f, "zstd:{l}"),
+            m => f.write_str(m.name()),
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    /// `none`, `zero`, `lz4`, `zstd` (level 3), `zstd:N` (N in 1..=19), `delta` or `auto`.
+    fn from_str(s: &str) -> Result<Mode, String> {
+        Ok(match s {
+            "none" => Mode::None,
+            "zero" => Mode::Zero,
+            "lz4" => Mode::Lz4,
+            "zstd" => Mode::Zstd(Mode::DEFAULT_ZSTD_LEVEL),
+            "delta" => Mode::Delta,
+            "auto" => Mode::Auto,
+            other => match other.strip_prefix("zstd:").map(str::parse::<i32>) {
+                Some(Ok(l)) if (1..=19).contains(&l) => Mode::Zstd(l),
+                _ => {
+                    return Err(format!(
+                        "unknown compression {other:?} (none, zero, lz4, zstd, zstd:1..19, delta, auto)"
+                    ))
+                }
+            },
+        })
+    }
+}
+
+impl serde::Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Mode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Mode, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -7,13 +7,15 @@
 //! - [`tcp`]: data channels that send extents of registered memory straight from it
 //!   (`writev`, no staging copy) and receive them straight into it (`readv`), interleaved
 //!   with opaque markers that the engine uses for round barriers;
+//! - [`codec`]: how pages travel on a TCP channel (raw, zero markers, LZ4, zstd, delta, and
+//!   `auto`, which picks per chunk);
 //! - [`rdma`] (feature `rdma`, on by default): one-sided RDMA WRITEs from registered source
 //!   memory into registered destination memory over reliable-connected queue pairs, on the
 //!   host's libibverbs.
 //!
 //! ```
 //! use std::sync::Arc;
-//! use livemig_transport::{MemoryMap, MappedRegion, tcp};
+//! use livemig_transport::{codec, tcp, MappedRegion, MemoryMap};
 //!
 //! let mut src = vec![7u8; 8192];
 //! let mut dst = vec![0u8; 8192];
@@ -28,7 +30,8 @@
 //! let addr = listener.local_addr().unwrap();
 //! let t = std::thread::spawn(move || {
 //!     let mut tx = tcp::DataSender::new(std::net::TcpStream::connect(addr).unwrap()).unwrap();
-//!     tx.send_extents(&src_map, &[(4096, 4096)]).unwrap();
+//!     let mut enc = codec::Encoder::new(codec::Mode::None, None);
+//!     tx.send_encoded(&src_map, &[(4096, 4096)], &mut enc, 0).unwrap();
 //!     tx.send_marker(1).unwrap();
 //! });
 //! let mut rx = tcp::DataReceiver::new(listener.accept().unwrap().0).unwrap();

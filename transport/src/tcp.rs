@@ -4,14 +4,14 @@
 //!
 //! ```text
 //! header   kind: u16 | count: u16 | flags: u32 (0) | value: u64        16 bytes
-//!   kind 1 = extents: `count` entries follow, then the bytes of every extent in order;
-//!            value = total payload bytes
 //!   kind 2 = marker: no body; value is opaque to the transport
 //!   kind 3 = encoded: `count` encoded entries follow, then their bodies in order;
 //!            value = total body bytes
-//! entry    addr: u64 | len: u32 | reserved: u32 (0)                     16 bytes
+//!   (kind 1, plain extents, existed in protocol 1 but was never sent; it is refused)
 //! encoded  addr: u64 | raw_len: u32 | enc_len: u32 | encoding: u8 | 0: [u8; 7]   24 bytes
 //! ```
+//!
+//! Every entry covers whole, page-aligned pages of registered memory.
 //!
 //! Encoded entries (see [`crate::codec`]): raw bodies are read straight into place; zero
 //! entries have no body and are reported, not written (the receiver's owner knows which pages
@@ -36,8 +36,6 @@ pub const MAX_EXTENTS: usize = 512;
 pub const MAX_MESSAGE_BYTES: u64 = 8 << 20;
 
 const HEADER_LEN: usize = 16;
-const ENTRY_LEN: usize = 16;
-const KIND_EXTENTS: u16 = 1;
 const KIND_MARKER: u16 = 2;
 const KIND_ENCODED: u16 = 3;
 const ENCODED_ENTRY_LEN: usize = 24;
@@ -96,58 +94,9 @@ impl DataSender {
         Ok(DataSender {
             stream,
             peer,
-            table: Vec::with_capacity(HEADER_LEN + MAX_EXTENTS * ENTRY_LEN),
+            table: Vec::with_capacity(HEADER_LEN + MAX_EXTENTS * ENCODED_ENTRY_LEN),
             rate_sample: None,
         })
-    }
-
-    /// Sends `extents` (`(addr, len)` pairs) read in place from `map`. At most
-    /// [`MAX_EXTENTS`] extents and [`MAX_MESSAGE_BYTES`] bytes; each extent must lie in `map`.
-    pub fn send_extents(
-        &mut self,
-        map: &MemoryMap,
-        extents: &[(u64, u64)],
-    ) -> Result<u64, TransportError> {
-        let total: u64 = extents.iter().map(|e| e.1).sum();
-        if extents.is_empty() || extents.len() > MAX_EXTENTS || total > MAX_MESSAGE_BYTES {
-            return Err(TransportError::Malformed {
-                peer: "local sender".into(),
-                reason: format!(
-                    "{} extents / {total} bytes exceed one message",
-                    extents.len()
-                ),
-            });
-        }
-        self.table.clear();
-        put_header(&mut self.table, KIND_EXTENTS, extents.len() as u16, total);
-        let mut iov = Vec::with_capacity(extents.len() + 1);
-        for &(addr, len) in extents {
-            let host = map.host_ptr(addr, len)?;
-            self.table.extend_from_slice(&addr.to_le_bytes());
-            self.table.extend_from_slice(&(len as u32).to_le_bytes());
-            self.table.extend_from_slice(&0u32.to_le_bytes());
-            iov.push(libc::iovec {
-                iov_base: host.cast(),
-                iov_len: len as usize,
-            });
-        }
-        iov.insert(
-            0,
-            libc::iovec {
-                iov_base: self.table.as_ptr() as *mut libc::c_void,
-                iov_len: self.table.len(),
-            },
-        );
-        // SAFETY: every iovec points into `self.table` or into registered memory that `map`
-        // keeps mapped (bounds checked by `host_ptr`); writev only reads them.
-        unsafe { transfer(self.stream.as_raw_fd(), &mut iov, Dir::Write) }.map_err(|source| {
-            TransportError::Io {
-                op: "writev of extents",
-                peer: self.peer.clone(),
-                source,
-            }
-        })?;
-        Ok(total)
     }
 
     /// Encodes the pages of `extents` with `enc` and sends them as one message. Returns the
@@ -338,80 +287,9 @@ impl DataReceiver {
         match kind {
             KIND_MARKER if count == 0 => return Ok(Received::Marker(value)),
             KIND_MARKER => return Err(bad(format!("marker with {count} entries"))),
-            KIND_EXTENTS => {}
             KIND_ENCODED => return self.recv_encoded(map, landed, count, value),
             other => return Err(bad(format!("unknown data message kind {other}"))),
         }
-        if count == 0 || count > MAX_EXTENTS {
-            return Err(bad(format!(
-                "{count} extents in one message (1..={MAX_EXTENTS})"
-            )));
-        }
-        if value > MAX_MESSAGE_BYTES {
-            return Err(bad(format!(
-                "{value} payload bytes exceed the {MAX_MESSAGE_BYTES} cap"
-            )));
-        }
-        let table = &mut self.table[..count * ENTRY_LEN];
-        read_exact(
-            &mut self.stream,
-            table,
-            &self.peer,
-            "reading an extent table",
-        )?;
-        let mut iov = Vec::with_capacity(count);
-        let mut sum = 0u64;
-        let written = &mut landed.data;
-        let first = written.len();
-        for e in table.chunks_exact(ENTRY_LEN) {
-            let addr = u64::from_le_bytes(e[0..8].try_into().unwrap_or_default());
-            let len = u64::from(u32::from_le_bytes(e[8..12].try_into().unwrap_or_default()));
-            let reserved = u32::from_le_bytes(e[12..16].try_into().unwrap_or_default());
-            if len == 0 || reserved != 0 {
-                written.truncate(first);
-                return Err(TransportError::Malformed {
-                    peer: self.peer.clone(),
-                    reason: format!("bad extent entry {addr:#x}+{len:#x} (reserved {reserved:#x})"),
-                });
-            }
-            let host = match map.host_ptr(addr, len) {
-                Ok(h) => h,
-                Err(e) => {
-                    written.truncate(first);
-                    return Err(e);
-                }
-            };
-            sum += len;
-            iov.push(libc::iovec {
-                iov_base: host.cast(),
-                iov_len: len as usize,
-            });
-            written.push((addr, len));
-        }
-        if sum != value {
-            written.truncate(first);
-            return Err(TransportError::Malformed {
-                peer: self.peer.clone(),
-                reason: format!("extent lengths add up to {sum}, header says {value}"),
-            });
-        }
-        // SAFETY: every iovec points into registered memory (bounds checked above) that the
-        // map's creator allowed the transport to write.
-        unsafe { transfer(self.stream.as_raw_fd(), &mut iov, Dir::Read) }.map_err(|source| {
-            if source.kind() == std::io::ErrorKind::UnexpectedEof {
-                TransportError::Closed {
-                    peer: self.peer.clone(),
-                    during: "reading extent data",
-                }
-            } else {
-                TransportError::Io {
-                    op: "readv of extent data",
-                    peer: self.peer.clone(),
-                    source,
-                }
-            }
-        })?;
-        Ok(Received::Extents { bytes: value })
     }
 
     fn recv_encoded(
@@ -456,6 +334,8 @@ impl DataReceiver {
             };
             let ok = pad.iter().all(|&b| b == 0)
                 && raw_len > 0
+                && addr % PAGE as u64 == 0
+                && raw_len % PAGE as u64 == 0
                 && match encoding {
                     Encoding::Raw => enc_len == raw_len && raw_len <= MAX_MESSAGE_BYTES,
                     Encoding::Zero => enc_len == 0 && raw_len <= MAX_ZERO_ENTRY,
@@ -703,6 +583,7 @@ mod tests {
 
     #[test]
     fn many_extents_land_in_place() {
+        use crate::codec::Mode;
         let mut src: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
         let mut dst = vec![0u8; 1 << 20];
         let (sm, dm) = (map(&mut src), map(&mut dst));
@@ -711,7 +592,8 @@ mod tests {
         let ex = extents.clone();
         let t = std::thread::spawn(move || {
             let mut tx = DataSender::new(a).unwrap();
-            tx.send_extents(&sm, &ex).unwrap();
+            let mut enc = Encoder::new(Mode::None, None);
+            tx.send_encoded(&sm, &ex, &mut enc, 0).unwrap();
             tx.send_marker(42).unwrap();
         });
         let mut rx = DataReceiver::new(b).unwrap();
@@ -749,13 +631,16 @@ mod tests {
         r
     }
 
-    fn msg(count: u16, value: u64, entries: &[(u64, u32, u32)]) -> Vec<u8> {
+    /// A message of raw entries `(addr, len, padding byte)`, announcing `value` body bytes.
+    fn msg(count: u16, value: u64, entries: &[(u64, u32, u8)]) -> Vec<u8> {
         let mut v = Vec::new();
-        put_header(&mut v, KIND_EXTENTS, count, value);
-        for &(a, l, r) in entries {
+        put_header(&mut v, KIND_ENCODED, count, value);
+        for &(a, l, pad) in entries {
             v.extend_from_slice(&a.to_le_bytes());
             v.extend_from_slice(&l.to_le_bytes());
-            v.extend_from_slice(&r.to_le_bytes());
+            v.extend_from_slice(&l.to_le_bytes());
+            v.push(Encoding::Raw as u8);
+            v.extend_from_slice(&[pad; 7]);
         }
         v
     }
@@ -767,7 +652,7 @@ mod tests {
             Err(TransportError::OutOfBounds { .. })
         ));
         assert!(matches!(
-            raw(&msg(2, 4096, &[(0, 4096, 0), (u64::MAX - 10, 4096, 0)])),
+            raw(&msg(2, 4096, &[(0, 4096, 0), (u64::MAX & !0xfff, 4096, 0)])),
             Err(TransportError::OutOfBounds { .. })
         ));
         assert!(matches!(
@@ -798,8 +683,22 @@ mod tests {
             raw(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
             Err(TransportError::Malformed { .. })
         ));
+        // kind 1 (plain extents) is not part of the protocol any more
         assert!(matches!(
-            raw(&[1, 0, 1]),
+            raw(&[1, 0, 1, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0]),
+            Err(TransportError::Malformed { .. })
+        ));
+        // misaligned or partial pages
+        assert!(matches!(
+            raw(&msg(1, 4096, &[(0x800, 4096, 0)])),
+            Err(TransportError::Malformed { .. })
+        ));
+        assert!(matches!(
+            raw(&msg(1, 16, &[(0, 16, 0)])),
+            Err(TransportError::Malformed { .. })
+        ));
+        assert!(matches!(
+            raw(&[3, 0, 1]),
             Err(TransportError::Closed { .. })
         ));
         // table announced but truncated

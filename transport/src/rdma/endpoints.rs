@@ -1,0 +1,459 @@
+//! The two ends of an RDMA migration: the source ([`RdmaSource`], [`RdmaSender`]) and the
+//! destination ([`RdmaTarget`]).
+
+#[allow(unused_imports)]
+use super::*;
+
+/// The source end: a protection domain, the source memory (registered on first use) and the
+/// queue pairs made from it.
+pub struct RdmaSource {
+    pub(super) pd: Arc<ProtectionDomain>,
+    pub(super) map: MemoryMap,
+    pub(super) local: Mutex<Option<Arc<LocalMemory>>>,
+}
+
+/// Registered source memory.
+pub(super) struct LocalMemory {
+    pub(super) _mrs: Vec<MemoryRegion>,
+    pub(super) segments: Vec<LocalSegment>,
+}
+
+impl RdmaSource {
+    /// A source end on `device` for the memory of `map`.
+    pub fn new(device: &Arc<Device>, map: MemoryMap) -> Result<Arc<RdmaSource>, RdmaError> {
+        Ok(Arc::new(RdmaSource {
+            pd: device.alloc_pd()?,
+            map,
+            local: Mutex::new(None),
+        }))
+    }
+
+    /// A new queue pair to announce to the peer.
+    pub fn prepare_qp(&self) -> Result<PreparedQp, RdmaError> {
+        PreparedQp::new(&self.pd, false)
+    }
+
+    /// The registered memory, registering it on first use. Registration pins (and so faults
+    /// in) every page; it is deferred to the first write so that a caller can look for
+    /// never-written holes of the memory before (a hole faulted in reads as data afterwards).
+    pub(super) fn local(&self) -> Result<Arc<LocalMemory>, RdmaError> {
+        let mut g = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = &*g {
+            return Ok(l.clone());
+        }
+        let mrs = self.pd.register(&self.map, Access::LocalRead)?;
+        let segments = mrs
+            .iter()
+            .map(|m| LocalSegment {
+                addr: m.region.addr,
+                host: m.region.host as u64,
+                len: m.region.len,
+                lkey: m.lkey(),
+            })
+            .collect();
+        let l = Arc::new(LocalMemory {
+            _mrs: mrs,
+            segments,
+        });
+        *g = Some(l.clone());
+        Ok(l)
+    }
+}
+
+/// The test hook, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fault {
+    None,
+    QpErrorAfter(u64),
+    WrongRkeyAfter(u64),
+}
+
+/// Set once a fault fired in this process.
+pub(super) static FAULT_FIRED: AtomicBool = AtomicBool::new(false);
+
+impl Fault {
+    pub(super) fn from_env() -> Result<Fault, RdmaError> {
+        let Ok(v) = std::env::var(FAULT_ENV) else {
+            return Ok(Fault::None);
+        };
+        let bad = || RdmaError::BadFaultSpec(v.clone());
+        let n = |s: &str| s.parse::<u64>().map_err(|_| bad());
+        match v.split_once(':') {
+            Some(("qp-error-after", x)) => Ok(Fault::QpErrorAfter(n(x)?)),
+            Some(("wrong-rkey-after", x)) => Ok(Fault::WrongRkeyAfter(n(x)?)),
+            _ if v.is_empty() => Ok(Fault::None),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// What a sender moved since the last [`RdmaSender::take_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Writes posted.
+    pub writes: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// One RDMA data channel of the source: a connected QP writing into the peer's regions.
+pub struct RdmaSender {
+    // Field order is drop order: the QP goes before the memory it reads.
+    pub(super) qp: ConnectedQp,
+    pub(super) local: Option<Arc<LocalMemory>>,
+    pub(super) source: Arc<RdmaSource>,
+    pub(super) remote: Arc<[RemoteRegion]>,
+    pub(super) posted: u64,
+    pub(super) completed: u64,
+    /// Bytes posted so far, and per posted batch `(last write, bytes posted up to it)`, to
+    /// credit completed bytes.
+    pub(super) posted_bytes: u64,
+    pub(super) completed_bytes: u64,
+    pub(super) batches: std::collections::VecDeque<(u64, u64)>,
+    pub(super) timeout: Duration,
+    pub(super) fault: Fault,
+    pub(super) fault_fired: bool,
+    pub(super) wrs: Vec<PlannedWrite>,
+    pub(super) sges: Vec<Sge>,
+    pub(super) stats: WriteStats,
+}
+
+impl std::fmt::Debug for RdmaSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaSender")
+            .field("qp", &self.qp.num())
+            .field("posted", &self.posted)
+            .field("completed", &self.completed)
+            .finish()
+    }
+}
+
+impl RdmaSender {
+    /// A data channel writing through `qp` into `remote` (which must cover every address the
+    /// caller will write). A write that sees no completion for `timeout` fails.
+    pub fn new(
+        source: &Arc<RdmaSource>,
+        qp: ConnectedQp,
+        remote: Arc<[RemoteRegion]>,
+        timeout: Duration,
+    ) -> Result<RdmaSender, RdmaError> {
+        Ok(RdmaSender {
+            qp,
+            local: None,
+            source: source.clone(),
+            remote,
+            posted: 0,
+            completed: 0,
+            posted_bytes: 0,
+            completed_bytes: 0,
+            batches: std::collections::VecDeque::new(),
+            timeout,
+            fault: Fault::from_env()?,
+            fault_fired: false,
+            wrs: Vec::new(),
+            sges: Vec::new(),
+            stats: WriteStats::default(),
+        })
+    }
+
+    /// Local QP number.
+    pub fn qp_num(&self) -> u32 {
+        self.qp.num()
+    }
+
+    /// Posts RDMA WRITEs for `extents` (`(addr, len)`) of the source memory to the same
+    /// addresses on the peer, waiting for send-queue room as needed; returns the bytes
+    /// posted. The writes complete later: see [`Self::flush`]. `stop` aborts a wait.
+    pub fn write_extents(
+        &mut self,
+        extents: &[(u64, u64)],
+        stop: &AtomicBool,
+    ) -> Result<u64, RdmaError> {
+        let local = match &self.local {
+            Some(l) => l.clone(),
+            None => {
+                let l = self.source.local()?;
+                self.local = Some(l.clone());
+                l
+            }
+        };
+        self.wrs.clear();
+        self.sges.clear();
+        plan_writes(
+            &local.segments,
+            &self.remote,
+            extents,
+            MAX_WRITE_BYTES,
+            self.qp.qp.max_sge as usize,
+            &mut self.wrs,
+            &mut self.sges,
+        )?;
+        let total: u64 = self.wrs.iter().map(|w| w.bytes).sum();
+        let depth = u64::from(self.qp.qp.sq_depth);
+        let mut next = 0;
+        while next < self.wrs.len() {
+            // Room in the send queue and under the in-flight cap (an empty queue always has
+            // room); every batch ends signalled, so waiting always ends.
+            let room = depth.saturating_sub(self.posted - self.completed) as usize;
+            let mut n = 0;
+            let mut bytes = 0;
+            let inflight = self.posted_bytes - self.completed_bytes;
+            while n < room.min(self.wrs.len() - next) {
+                let b = self.wrs[next + n].bytes;
+                if (inflight > 0 || n > 0) && inflight + bytes + b > MAX_INFLIGHT_BYTES {
+                    break;
+                }
+                bytes += b;
+                n += 1;
+            }
+            if n == 0 {
+                let target = self.completed + 1;
+                self.wait_completed(target, stop)?;
+                continue;
+            }
+            self.post_batch(next, n)?;
+            self.posted_bytes += bytes;
+            self.batches.push_back((self.posted, self.posted_bytes));
+            next += n;
+        }
+        self.stats.writes += self.wrs.len() as u64;
+        self.stats.bytes += total;
+        Ok(total)
+    }
+
+    pub(super) fn post_batch(&mut self, first: usize, n: usize) -> Result<(), RdmaError> {
+        let mut sge_list: Vec<ffi::ibv_sge> = Vec::with_capacity(n * 2);
+        for w in &self.wrs[first..first + n] {
+            for s in &self.sges[w.first..w.first + w.count] {
+                sge_list.push(ffi::ibv_sge {
+                    addr: s.host,
+                    length: s.len,
+                    lkey: s.lkey,
+                });
+            }
+        }
+        // SAFETY: plain C structs; all-zero is a valid starting value.
+        let mut chain: Vec<ffi::ibv_send_wr> =
+            (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
+        let mut sge_at = 0usize;
+        let mut fire_error = false;
+        for (i, w) in self.wrs[first..first + n].iter().enumerate() {
+            let seq = self.posted + 1 + i as u64;
+            let mut rkey = w.rkey;
+            match self.fault {
+                Fault::WrongRkeyAfter(k) if seq > k && (self.fault_fired || fire_once()) => {
+                    self.fault_fired = true;
+                    rkey ^= 0x00ff_0f0f;
+                }
+                Fault::QpErrorAfter(k) if seq == k && !self.fault_fired && fire_once() => {
+                    self.fault_fired = true;
+                    fire_error = true;
+                }
+                _ => {}
+            }
+            let wr = &mut chain[i];
+            wr.wr_id = seq;
+            wr.opcode = ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+            // SAFETY: `sge_at..sge_at + count` is inside `sge_list`, which outlives the post.
+            wr.sg_list = unsafe { sge_list.as_mut_ptr().add(sge_at) };
+            wr.num_sge = w.count as i32;
+            sge_at += w.count;
+            // Selective signalling: every SIGNAL_EVERY-th write, and the last of each batch so
+            // that waiting for send-queue room or for a flush always ends.
+            let signal = seq % SIGNAL_EVERY == 0 || i + 1 == n;
+            wr.send_flags = if signal {
+                ffi::ibv_send_flags::IBV_SEND_SIGNALED.0
+            } else {
+                0
+            };
+            wr.wr.rdma = ffi::rdma_t {
+                remote_addr: w.remote_addr,
+                rkey,
+            };
+        }
+        for i in 0..n.saturating_sub(1) {
+            let next: *mut ffi::ibv_send_wr = &mut chain[i + 1];
+            chain[i].next = next;
+        }
+        // SAFETY: the chain and its SGE arrays live until `post` returns. Every SGE names
+        // source memory inside a registered region (planned against `local.segments`) under
+        // its lkey; `self.local` keeps the regions registered, and the memory mapped, for as
+        // long as this sender lives, and the QP (destroyed first when the sender drops) is the
+        // only thing that reads it. The remote side was registered by the peer for writing.
+        unsafe { self.qp.post(chain.as_mut_ptr())? };
+        self.posted += n as u64;
+        if fire_error {
+            self.qp.force_error()?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every write posted so far completed: RC completions mean the data was
+    /// placed in the peer's memory.
+    pub fn flush(&mut self, stop: &AtomicBool) -> Result<(), RdmaError> {
+        let target = self.posted;
+        self.wait_completed(target, stop)
+    }
+
+    /// Writes and bytes since the last call.
+    pub fn take_stats(&mut self) -> WriteStats {
+        std::mem::take(&mut self.stats)
+    }
+
+    pub(super) fn wait_completed(&mut self, target: u64, stop: &AtomicBool) -> Result<(), RdmaError> {
+        let mut last_progress = Instant::now();
+        let mut wcs = [const { MaybeUninit::<ffi::ibv_wc>::uninit() }; 16];
+        while self.completed < target {
+            if self.reap(&mut wcs)? > 0 {
+                last_progress = Instant::now();
+                continue;
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Err(RdmaError::Stopped);
+            }
+            if last_progress.elapsed() >= self.timeout {
+                return Err(RdmaError::CompletionTimeout {
+                    qp: self.qp.num(),
+                    secs: self.timeout.as_secs(),
+                    outstanding: self.posted - self.completed,
+                });
+            }
+            self.qp.qp.cq.arm()?;
+            // A completion that arrived before arming raises no event: look once more.
+            if self.reap(&mut wcs)? > 0 {
+                last_progress = Instant::now();
+                continue;
+            }
+            self.qp.qp.cq.wait(Duration::from_millis(100))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn reap(&mut self, wcs: &mut [MaybeUninit<ffi::ibv_wc>]) -> Result<usize, RdmaError> {
+        let n = self.qp.qp.cq.poll(wcs)?;
+        for wc in &wcs[..n] {
+            // SAFETY: poll_cq initialised the first `n` entries.
+            let wc = unsafe { wc.assume_init_ref() };
+            if wc.status != ffi::ibv_wc_status::IBV_WC_SUCCESS {
+                // SAFETY: returns a static string for any status.
+                let status = unsafe { CStr::from_ptr(ffi::ibv_wc_status_str(wc.status)) }
+                    .to_string_lossy()
+                    .into_owned();
+                return Err(RdmaError::Completion {
+                    qp: self.qp.num(),
+                    status,
+                    code: wc.status,
+                    vendor_err: wc.vendor_err,
+                    wr_id: wc.wr_id,
+                    note: if self.fault_fired {
+                        " (fault injected by the LIVEMIG_RDMA_FAULT test hook)"
+                    } else {
+                        ""
+                    },
+                });
+            }
+            // RC completes in order: a completion covers every earlier write.
+            self.completed = self.completed.max(wc.wr_id);
+        }
+        while let Some(&(last, bytes)) = self.batches.front() {
+            if last > self.completed {
+                break;
+            }
+            self.completed_bytes = bytes;
+            self.batches.pop_front();
+        }
+        Ok(n)
+    }
+}
+
+pub(super) fn fire_once() -> bool {
+    !FAULT_FIRED.swap(true, Ordering::SeqCst)
+}
+
+/// The destination end: its memory registered for remote writes and one connected QP per
+/// source QP. Dropping it revokes the peer's access (QPs destroyed, then regions
+/// deregistered).
+pub struct RdmaTarget {
+    // Field order is drop order: QPs before the regions they give access to.
+    pub(super) qps: Vec<ConnectedQp>,
+    pub(super) mrs: Vec<MemoryRegion>,
+    pub(super) _pd: Arc<ProtectionDomain>,
+}
+
+impl std::fmt::Debug for RdmaTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaTarget")
+            .field("qps", &self.qps.iter().map(|q| q.num()).collect::<Vec<_>>())
+            .field("regions", &self.regions())
+            .finish()
+    }
+}
+
+impl RdmaTarget {
+    /// Registers `map` for remote writes on `device` and connects one QP to each of
+    /// `sources`.
+    pub fn new(
+        device: &Arc<Device>,
+        map: &MemoryMap,
+        sources: &[QpEndpoint],
+    ) -> Result<RdmaTarget, RdmaError> {
+        let pd = device.alloc_pd()?;
+        let mrs = pd.register(map, Access::RemoteWrite)?;
+        let mut qps = Vec::with_capacity(sources.len());
+        for s in sources {
+            qps.push(PreparedQp::new(&pd, true)?.connect(s)?);
+        }
+        Ok(RdmaTarget { qps, mrs, _pd: pd })
+    }
+
+    /// This side's QPs, in the order of the sources given to [`Self::new`].
+    pub fn endpoints(&self) -> Vec<QpEndpoint> {
+        self.qps
+            .iter()
+            .map(|q| {
+                let sel = &q.qp.device().sel;
+                QpEndpoint {
+                    qpn: q.num(),
+                    psn: q.qp.psn,
+                    gid: sel.gid.gid,
+                    lid: sel.lid,
+                    mtu: sel.mtu_code,
+                }
+            })
+            .collect()
+    }
+
+    /// The registered regions, as the source addresses them.
+    pub fn regions(&self) -> Vec<RemoteRegion> {
+        self.mrs
+            .iter()
+            .map(|m| RemoteRegion {
+                addr: m.region.addr,
+                len: m.region.len,
+                remote_addr: m.region.host as u64,
+                rkey: m.rkey(),
+            })
+            .collect()
+    }
+}
+
+/// Checks that `regions` from a peer cover `map` exactly, region for region.
+pub fn check_remote_regions(map: &MemoryMap, regions: &[RemoteRegion]) -> Result<(), RdmaError> {
+    let mine = map.regions();
+    if mine.len() != regions.len() {
+        return Err(RdmaError::Peer(format!(
+            "{} remote regions for {} local ones",
+            regions.len(),
+            mine.len()
+        )));
+    }
+    for (m, r) in mine.iter().zip(regions) {
+        if m.addr != r.addr || m.len != r.len || r.remote_addr.checked_add(r.len).is_none() {
+            return Err(RdmaError::Peer(format!(
+                "remote region {:#x}+{:#x} does not match local region {:#x}+{:#x}",
+                r.addr, r.len, m.addr, m.len
+            )));
+        }
+    }
+    Ok(())
+}
