@@ -285,10 +285,10 @@ impl DataReceiver {
             return Err(bad(format!("unknown data flags {flags:#x}")));
         }
         match kind {
-            KIND_MARKER if count == 0 => return Ok(Received::Marker(value)),
-            KIND_MARKER => return Err(bad(format!("marker with {count} entries"))),
-            KIND_ENCODED => return self.recv_encoded(map, landed, count, value),
-            other => return Err(bad(format!("unknown data message kind {other}"))),
+            KIND_MARKER if count == 0 => Ok(Received::Marker(value)),
+            KIND_MARKER => Err(bad(format!("marker with {count} entries"))),
+            KIND_ENCODED => self.recv_encoded(map, landed, count, value),
+            other => Err(bad(format!("unknown data message kind {other}"))),
         }
     }
 
