@@ -652,7 +652,7 @@ mod tests {
             Err(TransportError::OutOfBounds { .. })
         ));
         assert!(matches!(
-            raw(&msg(2, 4096, &[(0, 4096, 0), (u64::MAX & !0xfff, 4096, 0)])),
+            raw(&msg(2, 4096, &[(0, 4096, 0), (!0xfff, 4096, 0)])),
             Err(TransportError::OutOfBounds { .. })
         ));
         assert!(matches!(
