@@ -2,14 +2,20 @@
 //! progress bars and the summary table.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, IsTerminal, Write};
-use std::os::unix::net::UnixStream;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde_json::{json, Value};
+use livemig_engine::control::{self, Event, MigrateRequest, Request};
+use livemig_engine::defaults;
+use livemig_engine::session::MigrationReport;
+use livemig_engine::source::TransportChoice;
+use livemig_transport::codec::Mode;
+use serde_json::Value;
+
+use crate::one_of;
 
 #[derive(Args, Debug, Clone)]
 pub struct MigrateArgs {
@@ -30,101 +36,54 @@ pub struct MigrateArgs {
 #[derive(Args, Debug, Clone)]
 pub struct Tuning {
     /// Data channels (TCP connections or RDMA queue pairs carrying pages).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, default_value_t = defaults::CHANNELS, value_parser = clap::value_parser!(u16).range(1..=i64::from(defaults::MAX_CHANNELS)))]
     pub channels: u16,
     /// Data transport: TCP connections, RDMA queue pairs (RDMA WRITEs straight into
     /// destination RAM; no compression), or auto: RDMA when a device here has an address in
     /// the destination's subnet and the destination takes RDMA, else TCP.
-    #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
-    pub transport: TransportArg,
+    #[arg(long, default_value_t = TransportChoice::Tcp, value_parser = one_of::<TransportChoice>(TransportChoice::NAMES))]
+    pub transport: TransportChoice,
     /// RDMA device (default: the first active one with an address in the destination's
     /// subnet, else the first active one); see `livemig rdma devices`.
     #[arg(long)]
     pub rdma_device: Option<String>,
     /// Pause the guest once the predicted downtime is at most this (ms).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = defaults::DOWNTIME_LIMIT_MS)]
     pub downtime_limit: u64,
     /// Pause the guest after at most this many pre-copy rounds.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = defaults::MAX_ROUNDS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_rounds: u32,
-    /// Page encoding: zero pages always travel as markers; `auto` picks per chunk.
-    #[arg(long, value_enum, default_value_t = Compress::Auto)]
-    pub compress: Compress,
-    /// zstd level (with `--compress zstd`).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
-    pub zstd_level: i32,
+    /// Page encoding: none, zero, lz4, zstd (level 3), zstd:LEVEL (1..19), delta, or auto
+    /// (picks per chunk). Zero pages always travel as markers.
+    #[arg(long, default_value_t = Mode::Auto)]
+    pub compress: Mode,
     /// Cache of last-sent pages for delta encoding, in MiB (with `delta` and `auto`).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = defaults::DELTA_CACHE_MIB)]
     pub delta_cache_mib: u64,
 }
 
-/// `--transport` values.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum TransportArg {
-    /// TCP data connections.
-    Tcp,
-    /// RDMA reliable-connected queue pairs.
-    Rdma,
-    /// RDMA if a device reaches the destination and it takes RDMA, else TCP.
-    Auto,
-}
-
-/// `--compress` values.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Compress {
-    /// Pages raw (zero pages as markers).
-    None,
-    /// Zero-page markers, other pages raw.
-    Zero,
-    /// LZ4 per run of pages.
-    Lz4,
-    /// zstd per run of pages.
-    Zstd,
-    /// Re-sent pages as deltas against the version sent before.
-    Delta,
-    /// Per chunk, from measured compressor speed, link speed and ratio.
-    Auto,
-}
-
 impl Tuning {
-    pub fn request(&self, to: &str) -> Value {
-        json!({
-            "cmd": "migrate",
-            "to": to,
-            "channels": self.channels,
-            "downtime_limit_ms": self.downtime_limit,
-            "max_rounds": self.max_rounds,
-            "compress": format!("{:?}", self.compress).to_lowercase(),
-            "zstd_level": self.zstd_level,
-            "delta_cache_mib": self.delta_cache_mib,
-            "transport": format!("{:?}", self.transport).to_lowercase(),
-            "rdma_device": self.rdma_device,
-        })
+    /// The control-socket request for a migration to `to`.
+    pub fn request(&self, to: &str) -> MigrateRequest {
+        MigrateRequest {
+            to: to.to_string(),
+            channels: self.channels,
+            transport: self.transport,
+            rdma_device: self.rdma_device.clone(),
+            compress: self.compress,
+            downtime_limit_ms: self.downtime_limit,
+            max_rounds: self.max_rounds,
+            delta_cache_mib: self.delta_cache_mib,
+        }
     }
 }
 
-fn connect(socket: &Path) -> Result<UnixStream> {
-    UnixStream::connect(socket)
-        .with_context(|| format!("connecting to VM control socket {}", socket.display()))
-}
-
-/// Sends one command and prints the JSON answer.
-pub fn simple(socket: &Path, cmd: &str) -> Result<()> {
-    let answer = request(socket, &json!({ "cmd": cmd }))?;
+/// Sends one request and prints the JSON answer.
+pub fn simple(socket: &Path, req: &Request) -> Result<()> {
+    let answer = control::request(socket, req)
+        .with_context(|| format!("talking to VM control socket {}", socket.display()))?;
     println!("{}", serde_json::to_string_pretty(&answer)?);
     Ok(())
-}
-
-/// Sends one command and returns the JSON answer.
-pub fn request(socket: &Path, req: &Value) -> Result<Value> {
-    let mut s = connect(socket)?;
-    writeln!(s, "{req}")?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    if line.is_empty() {
-        bail!("VM process closed the control connection without answering");
-    }
-    Ok(serde_json::from_str(&line)?)
 }
 
 /// `livemig migrate`. Ctrl-C cancels the migration (before the switchover the VM keeps
@@ -136,10 +95,10 @@ pub fn migrate(a: &MigrateArgs) -> Result<()> {
         if !quiet {
             eprintln!("\nlivemig: cancelling the migration (the VM stays on the source unless it already switched over) ...");
         }
-        let _ = request(&socket, &json!({"cmd": "cancel"}));
+        let _ = control::request(&socket, &Request::Cancel);
     });
     let report = drive(&a.vm, &a.tuning.request(&a.to), a.json)?;
-    finish(&report, a.json)
+    finish(&serde_json::to_value(report)?, a.json)
 }
 
 /// Prints the report and turns a digest mismatch into an error.
@@ -157,11 +116,14 @@ pub fn finish(report: &Value, json_out: bool) -> Result<()> {
 
 /// Runs a migration through the VM's socket, showing progress unless `quiet`; returns the
 /// report.
-pub fn drive(socket: &Path, req: &Value, quiet: bool) -> Result<Value> {
-    let mut s = connect(socket)?;
-    writeln!(s, "{req}")?;
-    let reader = BufReader::new(s);
-    let show = !quiet;
+pub fn drive(socket: &Path, req: &MigrateRequest, quiet: bool) -> Result<MigrationReport> {
+    let mut show = progress_display(quiet);
+    Ok(control::migrate(socket, req, &mut |ev| show(ev))?)
+}
+
+/// An event handler that draws per-round progress bars (or plain lines without a terminal);
+/// silent when `quiet`.
+pub fn progress_display(quiet: bool) -> impl FnMut(&Event) {
     let tty = std::io::stderr().is_terminal();
     let multi = MultiProgress::new();
     let style = ProgressStyle::with_template(
@@ -170,64 +132,53 @@ pub fn drive(socket: &Path, req: &Value, quiet: bool) -> Result<Value> {
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ");
     let mut bars: BTreeMap<u64, ProgressBar> = BTreeMap::new();
-    let mut bar = |round: u64, len: u64| -> ProgressBar {
-        bars.entry(round)
-            .or_insert_with(|| {
-                let b = multi.add(ProgressBar::new(len.max(1)));
-                b.set_style(style.clone());
-                b.set_prefix(format!("round {round}"));
-                b
-            })
-            .clone()
-    };
-    for line in reader.lines() {
-        let line = line.context("reading migration events")?;
-        let ev: Value =
-            serde_json::from_str(&line).with_context(|| format!("bad event line {line:?}"))?;
-        match ev.get("event").and_then(Value::as_str) {
-            Some("sending") if show && tty => {
-                let round = ev["round"].as_u64().unwrap_or(0);
-                let b = bar(round, ev["pages_total"].as_u64().unwrap_or(0));
-                b.set_position(ev["pages_done"].as_u64().unwrap_or(0));
-            }
-            Some("round") if show => {
-                let r = &ev["round"];
-                let round = r["round"].as_u64().unwrap_or(0);
-                let pages = r["pages"].as_u64().unwrap_or(0);
+    move |ev: &Event| {
+        if quiet {
+            return;
+        }
+        let mut bar = |round: u64, len: u64| -> ProgressBar {
+            bars.entry(round)
+                .or_insert_with(|| {
+                    let b = multi.add(ProgressBar::new(len.max(1)));
+                    b.set_style(style.clone());
+                    b.set_prefix(format!("round {round}"));
+                    b
+                })
+                .clone()
+        };
+        match ev {
+            Event::Sending {
+                round,
+                pages_done,
+                pages_total,
+            } if tty => bar(*round, *pages_total).set_position(*pages_done),
+            Event::Round { round: r } => {
                 let msg = format!(
                     "{:>8.1} MB/s  dirty {:>8.0} pages/s  left {:>7}  predicted downtime {:>6.1} ms{}",
-                    r["bandwidth"].as_f64().unwrap_or(0.0) / 1e6,
-                    r["dirty_rate"].as_f64().unwrap_or(0.0),
-                    r["dirtied_pages"].as_u64().unwrap_or(0),
-                    r["predicted_downtime_ms"].as_f64().unwrap_or(0.0),
-                    if r["stop_and_copy"].as_bool() == Some(true) { "  (stop-and-copy)" } else { "" }
+                    r.bandwidth / 1e6,
+                    r.dirty_rate,
+                    r.dirtied_pages,
+                    r.predicted_downtime_ms,
+                    if r.stop_and_copy { "  (stop-and-copy)" } else { "" }
                 );
                 if tty {
-                    let b = bar(round, pages);
-                    b.set_length(pages.max(1));
-                    b.set_position(pages.max(1));
+                    let b = bar(r.round, r.pages);
+                    b.set_length(r.pages.max(1));
+                    b.set_position(r.pages.max(1));
                     b.finish_with_message(msg);
                 } else {
-                    eprintln!("round {round}: {pages} pages {msg}");
+                    eprintln!("round {}: {} pages {msg}", r.round, r.pages);
                 }
             }
-            Some("connected") if show => eprintln!(
-                "transport: {}",
-                ev["transport_detail"].as_str().unwrap_or("?")
-            ),
-            Some("paused") if show && !tty => {
-                eprintln!("guest paused: stop-and-copy of {} pages", ev["pages"])
+            Event::Connected {
+                transport_detail, ..
+            } => eprintln!("transport: {transport_detail}"),
+            Event::Paused { pages } if !tty => {
+                eprintln!("guest paused: stop-and-copy of {pages} pages")
             }
-            Some("done") => return Ok(ev["report"].clone()),
-            Some("error") => bail!(
-                "migration failed: {} (VM state on the source: {})",
-                ev["error"].as_str().unwrap_or("unknown error"),
-                ev["source_state"].as_str().unwrap_or("unknown")
-            ),
             _ => {}
         }
     }
-    bail!("the VM process closed the control connection before the migration finished")
 }
 
 fn print_summary(r: &Value) {

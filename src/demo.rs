@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use serde_json::json;
+use livemig_bench::pair::{Pair, PairSpec};
+use livemig_bench::support::{kvm_available, write_key};
+use livemig_engine::control;
+use livemig_engine::vm::{Backend, Fill, Pattern};
 
 use crate::client::{self, Tuning};
-use crate::pair::{self, Pair, PairSpec};
-use crate::{Backend, FillArg, PatternArg};
+use crate::one_of;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -21,8 +23,8 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// RAM content written before the guest starts.
-    #[arg(long, value_enum, default_value_t = FillArg::Random)]
-    fill: FillArg,
+    #[arg(long, default_value_t = Fill::Random, value_parser = one_of::<Fill>(Fill::NAMES))]
+    fill: Fill,
     /// Working set the guest writes into, in MiB.
     #[arg(long, default_value_t = 64)]
     working_set: u64,
@@ -30,12 +32,12 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2000)]
     dirty_rate: u64,
     /// Order in which the guest writes its working set.
-    #[arg(long, value_enum, default_value_t = PatternArg::Sequential)]
-    pattern: PatternArg,
+    #[arg(long, default_value_t = Pattern::Sequential, value_parser = one_of::<Pattern>(Pattern::NAMES))]
+    pattern: Pattern,
     #[command(flatten)]
     tuning: Tuning,
     /// VMM backend (default: kvm when /dev/kvm is usable, else memory).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = one_of::<Backend>(Backend::NAMES))]
     backend: Option<Backend>,
     /// Do not reserve destination RAM ahead of the migration (it is then allocated and
     /// faulted in while pages arrive, inside the measured time).
@@ -46,20 +48,9 @@ pub struct DemoArgs {
     json: bool,
 }
 
-pub fn value<T: clap::ValueEnum>(v: T) -> String {
-    v.to_possible_value()
-        .map(|p| p.get_name().to_string())
-        .unwrap_or_default()
-}
-
 pub fn run(a: DemoArgs) -> Result<()> {
     let backend = a.backend.unwrap_or_else(|| {
-        if std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok()
-        {
+        if kvm_available() {
             Backend::Kvm
         } else {
             eprintln!(
@@ -83,11 +74,10 @@ fn run_in(a: &DemoArgs, backend: Backend, exe: &Path, dir: &Path) -> Result<()> 
         }
     };
     // A key for this demo only: both processes authenticate with it.
-    let key_file = pair::write_key(dir)?;
+    let key_file = write_key(dir)?;
     say(&format!(
-        "livemig demo: starting a destination (livemig receive) and a {} MiB {} guest (livemig run-vm) ...",
+        "livemig demo: starting a destination (livemig receive) and a {} MiB {backend} guest (livemig run-vm) ...",
         a.memory,
-        value(backend)
     ));
     let p = Pair::start(&PairSpec {
         exe,
@@ -103,23 +93,25 @@ fn run_in(a: &DemoArgs, backend: Backend, exe: &Path, dir: &Path) -> Result<()> 
             "--vcpus".into(),
             a.vcpus.to_string(),
             "--fill".into(),
-            value(a.fill),
+            a.fill.to_string(),
             "--working-set".into(),
             a.working_set.to_string(),
             "--dirty-rate".into(),
             a.dirty_rate.to_string(),
             "--pattern".into(),
-            value(a.pattern),
+            a.pattern.to_string(),
         ],
     })?;
     // Let the guest run a moment so the migration catches it mid-flight.
     std::thread::sleep(Duration::from_millis(300));
-    let before = client::request(&p.src_sock, &json!({"cmd": "status"}))?;
+    let before = control::status(&p.src_sock)?;
     say(&format!(
         "livemig demo: guest running, counter {}; migrating to {} ...",
-        before["guest_counter"], p.addr
+        before.guest_counter.unwrap_or(0),
+        p.addr
     ));
-    let report = p.migrate(&a.tuning.request(""), a.json)?;
+    let mut show = client::progress_display(a.json);
+    let report = p.migrate(&a.tuning.request(""), &mut show)?;
     client::finish(&report, a.json)?;
     if !a.json {
         println!(

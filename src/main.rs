@@ -4,19 +4,19 @@
 //! socket, receives migrations, drives them and shows their progress.
 
 mod bench;
-mod bench_plot;
 mod client;
 mod demo;
-mod pair;
 mod rdma_cli;
 mod vm_process;
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::TypedValueParser;
+use clap::{Args, Parser, Subcommand};
 use livemig_engine::auth::Key;
-use livemig_engine::vm::{Fill, Pattern, VmSpec, Workload};
+use livemig_engine::control::Request;
+use livemig_engine::vm::{Backend, Fill, Pattern, VmSpec, Workload};
 
 /// Live-migrate running KVM virtual machines between hosts.
 #[derive(Parser, Debug)]
@@ -51,13 +51,13 @@ enum Command {
     BenchLink(bench::LinkArgs),
 }
 
-/// Which VMM runs the guest.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum Backend {
-    /// The built-in KVM mini VMM (needs /dev/kvm).
-    Kvm,
-    /// RAM plus a host writer thread, no vCPUs (for hosts without KVM).
-    Memory,
+/// A clap parser accepting exactly `names`, each parsed into a `T` of the engine's
+/// vocabulary (the help lists the names).
+fn one_of<T>(names: &'static [&'static str]) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: std::str::FromStr<Err = String> + Clone + Send + Sync + 'static,
+{
+    clap::builder::PossibleValuesParser::new(names).try_map(|s| s.parse::<T>())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -68,9 +68,10 @@ struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// RAM content written before the guest starts.
-    #[arg(long, value_enum, default_value_t = FillArg::Random)]
-    fill: FillArg,
+    /// RAM content written before the guest starts (mixed: a third each of zero, text-like
+    /// and random 64 KiB blocks).
+    #[arg(long, default_value_t = Fill::Random, value_parser = one_of::<Fill>(Fill::NAMES))]
+    fill: Fill,
     /// Working set the guest writes into, in MiB.
     #[arg(long, default_value_t = 64)]
     working_set: u64,
@@ -78,10 +79,11 @@ struct VmArgs {
     #[arg(long, default_value_t = 0)]
     dirty_rate: u64,
     /// Order in which the guest writes its working set.
-    #[arg(long, value_enum, default_value_t = PatternArg::Sequential)]
-    pattern: PatternArg,
-    /// VMM backend.
-    #[arg(long, value_enum, default_value_t = Backend::Kvm)]
+    #[arg(long, default_value_t = Pattern::Sequential, value_parser = one_of::<Pattern>(Pattern::NAMES))]
+    pattern: Pattern,
+    /// VMM backend: the built-in KVM mini VMM (needs /dev/kvm), or RAM plus a host writer
+    /// thread without vCPUs (for hosts without KVM).
+    #[arg(long, default_value_t = Backend::Kvm, value_parser = one_of::<Backend>(Backend::NAMES))]
     backend: Backend,
 }
 
@@ -90,39 +92,14 @@ impl VmArgs {
         VmSpec {
             memory_mib: self.memory,
             vcpus: self.vcpus,
-            fill: match self.fill {
-                FillArg::Zero => Fill::Zero,
-                FillArg::Random => Fill::Random,
-                FillArg::Text => Fill::Text,
-                FillArg::Mixed => Fill::Mixed,
-            },
+            fill: self.fill,
             workload: Workload {
                 working_set_mib: self.working_set,
                 dirty_rate: self.dirty_rate,
-                pattern: match self.pattern {
-                    PatternArg::Sequential => Pattern::Sequential,
-                    PatternArg::Random => Pattern::Random,
-                    PatternArg::Hotspot => Pattern::Hotspot,
-                },
+                pattern: self.pattern,
             },
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum FillArg {
-    Zero,
-    Random,
-    Text,
-    /// A third each of zero, text-like and random 64 KiB blocks.
-    Mixed,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum PatternArg {
-    Sequential,
-    Random,
-    Hotspot,
 }
 
 #[derive(Args, Debug)]
@@ -178,11 +155,11 @@ struct ReceiveArgs {
     #[arg(long)]
     reserve_mib: Option<u64>,
     /// VMM backend for the incoming VM.
-    #[arg(long, value_enum, default_value_t = Backend::Kvm)]
+    #[arg(long, default_value_t = Backend::Kvm, value_parser = one_of::<Backend>(Backend::NAMES))]
     backend: Backend,
     /// Longest silence from the source before giving up on it, in seconds (handshake,
     /// pre-copy without pages, switchover).
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = livemig_engine::defaults::TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     timeout_secs: u64,
     /// Refuse incoming VMs with more RAM than this (MiB; default: this host's memory).
     #[arg(long, default_value_t = 0)]
@@ -230,9 +207,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Receive(a) => vm_process::receive(&a),
         Command::Rdma(a) => rdma_cli::run(&a),
         Command::Migrate(a) => client::migrate(&a),
-        Command::Status(a) => client::simple(&a.vm, "status"),
-        Command::Cancel(a) => client::simple(&a.vm, "cancel"),
-        Command::Stop(a) => client::simple(&a.vm, "stop"),
+        Command::Status(a) => client::simple(&a.vm, &Request::Status),
+        Command::Cancel(a) => client::simple(&a.vm, &Request::Cancel),
+        Command::Stop(a) => client::simple(&a.vm, &Request::Stop),
         Command::Bench(a) => bench::run(a),
         Command::BenchLink(a) => bench::link(a),
     }

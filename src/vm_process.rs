@@ -11,45 +11,40 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use livemig_engine::auth::Key;
+use livemig_engine::control::{
+    CancelReply, ErrorReply, Event, MigrateRequest, Request, StatusReply, StopReply,
+    MAX_REQUEST_BYTES,
+};
 use livemig_engine::destination::{self, IncomingOptions};
 use livemig_engine::memory::{GuestRam, Populate, RamLayout};
 use livemig_engine::session::MigrationError;
-use livemig_engine::source::{self, MigrateOptions, Progress, TransportChoice};
+use livemig_engine::source;
 use livemig_engine::vm::kvm::KvmVm;
 use livemig_engine::vm::memory_only::MemoryVm;
-use livemig_engine::vm::{guest, MigratableVm, VmError, VmSpec};
-use livemig_transport::codec::Mode;
+use livemig_engine::vm::{builtin_guest, Backend, MigratableVm, VmConfig, VmError, VmSpec};
 use serde_json::{json, Value};
 
-use crate::{Backend, ReceiveArgs, VmArgs};
+use crate::{ReceiveArgs, VmArgs};
 
 /// Builds and starts the source VM.
 pub fn launch(spec: &VmSpec, backend: Backend) -> Result<Arc<dyn MigratableVm>> {
     Ok(match backend {
         Backend::Kvm => Arc::new(KvmVm::launch(spec).context("starting the KVM guest")?),
         Backend::Memory => Arc::new(
-            MemoryVm::launch(spec, |ram| guest::fill(ram, spec.fill, 1))
+            MemoryVm::launch(spec, |ram| builtin_guest::fill(ram, spec.fill, 1))
                 .context("starting the memory-only VM")?,
         ),
     })
 }
 
+/// Builds incoming VMs on `backend` (each backend refuses another's machine).
 fn factory(
     backend: Backend,
-) -> impl Fn(&str, &VmSpec, GuestRam) -> Result<Arc<dyn MigratableVm>, VmError> {
-    move |machine, spec, ram| -> Result<Arc<dyn MigratableVm>, VmError> {
-        let mine = match backend {
-            Backend::Kvm => livemig_engine::vm::kvm::MACHINE,
-            Backend::Memory => livemig_engine::vm::memory_only::MACHINE,
-        };
-        if machine != mine {
-            return Err(VmError::InvalidSpec(format!(
-                "the source VM runs on {machine:?} but this destination runs {mine:?} (see --backend)"
-            )));
-        }
+) -> impl Fn(&VmConfig, GuestRam) -> Result<Arc<dyn MigratableVm>, VmError> {
+    move |config, ram| -> Result<Arc<dyn MigratableVm>, VmError> {
         Ok(match backend {
-            Backend::Kvm => Arc::new(KvmVm::new_incoming(spec, ram)?),
-            Backend::Memory => Arc::new(MemoryVm::new_incoming(spec, ram)?),
+            Backend::Kvm => Arc::new(KvmVm::new_incoming(config, ram)?),
+            Backend::Memory => Arc::new(MemoryVm::new_incoming(config, ram)?),
         })
     }
 }
@@ -60,7 +55,7 @@ pub fn run_vm(socket: &Path, args: &VmArgs, key: Option<Key>) -> Result<()> {
     let vm = launch(&spec, args.backend)?;
     let listener = bind(socket)?;
     println!(
-        "livemig: VM running ({} MiB, {} vCPU, {:?} backend), control socket {}",
+        "livemig: VM running ({} MiB, {} vCPU, {} backend), control socket {}",
         spec.memory_mib,
         spec.vcpus,
         args.backend,
@@ -179,16 +174,23 @@ impl VmProcess {
         *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = p;
     }
 
-    fn status(&self) -> Value {
-        json!({
-            "phase": self.phase(),
-            "run_state": self.vm.run_state(),
-            "guest_counter": self.vm.progress().ok(),
-            "memory_mib": self.vm.spec().memory_mib,
-            "vcpus": self.vm.spec().vcpus,
-            "last_migration": self.last.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-        })
+    fn status(&self) -> StatusReply {
+        let config = self.vm.config();
+        StatusReply {
+            phase: self.phase().to_string(),
+            run_state: self.vm.run_state(),
+            guest_counter: self.vm.progress().ok(),
+            memory_mib: config.layout.total_bytes() >> 20,
+            vcpus: config.vcpus,
+            last_migration: self.last.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
     }
+}
+
+/// Writes one JSON line.
+fn reply(out: &mut UnixStream, v: &impl serde::Serialize) -> Result<()> {
+    writeln!(out, "{}", serde_json::to_string(v)?)?;
+    Ok(())
 }
 
 fn serve(listener: UnixListener, path: &Path, process: Arc<VmProcess>) -> Result<()> {
@@ -207,168 +209,106 @@ fn serve(listener: UnixListener, path: &Path, process: Arc<VmProcess>) -> Result
 }
 
 fn handle(conn: UnixStream, p: &Arc<VmProcess>, path: &Path) -> Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?.take(64 * 1024));
+    let mut reader = BufReader::new(conn.try_clone()?.take(MAX_REQUEST_BYTES));
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let mut out = conn;
-    let req: Value = match serde_json::from_str(&line) {
+    let req: Request = match serde_json::from_str(&line) {
         Ok(v) => v,
         Err(e) => {
-            writeln!(out, "{}", json!({"error": format!("bad request: {e}")}))?;
-            return Ok(());
+            return reply(
+                &mut out,
+                &ErrorReply {
+                    error: format!("bad request: {e}"),
+                },
+            )
         }
     };
-    match req.get("cmd").and_then(Value::as_str) {
-        Some("status") => writeln!(out, "{}", p.status())?,
-        Some("cancel") => {
+    match req {
+        Request::Status => reply(&mut out, &p.status()),
+        Request::Cancel => {
             let migrating = p.phase() == "migrating";
             if migrating {
                 p.cancel.store(true, Ordering::SeqCst);
             }
-            writeln!(
-                out,
-                "{}",
-                json!({"cancel_requested": migrating, "phase": p.phase()})
-            )?;
+            reply(
+                &mut out,
+                &CancelReply {
+                    cancel_requested: migrating,
+                    phase: p.phase().to_string(),
+                },
+            )
         }
-        Some("stop") => {
-            writeln!(out, "{}", json!({"stopping": true}))?;
+        Request::Stop => {
+            reply(&mut out, &StopReply { stopping: true })?;
             p.vm.shutdown();
             let _ = std::fs::remove_file(path);
             std::process::exit(0);
         }
-        Some("migrate") => migrate(&req, p, &mut out)?,
-        other => writeln!(
-            out,
-            "{}",
-            json!({"error": format!("unknown command {other:?}")})
-        )?,
+        Request::Migrate(m) => migrate(&m, p, &mut out),
     }
-    Ok(())
 }
 
-fn migrate(req: &Value, p: &Arc<VmProcess>, out: &mut UnixStream) -> Result<()> {
-    let Some(to) = req.get("to").and_then(Value::as_str) else {
-        writeln!(
+fn migrate(req: &MigrateRequest, p: &Arc<VmProcess>, out: &mut UnixStream) -> Result<()> {
+    let fail = |out: &mut UnixStream, error: String| {
+        reply(
             out,
-            "{}",
-            json!({"event": "error", "error": "migrate needs \"to\""})
-        )?;
-        return Ok(());
+            &Event::Error {
+                error,
+                source_state: "running".into(),
+            },
+        )
     };
-    let num = |k: &str, d: u64| req.get(k).and_then(Value::as_u64).unwrap_or(d);
-    let opts = MigrateOptions {
-        channels: num("channels", 1).clamp(1, 64) as u16,
-        downtime_limit_ms: num("downtime_limit_ms", 300),
-        max_rounds: num("max_rounds", 30).clamp(1, u64::from(u32::MAX)) as u32,
-        compress: match req
-            .get("compress")
-            .and_then(Value::as_str)
-            .unwrap_or("auto")
-        {
-            "none" => Mode::None,
-            "zero" => Mode::Zero,
-            "lz4" => Mode::Lz4,
-            "zstd" => Mode::Zstd(num("zstd_level", 3).clamp(1, 19) as i32),
-            "delta" => Mode::Delta,
-            "auto" => Mode::Auto,
-            other => {
-                writeln!(
-                    out,
-                    "{}",
-                    json!({"event": "error", "error": format!("unknown compress mode {other:?}")})
-                )?;
-                return Ok(());
-            }
-        },
-        delta_cache_bytes: num("delta_cache_mib", 64).clamp(1, 1 << 20) << 20,
-        transport: match req
-            .get("transport")
-            .and_then(Value::as_str)
-            .unwrap_or("tcp")
-        {
-            "tcp" => TransportChoice::Tcp,
-            "rdma" => TransportChoice::Rdma,
-            "auto" => TransportChoice::Auto,
-            other => {
-                writeln!(
-                    out,
-                    "{}",
-                    json!({"event": "error", "error": format!("unknown transport {other:?} (tcp, rdma, auto)")})
-                )?;
-                return Ok(());
-            }
-        },
-        rdma_device: req
-            .get("rdma_device")
-            .and_then(Value::as_str)
-            .map(str::to_string),
-        key: p.key.clone(),
-        ..MigrateOptions::default()
+    let opts = match req.options(p.key.clone()) {
+        Ok(o) => o,
+        Err(e) => return fail(out, format!("bad migrate request: {e}")),
     };
     {
         let mut phase = p.phase.lock().unwrap_or_else(|e| e.into_inner());
         if *phase != "running" {
-            writeln!(
-                out,
-                "{}",
-                json!({"event": "error", "error": format!("VM is {}, not running: cannot migrate", *phase)})
-            )?;
-            return Ok(());
+            let msg = format!("VM is {}, not running: cannot migrate", *phase);
+            drop(phase);
+            return fail(out, msg);
         }
         *phase = "migrating";
     }
     p.cancel.store(false, Ordering::SeqCst);
     let mut sink = out.try_clone()?;
-    let mut emit = |v: Value| {
+    let mut emit = |ev: &Event| {
         // The client may go away; the migration goes on regardless.
-        let _ = writeln!(sink, "{v}");
+        let _ = reply(&mut sink, ev);
     };
-    let result = source::migrate(&*p.vm, to, &opts, &p.cancel, &mut |ev| {
-        emit(match ev {
-            Progress::Connected {
-                setup_ms,
-                total_pages,
-                transport,
-                transport_detail,
-            } => {
-                json!({"event": "connected", "setup_ms": setup_ms, "total_pages": total_pages,
-                       "transport": transport, "transport_detail": transport_detail})
-            }
-            Progress::Sending {
-                round,
-                pages_done,
-                pages_total,
-            } => {
-                json!({"event": "sending", "round": round, "pages_done": pages_done, "pages_total": pages_total})
-            }
-            Progress::Round(r) => json!({"event": "round", "round": r}),
-            Progress::Paused { pages } => json!({"event": "paused", "pages": pages}),
-            Progress::Committed => json!({"event": "committed"}),
-        })
+    let result = source::migrate(&*p.vm, &req.to, &opts, &p.cancel, &mut |ev| {
+        emit(&Event::from(ev))
     });
-    let (phase, msg) = match result {
+    let (phase, ev) = match result {
         Ok(report) => {
             p.vm.shutdown();
-            let v = serde_json::to_value(&report)?;
-            *p.last.lock().unwrap_or_else(|e| e.into_inner()) = v.clone();
-            ("migrated", json!({"event": "done", "report": v}))
+            *p.last.lock().unwrap_or_else(|e| e.into_inner()) = serde_json::to_value(&report)?;
+            (
+                "migrated",
+                Event::Done {
+                    report: Box::new(report),
+                },
+            )
         }
         Err(e) => {
             let (phase, source_state) = match &e {
                 MigrationError::OutcomeUnknown { .. } => ("outcome-unknown", "paused"),
                 _ => ("running", "running"),
             };
-            let v =
+            *p.last.lock().unwrap_or_else(|e| e.into_inner()) =
                 json!({"status": "failed", "error": e.to_string(), "source_state": source_state});
-            *p.last.lock().unwrap_or_else(|e| e.into_inner()) = v.clone();
             (
                 phase,
-                json!({"event": "error", "error": e.to_string(), "source_state": source_state}),
+                Event::Error {
+                    error: e.to_string(),
+                    source_state: source_state.into(),
+                },
             )
         }
     };
     p.set_phase(phase);
-    emit(msg);
+    emit(&ev);
     Ok(())
 }

@@ -11,7 +11,7 @@ use common::*;
 use livemig_engine::auth::Key;
 use livemig_engine::memory::RamLayout;
 use livemig_engine::protocol::{Message, VERSION};
-use livemig_engine::vm::VmSpec;
+use livemig_engine::vm::{builtin_guest, VmConfig, VmSpec};
 use livemig_transport::frame;
 
 fn send(s: &mut TcpStream, m: &Message) {
@@ -55,6 +55,20 @@ fn authenticate(c: &mut TcpStream) -> u64 {
     key.session_token(&nonce_s, &nonce)
 }
 
+/// The configuration of a built-in-guest VM of `mib` MiB on `machine`.
+fn config(machine: &str, mib: u64) -> VmConfig {
+    VmConfig {
+        machine: machine.into(),
+        layout: RamLayout::single(mib << 20),
+        vcpus: 1,
+        devices: Vec::new(),
+        machine_section: builtin_guest::encode_section(&VmSpec {
+            memory_mib: mib,
+            ..VmSpec::default()
+        }),
+    }
+}
+
 /// Handshake + config for a 16 MiB VM; returns the control stream and token once Ready.
 fn handshake(addr: &str) -> (TcpStream, u64) {
     let mut c = TcpStream::connect(addr).unwrap();
@@ -62,12 +76,7 @@ fn handshake(addr: &str) -> (TcpStream, u64) {
     send(
         &mut c,
         &Message::Config {
-            machine: livemig_engine::vm::memory_only::MACHINE.into(),
-            spec: VmSpec {
-                memory_mib: 16,
-                ..VmSpec::default()
-            },
-            layout: RamLayout::single(16 << 20),
+            vm: config(livemig_engine::vm::memory_only::MACHINE, 16),
             channels: 1,
             token,
         },
@@ -82,15 +91,18 @@ fn data_channel(addr: &str, token: u64) -> TcpStream {
     d
 }
 
+/// The header and entry of a data message carrying one raw extent (its bytes follow).
 fn extents_message(addr: u64, len: u32) -> Vec<u8> {
     let mut v = Vec::new();
-    v.extend_from_slice(&1u16.to_le_bytes());
-    v.extend_from_slice(&1u16.to_le_bytes());
+    v.extend_from_slice(&3u16.to_le_bytes()); // encoded pages
+    v.extend_from_slice(&1u16.to_le_bytes()); // one entry
     v.extend_from_slice(&0u32.to_le_bytes());
     v.extend_from_slice(&u64::from(len).to_le_bytes());
     v.extend_from_slice(&addr.to_le_bytes());
-    v.extend_from_slice(&len.to_le_bytes());
-    v.extend_from_slice(&0u32.to_le_bytes());
+    v.extend_from_slice(&len.to_le_bytes()); // raw length
+    v.extend_from_slice(&len.to_le_bytes()); // encoded length
+    v.push(1); // raw
+    v.extend_from_slice(&[0; 7]);
     v
 }
 
@@ -193,12 +205,7 @@ fn a_vm_of_another_machine_is_refused_before_any_page() {
     send(
         &mut c,
         &Message::Config {
-            machine: livemig_engine::vm::kvm::MACHINE.into(),
-            spec: VmSpec {
-                memory_mib: 16,
-                ..VmSpec::default()
-            },
-            layout: RamLayout::single(16 << 20),
+            vm: config(livemig_engine::vm::kvm::MACHINE, 16),
             channels: 1,
             token,
         },
@@ -257,12 +264,7 @@ fn more_ram_than_the_destination_accepts_is_refused_before_allocating() {
     send(
         &mut c,
         &Message::Config {
-            machine: livemig_engine::vm::memory_only::MACHINE.into(),
-            spec: VmSpec {
-                memory_mib: 1 << 20,
-                ..VmSpec::default()
-            },
-            layout: RamLayout::single(1 << 40),
+            vm: config(livemig_engine::vm::memory_only::MACHINE, 1 << 20),
             channels: 1,
             token,
         },

@@ -12,7 +12,7 @@ use livemig_engine::memory::GuestRam;
 use livemig_engine::session::MigrationError;
 use livemig_engine::source::{migrate, MigrateOptions};
 use livemig_engine::vm::memory_only::MemoryVm;
-use livemig_engine::vm::{MigratableVm, RunState, VmError, VmSpec, Workload};
+use livemig_engine::vm::{MigratableVm, RunState, VmConfig, VmError, VmSpec, Workload};
 use vm_memory::{Bytes, GuestAddress};
 
 fn spec(mib: u64, rate: u64) -> VmSpec {
@@ -38,8 +38,8 @@ fn fill(ram: &GuestRam) {
     }
 }
 
-fn factory(_machine: &str, spec: &VmSpec, ram: GuestRam) -> Result<Arc<dyn MigratableVm>, VmError> {
-    Ok(Arc::new(MemoryVm::new_incoming(spec, ram)?))
+fn factory(config: &VmConfig, ram: GuestRam) -> Result<Arc<dyn MigratableVm>, VmError> {
+    Ok(Arc::new(MemoryVm::new_incoming(config, ram)?))
 }
 
 fn run(
@@ -106,15 +106,10 @@ fn busy_memory_vm_takes_several_rounds_over_two_channels() {
 fn destination_vanishing_leaves_the_source_running() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    // A "destination" that handshakes properly then dies right after Ready.
+    // A "destination" that accepts the connection and vanishes.
     let dest = std::thread::spawn(move || {
-        let factory =
-            |_m: &str, spec: &VmSpec, ram: GuestRam| -> Result<Arc<dyn MigratableVm>, VmError> {
-                Ok(Arc::new(MemoryVm::new_incoming(spec, ram)?))
-            };
         let (s, _) = listener.accept().unwrap();
         drop(s);
-        let _ = factory;
     });
     let src = MemoryVm::launch(&spec(32, 1000), fill).unwrap();
     let before = src.progress().unwrap();

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::io::BufReader;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -57,9 +56,8 @@ fn memory_vm(socket: &Path, mib: u64, dirty_rate: u64, fill: &str, env: &[(&str,
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("starting livemig run-vm");
-    let stdout = child.stdout.take().map(BufReader::new);
-    let mut p = Proc { child, stdout };
+    let child = cmd.spawn().expect("starting livemig run-vm");
+    let mut p = Proc(Process::new(child));
     p.wait_line("VM running");
     p
 }

@@ -9,19 +9,19 @@ use common::*;
 #[test]
 fn migration_between_two_network_namespaces() {
     assert!(kvm_available(), "this test needs /dev/kvm");
-    let hosts = Hosts::new("m", "none");
+    let hosts = hosts("m", "none");
     let dir = tmpdir("netns");
     let src = dir.join("src.sock");
     let dst = dir.join("dst.sock");
     let listen = format!("{}:7471", hosts.addr_b);
     let (_rx, addr) = receive(
-        &Hosts::exec(&hosts.b),
+        &NetnsHosts::exec(&hosts.ns_b),
         &listen,
         &["--socket", dst.to_str().unwrap()],
     );
     assert_eq!(addr, listen);
     let _vm = run_vm(
-        &Hosts::exec(&hosts.a),
+        &NetnsHosts::exec(&hosts.ns_a),
         &src,
         &[
             "--memory",
@@ -55,18 +55,18 @@ fn migration_between_two_network_namespaces() {
 #[test]
 fn auto_compresses_text_on_a_slow_link() {
     assert!(kvm_available(), "this test needs /dev/kvm");
-    let hosts = Hosts::new("s", "1gbit");
+    let hosts = hosts("s", "1gbit");
     let dir = tmpdir("shaped");
     let src = dir.join("src.sock");
     let dst = dir.join("dst.sock");
     let listen = format!("{}:7472", hosts.addr_b);
     let (_rx, addr) = receive(
-        &Hosts::exec(&hosts.b),
+        &NetnsHosts::exec(&hosts.ns_b),
         &listen,
         &["--socket", dst.to_str().unwrap()],
     );
     let _vm = run_vm(
-        &Hosts::exec(&hosts.a),
+        &NetnsHosts::exec(&hosts.ns_a),
         &src,
         &["--memory", "256", "--fill", "text", "--dirty-rate", "500"],
     );

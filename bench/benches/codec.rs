@@ -3,7 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use livemig_engine::memory::{GuestRam, Populate, RamLayout};
-use livemig_engine::vm::{guest, Fill};
+use livemig_engine::vm::{builtin_guest, Fill};
 use livemig_transport::codec::{self, Encoding};
 
 const BYTES: usize = 8 << 20;
@@ -11,7 +11,7 @@ const RUN: usize = 256 << 10;
 
 fn content(fill: Fill) -> Vec<u8> {
     let ram = GuestRam::new(&RamLayout::single(BYTES as u64), Populate::Eager).unwrap();
-    guest::fill(&ram, fill, 7);
+    builtin_guest::fill(&ram, fill, 7);
     let (_, host, len) = ram.host_regions()[0];
     // SAFETY: the mapping is live and nothing else writes it.
     unsafe { std::slice::from_raw_parts(host, len as usize) }.to_vec()

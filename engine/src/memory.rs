@@ -19,10 +19,7 @@ use vm_memory::{
     GuestRegionMmap,
 };
 
-/// Size of a guest page, in bytes.
-pub const PAGE_SIZE: u64 = 4096;
-/// Largest total RAM a layout may declare (1 TiB): a bound on what a peer can make us allocate.
-pub const MAX_RAM_BYTES: u64 = 1 << 40;
+pub use crate::defaults::{MAX_RAM_BYTES, PAGE_SIZE};
 /// Largest number of RAM regions in a layout.
 pub const MAX_REGIONS: usize = 64;
 

@@ -5,7 +5,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use livemig_transport::{frame, TransportError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::{Message, ProtocolError, MAX_CONTROL_FRAME};
 use crate::scheduler::SchedulerError;
@@ -34,6 +34,9 @@ pub enum MigrationError {
     /// The source abandoned the migration (seen by the destination).
     #[error("source aborted the migration: {0}")]
     Aborted(String),
+    /// The data path failed on this side (a data channel, a receiver, RDMA rounds).
+    #[error("data channel failed: {0}")]
+    DataChannel(String),
     /// The peer broke the protocol.
     #[error("protocol error from {peer}: {source}")]
     Protocol {
@@ -91,11 +94,13 @@ pub enum MigrationError {
     },
 }
 
-/// The control connection: framed [`Message`]s over TCP.
+/// The control connection: framed [`Message`]s over TCP, decoded by the protocol version
+/// agreed in the handshake.
 #[derive(Debug)]
 pub struct Control {
     stream: TcpStream,
     peer: String,
+    version: u16,
 }
 
 impl Control {
@@ -106,7 +111,16 @@ impl Control {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "unknown peer".into());
         let _ = stream.set_nodelay(true);
-        Control { stream, peer }
+        Control {
+            stream,
+            peer,
+            version: crate::protocol::VERSION,
+        }
+    }
+
+    /// Decodes the peer's messages as protocol `version` from now on.
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
     }
 
     /// The peer's address.
@@ -158,7 +172,7 @@ impl Control {
                 }
                 Err(e) => return Err(e.into()),
             };
-        match Message::decode(kind, &payload) {
+        match Message::decode_version(kind, &payload, self.version) {
             Ok(Message::Refuse { reason }) => Err(MigrationError::Refused {
                 peer: self.peer.clone(),
                 reason,
@@ -183,7 +197,7 @@ impl Control {
 }
 
 /// One pre-copy or stop-and-copy round, as reported.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoundReport {
     /// Round number (0 = full RAM).
     pub round: u64,
@@ -206,7 +220,7 @@ pub struct RoundReport {
 }
 
 /// The summary of a migration, as printed by `--json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationReport {
     /// `completed`, or `digest-mismatch`.
     pub status: String,
@@ -258,7 +272,7 @@ pub struct MigrationReport {
 }
 
 /// Per-codec counters of a migration.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct CodecReport {
     /// Pages sent raw.
     pub pages_raw: u64,

@@ -5,9 +5,11 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
+pub use livemig_bench::support::{kvm_available, NetnsHosts, Process};
 use serde_json::Value;
 
 /// The key every test process shares (through LIVEMIG_KEY) unless a test says otherwise.
@@ -29,51 +31,33 @@ pub fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-/// A child process killed on drop.
-pub struct Proc {
-    pub child: Child,
-    pub stdout: Option<BufReader<ChildStdout>>,
+/// A child process killed on drop (the shared [`Process`]), with panicking helpers.
+pub struct Proc(pub Process);
+
+impl std::ops::Deref for Proc {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.0
+    }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.0
     }
 }
 
 impl Proc {
     /// Reads stdout lines until one contains `needle`.
     pub fn wait_line(&mut self, needle: &str) -> String {
-        let out = self.stdout.as_mut().expect("stdout piped");
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = out.read_line(&mut line).unwrap();
-            assert!(n > 0, "process exited before printing {needle:?}");
-            if line.contains(needle) {
-                return line.trim().to_string();
-            }
-        }
+        self.0
+            .wait_line(needle)
+            .unwrap_or_else(|e| panic!("waiting for {needle:?}: {e:#}"))
     }
 
     /// Waits for exit (bounded) and returns (status code, stderr).
-    pub fn wait_exit(mut self, limit: Duration) -> (Option<i32>, String) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                return (st.code(), err);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit in {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    pub fn wait_exit(self, limit: Duration) -> (Option<i32>, String) {
+        self.0.wait_exit(limit).unwrap_or_else(|e| panic!("{e:#}"))
     }
 }
 
@@ -86,15 +70,14 @@ pub fn spawn(prefix: &[&str], args: &[&str]) -> Proc {
     } else {
         Command::new(bin())
     };
-    let mut child = cmd
+    let child = cmd
         .args(args)
         .env("LIVEMIG_KEY", TEST_KEY)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().map(BufReader::new);
-    Proc { child, stdout }
+    Proc(Process::new(child))
 }
 
 /// Starts a VM process; returns it once its control socket answers.
@@ -190,80 +173,11 @@ pub fn assert_clean_error(code: Option<i32>, stderr: &str, needle: &str) {
     );
 }
 
-pub fn kvm_available() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
-/// Two emulated hosts (network namespaces joined by veth, optionally shaped), made by
-/// `scripts/netns-link.sh`, deleted on drop.
-pub struct Hosts {
-    pub name: String,
-    pub a: String,
-    pub b: String,
-    pub addr_b: String,
-    pub dev_b: String,
-}
-
-impl Hosts {
-    pub fn new(tag: &str, profile: &str) -> Hosts {
-        let name = format!("lm{tag}{}", std::process::id() % 10_000);
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns-link.sh");
-        let out = Command::new(script)
-            .args(["up", &name, profile])
-            .output()
-            .expect("running netns-link.sh");
-        assert!(
-            out.status.success(),
-            "netns-link.sh failed (needs root and iproute2): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let field = |k: &str| {
-            text.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(&format!("{k}=")).map(str::to_string))
-                .unwrap_or_else(|| panic!("netns-link.sh printed no {k}: {text}"))
-        };
-        Hosts {
-            a: field("NS_A"),
-            b: field("NS_B"),
-            addr_b: field("B"),
-            dev_b: field("DEV_B"),
-            name,
-        }
-    }
-
-    pub fn exec(ns: &str) -> Vec<&str> {
-        vec!["ip", "netns", "exec", ns]
-    }
-
-    /// Bytes received by host B's end of the link.
-    pub fn rx_bytes_b(&self) -> u64 {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.b,
-                "cat",
-                &format!("/sys/class/net/{}/statistics/rx_bytes", self.dev_b),
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns-link.sh");
-        let _ = Command::new(script).args(["down", &self.name]).output();
-    }
+/// Two emulated hosts named after `tag` (namespaces joined by a veth link shaped to
+/// `profile`), deleted on drop.
+pub fn hosts(tag: &str, profile: &str) -> NetnsHosts {
+    NetnsHosts::up(&format!("lm{tag}{}", std::process::id() % 10_000), profile)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Where a [`Proxy`] cuts a migration.
@@ -277,15 +191,16 @@ pub enum Trigger {
     DataBytes(u64),
 }
 
-/// Control frame kinds (see engine/src/protocol.rs).
+/// Control frame kinds.
 pub mod kind {
-    pub const HELLO: u16 = 1;
-    pub const CONFIG: u16 = 4;
-    pub const DEVICE_STATE: u16 = 7;
-    pub const PREPARED: u16 = 8;
-    pub const COMMIT: u16 = 9;
-    pub const RESUMED: u16 = 10;
-    pub const AUTH: u16 = 13;
+    use livemig_engine::protocol::MessageType;
+    pub const HELLO: u16 = MessageType::Hello as u16;
+    pub const CONFIG: u16 = MessageType::Config as u16;
+    pub const DEVICE_STATE: u16 = MessageType::DeviceState as u16;
+    pub const PREPARED: u16 = MessageType::Prepared as u16;
+    pub const COMMIT: u16 = MessageType::Commit as u16;
+    pub const RESUMED: u16 = MessageType::Resumed as u16;
+    pub const AUTH: u16 = MessageType::Auth as u16;
 }
 
 /// A TCP proxy in front of a destination that fires once at a trigger: it calls the action

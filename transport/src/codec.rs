@@ -35,6 +35,11 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// `auto`, the default of requests that name no mode.
+    pub fn default_for_requests() -> Mode {
+        Mode::Auto
+    }
+
     /// zstd level of plain `zstd`.
     pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
     /// Every mode's name, as the command line and the control socket spell it.

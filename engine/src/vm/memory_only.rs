@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{DeviceSection, MigratableVm, RunState, VmError, VmSpec};
+use super::{builtin_guest, DeviceSection, MigratableVm, RunState, VmConfig, VmError, VmSpec};
 use crate::dirty::DirtyBitmap;
 use crate::memory::{GuestRam, Populate, RamLayout, PAGE_SIZE};
 
@@ -52,13 +52,23 @@ impl MemoryVm {
                 gpa: COUNTER_GPA,
                 reason: e.to_string(),
             })?;
-        let vm = Self::new_incoming(spec, ram)?;
+        let vm = Self::build(spec, ram)?;
         vm.resume()?;
         Ok(vm)
     }
 
-    /// A stopped skeleton over `ram`, for the destination.
-    pub fn new_incoming(spec: &VmSpec, ram: GuestRam) -> Result<Self, VmError> {
+    /// A stopped skeleton of the VM `config` describes over `ram`, for the destination.
+    pub fn new_incoming(config: &VmConfig, ram: GuestRam) -> Result<Self, VmError> {
+        if config.machine != MACHINE {
+            return Err(VmError::InvalidSpec(format!(
+                "the source VM runs on {:?} but this destination runs {MACHINE:?} (see --backend)",
+                config.machine
+            )));
+        }
+        Self::build(&builtin_guest::spec_from_config(config)?, ram)
+    }
+
+    fn build(spec: &VmSpec, ram: GuestRam) -> Result<Self, VmError> {
         if ram.total_bytes() < 2 * PAGE_SIZE {
             return Err(VmError::InvalidSpec(
                 "memory-only VM needs at least 2 pages".into(),
@@ -154,12 +164,14 @@ impl MemoryVm {
 }
 
 impl MigratableVm for MemoryVm {
-    fn machine(&self) -> &'static str {
-        MACHINE
-    }
-
-    fn spec(&self) -> &VmSpec {
-        &self.spec
+    fn config(&self) -> VmConfig {
+        VmConfig {
+            machine: MACHINE.into(),
+            layout: self.ram.layout().clone(),
+            vcpus: self.spec.vcpus,
+            devices: Vec::new(),
+            machine_section: builtin_guest::encode_section(&self.spec),
+        }
     }
 
     fn ram(&self) -> &GuestRam {

@@ -1,18 +1,24 @@
 //! Virtual machines the engine can migrate.
 //!
 //! [`MigratableVm`] is the whole contract between the migration state machines and a VMM:
-//! guest RAM, dirty tracking, pause/resume and device state as versioned sections. The
-//! built-in mini VMM ([`kvm::KvmVm`]) implements it on kvm-ioctls; another VMM can implement
-//! the same trait and use the engine unchanged.
+//! its configuration ([`VmConfig`]), guest RAM, dirty tracking, pause/resume and device state
+//! as versioned sections. The built-in mini VMM ([`kvm::KvmVm`]) implements it on kvm-ioctls;
+//! [`memory_only::MemoryVm`] is RAM without vCPUs for hosts without KVM; another VMM can
+//! implement the same trait and use the engine unchanged.
+//!
+//! Rooms: [`builtin_guest`] (the built-in test guest: program, layout, RAM fill, workload),
+//! [`kvm`] (the VMM: VM, vCPU threads, KVM state), [`memory_only`].
 
-pub mod guest;
+pub mod builtin_guest;
 pub mod kvm;
 pub mod memory_only;
+
+pub use builtin_guest::{Fill, Pattern, VmSpec, Workload};
 
 use serde::{Deserialize, Serialize};
 
 use crate::dirty::DirtyBitmap;
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{GuestRam, MemoryError, RamLayout};
 
 /// Errors of a VM operation.
 #[derive(Debug, thiserror::Error)]
@@ -68,77 +74,66 @@ pub enum VmError {
     },
 }
 
-/// Content the VMM writes into guest RAM before the guest starts.
+/// Which VMM runs a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum Fill {
-    /// Leave RAM zeroed.
+pub enum Backend {
+    /// The built-in KVM mini VMM ([`kvm::KvmVm`]; needs /dev/kvm).
     #[default]
-    Zero,
-    /// Incompressible pseudo-random bytes.
-    Random,
-    /// Compressible, text-like bytes.
-    Text,
-    /// A third each of zero, text-like and random blocks (64 KiB), interleaved.
-    Mixed,
+    Kvm,
+    /// RAM plus a host writer thread, no vCPUs ([`memory_only::MemoryVm`]; for hosts without
+    /// KVM).
+    Memory,
 }
 
-/// Order in which the guest workload visits the pages of its working set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Pattern {
-    /// Page after page, wrapping around.
-    #[default]
-    Sequential,
-    /// Uniformly random pages.
-    Random,
-    /// 90% of writes to the first 10% of the working set.
-    Hotspot,
-}
+crate::named_enum!(Backend, "backend", { Kvm => "kvm", Memory => "memory" });
 
-/// What the guest does while it runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Workload {
-    /// Working set the guest writes into, in MiB.
-    pub working_set_mib: u64,
-    /// Pages written per second (0 = idle: only the progress counter moves).
-    pub dirty_rate: u64,
-    /// Page visiting order.
-    pub pattern: Pattern,
-}
-
-impl Default for Workload {
-    fn default() -> Self {
-        Workload {
-            working_set_mib: 64,
-            dirty_rate: 0,
-            pattern: Pattern::Sequential,
+impl Backend {
+    /// The machine name a VM of this backend declares in its configuration.
+    pub fn machine(self) -> &'static str {
+        match self {
+            Backend::Kvm => kvm::MACHINE,
+            Backend::Memory => memory_only::MACHINE,
         }
     }
 }
 
-/// Everything needed to build a VM, on the source or (as a skeleton) on the destination.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmSpec {
-    /// RAM size in MiB.
-    pub memory_mib: u64,
+/// A VM's shape, as a destination needs it to build a skeleton: which VMM (machine), RAM
+/// layout, vCPUs and devices, plus the machine section only that VMM reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Which VMM runs the VM (e.g. [`kvm::MACHINE`]); a destination refuses machines it
+    /// cannot run.
+    pub machine: String,
+    /// Guest RAM; every page address later received is checked against it.
+    pub layout: RamLayout,
     /// Number of vCPUs.
     pub vcpus: u32,
-    /// RAM content written by the VMM before the guest starts.
-    pub fill: Fill,
-    /// Guest workload.
-    pub workload: Workload,
+    /// The VM's devices, for checks and host-side set-up before any state moves.
+    pub devices: Vec<DeviceDescriptor>,
+    /// Everything else the VMM needs to rebuild the VM (guest kind, device details),
+    /// opaque to the engine.
+    pub machine_section: MachineSection,
 }
 
-impl Default for VmSpec {
-    fn default() -> Self {
-        VmSpec {
-            memory_mib: 256,
-            vcpus: 1,
-            fill: Fill::Random,
-            workload: Workload::default(),
-        }
-    }
+/// A device of a VM, as the destination sees it before any state moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceDescriptor {
+    /// What it is (`virtio-blk`, `virtio-net`, ...).
+    pub kind: String,
+    /// Its name in the VM (unique).
+    pub id: String,
+    /// Host-side details the destination may need or remap (image path, MAC, ...).
+    pub properties: Vec<(String, String)>,
+}
+
+/// The VMM-owned part of a [`VmConfig`]: a versioned blob.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MachineSection {
+    /// Format version, interpreted by the VMM.
+    pub version: u32,
+    /// The bytes.
+    pub data: Vec<u8>,
 }
 
 /// Run state of a VM.
@@ -158,7 +153,8 @@ pub enum RunState {
 /// One versioned piece of vCPU or device state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSection {
-    /// What the section holds (see [`kvm::section`] for the built-in VMM's ids).
+    /// What the section holds (ids are owned by the device that saves the section; see
+    /// [`crate::devices`]).
     pub id: u32,
     /// Which instance (vCPU index, chip index).
     pub instance: u32,
@@ -172,10 +168,8 @@ pub struct DeviceSection {
 ///
 /// Methods take `&self`: a VM is shared between its control socket and a migration.
 pub trait MigratableVm: Send + Sync {
-    /// The spec the destination needs to build a skeleton of this VM.
-    fn spec(&self) -> &VmSpec;
-    /// Which VMM runs this VM (its device state only restores into the same kind).
-    fn machine(&self) -> &'static str;
+    /// The VM's configuration: what a destination needs to build a skeleton of it.
+    fn config(&self) -> VmConfig;
     /// Guest RAM.
     fn ram(&self) -> &GuestRam;
     /// Current run state.

@@ -300,7 +300,11 @@ impl RdmaSender {
         std::mem::take(&mut self.stats)
     }
 
-    pub(super) fn wait_completed(&mut self, target: u64, stop: &AtomicBool) -> Result<(), RdmaError> {
+    pub(super) fn wait_completed(
+        &mut self,
+        target: u64,
+        stop: &AtomicBool,
+    ) -> Result<(), RdmaError> {
         let mut last_progress = Instant::now();
         let mut wcs = [const { MaybeUninit::<ffi::ibv_wc>::uninit() }; 16];
         while self.completed < target {
@@ -329,7 +333,10 @@ impl RdmaSender {
         Ok(())
     }
 
-    pub(super) fn reap(&mut self, wcs: &mut [MaybeUninit<ffi::ibv_wc>]) -> Result<usize, RdmaError> {
+    pub(super) fn reap(
+        &mut self,
+        wcs: &mut [MaybeUninit<ffi::ibv_wc>],
+    ) -> Result<usize, RdmaError> {
         let n = self.qp.qp.cq.poll(wcs)?;
         for wc in &wcs[..n] {
             // SAFETY: poll_cq initialised the first `n` entries.

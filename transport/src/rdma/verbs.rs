@@ -224,7 +224,10 @@ impl CompletionQueue {
     }
 
     /// Takes up to `wcs.len()` completions.
-    pub(super) fn poll(&mut self, wcs: &mut [MaybeUninit<ffi::ibv_wc>]) -> Result<usize, RdmaError> {
+    pub(super) fn poll(
+        &mut self,
+        wcs: &mut [MaybeUninit<ffi::ibv_wc>],
+    ) -> Result<usize, RdmaError> {
         // SAFETY: the CQ is valid; poll_cq writes at most `wcs.len()` entries.
         let n = unsafe { ffi::ibv_poll_cq(self.cq, wcs.len() as i32, wcs.as_mut_ptr().cast()) };
         if n < 0 {

@@ -10,14 +10,23 @@ use plotters::prelude::*;
 
 /// One measured cell, as plotted.
 pub struct Point {
+    /// Variant label.
     pub variant: String,
+    /// Link name.
     pub link: String,
+    /// RAM content.
     pub content: String,
+    /// RAM size.
     pub memory_mib: u64,
+    /// Guest dirty rate.
     pub dirty_rate: u64,
+    /// RAM / total time, GB/s.
     pub gbps: f64,
+    /// Total time, ms (median).
     pub total_ms: f64,
+    /// Downtime, ms (median).
     pub downtime_ms: f64,
+    /// Bytes on the wire / RAM.
     pub wire_ratio: f64,
 }
 

@@ -1,4 +1,5 @@
-//! The guest program of the built-in VMM and its memory layout.
+//! The built-in test guest: its spec (RAM, vCPUs, fill, workload), its machine section, its
+//! program and memory layout, and the RAM fill.
 //!
 //! The guest is a few dozen bytes of 64-bit code that start in long mode (the VMM sets the
 //! control registers; there is no firmware). In a loop it writes `batch` pages of its working
@@ -26,8 +27,165 @@ use std::ops::Range;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{Fill, Pattern, VmError, VmSpec};
+use serde::{Deserialize, Serialize};
+
+use super::{MachineSection, VmConfig, VmError};
 use crate::memory::{GuestRam, PAGE_SIZE};
+
+/// Content the VMM writes into guest RAM before the guest starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum Fill {
+    /// Leave RAM zeroed.
+    #[default]
+    Zero = 0,
+    /// Incompressible pseudo-random bytes.
+    Random = 1,
+    /// Compressible, text-like bytes.
+    Text = 2,
+    /// A third each of zero, text-like and random blocks (64 KiB), interleaved.
+    Mixed = 3,
+}
+
+/// Order in which the guest workload visits the pages of its working set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum Pattern {
+    /// Page after page, wrapping around.
+    #[default]
+    Sequential = 0,
+    /// Uniformly random pages.
+    Random = 1,
+    /// 90% of writes to the first 10% of the working set.
+    Hotspot = 2,
+}
+
+/// What the guest does while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    /// Working set the guest writes into, in MiB.
+    pub working_set_mib: u64,
+    /// Pages written per second (0 = idle: only the progress counter moves).
+    pub dirty_rate: u64,
+    /// Page visiting order.
+    pub pattern: Pattern,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            working_set_mib: 64,
+            dirty_rate: 0,
+            pattern: Pattern::Sequential,
+        }
+    }
+}
+
+/// A built-in-guest VM: RAM, vCPUs, RAM content and workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// RAM size in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// RAM content written by the VMM before the guest starts.
+    pub fill: Fill,
+    /// Guest workload.
+    pub workload: Workload,
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        VmSpec {
+            memory_mib: 256,
+            vcpus: 1,
+            fill: Fill::Random,
+            workload: Workload::default(),
+        }
+    }
+}
+
+crate::named_enum!(Fill, "fill", {
+    Zero => "zero",
+    Random => "random",
+    Text => "text",
+    Mixed => "mixed",
+});
+
+crate::named_enum!(Pattern, "pattern", {
+    Sequential => "sequential",
+    Random => "random",
+    Hotspot => "hotspot",
+});
+
+/// Version of the built-in machines' section ([`encode_section`]).
+pub const SECTION_VERSION: u32 = 1;
+
+/// The machine section of a built-in-guest VM (the KVM mini VMM and the memory-only VM),
+/// version 1: `fill u8, pattern u8, working_set_mib u64, dirty_rate u64`, little-endian.
+/// Protocol 1 carried the same bytes inline in its `Config`.
+pub fn encode_section(spec: &VmSpec) -> MachineSection {
+    let mut data = Vec::with_capacity(18);
+    data.push(spec.fill as u8);
+    data.push(spec.workload.pattern as u8);
+    data.extend_from_slice(&spec.workload.working_set_mib.to_le_bytes());
+    data.extend_from_slice(&spec.workload.dirty_rate.to_le_bytes());
+    MachineSection {
+        version: SECTION_VERSION,
+        data,
+    }
+}
+
+/// The spec of a built-in-guest VM from its configuration (shape and machine section).
+pub fn spec_from_config(c: &VmConfig) -> Result<VmSpec, VmError> {
+    let bad = |m: String| VmError::InvalidSpec(format!("machine section: {m}"));
+    if c.machine_section.version != SECTION_VERSION {
+        return Err(bad(format!(
+            "version {} (this build reads {SECTION_VERSION})",
+            c.machine_section.version
+        )));
+    }
+    let d = &c.machine_section.data;
+    if d.len() != 18 {
+        return Err(bad(format!("{} bytes, expected 18", d.len())));
+    }
+    let fill = match d[0] {
+        0 => Fill::Zero,
+        1 => Fill::Random,
+        2 => Fill::Text,
+        3 => Fill::Mixed,
+        f => return Err(bad(format!("unknown fill {f}"))),
+    };
+    let pattern = match d[1] {
+        0 => Pattern::Sequential,
+        1 => Pattern::Random,
+        2 => Pattern::Hotspot,
+        p => return Err(bad(format!("unknown pattern {p}"))),
+    };
+    let word = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&d[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    if !c.devices.is_empty() {
+        return Err(bad(format!(
+            "the built-in guest has no devices, the configuration lists {}",
+            c.devices.len()
+        )));
+    }
+    Ok(VmSpec {
+        memory_mib: c.layout.total_bytes() >> 20,
+        vcpus: c.vcpus,
+        fill,
+        workload: Workload {
+            working_set_mib: word(2),
+            dirty_rate: word(10),
+            pattern,
+        },
+    })
+}
 
 /// Guest-physical address of the GDT.
 pub const GDT_ADDR: u64 = 0x1000;

@@ -1,0 +1,230 @@
+//! The benchmark matrix: which links, RAM contents, sizes, dirty rates and variants (livemig
+//! and QEMU configurations) a run measures.
+
+use livemig_engine::vm::Fill;
+use serde::Serialize;
+
+/// A link between the two hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Link {
+    /// Both hosts are this one, over loopback.
+    Loopback,
+    /// Two emulated hosts on a 10 Gbit/s shaped veth link.
+    #[serde(rename = "10gbit")]
+    TenGbit,
+    /// Two emulated hosts on a 1 Gbit/s shaped veth link.
+    #[serde(rename = "1gbit")]
+    OneGbit,
+}
+
+impl Link {
+    /// The link's name (also the netns-link.sh profile).
+    pub fn name(self) -> &'static str {
+        match self {
+            Link::Loopback => "loopback",
+            Link::TenGbit => "10gbit",
+            Link::OneGbit => "1gbit",
+        }
+    }
+}
+
+/// What migrates the RAM.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Variant {
+    /// `reserve`: the destination reserves and faults in its RAM before the migration.
+    Livemig {
+        /// Data channels.
+        channels: u16,
+        /// `--compress` mode.
+        compress: &'static str,
+        /// Destination RAM reserved ahead.
+        reserve: bool,
+    },
+    /// `prealloc`: the destination QEMU faults in its RAM at start (`prealloc=on`).
+    Qemu {
+        /// multifd channels (1: the single stream).
+        channels: u16,
+        /// multifd zstd compression.
+        zstd: bool,
+        /// Destination RAM faulted in at start.
+        prealloc: bool,
+    },
+}
+
+impl Variant {
+    /// The label in tables and plots.
+    pub fn label(&self) -> String {
+        match self {
+            Variant::Livemig {
+                channels,
+                compress,
+                reserve,
+            } => format!(
+                "livemig tcp x{channels} {compress}{}",
+                if *reserve { "" } else { " (no reserve)" }
+            ),
+            Variant::Qemu {
+                channels: 1,
+                zstd: false,
+                prealloc,
+            } => format!(
+                "qemu single{}",
+                if *prealloc { "" } else { " (no prealloc)" }
+            ),
+            Variant::Qemu {
+                channels,
+                zstd,
+                prealloc,
+            } => format!(
+                "qemu multifd x{channels}{}{}",
+                if *zstd { " zstd" } else { "" },
+                if *prealloc { "" } else { " (no prealloc)" }
+            ),
+        }
+    }
+    /// `livemig` or `qemu`.
+    pub fn system(&self) -> &'static str {
+        match self {
+            Variant::Livemig { .. } => "livemig",
+            Variant::Qemu { .. } => "qemu",
+        }
+    }
+}
+
+/// One cell of the matrix.
+#[derive(Debug, Clone)]
+pub struct Cell {
+    /// The link between the hosts.
+    pub link: Link,
+    /// RAM content.
+    pub fill: Fill,
+    /// RAM size.
+    pub memory_mib: u64,
+    /// Guest dirty rate, pages per second.
+    pub dirty_rate: u64,
+    /// What migrates it.
+    pub variant: Variant,
+}
+
+/// The cells of a run: `quick` for CI, QEMU rows only with `qemu`.
+pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
+    let mut cells = Vec::new();
+    let lm = |channels, compress| Variant::Livemig {
+        channels,
+        compress,
+        reserve: true,
+    };
+    let q = |channels, zstd| Variant::Qemu {
+        channels,
+        zstd,
+        prealloc: true,
+    };
+    let mut add = |link, fill, memory_mib, dirty_rate, variants: Vec<Variant>| {
+        for v in variants {
+            if matches!(v, Variant::Qemu { .. }) && !qemu {
+                continue;
+            }
+            cells.push(Cell {
+                link,
+                fill,
+                memory_mib,
+                dirty_rate,
+                variant: v,
+            });
+        }
+    };
+    let contents = [Fill::Zero, Fill::Random, Fill::Text, Fill::Mixed];
+    if quick {
+        for f in contents {
+            add(
+                Link::Loopback,
+                f,
+                256,
+                0,
+                vec![
+                    lm(1, "none"),
+                    lm(2, "none"),
+                    lm(1, "auto"),
+                    q(1, false),
+                    q(2, true),
+                ],
+            );
+        }
+        add(
+            Link::OneGbit,
+            Fill::Text,
+            128,
+            0,
+            vec![lm(1, "none"), lm(1, "auto"), q(1, false)],
+        );
+        for rate in [0, 20_000] {
+            add(Link::Loopback, Fill::Random, 256, rate, vec![lm(1, "auto")]);
+        }
+        return cells;
+    }
+    // The headline: 2 GiB of random RAM, one stream each.
+    add(
+        Link::Loopback,
+        Fill::Random,
+        2048,
+        0,
+        vec![lm(1, "none"), q(1, false)],
+    );
+    for f in contents {
+        add(
+            Link::Loopback,
+            f,
+            1024,
+            0,
+            vec![
+                lm(1, "none"),
+                lm(2, "none"),
+                lm(1, "auto"),
+                lm(1, "lz4"),
+                lm(1, "zstd"),
+                q(1, false),
+                q(2, false),
+                q(2, true),
+            ],
+        );
+    }
+    for f in [Fill::Random, Fill::Text] {
+        add(
+            Link::TenGbit,
+            f,
+            512,
+            0,
+            vec![
+                lm(1, "none"),
+                lm(2, "none"),
+                lm(2, "auto"),
+                q(1, false),
+                q(2, true),
+            ],
+        );
+        add(
+            Link::OneGbit,
+            f,
+            256,
+            0,
+            vec![
+                lm(1, "none"),
+                lm(1, "auto"),
+                lm(1, "zstd"),
+                q(1, false),
+                q(2, true),
+            ],
+        );
+    }
+    for rate in [0, 10_000, 30_000, 60_000] {
+        add(
+            Link::Loopback,
+            Fill::Random,
+            512,
+            rate,
+            vec![lm(1, "auto"), lm(1, "delta")],
+        );
+    }
+    cells
+}

@@ -1,0 +1,132 @@
+//! A destination and a VM process of the `livemig` binary, started side by side for one
+//! migration (used by `livemig demo` and the bench), optionally on two emulated hosts.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context, Result};
+use livemig_engine::control::{self, Event, MigrateRequest, Request};
+use livemig_engine::vm::Backend;
+use serde_json::Value;
+
+use crate::support::{command_in, Process};
+
+/// How to start a pair.
+pub struct PairSpec<'a> {
+    /// The livemig binary.
+    pub exe: &'a Path,
+    /// Folder for sockets.
+    pub dir: &'a Path,
+    /// Pre-shared key file both sides use.
+    pub key_file: &'a Path,
+    /// VMM backend.
+    pub backend: Backend,
+    /// Destination RAM to reserve ahead (MiB).
+    pub reserve_mib: Option<u64>,
+    /// Namespaces of the source and the destination (None: this one).
+    pub ns: Option<(&'a str, &'a str)>,
+    /// Address the destination listens on.
+    pub listen: String,
+    /// `run-vm` guest options.
+    pub vm_args: Vec<String>,
+}
+
+/// A running destination and VM process.
+pub struct Pair {
+    dst: Process,
+    src: Process,
+    /// The VM's control socket.
+    pub src_sock: PathBuf,
+    /// The destination's control socket (after the migration).
+    pub dst_sock: PathBuf,
+    /// The destination's address.
+    pub addr: String,
+}
+
+impl Pair {
+    /// Starts the destination, then the VM (its RAM filled), and returns once both are ready.
+    pub fn start(s: &PairSpec<'_>) -> Result<Pair> {
+        let src_sock = s.dir.join("source.sock");
+        let dst_sock = s.dir.join("destination.sock");
+        let mut recv = command_in(s.ns.map(|n| n.1), s.exe);
+        recv.args([
+            "receive",
+            "--listen",
+            &s.listen,
+            "--backend",
+            s.backend.name(),
+            "--json",
+        ])
+        .arg("--socket")
+        .arg(&dst_sock)
+        .arg("--key-file")
+        .arg(s.key_file)
+        .stdout(Stdio::piped());
+        if let Some(mib) = s.reserve_mib {
+            recv.args(["--reserve-mib", &mib.to_string()]);
+        }
+        let mut dst = Process::new(recv.spawn().context("starting livemig receive")?);
+        let line = dst
+            .wait_line("listening on ")
+            .context("the destination exited before it was ready (see its messages above)")?;
+        let addr = line.rsplit(' ').next().unwrap_or_default().to_string();
+
+        let mut run = command_in(s.ns.map(|n| n.0), s.exe);
+        run.arg("run-vm")
+            .arg("--key-file")
+            .arg(s.key_file)
+            .arg("--socket")
+            .arg(&src_sock)
+            .args(&s.vm_args)
+            .args(["--backend", s.backend.name()])
+            .stdout(Stdio::piped());
+        let mut src = Process::new(run.spawn().context("starting livemig run-vm")?);
+        src.wait_line("VM running")
+            .context("the source VM exited before it was ready (see its messages above)")?;
+        Ok(Pair {
+            dst,
+            src,
+            src_sock,
+            dst_sock,
+            addr,
+        })
+    }
+
+    /// Runs the migration `req` (its `to` is set to this pair's destination), handing every
+    /// event to `on_event`; checks the guest runs on the destination, stops both processes
+    /// and returns the report as JSON, completed with what the destination saw.
+    pub fn migrate(
+        mut self,
+        req: &MigrateRequest,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<Value> {
+        let req = MigrateRequest {
+            to: self.addr.clone(),
+            ..req.clone()
+        };
+        let report = control::migrate(&self.src_sock, &req, on_event)?;
+        let mut report = serde_json::to_value(report)?;
+        // The destination prints one JSON line once the guest runs there.
+        let line = self.dst.read_line()?;
+        let dst_info: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+        let after = control::request(&self.dst_sock, &Request::Status)?;
+        let src_status = control::request(&self.src_sock, &Request::Status)?;
+        let _ = control::request(&self.dst_sock, &Request::Stop);
+        let _ = control::request(&self.src_sock, &Request::Stop);
+        let _ = self.dst.child.wait();
+        let _ = self.src.child.wait();
+        if let Value::Object(m) = &mut report {
+            m.insert(
+                "destination_reserved_ram".into(),
+                dst_info["used_reserved_ram"].clone(),
+            );
+            m.insert("destination_phase".into(), after["phase"].clone());
+            m.insert(
+                "destination_guest_counter".into(),
+                after["guest_counter"].clone(),
+            );
+            m.insert("source_phase_after".into(), src_status["phase"].clone());
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,218 @@
+//! What a run writes: the per-cell rows (medians and spread), CSV, JSON, the markdown table
+//! and the plots, with the machine and commit recorded.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// One measured cell: the median and spread of its repetitions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    /// `livemig` or `qemu`.
+    pub system: String,
+    /// Variant label.
+    pub variant: String,
+    /// Link name.
+    pub link: String,
+    /// RAM content.
+    pub content: String,
+    /// RAM size, MiB.
+    pub memory_mib: u64,
+    /// Guest dirty rate, pages per second.
+    pub dirty_rate: u64,
+    /// Repetitions that produced a figure.
+    pub repetitions: usize,
+    /// Total time, median.
+    pub total_ms_median: f64,
+    /// Total time, fastest.
+    pub total_ms_min: f64,
+    /// Total time, slowest.
+    pub total_ms_max: f64,
+    /// Downtime, median.
+    pub downtime_ms_median: f64,
+    /// Bytes on the wire, median.
+    pub bytes_on_wire_median: f64,
+    /// RAM / median total time, GB/s.
+    pub throughput_gbps: f64,
+    /// Every livemig repetition had matching digests (None for QEMU).
+    pub digest_match: Option<bool>,
+    /// Source CPU seconds, median.
+    pub source_cpu_s: Option<f64>,
+    /// Destination CPU seconds, median.
+    pub destination_cpu_s: Option<f64>,
+}
+
+/// The median of `v` (sorted in place; 0 when empty).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// The repository's commit.
+pub fn git_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// CPU, cores, memory and kernel of this machine.
+pub fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory": mem,
+        "kernel": kernel.trim(),
+    })
+}
+
+/// `YYYYmmdd-HHMMSS` now.
+pub fn chrono_stamp() -> String {
+    let out = Command::new("date").arg("+%Y%m%d-%H%M%S").output();
+    out.ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "now".into())
+}
+
+/// Writes results.json, results.csv, results.md and the plots into `out`.
+pub fn write_outputs(out: &Path, meta: &Value, rows: &[Row], raw: &[Value]) -> Result<()> {
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&json!({"meta": meta, "rows": rows, "runs": raw}))?,
+    )?;
+    let mut csv = String::from(
+        "system,variant,link,content,memory_mib,dirty_rate,repetitions,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,bytes_on_wire_median,throughput_gbps,digest_match,source_cpu_s,destination_cpu_s\n",
+    );
+    for r in rows {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.0},{:.3},{},{},{}\n",
+            r.system,
+            r.variant,
+            r.link,
+            r.content,
+            r.memory_mib,
+            r.dirty_rate,
+            r.repetitions,
+            r.total_ms_median,
+            r.total_ms_min,
+            r.total_ms_max,
+            r.downtime_ms_median,
+            r.bytes_on_wire_median,
+            r.throughput_gbps,
+            r.digest_match.map(|d| d.to_string()).unwrap_or_default(),
+            r.source_cpu_s
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_default(),
+            r.destination_cpu_s
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_default(),
+        ));
+    }
+    std::fs::write(out.join("results.csv"), csv)?;
+    std::fs::write(out.join("results.md"), markdown(meta, rows))?;
+    crate::plot::plots(
+        out,
+        rows.iter().map(|r| crate::plot::Point {
+            variant: r.variant.clone(),
+            link: r.link.clone(),
+            content: r.content.clone(),
+            memory_mib: r.memory_mib,
+            dirty_rate: r.dirty_rate,
+            gbps: r.throughput_gbps,
+            total_ms: r.total_ms_median,
+            downtime_ms: r.downtime_ms_median,
+            wire_ratio: r.bytes_on_wire_median / (r.memory_mib << 20) as f64,
+        }),
+    )?;
+    Ok(())
+}
+
+fn markdown(meta: &Value, rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "Command: `{}` — commit {} — {} — {} cores, {}\n\n",
+        meta["command"].as_str().unwrap_or(""),
+        meta["commit"].as_str().unwrap_or(""),
+        meta["date"].as_str().unwrap_or(""),
+        meta["machine"]["cores"],
+        meta["machine"]["cpu"].as_str().unwrap_or("")
+    ));
+    s.push_str("Physical limits measured in the same run: ");
+    if let Some(l) = meta["physical_limits"].as_object() {
+        let parts: Vec<String> = l
+            .iter()
+            .map(|(k, v)| format!("{k} = {:.2}", v.as_f64().unwrap_or(0.0)))
+            .collect();
+        s.push_str(&parts.join(", "));
+    }
+    s.push_str("\n\n| link | content | RAM MiB | dirty pages/s | variant | total ms (median [min–max]) | downtime ms | GB/s | wire / RAM | vs QEMU single | digest |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    // Each row against QEMU's single stream in the same destination-RAM regime.
+    let qemu_single = |r: &Row| {
+        let cold = r.variant.ends_with("(no reserve)") || r.variant.ends_with("(no prealloc)");
+        let peer = if cold {
+            "qemu single (no prealloc)"
+        } else {
+            "qemu single"
+        };
+        rows.iter()
+            .find(|q| {
+                q.variant == peer
+                    && q.variant != r.variant
+                    && q.link == r.link
+                    && q.content == r.content
+                    && q.memory_mib == r.memory_mib
+                    && q.dirty_rate == r.dirty_rate
+            })
+            .map(|q| q.total_ms_median)
+    };
+    for r in rows {
+        let vs = qemu_single(r)
+            .map(|q| format!("{:.2}× faster", q / r.total_ms_median.max(1e-9)))
+            .unwrap_or_else(|| "—".into());
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.0} [{:.0}–{:.0}] | {:.1} | {:.2} | {:.3} | {} | {} |\n",
+            r.link,
+            r.content,
+            r.memory_mib,
+            r.dirty_rate,
+            r.variant,
+            r.total_ms_median,
+            r.total_ms_min,
+            r.total_ms_max,
+            r.downtime_ms_median,
+            r.throughput_gbps,
+            r.bytes_on_wire_median / (r.memory_mib << 20) as f64,
+            vs,
+            match r.digest_match {
+                Some(true) => "match",
+                Some(false) => "MISMATCH",
+                None => "n/a",
+            }
+        ));
+    }
+    s
+}

@@ -1,0 +1,304 @@
+//! A bench run: the physical limits, then every cell of the matrix, livemig beside QEMU, each
+//! repeated; medians into the report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use livemig_engine::control::MigrateRequest;
+use livemig_engine::vm::Backend;
+use livemig_transport::codec::Mode;
+use serde_json::{json, Value};
+
+use crate::limits::{memcpy_gbps, raw_tcp_gbps};
+use crate::matrix::{matrix, Cell, Link, Variant};
+use crate::pair::{Pair, PairSpec};
+use crate::qemu::run_qemu;
+use crate::report::{chrono_stamp, git_commit, machine, median, write_outputs, Row};
+use crate::support::{kvm_available, which, write_key, NetnsHosts};
+
+/// What to run.
+#[derive(Debug, Clone, Default)]
+pub struct BenchOptions {
+    /// A small matrix (loopback and one shaped link, small RAM, one repetition).
+    pub quick: bool,
+    /// Results folder (default: results/bench-DATE-TIME).
+    pub out: Option<PathBuf>,
+    /// Repetitions per cell (default: 3, or 1 with `quick`).
+    pub repeat: Option<usize>,
+    /// Leave QEMU out.
+    pub no_qemu: bool,
+    /// The command line, as recorded in the results.
+    pub command: String,
+}
+
+/// Two emulated hosts joined by `link`.
+fn hosts_for(link: Link) -> Result<NetnsHosts> {
+    let name = format!(
+        "lmb{}{}",
+        std::process::id() % 10_000,
+        if link == Link::TenGbit { "t" } else { "o" }
+    );
+    NetnsHosts::up(&name, link.name())
+}
+
+/// Redraws the table and plots of an earlier run's results folder.
+pub fn redraw(dir: &Path) -> Result<()> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("results.json"))?)
+        .context("reading results.json")?;
+    let rows: Vec<Row> = serde_json::from_value(v["rows"].clone()).context("results.json rows")?;
+    let raw = v["runs"].as_array().cloned().unwrap_or_default();
+    write_outputs(dir, &v["meta"], &rows, &raw)?;
+    println!("{}", std::fs::read_to_string(dir.join("results.md"))?);
+    Ok(())
+}
+
+/// Runs the matrix with the `livemig` binary `exe`, writes the results folder and prints the
+/// table.
+pub fn run(a: &BenchOptions, exe: &Path) -> Result<()> {
+    let stamp = chrono_stamp();
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("results/bench-{stamp}")));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let work = std::env::temp_dir().join(format!("livemig-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let qemu = !a.no_qemu && which("qemu-system-x86_64");
+    if !a.no_qemu && !qemu {
+        eprintln!("livemig bench: qemu-system-x86_64 not found: QEMU rows left out (scripts/bench.sh installs it)");
+    }
+    let backend = if kvm_available() {
+        Backend::Kvm
+    } else {
+        Backend::Memory
+    };
+    let repeat = a.repeat.unwrap_or(if a.quick { 1 } else { 3 }).max(1);
+    let cells = matrix(a.quick, qemu);
+    let started = Instant::now();
+    let bar = ProgressBar::new((cells.len() * repeat) as u64 + 3);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40.cyan/blue}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+
+    // Physical limits, same run.
+    bar.set_message("physical limits: memcpy");
+    let memcpy = memcpy_gbps();
+    bar.inc(1);
+    let mut limits = BTreeMap::new();
+    limits.insert("memcpy_one_core_gbps".to_string(), json!(memcpy));
+    let links: Vec<Link> = {
+        let mut l: Vec<Link> = cells.iter().map(|c| c.link).collect();
+        l.sort();
+        l.dedup();
+        l
+    };
+    let mut hosts: BTreeMap<Link, NetnsHosts> = BTreeMap::new();
+    for &link in &links {
+        if link != Link::Loopback {
+            hosts.insert(link, hosts_for(link)?);
+        }
+    }
+    for &link in &links {
+        bar.set_message(format!("physical limits: raw TCP over {}", link.name()));
+        for streams in [1u16, 2] {
+            let g = raw_tcp_gbps(
+                exe,
+                hosts.get(&link),
+                streams,
+                if link == Link::OneGbit {
+                    64 << 20
+                } else {
+                    1 << 30
+                },
+            )?;
+            limits.insert(format!("raw_tcp_{}_x{streams}_gbps", link.name()), json!(g));
+        }
+    }
+    bar.inc(2);
+
+    let key_file = write_key(&work)?;
+    let mut rows = Vec::new();
+    let mut raw = Vec::new();
+    for cell in &cells {
+        let mut totals = Vec::new();
+        let mut downs = Vec::new();
+        let mut wires = Vec::new();
+        let mut digest = Some(true);
+        let mut cpu = (Vec::new(), Vec::new());
+        for rep in 0..repeat {
+            bar.set_message(format!(
+                "{} {} {} MiB {} rate {} (#{})",
+                cell.variant.label(),
+                cell.link.name(),
+                cell.memory_mib,
+                cell.fill.name(),
+                cell.dirty_rate,
+                rep + 1
+            ));
+            let r = match &cell.variant {
+                Variant::Livemig {
+                    channels,
+                    compress,
+                    reserve,
+                } => run_livemig(
+                    &Setting {
+                        exe,
+                        work: &work,
+                        key: &key_file,
+                        backend,
+                    },
+                    cell,
+                    hosts.get(&cell.link),
+                    (*channels, compress, *reserve),
+                ),
+                Variant::Qemu {
+                    channels,
+                    zstd,
+                    prealloc,
+                } => run_qemu(
+                    &work,
+                    cell,
+                    hosts.get(&cell.link),
+                    *channels,
+                    *zstd,
+                    *prealloc,
+                ),
+            };
+            bar.inc(1);
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    bar.println(format!("{}: {e:#}", cell.variant.label()));
+                    continue;
+                }
+            };
+            let Some(total) = r["total_time_ms"]
+                .as_f64()
+                .filter(|t| t.is_finite() && *t > 0.0)
+            else {
+                bar.println(format!("{}: no total time in {r}", cell.variant.label()));
+                continue;
+            };
+            totals.push(total);
+            downs.push(r["downtime_ms"].as_f64().unwrap_or(0.0));
+            wires.push(r["bytes_on_wire"].as_f64().unwrap_or(0.0));
+            if let Some(d) = r.get("digest_match").and_then(Value::as_bool) {
+                digest = digest.map(|x| x && d);
+            } else {
+                digest = None;
+            }
+            if let (Some(s), Some(d)) =
+                (r["source_cpu_s"].as_f64(), r["destination_cpu_s"].as_f64())
+            {
+                cpu.0.push(s);
+                cpu.1.push(d);
+            }
+            raw.push(json!({"cell": format!("{cell:?}"), "repetition": rep, "report": r}));
+        }
+        if totals.is_empty() {
+            continue;
+        }
+        let n = totals.len();
+        let min = totals.iter().copied().fold(f64::MAX, f64::min);
+        let max = totals.iter().copied().fold(0.0, f64::max);
+        let total = median(&mut totals);
+        rows.push(Row {
+            system: cell.variant.system().into(),
+            variant: cell.variant.label(),
+            link: cell.link.name().into(),
+            content: cell.fill.name().into(),
+            memory_mib: cell.memory_mib,
+            dirty_rate: cell.dirty_rate,
+            repetitions: n,
+            total_ms_median: total,
+            total_ms_min: min,
+            total_ms_max: max,
+            downtime_ms_median: median(&mut downs),
+            bytes_on_wire_median: median(&mut wires),
+            throughput_gbps: (cell.memory_mib << 20) as f64 / (total / 1000.0) / 1e9,
+            digest_match: if cell.variant.system() == "qemu" {
+                None
+            } else {
+                digest
+            },
+            source_cpu_s: (!cpu.0.is_empty()).then(|| median(&mut cpu.0)),
+            destination_cpu_s: (!cpu.1.is_empty()).then(|| median(&mut cpu.1)),
+        });
+    }
+    bar.finish_with_message(format!("done in {:.0} s", started.elapsed().as_secs_f64()));
+    drop(hosts);
+    let _ = std::fs::remove_dir_all(&work);
+
+    let meta = json!({
+        "date": stamp,
+        "command": a.command.clone(),
+        "commit": git_commit(),
+        "machine": machine(),
+        "backend": format!("{backend:?}").to_lowercase(),
+        "repetitions": repeat,
+        "duration_s": started.elapsed().as_secs_f64(),
+        "physical_limits": limits,
+    });
+    write_outputs(&out, &meta, &rows, &raw)?;
+    println!("{}", std::fs::read_to_string(out.join("results.md"))?);
+    println!("results in {}", out.display());
+    if rows.iter().any(|r| r.digest_match == Some(false)) {
+        bail!("a livemig migration ended with a digest mismatch");
+    }
+    Ok(())
+}
+
+/// Where a livemig cell runs: the binary, a work folder, the key, the backend.
+struct Setting<'a> {
+    exe: &'a Path,
+    work: &'a Path,
+    key: &'a Path,
+    backend: Backend,
+}
+
+fn run_livemig(
+    s: &Setting<'_>,
+    cell: &Cell,
+    hosts: Option<&NetnsHosts>,
+    (channels, compress, reserve): (u16, &str, bool),
+) -> Result<Value> {
+    let (exe, work, key, backend) = (s.exe, s.work, s.key, s.backend);
+    let dir = work.join("pair");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let p = Pair::start(&PairSpec {
+        exe,
+        dir: &dir,
+        key_file: key,
+        backend,
+        reserve_mib: reserve.then_some(cell.memory_mib),
+        ns: hosts.map(|h| (h.ns_a.as_str(), h.ns_b.as_str())),
+        listen: hosts
+            .map(|h| format!("{}:7400", h.addr_b))
+            .unwrap_or_else(|| "127.0.0.1:0".into()),
+        vm_args: vec![
+            "--memory".into(),
+            cell.memory_mib.to_string(),
+            "--fill".into(),
+            cell.fill.name().into(),
+            "--dirty-rate".into(),
+            cell.dirty_rate.to_string(),
+            "--working-set".into(),
+            "64".into(),
+            "--pattern".into(),
+            "random".into(),
+        ],
+    })?;
+    let req = MigrateRequest {
+        channels,
+        compress: compress.parse::<Mode>().map_err(|e| anyhow::anyhow!(e))?,
+        downtime_limit_ms: 300,
+        max_rounds: 30,
+        ..MigrateRequest::to("")
+    };
+    p.migrate(&req, &mut |_| {})
+}

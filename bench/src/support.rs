@@ -1,0 +1,211 @@
+//! Test and benchmark support, defined once: a kill-on-drop child process, two emulated
+//! hosts (network namespaces joined by a possibly shaped veth link), the KVM probe, a fresh
+//! migration key. The end-to-end tests and the bench harness both use these.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// `scripts/netns-link.sh` of this repository.
+pub const NETNS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/netns-link.sh");
+
+/// A child process, killed (and reaped) when dropped.
+pub struct Process {
+    /// The child.
+    pub child: Child,
+    /// Its stdout, when piped.
+    pub stdout: Option<BufReader<ChildStdout>>,
+}
+
+impl Process {
+    /// Takes ownership of `child` (its stdout, if piped, is read through [`Process::wait_line`]).
+    pub fn new(mut child: Child) -> Process {
+        let stdout = child.stdout.take().map(BufReader::new);
+        Process { child, stdout }
+    }
+
+    /// Reads stdout lines until one contains `needle`; returns it, trimmed.
+    pub fn wait_line(&mut self, needle: &str) -> Result<String> {
+        let out = self.stdout.as_mut().context("stdout is not piped")?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if out.read_line(&mut line)? == 0 {
+                bail!("the process exited before printing {needle:?}");
+            }
+            if line.contains(needle) {
+                return Ok(line.trim().to_string());
+            }
+        }
+    }
+
+    /// Reads one stdout line.
+    pub fn read_line(&mut self) -> Result<String> {
+        let out = self.stdout.as_mut().context("stdout is not piped")?;
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        Ok(line)
+    }
+
+    /// Waits for the exit (at most `limit`); returns its status code and its stderr.
+    pub fn wait_exit(mut self, limit: Duration) -> Result<(Option<i32>, String)> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return Ok((st.code(), err));
+            }
+            if Instant::now() >= deadline {
+                bail!("the process did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The child's pid.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two emulated hosts: network namespaces joined by a veth pair, optionally shaped, made by
+/// `scripts/netns-link.sh` and deleted on drop.
+pub struct NetnsHosts {
+    /// The pair's name.
+    pub name: String,
+    /// Namespace of host A.
+    pub ns_a: String,
+    /// Namespace of host B.
+    pub ns_b: String,
+    /// Host A's address.
+    pub addr_a: String,
+    /// Host B's address.
+    pub addr_b: String,
+    /// Host B's end of the link.
+    pub dev_b: String,
+}
+
+impl NetnsHosts {
+    /// Makes the pair `name` (at most 10 characters) with link `profile`: `none`, `1gbit`,
+    /// `10gbit` or a tc rate. Needs root and iproute2.
+    pub fn up(name: &str, profile: &str) -> Result<NetnsHosts> {
+        let out = Command::new(NETNS_SCRIPT)
+            .args(["up", name, profile])
+            .output()
+            .with_context(|| {
+                format!("running {NETNS_SCRIPT} (emulated hosts need the repository's scripts and root)")
+            })?;
+        if !out.status.success() {
+            bail!(
+                "netns-link.sh failed (needs root and iproute2): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let field = |k: &str| {
+            text.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")).map(str::to_string))
+                .with_context(|| format!("netns-link.sh printed no {k}: {text}"))
+        };
+        Ok(NetnsHosts {
+            ns_a: field("NS_A")?,
+            ns_b: field("NS_B")?,
+            addr_a: field("A")?,
+            addr_b: field("B")?,
+            dev_b: field("DEV_B")?,
+            name: name.to_string(),
+        })
+    }
+
+    /// `ip netns exec NS`: the prefix that runs a program in namespace `ns`.
+    pub fn exec(ns: &str) -> Vec<&str> {
+        vec!["ip", "netns", "exec", ns]
+    }
+
+    /// Bytes received by host B's end of the link.
+    pub fn rx_bytes_b(&self) -> u64 {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns_b,
+                "cat",
+                &format!("/sys/class/net/{}/statistics/rx_bytes", self.dev_b),
+            ])
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for NetnsHosts {
+    fn drop(&mut self) {
+        let _ = Command::new(NETNS_SCRIPT)
+            .args(["down", &self.name])
+            .output();
+    }
+}
+
+/// `program` run in namespace `ns` (or here).
+pub fn command_in(ns: Option<&str>, program: &Path) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Whether /dev/kvm can be opened for reading and writing.
+pub fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Writes a fresh migration key readable by the owner only into `dir`.
+pub fn write_key(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("migration.key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .context("writing a migration key")?;
+    std::io::Write::write_all(&mut f, livemig_engine::auth::Key::generate().as_bytes())?;
+    Ok(path)
+}
+
+/// A TCP port free on loopback right now.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Whether `cmd` is on the PATH.
+pub fn which(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}

@@ -1,0 +1,394 @@
+//! The control socket of a VM process: typed JSON requests, replies and migration events,
+//! one JSON object per line over a Unix socket, and a small blocking client.
+//!
+//! A connection carries one request. `status`, `cancel` and `stop` are answered by one line;
+//! `migrate` by a stream of [`Event`] lines ending with `done` or `error`.
+//!
+//! ```text
+//! → {"cmd":"migrate","to":"host-b:7000","channels":2,"compress":"auto",...}
+//! ← {"event":"connected","setup_ms":3.1,...}
+//! ← {"event":"round","round":{"round":0,"pages":65536,...}}
+//! ← {"event":"done","report":{"status":"completed",...}}
+//! ```
+//!
+//! Orchestrators can drive migrations with these types (the `livemig` CLI and the bench
+//! harness do).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use livemig_transport::codec::Mode;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Key;
+use crate::defaults;
+use crate::session::{MigrationReport, RoundReport};
+use crate::source::{MigrateOptions, Progress, TransportChoice};
+use crate::vm::RunState;
+
+/// Most bytes of one request line a VM process reads.
+pub const MAX_REQUEST_BYTES: u64 = 64 << 10;
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// The VM's phase, run state, guest counter and last migration ([`StatusReply`]).
+    Status,
+    /// Cancels the migration under way (before the switchover) ([`CancelReply`]).
+    Cancel,
+    /// Stops the VM process.
+    Stop,
+    /// Migrates the VM; answered by [`Event`] lines.
+    Migrate(MigrateRequest),
+}
+
+fn default_channels() -> u16 {
+    defaults::CHANNELS
+}
+fn default_downtime() -> u64 {
+    defaults::DOWNTIME_LIMIT_MS
+}
+fn default_rounds() -> u32 {
+    defaults::MAX_ROUNDS
+}
+fn default_delta_cache() -> u64 {
+    defaults::DELTA_CACHE_MIB
+}
+
+/// How to migrate: the destination and the tuning (defaults: [`crate::defaults`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// Destination address (`host:port` of `livemig receive`).
+    pub to: String,
+    /// Data channels.
+    #[serde(default = "default_channels")]
+    pub channels: u16,
+    /// Data transport.
+    #[serde(default)]
+    pub transport: TransportChoice,
+    /// RDMA device.
+    #[serde(default)]
+    pub rdma_device: Option<String>,
+    /// Page encoding.
+    #[serde(default = "Mode::default_for_requests")]
+    pub compress: Mode,
+    /// Stop-and-copy once the predicted downtime is at most this.
+    #[serde(default = "default_downtime")]
+    pub downtime_limit_ms: u64,
+    /// Stop-and-copy after at most this many pre-copy rounds.
+    #[serde(default = "default_rounds")]
+    pub max_rounds: u32,
+    /// Delta-encoding cache, MiB.
+    #[serde(default = "default_delta_cache")]
+    pub delta_cache_mib: u64,
+}
+
+impl MigrateRequest {
+    /// A request to migrate to `to` with every default.
+    pub fn to(to: &str) -> Self {
+        MigrateRequest {
+            to: to.to_string(),
+            channels: defaults::CHANNELS,
+            transport: TransportChoice::Tcp,
+            rdma_device: None,
+            compress: Mode::Auto,
+            downtime_limit_ms: defaults::DOWNTIME_LIMIT_MS,
+            max_rounds: defaults::MAX_ROUNDS,
+            delta_cache_mib: defaults::DELTA_CACHE_MIB,
+        }
+    }
+
+    /// The engine's options for this request, or why it is not acceptable.
+    pub fn options(&self, key: Option<Key>) -> Result<MigrateOptions, String> {
+        if self.channels == 0 || self.channels > defaults::MAX_CHANNELS {
+            return Err(format!(
+                "{} channels (1..={})",
+                self.channels,
+                defaults::MAX_CHANNELS
+            ));
+        }
+        if self.max_rounds == 0 {
+            return Err("max_rounds must be at least 1".into());
+        }
+        Ok(MigrateOptions {
+            channels: self.channels,
+            transport: self.transport,
+            rdma_device: self.rdma_device.clone(),
+            downtime_limit_ms: self.downtime_limit_ms,
+            max_rounds: self.max_rounds,
+            compress: self.compress,
+            delta_cache_bytes: self.delta_cache_mib.clamp(1, 1 << 20) << 20,
+            key,
+            ..MigrateOptions::default()
+        })
+    }
+}
+
+/// A migration event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Event {
+    /// Handshake done, destination ready.
+    Connected {
+        /// Set-up time.
+        setup_ms: f64,
+        /// Pages of round 0.
+        total_pages: u64,
+        /// `tcp` or `rdma`.
+        transport: String,
+        /// How the transport was chosen.
+        transport_detail: String,
+    },
+    /// Pages of a round are being sent.
+    Sending {
+        /// Round number.
+        round: u64,
+        /// Pages queued so far.
+        pages_done: u64,
+        /// Pages in the round.
+        pages_total: u64,
+    },
+    /// A round finished.
+    Round {
+        /// Its figures.
+        round: RoundReport,
+    },
+    /// The guest is paused on the source.
+    Paused {
+        /// Pages of the final round.
+        pages: u64,
+    },
+    /// Commit was sent.
+    Committed,
+    /// The migration completed (or its digests differ: see the report's status).
+    Done {
+        /// The report.
+        report: Box<MigrationReport>,
+    },
+    /// The migration failed.
+    Error {
+        /// What failed.
+        error: String,
+        /// Where the VM is: `running` (on the source) or `paused` (outcome unknown).
+        source_state: String,
+    },
+}
+
+impl From<&Progress> for Event {
+    fn from(p: &Progress) -> Event {
+        match p {
+            Progress::Connected {
+                setup_ms,
+                total_pages,
+                transport,
+                transport_detail,
+            } => Event::Connected {
+                setup_ms: *setup_ms,
+                total_pages: *total_pages,
+                transport: transport.to_string(),
+                transport_detail: transport_detail.clone(),
+            },
+            Progress::Sending {
+                round,
+                pages_done,
+                pages_total,
+            } => Event::Sending {
+                round: *round,
+                pages_done: *pages_done,
+                pages_total: *pages_total,
+            },
+            Progress::Round(r) => Event::Round { round: r.clone() },
+            Progress::Paused { pages } => Event::Paused { pages: *pages },
+            Progress::Committed => Event::Committed,
+        }
+    }
+}
+
+/// The answer to [`Request::Status`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// `running`, `migrating`, `migrated` or `outcome-unknown`.
+    pub phase: String,
+    /// The VM's run state.
+    pub run_state: RunState,
+    /// The guest's progress counter (None if the guest stopped).
+    pub guest_counter: Option<u64>,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// The last migration's report or failure (null before any).
+    pub last_migration: serde_json::Value,
+}
+
+/// The answer to [`Request::Cancel`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CancelReply {
+    /// Whether a migration was under way and is being cancelled.
+    pub cancel_requested: bool,
+    /// The VM's phase.
+    pub phase: String,
+}
+
+/// The answer to [`Request::Stop`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StopReply {
+    /// Always true: the process exits after answering.
+    pub stopping: bool,
+}
+
+/// The answer to a request that could not be served.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// Why.
+    pub error: String,
+}
+
+/// Errors of the control-socket client.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket could not be reached or failed.
+    #[error("VM control socket {path}: {source}")]
+    Io {
+        /// The socket.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM process answered something that is not a reply.
+    #[error("VM control socket {path}: bad reply {line:?}: {reason}")]
+    BadReply {
+        /// The socket.
+        path: String,
+        /// The line.
+        line: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The VM process refused the request.
+    #[error("the VM process refused: {0}")]
+    Refused(String),
+    /// The migration failed.
+    #[error("migration failed: {error} (VM state on the source: {source_state})")]
+    MigrationFailed {
+        /// What failed.
+        error: String,
+        /// `running` or `paused`.
+        source_state: String,
+    },
+    /// The VM process closed the connection before the migration ended.
+    #[error("the VM process closed the control connection before the migration finished")]
+    Closed,
+}
+
+fn connect(socket: &Path, req: &Request) -> Result<BufReader<UnixStream>, ControlError> {
+    let io = |source| ControlError::Io {
+        path: socket.display().to_string(),
+        source,
+    };
+    let mut s = UnixStream::connect(socket).map_err(io)?;
+    let line = serde_json::to_string(req).map_err(|e| io(std::io::Error::other(e)))?;
+    writeln!(s, "{line}").map_err(io)?;
+    Ok(BufReader::new(s))
+}
+
+/// Sends `req` and returns the one-line reply as JSON.
+pub fn request(socket: &Path, req: &Request) -> Result<serde_json::Value, ControlError> {
+    let mut r = connect(socket, req)?;
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(|source| ControlError::Io {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    if line.is_empty() {
+        return Err(ControlError::Closed);
+    }
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| ControlError::BadReply {
+        path: socket.display().to_string(),
+        line: line.trim().to_string(),
+        reason: e.to_string(),
+    })?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(ControlError::Refused(e.to_string()));
+    }
+    Ok(v)
+}
+
+/// The VM's status.
+pub fn status(socket: &Path) -> Result<StatusReply, ControlError> {
+    let v = request(socket, &Request::Status)?;
+    serde_json::from_value(v.clone()).map_err(|e| ControlError::BadReply {
+        path: socket.display().to_string(),
+        line: v.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Runs a migration through the VM's socket, handing every event to `on_event`; returns
+/// the report.
+pub fn migrate(
+    socket: &Path,
+    req: &MigrateRequest,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<MigrationReport, ControlError> {
+    let r = connect(socket, &Request::Migrate(req.clone()))?;
+    for line in r.lines() {
+        let line = line.map_err(|source| ControlError::Io {
+            path: socket.display().to_string(),
+            source,
+        })?;
+        let ev: Event = serde_json::from_str(&line).map_err(|e| ControlError::BadReply {
+            path: socket.display().to_string(),
+            line: line.clone(),
+            reason: e.to_string(),
+        })?;
+        on_event(&ev);
+        match ev {
+            Event::Done { report } => return Ok(*report),
+            Event::Error {
+                error,
+                source_state,
+            } => {
+                return Err(ControlError::MigrationFailed {
+                    error,
+                    source_state,
+                })
+            }
+            _ => {}
+        }
+    }
+    Err(ControlError::Closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_keep_their_wire_form() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
+        assert_eq!(r, Request::Status);
+        let m: Request = serde_json::from_str(
+            r#"{"cmd":"migrate","to":"h:1","compress":"zstd:5","transport":"rdma","channels":3}"#,
+        )
+        .unwrap();
+        let Request::Migrate(m) = m else {
+            panic!("{m:?}")
+        };
+        assert_eq!(m.compress, Mode::Zstd(5));
+        assert_eq!(m.transport, TransportChoice::Rdma);
+        assert_eq!((m.channels, m.max_rounds), (3, defaults::MAX_ROUNDS));
+        let back = serde_json::to_string(&Request::Migrate(m.clone())).unwrap();
+        assert!(back.contains(r#""cmd":"migrate""#), "{back}");
+        assert!(back.contains(r#""compress":"zstd:5""#), "{back}");
+        assert!(serde_json::from_str::<Request>(
+            r#"{"cmd":"migrate","to":"h:1","compress":"lz5"}"#
+        )
+        .is_err());
+        assert!(m.options(None).is_ok());
+        assert!(MigrateRequest { channels: 0, ..m }.options(None).is_err());
+    }
+}

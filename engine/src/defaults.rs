@@ -1,0 +1,23 @@
+//! Defaults and limits, defined once: the CLI, the control socket, the protocol and the
+//! engine all take them from here.
+
+use std::time::Duration;
+
+/// Size of a guest page, in bytes.
+pub const PAGE_SIZE: u64 = 4096;
+/// Stop-and-copy once the predicted downtime is at most this many milliseconds.
+pub const DOWNTIME_LIMIT_MS: u64 = 300;
+/// Stop-and-copy after at most this many pre-copy rounds.
+pub const MAX_ROUNDS: u32 = 30;
+/// Data channels of a migration unless asked otherwise.
+pub const CHANNELS: u16 = 1;
+/// Most data channels (TCP connections or RDMA queue pairs) of one migration.
+pub const MAX_CHANNELS: u16 = 64;
+/// Most vCPUs a VM configuration may declare.
+pub const MAX_VCPUS: u32 = 256;
+/// Largest total RAM a VM may declare (1 TiB): a bound on what a peer can make us allocate.
+pub const MAX_RAM_BYTES: u64 = 1 << 40;
+/// Cache of last-sent pages for delta encoding, in MiB.
+pub const DELTA_CACHE_MIB: u64 = 64;
+/// Longest wait for any single answer of the peer.
+pub const TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,0 +1,360 @@
+//! Accepting the incoming data plane: the session's TCP data connections (each bound by its
+//! ChannelHello) or, when RDMA was agreed, the source's queue pairs on the control
+//! connection. After that, what differs between the two is behind [`IncomingPlane`].
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use livemig_transport::tcp::DataReceiver;
+use livemig_transport::{frame, MappedRegion, MemoryMap};
+use tracing::{info, warn};
+
+use super::handshake::{Agreed, Built};
+use super::receive::TcpPlane;
+use super::{IncomingOptions, Session};
+use crate::memory::GuestRam;
+use crate::protocol::{Message, RdmaQp};
+use crate::session::{Control, MigrationError};
+
+/// An RDMA device opened for a migration (an uninhabited type without the `rdma` feature).
+#[cfg(feature = "rdma")]
+pub(super) type RdmaDevice = Arc<livemig_transport::rdma::Device>;
+#[cfg(not(feature = "rdma"))]
+pub(super) type RdmaDevice = std::convert::Infallible;
+
+/// The source's RDMA access to destination RAM; dropping it revokes that access.
+type RdmaAccess = Box<dyn std::any::Any + Send>;
+
+/// What the destination's state machine needs of the data plane once it is accepted.
+pub(super) trait IncomingPlane {
+    /// The source reports on an RDMA round (the destination sees no page arrive); a plane
+    /// that carries its own round markers refuses this.
+    fn round_progress(&mut self, round: u64, pages: u64, complete: bool) -> Result<(), String>;
+    /// Pages landed so far (a sign of life during a long pre-copy).
+    fn pages(&self) -> u64;
+    /// The device state names `final_round` as the last: wait until every page of it
+    /// landed, then close guest RAM to the source for good.
+    fn finish(&mut self, final_round: u64, timeout: Duration) -> Result<(), MigrationError>;
+    /// Digest of guest RAM as it stands, and the CPU time the plane used.
+    fn digest(&self, ram: &GuestRam) -> (u64, u64);
+    /// Why the data path failed, if it did (explains a control connection cut because of it).
+    fn failure(&self) -> Option<String>;
+    /// Stops and releases everything (idempotent; after success or failure).
+    fn close(&mut self);
+}
+
+/// The regions of `ram` as the transport sees them.
+pub(super) fn memory_map(ram: &GuestRam) -> MemoryMap {
+    let regions = ram
+        .host_regions()
+        .into_iter()
+        .map(|(addr, host, len)| MappedRegion { addr, host, len })
+        .collect();
+    // SAFETY: the regions are the live mappings of `ram`, kept alive by the clone passed as
+    // owner. Until the plane finishes only the receivers write them (a page at most once per
+    // round, rounds separated by the barrier) and no Rust reference into them exists.
+    unsafe { MemoryMap::new(regions, Arc::new(ram.clone())) }
+}
+
+impl Session {
+    /// Accepts the data plane the handshake agreed on.
+    pub(super) fn accept_plane(
+        &mut self,
+        listener: &TcpListener,
+        agreed: &Agreed,
+        built: &Built,
+    ) -> Result<Box<dyn IncomingPlane>, MigrationError> {
+        let rdma = agreed.rdma.clone();
+        match accept_channels(
+            listener,
+            &mut self.ctl,
+            agreed.channels,
+            agreed.token,
+            self.timeout,
+            rdma.is_some(),
+        )? {
+            Channels::Tcp(receivers) => {
+                Ok(Box::new(TcpPlane::start(receivers, &built.ram, &self.ctl)?))
+            }
+            Channels::Rdma(qps) => {
+                let access = accept_rdma(&mut self.ctl, rdma, &built.ram, agreed.channels, &qps)?;
+                Ok(Box::new(RdmaPlane::new(access)))
+            }
+        }
+    }
+}
+
+/// RDMA: the source writes RAM unseen and reports each round on the control channel.
+struct RdmaPlane {
+    access: Option<RdmaAccess>,
+    completed: Option<u64>,
+    pages: u64,
+}
+
+impl RdmaPlane {
+    fn new(access: RdmaAccess) -> Self {
+        RdmaPlane {
+            access: Some(access),
+            completed: None,
+            pages: 0,
+        }
+    }
+}
+
+impl IncomingPlane for RdmaPlane {
+    fn round_progress(&mut self, round: u64, pages: u64, complete: bool) -> Result<(), String> {
+        let next = self.completed.map_or(0, |c| c + 1);
+        if round != next {
+            return Err(format!("round {round} while round {next} is under way"));
+        }
+        if complete {
+            self.completed = Some(round);
+            self.pages += pages;
+        }
+        Ok(())
+    }
+
+    fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    fn finish(&mut self, final_round: u64, _timeout: Duration) -> Result<(), MigrationError> {
+        // Every write the source will make is done: revoke its access (QPs destroyed, RAM
+        // deregistered) before anything here reads or runs on that RAM.
+        self.close();
+        if self.completed.is_none_or(|c| c < final_round) {
+            return Err(MigrationError::DataChannel(format!(
+                "the source sent device state for final round {final_round} but completed only {}",
+                self.completed
+                    .map_or("no round".to_string(), |c| format!("round {c}"))
+            )));
+        }
+        Ok(())
+    }
+
+    fn digest(&self, ram: &GuestRam) -> (u64, u64) {
+        // No receiver saw the pages: hash all of RAM once (inside the downtime).
+        let t = Instant::now();
+        let d = super::receive::full_digest(ram);
+        info!(
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "RAM digest (full pass)"
+        );
+        d
+    }
+
+    fn failure(&self) -> Option<String> {
+        None
+    }
+
+    fn close(&mut self) {
+        drop(self.access.take());
+    }
+}
+
+/// How the source sends pages.
+enum Channels {
+    /// TCP data connections, one receiver each.
+    Tcp(Vec<DataReceiver>),
+    /// RDMA: the source's queue pairs.
+    Rdma(Vec<RdmaQp>),
+}
+
+/// Accepts the data connections of the session — or, when `rdma` was agreed, the source's
+/// RdmaConnect on the control connection.
+fn accept_channels(
+    listener: &TcpListener,
+    ctl: &mut Control,
+    channels: u16,
+    token: u64,
+    timeout: Duration,
+    rdma: bool,
+) -> Result<Channels, MigrationError> {
+    let mut slots: Vec<Option<DataReceiver>> = (0..channels).map(|_| None).collect();
+    let mut rdma_qps = None;
+    let deadline = Instant::now() + timeout;
+    let _ = listener.set_nonblocking(true);
+    let result = (|| {
+        while slots.iter().any(Option::is_none) {
+            if Instant::now() >= deadline {
+                return Err(MigrationError::Timeout {
+                    secs: timeout.as_secs(),
+                    during: "waiting for data channels",
+                });
+            }
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Some(qps) = control_quiet(ctl, rdma)? {
+                        rdma_qps = Some(qps);
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                Err(source) => {
+                    return Err(MigrationError::Connect {
+                        addr: "data listener".into(),
+                        source,
+                    })
+                }
+            };
+            let _ = stream.set_nonblocking(false);
+            match channel_hello(&stream, timeout) {
+                Some((t, i))
+                    if t == token && slots.get(i as usize).is_some_and(Option::is_none) =>
+                {
+                    let _ = stream.set_read_timeout(None);
+                    slots[i as usize] = Some(DataReceiver::new(stream)?);
+                }
+                _ => warn!("dropped a connection that is not a data channel of this session"),
+            }
+        }
+        Ok(())
+    })();
+    let _ = listener.set_nonblocking(false);
+    result?;
+    if let Some(qps) = rdma_qps {
+        return Ok(Channels::Rdma(qps));
+    }
+    Ok(Channels::Tcp(slots.into_iter().flatten().collect()))
+}
+
+/// While waiting for data channels, the source may abort or vanish on the control connection
+/// — or, with `rdma` agreed, send its queue pairs instead.
+fn control_quiet(ctl: &mut Control, rdma: bool) -> Result<Option<Vec<RdmaQp>>, MigrationError> {
+    let _ = ctl.stream().set_nonblocking(true);
+    let mut b = [0u8; 1];
+    let peeked = ctl.stream().peek(&mut b);
+    let _ = ctl.stream().set_nonblocking(false);
+    match peeked {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        // Data, EOF or an error: let the control reader say what it is.
+        _ => match ctl.recv(Some(Duration::from_secs(5)), "waiting for data channels")? {
+            Message::RdmaConnect { qps } if rdma => Ok(Some(qps)),
+            m => Err(ctl.unexpected(&m, "waiting for data channels")),
+        },
+    }
+}
+
+/// Opens the RDMA device for a source that offers RDMA; None (with a warning) when this side
+/// cannot take it.
+pub(super) fn open_rdma(opts: &IncomingOptions, ctl: &Control) -> Option<RdmaDevice> {
+    #[cfg(feature = "rdma")]
+    {
+        let peer = ctl.stream().peer_addr().ok().map(|a| a.ip());
+        match livemig_transport::rdma::Device::open_for(opts.rdma_device.as_deref(), peer) {
+            Ok(d) => {
+                let sel = d.selection();
+                info!(
+                    device = %sel.device,
+                    port = sel.port,
+                    gid = %std::net::Ipv6Addr::from(sel.gid.gid),
+                    "taking RDMA"
+                );
+                Some(d)
+            }
+            Err(e) => {
+                warn!("the source offers RDMA but this destination cannot take it: {e}");
+                None
+            }
+        }
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        let _ = (opts, ctl);
+        warn!("the source offers RDMA but this livemig was built without it");
+        None
+    }
+}
+
+/// Registers RAM for the source's writes and connects a queue pair to each of the source's;
+/// answers RdmaAccept. The returned access, when dropped, revokes it all.
+fn accept_rdma(
+    ctl: &mut Control,
+    dev: Option<RdmaDevice>,
+    ram: &GuestRam,
+    channels: u16,
+    qps: &[RdmaQp],
+) -> Result<RdmaAccess, MigrationError> {
+    let refuse = |ctl: &mut Control, reason: String| {
+        let _ = ctl.send(&Message::Refuse {
+            reason: reason.clone(),
+        });
+        MigrationError::Refused {
+            peer: ctl.peer().to_string(),
+            reason: format!("refused the source: {reason}"),
+        }
+    };
+    if qps.len() != usize::from(channels) {
+        return Err(refuse(
+            ctl,
+            format!("{} RDMA queue pairs for {channels} channels", qps.len()),
+        ));
+    }
+    let Some(dev) = dev else {
+        return Err(refuse(ctl, "RDMA was not agreed".into()));
+    };
+    #[cfg(feature = "rdma")]
+    {
+        use crate::protocol::RdmaRegion;
+        use livemig_transport::rdma::{QpEndpoint, RdmaTarget};
+        let sources: Vec<QpEndpoint> = qps
+            .iter()
+            .map(|q| QpEndpoint {
+                qpn: q.qpn,
+                psn: q.psn,
+                gid: q.gid,
+                lid: q.lid,
+                mtu: q.mtu,
+            })
+            .collect();
+        let target = match RdmaTarget::new(&dev, &memory_map(ram), &sources) {
+            Ok(t) => t,
+            Err(e) => return Err(refuse(ctl, format!("destination cannot set up RDMA: {e}"))),
+        };
+        ctl.send(&Message::RdmaAccept {
+            qps: target
+                .endpoints()
+                .into_iter()
+                .map(|e| RdmaQp {
+                    qpn: e.qpn,
+                    psn: e.psn,
+                    gid: e.gid,
+                    lid: e.lid,
+                    mtu: e.mtu,
+                })
+                .collect(),
+            regions: target
+                .regions()
+                .into_iter()
+                .map(|r| RdmaRegion {
+                    gpa: r.addr,
+                    len: r.len,
+                    addr: r.remote_addr,
+                    rkey: r.rkey,
+                })
+                .collect(),
+        })?;
+        info!(
+            ?target,
+            "RDMA queue pairs connected; RAM open to the source's writes"
+        );
+        Ok(Box::new(target))
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        let _ = ram;
+        match dev {}
+    }
+}
+
+fn channel_hello(mut stream: &TcpStream, timeout: Duration) -> Option<(u64, u16)> {
+    let _ = stream.set_read_timeout(Some(timeout.min(Duration::from_secs(10))));
+    let (kind, payload) = frame::read_frame(&mut stream, 64, "data channel").ok()?;
+    match Message::decode(kind, &payload).ok()? {
+        Message::ChannelHello { token, index } => Some((token, index)),
+        _ => None,
+    }
+}

@@ -1,0 +1,240 @@
+//! Set-up of an incoming migration: versions, mutual proof of the key before any state is
+//! read, the VM's configuration and this host's limits, then the VM skeleton and its RAM.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::channels::{open_rdma, RdmaDevice};
+use super::{Session, VmFactory};
+use crate::auth;
+use crate::memory::{GuestRam, Populate};
+use crate::protocol::{negotiate, Message, FEATURE_RDMA};
+use crate::session::MigrationError;
+use crate::vm::{MigratableVm, VmConfig, VmError};
+
+/// What the handshake settled.
+pub(super) struct Agreed {
+    /// The source's VM.
+    pub(super) config: VmConfig,
+    /// Data channels the source will open.
+    pub(super) channels: u16,
+    /// Session token the data channels must present.
+    pub(super) token: u64,
+    /// The RDMA device, when RDMA was agreed.
+    pub(super) rdma: Option<RdmaDevice>,
+}
+
+/// The VM skeleton and its RAM.
+pub(super) struct Built {
+    pub(super) vm: Arc<dyn MigratableVm>,
+    pub(super) ram: GuestRam,
+    pub(super) used_reserved_ram: bool,
+    populating: Arc<AtomicBool>,
+    populate: Option<JoinHandle<()>>,
+}
+
+impl Built {
+    /// Stops faulting RAM in ahead of the receivers (the migration is over either way).
+    pub(super) fn stop_populating(&mut self) {
+        self.populating.store(false, Ordering::Relaxed);
+        if let Some(p) = self.populate.take() {
+            let _ = p.join();
+        }
+    }
+}
+
+impl Session {
+    /// Hello, Welcome, Auth and Config, checked against this host's limits.
+    pub(super) fn handshake(&mut self) -> Result<Agreed, MigrationError> {
+        let nonce_d = auth::nonce();
+        let (nonce_s, rdma) = match self.ctl.recv(Some(self.timeout), "waiting for Hello")? {
+            Message::Hello {
+                min_version,
+                max_version,
+                nonce,
+                features,
+            } => {
+                let version = negotiate(min_version, max_version).map_err(|r| self.refuse(r))?;
+                self.ctl.set_version(version);
+                let proof = self
+                    .opts
+                    .key
+                    .as_ref()
+                    .map(|k| k.destination_proof(&nonce, &nonce_d))
+                    .unwrap_or([0; 32]);
+                let rdma = if features & FEATURE_RDMA != 0 {
+                    open_rdma(&self.opts, &self.ctl)
+                } else {
+                    None
+                };
+                self.ctl.send(&Message::Welcome {
+                    version,
+                    features: if rdma.is_some() { FEATURE_RDMA } else { 0 },
+                    nonce: nonce_d,
+                    proof,
+                })?;
+                (nonce, rdma)
+            }
+            m => return Err(self.ctl.unexpected(&m, "waiting for Hello")),
+        };
+        let expected_token = self.check_proof(&nonce_s, &nonce_d)?;
+        let (config, channels, token) =
+            match self.ctl.recv(Some(self.timeout), "waiting for Config")? {
+                Message::Config {
+                    vm,
+                    channels,
+                    token,
+                } => (vm, channels, token),
+                m => return Err(self.ctl.unexpected(&m, "waiting for Config")),
+            };
+        if expected_token.is_some_and(|t| t != token) {
+            return Err(
+                self.refuse("session token does not match the authenticated session".into())
+            );
+        }
+        self.check_limits(&config)?;
+        Ok(Agreed {
+            config,
+            channels,
+            token,
+            rdma,
+        })
+    }
+
+    /// Checks the source's Auth; returns the session token a keyed session must use.
+    fn check_proof(
+        &mut self,
+        nonce_s: &[u8; 32],
+        nonce_d: &[u8; 32],
+    ) -> Result<Option<u64>, MigrationError> {
+        let proof = match self
+            .ctl
+            .recv(Some(self.timeout), "waiting for the source's key proof")?
+        {
+            Message::Auth { proof } => proof,
+            m => return Err(self.ctl.unexpected(&m, "waiting for Auth")),
+        };
+        let Some(k) = self.opts.key.clone() else {
+            return Ok(None);
+        };
+        if !auth::proofs_equal(&proof, &k.source_proof(nonce_s, nonce_d)) {
+            return Err(self.refuse(
+                if proof == [0; 32] {
+                    "authentication failed: the source has no key (this destination requires one)"
+                } else {
+                    "authentication failed: the source's key does not match this destination's"
+                }
+                .into(),
+            ));
+        }
+        Ok(Some(k.session_token(nonce_s, nonce_d)))
+    }
+
+    /// A peer cannot make this host allocate more than it is willing to host: the RAM (and
+    /// the per-page hashes, 1/512 of it) is bounded before anything is allocated.
+    fn check_limits(&mut self, config: &VmConfig) -> Result<(), MigrationError> {
+        let max_ram = if self.opts.max_ram_bytes == 0 {
+            host_memory_bytes()
+        } else {
+            self.opts.max_ram_bytes
+        };
+        if config.layout.total_bytes() > max_ram {
+            let reason = format!(
+                "the VM has {} MiB of RAM; this destination accepts at most {} MiB (see \
+                 --max-memory-mib)",
+                config.layout.total_bytes() >> 20,
+                max_ram >> 20
+            );
+            let _ = self.ctl.send(&Message::Refuse {
+                reason: reason.clone(),
+            });
+            return Err(MigrationError::Vm(VmError::InvalidSpec(reason)));
+        }
+        Ok(())
+    }
+
+    /// RAM (the reserved RAM when its layout matches) and the VM skeleton; answers Ready.
+    pub(super) fn build_vm(
+        &mut self,
+        agreed: &Agreed,
+        factory: VmFactory<'_>,
+    ) -> Result<Built, MigrationError> {
+        let layout = &agreed.config.layout;
+        let (ram, used_reserved_ram) = match self.opts.reserved.take() {
+            Some(r) if r.layout() == layout => (r, true),
+            _ => (
+                GuestRam::new(layout, Populate::Lazy).map_err(VmError::from)?,
+                false,
+            ),
+        };
+        let populating = Arc::new(AtomicBool::new(!used_reserved_ram));
+        let populate = (!used_reserved_ram).then(|| spawn_populate(&ram, populating.clone()));
+        let mut built = Built {
+            vm: match factory(&agreed.config, ram.clone()) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    populating.store(false, Ordering::Relaxed);
+                    let _ = self.ctl.send(&Message::Refuse {
+                        reason: format!("destination cannot build the VM: {e}"),
+                    });
+                    return Err(e.into());
+                }
+            },
+            ram,
+            used_reserved_ram,
+            populating,
+            populate,
+        };
+        if let Err(e) = self.ctl.send(&Message::Ready) {
+            built.stop_populating();
+            built.vm.shutdown();
+            return Err(e);
+        }
+        Ok(built)
+    }
+}
+
+/// Faults destination RAM in ahead of the receivers (MADV_POPULATE_WRITE), so they write into
+/// populated pages instead of taking a fault per page.
+fn spawn_populate(ram: &GuestRam, running: Arc<AtomicBool>) -> JoinHandle<()> {
+    let regions: Vec<(usize, u64)> = ram
+        .host_regions()
+        .into_iter()
+        .map(|(_, host, len)| (host as usize, len))
+        .collect();
+    let ram = ram.clone();
+    std::thread::spawn(move || {
+        const STEP: u64 = 32 << 20;
+        for (host, len) in regions {
+            let mut off = 0;
+            while off < len && running.load(Ordering::Relaxed) {
+                let n = STEP.min(len - off);
+                // SAFETY: `host + off .. + n` lies inside a live mapping of `ram` (held by this
+                // thread); MADV_POPULATE_WRITE only faults pages in, it does not change them.
+                unsafe {
+                    libc::madvise((host + off as usize) as *mut libc::c_void, n as usize, 23);
+                }
+                off += n;
+            }
+        }
+        drop(ram);
+    })
+}
+
+/// Physical memory of this host, in bytes (a conservative 1 GiB if it cannot be read).
+fn host_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|k| k.parse::<u64>().ok())
+                })
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(1 << 30)
+}

@@ -1,0 +1,159 @@
+//! The destination state machine: accept a source, build the VM skeleton, receive pages into
+//! guest RAM, apply device state, resume on commit.
+//!
+//! Nothing is resumed before the source's Commit; any failure before it discards the VM and
+//! its RAM. Every address received is checked against the declared layout by the transport
+//! before a byte is written, and guest RAM closes to the source when its device state
+//! arrives: TCP receivers are stopped and joined, RDMA access is revoked, before anything
+//! here reads or runs on that RAM.
+//!
+//! A migration is a [`Session`] taken through its phases, one room each: [`handshake`]
+//! (versions, key, configuration, limits, the VM skeleton), [`channels`] (accepting the data
+//! plane: TCP data connections or RDMA queue pairs, behind [`channels::IncomingPlane`]),
+//! [`receive`] (the TCP receivers and their round barrier) and [`switchover`] (device state,
+//! Prepared, Commit, resume).
+
+mod channels;
+mod handshake;
+mod receive;
+mod switchover;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+use crate::defaults;
+use crate::memory::GuestRam;
+use crate::protocol::Message;
+use crate::session::{Control, MigrationError};
+use crate::vm::{MigratableVm, VmConfig, VmError};
+
+use crate::auth::Key;
+
+/// Builds a VM skeleton for a source's configuration over received RAM; refuses machines or
+/// configurations it cannot run.
+pub type VmFactory<'a> = &'a dyn Fn(&VmConfig, GuestRam) -> Result<Arc<dyn MigratableVm>, VmError>;
+
+/// Options of an incoming migration.
+#[derive(Default)]
+pub struct IncomingOptions {
+    /// RAM reserved and faulted in ahead of time (like QEMU's `-mem-prealloc` on an
+    /// `-incoming` VM). Used when its layout matches the incoming one.
+    pub reserved: Option<GuestRam>,
+    /// Longest wait for the source during handshake and switchover (data may flow for much
+    /// longer during pre-copy); zero means the default.
+    pub timeout: Duration,
+    /// How long to watch the guest's counter after resume before reporting.
+    pub progress_wait: Duration,
+    /// Pre-shared key; None accepts only sources without one (`--no-auth`).
+    pub key: Option<Key>,
+    /// Largest RAM an incoming VM may declare (0: this host's physical memory).
+    pub max_ram_bytes: u64,
+    /// RDMA device to take RDMA migrations on (default: the first active device with an
+    /// address in the source's subnet, else the first active device).
+    pub rdma_device: Option<String>,
+}
+
+/// A migrated VM, running on the destination.
+pub struct Incoming {
+    /// The VM, resumed.
+    pub vm: Arc<dyn MigratableVm>,
+    /// Pages received in all rounds.
+    pub pages_received: u64,
+    /// Whether the reserved RAM was used.
+    pub used_reserved_ram: bool,
+    /// Guest counter movement seen after resume.
+    pub progress_after_resume: u64,
+}
+
+/// Receives one migration on `listener`.
+pub fn receive(
+    listener: &TcpListener,
+    opts: IncomingOptions,
+    factory: VmFactory<'_>,
+) -> Result<Incoming, MigrationError> {
+    let (stream, _) = listener
+        .accept()
+        .map_err(|source| MigrationError::Connect {
+            addr: listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            source,
+        })?;
+    let mut s = Session::new(Control::new(stream), opts);
+    info!(peer = s.ctl.peer(), "incoming migration");
+    let agreed = s.handshake()?;
+    let mut built = s.build_vm(&agreed, factory)?;
+    let vm = built.vm.clone();
+    let result = s
+        .accept_plane(listener, &agreed, &built)
+        .and_then(|mut plane| {
+            let r = s.switchover(&*vm, &mut *plane);
+            plane.close();
+            r.map(|()| plane.pages())
+        });
+    built.stop_populating();
+    let pages_received = match result {
+        Ok(p) => p,
+        Err(e) => {
+            vm.shutdown();
+            return Err(e);
+        }
+    };
+    let progress_after_resume = s.report_progress(&*vm);
+    Ok(Incoming {
+        vm,
+        pages_received,
+        used_reserved_ram: built.used_reserved_ram,
+        progress_after_resume,
+    })
+}
+
+/// One incoming migration, from the accepted control connection on.
+struct Session {
+    ctl: Control,
+    opts: IncomingOptions,
+    timeout: Duration,
+}
+
+impl Session {
+    fn new(ctl: Control, opts: IncomingOptions) -> Self {
+        let timeout = if opts.timeout.is_zero() {
+            defaults::TIMEOUT
+        } else {
+            opts.timeout
+        };
+        let _ = ctl.stream().set_write_timeout(Some(timeout));
+        Session { ctl, opts, timeout }
+    }
+
+    /// Refuses the source with `reason` (sent to it) and returns the error to report here.
+    fn refuse(&mut self, reason: String) -> MigrationError {
+        let _ = self.ctl.send(&Message::Refuse {
+            reason: reason.clone(),
+        });
+        MigrationError::Refused {
+            peer: self.ctl.peer().to_string(),
+            reason: format!("refused the source: {reason}"),
+        }
+    }
+
+    /// Resumed: tells the source how far the guest gets here.
+    fn report_progress(&mut self, vm: &dyn MigratableVm) -> u64 {
+        let base = vm.progress().unwrap_or(0);
+        let deadline = Instant::now() + self.opts.progress_wait.max(Duration::from_millis(100));
+        let mut delta = 0;
+        while Instant::now() < deadline {
+            delta = vm.progress().unwrap_or(base).saturating_sub(base);
+            if delta >= 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.ctl.send(&Message::Progress { delta });
+        delta
+    }
+}

@@ -1,0 +1,436 @@
+//! TCP receivers: one thread per data connection reads pages straight into guest RAM, a
+//! hashing thread beside each keeps the per-page digest, and the receivers meet at a barrier
+//! on each round's marker, so a page re-sent in round k+1 can never be overtaken by its stale
+//! copy from round k on another connection.
+
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use livemig_transport::tcp::{DataReceiver, Landed, Received};
+use livemig_transport::MemoryMap;
+
+use super::channels::{memory_map, IncomingPlane};
+use crate::digest::{ram_digest, PageHashes};
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::scheduler::thread_cpu_ns;
+use crate::session::{Control, MigrationError};
+
+/// The TCP data plane: receivers, their barrier and the page hashes.
+pub(super) struct TcpPlane {
+    shared: Arc<Shared>,
+    hashes: Arc<PageHashes>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl TcpPlane {
+    /// Starts one receiver per connection, writing into `ram`. A receiver's failure cuts
+    /// `ctl` too, so the control thread stops waiting.
+    pub(super) fn start(
+        receivers: Vec<DataReceiver>,
+        ram: &GuestRam,
+        ctl: &Control,
+    ) -> Result<TcpPlane, MigrationError> {
+        let shared = Arc::new(Shared::new(receivers.len()));
+        if let Ok(c) = ctl.stream().try_clone() {
+            *shared.control.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+        }
+        let hashes = Arc::new(PageHashes::new_zeroed(ram.layout()));
+        let map = memory_map(ram);
+        let mut plane = TcpPlane {
+            shared,
+            hashes,
+            workers: Vec::new(),
+        };
+        for (i, rx) in receivers.into_iter().enumerate() {
+            if let Ok(c) = rx.stream().try_clone() {
+                plane
+                    .shared
+                    .streams
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(c);
+            }
+            match spawn_receiver(
+                i,
+                rx,
+                map.clone(),
+                plane.hashes.clone(),
+                plane.shared.clone(),
+            ) {
+                Ok(w) => plane.workers.push(w),
+                Err(e) => {
+                    plane.close();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(plane)
+    }
+}
+
+impl IncomingPlane for TcpPlane {
+    fn round_progress(&mut self, _: u64, _: u64, _: bool) -> Result<(), String> {
+        Err(
+            "RoundProgress on a TCP migration (rounds end with markers on the data channels)"
+                .into(),
+        )
+    }
+
+    fn pages(&self) -> u64 {
+        self.shared.pages.load(Ordering::Relaxed)
+    }
+
+    fn finish(&mut self, final_round: u64, timeout: Duration) -> Result<(), MigrationError> {
+        let r = self.shared.wait_round(final_round, timeout);
+        // RAM closes here: the receivers stop and are joined before anything reads or runs
+        // on it.
+        self.close();
+        r
+    }
+
+    fn digest(&self, _ram: &GuestRam) -> (u64, u64) {
+        (
+            self.hashes.digest(),
+            self.shared.cpu_ns.load(Ordering::Relaxed),
+        )
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.shared.first_error()
+    }
+
+    fn close(&mut self) {
+        self.shared.finish();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for TcpPlane {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// State shared by the receivers and the control thread.
+struct Shared {
+    channels: usize,
+    barrier: Mutex<BarrierState>,
+    cv: Condvar,
+    streams: Mutex<Vec<TcpStream>>,
+    control: Mutex<Option<TcpStream>>,
+    finished: AtomicBool,
+    pages: AtomicU64,
+    cpu_ns: AtomicU64,
+}
+
+#[derive(Default)]
+struct BarrierState {
+    arrived: usize,
+    completed: Option<u64>,
+    error: Option<String>,
+}
+
+impl Shared {
+    fn new(channels: usize) -> Self {
+        Shared {
+            channels,
+            barrier: Mutex::new(BarrierState::default()),
+            cv: Condvar::new(),
+            streams: Mutex::new(Vec::new()),
+            control: Mutex::new(None),
+            finished: AtomicBool::new(false),
+            pages: AtomicU64::new(0),
+            cpu_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BarrierState> {
+        self.barrier.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A receiver reached the marker of `round`: wait until every channel has.
+    fn arrive(&self, round: u64) -> Result<(), ()> {
+        let mut s = self.lock();
+        s.arrived += 1;
+        if s.arrived == self.channels {
+            s.arrived = 0;
+            s.completed = Some(round);
+            self.cv.notify_all();
+            return Ok(());
+        }
+        while s.completed.is_none_or(|c| c < round) && s.error.is_none() {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if s.error.is_some() {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn wait_round(&self, round: u64, timeout: Duration) -> Result<(), MigrationError> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        loop {
+            if let Some(e) = &s.error {
+                return Err(MigrationError::DataChannel(e.clone()));
+            }
+            if s.completed.is_some_and(|c| c >= round) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(MigrationError::Timeout {
+                    secs: timeout.as_secs(),
+                    during: "waiting for the last round of pages",
+                });
+            }
+            s = self
+                .cv
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// A receiver failed: record it, wake everyone, and cut every connection so the control
+    /// thread stops waiting.
+    fn fail(&self, reason: String) {
+        if self.finished.load(Ordering::Relaxed) {
+            return;
+        }
+        {
+            let mut s = self.lock();
+            if s.error.is_none() {
+                s.error = Some(reason);
+            }
+        }
+        self.cv.notify_all();
+        self.shutdown_streams();
+        if let Some(c) = self
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn first_error(&self) -> Option<String> {
+        self.lock().error.clone()
+    }
+
+    /// The migration is over (either way): receivers may stop.
+    fn finish(&self) {
+        self.finished.store(true, Ordering::Relaxed);
+        {
+            let mut s = self.lock();
+            if s.error.is_none() {
+                s.error = Some("migration finished".into());
+            }
+        }
+        self.cv.notify_all();
+        self.shutdown_streams();
+    }
+
+    fn shutdown_streams(&self) {
+        for s in self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Work for a receiver's hashing thread.
+enum HashJob {
+    /// Ranges the receiver wrote.
+    Pages(Vec<(u64, u64)>),
+    /// Answer with the CPU time used since the last flush once every earlier job is done.
+    Flush(crossbeam_channel::Sender<u64>),
+}
+
+fn spawn_receiver(
+    index: usize,
+    mut rx: DataReceiver,
+    map: MemoryMap,
+    hashes: Arc<PageHashes>,
+    shared: Arc<Shared>,
+) -> Result<JoinHandle<()>, MigrationError> {
+    std::thread::Builder::new()
+        .name(format!("livemig-rx{index}"))
+        .spawn(move || {
+            // Receivers take the cores from the top down while senders (on a same-host
+            // migration) take them from the bottom up, so a sender and its receiver do not
+            // share a core.
+            if let Some(cores) = core_affinity::get_core_ids().filter(|c| !c.is_empty()) {
+                core_affinity::set_for_current(cores[cores.len() - 1 - index % cores.len()]);
+            }
+            // Page hashing runs beside the receiver, in the time the receiver waits on its
+            // socket; each round's hashing finishes before the receiver reaches the round's
+            // barrier, so no page is hashed while a later round rewrites it.
+            let (jobs, job_rx) = crossbeam_channel::bounded::<HashJob>(8);
+            let hasher = {
+                let map = map.clone();
+                let hashes = hashes.clone();
+                std::thread::Builder::new()
+                    .name(format!("livemig-hash{index}"))
+                    .spawn(move || {
+                        let mut cpu = thread_cpu_ns();
+                        for job in job_rx {
+                            match job {
+                                HashJob::Pages(ranges) => {
+                                    for (gpa, len) in ranges {
+                                        if let Ok(host) = map.host_ptr(gpa, len) {
+                                            // SAFETY: the receiver wrote this range in the
+                                            // current round and nothing writes it again
+                                            // before the round's barrier, which waits for
+                                            // this job (Flush below).
+                                            unsafe { hashes.update(gpa, len, host) };
+                                        }
+                                    }
+                                }
+                                HashJob::Flush(done) => {
+                                    let now = thread_cpu_ns();
+                                    let _ = done.send(now - cpu);
+                                    cpu = now;
+                                }
+                            }
+                        }
+                    })
+            };
+            let Ok(hasher) = hasher else {
+                shared.fail(format!("channel {index}: cannot start its hashing thread"));
+                return;
+            };
+            let mut landed = Landed::default();
+            let mut expected_round = 0u64;
+            let mut cpu = thread_cpu_ns();
+            let result = loop {
+                landed.clear();
+                match rx.recv(&map, &mut landed) {
+                    Ok(Received::Extents { .. }) => {
+                        let mut pages = 0;
+                        for &(_, len) in &landed.data {
+                            pages += len / PAGE_SIZE;
+                        }
+                        if !landed.data.is_empty()
+                            && jobs
+                                .send(HashJob::Pages(std::mem::take(&mut landed.data)))
+                                .is_err()
+                        {
+                            break Err(format!("channel {index}: hashing thread stopped"));
+                        }
+                        for &(gpa, len) in &landed.zero {
+                            // Zero pages were not written by the transport: clear the ones an
+                            // earlier round filled (fresh RAM is zero already).
+                            hashes.clear_nonzero(gpa, len, |start, bytes| {
+                                if let Ok(host) = map.host_ptr(start, bytes) {
+                                    // SAFETY: inside registered RAM, written only by this
+                                    // receiver until the next barrier.
+                                    unsafe { std::ptr::write_bytes(host, 0, bytes as usize) };
+                                }
+                            });
+                            pages += len / PAGE_SIZE;
+                        }
+                        shared.pages.fetch_add(pages, Ordering::Relaxed);
+                    }
+                    Ok(Received::Marker(round)) => {
+                        if round != expected_round {
+                            break Err(format!(
+                                "channel {index}: round marker {round}, expected {expected_round}"
+                            ));
+                        }
+                        expected_round += 1;
+                        // The round's pages are hashed before this channel reaches the barrier.
+                        let (done, wait) = crossbeam_channel::bounded(1);
+                        let hash_cpu = match jobs
+                            .send(HashJob::Flush(done))
+                            .ok()
+                            .and_then(|()| wait.recv().ok())
+                        {
+                            Some(ns) => ns,
+                            None => break Err(format!("channel {index}: hashing thread stopped")),
+                        };
+                        let now = thread_cpu_ns();
+                        shared
+                            .cpu_ns
+                            .fetch_add(now - cpu + hash_cpu, Ordering::Relaxed);
+                        cpu = now;
+                        if shared.arrive(round).is_err() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) => break Err(format!("channel {index}: {e}")),
+                }
+            };
+            drop(jobs);
+            let _ = hasher.join();
+            if let Err(e) = result {
+                shared.fail(e);
+            }
+        })
+        .map_err(|e| {
+            MigrationError::DataChannel(format!("cannot start receiver thread {index}: {e}"))
+        })
+}
+
+/// [`ram_digest`] (same value), computed on every core: it runs inside the downtime. Returns
+/// the digest and the CPU time used.
+pub(super) fn full_digest(ram: &GuestRam) -> (u64, u64) {
+    const PIECE: u64 = 16 << 20;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 16);
+    if threads == 1 {
+        let cpu = thread_cpu_ns();
+        let d = ram_digest(ram);
+        return (d, thread_cpu_ns().saturating_sub(cpu));
+    }
+    let hashes = PageHashes::new_zeroed(ram.layout());
+    let pieces: Vec<(u64, usize, u64)> = ram
+        .host_regions()
+        .into_iter()
+        .flat_map(|(gpa, host, len)| {
+            (0..len.div_ceil(PIECE)).map(move |i| {
+                let off = i * PIECE;
+                (
+                    gpa + off,
+                    host as usize + off as usize,
+                    PIECE.min(len - off),
+                )
+            })
+        })
+        .collect();
+    let next = AtomicU64::new(0);
+    let cpu = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let start = thread_cpu_ns();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(&(gpa, host, len)) = pieces.get(i) else {
+                        break;
+                    };
+                    // SAFETY: `host..host + len` lies inside a live mapping of `ram` (borrowed
+                    // for the whole scope); the guest is not running and the source's access
+                    // was revoked, so nothing writes it meanwhile.
+                    unsafe { hashes.update(gpa, len, host as *const u8) };
+                }
+                cpu.fetch_add(thread_cpu_ns().saturating_sub(start), Ordering::Relaxed);
+            });
+        }
+    });
+    (hashes.digest(), cpu.into_inner())
+}

@@ -1,0 +1,108 @@
+//! The destination's switchover: wait for the device state (following RDMA rounds meanwhile),
+//! close RAM, restore, answer Prepared with the RAM digest, resume only on Commit.
+
+use tracing::{info, warn};
+
+use super::channels::IncomingPlane;
+use super::Session;
+use crate::protocol::{Message, ProtocolError};
+use crate::session::MigrationError;
+use crate::vm::{DeviceSection, MigratableVm};
+
+impl Session {
+    /// From pre-copy to the guest running here.
+    pub(super) fn switchover(
+        &mut self,
+        vm: &dyn MigratableVm,
+        plane: &mut dyn IncomingPlane,
+    ) -> Result<(), MigrationError> {
+        let r = self.prepare(vm, plane);
+        match (r, plane.failure()) {
+            // A data channel's failure explains a control connection cut because of it.
+            (Err(MigrationError::Transport(_)), Some(e)) => Err(MigrationError::DataChannel(e)),
+            (Err(e), _) => Err(e),
+            (Ok(()), _) => self.commit(vm),
+        }
+    }
+
+    /// Device state, every page of the final round, restore, Prepared.
+    fn prepare(
+        &mut self,
+        vm: &dyn MigratableVm,
+        plane: &mut dyn IncomingPlane,
+    ) -> Result<(), MigrationError> {
+        let (final_round, sections) = self.wait_device_state(plane)?;
+        plane.finish(final_round, self.timeout)?;
+        vm.restore_state(&sections)?;
+        let (digest, cpu_ns) = plane.digest(vm.ram());
+        info!(
+            final_round,
+            digest = format!("{digest:016x}"),
+            bytes = vm.ram().layout().total_bytes(),
+            "prepared"
+        );
+        self.ctl.send(&Message::Prepared { digest, cpu_ns })
+    }
+
+    /// Pre-copy may last long: waits for device state as long as pages keep arriving; a
+    /// source that sends nothing for the timeout is given up on (it cannot hold the
+    /// destination forever).
+    fn wait_device_state(
+        &mut self,
+        plane: &mut dyn IncomingPlane,
+    ) -> Result<(u64, Vec<DeviceSection>), MigrationError> {
+        let mut seen = plane.pages();
+        loop {
+            match self
+                .ctl
+                .recv(Some(self.timeout), "waiting for device state")
+            {
+                Ok(Message::DeviceState {
+                    final_round,
+                    sections,
+                }) => return Ok((final_round, sections)),
+                Ok(Message::RoundProgress {
+                    round,
+                    pages,
+                    complete,
+                }) => {
+                    if let Err(reason) = plane.round_progress(round, pages, complete) {
+                        return Err(MigrationError::Protocol {
+                            peer: self.ctl.peer().to_string(),
+                            source: ProtocolError::Invalid {
+                                msg: "RoundProgress",
+                                reason,
+                            },
+                        });
+                    }
+                }
+                Ok(m) => return Err(self.ctl.unexpected(&m, "waiting for DeviceState")),
+                Err(MigrationError::Timeout { .. }) => {
+                    let now = plane.pages();
+                    if now == seen {
+                        return Err(MigrationError::Timeout {
+                            secs: self.timeout.as_secs(),
+                            during: "pre-copy: the source sent neither pages nor device state",
+                        });
+                    }
+                    seen = now;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Resumes the guest on the source's Commit.
+    fn commit(&mut self, vm: &dyn MigratableVm) -> Result<(), MigrationError> {
+        match self.ctl.recv(Some(self.timeout), "waiting for Commit")? {
+            Message::Commit => {}
+            m => return Err(self.ctl.unexpected(&m, "waiting for Commit")),
+        }
+        vm.resume()?;
+        if let Err(e) = self.ctl.send(&Message::Resumed) {
+            // The guest runs here now; the source will report "outcome unknown".
+            warn!("could not confirm resume to the source: {e}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,266 @@
+//! The device seam: every piece of VM state that migrates — a device model, or state KVM
+//! keeps on the VMM's behalf (vCPU registers, interrupt controllers, timers, the clock) — is
+//! a [`MigratableDevice`], owned by the VM's [`DeviceManager`].
+//!
+//! A device saves its state as versioned [`DeviceSection`]s whose ids it owns, checks
+//! sections exactly as its restore would before anything is applied, quiesces its I/O when
+//! the VM pauses (in-flight requests complete first) and reports guest pages it wrote outside
+//! vm-memory's dirty bitmap. Adding a device = its own file + one `register` line in the VMM
+//! that builds it.
+//!
+//! What this module must not touch: KVM file descriptors and guest RAM. The devices that use
+//! them (see `crate::vm::kvm::state`) hold what they need.
+//!
+//! ```
+//! use livemig_engine::devices::{DeviceManager, MigratableDevice};
+//! use livemig_engine::vm::{DeviceSection, VmError};
+//! use std::sync::Mutex;
+//!
+//! /// A counter that migrates as one section (id 0x900, version 1).
+//! struct Counter(Mutex<u64>);
+//!
+//! impl MigratableDevice for Counter {
+//!     fn name(&self) -> &str { "counter" }
+//!     fn section_ids(&self) -> &[u32] { &[0x900] }
+//!     fn save(&self) -> Result<Vec<DeviceSection>, VmError> {
+//!         let v = *self.0.lock().unwrap();
+//!         Ok(vec![DeviceSection { id: 0x900, instance: 0, version: 1, data: v.to_le_bytes().to_vec() }])
+//!     }
+//!     fn check(&self, s: &[&DeviceSection]) -> Result<(), VmError> {
+//!         match s {
+//!             [one] if one.version == 1 && one.data.len() == 8 => Ok(()),
+//!             _ => Err(VmError::State { id: 0x900, instance: 0, reason: "want one 8-byte v1 section".into() }),
+//!         }
+//!     }
+//!     fn restore(&self, s: &[&DeviceSection]) -> Result<(), VmError> {
+//!         let b: [u8; 8] = s[0].data.as_slice().try_into().unwrap();
+//!         *self.0.lock().unwrap() = u64::from_le_bytes(b);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let mut a = DeviceManager::default();
+//! a.register(std::sync::Arc::new(Counter(Mutex::new(7)))).unwrap();
+//! let saved = a.save_all().unwrap();
+//! let b_counter = std::sync::Arc::new(Counter(Mutex::new(0)));
+//! let mut b = DeviceManager::default();
+//! b.register(b_counter.clone()).unwrap();
+//! b.restore_all(&saved).unwrap();
+//! assert_eq!(*b_counter.0.lock().unwrap(), 7);
+//! // A section nobody owns is refused before anything is restored.
+//! let mut bad = saved.clone();
+//! bad.push(DeviceSection { id: 0x901, instance: 0, version: 1, data: vec![] });
+//! assert!(b.restore_all(&bad).is_err());
+//! ```
+
+use std::sync::Arc;
+
+use crate::dirty::DirtyBitmap;
+use crate::vm::{DeviceSection, VmError};
+
+/// A piece of VM state that migrates.
+///
+/// Methods take `&self`: devices are shared between the VM's threads and the migration.
+pub trait MigratableDevice: Send + Sync {
+    /// The device's name, for errors and logs.
+    fn name(&self) -> &str;
+    /// The section ids this device saves and restores (no other device may own them).
+    fn section_ids(&self) -> &[u32];
+    /// Saves the device's state; the VM is paused and the device quiesced.
+    fn save(&self) -> Result<Vec<DeviceSection>, VmError>;
+    /// Checks `sections` (every section of this device's ids, in stream order) as
+    /// [`MigratableDevice::restore`] would — versions, sizes, ranges, completeness — and
+    /// changes nothing. After a successful check, restore fails only if the host does.
+    fn check(&self, sections: &[&DeviceSection]) -> Result<(), VmError>;
+    /// Restores state checked by [`MigratableDevice::check`], upgrading older section
+    /// versions.
+    fn restore(&self, sections: &[&DeviceSection]) -> Result<(), VmError>;
+    /// The VM is pausing: stop taking new I/O and complete what is in flight, so that no
+    /// guest page changes after this returns.
+    fn quiesce(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    /// The VM runs again (here or, after a restore, on a destination): resume I/O, including
+    /// requests the guest queued while the device was quiesced.
+    fn resume(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    /// ORs guest pages the device wrote outside vm-memory's bitmap since the last call into
+    /// `into` (writes through [`crate::memory::GuestRam`]'s mapping are tracked already).
+    fn harvest_dirty(&self, _into: &mut DirtyBitmap) {}
+}
+
+/// The devices of a VM, in registration order (the order of save, restore, quiesce; resume
+/// runs in reverse).
+#[derive(Default)]
+pub struct DeviceManager {
+    devices: Vec<Arc<dyn MigratableDevice>>,
+}
+
+impl std::fmt::Debug for DeviceManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.devices.iter().map(|d| d.name().to_string()))
+            .finish()
+    }
+}
+
+impl DeviceManager {
+    /// Adds a device; refused if one of its section ids is already owned.
+    pub fn register(&mut self, device: Arc<dyn MigratableDevice>) -> Result<(), VmError> {
+        for id in device.section_ids() {
+            if let Some(other) = self.owner(*id) {
+                return Err(VmError::InvalidSpec(format!(
+                    "devices {} and {} both claim state section {id:#x}",
+                    other.name(),
+                    device.name()
+                )));
+            }
+        }
+        self.devices.push(device);
+        Ok(())
+    }
+
+    /// The registered devices.
+    pub fn devices(&self) -> &[Arc<dyn MigratableDevice>] {
+        &self.devices
+    }
+
+    fn owner(&self, id: u32) -> Option<&Arc<dyn MigratableDevice>> {
+        self.devices.iter().find(|d| d.section_ids().contains(&id))
+    }
+
+    /// Every device's sections, in registration order.
+    pub fn save_all(&self) -> Result<Vec<DeviceSection>, VmError> {
+        let mut out = Vec::new();
+        for d in &self.devices {
+            out.extend(d.save()?);
+        }
+        Ok(out)
+    }
+
+    /// Routes each section to its owner, checks every device's share, and only then
+    /// restores them in registration order: bad input changes nothing.
+    pub fn restore_all(&self, sections: &[DeviceSection]) -> Result<(), VmError> {
+        let shares = self.route(sections)?;
+        for (d, share) in self.devices.iter().zip(&shares) {
+            d.check(share)?;
+        }
+        for (d, share) in self.devices.iter().zip(&shares) {
+            d.restore(share)?;
+        }
+        Ok(())
+    }
+
+    /// Checks `sections` as [`DeviceManager::restore_all`] would, restoring nothing.
+    pub fn check_all(&self, sections: &[DeviceSection]) -> Result<(), VmError> {
+        let shares = self.route(sections)?;
+        for (d, share) in self.devices.iter().zip(&shares) {
+            d.check(share)?;
+        }
+        Ok(())
+    }
+
+    fn route<'a>(
+        &self,
+        sections: &'a [DeviceSection],
+    ) -> Result<Vec<Vec<&'a DeviceSection>>, VmError> {
+        let mut shares: Vec<Vec<&DeviceSection>> = vec![Vec::new(); self.devices.len()];
+        for s in sections {
+            let i = self
+                .devices
+                .iter()
+                .position(|d| d.section_ids().contains(&s.id))
+                .ok_or_else(|| VmError::State {
+                    id: s.id,
+                    instance: s.instance,
+                    reason: "unknown section id (no device of this VM owns it)".into(),
+                })?;
+            shares[i].push(s);
+        }
+        Ok(shares)
+    }
+
+    /// Quiesces every device, in registration order.
+    pub fn quiesce_all(&self) -> Result<(), VmError> {
+        for d in &self.devices {
+            d.quiesce()?;
+        }
+        Ok(())
+    }
+
+    /// Resumes every device, in reverse registration order.
+    pub fn resume_all(&self) -> Result<(), VmError> {
+        for d in self.devices.iter().rev() {
+            d.resume()?;
+        }
+        Ok(())
+    }
+
+    /// ORs every device's own dirty pages into `into`.
+    pub fn harvest_dirty(&self, into: &mut DirtyBitmap) {
+        for d in &self.devices {
+            d.harvest_dirty(into);
+        }
+    }
+}
+
+/// Checks that `sections` hold exactly one section per `(id, instance)` for each id of `ids`
+/// and each instance in `0..instances`, each of `version` (or older where `accepted` allows),
+/// returning them indexed `[instance][position of id in ids]`.
+pub fn index_sections<'a>(
+    sections: &[&'a DeviceSection],
+    ids: &[u32],
+    instances: u32,
+    accepted: impl Fn(u32, u32) -> bool,
+) -> Result<Vec<Vec<&'a DeviceSection>>, VmError> {
+    let mut slots: Vec<Vec<Option<&DeviceSection>>> =
+        vec![vec![None; ids.len()]; instances as usize];
+    for s in sections {
+        if !accepted(s.id, s.version) {
+            return Err(VmError::State {
+                id: s.id,
+                instance: s.instance,
+                reason: format!("unsupported version {}", s.version),
+            });
+        }
+        let k = ids
+            .iter()
+            .position(|&id| id == s.id)
+            .ok_or_else(|| VmError::State {
+                id: s.id,
+                instance: s.instance,
+                reason: "unknown section id".into(),
+            })?;
+        let slot = slots
+            .get_mut(s.instance as usize)
+            .ok_or_else(|| VmError::State {
+                id: s.id,
+                instance: s.instance,
+                reason: format!("no such instance (0..{instances})"),
+            })?;
+        if slot[k].replace(s).is_some() {
+            return Err(VmError::State {
+                id: s.id,
+                instance: s.instance,
+                reason: "duplicate section".into(),
+            });
+        }
+    }
+    slots
+        .into_iter()
+        .enumerate()
+        .map(|(i, slot)| {
+            slot.into_iter()
+                .zip(ids)
+                .map(|(s, &id)| {
+                    s.ok_or_else(|| VmError::State {
+                        id,
+                        instance: i as u32,
+                        reason: "missing section".into(),
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}

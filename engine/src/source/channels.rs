@@ -1,0 +1,336 @@
+//! The outgoing data plane: TCP data connections or RDMA queue pairs, both feeding the same
+//! page scheduler. What differs between them after set-up is behind [`OutgoingPlane`]: over
+//! RDMA the destination sees no page arrive, so the source tells it how each round goes on
+//! the control channel.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use livemig_transport::tcp::DataSender;
+use livemig_transport::{frame, MappedRegion, MemoryMap, TransportError};
+
+use super::handshake::connect;
+use super::{MigrateOptions, TransportChoice};
+use crate::protocol::Message;
+use crate::scheduler::Scheduler;
+use crate::session::{Control, MigrationError};
+use crate::vm::MigratableVm;
+
+/// An RDMA device opened for a migration (an uninhabited type without the `rdma` feature).
+#[cfg(feature = "rdma")]
+pub(super) type RdmaDevice = Arc<livemig_transport::rdma::Device>;
+#[cfg(not(feature = "rdma"))]
+pub(super) type RdmaDevice = std::convert::Infallible;
+
+/// A scheduler over the plane's channels, the plane, and a line describing it.
+pub(super) type Plane = (Scheduler, Box<dyn OutgoingPlane>, String);
+
+/// What the source's state machine needs to know of the transport once pages move.
+pub(super) trait OutgoingPlane {
+    /// `tcp` or `rdma`.
+    fn name(&self) -> &'static str;
+    /// Whether pages go through the codecs (TCP) or move as they are in RAM (RDMA).
+    fn encodes(&self) -> bool;
+    /// While a round runs: `pages` of it are queued.
+    fn round_progress(&self, ctl: &mut Control, round: u64, pages: u64);
+    /// Every page of `round` is delivered as far as this transport's barrier requires.
+    fn round_complete(
+        &self,
+        ctl: &mut Control,
+        round: u64,
+        pages: u64,
+    ) -> Result<(), MigrationError>;
+}
+
+/// TCP: round markers travel in-band on every data connection.
+struct Tcp;
+
+impl OutgoingPlane for Tcp {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+    fn encodes(&self) -> bool {
+        true
+    }
+    fn round_progress(&self, _: &mut Control, _: u64, _: u64) {}
+    fn round_complete(&self, _: &mut Control, _: u64, _: u64) -> Result<(), MigrationError> {
+        Ok(())
+    }
+}
+
+/// RDMA: the destination CPU sees nothing arrive; rounds are announced on the control
+/// channel.
+#[cfg(feature = "rdma")]
+struct Rdma;
+
+#[cfg(feature = "rdma")]
+impl OutgoingPlane for Rdma {
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
+    fn encodes(&self) -> bool {
+        false
+    }
+    fn round_progress(&self, ctl: &mut Control, round: u64, pages: u64) {
+        // Tells the destination the source is alive; a failure here shows up as failed
+        // writes or at the round's end.
+        let _ = ctl.send(&Message::RoundProgress {
+            round,
+            pages,
+            complete: false,
+        });
+    }
+    fn round_complete(
+        &self,
+        ctl: &mut Control,
+        round: u64,
+        pages: u64,
+    ) -> Result<(), MigrationError> {
+        ctl.send(&Message::RoundProgress {
+            round,
+            pages,
+            complete: true,
+        })
+    }
+}
+
+/// The regions of `vm`'s RAM as the transport sees them.
+fn memory_map(vm: &dyn MigratableVm) -> MemoryMap {
+    let ram = vm.ram().clone();
+    let regions = ram
+        .host_regions()
+        .into_iter()
+        .map(|(addr, host, len)| MappedRegion { addr, host, len })
+        .collect();
+    // SAFETY: the regions are the live mappings of `ram`, kept alive by the Arc'd clone passed
+    // as owner; the data path only reads them (writev, or the RDMA device through a
+    // local-read registration), which tolerates the guest writing.
+    unsafe { MemoryMap::new(regions, Arc::new(ram)) }
+}
+
+/// Opens the session's TCP data connections, each bound by its ChannelHello.
+pub(super) fn open_tcp(
+    vm: &dyn MigratableVm,
+    to: &str,
+    opts: &MigrateOptions,
+    token: u64,
+) -> Result<Plane, MigrationError> {
+    let mut senders = Vec::new();
+    for index in 0..opts.channels {
+        let mut s = connect(to, opts, "data channel")?;
+        let _ = s.set_write_timeout(Some(opts.timeout));
+        let (kind, payload) = Message::ChannelHello { token, index }.encode();
+        frame::write_frame(&mut s, kind, &payload).map_err(|source| TransportError::Io {
+            op: "opening a data channel",
+            peer: to.to_string(),
+            source,
+        })?;
+        senders.push(DataSender::new(s)?);
+    }
+    let sched = Scheduler::new(
+        senders,
+        memory_map(vm),
+        opts.pin_workers,
+        opts.compress,
+        opts.delta_cache_bytes,
+    );
+    Ok((sched, Box::new(Tcp), String::new()))
+}
+
+/// Connects the session's RDMA queue pairs (see [`connect_rdma`]); an Abort tells the
+/// destination if that fails.
+pub(super) fn open_rdma(
+    ctl: &mut Control,
+    vm: &dyn MigratableVm,
+    dev: &RdmaDevice,
+    opts: &MigrateOptions,
+) -> Result<Plane, MigrationError> {
+    #[cfg(feature = "rdma")]
+    {
+        let map = memory_map(vm);
+        match connect_rdma(ctl, dev, &map, opts) {
+            Ok((senders, d)) => Ok((
+                Scheduler::new_rdma(senders, map, opts.pin_workers),
+                Box::new(Rdma),
+                d,
+            )),
+            Err(e) => {
+                let _ = ctl.send(&Message::Abort {
+                    reason: format!("source could not set up RDMA: {e}"),
+                });
+                Err(e)
+            }
+        }
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        let _ = (ctl, vm, opts);
+        match *dev {}
+    }
+}
+
+/// Decides the transport before connecting: an open RDMA device, or none (TCP), and a line
+/// saying why.
+pub(super) fn plan_transport(
+    opts: &MigrateOptions,
+    peer: Option<IpAddr>,
+) -> Result<(Option<RdmaDevice>, String), MigrationError> {
+    #[cfg(feature = "rdma")]
+    let peer_name = peer.map_or_else(|| "the destination".to_string(), |p| p.to_string());
+    #[cfg(not(feature = "rdma"))]
+    let _ = peer;
+    match opts.transport {
+        TransportChoice::Tcp => Ok((None, "tcp".into())),
+        #[cfg(not(feature = "rdma"))]
+        TransportChoice::Rdma => Err(MigrationError::TransportUnavailable(
+            "this livemig was built without RDMA support (cargo feature `rdma`): use \
+             --transport tcp"
+                .into(),
+        )),
+        #[cfg(not(feature = "rdma"))]
+        TransportChoice::Auto => Ok((
+            None,
+            "auto: tcp (this livemig was built without RDMA support)".into(),
+        )),
+        #[cfg(feature = "rdma")]
+        TransportChoice::Rdma => {
+            let dev = livemig_transport::rdma::Device::open_for(opts.rdma_device.as_deref(), peer)
+                .map_err(|e| {
+                    MigrationError::TransportUnavailable(format!("--transport rdma: {e}"))
+                })?;
+            let d = describe_device(&dev, &peer_name);
+            Ok((Some(dev), format!("rdma: {d}")))
+        }
+        #[cfg(feature = "rdma")]
+        TransportChoice::Auto => {
+            use livemig_transport::rdma::{self, RdmaError};
+            let name = opts.rdma_device.as_deref();
+            let sel =
+                rdma::devices().and_then(|d| rdma::select(&d, name, peer, &rdma::ipv4_prefix));
+            match sel {
+                Ok(sel) if sel.reaches_peer || name.is_some() => match rdma::Device::open(&sel) {
+                    Ok(dev) => {
+                        let d = describe_device(&dev, &peer_name);
+                        Ok((Some(dev), format!("auto: rdma ({d})")))
+                    }
+                    Err(e) => Ok((None, format!("auto: tcp (RDMA device {}: {e})", sel.device))),
+                },
+                Ok(sel) => Ok((
+                    None,
+                    format!(
+                        "auto: tcp (no RDMA device has an address in {peer_name}'s subnet; {} \
+                         would not reach it)",
+                        sel.device
+                    ),
+                )),
+                Err(RdmaError::NoDevice) => Ok((None, "auto: tcp (no RDMA device here)".into())),
+                Err(e) => Ok((None, format!("auto: tcp ({e})"))),
+            }
+        }
+    }
+}
+
+#[cfg(feature = "rdma")]
+fn describe_device(dev: &livemig_transport::rdma::Device, peer: &str) -> String {
+    let sel = dev.selection();
+    format!(
+        "{} port {} GID {} ({}{}){}",
+        sel.device,
+        sel.port,
+        std::net::Ipv6Addr::from(sel.gid.gid),
+        sel.gid.kind,
+        sel.gid
+            .netdev
+            .as_deref()
+            .map(|n| format!(" on {n}"))
+            .unwrap_or_default(),
+        if sel.reaches_peer {
+            format!(", in {peer}'s subnet")
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// Announces the source's queue pairs, connects them to the destination's and makes one
+/// sender per pair.
+#[cfg(feature = "rdma")]
+fn connect_rdma(
+    ctl: &mut Control,
+    dev: &RdmaDevice,
+    map: &MemoryMap,
+    opts: &MigrateOptions,
+) -> Result<(Vec<livemig_transport::rdma::RdmaSender>, String), MigrationError> {
+    use crate::protocol::RdmaQp;
+    use livemig_transport::rdma::{
+        check_remote_regions, QpEndpoint, RdmaError, RdmaSender, RdmaSource, RemoteRegion,
+    };
+    let rdma_err = |e: RdmaError| MigrationError::Transport(e.into());
+    let source = RdmaSource::new(dev, map.clone()).map_err(rdma_err)?;
+    let prepared = (0..opts.channels)
+        .map(|_| source.prepare_qp())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(rdma_err)?;
+    let qps = prepared
+        .iter()
+        .map(|p| {
+            let e = p.endpoint();
+            RdmaQp {
+                qpn: e.qpn,
+                psn: e.psn,
+                gid: e.gid,
+                lid: e.lid,
+                mtu: e.mtu,
+            }
+        })
+        .collect();
+    ctl.send(&Message::RdmaConnect { qps })?;
+    let (qps, regions) = match ctl.recv(
+        Some(opts.timeout),
+        "waiting for the destination's RDMA queue pairs",
+    )? {
+        Message::RdmaAccept { qps, regions } => (qps, regions),
+        m => return Err(ctl.unexpected(&m, "waiting for RdmaAccept")),
+    };
+    if qps.len() != prepared.len() {
+        return Err(rdma_err(RdmaError::Peer(format!(
+            "{} queue pairs for our {}",
+            qps.len(),
+            prepared.len()
+        ))));
+    }
+    let remote: Vec<RemoteRegion> = regions
+        .iter()
+        .map(|r| RemoteRegion {
+            addr: r.gpa,
+            len: r.len,
+            remote_addr: r.addr,
+            rkey: r.rkey,
+        })
+        .collect();
+    check_remote_regions(map, &remote).map_err(rdma_err)?;
+    let remote: Arc<[RemoteRegion]> = remote.into();
+    let mut senders = Vec::with_capacity(qps.len());
+    for (p, q) in prepared.into_iter().zip(&qps) {
+        let qp = p
+            .connect(&QpEndpoint {
+                qpn: q.qpn,
+                psn: q.psn,
+                gid: q.gid,
+                lid: q.lid,
+                mtu: q.mtu,
+            })
+            .map_err(rdma_err)?;
+        senders.push(RdmaSender::new(&source, qp, remote.clone(), opts.timeout).map_err(rdma_err)?);
+    }
+    Ok((
+        senders,
+        format!(
+            "destination GID {}; {} RC queue pair{}, RDMA WRITEs of at most {} KiB",
+            std::net::Ipv6Addr::from(qps[0].gid),
+            qps.len(),
+            if qps.len() == 1 { "" } else { "s" },
+            livemig_transport::rdma::MAX_WRITE_BYTES >> 10
+        ),
+    ))
+}

@@ -1,0 +1,182 @@
+//! Set-up of an outgoing migration: the transport decision, the control connection,
+//! versions, mutual proof of the key, the VM's configuration. The VM is untouched here: any
+//! failure leaves it running as it was.
+
+use std::net::{IpAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use super::channels::{self, RdmaDevice};
+use super::{MigrateOptions, Session, Tally, TransportChoice};
+use crate::auth;
+use crate::protocol::{Message, FEATURE_RDMA, VERSION};
+use crate::session::{random_u64, Control, MigrationError};
+use crate::vm::MigratableVm;
+
+/// Opens a TCP connection to the destination `to` (any of its addresses).
+pub(super) fn connect(
+    to: &str,
+    opts: &MigrateOptions,
+    what: &str,
+) -> Result<TcpStream, MigrationError> {
+    let err = |source| MigrationError::Connect {
+        addr: to.to_string(),
+        source,
+    };
+    let addrs: Vec<_> = to.to_socket_addrs().map_err(err)?.collect();
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("no address for {what}"),
+    );
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, opts.timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(err(last))
+}
+
+impl<'a> Session<'a> {
+    /// Everything up to the first page: transport, handshake, configuration, data plane.
+    pub(super) fn open(
+        vm: &'a dyn MigratableVm,
+        to: &'a str,
+        opts: &'a MigrateOptions,
+        cancel: &'a AtomicBool,
+    ) -> Result<Session<'a>, MigrationError> {
+        let t0 = Instant::now();
+        // The transport is chosen before connecting: asking for RDMA without a usable device
+        // fails here, before the destination hears of this migration.
+        let peer_ip: Option<IpAddr> = to
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .map(|a| a.ip());
+        let (mut rdma, mut detail) = channels::plan_transport(opts, peer_ip)?;
+
+        let mut ctl = Control::new(connect(to, opts, "control")?);
+        let _ = ctl.stream().set_write_timeout(Some(opts.timeout));
+        let nonce_s = auth::nonce();
+        ctl.send(&Message::Hello {
+            min_version: VERSION,
+            max_version: VERSION,
+            features: if rdma.is_some() { FEATURE_RDMA } else { 0 },
+            nonce: nonce_s,
+        })?;
+        let (nonce_d, proof_d, features) =
+            match ctl.recv(Some(opts.timeout), "waiting for Welcome")? {
+                Message::Welcome {
+                    nonce,
+                    proof,
+                    features,
+                    ..
+                } => (nonce, proof, features),
+                m => return Err(ctl.unexpected(&m, "waiting for Welcome")),
+            };
+        if rdma.is_some() && features & FEATURE_RDMA == 0 {
+            if opts.transport == TransportChoice::Rdma {
+                let reason = "the destination cannot take RDMA (no usable RDMA device there, or \
+                              a livemig built without RDMA): use --transport tcp or auto";
+                let _ = ctl.send(&Message::Refuse {
+                    reason: reason.into(),
+                });
+                return Err(MigrationError::TransportUnavailable(reason.into()));
+            }
+            rdma = None;
+            detail = "auto: tcp (the destination has no usable RDMA device)".into();
+        }
+        let token = authenticate(&mut ctl, opts, &nonce_s, &nonce_d, &proof_d)?;
+        ctl.send(&Message::Config {
+            vm: vm.config(),
+            channels: opts.channels,
+            token,
+        })?;
+        match ctl.recv(
+            Some(opts.timeout),
+            "waiting for the destination to allocate RAM",
+        )? {
+            Message::Ready => {}
+            m => return Err(ctl.unexpected(&m, "waiting for Ready")),
+        }
+        let (sched, plane, d) = open_plane(&mut ctl, vm, to, opts, token, rdma)?;
+        if !d.is_empty() {
+            detail = format!("{detail}; {d}");
+        }
+        Ok(Session {
+            vm,
+            opts,
+            cancel,
+            ctl,
+            sched,
+            plane,
+            detail,
+            t0,
+            setup: t0.elapsed(),
+            tally: Tally::default(),
+        })
+    }
+}
+
+/// The data plane over RDMA (when agreed) or TCP.
+fn open_plane(
+    ctl: &mut Control,
+    vm: &dyn MigratableVm,
+    to: &str,
+    opts: &MigrateOptions,
+    token: u64,
+    rdma: Option<RdmaDevice>,
+) -> Result<channels::Plane, MigrationError> {
+    match rdma {
+        Some(dev) => channels::open_rdma(ctl, vm, &dev, opts),
+        None => channels::open_tcp(vm, to, opts, token),
+    }
+}
+
+/// The destination proves the key first; only then does the source prove it. Returns the
+/// session token the data channels present.
+fn authenticate(
+    ctl: &mut Control,
+    opts: &MigrateOptions,
+    nonce_s: &[u8; 32],
+    nonce_d: &[u8; 32],
+    proof_d: &[u8; 32],
+) -> Result<u64, MigrationError> {
+    let refuse = |ctl: &mut Control, reason: &str| {
+        let _ = ctl.send(&Message::Refuse {
+            reason: reason.into(),
+        });
+        MigrationError::Refused {
+            peer: ctl.peer().to_string(),
+            reason: format!("refused the destination: {reason}"),
+        }
+    };
+    match &opts.key {
+        Some(k) => {
+            if !auth::proofs_equal(proof_d, &k.destination_proof(nonce_s, nonce_d)) {
+                return Err(refuse(
+                    ctl,
+                    if *proof_d == [0; 32] {
+                        "authentication failed: the destination has no key (this source requires one)"
+                    } else {
+                        "authentication failed: the destination's key does not match this source's"
+                    },
+                ));
+            }
+            ctl.send(&Message::Auth {
+                proof: k.source_proof(nonce_s, nonce_d),
+            })?;
+            Ok(k.session_token(nonce_s, nonce_d))
+        }
+        None => {
+            if *proof_d != [0; 32] {
+                return Err(refuse(
+                    ctl,
+                    "authentication failed: the destination requires a key and this source has none",
+                ));
+            }
+            ctl.send(&Message::Auth { proof: [0; 32] })?;
+            Ok(random_u64())
+        }
+    }
+}

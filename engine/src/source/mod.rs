@@ -1,0 +1,203 @@
+//! The source state machine: set-up, pre-copy rounds, the stop decision, stop-and-copy and
+//! the switchover (DESIGN §5).
+//!
+//! Invariants kept here:
+//! - before the guest is paused, any failure or cancel leaves it running, unchanged;
+//! - between pause and commit, a failure resumes it on the source;
+//! - once Commit is sent, the source never resumes it: a lost answer is "outcome unknown".
+//!
+//! A migration is a [`Session`] taken through its phases, one room each: [`handshake`]
+//! (connect, versions, key, configuration, the transport decision), [`channels`] (the data
+//! plane: TCP connections or RDMA queue pairs behind [`channels::OutgoingPlane`], both
+//! feeding the same page scheduler), [`precopy`] (rounds while the guest runs) and
+//! [`switchover`] (pause, last round, device state, commit, report).
+
+mod channels;
+mod handshake;
+mod precopy;
+mod switchover;
+
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use livemig_transport::codec::{CodecStats, Mode};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Key;
+use crate::defaults;
+use crate::scheduler::{RoundStats, Scheduler};
+use crate::session::{Control, MigrationError, MigrationReport, RoundReport};
+use crate::vm::MigratableVm;
+
+use channels::OutgoingPlane;
+
+/// Which data transport carries pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// TCP data connections.
+    #[default]
+    Tcp,
+    /// RDMA queue pairs; the migration fails if no usable device here or at the destination.
+    Rdma,
+    /// RDMA when a device here has an address in the destination's subnet and the destination
+    /// takes RDMA; TCP otherwise. The report says which and why.
+    Auto,
+}
+
+crate::named_enum!(TransportChoice, "transport", { Tcp => "tcp", Rdma => "rdma", Auto => "auto" });
+
+/// Options of an outgoing migration.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Data channels (TCP connections or RDMA queue pairs for pages).
+    pub channels: u16,
+    /// Data transport.
+    pub transport: TransportChoice,
+    /// RDMA device to use (default: the first active device with an address in the
+    /// destination's subnet, else the first active device).
+    pub rdma_device: Option<String>,
+    /// Stop-and-copy once the predicted downtime is at most this.
+    pub downtime_limit_ms: u64,
+    /// Stop-and-copy after at most this many pre-copy rounds.
+    pub max_rounds: u32,
+    /// Pin channel workers to cores.
+    pub pin_workers: bool,
+    /// Longest wait for any single answer of the destination.
+    pub timeout: Duration,
+    /// Page encoding.
+    pub compress: Mode,
+    /// Bytes of last-sent page versions kept for delta encoding.
+    pub delta_cache_bytes: u64,
+    /// Pre-shared key; None only talks to destinations without one (`--no-auth`).
+    pub key: Option<Key>,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            channels: defaults::CHANNELS,
+            transport: TransportChoice::Tcp,
+            rdma_device: None,
+            downtime_limit_ms: defaults::DOWNTIME_LIMIT_MS,
+            max_rounds: defaults::MAX_ROUNDS,
+            pin_workers: true,
+            timeout: defaults::TIMEOUT,
+            compress: Mode::Auto,
+            delta_cache_bytes: defaults::DELTA_CACHE_MIB << 20,
+            key: None,
+        }
+    }
+}
+
+/// Progress of an outgoing migration.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Handshake done, destination ready.
+    Connected {
+        /// Set-up time.
+        setup_ms: f64,
+        /// Pages to send in round 0.
+        total_pages: u64,
+        /// `tcp` or `rdma`.
+        transport: &'static str,
+        /// How the transport was chosen and what it runs on.
+        transport_detail: String,
+    },
+    /// Pages of a round are being sent.
+    Sending {
+        /// Round number.
+        round: u64,
+        /// Pages queued so far.
+        pages_done: u64,
+        /// Pages in the round.
+        pages_total: u64,
+    },
+    /// A round finished.
+    Round(RoundReport),
+    /// The guest is paused; the final round starts.
+    Paused {
+        /// Pages left to send.
+        pages: u64,
+    },
+    /// Commit was sent.
+    Committed,
+}
+
+/// Migrates `vm` to the destination listening at `to`. `cancel` is honoured until the
+/// switchover; `on_progress` hears every phase and round.
+pub fn migrate(
+    vm: &dyn MigratableVm,
+    to: &str,
+    opts: &MigrateOptions,
+    cancel: &AtomicBool,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
+    let mut s = Session::open(vm, to, opts, cancel)?;
+    on_progress(&Progress::Connected {
+        setup_ms: ms(s.setup),
+        total_pages: s.vm.ram().layout().total_pages(),
+        transport: s.plane.name(),
+        transport_detail: s.detail.clone(),
+    });
+    let result = s.run(on_progress);
+    s.sched.shutdown();
+    result
+}
+
+/// One outgoing migration, from the open control connection to the report.
+struct Session<'a> {
+    vm: &'a dyn MigratableVm,
+    opts: &'a MigrateOptions,
+    cancel: &'a AtomicBool,
+    ctl: Control,
+    sched: Scheduler,
+    plane: Box<dyn OutgoingPlane>,
+    /// How the transport was chosen and what it runs on.
+    detail: String,
+    t0: Instant,
+    setup: Duration,
+    tally: Tally,
+}
+
+/// What the rounds moved so far.
+#[derive(Default)]
+struct Tally {
+    rounds: Vec<RoundReport>,
+    pages_sent: u64,
+    wire: u64,
+    codec: CodecStats,
+    cpu_ns: u64,
+}
+
+impl Tally {
+    fn add(&mut self, stats: &RoundStats) {
+        self.pages_sent += stats.pages;
+        self.wire += stats.wire_bytes;
+        self.codec.add(&stats.codec);
+        self.cpu_ns += stats.cpu_ns;
+    }
+}
+
+impl Session<'_> {
+    /// Pre-copy, then the switchover.
+    fn run(
+        &mut self,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> Result<MigrationReport, MigrationError> {
+        let cpu_start = crate::scheduler::thread_cpu_ns();
+        let pre = self.precopy(on_progress)?;
+        self.switchover(pre, cpu_start, on_progress)
+    }
+
+    /// Tells the destination the migration is abandoned (best effort).
+    fn abort(&mut self, reason: &str) {
+        let _ = self.ctl.send(&crate::protocol::Message::Abort {
+            reason: reason.to_string(),
+        });
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,144 @@
+//! Pre-copy: rounds of pages while the guest runs, until the predicted downtime fits the
+//! limit or the rounds run out. Dirty tracking starts before round 0 reads a single page, so
+//! every later write is caught by a harvest. Any failure or cancel here leaves the guest
+//! running, unchanged.
+
+use std::sync::atomic::Ordering;
+
+use tracing::info;
+
+use super::{ms, Progress, Session};
+use crate::convergence::Convergence;
+use crate::dirty::{DirtyBitmap, Extent};
+use crate::scheduler::{RoundStats, SchedulerError};
+use crate::session::{MigrationError, RoundReport};
+
+/// Where pre-copy left off: the pages still dirty, the next round's number, the estimates.
+pub(super) struct PreCopied {
+    pub(super) to_send: DirtyBitmap,
+    pub(super) round: u64,
+    pub(super) conv: Convergence,
+}
+
+impl Session<'_> {
+    /// Runs pre-copy rounds; on failure stops tracking and tells the destination.
+    pub(super) fn precopy(
+        &mut self,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> Result<PreCopied, MigrationError> {
+        if let Err(e) = self.vm.start_dirty_tracking() {
+            self.abort("source could not start dirty tracking");
+            return Err(e.into());
+        }
+        let result = self.rounds(on_progress).and_then(|pre| {
+            if self.cancel.load(Ordering::Relaxed) {
+                Err(MigrationError::Cancelled)
+            } else {
+                Ok(pre)
+            }
+        });
+        if let Err(e) = &result {
+            let _ = self.vm.stop_dirty_tracking();
+            self.abort(if matches!(e, MigrationError::Cancelled) {
+                "cancelled on the source"
+            } else {
+                "source failed during pre-copy"
+            });
+        }
+        result
+    }
+
+    fn rounds(
+        &mut self,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> Result<PreCopied, MigrationError> {
+        let layout = self.vm.ram().layout().clone();
+        // Round 0 sends all RAM, so what the logs hold from before it is dropped.
+        let mut before = DirtyBitmap::new(&layout);
+        self.vm.harvest_dirty(&mut before)?;
+        let mut to_send = DirtyBitmap::all(&layout);
+        let mut conv = Convergence::new(self.opts.downtime_limit_ms);
+        let mut round = 0u64;
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(MigrationError::Cancelled);
+            }
+            // Round 0 covers all RAM: pages in holes of the backing memory were never written
+            // and go as zero markers without being read.
+            let (extents, holes) = if round == 0 {
+                self.vm.ram().split_holes(&to_send.extents())
+            } else {
+                (to_send.extents(), Vec::new())
+            };
+            let pages_total = to_send.count();
+            let stats = self.send_round(round, &extents, &holes, pages_total, on_progress)?;
+            to_send.clear();
+            self.vm.harvest_dirty(&mut to_send)?;
+            let dirtied = to_send.count();
+            let est = conv.after_round(stats.wire_bytes, stats.elapsed, dirtied);
+            let report = RoundReport {
+                round,
+                pages: stats.pages,
+                wire_bytes: stats.wire_bytes,
+                ms: ms(stats.elapsed),
+                dirtied_pages: dirtied,
+                dirty_rate: est.dirty_rate,
+                bandwidth: est.bandwidth,
+                predicted_downtime_ms: est.predicted_downtime_ms,
+                stop_and_copy: false,
+            };
+            info!(
+                round,
+                pages = stats.pages,
+                dirtied,
+                predicted_ms = est.predicted_downtime_ms,
+                "pre-copy round done"
+            );
+            on_progress(&Progress::Round(report.clone()));
+            self.tally.rounds.push(report);
+            round += 1;
+            if est.converged || round >= u64::from(self.opts.max_rounds.max(1)) {
+                return Ok(PreCopied {
+                    to_send,
+                    round,
+                    conv,
+                });
+            }
+        }
+    }
+
+    /// Sends one round (pre-copy or final) through the scheduler and ends it on the data
+    /// plane; counts it in the tally.
+    pub(super) fn send_round(
+        &mut self,
+        round: u64,
+        extents: &[Extent],
+        holes: &[Extent],
+        pages_total: u64,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> Result<RoundStats, MigrationError> {
+        let Session {
+            sched,
+            plane,
+            ctl,
+            cancel,
+            ..
+        } = self;
+        let sent = sched.send_round(round, extents, holes, cancel, &mut |pages_done| {
+            plane.round_progress(ctl, round, pages_done);
+            on_progress(&Progress::Sending {
+                round,
+                pages_done,
+                pages_total,
+            })
+        });
+        let stats = sent.map_err(|e| match e {
+            SchedulerError::Cancelled => MigrationError::Cancelled,
+            e => e.into(),
+        })?;
+        self.plane
+            .round_complete(&mut self.ctl, round, stats.pages)?;
+        self.tally.add(&stats);
+        Ok(stats)
+    }
+}

@@ -1,0 +1,197 @@
+//! Stop-and-copy and the switchover: pause, the last dirty pages, device state, the
+//! destination's Prepared, Commit, the report.
+//!
+//! Between pause and Commit any failure resumes the guest here (DESIGN §5); once Commit is
+//! sent the source never resumes it on its own.
+
+use std::time::Instant;
+
+use tracing::warn;
+
+use super::precopy::PreCopied;
+use super::{ms, Progress, Session};
+use crate::digest::ram_digest;
+use crate::protocol::Message;
+use crate::scheduler::RoundStats;
+use crate::session::{CodecReport, MigrationError, MigrationReport, RoundReport};
+
+/// What the destination reported before Commit.
+struct Prepared {
+    digest: u64,
+    cpu_ns: u64,
+    final_round: RoundStats,
+}
+
+impl Session<'_> {
+    /// Pauses the guest, finishes the migration and returns the report.
+    pub(super) fn switchover(
+        &mut self,
+        pre: PreCopied,
+        cpu_start: u64,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> Result<MigrationReport, MigrationError> {
+        let t_pause = Instant::now();
+        if let Err(e) = self.vm.pause() {
+            // A partial pause is undone: resume whatever stopped.
+            let _ = self.vm.resume();
+            let _ = self.vm.stop_dirty_tracking();
+            self.abort("source could not pause the guest");
+            return Err(e.into());
+        }
+        let prepared = match self.stop_and_copy(&pre, on_progress) {
+            Ok(p) => p,
+            Err(e) => return Err(self.roll_back(e)),
+        };
+        self.tally.rounds.push(RoundReport {
+            round: pre.round,
+            pages: prepared.final_round.pages,
+            wire_bytes: prepared.final_round.wire_bytes,
+            ms: ms(prepared.final_round.elapsed),
+            dirtied_pages: 0,
+            dirty_rate: 0.0,
+            bandwidth: pre.conv.bandwidth(),
+            predicted_downtime_ms: 0.0,
+            stop_and_copy: true,
+        });
+        if let Some(last) = self.tally.rounds.last() {
+            on_progress(&Progress::Round(last.clone()));
+        }
+        self.commit(on_progress)?;
+        let downtime = t_pause.elapsed();
+        let total = self.t0.elapsed();
+        let source_cpu_ns =
+            self.tally.cpu_ns + crate::scheduler::thread_cpu_ns().saturating_sub(cpu_start);
+        let _ = self.vm.stop_dirty_tracking();
+        Ok(self.report(prepared, total, downtime, source_cpu_ns))
+    }
+
+    /// The guest is paused: last round, device state, wait for Prepared.
+    fn stop_and_copy(
+        &mut self,
+        pre: &PreCopied,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Prepared, MigrationError> {
+        let mut to_send = pre.to_send.clone();
+        self.vm.harvest_dirty(&mut to_send)?;
+        let pages = to_send.count();
+        on_progress(&Progress::Paused { pages });
+        let stats = self.send_round(pre.round, &to_send.extents(), &[], pages, &mut |_| {})?;
+        let sections = self.vm.save_state()?;
+        self.ctl.send(&Message::DeviceState {
+            final_round: pre.round,
+            sections,
+        })?;
+        match self.ctl.recv(
+            Some(self.opts.timeout),
+            "waiting for the destination to prepare",
+        )? {
+            Message::Prepared { digest, cpu_ns } => Ok(Prepared {
+                digest,
+                cpu_ns,
+                final_round: stats,
+            }),
+            m => Err(self.ctl.unexpected(&m, "waiting for Prepared")),
+        }
+    }
+
+    /// A failure between pause and Commit: the destination discards, the guest resumes here.
+    fn roll_back(&mut self, e: MigrationError) -> MigrationError {
+        self.abort("source failed during stop-and-copy");
+        let _ = self.vm.stop_dirty_tracking();
+        let cause = e.to_string();
+        match self.vm.resume() {
+            Ok(()) if matches!(e, MigrationError::Cancelled) => MigrationError::Cancelled,
+            Ok(()) => MigrationError::RolledBack { cause },
+            Err(re) => MigrationError::RolledBack {
+                cause: format!("{cause}; resuming on the source also failed: {re}"),
+            },
+        }
+    }
+
+    /// Commit: from here on the source never resumes the guest.
+    fn commit(&mut self, on_progress: &mut dyn FnMut(&Progress)) -> Result<(), MigrationError> {
+        if let Err(e) = self.ctl.send(&Message::Commit) {
+            return Err(MigrationError::OutcomeUnknown {
+                cause: format!("sending it failed ({e})"),
+            });
+        }
+        on_progress(&Progress::Committed);
+        match self.ctl.recv(
+            Some(self.opts.timeout),
+            "waiting for the destination to resume",
+        ) {
+            Ok(Message::Resumed) => Ok(()),
+            Ok(m) => Err(MigrationError::OutcomeUnknown {
+                cause: format!("the destination answered {}", m.name()),
+            }),
+            Err(e) => Err(MigrationError::OutcomeUnknown {
+                cause: format!("no confirmation came ({e})"),
+            }),
+        }
+    }
+
+    /// Verification (outside the downtime: the source RAM is frozen for good) and the report.
+    fn report(
+        &mut self,
+        prepared: Prepared,
+        total: std::time::Duration,
+        downtime: std::time::Duration,
+        source_cpu_ns: u64,
+    ) -> MigrationReport {
+        let tv = Instant::now();
+        let source_digest = ram_digest(self.vm.ram());
+        let verify = tv.elapsed();
+        let progress = match self.ctl.recv(
+            Some(self.opts.timeout),
+            "waiting for guest progress on the destination",
+        ) {
+            Ok(Message::Progress { delta }) => delta,
+            Ok(m) => {
+                warn!("destination sent {} instead of Progress", m.name());
+                0
+            }
+            Err(e) => {
+                warn!("no progress report from the destination: {e}");
+                0
+            }
+        };
+        let digest_match = source_digest == prepared.digest;
+        let ram_bytes = self.vm.ram().layout().total_bytes();
+        let t = &self.tally;
+        MigrationReport {
+            status: if digest_match {
+                "completed"
+            } else {
+                "digest-mismatch"
+            }
+            .into(),
+            total_time_ms: ms(total),
+            downtime_ms: ms(downtime),
+            setup_ms: ms(self.setup),
+            rounds: t.rounds.len() as u64,
+            pages_sent: t.pages_sent,
+            bytes_on_wire: t.wire,
+            ram_bytes,
+            effective_gbps: ram_bytes as f64 / total.as_secs_f64() / 1e9,
+            digest_match,
+            source_digest: format!("{source_digest:016x}"),
+            destination_digest: format!("{:016x}", prepared.digest),
+            verify_ms: ms(verify),
+            guest_progress_after_resume: progress,
+            transport: self.plane.name().into(),
+            transport_detail: self.detail.clone(),
+            channels: self.sched.channels() as u16,
+            bytes_copied_staging: t.codec.bytes_staged,
+            // Pages move as they are in RAM over RDMA: no codec runs.
+            compress: if self.plane.encodes() {
+                self.opts.compress.to_string()
+            } else {
+                "none".into()
+            },
+            codec: CodecReport::from(&t.codec),
+            source_cpu_s: source_cpu_ns as f64 / 1e9,
+            destination_cpu_s: prepared.cpu_ns as f64 / 1e9,
+            round_details: t.rounds.clone(),
+        }
+    }
+}
