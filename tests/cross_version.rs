@@ -18,7 +18,9 @@ use livemig_transport::frame;
 const SOURCE_DIGEST: u64 = 0x25af_869a_37ec_5424;
 
 fn fixture(name: &str) -> Vec<u8> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/protocol-v1").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/protocol-v1")
+        .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
@@ -59,7 +61,9 @@ fn a_recorded_protocol_1_migration_resumes_on_todays_destination() {
         c.write_all(bytes).unwrap();
         match MessageType::try_from(*kind).unwrap() {
             MessageType::Hello => match reply(&mut c) {
-                Message::Welcome { version, .. } => assert_eq!(version, 1, "a v1 stream is decoded as v1"),
+                Message::Welcome { version, .. } => {
+                    assert_eq!(version, 1, "a v1 stream is decoded as v1")
+                }
                 m => panic!("expected Welcome, got {m:?}"),
             },
             MessageType::Config => {
@@ -104,8 +108,14 @@ fn a_newer_source_is_refused_by_this_destination_naming_both_versions() {
     frame::write_frame(&mut c, k, &p).unwrap();
     match reply(&mut c) {
         Message::Refuse { reason } => {
-            assert!(reason.contains(&format!("{}..={}", VERSION + 1, VERSION + 1)), "{reason}");
-            assert!(reason.contains(&format!("{MIN_VERSION}..={VERSION}")), "{reason}");
+            assert!(
+                reason.contains(&format!("{}..={}", VERSION + 1, VERSION + 1)),
+                "{reason}"
+            );
+            assert!(
+                reason.contains(&format!("{MIN_VERSION}..={VERSION}")),
+                "{reason}"
+            );
             assert!(reason.contains("newer"), "{reason}");
         }
         m => panic!("expected Refuse, got {m:?}"),

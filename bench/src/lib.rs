@@ -4,7 +4,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`run`] | a bench run: limits, every cell, medians, the results folder |
+//! | [`mod@run`] | a bench run: limits, every cell, medians, the results folder |
 //! | [`matrix`] | which cells a run measures |
 //! | [`pair`] | a destination and a VM process of the binary, for one migration |
 //! | [`qemu`] | QEMU migrating the same RAM over the same link (QMP) |

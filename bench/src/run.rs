@@ -83,151 +83,34 @@ pub fn run(a: &BenchOptions, exe: &Path) -> Result<()> {
         ProgressStyle::with_template("{elapsed_precise} [{bar:40.cyan/blue}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-
-    // Physical limits, same run.
-    bar.set_message("physical limits: memcpy");
-    let memcpy = memcpy_gbps();
-    bar.inc(1);
-    let mut limits = BTreeMap::new();
-    limits.insert("memcpy_one_core_gbps".to_string(), json!(memcpy));
-    let links: Vec<Link> = {
-        let mut l: Vec<Link> = cells.iter().map(|c| c.link).collect();
-        l.sort();
-        l.dedup();
-        l
-    };
+    let mut links: Vec<Link> = cells.iter().map(|c| c.link).collect();
+    links.sort();
+    links.dedup();
     let mut hosts: BTreeMap<Link, NetnsHosts> = BTreeMap::new();
     for &link in &links {
         if link != Link::Loopback {
             hosts.insert(link, hosts_for(link)?);
         }
     }
-    for &link in &links {
-        bar.set_message(format!("physical limits: raw TCP over {}", link.name()));
-        for streams in [1u16, 2] {
-            let g = raw_tcp_gbps(
-                exe,
-                hosts.get(&link),
-                streams,
-                if link == Link::OneGbit {
-                    64 << 20
-                } else {
-                    1 << 30
-                },
-            )?;
-            limits.insert(format!("raw_tcp_{}_x{streams}_gbps", link.name()), json!(g));
-        }
-    }
-    bar.inc(2);
-
+    let limits = physical_limits(exe, &links, &hosts, &bar)?;
     let key_file = write_key(&work)?;
+    let setting = Setting {
+        exe,
+        work: &work,
+        key: &key_file,
+        backend,
+    };
     let mut rows = Vec::new();
     let mut raw = Vec::new();
     for cell in &cells {
-        let mut totals = Vec::new();
-        let mut downs = Vec::new();
-        let mut wires = Vec::new();
-        let mut digest = Some(true);
-        let mut cpu = (Vec::new(), Vec::new());
-        for rep in 0..repeat {
-            bar.set_message(format!(
-                "{} {} {} MiB {} rate {} (#{})",
-                cell.variant.label(),
-                cell.link.name(),
-                cell.memory_mib,
-                cell.fill.name(),
-                cell.dirty_rate,
-                rep + 1
-            ));
-            let r = match &cell.variant {
-                Variant::Livemig {
-                    channels,
-                    compress,
-                    reserve,
-                } => run_livemig(
-                    &Setting {
-                        exe,
-                        work: &work,
-                        key: &key_file,
-                        backend,
-                    },
-                    cell,
-                    hosts.get(&cell.link),
-                    (*channels, compress, *reserve),
-                ),
-                Variant::Qemu {
-                    channels,
-                    zstd,
-                    prealloc,
-                } => run_qemu(
-                    &work,
-                    cell,
-                    hosts.get(&cell.link),
-                    *channels,
-                    *zstd,
-                    *prealloc,
-                ),
-            };
-            bar.inc(1);
-            let r = match r {
-                Ok(r) => r,
-                Err(e) => {
-                    bar.println(format!("{}: {e:#}", cell.variant.label()));
-                    continue;
-                }
-            };
-            let Some(total) = r["total_time_ms"]
-                .as_f64()
-                .filter(|t| t.is_finite() && *t > 0.0)
-            else {
-                bar.println(format!("{}: no total time in {r}", cell.variant.label()));
-                continue;
-            };
-            totals.push(total);
-            downs.push(r["downtime_ms"].as_f64().unwrap_or(0.0));
-            wires.push(r["bytes_on_wire"].as_f64().unwrap_or(0.0));
-            if let Some(d) = r.get("digest_match").and_then(Value::as_bool) {
-                digest = digest.map(|x| x && d);
-            } else {
-                digest = None;
-            }
-            if let (Some(s), Some(d)) =
-                (r["source_cpu_s"].as_f64(), r["destination_cpu_s"].as_f64())
-            {
-                cpu.0.push(s);
-                cpu.1.push(d);
-            }
-            raw.push(json!({"cell": format!("{cell:?}"), "repetition": rep, "report": r}));
-        }
-        if totals.is_empty() {
-            continue;
-        }
-        let n = totals.len();
-        let min = totals.iter().copied().fold(f64::MAX, f64::min);
-        let max = totals.iter().copied().fold(0.0, f64::max);
-        let total = median(&mut totals);
-        rows.push(Row {
-            system: cell.variant.system().into(),
-            variant: cell.variant.label(),
-            link: cell.link.name().into(),
-            content: cell.fill.name().into(),
-            memory_mib: cell.memory_mib,
-            dirty_rate: cell.dirty_rate,
-            repetitions: n,
-            total_ms_median: total,
-            total_ms_min: min,
-            total_ms_max: max,
-            downtime_ms_median: median(&mut downs),
-            bytes_on_wire_median: median(&mut wires),
-            throughput_gbps: (cell.memory_mib << 20) as f64 / (total / 1000.0) / 1e9,
-            digest_match: if cell.variant.system() == "qemu" {
-                None
-            } else {
-                digest
-            },
-            source_cpu_s: (!cpu.0.is_empty()).then(|| median(&mut cpu.0)),
-            destination_cpu_s: (!cpu.1.is_empty()).then(|| median(&mut cpu.1)),
-        });
+        let reps = (0..repeat)
+            .filter_map(|rep| {
+                let r = measure(&setting, cell, hosts.get(&cell.link), rep, &bar)?;
+                raw.push(json!({"cell": format!("{cell:?}"), "repetition": rep, "report": r}));
+                Some(r)
+            })
+            .collect::<Vec<_>>();
+        rows.extend(row(cell, &reps));
     }
     bar.finish_with_message(format!("done in {:.0} s", started.elapsed().as_secs_f64()));
     drop(hosts);
@@ -238,7 +121,7 @@ pub fn run(a: &BenchOptions, exe: &Path) -> Result<()> {
         "command": a.command.clone(),
         "commit": git_commit(),
         "machine": machine(),
-        "backend": format!("{backend:?}").to_lowercase(),
+        "backend": backend.name(),
         "repetitions": repeat,
         "duration_s": started.elapsed().as_secs_f64(),
         "physical_limits": limits,
@@ -250,6 +133,121 @@ pub fn run(a: &BenchOptions, exe: &Path) -> Result<()> {
         bail!("a livemig migration ended with a digest mismatch");
     }
     Ok(())
+}
+
+/// memcpy on one core and raw TCP over every link, 1 and 2 streams.
+fn physical_limits(
+    exe: &Path,
+    links: &[Link],
+    hosts: &BTreeMap<Link, NetnsHosts>,
+    bar: &ProgressBar,
+) -> Result<BTreeMap<String, Value>> {
+    bar.set_message("physical limits: memcpy");
+    let mut limits = BTreeMap::new();
+    limits.insert("memcpy_one_core_gbps".to_string(), json!(memcpy_gbps()));
+    bar.inc(1);
+    for &link in links {
+        bar.set_message(format!("physical limits: raw TCP over {}", link.name()));
+        for streams in [1u16, 2] {
+            let bytes = if link == Link::OneGbit {
+                64 << 20
+            } else {
+                1 << 30
+            };
+            let g = raw_tcp_gbps(exe, hosts.get(&link), streams, bytes)?;
+            limits.insert(format!("raw_tcp_{}_x{streams}_gbps", link.name()), json!(g));
+        }
+    }
+    bar.inc(2);
+    Ok(limits)
+}
+
+/// One repetition of a cell: its report, or None (said on the progress bar) when it failed.
+fn measure(
+    s: &Setting<'_>,
+    cell: &Cell,
+    hosts: Option<&NetnsHosts>,
+    rep: usize,
+    bar: &ProgressBar,
+) -> Option<Value> {
+    bar.set_message(format!(
+        "{} {} {} MiB {} rate {} (#{})",
+        cell.variant.label(),
+        cell.link.name(),
+        cell.memory_mib,
+        cell.fill.name(),
+        cell.dirty_rate,
+        rep + 1
+    ));
+    let r = match &cell.variant {
+        Variant::Livemig {
+            channels,
+            compress,
+            reserve,
+        } => run_livemig(s, cell, hosts, (*channels, compress, *reserve)),
+        Variant::Qemu {
+            channels,
+            zstd,
+            prealloc,
+        } => run_qemu(s.work, cell, hosts, *channels, *zstd, *prealloc),
+    };
+    bar.inc(1);
+    match r {
+        Ok(r)
+            if r["total_time_ms"]
+                .as_f64()
+                .is_some_and(|t| t.is_finite() && t > 0.0) =>
+        {
+            Some(r)
+        }
+        Ok(r) => {
+            bar.println(format!("{}: no total time in {r}", cell.variant.label()));
+            None
+        }
+        Err(e) => {
+            bar.println(format!("{}: {e:#}", cell.variant.label()));
+            None
+        }
+    }
+}
+
+/// The row of a cell from its repetitions' reports (None without any).
+fn row(cell: &Cell, reps: &[Value]) -> Option<Row> {
+    if reps.is_empty() {
+        return None;
+    }
+    let col = |k: &str| -> Vec<f64> { reps.iter().filter_map(|r| r[k].as_f64()).collect() };
+    let mut totals = col("total_time_ms");
+    let min = totals.iter().copied().fold(f64::MAX, f64::min);
+    let max = totals.iter().copied().fold(0.0, f64::max);
+    let total = median(&mut totals);
+    let digest = reps
+        .iter()
+        .map(|r| r.get("digest_match").and_then(Value::as_bool))
+        .try_fold(true, |all, d| d.map(|d| all && d));
+    let (mut src_cpu, mut dst_cpu) = (col("source_cpu_s"), col("destination_cpu_s"));
+    Some(Row {
+        system: cell.variant.system().into(),
+        variant: cell.variant.label(),
+        link: cell.link.name().into(),
+        content: cell.fill.name().into(),
+        memory_mib: cell.memory_mib,
+        dirty_rate: cell.dirty_rate,
+        repetitions: reps.len(),
+        total_ms_median: total,
+        total_ms_min: min,
+        total_ms_max: max,
+        downtime_ms_median: median(&mut col("downtime_ms")),
+        bytes_on_wire_median: median(&mut col("bytes_on_wire")),
+        throughput_gbps: (cell.memory_mib << 20) as f64 / (total / 1000.0) / 1e9,
+        digest_match: if cell.variant.system() == "qemu" {
+            None
+        } else {
+            digest
+        },
+        source_cpu_s: (!src_cpu.is_empty()).then(|| median(&mut src_cpu)),
+        destination_cpu_s: (!dst_cpu.is_empty()).then(|| median(&mut dst_cpu)),
+    })
 }
 
 /// Where a livemig cell runs: the binary, a work folder, the key, the backend.

@@ -484,110 +484,17 @@ impl Encoder {
         round: u64,
         codec: Option<Encoding>,
     ) {
-        let pages = (len / PAGE) as u64;
         self.stats.bytes_in += len as u64;
         let use_delta =
             round > 0 && matches!(self.mode, Mode::Delta | Mode::Auto) && self.cache.is_some();
         if use_delta {
-            // Page by page: cached pages as deltas, the rest raw (and cached for next time).
-            let cache = self.cache.clone();
-            let Some(cache) = cache else { return };
-            let mut k = 0usize;
-            while k < len / PAGE {
-                let paddr = addr + (k * PAGE) as u64;
-                // SAFETY: page `k` of the run is readable.
-                let phost = unsafe { host.add(k * PAGE) };
-                if cache.contains(paddr) || self.mode == Mode::Delta {
-                    self.stage.clear();
-                    // SAFETY: page readable; the copy snapshots it so the delta and the cache
-                    // agree even if the guest writes it meanwhile.
-                    self.stage
-                        .extend_from_slice(unsafe { std::slice::from_raw_parts(phost, PAGE) });
-                    self.stats.bytes_staged += PAGE as u64;
-                    let mut d = std::mem::take(&mut self.tmp);
-                    if cache.delta_and_update(paddr, &self.stage, &mut d, PAGE / 2) {
-                        let off = self.out.len();
-                        self.out.extend_from_slice(&d);
-                        self.entries.push(Entry {
-                            addr: paddr,
-                            raw_len: PAGE as u64,
-                            enc_len: d.len() as u64,
-                            encoding: Encoding::Delta,
-                            body: Body::Out(off),
-                        });
-                        self.stats.pages_delta += 1;
-                        self.stats.bytes_out += d.len() as u64;
-                    } else {
-                        // First sight (now cached) or too different: send the snapshot.
-                        let off = self.out.len();
-                        self.out.extend_from_slice(&self.stage);
-                        self.push_raw_out(paddr, off, PAGE);
-                    }
-                    self.tmp = d;
-                } else {
-                    self.push_raw_guest(paddr, phost, PAGE);
-                }
-                k += 1;
-            }
+            // SAFETY: the caller's guarantee.
+            unsafe { self.encode_deltas(addr, host, len) };
             return;
         }
         if let Some(codec) = codec {
-            self.stage.clear();
-            // SAFETY: the run is readable; the snapshot gives the compressor stable bytes.
-            self.stage
-                .extend_from_slice(unsafe { std::slice::from_raw_parts(host, len) });
-            self.stats.bytes_staged += len as u64;
-            let t = Instant::now();
-            let off = self.out.len();
-            let (enc, n) = match (codec, self.zstd.as_mut()) {
-                (Encoding::Zstd, Some(z)) => {
-                    self.out
-                        .resize(off + zstd::zstd_safe::compress_bound(len), 0);
-                    match z.compress_to_buffer(&self.stage, &mut self.out[off..]) {
-                        Ok(n) => (Encoding::Zstd, n),
-                        Err(_) => (Encoding::Raw, usize::MAX),
-                    }
-                }
-                _ => {
-                    self.out
-                        .resize(off + lz4_flex::block::get_maximum_output_size(len), 0);
-                    match lz4_flex::block::compress_into(&self.stage, &mut self.out[off..]) {
-                        Ok(n) => (Encoding::Lz4, n),
-                        Err(_) => (Encoding::Raw, usize::MAX),
-                    }
-                }
-            };
-            let secs = t.elapsed().as_secs_f64();
-            if n != usize::MAX {
-                let m = if enc == Encoding::Zstd {
-                    &mut self.auto.zstd
-                } else {
-                    &mut self.auto.lz4
-                };
-                m.0 = ewma(m.0, len as f64 / secs.max(1e-9));
-                m.1 = ewma(m.1, n as f64 / len as f64);
-            }
-            if n < len - len / 16 {
-                self.out.truncate(off + n);
-                self.entries.push(Entry {
-                    addr,
-                    raw_len: len as u64,
-                    enc_len: n as u64,
-                    encoding: enc,
-                    body: Body::Out(off),
-                });
-                if enc == Encoding::Zstd {
-                    self.stats.pages_zstd += pages;
-                } else {
-                    self.stats.pages_lz4 += pages;
-                }
-                self.stats.bytes_out += n as u64;
-                return;
-            }
-            // Not worth it: send the staged copy (already stable) raw.
-            self.out.truncate(off);
-            self.out.extend_from_slice(&self.stage);
-            self.push_raw_out(addr, off, len);
+            // SAFETY: the caller's guarantee.
+            unsafe { self.compress_run(addr, host, len, codec) };
             return;
         }
         if self.mode == Mode::Auto && round > 0 {
@@ -601,6 +508,115 @@ impl Encoder {
             }
         }
         self.push_raw_guest(addr, host, len);
+    }
+
+    /// Page by page: cached pages as deltas, the rest raw (and cached for next time).
+    ///
+    /// # Safety
+    /// `host..host + len` must be readable.
+    unsafe fn encode_deltas(&mut self, addr: u64, host: *const u8, len: usize) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        for k in 0..len / PAGE {
+            let paddr = addr + (k * PAGE) as u64;
+            // SAFETY: page `k` of the run is readable.
+            let phost = unsafe { host.add(k * PAGE) };
+            if !(cache.contains(paddr) || self.mode == Mode::Delta) {
+                self.push_raw_guest(paddr, phost, PAGE);
+                continue;
+            }
+            self.stage.clear();
+            // SAFETY: page readable; the copy snapshots it so the delta and the cache agree
+            // even if the guest writes it meanwhile.
+            self.stage
+                .extend_from_slice(unsafe { std::slice::from_raw_parts(phost, PAGE) });
+            self.stats.bytes_staged += PAGE as u64;
+            let mut d = std::mem::take(&mut self.tmp);
+            if cache.delta_and_update(paddr, &self.stage, &mut d, PAGE / 2) {
+                let off = self.out.len();
+                self.out.extend_from_slice(&d);
+                self.entries.push(Entry {
+                    addr: paddr,
+                    raw_len: PAGE as u64,
+                    enc_len: d.len() as u64,
+                    encoding: Encoding::Delta,
+                    body: Body::Out(off),
+                });
+                self.stats.pages_delta += 1;
+                self.stats.bytes_out += d.len() as u64;
+            } else {
+                // First sight (now cached) or too different: send the snapshot.
+                let off = self.out.len();
+                self.out.extend_from_slice(&self.stage);
+                self.push_raw_out(paddr, off, PAGE);
+            }
+            self.tmp = d;
+        }
+    }
+
+    /// Compresses a snapshot of the run with `codec`; sends it raw when that does not pay.
+    ///
+    /// # Safety
+    /// `host..host + len` must be readable.
+    unsafe fn compress_run(&mut self, addr: u64, host: *const u8, len: usize, codec: Encoding) {
+        let pages = (len / PAGE) as u64;
+        self.stage.clear();
+        // SAFETY: the run is readable; the snapshot gives the compressor stable bytes.
+        self.stage
+            .extend_from_slice(unsafe { std::slice::from_raw_parts(host, len) });
+        self.stats.bytes_staged += len as u64;
+        let t = Instant::now();
+        let off = self.out.len();
+        let (enc, n) = match (codec, self.zstd.as_mut()) {
+            (Encoding::Zstd, Some(z)) => {
+                self.out
+                    .resize(off + zstd::zstd_safe::compress_bound(len), 0);
+                match z.compress_to_buffer(&self.stage, &mut self.out[off..]) {
+                    Ok(n) => (Encoding::Zstd, n),
+                    Err(_) => (Encoding::Raw, usize::MAX),
+                }
+            }
+            _ => {
+                self.out
+                    .resize(off + lz4_flex::block::get_maximum_output_size(len), 0);
+                match lz4_flex::block::compress_into(&self.stage, &mut self.out[off..]) {
+                    Ok(n) => (Encoding::Lz4, n),
+                    Err(_) => (Encoding::Raw, usize::MAX),
+                }
+            }
+        };
+        let secs = t.elapsed().as_secs_f64();
+        if n != usize::MAX {
+            let m = if enc == Encoding::Zstd {
+                &mut self.auto.zstd
+            } else {
+                &mut self.auto.lz4
+            };
+            m.0 = ewma(m.0, len as f64 / secs.max(1e-9));
+            m.1 = ewma(m.1, n as f64 / len as f64);
+        }
+        if n < len - len / 16 {
+            self.out.truncate(off + n);
+            self.entries.push(Entry {
+                addr,
+                raw_len: len as u64,
+                enc_len: n as u64,
+                encoding: enc,
+                body: Body::Out(off),
+            });
+            if enc == Encoding::Zstd {
+                self.stats.pages_zstd += pages;
+            } else {
+                self.stats.pages_lz4 += pages;
+            }
+            self.stats.bytes_out += n as u64;
+            return;
+        }
+        // Not worth it: send the staged copy (already stable) raw.
+        self.out.truncate(off);
+        self.out.extend_from_slice(&self.stage);
+        self.push_raw_out(addr, off, len);
     }
 
     fn push_raw_guest(&mut self, addr: u64, host: *const u8, len: usize) {

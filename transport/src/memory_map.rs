@@ -74,11 +74,6 @@ impl MemoryMap {
         }
         Err(oob)
     }
-
-    /// Total registered bytes.
-    pub fn total_len(&self) -> u64 {
-        self.regions.iter().map(|r| r.len).sum()
-    }
 }
 
 #[cfg(test)]

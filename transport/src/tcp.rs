@@ -233,6 +233,15 @@ impl DataSender {
     }
 }
 
+/// One checked entry of an incoming message.
+struct Incoming {
+    addr: u64,
+    raw_len: u64,
+    enc_len: u64,
+    encoding: Encoding,
+    host: *mut u8,
+}
+
 /// Receiving end of a data channel.
 #[derive(Debug)]
 pub struct DataReceiver {
@@ -299,38 +308,53 @@ impl DataReceiver {
         count: usize,
         value: u64,
     ) -> Result<Received, TransportError> {
-        let bad = |reason: String| TransportError::Malformed {
-            peer: self.peer.clone(),
-            reason,
-        };
         if count == 0 || count > MAX_EXTENTS {
-            return Err(bad(format!(
+            return Err(self.bad(format!(
                 "{count} entries in one message (1..={MAX_EXTENTS})"
             )));
         }
         if value > MAX_MESSAGE_BYTES {
-            return Err(bad(format!(
+            return Err(self.bad(format!(
                 "{value} body bytes exceed the {MAX_MESSAGE_BYTES} cap"
             )));
         }
-        let table = &mut self.table[..count * ENCODED_ENTRY_LEN];
         read_exact(
             &mut self.stream,
-            table,
+            &mut self.table[..count * ENCODED_ENTRY_LEN],
             &self.peer,
             "reading an encoded entry table",
         )?;
-        // Validate every entry before touching memory.
+        let (entries, scratch_len) = self.check_table(map, count, value)?;
+        self.read_bodies(&entries, scratch_len)?;
+        self.place(&entries, landed)?;
+        Ok(Received::Extents { bytes: value })
+    }
+
+    fn bad(&self, reason: String) -> TransportError {
+        TransportError::Malformed {
+            peer: self.peer.clone(),
+            reason,
+        }
+    }
+
+    /// Validates every entry of the table before anything touches memory; returns them with
+    /// the scratch space their encoded bodies need.
+    fn check_table(
+        &self,
+        map: &MemoryMap,
+        count: usize,
+        value: u64,
+    ) -> Result<(Vec<Incoming>, usize), TransportError> {
         let mut entries = Vec::with_capacity(count);
         let mut body_sum = 0u64;
         let mut scratch_len = 0usize;
-        for e in table.chunks_exact(ENCODED_ENTRY_LEN) {
+        for e in self.table[..count * ENCODED_ENTRY_LEN].chunks_exact(ENCODED_ENTRY_LEN) {
             let addr = u64::from_le_bytes(e[0..8].try_into().unwrap_or_default());
             let raw_len = u64::from(u32::from_le_bytes(e[8..12].try_into().unwrap_or_default()));
             let enc_len = u64::from(u32::from_le_bytes(e[12..16].try_into().unwrap_or_default()));
             let pad = &e[17..24];
             let Some(encoding) = Encoding::from_u8(e[16]) else {
-                return Err(bad(format!("unknown page encoding {}", e[16])));
+                return Err(self.bad(format!("unknown page encoding {}", e[16])));
             };
             let ok = pad.iter().all(|&b| b == 0)
                 && raw_len > 0
@@ -345,7 +369,7 @@ impl DataReceiver {
                     Encoding::Delta => raw_len == PAGE as u64 && enc_len <= 2 * PAGE as u64,
                 };
             if !ok {
-                return Err(bad(format!(
+                return Err(self.bad(format!(
                     "bad {encoding:?} entry {addr:#x}: {raw_len} bytes encoded in {enc_len}"
                 )));
             }
@@ -354,35 +378,49 @@ impl DataReceiver {
             if !matches!(encoding, Encoding::Raw | Encoding::Zero) {
                 scratch_len += enc_len as usize;
             }
-            entries.push((addr, raw_len, enc_len, encoding, host));
+            entries.push(Incoming {
+                addr,
+                raw_len,
+                enc_len,
+                encoding,
+                host,
+            });
         }
         if body_sum != value {
-            return Err(bad(format!(
+            return Err(self.bad(format!(
                 "entry bodies add up to {body_sum}, header says {value}"
             )));
         }
-        // One readv: raw bodies straight into guest memory, encoded ones into scratch.
+        Ok((entries, scratch_len))
+    }
+
+    /// One readv: raw bodies straight into guest memory, encoded ones into scratch.
+    fn read_bodies(
+        &mut self,
+        entries: &[Incoming],
+        scratch_len: usize,
+    ) -> Result<(), TransportError> {
         self.scratch.resize(scratch_len, 0);
-        let mut iov = Vec::with_capacity(count);
+        let mut iov = Vec::with_capacity(entries.len());
         let mut off = 0usize;
-        for &(_, _, enc_len, encoding, host) in &entries {
-            match encoding {
+        for e in entries {
+            match e.encoding {
                 Encoding::Zero => {}
                 Encoding::Raw => iov.push(libc::iovec {
-                    iov_base: host.cast(),
-                    iov_len: enc_len as usize,
+                    iov_base: e.host.cast(),
+                    iov_len: e.enc_len as usize,
                 }),
                 _ => {
                     iov.push(libc::iovec {
                         iov_base: self.scratch[off..].as_mut_ptr().cast(),
-                        iov_len: enc_len as usize,
+                        iov_len: e.enc_len as usize,
                     });
-                    off += enc_len as usize;
+                    off += e.enc_len as usize;
                 }
             }
         }
-        // SAFETY: raw iovecs point into registered memory (bounds checked above); the others
-        // into `self.scratch`, sized to hold every encoded body.
+        // SAFETY: raw iovecs point into registered memory (bounds checked in check_table);
+        // the others into `self.scratch`, sized to hold every encoded body.
         unsafe { transfer(self.stream.as_raw_fd(), &mut iov, Dir::Read) }.map_err(|source| {
             if source.kind() == std::io::ErrorKind::UnexpectedEof {
                 TransportError::Closed {
@@ -396,41 +434,50 @@ impl DataReceiver {
                     source,
                 }
             }
-        })?;
+        })
+    }
+
+    /// Decodes the encoded bodies into place and records what landed.
+    fn place(&mut self, entries: &[Incoming], landed: &mut Landed) -> Result<(), TransportError> {
         let mut off = 0usize;
-        for (addr, raw_len, enc_len, encoding, host) in entries {
-            match encoding {
+        for e in entries {
+            let (addr, raw_len) = (e.addr, e.raw_len);
+            match e.encoding {
                 Encoding::Zero => landed.zero.push((addr, raw_len)),
                 Encoding::Raw => landed.data.push((addr, raw_len)),
-                _ => {
-                    let body = &self.scratch[off..off + enc_len as usize];
-                    off += enc_len as usize;
+                encoding => {
+                    let body = &self.scratch[off..off + e.enc_len as usize];
+                    off += e.enc_len as usize;
                     // Decode into a page-sized staging buffer first: a corrupt body is an
                     // error that leaves the destination range untouched.
                     self.decoded.resize(raw_len as usize, 0);
                     if encoding == Encoding::Delta {
-                        // SAFETY: `host..host + raw_len` is registered memory (checked above)
-                        // that only this receiver writes meanwhile.
-                        let old = unsafe { std::slice::from_raw_parts(host, raw_len as usize) };
+                        // SAFETY: `host..host + raw_len` is registered memory (checked in
+                        // check_table) that only this receiver writes meanwhile.
+                        let old = unsafe { std::slice::from_raw_parts(e.host, raw_len as usize) };
                         self.decoded.copy_from_slice(old);
                     }
                     let r = match encoding {
                         Encoding::Delta => codec::delta_apply(body, &mut self.decoded),
                         c => codec::decompress_into(c, body, &mut self.decoded),
                     };
-                    r.map_err(|e| TransportError::Malformed {
+                    r.map_err(|err| TransportError::Malformed {
                         peer: self.peer.clone(),
-                        reason: format!("entry {addr:#x}: {e}"),
+                        reason: format!("entry {addr:#x}: {err}"),
                     })?;
                     // SAFETY: as above; the source buffer is ours and does not overlap it.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(self.decoded.as_ptr(), host, raw_len as usize)
+                        std::ptr::copy_nonoverlapping(
+                            self.decoded.as_ptr(),
+                            e.host,
+                            raw_len as usize,
+                        )
                     };
                     landed.data.push((addr, raw_len));
                 }
             }
         }
-        Ok(Received::Extents { bytes: value })
+        Ok(())
     }
 
     /// The underlying stream (for shutdown or timeouts).

@@ -7,10 +7,10 @@
 //! arrives: TCP receivers are stopped and joined, RDMA access is revoked, before anything
 //! here reads or runs on that RAM.
 //!
-//! A migration is a [`Session`] taken through its phases, one room each: [`handshake`]
-//! (versions, key, configuration, limits, the VM skeleton), [`channels`] (accepting the data
-//! plane: TCP data connections or RDMA queue pairs, behind [`channels::IncomingPlane`]),
-//! [`receive`] (the TCP receivers and their round barrier) and [`switchover`] (device state,
+//! A migration is a `Session` taken through its phases, one room each: `handshake`
+//! (versions, key, configuration, limits, the VM skeleton), `channels` (accepting the data
+//! plane: TCP data connections or RDMA queue pairs, behind `channels::IncomingPlane`),
+//! `receive` (the TCP receivers and their round barrier) and `switchover` (device state,
 //! Prepared, Commit, resume).
 
 mod channels;

@@ -261,7 +261,7 @@ enum HashJob {
 
 fn spawn_receiver(
     index: usize,
-    mut rx: DataReceiver,
+    rx: DataReceiver,
     map: MemoryMap,
     hashes: Arc<PageHashes>,
     shared: Arc<Shared>,
@@ -275,105 +275,22 @@ fn spawn_receiver(
             if let Some(cores) = core_affinity::get_core_ids().filter(|c| !c.is_empty()) {
                 core_affinity::set_for_current(cores[cores.len() - 1 - index % cores.len()]);
             }
-            // Page hashing runs beside the receiver, in the time the receiver waits on its
-            // socket; each round's hashing finishes before the receiver reaches the round's
-            // barrier, so no page is hashed while a later round rewrites it.
-            let (jobs, job_rx) = crossbeam_channel::bounded::<HashJob>(8);
-            let hasher = {
-                let map = map.clone();
-                let hashes = hashes.clone();
-                std::thread::Builder::new()
-                    .name(format!("livemig-hash{index}"))
-                    .spawn(move || {
-                        let mut cpu = thread_cpu_ns();
-                        for job in job_rx {
-                            match job {
-                                HashJob::Pages(ranges) => {
-                                    for (gpa, len) in ranges {
-                                        if let Ok(host) = map.host_ptr(gpa, len) {
-                                            // SAFETY: the receiver wrote this range in the
-                                            // current round and nothing writes it again
-                                            // before the round's barrier, which waits for
-                                            // this job (Flush below).
-                                            unsafe { hashes.update(gpa, len, host) };
-                                        }
-                                    }
-                                }
-                                HashJob::Flush(done) => {
-                                    let now = thread_cpu_ns();
-                                    let _ = done.send(now - cpu);
-                                    cpu = now;
-                                }
-                            }
-                        }
-                    })
-            };
-            let Ok(hasher) = hasher else {
+            let Ok((jobs, hasher)) = spawn_hasher(index, map.clone(), hashes.clone()) else {
                 shared.fail(format!("channel {index}: cannot start its hashing thread"));
                 return;
             };
-            let mut landed = Landed::default();
-            let mut expected_round = 0u64;
-            let mut cpu = thread_cpu_ns();
-            let result = loop {
-                landed.clear();
-                match rx.recv(&map, &mut landed) {
-                    Ok(Received::Extents { .. }) => {
-                        let mut pages = 0;
-                        for &(_, len) in &landed.data {
-                            pages += len / PAGE_SIZE;
-                        }
-                        if !landed.data.is_empty()
-                            && jobs
-                                .send(HashJob::Pages(std::mem::take(&mut landed.data)))
-                                .is_err()
-                        {
-                            break Err(format!("channel {index}: hashing thread stopped"));
-                        }
-                        for &(gpa, len) in &landed.zero {
-                            // Zero pages were not written by the transport: clear the ones an
-                            // earlier round filled (fresh RAM is zero already).
-                            hashes.clear_nonzero(gpa, len, |start, bytes| {
-                                if let Ok(host) = map.host_ptr(start, bytes) {
-                                    // SAFETY: inside registered RAM, written only by this
-                                    // receiver until the next barrier.
-                                    unsafe { std::ptr::write_bytes(host, 0, bytes as usize) };
-                                }
-                            });
-                            pages += len / PAGE_SIZE;
-                        }
-                        shared.pages.fetch_add(pages, Ordering::Relaxed);
-                    }
-                    Ok(Received::Marker(round)) => {
-                        if round != expected_round {
-                            break Err(format!(
-                                "channel {index}: round marker {round}, expected {expected_round}"
-                            ));
-                        }
-                        expected_round += 1;
-                        // The round's pages are hashed before this channel reaches the barrier.
-                        let (done, wait) = crossbeam_channel::bounded(1);
-                        let hash_cpu = match jobs
-                            .send(HashJob::Flush(done))
-                            .ok()
-                            .and_then(|()| wait.recv().ok())
-                        {
-                            Some(ns) => ns,
-                            None => break Err(format!("channel {index}: hashing thread stopped")),
-                        };
-                        let now = thread_cpu_ns();
-                        shared
-                            .cpu_ns
-                            .fetch_add(now - cpu + hash_cpu, Ordering::Relaxed);
-                        cpu = now;
-                        if shared.arrive(round).is_err() {
-                            break Ok(());
-                        }
-                    }
-                    Err(e) => break Err(format!("channel {index}: {e}")),
-                }
+            let mut r = Receiver {
+                index,
+                rx,
+                map,
+                hashes,
+                shared: shared.clone(),
+                jobs,
+                expected_round: 0,
+                cpu: thread_cpu_ns(),
             };
-            drop(jobs);
+            let result = r.run();
+            drop(r);
             let _ = hasher.join();
             if let Err(e) = result {
                 shared.fail(e);
@@ -382,6 +299,129 @@ fn spawn_receiver(
         .map_err(|e| {
             MigrationError::DataChannel(format!("cannot start receiver thread {index}: {e}"))
         })
+}
+
+/// Page hashing runs beside the receiver, in the time the receiver waits on its socket; each
+/// round's hashing finishes before the receiver reaches the round's barrier, so no page is
+/// hashed while a later round rewrites it.
+fn spawn_hasher(
+    index: usize,
+    map: MemoryMap,
+    hashes: Arc<PageHashes>,
+) -> std::io::Result<(crossbeam_channel::Sender<HashJob>, JoinHandle<()>)> {
+    let (jobs, job_rx) = crossbeam_channel::bounded::<HashJob>(8);
+    let handle = std::thread::Builder::new()
+        .name(format!("livemig-hash{index}"))
+        .spawn(move || {
+            let mut cpu = thread_cpu_ns();
+            for job in job_rx {
+                match job {
+                    HashJob::Pages(ranges) => {
+                        for (gpa, len) in ranges {
+                            if let Ok(host) = map.host_ptr(gpa, len) {
+                                // SAFETY: the receiver wrote this range in the current round
+                                // and nothing writes it again before the round's barrier,
+                                // which waits for this job (Flush below).
+                                unsafe { hashes.update(gpa, len, host) };
+                            }
+                        }
+                    }
+                    HashJob::Flush(done) => {
+                        let now = thread_cpu_ns();
+                        let _ = done.send(now - cpu);
+                        cpu = now;
+                    }
+                }
+            }
+        })?;
+    Ok((jobs, handle))
+}
+
+/// One data connection's receiving loop.
+struct Receiver {
+    index: usize,
+    rx: DataReceiver,
+    map: MemoryMap,
+    hashes: Arc<PageHashes>,
+    shared: Arc<Shared>,
+    jobs: crossbeam_channel::Sender<HashJob>,
+    expected_round: u64,
+    cpu: u64,
+}
+
+impl Receiver {
+    /// Receives until the migration finishes (`Ok`) or this channel fails (`Err`).
+    fn run(&mut self) -> Result<(), String> {
+        let mut landed = Landed::default();
+        loop {
+            landed.clear();
+            match self.rx.recv(&self.map, &mut landed) {
+                Ok(Received::Extents { .. }) => self.landed(&mut landed)?,
+                Ok(Received::Marker(round)) => {
+                    if !self.marker(round)? {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(format!("channel {}: {e}", self.index)),
+            }
+        }
+    }
+
+    /// Pages landed: data goes to the hasher, zero ranges are cleared where an earlier round
+    /// filled them.
+    fn landed(&mut self, landed: &mut Landed) -> Result<(), String> {
+        let mut pages: u64 = landed.data.iter().map(|&(_, len)| len / PAGE_SIZE).sum();
+        if !landed.data.is_empty()
+            && self
+                .jobs
+                .send(HashJob::Pages(std::mem::take(&mut landed.data)))
+                .is_err()
+        {
+            return Err(format!("channel {}: hashing thread stopped", self.index));
+        }
+        for &(gpa, len) in &landed.zero {
+            // Zero pages were not written by the transport: clear the ones an earlier round
+            // filled (fresh RAM is zero already).
+            let map = &self.map;
+            self.hashes.clear_nonzero(gpa, len, |start, bytes| {
+                if let Ok(host) = map.host_ptr(start, bytes) {
+                    // SAFETY: inside registered RAM, written only by this receiver until the
+                    // next barrier.
+                    unsafe { std::ptr::write_bytes(host, 0, bytes as usize) };
+                }
+            });
+            pages += len / PAGE_SIZE;
+        }
+        self.shared.pages.fetch_add(pages, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The marker of `round`: its pages are hashed, then this channel meets the others at the
+    /// barrier. False once the migration finished.
+    fn marker(&mut self, round: u64) -> Result<bool, String> {
+        if round != self.expected_round {
+            return Err(format!(
+                "channel {}: round marker {round}, expected {}",
+                self.index, self.expected_round
+            ));
+        }
+        self.expected_round += 1;
+        let (done, wait) = crossbeam_channel::bounded(1);
+        let Some(hash_cpu) = self
+            .jobs
+            .send(HashJob::Flush(done))
+            .ok()
+            .and_then(|()| wait.recv().ok())
+        else {
+            return Err(format!("channel {}: hashing thread stopped", self.index));
+        };
+        let now = thread_cpu_ns();
+        self.shared
+            .cpu_ns
+            .fetch_add(now - self.cpu + hash_cpu, Ordering::Relaxed);
+        self.cpu = now;
+        Ok(self.shared.arrive(round).is_ok())
+    }
 }
 
 /// [`ram_digest`] (same value), computed on every core: it runs inside the downtime. Returns

@@ -152,15 +152,6 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// Checks `sections` as [`DeviceManager::restore_all`] would, restoring nothing.
-    pub fn check_all(&self, sections: &[DeviceSection]) -> Result<(), VmError> {
-        let shares = self.route(sections)?;
-        for (d, share) in self.devices.iter().zip(&shares) {
-            d.check(share)?;
-        }
-        Ok(())
-    }
-
     fn route<'a>(
         &self,
         sections: &'a [DeviceSection],

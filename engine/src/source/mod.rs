@@ -6,11 +6,11 @@
 //! - between pause and commit, a failure resumes it on the source;
 //! - once Commit is sent, the source never resumes it: a lost answer is "outcome unknown".
 //!
-//! A migration is a [`Session`] taken through its phases, one room each: [`handshake`]
-//! (connect, versions, key, configuration, the transport decision), [`channels`] (the data
-//! plane: TCP connections or RDMA queue pairs behind [`channels::OutgoingPlane`], both
-//! feeding the same page scheduler), [`precopy`] (rounds while the guest runs) and
-//! [`switchover`] (pause, last round, device state, commit, report).
+//! A migration is a `Session` taken through its phases, one room each: `handshake`
+//! (connect, versions, key, configuration, the transport decision), `channels` (the data
+//! plane: TCP connections or RDMA queue pairs behind `channels::OutgoingPlane`, both
+//! feeding the same page scheduler), `precopy` (rounds while the guest runs) and
+//! `switchover` (pause, last round, device state, commit, report).
 
 mod channels;
 mod handshake;

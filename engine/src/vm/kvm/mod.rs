@@ -2,7 +2,7 @@
 //!
 //! A `KvmVm` owns a KVM VM with an in-kernel irqchip (LAPIC, PIC, IOAPIC), one memory slot per
 //! RAM region (slot `i` = region `i` of the [`GuestRam`]) and one thread per vCPU running the
-//! guest program of [`super::guest`]. It owns the vCPU threads and the KVM file descriptors;
+//! guest program of [`super::builtin_guest`]. It owns the vCPU threads and the KVM file descriptors;
 //! guest RAM is shared with the migration engine, which reads and writes it in place.
 //!
 //! Rooms: [`vcpu`] (the vCPU threads: run loop, pacing, pause), [`state`] (KVM state as
