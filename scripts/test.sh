@@ -12,6 +12,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
+echo "== cargo doc (no warnings)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
 echo "== cargo test (release: KVM guests and page copies are slow in debug builds)"
 cargo test --workspace --release -- --test-threads=2 --skip fault_matrix
 echo "== fault matrix (prints its table of cases and outcomes)"
