@@ -8,8 +8,13 @@
 //! vm-memory's dirty bitmap. Adding a device = its own file + one `register` line in the VMM
 //! that builds it.
 //!
-//! What this module must not touch: KVM file descriptors and guest RAM. The devices that use
-//! them (see `crate::vm::kvm::state`) hold what they need.
+//! Rooms: [`bus`] (port and MMIO dispatch), [`uart`] (COM1 and the console), [`acpi`] (the
+//! ACPI tables and power registers), [`virtio`] (the virtio-mmio transport with block, net and
+//! rng backends). The KVM state devices live with the VMM (`crate::vm::kvm::state`).
+//!
+//! What this module must not touch: KVM file descriptors. Devices reach guest RAM through
+//! vm-memory only (so their writes are in the dirty bitmap) and raise interrupts through
+//! [`IrqLine`]s the VMM registers.
 //!
 //! ```
 //! use livemig_engine::devices::{DeviceManager, MigratableDevice};
@@ -53,10 +58,56 @@
 //! assert!(b.restore_all(&bad).is_err());
 //! ```
 
+pub mod acpi;
+pub mod bus;
+pub mod uart;
+pub mod virtio;
+
 use std::sync::Arc;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::dirty::DirtyBitmap;
 use crate::vm::{DeviceSection, VmError};
+
+/// An interrupt line of the in-kernel irqchip: an eventfd the VMM registers as an irqfd for
+/// `gsi`; raising it never involves a vCPU thread.
+#[derive(Clone)]
+pub struct IrqLine {
+    evt: Arc<EventFd>,
+    gsi: u32,
+}
+
+impl std::fmt::Debug for IrqLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IrqLine(gsi {})", self.gsi)
+    }
+}
+
+impl IrqLine {
+    /// A line for `gsi` (not yet registered with KVM).
+    pub fn new(gsi: u32) -> std::io::Result<IrqLine> {
+        Ok(IrqLine {
+            evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            gsi,
+        })
+    }
+
+    /// Raises the interrupt (an edge).
+    pub fn trigger(&self) -> std::io::Result<()> {
+        self.evt.write(1)
+    }
+
+    /// The eventfd to register as an irqfd.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// The GSI it raises.
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+}
 
 /// A piece of VM state that migrates.
 ///
