@@ -6,6 +6,7 @@
 mod bench;
 mod client;
 mod demo;
+mod linux_cli;
 mod rdma_cli;
 mod vm_process;
 
@@ -40,6 +41,8 @@ enum Command {
     Migrate(client::MigrateArgs),
     /// Show a VM's state and its last migration.
     Status(SocketArg),
+    /// Attach to a VM's console (or type one line on it with --send).
+    Console(linux_cli::ConsoleCmd),
     /// Cancel the migration a VM is running (the VM keeps running on the source).
     Cancel(SocketArg),
     /// Stop a VM process.
@@ -110,6 +113,8 @@ struct RunVmArgs {
     #[command(flatten)]
     vm: VmArgs,
     #[command(flatten)]
+    linux: linux_cli::LinuxArgs,
+    #[command(flatten)]
     auth: AuthArgs,
 }
 
@@ -168,6 +173,8 @@ struct ReceiveArgs {
     /// address in the source's subnet, else the first active one); see `livemig rdma devices`.
     #[arg(long)]
     rdma_device: Option<String>,
+    #[command(flatten)]
+    host: linux_cli::HostArgs,
     /// Exit as soon as the VM runs here, stopping it (for tests and demos).
     #[arg(long)]
     exit_after_resume: bool,
@@ -203,11 +210,12 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(a) => demo::run(a),
-        Command::RunVm(a) => vm_process::run_vm(&a.socket, &a.vm, a.auth.load()?),
+        Command::RunVm(a) => vm_process::run_vm(&a, a.auth.load()?),
         Command::Receive(a) => vm_process::receive(&a),
         Command::Rdma(a) => rdma_cli::run(&a),
         Command::Migrate(a) => client::migrate(&a),
         Command::Status(a) => client::simple(&a.vm, &Request::Status),
+        Command::Console(a) => linux_cli::console(&a),
         Command::Cancel(a) => client::simple(&a.vm, &Request::Cancel),
         Command::Stop(a) => client::simple(&a.vm, &Request::Stop),
         Command::Bench(a) => bench::run(a),

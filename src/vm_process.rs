@@ -12,19 +12,21 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use livemig_engine::auth::Key;
 use livemig_engine::control::{
-    CancelReply, ErrorReply, Event, MigrateRequest, Request, StatusReply, StopReply,
+    CancelReply, ErrorReply, Event, MigrateRequest, OkReply, Request, StatusReply, StopReply,
     MAX_REQUEST_BYTES,
 };
 use livemig_engine::destination::{self, IncomingOptions};
 use livemig_engine::memory::{GuestRam, Populate, RamLayout};
 use livemig_engine::session::MigrationError;
 use livemig_engine::source;
-use livemig_engine::vm::kvm::KvmVm;
+use livemig_engine::vm::kvm::{HostResources, KvmVm};
 use livemig_engine::vm::memory_only::MemoryVm;
-use livemig_engine::vm::{builtin_guest, Backend, MigratableVm, VmConfig, VmError, VmSpec};
+use livemig_engine::vm::{
+    builtin_guest, Backend, GuestExit, MigratableVm, VmConfig, VmError, VmSpec,
+};
 use serde_json::{json, Value};
 
-use crate::{ReceiveArgs, VmArgs};
+use crate::{ReceiveArgs, RunVmArgs};
 
 /// Builds and starts the source VM.
 pub fn launch(spec: &VmSpec, backend: Backend) -> Result<Arc<dyn MigratableVm>> {
@@ -37,36 +39,76 @@ pub fn launch(spec: &VmSpec, backend: Backend) -> Result<Arc<dyn MigratableVm>> 
     })
 }
 
-/// Builds incoming VMs on `backend` (each backend refuses another's machine).
+/// Builds incoming VMs on `backend` (each backend refuses another's machine), their devices
+/// on `host`'s resources.
 fn factory(
     backend: Backend,
+    host: HostResources,
 ) -> impl Fn(&VmConfig, GuestRam) -> Result<Arc<dyn MigratableVm>, VmError> {
     move |config, ram| -> Result<Arc<dyn MigratableVm>, VmError> {
         Ok(match backend {
-            Backend::Kvm => Arc::new(KvmVm::new_incoming(config, ram)?),
+            Backend::Kvm => Arc::new(KvmVm::new_incoming(config, ram, &host)?),
             Backend::Memory => Arc::new(MemoryVm::new_incoming(config, ram)?),
         })
     }
 }
 
 /// `livemig run-vm`.
-pub fn run_vm(socket: &Path, args: &VmArgs, key: Option<Key>) -> Result<()> {
-    let spec = args.spec();
-    let vm = launch(&spec, args.backend)?;
+pub fn run_vm(args: &RunVmArgs, key: Option<Key>) -> Result<()> {
+    let socket = &args.socket;
+    let vm: Arc<dyn MigratableVm> = match args.linux.spec(args.vm.memory, args.vm.vcpus)? {
+        Some(spec) => {
+            if args.vm.backend != Backend::Kvm {
+                bail!("a Linux kernel runs on the kvm backend only");
+            }
+            Arc::new(KvmVm::boot_linux(&spec).context("booting the Linux VM; nothing was started")?)
+        }
+        None => launch(&args.vm.spec(), args.vm.backend)?,
+    };
     let listener = bind(socket)?;
+    let config = vm.config();
     println!(
-        "livemig: VM running ({} MiB, {} vCPU, {} backend), control socket {}",
-        spec.memory_mib,
-        spec.vcpus,
-        args.backend,
+        "livemig: VM running ({} MiB, {} vCPU, {} backend{}), control socket {}",
+        config.layout.total_bytes() >> 20,
+        config.vcpus,
+        args.vm.backend,
+        if args.linux.kernel.is_some() {
+            ", Linux"
+        } else {
+            ""
+        },
         socket.display()
     );
     let _ = std::io::stdout().flush();
+    watch_guest_exit(vm.clone(), Some(socket.to_path_buf()));
     serve(
         listener,
         socket,
         Arc::new(VmProcess::new(vm, "running", key)),
     )
+}
+
+/// Ends the process when the guest powers off (status 0) or resets (a VM reboot ends it too),
+/// removing the control socket.
+fn watch_guest_exit(vm: Arc<dyn MigratableVm>, socket: Option<std::path::PathBuf>) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(e) = vm.guest_exit() {
+            println!(
+                "livemig: the guest {}; the VM has stopped",
+                match e {
+                    GuestExit::PowerOff => "powered off",
+                    GuestExit::Reset => "rebooted (livemig ends the VM on reboot)",
+                }
+            );
+            let _ = std::io::stdout().flush();
+            vm.shutdown();
+            if let Some(s) = &socket {
+                let _ = std::fs::remove_file(s);
+            }
+            std::process::exit(0);
+        }
+    });
 }
 
 /// `livemig receive`.
@@ -85,7 +127,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
     let sock_listener = args.socket.as_deref().map(bind).transpose()?;
     println!("livemig: listening on {local}");
     let _ = std::io::stdout().flush();
-    let make = factory(args.backend);
+    let make = factory(args.backend, args.host.resources()?);
     let incoming = destination::receive(
         &listener,
         IncomingOptions {
@@ -125,6 +167,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         incoming.vm.shutdown();
         return Ok(());
     }
+    watch_guest_exit(incoming.vm.clone(), args.socket.clone());
     let process = Arc::new(VmProcess::new(incoming.vm, "running", key));
     match (sock_listener, &args.socket) {
         (Some(l), Some(path)) => serve(l, path, process),
@@ -246,7 +289,38 @@ fn handle(conn: UnixStream, p: &Arc<VmProcess>, path: &Path) -> Result<()> {
             std::process::exit(0);
         }
         Request::Migrate(m) => migrate(&m, p, &mut out),
+        Request::Console => stream_console(p, &mut out),
+        Request::ConsoleInput { text } => {
+            if p.vm.console_input(text.as_bytes()) {
+                reply(&mut out, &OkReply { ok: true })
+            } else {
+                reply(
+                    &mut out,
+                    &ErrorReply {
+                        error: "this VM has no console, or too much input is pending".into(),
+                    },
+                )
+            }
+        }
     }
+}
+
+/// The guest's console output so far, then live, until the client goes away.
+fn stream_console(p: &Arc<VmProcess>, out: &mut UnixStream) -> Result<()> {
+    let Some(console) = p.vm.console() else {
+        return reply(
+            out,
+            &ErrorReply {
+                error: "this VM has no console (the built-in guest)".into(),
+            },
+        );
+    };
+    let (history, live) = console.subscribe();
+    out.write_all(&history)?;
+    for chunk in live {
+        out.write_all(&chunk)?;
+    }
+    Ok(())
 }
 
 fn migrate(req: &MigrateRequest, p: &Arc<VmProcess>, out: &mut UnixStream) -> Result<()> {

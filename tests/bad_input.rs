@@ -290,3 +290,69 @@ fn a_silent_source_cannot_hold_the_destination() {
     let (code, err) = rx.wait_exit(Duration::from_secs(30));
     assert_clean_error(code, &err, "sent neither pages nor device state");
 }
+
+/// A Linux VM with a bad kernel, initrd, disk or tap is refused with one clear error naming it,
+/// before anything starts (no control socket, no VM).
+#[test]
+fn a_linux_vm_with_bad_files_or_devices_is_refused_before_anything_starts() {
+    let dir = tmpdir("linux-bad");
+    let junk = dir.join("junk");
+    std::fs::write(&junk, vec![0x42u8; 4096]).unwrap();
+    let kernel = junk.to_str().unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk = disk.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--kernel", kernel],
+            "neither an ELF vmlinux nor a bzImage",
+        ),
+        (
+            &["--kernel", "/nonexistent/vmlinux"],
+            "/nonexistent/vmlinux",
+        ),
+        (
+            &["--kernel", kernel, "--initrd", "/nonexistent/initrd.img"],
+            "/nonexistent/initrd.img",
+        ),
+        (
+            &["--kernel", kernel, "--disk", "/nonexistent/disk.img"],
+            "/nonexistent/disk.img",
+        ),
+        (
+            &["--kernel", kernel, "--disk", dir.to_str().unwrap()],
+            "Is a directory",
+        ),
+        (
+            &[
+                "--kernel",
+                kernel,
+                "--disk",
+                disk,
+                "--net",
+                "tap=nosuchtap9",
+            ],
+            "no tap device \"nosuchtap9\"",
+        ),
+    ];
+    for (i, (args, needle)) in cases.iter().enumerate() {
+        let sock = dir.join(format!("vm{i}.sock"));
+        let mut all = vec![
+            "run-vm",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--memory",
+            "64",
+        ];
+        all.extend_from_slice(args);
+        let p = spawn(&[], &all);
+        let (code, err) = p.wait_exit(Duration::from_secs(20));
+        assert_clean_error(code, &err, needle);
+        assert_eq!(
+            err.matches(needle).count(),
+            1,
+            "the cause is said once: {err}"
+        );
+        assert!(!sock.exists(), "case {i}: a control socket was created");
+    }
+}

@@ -1,8 +1,9 @@
 //! The control socket of a VM process: typed JSON requests, replies and migration events,
 //! one JSON object per line over a Unix socket, and a small blocking client.
 //!
-//! A connection carries one request. `status`, `cancel` and `stop` are answered by one line;
-//! `migrate` by a stream of [`Event`] lines ending with `done` or `error`.
+//! A connection carries one request. `status`, `cancel`, `stop` and `consoleinput` are
+//! answered by one line; `migrate` by a stream of [`Event`] lines ending with `done` or
+//! `error`; `console` by the guest's console bytes.
 //!
 //! ```text
 //! → {"cmd":"migrate","to":"host-b:7000","channels":2,"compress":"auto",...}
@@ -42,6 +43,14 @@ pub enum Request {
     Stop,
     /// Migrates the VM; answered by [`Event`] lines.
     Migrate(MigrateRequest),
+    /// Streams the guest's console: its output so far, then live, as raw bytes until the
+    /// client closes (a Linux VM's COM1).
+    Console,
+    /// Types `text` on the guest's console ([`OkReply`]).
+    ConsoleInput {
+        /// What to type.
+        text: String,
+    },
 }
 
 fn default_channels() -> u16 {
@@ -239,6 +248,13 @@ pub struct StopReply {
     pub stopping: bool,
 }
 
+/// The answer to a request done.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OkReply {
+    /// Always true.
+    pub ok: bool,
+}
+
 /// The answer to a request that could not be served.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorReply {
@@ -250,7 +266,7 @@ pub struct ErrorReply {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// The socket could not be reached or failed.
-    #[error("VM control socket {path}: {source}")]
+    #[error("VM control socket {path}")]
     Io {
         /// The socket.
         path: String,

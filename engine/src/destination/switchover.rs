@@ -33,8 +33,11 @@ impl Session {
     ) -> Result<(), MigrationError> {
         let (final_round, sections) = self.wait_device_state(plane)?;
         plane.finish(final_round, self.timeout)?;
-        vm.restore_state(&sections)?;
+        // The digest covers what arrived, before the restore: KVM itself writes guest RAM
+        // when some state is restored (the kvmclock wall-clock MSR makes it write the
+        // wall-clock structure), which the source's RAM at pause does not show.
         let (digest, cpu_ns) = plane.digest(vm.ram());
+        vm.restore_state(&sections)?;
         info!(
             final_round,
             digest = format!("{digest:016x}"),

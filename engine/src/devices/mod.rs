@@ -115,8 +115,13 @@ impl IrqLine {
 pub trait MigratableDevice: Send + Sync {
     /// The device's name, for errors and logs.
     fn name(&self) -> &str;
-    /// The section ids this device saves and restores (no other device may own them).
+    /// The section ids this device saves and restores.
     fn section_ids(&self) -> &[u32];
+    /// The one instance of its ids this device owns, when several devices share the ids
+    /// (one per instance, like virtio devices by slot); None when it owns every instance.
+    fn section_instance(&self) -> Option<u32> {
+        None
+    }
     /// Saves the device's state; the VM is paused and the device quiesced.
     fn save(&self) -> Result<Vec<DeviceSection>, VmError>;
     /// Checks `sections` (every section of this device's ids, in stream order) as
@@ -157,10 +162,18 @@ impl std::fmt::Debug for DeviceManager {
 }
 
 impl DeviceManager {
-    /// Adds a device; refused if one of its section ids is already owned.
+    /// Adds a device; refused if another device already owns one of its sections.
     pub fn register(&mut self, device: Arc<dyn MigratableDevice>) -> Result<(), VmError> {
-        for id in device.section_ids() {
-            if let Some(other) = self.owner(*id) {
+        for other in &self.devices {
+            let shared = device
+                .section_ids()
+                .iter()
+                .find(|id| other.section_ids().contains(id));
+            let distinct = matches!(
+                (device.section_instance(), other.section_instance()),
+                (Some(a), Some(b)) if a != b
+            );
+            if let (Some(id), false) = (shared, distinct) {
                 return Err(VmError::InvalidSpec(format!(
                     "devices {} and {} both claim state section {id:#x}",
                     other.name(),
@@ -175,10 +188,6 @@ impl DeviceManager {
     /// The registered devices.
     pub fn devices(&self) -> &[Arc<dyn MigratableDevice>] {
         &self.devices
-    }
-
-    fn owner(&self, id: u32) -> Option<&Arc<dyn MigratableDevice>> {
-        self.devices.iter().find(|d| d.section_ids().contains(&id))
     }
 
     /// Every device's sections, in registration order.
@@ -212,7 +221,10 @@ impl DeviceManager {
             let i = self
                 .devices
                 .iter()
-                .position(|d| d.section_ids().contains(&s.id))
+                .position(|d| {
+                    d.section_ids().contains(&s.id)
+                        && d.section_instance().is_none_or(|i| i == s.instance)
+                })
                 .ok_or_else(|| VmError::State {
                     id: s.id,
                     instance: s.instance,

@@ -37,6 +37,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// if asked, and live subscribers (`livemig console`).
 pub struct Console {
     inner: Mutex<ConsoleInner>,
+    written: std::sync::atomic::AtomicU64,
 }
 
 struct ConsoleInner {
@@ -62,11 +63,19 @@ impl Console {
                 stdout,
                 subscribers: Vec::new(),
             }),
+            written: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Bytes the guest wrote so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records guest output.
     pub fn write(&self, bytes: &[u8]) {
+        self.written
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut c = lock(&self.inner);
         c.history.extend(bytes);
         let excess = c.history.len().saturating_sub(HISTORY_BYTES);
@@ -133,6 +142,11 @@ impl Uart {
             console,
             pending: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Its interrupt line.
+    pub fn irq(&self) -> &IrqLine {
+        &self.irq
     }
 
     /// The console this UART writes to.

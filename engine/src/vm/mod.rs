@@ -150,6 +150,16 @@ pub enum RunState {
     Stopped,
 }
 
+/// How a guest ended its run on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestExit {
+    /// It powered off.
+    PowerOff,
+    /// It asked for a reset (reboot); livemig ends the VM rather than reboot it.
+    Reset,
+}
+
 /// One versioned piece of vCPU or device state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSection {
@@ -189,8 +199,22 @@ pub trait MigratableVm: Send + Sync {
     fn save_state(&self) -> Result<Vec<DeviceSection>, VmError>;
     /// Restores state saved by [`MigratableVm::save_state`] of a VM with the same spec.
     fn restore_state(&self, sections: &[DeviceSection]) -> Result<(), VmError>;
-    /// The guest's progress counter (sum over vCPUs): it moves while the guest runs.
+    /// The guest's progress counter: it moves while the guest runs (the built-in guest's
+    /// counters; a Linux guest's console output).
     fn progress(&self) -> Result<u64, VmError>;
+    /// Whether the guest powered off or reset (the VM has stopped then).
+    fn guest_exit(&self) -> Option<GuestExit> {
+        None
+    }
+    /// The guest's console, if it has one.
+    fn console(&self) -> Option<std::sync::Arc<crate::devices::uart::Console>> {
+        None
+    }
+    /// Types `bytes` on the guest's console; false without a console or with too much input
+    /// pending.
+    fn console_input(&self, _bytes: &[u8]) -> bool {
+        false
+    }
     /// Stops the vCPUs for good and releases them.
     fn shutdown(&self);
 }

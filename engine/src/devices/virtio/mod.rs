@@ -525,6 +525,10 @@ impl MigratableDevice for VirtioMmio {
         &[SECTION_VIRTIO]
     }
 
+    fn section_instance(&self) -> Option<u32> {
+        Some(self.slot)
+    }
+
     fn save(&self) -> Result<Vec<DeviceSection>, VmError> {
         let t = lock(&self.inner);
         let mut d = Vec::new();

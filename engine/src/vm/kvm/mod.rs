@@ -1,13 +1,16 @@
-//! [`KvmVm`]: the built-in mini VMM, a [`MigratableVm`] on kvm-ioctls.
+//! [`KvmVm`]: livemig's VMM, a [`MigratableVm`] on kvm-ioctls. It runs either the built-in
+//! test guest ([`super::builtin_guest`]) or a Linux kernel with its devices ([`linux`]).
 //!
 //! A `KvmVm` owns a KVM VM with an in-kernel irqchip (LAPIC, PIC, IOAPIC), one memory slot per
-//! RAM region (slot `i` = region `i` of the [`GuestRam`]) and one thread per vCPU running the
-//! guest program of [`super::builtin_guest`]. It owns the vCPU threads and the KVM file descriptors;
-//! guest RAM is shared with the migration engine, which reads and writes it in place.
+//! RAM region (slot `i` = region `i` of the [`GuestRam`]), one thread per vCPU and, for Linux
+//! guests, its devices (COM1, ACPI power registers, virtio-mmio devices with their worker
+//! threads). Guest RAM is shared with the migration engine, which reads and writes it in
+//! place.
 //!
-//! Rooms: [`vcpu`] (the vCPU threads: run loop, pacing, pause), [`state`] (KVM state as
-//! migratable devices: vCPUs, irqchips, clock), this file (the VM: slots, irqchip, vCPUs,
-//! the device manager, dirty tracking, [`MigratableVm`]).
+//! Rooms: [`vcpu`] (the vCPU threads: run loop, exits, pacing, pause), [`state`] (KVM state as
+//! migratable devices: vCPUs, irqchips, clock), [`boot`] (loading and entering a Linux
+//! kernel), [`cpuid`], [`linux`] (a Linux VM's devices and configuration), this file (the VM:
+//! slots, irqchip, vCPUs, the device manager, dirty tracking, [`MigratableVm`]).
 //!
 //! # Dirty tracking
 //!
@@ -15,14 +18,14 @@
 //! [`MigratableVm::start_dirty_tracking`] re-registers them with the flag (so the guest takes
 //! no write-protection faults before a migration starts) and
 //! [`MigratableVm::stop_dirty_tracking`] clears it. A harvest ORs the KVM log of each slot,
-//! the VMM-side writes recorded by vm-memory since the previous harvest and the devices' own
-//! reports into the caller's bitmap; pages written before tracking started may show up in the
-//! first harvest too.
+//! the VMM-side writes recorded by vm-memory since the previous harvest (device emulation
+//! writes guest RAM through vm-memory only) and the devices' own reports into the caller's
+//! bitmap; pages written before tracking started may show up in the first harvest too.
 //!
 //! # State
 //!
-//! vCPU and device state is whatever the VM's [`DeviceManager`] holds: the KVM state devices
-//! of [`state`] are its first users, registered in restore order (irqchips, clock, vCPUs).
+//! vCPU and device state is whatever the VM's [`DeviceManager`] holds, registered in restore
+//! order: the irqchips and the clock, then the devices, then the vCPUs.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -30,40 +33,66 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    kvm_fpu, kvm_mp_state, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::builtin_guest::{self, GuestLayout};
-use super::{DeviceSection, MigratableVm, RunState, VmConfig, VmError, VmSpec};
-use crate::devices::DeviceManager;
+use super::{DeviceSection, GuestExit, MigratableVm, RunState, VmConfig, VmError, VmSpec};
+use crate::devices::uart::Console;
+use crate::devices::virtio::{VirtioMmio, QUEUE_NOTIFY};
+use crate::devices::{DeviceManager, IrqLine, MigratableDevice};
 use crate::dirty::DirtyBitmap;
 use crate::memory::{GuestRam, Populate, RamLayout};
 
+pub mod boot;
+pub mod cpuid;
+pub mod linux;
 pub mod state;
 pub mod vcpu;
 
+pub use linux::{ConsoleSpec, DiskSpec, HostResources, LinuxSpec, NetSpec};
 pub use state::check_sections;
 use state::{Irqchips, KvmClock, VcpuContext, VcpuStates, LEGACY_XSAVE};
-use vcpu::{vcpu_thread, Control, Pacing, Target};
+use vcpu::{vcpu_thread, Control, Exits, Pacing, Target};
 
-/// Machine name of the built-in KVM VMM, checked by destinations.
+/// Machine name of livemig's KVM VMM, checked by destinations.
 pub const MACHINE: &str = "livemig-kvm-mini";
 /// How long [`MigratableVm::pause`] waits for every vCPU to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Address of the 3-page TSS KVM needs for real-mode emulation on some hosts (conventional).
 const TSS_ADDR: u64 = 0xfffb_d000;
+/// Command-line options livemig puts in front of a Linux guest's own: the console on COM1,
+/// no PCI to probe (devices are virtio-mmio, described by ACPI), reboot through ACPI.
+const BASE_CMDLINE: &str = "console=ttyS0 pci=off reboot=acpi";
 
-/// A KVM virtual machine running the built-in guest program.
+/// What runs in the VM.
+enum Guest {
+    /// The built-in test guest.
+    Builtin { layout: GuestLayout, spec: VmSpec },
+    /// A Linux kernel and its devices.
+    Linux(LinuxMachine),
+}
+
+/// A Linux guest's devices, as the VM keeps them.
+struct LinuxMachine {
+    console: Arc<Console>,
+    uart: Arc<crate::devices::uart::Uart>,
+    virtio: Vec<Arc<VirtioMmio>>,
+    descriptors: Vec<super::DeviceDescriptor>,
+}
+
+/// A KVM virtual machine.
 ///
 /// `Send + Sync`: control methods serialise on an internal lock; the vCPU file descriptors
 /// live behind per-vCPU mutexes, held by the vCPU threads only while in `KVM_RUN`.
 ///
 /// When a vCPU fails (unexpected exit), [`MigratableVm::run_state`] reports
 /// [`RunState::Stopped`] and [`MigratableVm::progress`], `pause` and `resume` return
-/// [`VmError::VcpuFailed`].
+/// [`VmError::VcpuFailed`]. When the guest powers off or resets, the VM stops and
+/// [`MigratableVm::guest_exit`] says which.
 pub struct KvmVm {
     // Field order matters for drop: the devices, VM and vCPU fds go before the RAM they map.
     devices: DeviceManager,
@@ -75,18 +104,23 @@ pub struct KvmVm {
     ops: Mutex<()>,
     /// Whether the slots log dirty pages; also serialises slot updates and harvests.
     tracking: Mutex<bool>,
-    layout: GuestLayout,
-    spec: VmSpec,
+    guest: Guest,
     ram: GuestRam,
 }
 
 impl std::fmt::Debug for KvmVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvmVm")
-            .field("spec", &self.spec)
+            .field("vcpus", &self.vcpus.len())
             .field("run_state", &self.run_state())
             .finish_non_exhaustive()
     }
+}
+
+/// What [`KvmVm::build`] makes besides the VM: the vCPU CPUID flavour and the exits.
+enum Shape {
+    Builtin(GuestLayout, VmSpec),
+    Linux(linux::Devices),
 }
 
 impl KvmVm {
@@ -98,21 +132,20 @@ impl KvmVm {
         builtin_guest::fill(&ram, spec.fill, 0x5eed ^ spec.memory_mib);
         let pacing = Pacing::new(spec);
         layout.write(&ram, pacing.batch)?;
-        let vm = KvmVm::build(spec, layout, ram)?;
+        let vm = KvmVm::build(
+            spec.vcpus,
+            Shape::Builtin(layout.clone(), spec.clone()),
+            ram,
+        )?;
         for (i, vcpu) in vm.vcpus.iter().enumerate() {
             let fd = lock(vcpu);
             let index = i as u32;
             let mut sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
             builtin_guest::set_long_mode(&mut sregs);
             fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
-            fd.set_regs(&vm.layout.initial_regs(index))
+            fd.set_regs(&layout.initial_regs(index))
                 .map_err(kvm("KVM_SET_REGS"))?;
-            let fpu = kvm_fpu {
-                fcw: 0x37f,
-                mxcsr: 0x1f80,
-                ..Default::default()
-            };
-            fd.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?;
+            fd.set_fpu(&initial_fpu()).map_err(kvm("KVM_SET_FPU"))?;
             // Application processors start in INIT-wait under an in-kernel LAPIC.
             fd.set_mp_state(kvm_mp_state {
                 mp_state: KVM_MP_STATE_RUNNABLE,
@@ -123,71 +156,152 @@ impl KvmVm {
         Ok(vm)
     }
 
+    /// Boots a Linux VM: checks and opens every host resource (kernel, initrd, disks, taps,
+    /// console log) before anything is created, builds the VM and its devices, loads the
+    /// kernel and runs it.
+    pub fn boot_linux(spec: &LinuxSpec) -> Result<KvmVm, VmError> {
+        if spec.vcpus == 0 || spec.vcpus > 254 {
+            return Err(VmError::InvalidSpec(format!(
+                "{} vCPUs (1..=254)",
+                spec.vcpus
+            )));
+        }
+        if !(64..=(1u64 << 40 >> 20)).contains(&spec.memory_mib) {
+            return Err(VmError::InvalidSpec(format!(
+                "{} MiB of RAM (at least 64)",
+                spec.memory_mib
+            )));
+        }
+        for (what, p) in [
+            ("kernel", Some(&spec.kernel)),
+            ("initrd", spec.initrd.as_ref()),
+        ] {
+            if let Some(p) = p {
+                std::fs::File::open(p)
+                    .map_err(|e| VmError::InvalidSpec(format!("{what} {}: {e}", p.display())))?;
+            }
+        }
+        let opened = linux::open_devices(spec)?;
+        let console = linux::open_console(&spec.console)?;
+        let ram = GuestRam::new(&boot::ram_layout(spec.memory_mib << 20), Populate::Lazy)?;
+        let devices = linux::build(opened, ram.memory(), console)?;
+        let windows: Vec<_> = devices.virtio.iter().map(|(_, w)| *w).collect();
+        let cmdline = format!("{BASE_CMDLINE} {}", spec.cmdline);
+        let entry = boot::load(
+            &ram,
+            &boot::BootSpec {
+                kernel: &spec.kernel,
+                initrd: spec.initrd.as_deref(),
+                cmdline: cmdline.trim(),
+                vcpus: spec.vcpus,
+                devices: &windows,
+            },
+        )?;
+        let vm = KvmVm::build(spec.vcpus, Shape::Linux(devices), ram)?;
+        for (i, vcpu) in vm.vcpus.iter().enumerate() {
+            let fd = lock(vcpu);
+            fd.set_fpu(&initial_fpu()).map_err(kvm("KVM_SET_FPU"))?;
+            let cpuid = fd
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(kvm("KVM_GET_CPUID2"))?;
+            let mut xcrs = fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?;
+            xcrs.nr_xcrs = 1;
+            xcrs.xcrs[0].xcr = 0;
+            xcrs.xcrs[0].value = cpuid::linux_xcr0(&cpuid);
+            fd.set_xcrs(&xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+            set_lint(&fd)?;
+            state::set_boot_msrs(&fd)?;
+            if i == 0 {
+                let mut regs = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+                let mut sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+                boot::boot_registers(entry, &mut regs, &mut sregs);
+                fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+                fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+            }
+            // Application processors stay in INIT-wait until the kernel starts them.
+        }
+        vm.resume()?;
+        Ok(vm)
+    }
+
     /// Builds a destination skeleton for `config` (a source's [`MigratableVm::config`]) over
-    /// `ram` (allocated by the caller, content arriving from the source): same VM, irqchip,
-    /// slots and vCPUs, not started ([`RunState::Created`]). Call
-    /// [`MigratableVm::restore_state`], then [`MigratableVm::resume`].
+    /// `ram` (allocated by the caller, content arriving from the source), its devices on
+    /// `host`'s resources: same VM, irqchip, slots, vCPUs and devices, not started
+    /// ([`RunState::Created`]). Call [`MigratableVm::restore_state`], then
+    /// [`MigratableVm::resume`].
     ///
-    /// `ram` must cover guest-physical `0..RAM size` without holes. `resume` is refused until
-    /// `restore_state` succeeded.
-    pub fn new_incoming(config: &VmConfig, ram: GuestRam) -> Result<KvmVm, VmError> {
+    /// `resume` is refused until `restore_state` succeeded.
+    pub fn new_incoming(
+        config: &VmConfig,
+        ram: GuestRam,
+        host: &HostResources,
+    ) -> Result<KvmVm, VmError> {
         if config.machine != MACHINE {
             return Err(VmError::InvalidSpec(format!(
                 "the source VM runs on {:?} but this destination runs {MACHINE:?} (see --backend)",
                 config.machine
             )));
         }
-        let spec = &builtin_guest::spec_from_config(config)?;
-        let layout = GuestLayout::new(spec)?;
-        let mut end = 0;
-        for r in &ram.layout().regions {
-            if r.gpa != end {
+        let shape = if linux::is_linux(&config.machine_section)? {
+            if ram.layout() != &boot::ram_layout(config.layout.total_bytes()) {
                 return Err(VmError::InvalidSpec(format!(
-                    "RAM region at {:#x} leaves a hole at {end:#x}",
-                    r.gpa
+                    "a Linux VM's RAM layout must be the standard one for {} MiB",
+                    config.layout.total_bytes() >> 20
                 )));
             }
-            end += r.size;
-        }
-        if end != layout.ram_bytes() {
-            return Err(VmError::InvalidSpec(format!(
-                "RAM of {end} bytes for a spec of {} bytes",
-                layout.ram_bytes()
-            )));
-        }
-        let vm = KvmVm::build(spec, layout, ram)?;
+            let opened = linux::open_incoming(&config.devices, host)?;
+            let console = linux::open_console(&host.console)?;
+            Shape::Linux(linux::build(opened, ram.memory(), console)?)
+        } else {
+            let spec = builtin_guest::spec_from_config(config)?;
+            let layout = GuestLayout::new(&spec)?;
+            check_contiguous(&ram, layout.ram_bytes())?;
+            Shape::Builtin(layout, spec)
+        };
+        let vm = KvmVm::build(config.vcpus, shape, ram)?;
         lock(&vm.control.ctl).awaiting_state = true;
         Ok(vm)
     }
 
-    /// The guest layout (working set, status slots) of this VM.
-    pub fn layout(&self) -> &GuestLayout {
-        &self.layout
+    /// The built-in guest's layout (working set, status slots); None for a Linux VM.
+    pub fn layout(&self) -> Option<&GuestLayout> {
+        match &self.guest {
+            Guest::Builtin { layout, .. } => Some(layout),
+            Guest::Linux(_) => None,
+        }
     }
 
-    /// Creates the KVM VM, irqchip, slots and vCPUs (CPUID set), the device manager and the
-    /// parked vCPU threads.
-    fn build(spec: &VmSpec, layout: GuestLayout, ram: GuestRam) -> Result<KvmVm, VmError> {
+    /// Creates the KVM VM, irqchip, slots and vCPUs (CPUID set), wires the devices (irqfds,
+    /// ioeventfds), registers the device manager and starts the parked vCPU threads.
+    fn build(vcpu_count: u32, shape: Shape, ram: GuestRam) -> Result<KvmVm, VmError> {
         let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
         let vm = Arc::new(kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
-        // The TSS is only used to emulate real mode, which this guest never enters; it must
-        // not overlap RAM, so it is skipped when RAM reaches up to it.
-        if ram.total_bytes() <= TSS_ADDR {
+        // The TSS is only used to emulate real mode; it must not overlap RAM, so it is
+        // skipped when RAM reaches up to it.
+        if ram
+            .layout()
+            .regions
+            .iter()
+            .all(|r| r.gpa + r.size <= TSS_ADDR || r.gpa > TSS_ADDR + 0x3000)
+        {
             vm.set_tss_address(TSS_ADDR as usize)
                 .map_err(kvm("KVM_SET_TSS_ADDR"))?;
         }
         vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
         set_slots(&vm, &ram, false)?;
-        let cpuid = kvm_fd
+        let supported = kvm_fd
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::with_capacity(spec.vcpus as usize);
-        for i in 0..spec.vcpus {
+        let mut vcpus = Vec::with_capacity(vcpu_count as usize);
+        for i in 0..vcpu_count {
             let fd = vm
                 .create_vcpu(u64::from(i))
                 .map_err(kvm("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&vcpu_cpuid(&cpuid, i))
-                .map_err(kvm("KVM_SET_CPUID2"))?;
+            let cpuid = match &shape {
+                Shape::Builtin(..) => cpuid::builtin(&supported, i),
+                Shape::Linux(_) => cpuid::linux(&supported, i, vcpu_count),
+            };
+            fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
         let msr_indices = {
@@ -199,10 +313,37 @@ impl KvmVm {
         let xsave_size = usize::try_from(vm.check_extension_int(Cap::Xsave2))
             .unwrap_or(0)
             .max(LEGACY_XSAVE);
-        // Restore order: the interrupt controllers and the clock before the vCPUs.
+        // Restore order: the interrupt controllers and the clock, the devices, the vCPUs.
         let mut devices = DeviceManager::default();
         devices.register(Arc::new(Irqchips::new(vm.clone())))?;
         devices.register(Arc::new(KvmClock::new(vm.clone())))?;
+        let (guest, exits) = match shape {
+            Shape::Builtin(layout, spec) => {
+                let pacing = Pacing::new(&spec);
+                (Guest::Builtin { layout, spec }, Exits::Builtin(pacing))
+            }
+            Shape::Linux(d) => {
+                wire(&vm, &d)?;
+                devices.register(d.uart.clone())?;
+                let mut virtio = Vec::new();
+                for (dev, _) in &d.virtio {
+                    devices.register(dev.clone() as Arc<dyn MigratableDevice>)?;
+                    virtio.push(dev.clone());
+                }
+                (
+                    Guest::Linux(LinuxMachine {
+                        console: d.console,
+                        uart: d.uart,
+                        virtio,
+                        descriptors: d.descriptors,
+                    }),
+                    Exits::Linux {
+                        pio: d.pio,
+                        mmio: d.mmio,
+                    },
+                )
+            }
+        };
         devices.register(Arc::new(VcpuStates::new(
             vcpus.clone(),
             VcpuContext {
@@ -210,9 +351,7 @@ impl KvmVm {
                 xsave_size,
             },
         )))?;
-        let control = Arc::new(Control::new(spec.vcpus as usize));
-        let pacing = Pacing::new(spec);
-        let mut threads = Vec::with_capacity(vcpus.len());
+        let control = Arc::new(Control::new(vcpu_count as usize));
         let vm = KvmVm {
             devices,
             vm,
@@ -221,20 +360,27 @@ impl KvmVm {
             threads: Mutex::new(Vec::new()),
             ops: Mutex::new(()),
             tracking: Mutex::new(false),
-            layout,
-            spec: spec.clone(),
+            guest,
             ram,
         };
-        for (i, vcpu) in vm.vcpus.iter().enumerate() {
+        vm.spawn_vcpus(exits)?;
+        Ok(vm)
+    }
+
+    fn spawn_vcpus(&self, exits: Exits) -> Result<(), VmError> {
+        let exits = Arc::new(exits);
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for (i, vcpu) in self.vcpus.iter().enumerate() {
             let vcpu = Arc::clone(vcpu);
-            let control = Arc::clone(&vm.control);
+            let control = Arc::clone(&self.control);
+            let exits = Arc::clone(&exits);
             // The thread keeps the RAM mapped as long as it holds the vCPU fd (which keeps
             // the KVM VM and its slots alive), even if it is ever detached.
-            let ram = vm.ram.clone();
+            let ram = self.ram.clone();
             let index = i as u32;
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || vcpu_thread(index, &vcpu, &control, pacing, ram))
+                .spawn(move || vcpu_thread(index, &vcpu, &control, &exits, ram))
                 .map_err(|e| VmError::VcpuFailed {
                     vcpu: index,
                     reason: format!("cannot spawn its thread: {e}"),
@@ -243,14 +389,14 @@ impl KvmVm {
                 Ok(h) => threads.push(h),
                 Err(e) => {
                     // Threads already spawned count as exited for the shutdown in Drop.
-                    lock(&vm.control.ctl).exited += vm.vcpus.len() - threads.len();
-                    *lock(&vm.threads) = threads;
+                    lock(&self.control.ctl).exited += self.vcpus.len() - threads.len();
+                    *lock(&self.threads) = threads;
                     return Err(e);
                 }
             }
         }
-        *lock(&vm.threads) = threads;
-        Ok(vm)
+        *lock(&self.threads) = threads;
+        Ok(())
     }
 
     fn failure(&self) -> Option<VmError> {
@@ -271,14 +417,88 @@ impl KvmVm {
     }
 }
 
+/// The FPU state of a vCPU at reset.
+fn initial_fpu() -> kvm_fpu {
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
+}
+
+/// LINT0 as ExtINT and LINT1 as NMI, as firmware leaves a local APIC.
+fn set_lint(fd: &VcpuFd) -> Result<(), VmError> {
+    const LVT_LINT0: usize = 0x350;
+    const LVT_LINT1: usize = 0x360;
+    const DM_EXTINT: u32 = 7 << 8;
+    const DM_NMI: u32 = 4 << 8;
+    let mut lapic = fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+    for (off, mode) in [(LVT_LINT0, DM_EXTINT), (LVT_LINT1, DM_NMI)] {
+        let mut b = [0u8; 4];
+        for (k, x) in b.iter_mut().enumerate() {
+            *x = lapic.regs[off + k] as u8;
+        }
+        let v = (u32::from_le_bytes(b) & !0x700) | mode;
+        for (k, x) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[off + k] = *x as _;
+        }
+    }
+    fd.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))
+}
+
+/// Registers the devices' interrupt lines (irqfds) and queue notifications (ioeventfds).
+fn wire(vm: &VmFd, d: &linux::Devices) -> Result<(), VmError> {
+    let irqfd = |line: &IrqLine| {
+        vm.register_irqfd(line.eventfd(), line.gsi())
+            .map_err(kvm("KVM_IRQFD"))
+    };
+    irqfd(d.uart_irq())?;
+    for (dev, window) in &d.virtio {
+        irqfd(dev.irq())?;
+        for (i, evt) in dev.queue_eventfds().iter().enumerate() {
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(window.base + QUEUE_NOTIFY),
+                i as u32,
+            )
+            .map_err(kvm("KVM_IOEVENTFD"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The built-in guest's RAM must cover `0..bytes` without holes.
+fn check_contiguous(ram: &GuestRam, bytes: u64) -> Result<(), VmError> {
+    let mut end = 0;
+    for r in &ram.layout().regions {
+        if r.gpa != end {
+            return Err(VmError::InvalidSpec(format!(
+                "RAM region at {:#x} leaves a hole at {end:#x}",
+                r.gpa
+            )));
+        }
+        end += r.size;
+    }
+    if end != bytes {
+        return Err(VmError::InvalidSpec(format!(
+            "RAM of {end} bytes for a spec of {bytes} bytes"
+        )));
+    }
+    Ok(())
+}
+
 impl MigratableVm for KvmVm {
     fn config(&self) -> VmConfig {
+        let (devices, machine_section) = match &self.guest {
+            Guest::Builtin { spec, .. } => (Vec::new(), builtin_guest::encode_section(spec)),
+            Guest::Linux(m) => (m.descriptors.clone(), linux::machine_section()),
+        };
         VmConfig {
             machine: MACHINE.into(),
             layout: self.ram.layout().clone(),
-            vcpus: self.spec.vcpus,
-            devices: Vec::new(),
-            machine_section: builtin_guest::encode_section(&self.spec),
+            vcpus: self.vcpus.len() as u32,
+            devices,
+            machine_section,
         }
     }
 
@@ -292,6 +512,24 @@ impl MigratableVm for KvmVm {
             RunState::Stopped
         } else {
             ctl.state
+        }
+    }
+
+    fn guest_exit(&self) -> Option<GuestExit> {
+        lock(&self.control.ctl).guest_exit
+    }
+
+    fn console(&self) -> Option<Arc<Console>> {
+        match &self.guest {
+            Guest::Linux(m) => Some(m.console.clone()),
+            Guest::Builtin { .. } => None,
+        }
+    }
+
+    fn console_input(&self, bytes: &[u8]) -> bool {
+        match &self.guest {
+            Guest::Linux(m) => m.uart.input(bytes),
+            Guest::Builtin { .. } => false,
         }
     }
 
@@ -361,10 +599,13 @@ impl MigratableVm for KvmVm {
                         reason: format!("did not pause within {PAUSE_TIMEOUT:?}"),
                     });
                 }
+                // A vCPU halted in KVM_RUN exits only when kicked; a kick that lands just
+                // before it enters is lost, hence again until it parks.
+                self.control.kick_all(&ctl);
                 ctl = self
                     .control
                     .cv
-                    .wait_timeout(ctl, deadline - now)
+                    .wait_timeout(ctl, (deadline - now).min(vcpu::KICK_INTERVAL))
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             } else {
@@ -422,9 +663,14 @@ impl MigratableVm for KvmVm {
         if let Some(e) = self.failure() {
             return Err(e);
         }
+        let layout = match &self.guest {
+            Guest::Builtin { layout, .. } => layout,
+            // A Linux guest's sign of life: what it wrote on its console.
+            Guest::Linux(m) => return Ok(m.console.bytes_written()),
+        };
         let mut sum = 0u64;
-        for v in 0..self.spec.vcpus {
-            let gpa = self.layout.status_slot(v) + builtin_guest::STATUS_COUNTER;
+        for v in 0..self.vcpus.len() as u32 {
+            let gpa = layout.status_slot(v) + builtin_guest::STATUS_COUNTER;
             let counter: u64 = self
                 .ram
                 .memory()
@@ -446,22 +692,28 @@ impl MigratableVm for KvmVm {
             ctl.target = Target::Stop;
             ctl.state = RunState::Stopped;
             self.control.cv.notify_all();
-            // Running vCPUs see the request at their next exit, within milliseconds.
+            // vCPUs see the request at their next exit; a kick makes one happen.
             let deadline = Instant::now() + PAUSE_TIMEOUT;
             while ctl.exited < self.vcpus.len() {
                 let now = Instant::now();
                 if now >= deadline {
                     break;
                 }
+                self.control.kick_all(&ctl);
                 ctl = self
                     .control
                     .cv
-                    .wait_timeout(ctl, deadline - now)
+                    .wait_timeout(ctl, (deadline - now).min(vcpu::KICK_INTERVAL))
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
             ctl.exited >= self.vcpus.len()
         };
+        if let Guest::Linux(m) = &self.guest {
+            for d in &m.virtio {
+                d.stop();
+            }
+        }
         for t in threads {
             // Once every thread reported its exit, each is past its loop and joins at once.
             if all_exited || t.is_finished() {
@@ -512,19 +764,6 @@ fn kvm(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
 /// critical sections.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// The supported CPUID with vCPU `index`'s APIC id in leaves 0x1, 0xB and 0x1F.
-fn vcpu_cpuid(supported: &CpuId, index: u32) -> CpuId {
-    let mut cpuid = supported.clone();
-    for e in cpuid.as_mut_slice() {
-        match e.function {
-            0x1 => e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24),
-            0xb | 0x1f => e.edx = index,
-            _ => {}
-        }
-    }
-    cpuid
 }
 
 /// The MSRs of KVM's index list that this vCPU can read (KVM_GET_MSRS stops at the first
@@ -614,7 +853,7 @@ mod tests {
         wait_progress(&vm, p + 20);
         let mut dirty = DirtyBitmap::new(vm.ram().layout());
         vm.harvest_dirty(&mut dirty).unwrap();
-        let ws = vm.layout().working_set();
+        let ws = vm.layout().unwrap().working_set();
         let in_ws = (ws.start..ws.end)
             .step_by(PAGE_SIZE as usize)
             .filter(|&g| dirty.is_set(g))
@@ -666,7 +905,7 @@ mod tests {
         vm.pause().unwrap();
         vm.harvest_dirty(&mut dirty).unwrap();
         let after = ram_copy(vm.ram());
-        let ws = vm.layout().working_set();
+        let ws = vm.layout().unwrap().working_set();
         let mut changed = 0;
         for (p, (a, b)) in before.chunks(4096).zip(after.chunks(4096)).enumerate() {
             let gpa = p as u64 * PAGE_SIZE;
@@ -703,7 +942,7 @@ mod tests {
             .all(|s| s.id != 0 && s.version == SECTION_VERSION));
 
         let ram = GuestRam::new(a.ram().layout(), Populate::Lazy).unwrap();
-        let b = KvmVm::new_incoming(&config(&s), ram).unwrap();
+        let b = KvmVm::new_incoming(&config(&s), ram, &HostResources::default()).unwrap();
         assert_eq!(b.run_state(), RunState::Created);
         copy_ram(a.ram(), b.ram());
         b.restore_state(&sections).unwrap();
@@ -752,6 +991,7 @@ mod tests {
         let b = KvmVm::new_incoming(
             &config(&s),
             GuestRam::new(a.ram().layout(), Populate::Lazy).unwrap(),
+            &HostResources::default(),
         )
         .unwrap();
         b.restore_state(&saved).unwrap();
@@ -828,6 +1068,7 @@ mod tests {
         let b = KvmVm::new_incoming(
             &config(&s),
             GuestRam::new(a.ram().layout(), Populate::Lazy).unwrap(),
+            &HostResources::default(),
         )
         .unwrap();
         assert!(
@@ -925,6 +1166,7 @@ mod tests {
         let b = KvmVm::new_incoming(
             &config(&s),
             GuestRam::new(a.ram().layout(), Populate::Lazy).unwrap(),
+            &HostResources::default(),
         )
         .unwrap();
         b.restore_state(&sections).unwrap();
@@ -944,7 +1186,7 @@ mod tests {
         let s = spec(1, 0, 1, Pattern::Sequential);
         let small = GuestRam::new(&RamLayout::single(16 << 20), Populate::Lazy).unwrap();
         assert!(matches!(
-            KvmVm::new_incoming(&config(&s), small),
+            KvmVm::new_incoming(&config(&s), small, &HostResources::default()),
             Err(VmError::InvalidSpec(_))
         ));
     }

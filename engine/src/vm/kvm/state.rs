@@ -438,6 +438,32 @@ pub fn check_sections(
     Ok(())
 }
 
+/// MSRs firmware leaves set when an OS starts: fast strings, and write-back as the default
+/// memory type with MTRRs enabled.
+pub(super) fn set_boot_msrs(fd: &VcpuFd) -> Result<(), VmError> {
+    const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+    const MISC_ENABLE_FAST_STRING: u64 = 1;
+    const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+    const MTRR_ENABLE: u64 = 1 << 11;
+    const MTRR_MEM_TYPE_WB: u64 = 6;
+    write_msrs(
+        fd,
+        0,
+        &[
+            kvm_msr_entry {
+                index: MSR_IA32_MISC_ENABLE,
+                data: MISC_ENABLE_FAST_STRING,
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                index: MSR_MTRR_DEF_TYPE,
+                data: MTRR_ENABLE | MTRR_MEM_TYPE_WB,
+                ..Default::default()
+            },
+        ],
+    )
+}
+
 /// Every KVM state section is at version 1 (the only one so far).
 fn accepts_v1(_id: u32, version: u32) -> bool {
     version == SECTION_VERSION

@@ -1,35 +1,54 @@
-//! vCPU threads: each loops on `KVM_RUN`, paces the built-in guest at its I/O exits and parks
-//! when the VMM asks for a pause.
+//! vCPU threads: each loops on `KVM_RUN`, serves the exits of its guest (the built-in guest's
+//! pacing port, or a Linux guest's port and MMIO accesses on the VM's buses) and parks when the
+//! VMM asks for a pause.
 //!
-//! The guest exits to the VMM with `out 0x10` after every batch of page writes; at that exit
-//! the thread sleeps to hold the configured dirty rate and checks for pause or stop requests.
-//! The guest runs at most [`MAX_BATCH`] page writes between two exits (about 2 ms of guest
-//! time on the slow nested host this was built on), so a pause request is always seen within
-//! milliseconds and no signal-based kick out of `KVM_RUN` is needed. Sleeps wait on a
-//! condition variable, so a pause interrupts them. Before parking, a thread re-enters
-//! `KVM_RUN` with `immediate_exit` set so KVM completes the pending `out` (advances RIP): the
-//! saved state is then consistent.
+//! The built-in guest exits with `out 0x10` after every batch of page writes; at that exit the
+//! thread sleeps to hold the configured dirty rate. A Linux guest may sit in `KVM_RUN` (halted
+//! in the in-kernel LAPIC) for as long as it likes, so a pause or stop also *kicks* the
+//! threads: a signal (without `SA_RESTART`) makes `KVM_RUN` return `EINTR`. A kick that lands
+//! just before a thread enters `KVM_RUN` is lost, so the VMM kicks again until the thread
+//! parks. Before parking, a thread re-enters `KVM_RUN` with `immediate_exit` set so KVM
+//! completes the pending I/O (advances RIP): the saved state is then consistent.
 
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, Once, PoisonError};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::lock;
+use crate::devices::bus::{Bus, VmAction};
 use crate::memory::GuestRam;
 use crate::vm::builtin_guest::PACING_PORT;
-use crate::vm::{RunState, VmSpec};
+use crate::vm::{GuestExit, RunState, VmSpec};
 
 /// Most pages the guest writes between two exits.
 pub const MAX_BATCH: u64 = 256;
 /// Exit period of an idle guest (dirty rate 0): the progress counter still moves.
 pub const IDLE_EXIT_PERIOD: Duration = Duration::from_millis(5);
+/// How often a pause or stop kicks the vCPUs that have not parked yet.
+pub const KICK_INTERVAL: Duration = Duration::from_millis(2);
 /// Exits per second a paced vCPU aims at: its batch is its share of the dirty rate divided by
 /// this, between 1 and [`MAX_BATCH`] pages.
 const TARGET_EXITS_PER_SEC: u64 = 1000;
 /// How far a vCPU may fall behind its pacing schedule before the schedule restarts (so a slow
 /// stretch is not followed by an unbounded burst).
 const MAX_LAG: Duration = Duration::from_millis(50);
+/// KVM's system-event types.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+
+/// How a vCPU thread serves its guest's exits.
+pub(super) enum Exits {
+    /// The built-in guest: pacing on its port.
+    Builtin(Pacing),
+    /// A Linux guest: port and MMIO accesses go to the buses.
+    Linux {
+        /// Port I/O.
+        pio: Bus,
+        /// MMIO.
+        mmio: Bus,
+    },
+}
 
 /// How a vCPU thread paces its guest.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -72,10 +91,14 @@ pub(super) struct Ctl {
     pub(super) state: RunState,
     /// Per vCPU: parked (acknowledged a pause, or exited).
     pub(super) parked: Vec<bool>,
+    /// Per vCPU: its thread, once it runs (to kick it).
+    pub(super) threads: Vec<Option<libc::pthread_t>>,
     /// Threads that returned.
     pub(super) exited: usize,
     /// First vCPU failure.
     pub(super) failure: Option<(u32, String)>,
+    /// The guest powered off or reset.
+    pub(super) guest_exit: Option<GuestExit>,
     /// An incoming VM whose state is not restored yet: it must not start.
     pub(super) awaiting_state: bool,
 }
@@ -85,15 +108,40 @@ pub(super) struct Control {
     pub(super) cv: Condvar,
 }
 
+/// The signal that kicks a vCPU out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs the kick handler (once per process), without `SA_RESTART` so `KVM_RUN` returns.
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction with a handler that does nothing is a valid argument;
+        // the previous action is not needed.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+}
+
 impl Control {
     pub(super) fn new(vcpus: usize) -> Control {
+        install_kick_handler();
         Control {
             ctl: Mutex::new(Ctl {
                 target: Target::Park,
                 state: RunState::Created,
                 parked: vec![false; vcpus],
+                threads: vec![None; vcpus],
                 exited: 0,
                 failure: None,
+                guest_exit: None,
                 awaiting_state: false,
             }),
             cv: Condvar::new(),
@@ -102,6 +150,18 @@ impl Control {
 
     fn target(&self) -> Target {
         lock(&self.ctl).target
+    }
+
+    /// Kicks every running vCPU thread that has not parked.
+    pub(super) fn kick_all(&self, ctl: &Ctl) {
+        for (t, parked) in ctl.threads.iter().zip(&ctl.parked) {
+            if let (Some(t), false) = (t, parked) {
+                // SAFETY: `t` is the pthread of a vCPU thread that has not exited (it is not
+                // parked, and an exiting thread marks itself parked under this lock before
+                // it ends), so the id is valid.
+                unsafe { libc::pthread_kill(*t, kick_signal()) };
+            }
+        }
     }
 
     /// Parks vCPU `index` until told to run (true) or stop (false).
@@ -131,16 +191,30 @@ impl Control {
                 .0;
         }
     }
+
+    /// The guest powered off or reset: every vCPU stops.
+    fn guest_exited(&self, exit: GuestExit) {
+        let mut ctl = lock(&self.ctl);
+        if ctl.guest_exit.is_none() {
+            ctl.guest_exit = Some(exit);
+        }
+        ctl.target = Target::Stop;
+        ctl.state = RunState::Stopped;
+        self.kick_all(&ctl);
+        self.cv.notify_all();
+    }
 }
 
 pub(super) fn vcpu_thread(
     index: u32,
     vcpu: &Mutex<VcpuFd>,
     control: &Control,
-    pacing: Pacing,
+    exits: &Exits,
     _ram: GuestRam,
 ) {
-    let outcome = vcpu_loop(index, vcpu, control, pacing);
+    // SAFETY: pthread_self has no preconditions.
+    lock(&control.ctl).threads[index as usize] = Some(unsafe { libc::pthread_self() });
+    let outcome = vcpu_loop(index, vcpu, control, exits);
     let mut ctl = lock(&control.ctl);
     if let Err(reason) = outcome {
         tracing::error!(vcpu = index, %reason, "vCPU failed");
@@ -149,8 +223,19 @@ pub(super) fn vcpu_thread(
         }
     }
     ctl.parked[index as usize] = true;
+    ctl.threads[index as usize] = None;
     ctl.exited += 1;
     control.cv.notify_all();
+}
+
+/// What one `KVM_RUN` ended with, as far as the loop cares.
+enum Step {
+    /// Nothing to do: run again.
+    Again,
+    /// The built-in guest's pacing exit.
+    Paced,
+    /// The guest powered off or reset.
+    Exit(GuestExit),
 }
 
 /// Runs vCPU `index` until stopped (`Ok`) or failed (`Err(reason)`).
@@ -158,7 +243,7 @@ fn vcpu_loop(
     index: u32,
     vcpu: &Mutex<VcpuFd>,
     control: &Control,
-    pacing: Pacing,
+    exits: &Exits,
 ) -> Result<(), String> {
     let mut io_pending = false;
     let mut deadline: Option<Instant> = None;
@@ -173,33 +258,84 @@ fn vcpu_loop(
             }
             deadline = None;
         }
-        let exit = {
+        let step = {
             let mut fd = lock(vcpu);
-            let exit = match fd.run() {
-                Ok(VcpuExit::IoOut(PACING_PORT, _)) => Ok(true),
-                Ok(other) => Err(format!("unexpected exit {other:?}")),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(false),
-                Err(e) => Err(format!("KVM_RUN failed: {e}")),
-            };
-            exit.map_err(|reason| match fd.get_regs() {
+            let step = run_once(&mut fd, exits);
+            if matches!(step, Ok(Step::Paced)) || matches!(exits, Exits::Linux { .. }) {
+                io_pending = true;
+            }
+            step.map_err(|reason| match fd.get_regs() {
                 Ok(regs) => format!("{reason} at rip {:#x}", regs.rip),
                 Err(_) => reason,
             })?
         };
-        if exit {
-            io_pending = true;
-            let now = Instant::now();
-            let mut next = deadline.unwrap_or(now) + pacing.period;
-            if next + MAX_LAG < now {
-                next = now;
+        match step {
+            Step::Again => {}
+            Step::Exit(e) => {
+                control.guest_exited(e);
+                return Ok(());
             }
-            deadline = Some(next);
-            control.sleep_until(next);
+            Step::Paced => {
+                if let Exits::Builtin(pacing) = exits {
+                    let now = Instant::now();
+                    let mut next = deadline.unwrap_or(now) + pacing.period;
+                    if next + MAX_LAG < now {
+                        next = now;
+                    }
+                    deadline = Some(next);
+                    control.sleep_until(next);
+                }
+            }
         }
     }
 }
 
-/// Lets KVM finish the pending `out` (RIP past it) without running guest code, so the vCPU
+/// One `KVM_RUN` and the service of its exit.
+fn run_once(fd: &mut VcpuFd, exits: &Exits) -> Result<Step, String> {
+    let exit = match fd.run() {
+        Ok(exit) => exit,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(Step::Again),
+        Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+    };
+    let action = match (exits, exit) {
+        (Exits::Builtin(_), VcpuExit::IoOut(PACING_PORT, _)) => return Ok(Step::Paced),
+        (Exits::Linux { pio, .. }, VcpuExit::IoIn(port, data)) => {
+            if !pio.read(u64::from(port), data) {
+                // No device: an ISA bus reads all ones.
+                data.fill(0xff);
+            }
+            None
+        }
+        (Exits::Linux { pio, .. }, VcpuExit::IoOut(port, data)) => {
+            pio.write(u64::from(port), data).flatten()
+        }
+        (Exits::Linux { mmio, .. }, VcpuExit::MmioRead(addr, data)) => {
+            if !mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+            None
+        }
+        (Exits::Linux { mmio, .. }, VcpuExit::MmioWrite(addr, data)) => {
+            mmio.write(addr, data).flatten()
+        }
+        (Exits::Linux { .. }, VcpuExit::Hlt) => None,
+        (Exits::Linux { .. }, VcpuExit::Shutdown) => Some(VmAction::Reset),
+        (Exits::Linux { .. }, VcpuExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN, _)) => {
+            Some(VmAction::PowerOff)
+        }
+        (Exits::Linux { .. }, VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, _)) => {
+            Some(VmAction::Reset)
+        }
+        (_, other) => return Err(format!("unexpected exit {other:?}")),
+    };
+    Ok(match action {
+        Some(VmAction::PowerOff) => Step::Exit(GuestExit::PowerOff),
+        Some(VmAction::Reset) => Step::Exit(GuestExit::Reset),
+        None => Step::Again,
+    })
+}
+
+/// Lets KVM finish the pending I/O (RIP past it) without running guest code, so the vCPU
 /// state is consistent for saving.
 fn complete_io(vcpu: &Mutex<VcpuFd>) -> Result<(), String> {
     let mut fd = lock(vcpu);

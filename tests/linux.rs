@@ -1,0 +1,452 @@
+//! Linux guests: Debian's stock kernel with an initramfs running the workload
+//! (guest/workload.rs), a virtio disk (ext4), a virtio NIC on a tap and virtio-rng, booted and
+//! live-migrated by livemig's VMM on real KVM.
+//!
+//! This host's /dev/kvm cannot boot a stock kernel, so these tests run inside the nested
+//! (TCG) VM of `scripts/test-nested.sh`, where `kvm_amd` gives a real /dev/kvm. There they
+//! find the guest's files through `LIVEMIG_GUEST_BZIMAGE`, `LIVEMIG_GUEST_VMLINUX`,
+//! `LIVEMIG_GUEST_INITRD` and `LIVEMIG_GUEST_DISK`; elsewhere they are ignored.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const IGNORE: &str = "needs real KVM and the guest images: run scripts/test-nested.sh";
+
+fn env_path(k: &str) -> PathBuf {
+    PathBuf::from(std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set ({IGNORE})")))
+}
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("bash").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A tap `name` with `ip` on the host side, up.
+fn tap(name: &str, ip: &str) {
+    sh(&format!(
+        "modprobe tun 2>/dev/null; ip link del {name} 2>/dev/null; ip tuntap add {name} mode tap && ip addr add {ip} dev {name} && ip link set {name} up"
+    ));
+}
+
+/// The guest's console, `\r` removed.
+fn console(log: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).replace('\r', "")
+}
+
+/// The workload's tick numbers in a console text, in order.
+fn ticks(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("livemig-workload: tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// Waits (bounded) until the console at `log` shows tick `n` or later; returns the last tick.
+fn wait_tick(log: &Path, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        if let Some(&t) = ticks(&console(log)).last() {
+            if t >= n {
+                return t;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no tick {n} on {}: {}",
+            log.display(),
+            tail(&console(log))
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// What a console must never show: an oops, a kernel warning, a soft lockup, an RCU stall —
+/// and after a migration, a clocksource change.
+fn assert_clean(text: &str, what: &str, after_migration: bool) {
+    let clock = [
+        "clocksource: Switched",
+        "Marking clocksource",
+        "clocksource watchdog",
+    ];
+    for bad in clock.iter().filter(|_| after_migration) {
+        assert!(
+            !text.contains(bad),
+            "{what}: console shows {bad:?}:\n{}",
+            tail(text)
+        );
+    }
+    for bad in [
+        "Oops",
+        "WARNING:",
+        "BUG:",
+        "Call Trace",
+        "soft lockup",
+        "rcu_sched detected stall",
+        "rcu_preempt detected stall",
+        "self-detected stall",
+        "Kernel panic",
+    ] {
+        assert!(
+            !text.contains(bad),
+            "{what}: console shows {bad:?}:\n{}",
+            tail(text)
+        );
+    }
+}
+
+/// The ticks of a console that went source → destination → ..., one log each: consecutive.
+fn assert_continuous(logs: &[&Path]) {
+    let all: String = logs.iter().map(|l| console(l)).collect();
+    let t = ticks(&all);
+    assert!(t.len() > 10, "few ticks: {t:?}");
+    for w in t.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "the guest's ticks jump: {} then {}",
+            w[0],
+            w[1]
+        );
+    }
+}
+
+/// A Linux guest process.
+struct Guest {
+    proc: Proc,
+    sock: PathBuf,
+    log: PathBuf,
+}
+
+struct Files {
+    bzimage: PathBuf,
+    vmlinux: PathBuf,
+    initrd: PathBuf,
+}
+
+fn files() -> Files {
+    Files {
+        bzimage: env_path("LIVEMIG_GUEST_BZIMAGE"),
+        vmlinux: env_path("LIVEMIG_GUEST_VMLINUX"),
+        initrd: env_path("LIVEMIG_GUEST_INITRD"),
+    }
+}
+
+/// A fresh, sparse copy of the guest's ext4 disk.
+fn disk(dir: &Path) -> PathBuf {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let d = dir.join("disk.img");
+    let mut from = std::fs::File::open(env_path("LIVEMIG_GUEST_DISK")).unwrap();
+    let mut to = std::fs::File::create(&d).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut len = 0u64;
+    loop {
+        let n = from.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().all(|&b| b == 0) {
+            to.seek(SeekFrom::Current(n as i64)).unwrap();
+        } else {
+            to.write_all(&buf[..n]).unwrap();
+        }
+        len += n as u64;
+    }
+    to.set_len(len).unwrap();
+    d
+}
+
+fn boot(dir: &Path, name: &str, kernel: &Path, vcpus: u32, extra: &[&str]) -> Guest {
+    let f = files();
+    let sock = dir.join(format!("{name}.sock"));
+    let log = dir.join(format!("{name}.log"));
+    let mut args = vec![
+        "run-vm".to_string(),
+        "--socket".into(),
+        sock.display().to_string(),
+        "--memory".into(),
+        "256".into(),
+        "--vcpus".into(),
+        vcpus.to_string(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--initrd".into(),
+        f.initrd.display().to_string(),
+        "--console-log".into(),
+        log.display().to_string(),
+        "--rng".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut proc = spawn(&[], &refs);
+    proc.wait_line("VM running");
+    Guest { proc, sock, log }
+}
+
+/// A destination for a Linux guest, its console in `name.log`.
+fn destination(
+    dir: &Path,
+    name: &str,
+    listen: &str,
+    extra: &[&str],
+) -> (Proc, String, PathBuf, PathBuf) {
+    let sock = dir.join(format!("{name}.sock"));
+    let log = dir.join(format!("{name}.log"));
+    let mut args = vec![
+        "--socket",
+        sock.to_str().unwrap(),
+        "--console-log",
+        log.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (p, addr) = receive(&[], listen, &args);
+    (p, addr, sock, log)
+}
+
+/// One migration with the checks every Linux migration must pass; returns the report.
+fn migrate_checked(from: &Path, to: &str, args: &[&str]) -> Value {
+    let report = migrate_ok(&[], from, to, args);
+    println!(
+        "LINUX MIGRATION: total {:.0} ms, downtime {:.1} ms, {} rounds, transport {}, digest {}",
+        report["total_time_ms"].as_f64().unwrap_or(0.0),
+        report["downtime_ms"].as_f64().unwrap_or(0.0),
+        report["rounds"],
+        report["transport"],
+        report["destination_digest"]
+    );
+    report
+}
+
+/// The source after a migration: its VM has stopped for good; its process ends on `stop`.
+fn retire(sock: &Path, proc: Proc) {
+    let st = request(sock, r#"{"cmd":"status"}"#);
+    assert_eq!(st["phase"], "migrated", "{st}");
+    assert_eq!(st["run_state"], "stopped", "{st}");
+    request(sock, r#"{"cmd":"stop"}"#);
+    let (code, err) = proc.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// Syncs and powers the guest behind `sock` off; waits for its process to end with status 0.
+fn power_off(sock: &Path, proc: Proc) {
+    let bin = bin();
+    let send = |t: &str| {
+        let out = Command::new(bin)
+            .args(["console", "--vm", sock.to_str().unwrap(), "--send", t])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    send("sync");
+    std::thread::sleep(Duration::from_millis(500));
+    send("poweroff");
+    let (code, err) = proc.wait_exit(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "the VM process did not end cleanly: {err}");
+}
+
+/// The counter file on the guest's disk, read with debugfs: strictly increasing, no gap a
+/// lost write would leave.
+fn assert_disk_counter(image: &Path) {
+    let out = sh(&format!(
+        "debugfs -R 'cat /counter' {} 2>/dev/null",
+        image.display()
+    ));
+    let v: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(v.len() >= 3, "counter file: {out:?}");
+    for w in v.windows(2) {
+        assert!(
+            w[1] > w[0] && w[1] - w[0] <= 60,
+            "the counter file on disk is not continuous: {} then {} ({v:?})",
+            w[0],
+            w[1]
+        );
+    }
+    let fsck = Command::new("e2fsck")
+        .args(["-n", "-f", image.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck -n: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+#[test]
+#[ignore = "needs real KVM and the guest images: run scripts/test-nested.sh"]
+fn both_kernel_formats_boot_to_the_workload_and_power_off() {
+    let f = files();
+    let dir = tmpdir("linux-boot");
+    for (name, kernel) in [("pvh", &f.vmlinux), ("bzimage", &f.bzimage)] {
+        tap("lmtap0", "10.0.2.1/24");
+        let img = disk(&dir);
+        let disk_arg = format!("path={}", img.display());
+        let t0 = Instant::now();
+        let g = boot(
+            &dir,
+            name,
+            kernel,
+            1,
+            &[
+                "--disk",
+                &disk_arg,
+                "--net",
+                "tap=lmtap0,mac=52:54:00:aa:bb:01",
+                "--cmdline",
+                "livemig.ip=10.0.2.2/24 livemig.ws=8 livemig.rate=100",
+            ],
+        );
+        wait_tick(&g.log, 1);
+        let text = console(&g.log);
+        let init = text.lines().find(|l| l.contains("Run /init")).unwrap_or("");
+        println!(
+            "LINUX BOOT ({name}): first workload line after {:.1} s wall; kernel: {init}",
+            t0.elapsed().as_secs_f64()
+        );
+        assert_clean(&text, name, false);
+        assert!(text.contains("virtio_blk"), "{}", tail(&text));
+        // The guest answers on its NIC.
+        let ping = Command::new("ping")
+            .args(["-c", "3", "-W", "5", "10.0.2.2"])
+            .output()
+            .unwrap();
+        assert!(
+            ping.status.success(),
+            "no ping reply from the guest: {}\n{}",
+            String::from_utf8_lossy(&ping.stdout),
+            tail(&text)
+        );
+        power_off(&g.sock, g.proc);
+        assert!(!g.sock.exists(), "the control socket is removed");
+        assert_disk_counter(&img);
+    }
+}
+
+fn migrate_with(vcpus: u32, transport: &[&str], listen: &str, dest_extra: &[&str]) {
+    let f = files();
+    let dir = tmpdir(&format!("linux-mig{vcpus}"));
+    tap("lmtapa", "10.0.3.1/24");
+    tap("lmtapb", "10.0.4.1/24");
+    let img = disk(&dir);
+    let disk_arg = format!("path={}", img.display());
+    let a = boot(
+        &dir,
+        "a",
+        &f.bzimage,
+        vcpus,
+        &[
+            "--disk",
+            &disk_arg,
+            "--net",
+            "tap=lmtapa,mac=52:54:00:aa:bb:02",
+            "--cmdline",
+            "livemig.ws=64 livemig.rate=2000",
+        ],
+    );
+    let before = wait_tick(&a.log, 20);
+    let mut extra = vec!["--tap", "net0=lmtapb"];
+    extra.extend_from_slice(dest_extra);
+    let (b, addr, b_sock, b_log) = destination(&dir, "b", listen, &extra);
+    let report = migrate_checked(&a.sock, &addr, transport);
+    assert!(report["rounds"].as_u64().unwrap() >= 2, "{report}");
+    // The source stopped for good; the guest goes on on the destination, its console
+    // continuous.
+    retire(&a.sock, a.proc);
+    let after = wait_tick(&b_log, before + 30);
+    assert!(after > before);
+    assert_clean(&console(&b_log), "destination console", true);
+    assert_continuous(&[&a.log, &b_log]);
+    power_off(&b_sock, b);
+    assert_disk_counter(&img);
+}
+
+#[test]
+#[ignore = "needs real KVM and the guest images: run scripts/test-nested.sh"]
+fn a_running_linux_guest_migrates_with_its_devices() {
+    migrate_with(1, &[], "127.0.0.1:0", &[]);
+}
+
+#[test]
+#[ignore = "needs real KVM and the guest images: run scripts/test-nested.sh"]
+fn a_two_vcpu_linux_guest_migrates_with_its_devices() {
+    migrate_with(2, &[], "127.0.0.1:0", &[]);
+}
+
+#[test]
+#[ignore = "needs real KVM and the guest images: run scripts/test-nested.sh"]
+fn a_linux_guest_migrates_over_rdma() {
+    let list = |k: &str, d: &str| -> Vec<String> {
+        std::env::var(k)
+            .unwrap_or_else(|_| d.to_string())
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let devs = list("LIVEMIG_RDMA_DEVICES", "rxe0 rxe1");
+    let addrs = list("LIVEMIG_RDMA_ADDRS", "10.0.99.1 10.0.99.2");
+    let (src_dev, dst_dev) = (&devs[0], &devs[devs.len() - 1]);
+    migrate_with(
+        1,
+        &["--transport", "rdma", "--rdma-device", src_dev],
+        &format!("{}:0", addrs[addrs.len() - 1]),
+        &["--rdma-device", dst_dev],
+    );
+}
+
+#[test]
+#[ignore = "needs real KVM and the guest images: run scripts/test-nested.sh"]
+fn ping_pong_three_migrations() {
+    let f = files();
+    let dir = tmpdir("linux-pingpong");
+    let img = disk(&dir);
+    let disk_arg = format!("path={}", img.display());
+    let g = boot(
+        &dir,
+        "m0",
+        &f.bzimage,
+        1,
+        &[
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            "livemig.ws=32 livemig.rate=1000",
+        ],
+    );
+    let mut logs = vec![g.log.clone()];
+    let mut sock = g.sock.clone();
+    let mut proc = g.proc;
+    let mut last = wait_tick(&g.log, 15);
+    for i in 1..=3 {
+        let (p, addr, s, log) = destination(&dir, &format!("m{i}"), "127.0.0.1:0", &[]);
+        migrate_checked(&sock, &addr, &[]);
+        retire(&sock, proc);
+        last = wait_tick(&log, last + 15);
+        assert_clean(&console(&log), &format!("migration {i}"), true);
+        logs.push(log);
+        let refs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
+        assert_continuous(&refs);
+        sock = s;
+        proc = p;
+    }
+    power_off(&sock, proc);
+    assert_disk_counter(&img);
+}
