@@ -455,7 +455,10 @@ ensure_base() {
     for b in $EXTRA_BINS; do ls -lL "$(command -v "$b" || echo "/no/$b")" 2>&1 || true; done
   } | sha256sum | cut -c1-16)"
   BASE="$CACHE/initramfs/base-$key.cpio"
-  [ -s "$BASE" ] && return 0
+  if [ -s "$BASE" ]; then
+    touch "$BASE" # most recently used: kept by the pruning below
+    return 0
+  fi
   log "building base initramfs ($key)"
   mkdir -p "$CACHE/initramfs"
   local st="$CACHE/initramfs/staging.$$"
@@ -547,8 +550,13 @@ ensure_base() {
   pack_cpio "$st" "$BASE.tmp"
   mv "$BASE.tmp" "$BASE"
   rm -rf "$st"
-  # Drop stale bases from older inputs.
-  find "$CACHE/initramfs" -maxdepth 1 -name 'base-*.cpio*' ! -name "base-$key.cpio*" -delete
+  # Drop stale bases from older inputs, but keep the 3 most recently used: runs with different
+  # LIVEMIG_RDMA_EXTRA_BINS/_MODULES (test-rdma.sh vs guest/qemu-reference.sh) take turns and
+  # would otherwise rebuild each other's base every time.
+  local old
+  for old in $(ls -t "$CACHE"/initramfs/base-*.cpio | tail -n +4); do
+    rm -f "$old" "$old.manifest"
+  done
 }
 
 prepare() {
@@ -646,13 +654,17 @@ run_vm() {
   # awk: strips the \r the kernel's own console writes add, flushes every line so output streams
   # live, and swallows what follows the sentinel (the kernel's "reboot: Restarting system").
   # QEMU's stderr stays separate, minus the warning our sercon-port override always triggers.
+  # mawk (Debian's default awk) reads a pipe in large blocks unless -W interactive: without it
+  # nothing streams and a long run's output only appears when the VM exits.
+  local LIVE_AWK=(awk)
+  awk -W version 2>&1 | grep -q mawk && LIVE_AWK=(awk -W interactive)
   # The pipeline runs in the background so that `wait` — unlike a foreground pipeline — returns
   # at once on SIGINT/SIGTERM and cleanup_run can stop QEMU (found through its pidfile).
   {
     timeout -k 10 "$TIMEOUT" "${qemu[@]}" -pidfile "$rt/qemu.pid" </dev/null \
       2> >(grep --line-buffered -v 'externally provided fw_cfg item names' >&2)
     { echo $? >"$rt/rc"; } 2>/dev/null # (the dir is gone if we were interrupted)
-  } | awk 'done { next } { sub(/\r$/, ""); print; fflush() } /^LIVEMIG-EXIT=[0-9]+$/ { done = 1 }' |
+  } | "${LIVE_AWK[@]}" 'done { next } { sub(/\r$/, ""); print; fflush() } /^LIVEMIG-EXIT=[0-9]+$/ { done = 1 }' |
     tee "$rt/log" &
   wait $! || true
   rc="$(cat "$rt/rc" 2>/dev/null || echo 125)"
@@ -735,4 +747,8 @@ main() {
   esac
 }
 
-main "$@"
+# Sourced (scripts/linux-guest.sh reuses ensure_packages/ensure_kernel/pack_cpio...): define the
+# functions only.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  main "$@"
+fi

@@ -887,8 +887,17 @@ mod tests {
         // Read sector 8 into 0x8000.
         request(&mem, 0, 0, 8, 0x8000, true);
         publish(&mem, 0, 0);
+        let _ = ram.take_vmm_dirty(0); // what the test's "driver" wrote
         a.queue_eventfds()[0].write(1).unwrap();
         wait_used(&mem, 1);
+        // The device's writes (the data, the status byte, the used ring) are dirty pages.
+        let dirty = ram.take_vmm_dirty(0);
+        let is_dirty =
+            |gpa: u64| dirty[(gpa / 4096 / 64) as usize] & (1 << ((gpa / 4096) % 64)) != 0;
+        assert!(
+            is_dirty(0x8000) && is_dirty(0x4080) && is_dirty(USED),
+            "{dirty:x?}"
+        );
         let mut got = [0u8; 4096];
         mem.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
         for (i, sector) in got.chunks(512).enumerate() {
