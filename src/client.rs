@@ -12,6 +12,7 @@ use livemig_engine::control::{self, Event, MigrateRequest, Request};
 use livemig_engine::defaults;
 use livemig_engine::session::MigrationReport;
 use livemig_engine::source::TransportChoice;
+use livemig_engine::storage::StorageMode;
 use livemig_transport::codec::Mode;
 use serde_json::Value;
 
@@ -60,6 +61,22 @@ pub struct Tuning {
     /// Cache of last-sent pages for delta encoding, in MiB (with `delta` and `auto`).
     #[arg(long, default_value_t = defaults::DELTA_CACHE_MIB)]
     pub delta_cache_mib: u64,
+    /// How the VM's disks move: shared (the destination opens the same images; their locks
+    /// move) or copy (shared nothing: the images are copied while the VM runs).
+    #[arg(long, default_value_t = StorageMode::Shared, value_parser = one_of::<StorageMode>(StorageMode::NAMES))]
+    pub storage: StorageMode,
+    /// Copy mode: the directory on the destination for the copies (default: the
+    /// destination's `receive --storage-dir`).
+    #[arg(long)]
+    pub storage_dir: Option<String>,
+    /// Copy mode: delete the source images once the VM runs on its copies (as Hyper-V
+    /// does); without it they stay.
+    #[arg(long)]
+    pub remove_source_storage: bool,
+    /// Copy mode: every guest write waits until it is on its way to the destination from
+    /// the start (default: only once the disks' dirty blocks stop shrinking).
+    #[arg(long)]
+    pub active_mirror: bool,
 }
 
 impl Tuning {
@@ -74,6 +91,10 @@ impl Tuning {
             downtime_limit_ms: self.downtime_limit,
             max_rounds: self.max_rounds,
             delta_cache_mib: self.delta_cache_mib,
+            storage: self.storage,
+            storage_dir: self.storage_dir.clone(),
+            remove_source_storage: self.remove_source_storage,
+            active_mirror: self.active_mirror,
         }
     }
 }
@@ -264,7 +285,57 @@ fn print_summary(r: &Value) {
         ),
     ];
     println!();
-    for (k, v) in rows {
+    for (k, v) in rows.into_iter().chain(storage_rows(&r["storage"])) {
         println!("  {k:<28} {v}");
     }
+}
+
+/// The disks' rows of the summary (none for a VM without disks).
+fn storage_rows(s: &Value) -> Vec<(&'static str, String)> {
+    if s.is_null() {
+        return Vec::new();
+    }
+    let u = |k: &str| s[k].as_u64().unwrap_or(0);
+    let mut rows = vec![(
+        "storage",
+        format!(
+            "{}: {:.1} MiB of disk blocks in {} rounds, {} blocks in the downtime{}",
+            s["mode"].as_str().unwrap_or("?"),
+            u("bytes_copied") as f64 / (1 << 20) as f64,
+            u("rounds"),
+            u("dirty_blocks_in_downtime"),
+            if s["source_removed"].as_bool() == Some(true) {
+                "; source images removed"
+            } else {
+                ""
+            }
+        ),
+    )];
+    if s["active_mirror_ms"].as_f64().unwrap_or(0.0) > 0.0 {
+        rows.push((
+            "  active mirroring",
+            format!(
+                "{:.0} ms, {:.1} MiB of guest writes mirrored",
+                s["active_mirror_ms"].as_f64().unwrap_or(0.0),
+                u("mirrored_bytes") as f64 / (1 << 20) as f64
+            ),
+        ));
+    }
+    for d in s["disks"].as_array().into_iter().flatten() {
+        rows.push((
+            "  disk",
+            format!(
+                "{} {} ({:.0} MiB, {:.0} MiB allocated){}",
+                d["id"].as_str().unwrap_or("?"),
+                d["source_path"].as_str().unwrap_or("?"),
+                d["size"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+                d["allocated"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+                match d["source_digest"].as_str() {
+                    Some(x) if !x.is_empty() => format!(", digest {x} verified by the destination"),
+                    _ => String::new(),
+                }
+            ),
+        ));
+    }
+    rows
 }

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use livemig_engine::control::{self, Request};
+use livemig_engine::devices::disk_writer::DiskWriterSpec;
 use livemig_engine::devices::virtio::net::parse_mac;
 use livemig_engine::vm::kvm::{ConsoleSpec, DiskSpec, HostResources, LinuxSpec, NetSpec};
+use livemig_engine::vm::Pattern;
 
 /// Where a VM's console goes on this host.
 #[derive(Args, Debug, Clone, Default)]
@@ -45,10 +47,30 @@ pub struct LinuxArgs {
     /// Kernel command line (after livemig's own `console=ttyS0 pci=off reboot=acpi`).
     #[arg(long, default_value = "", requires = "kernel")]
     pub cmdline: String,
-    /// A virtual disk: PATH of a raw image, or path=PATH[,readonly=on]; repeatable (disk0,
-    /// disk1, ...).
-    #[arg(long = "disk", value_name = "DISK", requires = "kernel")]
+    /// A virtual disk: PATH of a raw image (or a host block device), or
+    /// path=PATH[,readonly=on]; repeatable (disk0, disk1, ...). The built-in guest takes one
+    /// disk, which the VMM writes (see --disk-write-rate).
+    #[arg(long = "disk", value_name = "DISK")]
     pub disks: Vec<String>,
+    /// Built-in guest: the VMM writes its disk at this rate, MB/s (0: idle).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        requires = "disks",
+        conflicts_with = "kernel"
+    )]
+    pub disk_write_rate: f64,
+    /// Built-in guest: where the disk writes go (64 KiB each).
+    #[arg(long, default_value_t = Pattern::Random, value_parser = crate::one_of::<Pattern>(Pattern::NAMES), requires = "disks", conflicts_with = "kernel")]
+    pub disk_write_pattern: Pattern,
+    /// Built-in guest: the region written, MiB from the start of the disk (0: all of it).
+    #[arg(
+        long,
+        default_value_t = 0,
+        requires = "disks",
+        conflicts_with = "kernel"
+    )]
+    pub disk_write_span: u64,
     /// A network adapter on an existing tap device: TAP, or tap=TAP[,mac=MAC]; repeatable
     /// (net0, net1, ...).
     #[arg(long = "net", value_name = "NIC", requires = "kernel")]
@@ -73,6 +95,34 @@ fn options<'a>(s: &'a str, first_key: &'a str) -> Result<Vec<(&'a str, &'a str)>
 }
 
 impl LinuxArgs {
+    /// The built-in guest's disk, if `--disk` was given without `--kernel`.
+    pub fn builtin_disk(&self) -> Result<Option<DiskWriterSpec>> {
+        if self.kernel.is_some() {
+            return Ok(None);
+        }
+        match self.disks.as_slice() {
+            [] => Ok(None),
+            [d] => {
+                let mut path = None;
+                for (k, v) in options(d, "path")? {
+                    match (k, v) {
+                        ("path", p) => path = Some(PathBuf::from(p)),
+                        _ => bail!(
+                            "--disk {d:?}: the built-in guest's disk is written by the VMM:                              path=PATH only"
+                        ),
+                    }
+                }
+                Ok(Some(DiskWriterSpec {
+                    path: path.with_context(|| format!("--disk {d:?}: no path"))?,
+                    rate_mb_s: self.disk_write_rate,
+                    pattern: self.disk_write_pattern,
+                    span_mib: self.disk_write_span,
+                }))
+            }
+            _ => bail!("the built-in guest takes one --disk (a Linux VM, --kernel, takes several)"),
+        }
+    }
+
     /// The spec of the Linux VM to boot, if `--kernel` was given.
     pub fn spec(&self, memory_mib: u64, vcpus: u32) -> Result<Option<LinuxSpec>> {
         let Some(kernel) = &self.kernel else {

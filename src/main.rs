@@ -173,6 +173,10 @@ struct ReceiveArgs {
     /// address in the source's subnet, else the first active one); see `livemig rdma devices`.
     #[arg(long)]
     rdma_device: Option<String>,
+    /// Where copies of disks go (shared-nothing migrations) when the source names no
+    /// directory (`migrate --storage copy --storage-dir`).
+    #[arg(long)]
+    storage_dir: Option<PathBuf>,
     #[command(flatten)]
     host: linux_cli::HostArgs,
     /// Exit as soon as the VM runs here, stopping it (for tests and demos).

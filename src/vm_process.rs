@@ -15,7 +15,8 @@ use livemig_engine::control::{
     CancelReply, ErrorReply, Event, MigrateRequest, OkReply, Request, StatusReply, StopReply,
     MAX_REQUEST_BYTES,
 };
-use livemig_engine::destination::{self, IncomingOptions};
+use livemig_engine::destination::{self, DiskPlacement, IncomingOptions};
+use livemig_engine::devices::disk_writer::DiskWriterSpec;
 use livemig_engine::memory::{GuestRam, Populate, RamLayout};
 use livemig_engine::session::MigrationError;
 use livemig_engine::source;
@@ -28,12 +29,18 @@ use serde_json::{json, Value};
 
 use crate::{ReceiveArgs, RunVmArgs};
 
-/// Builds and starts the source VM.
-pub fn launch(spec: &VmSpec, backend: Backend) -> Result<Arc<dyn MigratableVm>> {
+/// Builds and starts the source VM (the built-in guest, with its disk if it has one).
+pub fn launch(
+    spec: &VmSpec,
+    backend: Backend,
+    disk: Option<&DiskWriterSpec>,
+) -> Result<Arc<dyn MigratableVm>> {
     Ok(match backend {
-        Backend::Kvm => Arc::new(KvmVm::launch(spec).context("starting the KVM guest")?),
+        Backend::Kvm => {
+            Arc::new(KvmVm::launch_with_disk(spec, disk).context("starting the KVM guest")?)
+        }
         Backend::Memory => Arc::new(
-            MemoryVm::launch(spec, |ram| builtin_guest::fill(ram, spec.fill, 1))
+            MemoryVm::launch_with_disk(spec, disk, |ram| builtin_guest::fill(ram, spec.fill, 1))
                 .context("starting the memory-only VM")?,
         ),
     })
@@ -44,11 +51,17 @@ pub fn launch(spec: &VmSpec, backend: Backend) -> Result<Arc<dyn MigratableVm>> 
 fn factory(
     backend: Backend,
     host: HostResources,
-) -> impl Fn(&VmConfig, GuestRam) -> Result<Arc<dyn MigratableVm>, VmError> {
-    move |config, ram| -> Result<Arc<dyn MigratableVm>, VmError> {
+) -> impl Fn(&VmConfig, GuestRam, &DiskPlacement) -> Result<Arc<dyn MigratableVm>, VmError> {
+    move |config, ram, placed| -> Result<Arc<dyn MigratableVm>, VmError> {
+        // Disks this migration placed (copies) come first, then --disk-path, then the
+        // source's paths (shared storage).
+        let mut host = host.clone();
+        host.disks.splice(0..0, placed.iter().cloned());
         Ok(match backend {
             Backend::Kvm => Arc::new(KvmVm::new_incoming(config, ram, &host)?),
-            Backend::Memory => Arc::new(MemoryVm::new_incoming(config, ram)?),
+            Backend::Memory => {
+                Arc::new(MemoryVm::new_incoming_with_disks(config, ram, &host.disks)?)
+            }
         })
     }
 }
@@ -63,7 +76,11 @@ pub fn run_vm(args: &RunVmArgs, key: Option<Key>) -> Result<()> {
             }
             Arc::new(KvmVm::boot_linux(&spec).context("booting the Linux VM; nothing was started")?)
         }
-        None => launch(&args.vm.spec(), args.vm.backend)?,
+        None => launch(
+            &args.vm.spec(),
+            args.vm.backend,
+            args.linux.builtin_disk()?.as_ref(),
+        )?,
     };
     let listener = bind(socket)?;
     let config = vm.config();
@@ -137,6 +154,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
             key: key.clone(),
             max_ram_bytes: args.max_memory_mib << 20,
             rdma_device: args.rdma_device.clone(),
+            storage_dir: args.storage_dir.clone(),
         },
         &make,
     )

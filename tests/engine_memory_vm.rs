@@ -38,7 +38,11 @@ fn fill(ram: &GuestRam) {
     }
 }
 
-fn factory(config: &VmConfig, ram: GuestRam) -> Result<Arc<dyn MigratableVm>, VmError> {
+fn factory(
+    config: &VmConfig,
+    ram: GuestRam,
+    _disks: &[(String, std::path::PathBuf)],
+) -> Result<Arc<dyn MigratableVm>, VmError> {
     Ok(Arc::new(MemoryVm::new_incoming(config, ram)?))
 }
 

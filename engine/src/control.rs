@@ -26,6 +26,7 @@ use crate::auth::Key;
 use crate::defaults;
 use crate::session::{MigrationReport, RoundReport};
 use crate::source::{MigrateOptions, Progress, TransportChoice};
+use crate::storage::StorageMode;
 use crate::vm::RunState;
 
 /// Most bytes of one request line a VM process reads.
@@ -92,6 +93,18 @@ pub struct MigrateRequest {
     /// Delta-encoding cache, MiB.
     #[serde(default = "default_delta_cache")]
     pub delta_cache_mib: u64,
+    /// How the VM's disks move.
+    #[serde(default)]
+    pub storage: StorageMode,
+    /// Copy mode: the directory for the copies on the destination.
+    #[serde(default)]
+    pub storage_dir: Option<String>,
+    /// Copy mode: delete the source images after a committed migration.
+    #[serde(default)]
+    pub remove_source_storage: bool,
+    /// Copy mode: mirror guest writes synchronously from the start.
+    #[serde(default)]
+    pub active_mirror: bool,
 }
 
 impl MigrateRequest {
@@ -106,6 +119,10 @@ impl MigrateRequest {
             downtime_limit_ms: defaults::DOWNTIME_LIMIT_MS,
             max_rounds: defaults::MAX_ROUNDS,
             delta_cache_mib: defaults::DELTA_CACHE_MIB,
+            storage: StorageMode::Shared,
+            storage_dir: None,
+            remove_source_storage: false,
+            active_mirror: false,
         }
     }
 
@@ -121,6 +138,18 @@ impl MigrateRequest {
         if self.max_rounds == 0 {
             return Err("max_rounds must be at least 1".into());
         }
+        if self.storage == StorageMode::Shared {
+            let copy_only = [
+                (self.storage_dir.is_some(), "a storage directory"),
+                (self.remove_source_storage, "removing the source storage"),
+                (self.active_mirror, "active mirroring"),
+            ];
+            if let Some((_, what)) = copy_only.iter().find(|(set, _)| *set) {
+                return Err(format!(
+                    "{what} applies to copy migrations (--storage copy), not shared storage"
+                ));
+            }
+        }
         Ok(MigrateOptions {
             channels: self.channels,
             transport: self.transport,
@@ -130,6 +159,10 @@ impl MigrateRequest {
             compress: self.compress,
             delta_cache_bytes: self.delta_cache_mib.clamp(1, 1 << 20) << 20,
             key,
+            storage: self.storage,
+            storage_dir: self.storage_dir.clone(),
+            remove_source_storage: self.remove_source_storage,
+            active_mirror: self.active_mirror,
             ..MigrateOptions::default()
         })
     }

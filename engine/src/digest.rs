@@ -103,6 +103,27 @@ impl PageHashes {
         }
     }
 
+    /// Whether `gpa` lies in one of the hashed regions.
+    pub fn covers(&self, gpa: u64) -> bool {
+        self.regions
+            .iter()
+            .any(|&(b, s, _)| gpa >= b && gpa - b < s)
+    }
+
+    /// The digest of region `index` alone (a disk's digest: the same construction as
+    /// [`crate::storage::image::DiskImage::digest`]); 0 for a region that does not exist.
+    pub fn region_digest(&self, index: usize) -> u64 {
+        let Some(&(_, size, first)) = self.regions.get(index) else {
+            return 0;
+        };
+        let pages = (size / PAGE_SIZE) as usize;
+        let bytes: Vec<u8> = self.hashes[first..first + pages]
+            .iter()
+            .flat_map(|h| h.load(Ordering::Relaxed).to_le_bytes())
+            .collect();
+        xxh3_64(&bytes)
+    }
+
     /// The digest of the hashed RAM.
     pub fn digest(&self) -> u64 {
         let bytes: Vec<u8> = self

@@ -15,6 +15,7 @@
 //! | [`source`], [`destination`] | the two state machines (DESIGN §5's switchover invariants) |
 //! | [`session`] | what both sides share: the control connection, errors, the report |
 //! | [`control`] | the VM process's control socket: typed requests, replies, events, a client |
+//! | [`storage`] | disks that move with the VM: shared-storage lock handover, shared-nothing copies (disk blocks as extents on a storage channel, dirty-block rounds, active mirroring) |
 //! | [`auth`], [`digest`] | the pre-shared-key handshake; RAM digests compared before resume |
 //! | [`defaults`] | defaults and limits, defined once |
 //!
@@ -38,7 +39,7 @@
 //! let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
 //! let to = listener.local_addr().unwrap().to_string();
 //! let dest = std::thread::spawn(move || {
-//!     let factory = |config: &livemig_engine::vm::VmConfig, ram| {
+//!     let factory = |config: &livemig_engine::vm::VmConfig, ram, _disks: &[_]| {
 //!         Ok(Arc::new(MemoryVm::new_incoming(config, ram)?) as Arc<dyn MigratableVm>)
 //!     };
 //!     destination::receive(&listener, IncomingOptions::default(), &factory).unwrap()
@@ -105,4 +106,5 @@ pub mod protocol;
 pub mod scheduler;
 pub mod session;
 pub mod source;
+pub mod storage;
 pub mod vm;

@@ -18,23 +18,30 @@
 //! destination over the control channel). Zero ranges cost RDMA nothing: destination RAM
 //! starts zero.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, Select, Sender};
 use livemig_transport::codec::{CodecStats, DeltaCache, Encoder, Mode};
 #[cfg(feature = "rdma")]
 use livemig_transport::rdma::RdmaSender;
 use livemig_transport::tcp::DataSender;
 use livemig_transport::{MemoryMap, TransportError};
 
+use crate::digest::PageHashes;
 use crate::dirty::Extent;
 use crate::memory::PAGE_SIZE;
+use crate::storage::image::MirrorHook;
 
 /// Most pages in one chunk (2 MiB).
 pub const CHUNK_PAGES: u64 = 256;
+/// Most pages in one chunk of disk blocks (256 KiB): a mirrored guest write waits for at most
+/// one such chunk on the storage lane.
+pub const DISK_CHUNK_PAGES: u64 = 64;
+/// Mirrored writes queued on the storage lane before a writer waits to queue.
+pub const MIRROR_QUEUE_DEPTH: usize = 64;
 /// Most extents in one chunk.
 pub const CHUNK_EXTENTS: usize = 64;
 /// Chunks queued per channel before the scheduler blocks (backpressure).
@@ -208,6 +215,102 @@ enum Work {
     /// Ranges known to be zero (never-written holes): markers only, nothing read.
     Zero(Vec<(u64, u64)>),
     Marker(u64),
+    /// A mirrored guest write (storage lane): sent, then the writer is told.
+    Mirror(Vec<(u64, u64)>, u64, Sender<()>),
+    /// The migration is over.
+    Exit,
+}
+
+/// A channel worker: takes work from its queue and drives its channel.
+struct Worker {
+    index: usize,
+    ev: Sender<Event>,
+    map: MemoryMap,
+    stop: Arc<AtomicBool>,
+    /// The storage lane's record of what it sent.
+    hashes: Option<Arc<PageHashes>>,
+    /// The storage lane's mirrored writes, served first.
+    mirror: Option<Receiver<Work>>,
+}
+
+impl Worker {
+    /// The next work: a mirrored write if one waits (a guest write blocks on it), else
+    /// whatever comes first. None once the queue is closed.
+    fn next(&mut self, queue: &Receiver<Work>) -> Option<Work> {
+        loop {
+            let Some(m) = &self.mirror else {
+                return queue.recv().ok();
+            };
+            if let Ok(w) = m.try_recv() {
+                return Some(w);
+            }
+            crossbeam_channel::select! {
+                recv(m) -> w => match w {
+                    Ok(w) => return Some(w),
+                    Err(_) => self.mirror = None,
+                },
+                recv(queue) -> w => return w.ok(),
+            }
+        }
+    }
+
+    fn run<C: ChannelSender>(&mut self, mut tx: C, queue: &Receiver<Work>) {
+        let mut bytes = 0u64;
+        let mut cpu = thread_cpu_ns();
+        while let Some(w) = self.next(queue) {
+            let r = match w {
+                Work::Chunk(ext, round) => self.chunk(&mut tx, &ext, round).map(|b| bytes += b),
+                Work::Mirror(ext, round, done) => {
+                    let r = self.chunk(&mut tx, &ext, round).map(|b| bytes += b);
+                    let _ = done.send(());
+                    r
+                }
+                Work::Zero(ext) => tx.zero(&ext).map(|b| bytes += b),
+                Work::Marker(round) => tx.marker(round, &self.stop).map(|b| {
+                    let now = thread_cpu_ns();
+                    let _ = self.ev.send(Event::MarkerSent {
+                        round,
+                        bytes: bytes + b,
+                        codec: tx.take_stats(),
+                        cpu_ns: now.saturating_sub(cpu),
+                    });
+                    cpu = now;
+                    bytes = 0;
+                }),
+                Work::Exit => return,
+            };
+            if let Err(error) = r {
+                let _ = self.ev.send(Event::Failed {
+                    channel: self.index,
+                    error,
+                });
+                tx.abort();
+                return;
+            }
+        }
+    }
+
+    /// Sends a chunk; the storage lane then hashes what it sent.
+    fn chunk<C: ChannelSender>(
+        &self,
+        tx: &mut C,
+        ext: &[(u64, u64)],
+        round: u64,
+    ) -> Result<u64, TransportError> {
+        let b = tx.chunk(&self.map, ext, round, &self.stop)?;
+        if let Some(h) = &self.hashes {
+            for &(addr, len) in ext {
+                if let Ok(host) = self.map.host_ptr(addr, len) {
+                    // SAFETY: `host..host + len` lies in a live mapping of `map`. The guest
+                    // may write the disk meanwhile; such a block is dirty or mirrored and is
+                    // sent and hashed again after the write, so the last hash of every block
+                    // is taken after its last write (the guest is paused for the final round).
+                    unsafe { h.update(addr, len, host) };
+                }
+            }
+        }
+        Ok(b)
+    }
 }
 
 enum Event {
@@ -223,11 +326,24 @@ enum Event {
     },
 }
 
+/// What a round sends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoundWork<'a> {
+    /// Guest RAM pages.
+    pub ram: &'a [Extent],
+    /// Never-written RAM: zero markers, nothing read.
+    pub holes: &'a [Extent],
+    /// Disk blocks (storage lane).
+    pub disk: &'a [Extent],
+}
+
 /// What one round moved.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RoundStats {
-    /// Pages sent.
+    /// Pages sent (RAM and disk blocks).
     pub pages: u64,
+    /// Of which disk blocks.
+    pub disk_pages: u64,
     /// Bytes put on the wire (pages plus framing).
     pub wire_bytes: u64,
     /// Time from the first chunk to the last marker written.
@@ -246,17 +362,27 @@ pub struct Scheduler {
     next: usize,
     /// Tells workers waiting on their transport (RDMA completions) to give up.
     stop: Arc<AtomicBool>,
+    /// Whether the last channel is the storage lane.
+    storage: bool,
+    /// The storage lane's queue of mirrored writes (served before its other work).
+    mirror: Option<Sender<Work>>,
+    /// The round being sent (mirrored writes belong to it).
+    round: Arc<AtomicU64>,
 }
 
 impl Scheduler {
     /// Starts one worker per sender, each with an encoder for `mode` (sharing one delta
     /// cache of `delta_cache_bytes`); `pin` pins worker `i` to core `i % cores`.
+    ///
+    /// With `storage_hashes`, the last sender is the storage lane: it carries disk blocks
+    /// only and records the hash of every page it sent there.
     pub fn new(
         senders: Vec<DataSender>,
         map: MemoryMap,
         pin: bool,
         mode: Mode,
         delta_cache_bytes: u64,
+        storage_hashes: Option<Arc<PageHashes>>,
     ) -> Scheduler {
         let cache =
             matches!(mode, Mode::Delta | Mode::Auto).then(|| DeltaCache::new(delta_cache_bytes));
@@ -267,7 +393,7 @@ impl Scheduler {
                 enc: Encoder::new(mode, cache.clone()),
             })
             .collect();
-        Self::start(channels, map, pin)
+        Self::start(channels, map, pin, storage_hashes)
     }
 
     /// Starts one RDMA worker per queue pair (`map` is the memory the senders write from).
@@ -280,10 +406,17 @@ impl Scheduler {
                 stats: CodecStats::default(),
             })
             .collect();
-        Self::start(channels, map, pin)
+        Self::start(channels, map, pin, None)
     }
 
-    fn start<C: ChannelSender>(senders: Vec<C>, map: MemoryMap, pin: bool) -> Scheduler {
+    fn start<C: ChannelSender>(
+        senders: Vec<C>,
+        map: MemoryMap,
+        pin: bool,
+        storage_hashes: Option<Arc<PageHashes>>,
+    ) -> Scheduler {
+        let storage = storage_hashes.is_some() && senders.len() >= 2;
+        let lanes = senders.len();
         let (ev_tx, events) = unbounded();
         let cores = if pin {
             core_affinity::get_core_ids().unwrap_or_default()
@@ -293,12 +426,19 @@ impl Scheduler {
         let stop = Arc::new(AtomicBool::new(false));
         let mut queues = Vec::new();
         let mut workers = Vec::new();
-        for (i, mut tx) in senders.into_iter().enumerate() {
+        let (mirror_tx, mirror_rx) = bounded::<Work>(MIRROR_QUEUE_DEPTH);
+        for (i, tx) in senders.into_iter().enumerate() {
             let (q_tx, q_rx) = bounded::<Work>(QUEUE_DEPTH);
             queues.push(q_tx);
-            let ev = ev_tx.clone();
-            let map = map.clone();
-            let stop = stop.clone();
+            let lane = storage && i == lanes - 1;
+            let mut worker = Worker {
+                index: i,
+                ev: ev_tx.clone(),
+                map: map.clone(),
+                stop: stop.clone(),
+                hashes: storage_hashes.clone().filter(|_| lane),
+                mirror: lane.then(|| mirror_rx.clone()),
+            };
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
             let handle = std::thread::Builder::new()
                 .name(format!("livemig-tx{i}"))
@@ -306,32 +446,7 @@ impl Scheduler {
                     if let Some(c) = core {
                         core_affinity::set_for_current(c);
                     }
-                    let mut bytes = 0u64;
-                    let mut cpu = thread_cpu_ns();
-                    for w in q_rx {
-                        let r = match w {
-                            Work::Chunk(ext, round) => {
-                                tx.chunk(&map, &ext, round, &stop).map(|b| bytes += b)
-                            }
-                            Work::Zero(ext) => tx.zero(&ext).map(|b| bytes += b),
-                            Work::Marker(round) => tx.marker(round, &stop).map(|b| {
-                                let now = thread_cpu_ns();
-                                let _ = ev.send(Event::MarkerSent {
-                                    round,
-                                    bytes: bytes + b,
-                                    codec: tx.take_stats(),
-                                    cpu_ns: now.saturating_sub(cpu),
-                                });
-                                cpu = now;
-                                bytes = 0;
-                            }),
-                        };
-                        if let Err(error) = r {
-                            let _ = ev.send(Event::Failed { channel: i, error });
-                            tx.abort();
-                            return;
-                        }
-                    }
+                    worker.run(tx, &q_rx);
                 });
             match handle {
                 Ok(h) => workers.push(h),
@@ -347,7 +462,42 @@ impl Scheduler {
             workers,
             next: 0,
             stop,
+            storage,
+            mirror: storage.then_some(mirror_tx),
+            round: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The channels that carry RAM (every channel but the storage lane).
+    fn ram_lanes(&self) -> usize {
+        self.queues.len() - usize::from(self.storage)
+    }
+
+    /// The mirror of disk `index` (storage lane only): a guest write of `(offset, bytes)`
+    /// is queued on the lane and returns once the lane sent it (or failed).
+    pub fn mirror_hook(&self, index: usize) -> Option<MirrorHook> {
+        let lane = self.mirror.clone()?;
+        let round = self.round.clone();
+        let base = crate::storage::disk_addr(index);
+        Some(Arc::new(move |offset: u64, bytes: &[u8]| {
+            let start = offset / PAGE_SIZE * PAGE_SIZE;
+            let end = (offset + bytes.len() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            let ext = [Extent {
+                gpa: base + start,
+                pages: (end - start) / PAGE_SIZE,
+            }];
+            for chunk in chunks(&ext, DISK_CHUNK_PAGES, CHUNK_EXTENTS) {
+                let (done, wait) = bounded(1);
+                if lane
+                    .send(Work::Mirror(chunk, round.load(Ordering::Relaxed), done))
+                    .is_err()
+                {
+                    return;
+                }
+                // An error means the lane is gone: the migration fails, the write stands.
+                let _ = wait.recv();
+            }
+        }))
     }
 
     /// Number of channels.
@@ -355,46 +505,62 @@ impl Scheduler {
         self.queues.len()
     }
 
-    /// Sends every page of `extents` as round `round`, then a marker on every channel, and
-    /// waits until every worker has written its marker. `on_progress` hears the pages queued so
-    /// far, every [`PROGRESS_EVERY`] chunks.
+    /// Sends every page of `extents` (RAM) and `disk` (disk blocks, on the storage lane) as
+    /// round `round`, then a marker on every channel, and waits until every worker has
+    /// written its marker. `on_progress` hears the pages queued so far, every
+    /// [`PROGRESS_EVERY`] chunks.
     pub fn send_round(
         &mut self,
         round: u64,
-        extents: &[Extent],
-        holes: &[Extent],
+        work: &RoundWork<'_>,
         cancel: &AtomicBool,
         on_progress: &mut dyn FnMut(u64),
     ) -> Result<RoundStats, SchedulerError> {
         let start = Instant::now();
-        let mut pages = 0u64;
-        // Holes first, spread over the channels in large pieces: they cost a marker each.
-        for (i, piece) in holes
-            .chunks(holes.len().div_ceil(self.queues.len()).max(1))
-            .enumerate()
-        {
-            let ch = i % self.queues.len();
-            pages += piece.iter().map(|e| e.pages).sum::<u64>();
-            let ranges = piece.iter().map(|e| (e.gpa, e.bytes())).collect();
-            if self.queues[ch].send(Work::Zero(ranges)).is_err() {
-                return Err(self.failure(ch));
-            }
-        }
-        for (i, chunk) in chunks(extents, CHUNK_PAGES, CHUNK_EXTENTS)
-            .into_iter()
-            .enumerate()
-        {
+        self.round.store(round, Ordering::Relaxed);
+        let mut pages = self.send_holes(work.holes)?;
+        let disk_pages: u64 = work.disk.iter().map(|e| e.pages).sum();
+        // Without a storage lane, disk blocks ride with RAM (each once per round, like pages).
+        let (ram, disk) = if self.storage {
+            (work.ram.to_vec(), work.disk)
+        } else {
+            ([work.ram, work.disk].concat(), &[][..])
+        };
+        let mut ram = chunks(&ram, CHUNK_PAGES, CHUNK_EXTENTS).into_iter();
+        let mut disk = chunks(disk, DISK_CHUNK_PAGES, CHUNK_EXTENTS).into_iter();
+        let (mut next_ram, mut next_disk) = (ram.next(), disk.next());
+        let mut sent = 0usize;
+        while next_ram.is_some() || next_disk.is_some() {
             if cancel.load(Ordering::Relaxed) {
                 return Err(SchedulerError::Cancelled);
             }
-            if i % PROGRESS_EVERY == PROGRESS_EVERY - 1 {
-                on_progress(pages);
-            }
+            let ch = self.next % self.ram_lanes();
+            let lane = self.queues.len() - 1;
+            let mut sel = Select::new();
+            let ram_op = next_ram.as_ref().map(|_| sel.send(&self.queues[ch]));
+            let disk_op = next_disk.as_ref().map(|_| sel.send(&self.queues[lane]));
+            let Ok(op) = sel.select_timeout(Duration::from_millis(200)) else {
+                continue;
+            };
+            let (target, chunk) = if Some(op.index()) == ram_op {
+                self.next += 1;
+                (ch, std::mem::replace(&mut next_ram, ram.next()))
+            } else if Some(op.index()) == disk_op {
+                (lane, std::mem::replace(&mut next_disk, disk.next()))
+            } else {
+                continue;
+            };
+            let Some(chunk) = chunk else { continue };
             pages += chunk.iter().map(|c| c.1 / PAGE_SIZE).sum::<u64>();
-            let ch = self.next % self.queues.len();
-            self.next += 1;
-            if self.queues[ch].send(Work::Chunk(chunk, round)).is_err() {
-                return Err(self.failure(ch));
+            if op
+                .send(&self.queues[target], Work::Chunk(chunk, round))
+                .is_err()
+            {
+                return Err(self.failure(target));
+            }
+            sent += 1;
+            if sent % PROGRESS_EVERY == 0 {
+                on_progress(pages);
             }
         }
         for ch in 0..self.queues.len() {
@@ -432,11 +598,28 @@ impl Scheduler {
         }
         Ok(RoundStats {
             pages,
+            disk_pages,
             wire_bytes,
             elapsed: start.elapsed(),
             codec,
             cpu_ns,
         })
+    }
+
+    /// Queues the zero ranges, spread over the RAM channels in large pieces (they cost a
+    /// marker each); returns their pages.
+    fn send_holes(&mut self, holes: &[Extent]) -> Result<u64, SchedulerError> {
+        let lanes = self.ram_lanes();
+        let mut pages = 0;
+        for (i, piece) in holes.chunks(holes.len().div_ceil(lanes).max(1)).enumerate() {
+            let ch = i % lanes;
+            pages += piece.iter().map(|e| e.pages).sum::<u64>();
+            let ranges = piece.iter().map(|e| (e.gpa, e.bytes())).collect();
+            if self.queues[ch].send(Work::Zero(ranges)).is_err() {
+                return Err(self.failure(ch));
+            }
+        }
+        Ok(pages)
     }
 
     fn failure(&self, ch: usize) -> SchedulerError {
@@ -453,7 +636,13 @@ impl Scheduler {
     /// exit); a worker waiting for RDMA completions gives up.
     pub fn shutdown(self) {
         self.stop.store(true, Ordering::Relaxed);
+        // An explicit exit: a mirror hook may still hold a sender of the storage lane's
+        // mirror queue, which keeps the worker's select waiting.
+        for q in &self.queues {
+            let _ = q.try_send(Work::Exit);
+        }
         drop(self.queues);
+        drop(self.mirror);
         for w in self.workers {
             let _ = w.join();
         }

@@ -84,6 +84,10 @@ pub enum MigrationError {
     /// a build without the `rdma` feature).
     #[error("{0}")]
     TransportUnavailable(String),
+    /// The VM's disks cannot migrate as asked (checked before anything moves), or their
+    /// handover failed.
+    #[error("storage: {0}")]
+    Storage(String),
     /// A wait ran out.
     #[error("timed out after {secs} s while {during}")]
     Timeout {
@@ -121,6 +125,11 @@ impl Control {
     /// Decodes the peer's messages as protocol `version` from now on.
     pub fn set_version(&mut self, version: u16) {
         self.version = version;
+    }
+
+    /// The protocol version agreed.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// The peer's address.
@@ -217,6 +226,9 @@ pub struct RoundReport {
     pub predicted_downtime_ms: f64,
     /// Whether this was the stop-and-copy round.
     pub stop_and_copy: bool,
+    /// Of the pages, disk blocks (storage copies).
+    #[serde(default)]
+    pub disk_pages: u64,
 }
 
 /// The summary of a migration, as printed by `--json`.
@@ -269,6 +281,9 @@ pub struct MigrationReport {
     pub destination_cpu_s: f64,
     /// Per round.
     pub round_details: Vec<RoundReport>,
+    /// Disk figures, when the VM has disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::storage::StorageReport>,
 }
 
 /// Per-codec counters of a migration.

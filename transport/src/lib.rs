@@ -52,7 +52,7 @@ mod memory_map;
 pub mod rdma;
 pub mod tcp;
 
-pub use memory_map::{MappedRegion, MemoryMap};
+pub use memory_map::{FileBacking, MappedRegion, MemoryMap, Target};
 
 /// Errors of the transport.
 #[derive(Debug, thiserror::Error)]

@@ -28,7 +28,7 @@ use std::os::fd::AsRawFd;
 
 use crate::codec::{self, Body, Encoder, Encoding, MAX_ZERO_ENTRY, PAGE};
 use crate::frame::read_exact;
-use crate::{MemoryMap, TransportError};
+use crate::{MemoryMap, Target, TransportError};
 
 /// Most extents in one message.
 pub const MAX_EXTENTS: usize = 512;
@@ -240,6 +240,8 @@ struct Incoming {
     enc_len: u64,
     encoding: Encoding,
     host: *mut u8,
+    /// File-backed range: `(fd, offset)` written with pwrite.
+    file: Option<(i32, u64)>,
 }
 
 /// Receiving end of a data channel.
@@ -373,9 +375,13 @@ impl DataReceiver {
                     "bad {encoding:?} entry {addr:#x}: {raw_len} bytes encoded in {enc_len}"
                 )));
             }
-            let host = map.host_ptr(addr, raw_len)?;
+            let (host, file) = match map.target(addr, raw_len)? {
+                Target::Memory(h) => (h, None),
+                Target::File { fd, offset, host } => (host, Some((fd, offset))),
+            };
             body_sum += enc_len;
-            if !matches!(encoding, Encoding::Raw | Encoding::Zero) {
+            // Encoded bodies, and raw ones bound for a file, land in scratch first.
+            if !matches!(encoding, Encoding::Raw | Encoding::Zero) || file.is_some() {
                 scratch_len += enc_len as usize;
             }
             entries.push(Incoming {
@@ -384,6 +390,7 @@ impl DataReceiver {
                 enc_len,
                 encoding,
                 host,
+                file,
             });
         }
         if body_sum != value {
@@ -406,7 +413,7 @@ impl DataReceiver {
         for e in entries {
             match e.encoding {
                 Encoding::Zero => {}
-                Encoding::Raw => iov.push(libc::iovec {
+                Encoding::Raw if e.file.is_none() => iov.push(libc::iovec {
                     iov_base: e.host.cast(),
                     iov_len: e.enc_len as usize,
                 }),
@@ -444,7 +451,14 @@ impl DataReceiver {
             let (addr, raw_len) = (e.addr, e.raw_len);
             match e.encoding {
                 Encoding::Zero => landed.zero.push((addr, raw_len)),
-                Encoding::Raw => landed.data.push((addr, raw_len)),
+                Encoding::Raw => {
+                    if let Some((fd, at)) = e.file {
+                        let body = &self.scratch[off..off + e.enc_len as usize];
+                        off += e.enc_len as usize;
+                        self.write_file(fd, body, at)?;
+                    }
+                    landed.data.push((addr, raw_len));
+                }
                 encoding => {
                     let body = &self.scratch[off..off + e.enc_len as usize];
                     off += e.enc_len as usize;
@@ -465,19 +479,43 @@ impl DataReceiver {
                         peer: self.peer.clone(),
                         reason: format!("entry {addr:#x}: {err}"),
                     })?;
-                    // SAFETY: as above; the source buffer is ours and does not overlap it.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            self.decoded.as_ptr(),
-                            e.host,
-                            raw_len as usize,
-                        )
-                    };
+                    match e.file {
+                        Some((fd, at)) => {
+                            let decoded = std::mem::take(&mut self.decoded);
+                            let r = self.write_file(fd, &decoded, at);
+                            self.decoded = decoded;
+                            r?;
+                        }
+                        // SAFETY: as above; the source buffer is ours and does not overlap it.
+                        None => unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                self.decoded.as_ptr(),
+                                e.host,
+                                raw_len as usize,
+                            )
+                        },
+                    }
                     landed.data.push((addr, raw_len));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Writes `body` into file `fd` at `at`.
+    fn write_file(&self, fd: i32, body: &[u8], at: u64) -> Result<(), TransportError> {
+        use std::os::unix::fs::FileExt;
+        // SAFETY: the map's owner keeps `fd` open while the map lives; ManuallyDrop keeps
+        // this borrowed File from closing it.
+        let f = std::mem::ManuallyDrop::new(unsafe {
+            <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        });
+        f.write_all_at(body, at)
+            .map_err(|source| TransportError::Io {
+                op: "writing received blocks to their file",
+                peer: self.peer.clone(),
+                source,
+            })
     }
 
     /// The underlying stream (for shutdown or timeouts).

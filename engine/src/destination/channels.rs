@@ -16,6 +16,7 @@ use super::{IncomingOptions, Session};
 use crate::memory::GuestRam;
 use crate::protocol::{Message, RdmaQp};
 use crate::session::{Control, MigrationError};
+use crate::storage::incoming::IncomingStorage;
 
 /// An RDMA device opened for a migration (an uninhabited type without the `rdma` feature).
 #[cfg(feature = "rdma")]
@@ -44,17 +45,26 @@ pub(super) trait IncomingPlane {
     fn close(&mut self);
 }
 
-/// The regions of `ram` as the transport sees them.
-pub(super) fn memory_map(ram: &GuestRam) -> MemoryMap {
-    let regions = ram
+/// The regions of `ram` as the transport sees them, and the disks being copied.
+pub(super) fn memory_map(ram: &GuestRam, storage: Option<&IncomingStorage>) -> MemoryMap {
+    let mut regions: Vec<MappedRegion> = ram
         .host_regions()
         .into_iter()
         .map(|(addr, host, len)| MappedRegion { addr, host, len })
         .collect();
-    // SAFETY: the regions are the live mappings of `ram`, kept alive by the clone passed as
-    // owner. Until the plane finishes only the receivers write them (a page at most once per
-    // round, rounds separated by the barrier) and no Rust reference into them exists.
-    unsafe { MemoryMap::new(regions, Arc::new(ram.clone())) }
+    let copying = storage.filter(|s| s.copying());
+    let disks = copying.map(|s| {
+        let (r, owner) = s.regions();
+        regions.extend(r);
+        owner
+    });
+    let files = copying.map(|s| s.files()).unwrap_or_default();
+    // SAFETY: the regions are the live mappings of `ram` and of the disk copies, kept alive
+    // by the clones passed as owner (the copies' files stay open with the VM's images, which
+    // outlive the plane). Until the plane finishes only the receivers write them (a page at
+    // most once per round, rounds separated by the barrier; disk blocks on one ordered lane)
+    // and no Rust reference into them exists.
+    unsafe { MemoryMap::new(regions, Arc::new((ram.clone(), disks))) }.with_files(files)
 }
 
 impl Session {
@@ -66,16 +76,25 @@ impl Session {
         built: &Built,
     ) -> Result<Box<dyn IncomingPlane>, MigrationError> {
         let rdma = agreed.rdma.clone();
+        let copying = self.storage.copying();
         match accept_channels(
             listener,
             &mut self.ctl,
-            agreed.channels,
+            // A copy of disks adds the storage lane, the last channel.
+            agreed.channels + u16::from(copying),
             agreed.token,
             self.timeout,
             rdma.is_some(),
         )? {
-            Channels::Tcp(receivers) => {
-                Ok(Box::new(TcpPlane::start(receivers, &built.ram, &self.ctl)?))
+            Channels::Tcp(receivers) => Ok(Box::new(TcpPlane::start(
+                receivers,
+                &built.ram,
+                &self.storage,
+                &self.ctl,
+            )?)),
+            Channels::Rdma(_) if copying => {
+                Err(self
+                    .refuse("a copy of disks travels on a TCP storage lane, not over RDMA".into()))
             }
             Channels::Rdma(qps) => {
                 let access = accept_rdma(&mut self.ctl, rdma, &built.ram, agreed.channels, &qps)?;
@@ -310,7 +329,7 @@ fn accept_rdma(
                 mtu: q.mtu,
             })
             .collect();
-        let target = match RdmaTarget::new(&dev, &memory_map(ram), &sources) {
+        let target = match RdmaTarget::new(&dev, &memory_map(ram, None), &sources) {
             Ok(t) => t,
             Err(e) => return Err(refuse(ctl, format!("destination cannot set up RDMA: {e}"))),
         };

@@ -11,6 +11,7 @@ use crate::auth;
 use crate::memory::{GuestRam, Populate};
 use crate::protocol::{negotiate, Message, FEATURE_RDMA};
 use crate::session::MigrationError;
+use crate::storage::incoming::IncomingStorage;
 use crate::vm::{MigratableVm, VmConfig, VmError};
 
 /// What the handshake settled.
@@ -94,6 +95,9 @@ impl Session {
             );
         }
         self.check_limits(&config)?;
+        if self.ctl.version() >= 2 {
+            self.storage_plan()?;
+        }
         Ok(Agreed {
             config,
             channels,
@@ -129,6 +133,33 @@ impl Session {
             ));
         }
         Ok(Some(k.session_token(nonce_s, nonce_d)))
+    }
+
+    /// Storage (protocol 2): how the disks move; a copy is checked and prepared here, before
+    /// any byte moves.
+    fn storage_plan(&mut self) -> Result<(), MigrationError> {
+        let (mode, directory, disks) =
+            match self.ctl.recv(Some(self.timeout), "waiting for Storage")? {
+                Message::Storage {
+                    mode,
+                    directory,
+                    disks,
+                } => (mode, directory, disks),
+                m => return Err(self.ctl.unexpected(&m, "waiting for Storage")),
+            };
+        match IncomingStorage::prepare(mode, &directory, disks, self.opts.storage_dir.as_deref()) {
+            Ok(s) => {
+                self.storage = s;
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("storage: {e}");
+                let _ = self.ctl.send(&Message::Refuse {
+                    reason: reason.clone(),
+                });
+                Err(MigrationError::Storage(e))
+            }
+        }
     }
 
     /// A peer cannot make this host allocate more than it is willing to host: the RAM (and
@@ -170,15 +201,27 @@ impl Session {
         };
         let populating = Arc::new(AtomicBool::new(!used_reserved_ram));
         let populate = (!used_reserved_ram).then(|| spawn_populate(&ram, populating.clone()));
-        let mut built = Built {
-            vm: match factory(&agreed.config, ram.clone()) {
-                Ok(vm) => vm,
+        let built_vm = factory(&agreed.config, ram.clone(), &self.storage.placement())
+            .map_err(|e| {
+                (
+                    format!("destination cannot build the VM: {e}"),
+                    MigrationError::Vm(e),
+                )
+            })
+            .and_then(|vm| match self.storage.attach(vm.disks()) {
+                Ok(()) => Ok(vm),
                 Err(e) => {
+                    vm.shutdown();
+                    Err((format!("storage: {e}"), MigrationError::Storage(e)))
+                }
+            });
+        let mut built = Built {
+            vm: match built_vm {
+                Ok(vm) => vm,
+                Err((reason, err)) => {
                     populating.store(false, Ordering::Relaxed);
-                    let _ = self.ctl.send(&Message::Refuse {
-                        reason: format!("destination cannot build the VM: {e}"),
-                    });
-                    return Err(e.into());
+                    let _ = self.ctl.send(&Message::Refuse { reason });
+                    return Err(err);
                 }
             },
             ram,

@@ -28,13 +28,23 @@ use crate::defaults;
 use crate::memory::GuestRam;
 use crate::protocol::Message;
 use crate::session::{Control, MigrationError};
+use crate::storage::incoming::IncomingStorage;
 use crate::vm::{MigratableVm, VmConfig, VmError};
 
 use crate::auth::Key;
 
 /// Builds a VM skeleton for a source's configuration over received RAM; refuses machines or
 /// configurations it cannot run.
-pub type VmFactory<'a> = &'a dyn Fn(&VmConfig, GuestRam) -> Result<Arc<dyn MigratableVm>, VmError>;
+///
+/// The third argument is where this migration put the VM's disks (`(disk id, path)`: the
+/// copies of a shared-nothing migration); they take precedence over the factory's own
+/// mapping. Incoming VMs open their disks without locking them: the migration takes the
+/// locks at the switchover.
+pub type VmFactory<'a> =
+    &'a dyn Fn(&VmConfig, GuestRam, &DiskPlacement) -> Result<Arc<dyn MigratableVm>, VmError>;
+
+/// Where a migration put a VM's disks: `(disk id, path)`.
+pub type DiskPlacement = [(String, std::path::PathBuf)];
 
 /// Options of an incoming migration.
 #[derive(Default)]
@@ -54,6 +64,8 @@ pub struct IncomingOptions {
     /// RDMA device to take RDMA migrations on (default: the first active device with an
     /// address in the source's subnet, else the first active device).
     pub rdma_device: Option<String>,
+    /// Where disk copies go when the source names no directory.
+    pub storage_dir: Option<std::path::PathBuf>,
 }
 
 /// A migrated VM, running on the destination.
@@ -117,6 +129,8 @@ struct Session {
     ctl: Control,
     opts: IncomingOptions,
     timeout: Duration,
+    /// The VM's disks (copies are deleted with it unless the migration commits).
+    storage: IncomingStorage,
 }
 
 impl Session {
@@ -127,7 +141,12 @@ impl Session {
             opts.timeout
         };
         let _ = ctl.stream().set_write_timeout(Some(timeout));
-        Session { ctl, opts, timeout }
+        Session {
+            ctl,
+            opts,
+            timeout,
+            storage: IncomingStorage::none(),
+        }
     }
 
     /// Refuses the source with `reason` (sent to it) and returns the error to report here.
@@ -141,8 +160,12 @@ impl Session {
         }
     }
 
-    /// Resumed: tells the source how far the guest gets here.
+    /// Resumed: makes disk copies durable, then tells the source how far the guest gets
+    /// here (the source removes its images, if asked to, only after this report).
     fn report_progress(&mut self, vm: &dyn MigratableVm) -> u64 {
+        if let Err(e) = self.storage.sync() {
+            tracing::error!("{e}");
+        }
         let base = vm.progress().unwrap_or(0);
         let deadline = Instant::now() + self.opts.progress_wait.max(Duration::from_millis(100));
         let mut delta = 0;

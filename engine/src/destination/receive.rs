@@ -17,12 +17,29 @@ use crate::digest::{ram_digest, PageHashes};
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::scheduler::thread_cpu_ns;
 use crate::session::{Control, MigrationError};
+use crate::storage::incoming::IncomingStorage;
 
 /// The TCP data plane: receivers, their barrier and the page hashes.
 pub(super) struct TcpPlane {
     shared: Arc<Shared>,
-    hashes: Arc<PageHashes>,
+    hashes: Arc<Hashes>,
     workers: Vec<JoinHandle<()>>,
+}
+
+/// Per-page hashes of what landed: guest RAM, and the disk copies.
+pub(super) struct Hashes {
+    ram: PageHashes,
+    disks: Option<Arc<PageHashes>>,
+}
+
+impl Hashes {
+    /// The hashes `gpa` belongs to.
+    fn of(&self, gpa: u64) -> &PageHashes {
+        match &self.disks {
+            Some(d) if gpa >= crate::storage::DISK_BASE => d,
+            _ => &self.ram,
+        }
+    }
 }
 
 impl TcpPlane {
@@ -31,14 +48,18 @@ impl TcpPlane {
     pub(super) fn start(
         receivers: Vec<DataReceiver>,
         ram: &GuestRam,
+        storage: &IncomingStorage,
         ctl: &Control,
     ) -> Result<TcpPlane, MigrationError> {
         let shared = Arc::new(Shared::new(receivers.len()));
         if let Ok(c) = ctl.stream().try_clone() {
             *shared.control.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
         }
-        let hashes = Arc::new(PageHashes::new_zeroed(ram.layout()));
-        let map = memory_map(ram);
+        let hashes = Arc::new(Hashes {
+            ram: PageHashes::new_zeroed(ram.layout()),
+            disks: storage.hashes(),
+        });
+        let map = memory_map(ram, Some(storage));
         let mut plane = TcpPlane {
             shared,
             hashes,
@@ -93,7 +114,7 @@ impl IncomingPlane for TcpPlane {
 
     fn digest(&self, _ram: &GuestRam) -> (u64, u64) {
         (
-            self.hashes.digest(),
+            self.hashes.ram.digest(),
             self.shared.cpu_ns.load(Ordering::Relaxed),
         )
     }
@@ -263,7 +284,7 @@ fn spawn_receiver(
     index: usize,
     rx: DataReceiver,
     map: MemoryMap,
-    hashes: Arc<PageHashes>,
+    hashes: Arc<Hashes>,
     shared: Arc<Shared>,
 ) -> Result<JoinHandle<()>, MigrationError> {
     std::thread::Builder::new()
@@ -307,7 +328,7 @@ fn spawn_receiver(
 fn spawn_hasher(
     index: usize,
     map: MemoryMap,
-    hashes: Arc<PageHashes>,
+    hashes: Arc<Hashes>,
 ) -> std::io::Result<(crossbeam_channel::Sender<HashJob>, JoinHandle<()>)> {
     let (jobs, job_rx) = crossbeam_channel::bounded::<HashJob>(8);
     let handle = std::thread::Builder::new()
@@ -322,7 +343,7 @@ fn spawn_hasher(
                                 // SAFETY: the receiver wrote this range in the current round
                                 // and nothing writes it again before the round's barrier,
                                 // which waits for this job (Flush below).
-                                unsafe { hashes.update(gpa, len, host) };
+                                unsafe { hashes.of(gpa).update(gpa, len, host) };
                             }
                         }
                     }
@@ -342,7 +363,7 @@ struct Receiver {
     index: usize,
     rx: DataReceiver,
     map: MemoryMap,
-    hashes: Arc<PageHashes>,
+    hashes: Arc<Hashes>,
     shared: Arc<Shared>,
     jobs: crossbeam_channel::Sender<HashJob>,
     expected_round: u64,
@@ -383,12 +404,10 @@ impl Receiver {
             // Zero pages were not written by the transport: clear the ones an earlier round
             // filled (fresh RAM is zero already).
             let map = &self.map;
-            self.hashes.clear_nonzero(gpa, len, |start, bytes| {
-                if let Ok(host) = map.host_ptr(start, bytes) {
-                    // SAFETY: inside registered RAM, written only by this receiver until the
-                    // next barrier.
-                    unsafe { std::ptr::write_bytes(host, 0, bytes as usize) };
-                }
+            self.hashes.of(gpa).clear_nonzero(gpa, len, |start, bytes| {
+                // SAFETY: inside registered memory, written only by this receiver until the
+                // next barrier. (A disk copy's range becomes a hole again.)
+                let _ = unsafe { map.clear(start, bytes) };
             });
             pages += len / PAGE_SIZE;
         }

@@ -31,8 +31,13 @@ impl Session {
         vm: &dyn MigratableVm,
         plane: &mut dyn IncomingPlane,
     ) -> Result<(), MigrationError> {
-        let (final_round, sections) = self.wait_device_state(plane)?;
+        let (final_round, sections, disk_digests) = self.wait_device_state(plane)?;
         plane.finish(final_round, self.timeout)?;
+        // Every block landed: the copies are verified and named, or shared images locked;
+        // if that fails the source resumes.
+        if let Err(e) = self.storage.complete(&disk_digests) {
+            return Err(self.refuse(format!("storage: {e}")));
+        }
         // The digest covers what arrived, before the restore: KVM itself writes guest RAM
         // when some state is restored (the kvmclock wall-clock MSR makes it write the
         // wall-clock structure), which the source's RAM at pause does not show.
@@ -53,8 +58,9 @@ impl Session {
     fn wait_device_state(
         &mut self,
         plane: &mut dyn IncomingPlane,
-    ) -> Result<(u64, Vec<DeviceSection>), MigrationError> {
+    ) -> Result<(u64, Vec<DeviceSection>, Vec<u64>), MigrationError> {
         let mut seen = plane.pages();
+        let mut disk_digests = None;
         loop {
             match self
                 .ctl
@@ -63,7 +69,10 @@ impl Session {
                 Ok(Message::DeviceState {
                     final_round,
                     sections,
-                }) => return Ok((final_round, sections)),
+                }) => return Ok((final_round, sections, disk_digests.unwrap_or_default())),
+                Ok(Message::DiskDigests { digests }) if disk_digests.is_none() => {
+                    disk_digests = Some(digests);
+                }
                 Ok(Message::RoundProgress {
                     round,
                     pages,
@@ -101,6 +110,8 @@ impl Session {
             Message::Commit => {}
             m => return Err(self.ctl.unexpected(&m, "waiting for Commit")),
         }
+        // The source will never resume: the copies are the VM's disks now.
+        self.storage.commit();
         vm.resume()?;
         if let Err(e) = self.ctl.send(&Message::Resumed) {
             // The guest runs here now; the source will report "outcome unknown".

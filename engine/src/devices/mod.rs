@@ -60,6 +60,7 @@
 
 pub mod acpi;
 pub mod bus;
+pub mod disk_writer;
 pub mod uart;
 pub mod virtio;
 

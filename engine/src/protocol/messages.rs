@@ -3,9 +3,10 @@
 use super::config::{decode_config, encode_config};
 use super::{
     put_qps_header, put_str, put_u16, put_u32, put_u64, MessageType, ProtocolError, Reader, MAGIC,
-    MAX_CHANNELS, MAX_QPN, MAX_SECTIONS, MAX_SECTION_BYTES, VERSION,
+    MAX_CHANNELS, MAX_DISKS, MAX_QPN, MAX_SECTIONS, MAX_SECTION_BYTES, VERSION,
 };
 use crate::memory::{MAX_REGIONS, PAGE_SIZE};
+use crate::storage::{DiskOffer, StorageMode};
 use crate::vm::{DeviceSection, VmConfig};
 
 /// Connection parameters of one RDMA queue pair (reliable connected).
@@ -142,6 +143,22 @@ pub enum Message {
         /// Every write of the round completed.
         complete: bool,
     },
+    /// Source → destination (protocol 2, after Config): how the VM's disks move.
+    Storage {
+        /// Shared images or copies.
+        mode: StorageMode,
+        /// Copy mode: the directory on the destination for the copies (empty: the
+        /// destination's default).
+        directory: String,
+        /// The disks, in the VM's order (disk `i` travels at `crate::storage::disk_addr(i)`).
+        disks: Vec<DiskOffer>,
+    },
+    /// Source → destination (protocol 2, before DeviceState): the digest of every disk as
+    /// copied, for the destination to verify before Prepared.
+    DiskDigests {
+        /// One per disk of Storage, in order (empty in shared mode).
+        digests: Vec<u64>,
+    },
 }
 
 impl Message {
@@ -164,6 +181,8 @@ impl Message {
             Message::RdmaConnect { .. } => MessageType::RdmaConnect,
             Message::RdmaAccept { .. } => MessageType::RdmaAccept,
             Message::RoundProgress { .. } => MessageType::RoundProgress,
+            Message::Storage { .. } => MessageType::Storage,
+            Message::DiskDigests { .. } => MessageType::DiskDigests,
         }
     }
 
@@ -253,6 +272,28 @@ impl Message {
                 put_u64(&mut w, *round);
                 put_u64(&mut w, *pages);
                 w.push(u8::from(*complete));
+            }
+            Message::Storage {
+                mode,
+                directory,
+                disks,
+            } => {
+                w.push(mode.to_wire());
+                put_str(&mut w, directory);
+                put_u16(&mut w, disks.len() as u16);
+                for d in disks {
+                    put_str(&mut w, &d.id);
+                    put_str(&mut w, &d.file_name);
+                    put_u64(&mut w, d.size);
+                    put_u64(&mut w, d.allocated);
+                    w.push(u8::from(d.read_only));
+                }
+            }
+            Message::DiskDigests { digests } => {
+                put_u16(&mut w, digests.len() as u16);
+                for d in digests {
+                    put_u64(&mut w, *d);
+                }
             }
         }
         (self.message_type().kind(), w)
@@ -346,10 +387,65 @@ impl Message {
                     c => return Err(r.invalid(format!("complete flag {c}"))),
                 },
             },
+            MessageType::Storage => decode_storage(&mut r)?,
+            MessageType::DiskDigests => {
+                let n = usize::from(r.u16()?);
+                if n > MAX_DISKS {
+                    return Err(r.invalid(format!("{n} disks (at most {MAX_DISKS})")));
+                }
+                Message::DiskDigests {
+                    digests: (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?,
+                }
+            }
         };
         r.finish()?;
         Ok(m)
     }
+}
+
+fn decode_storage(r: &mut Reader<'_>) -> Result<Message, ProtocolError> {
+    let m = r.u8()?;
+    let mode = StorageMode::from_wire(m).ok_or_else(|| r.invalid(format!("storage mode {m}")))?;
+    let directory = r.string()?;
+    let n = usize::from(r.u16()?);
+    if n > MAX_DISKS {
+        return Err(r.invalid(format!("{n} disks (at most {MAX_DISKS})")));
+    }
+    let mut disks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = r.string()?;
+        let file_name = r.string()?;
+        let size = r.u64()?;
+        let allocated = r.u64()?;
+        let read_only = match r.u8()? {
+            0 => false,
+            1 => true,
+            f => return Err(r.invalid(format!("read-only flag {f}"))),
+        };
+        if size == 0 || size % 512 != 0 || size > crate::storage::DISK_STRIDE {
+            return Err(r.invalid(format!("disk {id:?}: size {size}")));
+        }
+        let plain = !file_name.is_empty()
+            && file_name != "."
+            && file_name != ".."
+            && !file_name.contains('/')
+            && !file_name.contains('\0');
+        if !plain {
+            return Err(r.invalid(format!("disk {id:?}: file name {file_name:?}")));
+        }
+        disks.push(DiskOffer {
+            id,
+            file_name,
+            size,
+            allocated,
+            read_only,
+        });
+    }
+    Ok(Message::Storage {
+        mode,
+        directory,
+        disks,
+    })
 }
 
 fn decode_device_state(r: &mut Reader<'_>) -> Result<Message, ProtocolError> {
@@ -530,6 +626,20 @@ mod tests {
                 pages: 77,
                 complete: true,
             },
+            Message::Storage {
+                mode: StorageMode::Copy,
+                directory: "/srv/vms".into(),
+                disks: vec![DiskOffer {
+                    id: "disk0".into(),
+                    file_name: "root.img".into(),
+                    size: 1 << 30,
+                    allocated: 256 << 20,
+                    read_only: false,
+                }],
+            },
+            Message::DiskDigests {
+                digests: vec![1, 2],
+            },
         ]
     }
 
@@ -549,6 +659,39 @@ mod tests {
         types.sort_unstable();
         let all: Vec<u16> = MessageType::ALL.iter().map(|t| t.kind()).collect();
         assert_eq!(types, all);
+    }
+
+    #[test]
+    fn storage_offers_are_checked() {
+        let storage = |file_name: &str, size: u64| {
+            let (k, p) = Message::Storage {
+                mode: StorageMode::Copy,
+                directory: String::new(),
+                disks: vec![DiskOffer {
+                    id: "d".into(),
+                    file_name: file_name.into(),
+                    size,
+                    allocated: 0,
+                    read_only: false,
+                }],
+            }
+            .encode();
+            Message::decode(k, &p)
+        };
+        assert!(storage("a.img", 1 << 20).is_ok());
+        for name in ["", ".", "..", "../etc/passwd", "a/b", "x\0y"] {
+            assert!(storage(name, 1 << 20).is_err(), "{name:?}");
+        }
+        assert!(storage("a.img", 0).is_err());
+        assert!(storage("a.img", 1000).is_err());
+        let (k, mut p) = Message::Storage {
+            mode: StorageMode::Shared,
+            directory: String::new(),
+            disks: Vec::new(),
+        }
+        .encode();
+        p[0] = 7;
+        assert!(Message::decode(k, &p).is_err(), "unknown mode");
     }
 
     #[test]

@@ -14,6 +14,9 @@
 //!   | Config {VM shape: machine, RAM layout,    |
 //!   |   vCPUs, devices; machine section;        |
 //!   |   channels, token} ---------------------> |  builds the VM skeleton, allocates RAM
+//!   | Storage {mode, directory, disks} -------> |  (protocol 2) shared: opens the images
+//!   |                                           |  unlocked; copy: checks space and names,
+//!   |                                           |  creates unnamed sparse images
 //!   | <------------------------------- Ready     |
 //!   | N data connections: ChannelHello{token,i} |
 //!   | data: round 0 pages ... Marker(0)          |  receivers meet at a barrier per round
@@ -26,8 +29,10 @@
 //!   | RDMA WRITEs of round k (destination CPU idle); when all completed:
 //!   | RoundProgress {k, pages, complete} ------> |  (also sent while a long round runs)
 //!   |   (source pauses the guest; final round n the same way)
+//!   | DiskDigests {per disk} ------------------> |  (protocol 2) copy: checked before Prepared
 //!   | DeviceState {final_round, sections} -----> |  RDMA: revokes the source's access
-//!   |   -- both --                               |  waits for round n, restores state
+//!   |   -- both --                               |  waits for round n, restores state;
+//!   |                                           |  shared storage: takes the image locks
 //!   | <--------------------- Prepared {digest}   |
 //!   | Commit -------------------------------->   |  resumes the guest
 //!   | <------------------------------- Resumed   |
@@ -52,7 +57,7 @@
 //! | version | what changed |
 //! |---|---|
 //! | 1 | first release: `Config` carried the built-in guest's workload |
-//! | 2 | `Config` carries the VM's shape (RAM layout, vCPUs, device list) and an opaque, versioned machine section owned by the VM backend |
+//! | 2 | `Config` carries the VM's shape (RAM layout, vCPUs, device list) and an opaque, versioned machine section owned by the VM backend; `Storage` and `DiskDigests` move disks (storage channel: one more data connection, index `channels`) |
 //!
 //! A destination decodes each message by the version agreed in the handshake; a version-1
 //! `Config` is converted on load (its workload fields are the built-in machine's section,
@@ -92,6 +97,8 @@ pub const MAX_VCPUS: u32 = defaults::MAX_VCPUS;
 pub const MAX_DEVICES: usize = 64;
 /// Cap on properties of one device.
 pub const MAX_PROPERTIES: usize = 32;
+/// Cap on disks in a Storage message.
+pub const MAX_DISKS: usize = crate::storage::MAX_DISKS;
 /// Cap on the machine section of a VM configuration.
 pub const MAX_MACHINE_SECTION: usize = 64 << 10;
 /// Feature bit: the source offers (Hello) / the destination accepts (Welcome) RDMA data
@@ -138,11 +145,15 @@ pub enum MessageType {
     RdmaAccept = 15,
     /// [`Message::RoundProgress`].
     RoundProgress = 16,
+    /// [`Message::Storage`].
+    Storage = 17,
+    /// [`Message::DiskDigests`].
+    DiskDigests = 18,
 }
 
 impl MessageType {
     /// Every valid type, in wire order.
-    pub const ALL: [MessageType; 16] = [
+    pub const ALL: [MessageType; 18] = [
         MessageType::Hello,
         MessageType::Welcome,
         MessageType::Refuse,
@@ -159,6 +170,8 @@ impl MessageType {
         MessageType::RdmaConnect,
         MessageType::RdmaAccept,
         MessageType::RoundProgress,
+        MessageType::Storage,
+        MessageType::DiskDigests,
     ];
 
     /// The frame kind.
@@ -186,6 +199,8 @@ impl MessageType {
             MessageType::RdmaConnect => "RdmaConnect",
             MessageType::RdmaAccept => "RdmaAccept",
             MessageType::RoundProgress => "RoundProgress",
+            MessageType::Storage => "Storage",
+            MessageType::DiskDigests => "DiskDigests",
         }
     }
 }
@@ -379,8 +394,8 @@ mod tests {
         }
         assert_eq!(MessageType::try_from(0), Err(ProtocolError::UnknownType(0)));
         assert_eq!(
-            MessageType::try_from(17),
-            Err(ProtocolError::UnknownType(17))
+            MessageType::try_from(19),
+            Err(ProtocolError::UnknownType(19))
         );
     }
 

@@ -14,6 +14,7 @@ use super::{MigrateOptions, TransportChoice};
 use crate::protocol::Message;
 use crate::scheduler::Scheduler;
 use crate::session::{Control, MigrationError};
+use crate::storage::outgoing::OutgoingStorage;
 use crate::vm::MigratableVm;
 
 /// An RDMA device opened for a migration (an uninhabited type without the `rdma` feature).
@@ -94,18 +95,23 @@ impl OutgoingPlane for Rdma {
     }
 }
 
-/// The regions of `vm`'s RAM as the transport sees them.
-fn memory_map(vm: &dyn MigratableVm) -> MemoryMap {
+/// The regions of `vm`'s RAM as the transport sees them, and the disks being copied.
+fn memory_map(vm: &dyn MigratableVm, storage: Option<&OutgoingStorage>) -> MemoryMap {
     let ram = vm.ram().clone();
-    let regions = ram
+    let mut regions: Vec<MappedRegion> = ram
         .host_regions()
         .into_iter()
         .map(|(addr, host, len)| MappedRegion { addr, host, len })
         .collect();
-    // SAFETY: the regions are the live mappings of `ram`, kept alive by the Arc'd clone passed
-    // as owner; the data path only reads them (writev, or the RDMA device through a
-    // local-read registration), which tolerates the guest writing.
-    unsafe { MemoryMap::new(regions, Arc::new(ram)) }
+    let disks = storage.filter(|s| s.copying()).map(|s| {
+        let (r, owner) = s.regions();
+        regions.extend(r);
+        owner
+    });
+    // SAFETY: the regions are the live mappings of `ram` and of the disks, kept alive by the
+    // clones passed as owner; the data path only reads them (writev, or the RDMA device
+    // through a local-read registration), which tolerates the guest writing.
+    unsafe { MemoryMap::new(regions, Arc::new((ram, disks))) }
 }
 
 /// Opens the session's TCP data connections, each bound by its ChannelHello.
@@ -114,9 +120,11 @@ pub(super) fn open_tcp(
     to: &str,
     opts: &MigrateOptions,
     token: u64,
+    storage: &OutgoingStorage,
 ) -> Result<Plane, MigrationError> {
     let mut senders = Vec::new();
-    for index in 0..opts.channels {
+    // A copy of disks adds the storage lane, the last channel.
+    for index in 0..opts.channels + u16::from(storage.copying()) {
         let mut s = connect(to, opts, "data channel")?;
         let _ = s.set_write_timeout(Some(opts.timeout));
         let (kind, payload) = Message::ChannelHello { token, index }.encode();
@@ -129,10 +137,11 @@ pub(super) fn open_tcp(
     }
     let sched = Scheduler::new(
         senders,
-        memory_map(vm),
+        memory_map(vm, Some(storage)),
         opts.pin_workers,
         opts.compress,
         opts.delta_cache_bytes,
+        storage.copying().then(|| storage.hashes()),
     );
     Ok((sched, Box::new(Tcp), String::new()))
 }
@@ -147,7 +156,7 @@ pub(super) fn open_rdma(
 ) -> Result<Plane, MigrationError> {
     #[cfg(feature = "rdma")]
     {
-        let map = memory_map(vm);
+        let map = memory_map(vm, None);
         match connect_rdma(ctl, dev, &map, opts) {
             Ok((senders, d)) => Ok((
                 Scheduler::new_rdma(senders, map, opts.pin_workers),

@@ -11,6 +11,7 @@ use super::{MigrateOptions, Session, Tally, TransportChoice};
 use crate::auth;
 use crate::protocol::{Message, FEATURE_RDMA, VERSION};
 use crate::session::{random_u64, Control, MigrationError};
+use crate::storage::outgoing::OutgoingStorage;
 use crate::vm::MigratableVm;
 
 /// Opens a TCP connection to the destination `to` (any of its addresses).
@@ -53,7 +54,21 @@ impl<'a> Session<'a> {
             .ok()
             .and_then(|mut a| a.next())
             .map(|a| a.ip());
+        let storage = OutgoingStorage::new(vm.disks(), opts.storage, opts.active_mirror)
+            .map_err(MigrationError::Storage)?;
         let (mut rdma, mut detail) = channels::plan_transport(opts, peer_ip)?;
+        if storage.copying() && rdma.is_some() {
+            // Disk copies travel on a TCP storage lane beside the pages; one scheduler drives
+            // one kind of transport.
+            if opts.transport == TransportChoice::Rdma {
+                return Err(MigrationError::TransportUnavailable(
+                    "--storage copy sends disk blocks over TCP: use --transport tcp or auto                      (or --storage shared)"
+                        .into(),
+                ));
+            }
+            rdma = None;
+            detail = "auto: tcp (disk copies travel over TCP)".into();
+        }
 
         let mut ctl = Control::new(connect(to, opts, "control")?);
         let _ = ctl.stream().set_write_timeout(Some(opts.timeout));
@@ -92,6 +107,7 @@ impl<'a> Session<'a> {
             channels: opts.channels,
             token,
         })?;
+        ctl.send(&storage.message(opts.storage_dir.as_deref().unwrap_or("")))?;
         match ctl.recv(
             Some(opts.timeout),
             "waiting for the destination to allocate RAM",
@@ -99,7 +115,7 @@ impl<'a> Session<'a> {
             Message::Ready => {}
             m => return Err(ctl.unexpected(&m, "waiting for Ready")),
         }
-        let (sched, plane, d) = open_plane(&mut ctl, vm, to, opts, token, rdma)?;
+        let (sched, plane, d) = open_plane(&mut ctl, vm, to, opts, token, rdma, &storage)?;
         if !d.is_empty() {
             detail = format!("{detail}; {d}");
         }
@@ -114,6 +130,7 @@ impl<'a> Session<'a> {
             t0,
             setup: t0.elapsed(),
             tally: Tally::default(),
+            storage,
         })
     }
 }
@@ -126,10 +143,11 @@ fn open_plane(
     opts: &MigrateOptions,
     token: u64,
     rdma: Option<RdmaDevice>,
+    storage: &OutgoingStorage,
 ) -> Result<channels::Plane, MigrationError> {
     match rdma {
         Some(dev) => channels::open_rdma(ctl, vm, &dev, opts),
-        None => channels::open_tcp(vm, to, opts, token),
+        None => channels::open_tcp(vm, to, opts, token, storage),
     }
 }
 

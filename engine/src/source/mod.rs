@@ -27,6 +27,8 @@ use crate::auth::Key;
 use crate::defaults;
 use crate::scheduler::{RoundStats, Scheduler};
 use crate::session::{Control, MigrationError, MigrationReport, RoundReport};
+use crate::storage::outgoing::OutgoingStorage;
+use crate::storage::StorageMode;
 use crate::vm::MigratableVm;
 
 use channels::OutgoingPlane;
@@ -71,6 +73,16 @@ pub struct MigrateOptions {
     pub delta_cache_bytes: u64,
     /// Pre-shared key; None only talks to destinations without one (`--no-auth`).
     pub key: Option<Key>,
+    /// How the VM's disks move.
+    pub storage: StorageMode,
+    /// Copy mode: the directory for the copies on the destination (None: the destination's
+    /// default).
+    pub storage_dir: Option<String>,
+    /// Copy mode: delete the source images once the destination runs the VM on its copies.
+    pub remove_source_storage: bool,
+    /// Copy mode: mirror guest writes synchronously from the start (otherwise only once the
+    /// disks' dirty set stops shrinking).
+    pub active_mirror: bool,
 }
 
 impl Default for MigrateOptions {
@@ -86,6 +98,10 @@ impl Default for MigrateOptions {
             compress: Mode::Auto,
             delta_cache_bytes: defaults::DELTA_CACHE_MIB << 20,
             key: None,
+            storage: StorageMode::Shared,
+            storage_dir: None,
+            remove_source_storage: false,
+            active_mirror: false,
         }
     }
 }
@@ -141,6 +157,8 @@ pub fn migrate(
         transport_detail: s.detail.clone(),
     });
     let result = s.run(on_progress);
+    // Mirror hooks hold the storage lane: they go before the scheduler.
+    s.storage.stop();
     s.sched.shutdown();
     result
 }
@@ -158,6 +176,7 @@ struct Session<'a> {
     t0: Instant,
     setup: Duration,
     tally: Tally,
+    storage: OutgoingStorage,
 }
 
 /// What the rounds moved so far.

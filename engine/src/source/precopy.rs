@@ -10,12 +10,14 @@ use tracing::info;
 use super::{ms, Progress, Session};
 use crate::convergence::Convergence;
 use crate::dirty::{DirtyBitmap, Extent};
-use crate::scheduler::{RoundStats, SchedulerError};
+use crate::scheduler::{RoundStats, RoundWork, SchedulerError};
 use crate::session::{MigrationError, RoundReport};
 
 /// Where pre-copy left off: the pages still dirty, the next round's number, the estimates.
 pub(super) struct PreCopied {
     pub(super) to_send: DirtyBitmap,
+    /// Disk blocks still to send.
+    pub(super) disk: Vec<Extent>,
     pub(super) round: u64,
     pub(super) conv: Convergence,
 }
@@ -30,6 +32,9 @@ impl Session<'_> {
             self.abort("source could not start dirty tracking");
             return Err(e.into());
         }
+        self.storage.start();
+        let sched = &self.sched;
+        self.storage.mirror_from_start(&|i| sched.mirror_hook(i));
         let result = self.rounds(on_progress).and_then(|pre| {
             if self.cancel.load(Ordering::Relaxed) {
                 Err(MigrationError::Cancelled)
@@ -39,6 +44,7 @@ impl Session<'_> {
         });
         if let Err(e) = &result {
             let _ = self.vm.stop_dirty_tracking();
+            self.storage.stop();
             self.abort(if matches!(e, MigrationError::Cancelled) {
                 "cancelled on the source"
             } else {
@@ -59,6 +65,8 @@ impl Session<'_> {
         let mut to_send = DirtyBitmap::all(&layout);
         let mut conv = Convergence::new(self.opts.downtime_limit_ms);
         let mut round = 0u64;
+        // Round 0 copies what the disks hold; later rounds what the guest wrote since.
+        let mut disk = self.storage.first_round();
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(MigrationError::Cancelled);
@@ -70,11 +78,21 @@ impl Session<'_> {
             } else {
                 (to_send.extents(), Vec::new())
             };
-            let pages_total = to_send.count();
-            let stats = self.send_round(round, &extents, &holes, pages_total, on_progress)?;
+            let pages_total = to_send.count() + disk.iter().map(|e| e.pages).sum::<u64>();
+            let work = RoundWork {
+                ram: &extents,
+                holes: &holes,
+                disk: &disk,
+            };
+            let stats = self.send_round(round, &work, pages_total, on_progress)?;
             to_send.clear();
             self.vm.harvest_dirty(&mut to_send)?;
-            let dirtied = to_send.count();
+            let disk_dirty = self.storage.harvest();
+            let dirtied = to_send.count() + disk_dirty;
+            let sched = &self.sched;
+            self.storage
+                .after_round(stats.disk_pages, disk_dirty, &|i| sched.mirror_hook(i));
+            disk = self.storage.take_pending();
             let est = conv.after_round(stats.wire_bytes, stats.elapsed, dirtied);
             let report = RoundReport {
                 round,
@@ -86,6 +104,7 @@ impl Session<'_> {
                 bandwidth: est.bandwidth,
                 predicted_downtime_ms: est.predicted_downtime_ms,
                 stop_and_copy: false,
+                disk_pages: stats.disk_pages,
             };
             info!(
                 round,
@@ -100,6 +119,7 @@ impl Session<'_> {
             if est.converged || round >= u64::from(self.opts.max_rounds.max(1)) {
                 return Ok(PreCopied {
                     to_send,
+                    disk,
                     round,
                     conv,
                 });
@@ -112,8 +132,7 @@ impl Session<'_> {
     pub(super) fn send_round(
         &mut self,
         round: u64,
-        extents: &[Extent],
-        holes: &[Extent],
+        work: &RoundWork<'_>,
         pages_total: u64,
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<RoundStats, MigrationError> {
@@ -124,7 +143,7 @@ impl Session<'_> {
             cancel,
             ..
         } = self;
-        let sent = sched.send_round(round, extents, holes, cancel, &mut |pages_done| {
+        let sent = sched.send_round(round, work, cancel, &mut |pages_done| {
             plane.round_progress(ctl, round, pages_done);
             on_progress(&Progress::Sending {
                 round,
@@ -139,6 +158,7 @@ impl Session<'_> {
         self.plane
             .round_complete(&mut self.ctl, round, stats.pages)?;
         self.tally.add(&stats);
+        self.storage.count(work.disk);
         Ok(stats)
     }
 }

@@ -12,7 +12,7 @@ use super::precopy::PreCopied;
 use super::{ms, Progress, Session};
 use crate::digest::ram_digest;
 use crate::protocol::Message;
-use crate::scheduler::RoundStats;
+use crate::scheduler::{RoundStats, RoundWork};
 use crate::session::{CodecReport, MigrationError, MigrationReport, RoundReport};
 
 /// What the destination reported before Commit.
@@ -35,6 +35,7 @@ impl Session<'_> {
             // A partial pause is undone: resume whatever stopped.
             let _ = self.vm.resume();
             let _ = self.vm.stop_dirty_tracking();
+            self.storage.stop();
             self.abort("source could not pause the guest");
             return Err(e.into());
         }
@@ -52,6 +53,7 @@ impl Session<'_> {
             bandwidth: pre.conv.bandwidth(),
             predicted_downtime_ms: 0.0,
             stop_and_copy: true,
+            disk_pages: prepared.final_round.disk_pages,
         });
         if let Some(last) = self.tally.rounds.last() {
             on_progress(&Progress::Round(last.clone()));
@@ -73,9 +75,30 @@ impl Session<'_> {
     ) -> Result<Prepared, MigrationError> {
         let mut to_send = pre.to_send.clone();
         self.vm.harvest_dirty(&mut to_send)?;
-        let pages = to_send.count();
+        // The devices are quiesced: the disks' last writes are in, the rest goes now.
+        self.storage.harvest();
+        let mut disk = pre.disk.clone();
+        disk.extend(self.storage.take_pending());
+        self.storage.count_final(&disk);
+        let pages = to_send.count() + disk.iter().map(|e| e.pages).sum::<u64>();
         on_progress(&Progress::Paused { pages });
-        let stats = self.send_round(pre.round, &to_send.extents(), &[], pages, &mut |_| {})?;
+        let ram = to_send.extents();
+        let work = RoundWork {
+            ram: &ram,
+            holes: &[],
+            disk: &disk,
+        };
+        let stats = self.send_round(pre.round, &work, pages, &mut |_| {})?;
+        if self.storage.copying() {
+            self.ctl.send(&Message::DiskDigests {
+                digests: self.storage.digests(),
+            })?;
+        }
+        // Shared storage: flushed, the locks go to the destination (it takes them before
+        // Prepared; a rollback takes them back).
+        self.storage
+            .release_locks()
+            .map_err(MigrationError::Storage)?;
         let sections = self.vm.save_state()?;
         self.ctl.send(&Message::DeviceState {
             final_round: pre.round,
@@ -98,7 +121,13 @@ impl Session<'_> {
     fn roll_back(&mut self, e: MigrationError) -> MigrationError {
         self.abort("source failed during stop-and-copy");
         let _ = self.vm.stop_dirty_tracking();
+        self.storage.stop();
         let cause = e.to_string();
+        if let Err(le) = self.storage.retake_locks() {
+            return MigrationError::Storage(format!(
+                "the migration failed after the pause ({cause}) and the disks' locks could                  not be taken back: {le}"
+            ));
+        }
         match self.vm.resume() {
             Ok(()) if matches!(e, MigrationError::Cancelled) => MigrationError::Cancelled,
             Ok(()) => MigrationError::RolledBack { cause },
@@ -145,16 +174,18 @@ impl Session<'_> {
             Some(self.opts.timeout),
             "waiting for guest progress on the destination",
         ) {
-            Ok(Message::Progress { delta }) => delta,
+            Ok(Message::Progress { delta }) => Some(delta),
             Ok(m) => {
                 warn!("destination sent {} instead of Progress", m.name());
-                0
+                None
             }
             Err(e) => {
                 warn!("no progress report from the destination: {e}");
-                0
+                None
             }
         };
+        let storage = self.storage_report(progress.is_some());
+        let progress = progress.unwrap_or(0);
         let digest_match = source_digest == prepared.digest;
         let ram_bytes = self.vm.ram().layout().total_bytes();
         let t = &self.tally;
@@ -192,6 +223,32 @@ impl Session<'_> {
             source_cpu_s: source_cpu_ns as f64 / 1e9,
             destination_cpu_s: prepared.cpu_ns as f64 / 1e9,
             round_details: t.rounds.clone(),
+            storage,
         }
+    }
+
+    /// The disks' figures; with `--remove-source-storage`, the source images go once the
+    /// destination reported back (it syncs its copies before it does: `synced`).
+    fn storage_report(&mut self, synced: bool) -> Option<crate::storage::StorageReport> {
+        if self.vm.disks().is_empty() {
+            return None;
+        }
+        // The destination verified every copy against these digests before Prepared.
+        let digests = self.storage.digests();
+        let mut r = self.storage.report(&digests);
+        if self.opts.remove_source_storage && self.storage.copying() {
+            if synced {
+                let errors = self.storage.remove_sources();
+                r.source_removed = errors.is_empty();
+                for e in errors {
+                    warn!("could not remove the source image {e}");
+                }
+            } else {
+                warn!(
+                    "the destination did not confirm its copies are on disk: the source images                      are kept"
+                );
+            }
+        }
+        Some(r)
     }
 }

@@ -6,6 +6,7 @@
 //! switchover through the same [`MigratableVm`] trait. Its state is one section holding the
 //! writer's position, so a migrated writer continues where it stopped.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -14,8 +15,11 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{builtin_guest, DeviceSection, MigratableVm, RunState, VmConfig, VmError, VmSpec};
+use crate::devices::disk_writer::{self, DiskWriter, DiskWriterSpec};
+use crate::devices::MigratableDevice;
 use crate::dirty::DirtyBitmap;
 use crate::memory::{GuestRam, Populate, RamLayout, PAGE_SIZE};
+use crate::storage::VmDisk;
 
 /// Section id of the writer state.
 pub const SECTION_WRITER: u32 = 0x100;
@@ -34,6 +38,7 @@ struct Control {
 /// A VM made of RAM and a writer thread.
 pub struct MemoryVm {
     spec: VmSpec,
+    disk: Option<Arc<DiskWriter>>,
     ram: GuestRam,
     ctl: Arc<(Mutex<Control>, Condvar)>,
     tracking: Arc<AtomicBool>,
@@ -43,6 +48,19 @@ pub struct MemoryVm {
 impl MemoryVm {
     /// Builds and starts a memory-only VM for `spec` (RAM filled by `fill`).
     pub fn launch(spec: &VmSpec, fill: impl FnOnce(&GuestRam)) -> Result<Self, VmError> {
+        MemoryVm::launch_with_disk(spec, None, fill)
+    }
+
+    /// [`MemoryVm::launch`] with a disk the VMM writes (the built-in guest's disk workload);
+    /// the image is checked and locked before anything starts.
+    pub fn launch_with_disk(
+        spec: &VmSpec,
+        disk: Option<&DiskWriterSpec>,
+        fill: impl FnOnce(&GuestRam),
+    ) -> Result<Self, VmError> {
+        let disk = disk
+            .map(|d| DiskWriter::open("disk0", d, false))
+            .transpose()?;
         let ram = GuestRam::new(&RamLayout::single(spec.memory_mib << 20), Populate::Lazy)?;
         fill(&ram);
         // The guest's counter starts at zero whatever the fill wrote there.
@@ -52,23 +70,34 @@ impl MemoryVm {
                 gpa: COUNTER_GPA,
                 reason: e.to_string(),
             })?;
-        let vm = Self::build(spec, ram)?;
+        let vm = Self::build(spec, ram, disk)?;
         vm.resume()?;
         Ok(vm)
     }
 
     /// A stopped skeleton of the VM `config` describes over `ram`, for the destination.
     pub fn new_incoming(config: &VmConfig, ram: GuestRam) -> Result<Self, VmError> {
+        MemoryVm::new_incoming_with_disks(config, ram, &[])
+    }
+
+    /// [`MemoryVm::new_incoming`], its disk (if it has one) at the path `disks` names for
+    /// its id, else at the source's path.
+    pub fn new_incoming_with_disks(
+        config: &VmConfig,
+        ram: GuestRam,
+        disks: &[(String, PathBuf)],
+    ) -> Result<Self, VmError> {
         if config.machine != MACHINE {
             return Err(VmError::InvalidSpec(format!(
                 "the source VM runs on {:?} but this destination runs {MACHINE:?} (see --backend)",
                 config.machine
             )));
         }
-        Self::build(&builtin_guest::spec_from_config(config)?, ram)
+        let disk = DiskWriter::from_devices(&config.devices, disks)?;
+        Self::build(&builtin_guest::spec_from_config(config)?, ram, disk)
     }
 
-    fn build(spec: &VmSpec, ram: GuestRam) -> Result<Self, VmError> {
+    fn build(spec: &VmSpec, ram: GuestRam, disk: Option<DiskWriter>) -> Result<Self, VmError> {
         if ram.total_bytes() < 2 * PAGE_SIZE {
             return Err(VmError::InvalidSpec(
                 "memory-only VM needs at least 2 pages".into(),
@@ -76,6 +105,7 @@ impl MemoryVm {
         }
         Ok(MemoryVm {
             spec: spec.clone(),
+            disk: disk.map(Arc::new),
             ram,
             ctl: Arc::new((
                 Mutex::new(Control {
@@ -169,7 +199,7 @@ impl MigratableVm for MemoryVm {
             machine: MACHINE.into(),
             layout: self.ram.layout().clone(),
             vcpus: self.spec.vcpus,
-            devices: Vec::new(),
+            devices: self.disk.iter().map(|d| d.descriptor()).collect(),
             machine_section: builtin_guest::encode_section(&self.spec),
         }
     }
@@ -180,6 +210,10 @@ impl MigratableVm for MemoryVm {
 
     fn run_state(&self) -> RunState {
         self.lock().state.unwrap_or(RunState::Stopped)
+    }
+
+    fn disks(&self) -> Vec<VmDisk> {
+        self.disk.iter().map(|d| d.disk()).collect()
     }
 
     fn start_dirty_tracking(&self) -> Result<(), VmError> {
@@ -225,7 +259,11 @@ impl MigratableVm for MemoryVm {
                 reason: "writer did not stop within 5 s".into(),
             });
         }
-        Ok(())
+        drop(c);
+        match &self.disk {
+            Some(d) => d.quiesce(),
+            None => Ok(()),
+        }
     }
 
     fn resume(&self) -> Result<(), VmError> {
@@ -249,27 +287,39 @@ impl MigratableVm for MemoryVm {
         if first {
             self.spawn_writer();
         }
-        Ok(())
+        match &self.disk {
+            Some(d) => d.resume(),
+            None => Ok(()),
+        }
     }
 
     fn save_state(&self) -> Result<Vec<DeviceSection>, VmError> {
         let c = self.lock();
-        Ok(vec![DeviceSection {
+        let mut out = vec![DeviceSection {
             id: SECTION_WRITER,
             instance: 0,
             version: 1,
             data: c.position.to_le_bytes().to_vec(),
-        }])
+        }];
+        if let Some(d) = &self.disk {
+            out.extend(d.save()?);
+        }
+        Ok(out)
     }
 
     fn restore_state(&self, sections: &[DeviceSection]) -> Result<(), VmError> {
         let mut position = None;
+        let mut disk = Vec::new();
         for s in sections {
             let bad = |reason: String| VmError::State {
                 id: s.id,
                 instance: s.instance,
                 reason,
             };
+            if s.id == disk_writer::SECTION && self.disk.is_some() {
+                disk.push(s);
+                continue;
+            }
             if s.id != SECTION_WRITER || s.instance != 0 || s.version != 1 {
                 return Err(bad("unknown section for a memory-only VM".into()));
             }
@@ -285,6 +335,10 @@ impl MigratableVm for MemoryVm {
             instance: 0,
             reason: "missing".into(),
         })?;
+        if let Some(d) = &self.disk {
+            d.check(&disk)?;
+            d.restore(&disk)?;
+        }
         self.lock().position = position;
         Ok(())
     }
@@ -307,6 +361,9 @@ impl MigratableVm for MemoryVm {
         }
         if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = t.join();
+        }
+        if let Some(d) = &self.disk {
+            d.stop();
         }
     }
 }

@@ -206,6 +206,10 @@ pub trait MigratableVm: Send + Sync {
     fn guest_exit(&self) -> Option<GuestExit> {
         None
     }
+    /// The VM's disks (what a storage migration moves), in a stable order.
+    fn disks(&self) -> Vec<crate::storage::VmDisk> {
+        Vec::new()
+    }
     /// The guest's console, if it has one.
     fn console(&self) -> Option<std::sync::Arc<crate::devices::uart::Console>> {
         None

@@ -1,11 +1,12 @@
 //! virtio-blk on a raw image file: read, write, flush, get-id. Requests are served one at a
 //! time under the device lock with positioned file I/O, so a quiesced device has none half
-//! done. The image is opened by the VMM (`DiskImage`), which checks it before anything starts.
+//! done. The image is a [`DiskImage`] opened by the VMM, which checks it before anything
+//! starts; writes go through it, so a storage migration sees them (dirty blocks, mirroring).
 
-use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::storage::image::DiskImage;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::{AtomicBitmap, BS};
@@ -13,7 +14,7 @@ use vm_memory::bitmap::{AtomicBitmap, BS};
 use super::{Mem, VirtioBackend};
 
 /// Sector size of the virtio-blk protocol.
-pub const SECTOR: u64 = 512;
+pub const SECTOR: u64 = crate::storage::image::SECTOR;
 /// Feature bit: the device is read-only.
 const F_RO: u64 = 1 << 5;
 /// Feature bit: the device supports flush.
@@ -30,117 +31,9 @@ const ID_LEN: usize = 20;
 /// Largest transfer served with one bounce buffer pass.
 const CHUNK: usize = 1 << 20;
 
-/// Errors opening a disk image.
-#[derive(Debug, thiserror::Error)]
-pub enum DiskError {
-    /// The image cannot be opened.
-    #[error("disk image {path}: {source}")]
-    Open {
-        /// The image.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The image is not usable as a disk.
-    #[error("disk image {path}: {reason}")]
-    Unusable {
-        /// The image.
-        path: String,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// An open disk image: a regular file (raw, possibly sparse) or a host block device.
-#[derive(Debug)]
-pub struct DiskImage {
-    file: File,
-    path: PathBuf,
-    size: u64,
-    read_only: bool,
-}
-
-impl DiskImage {
-    /// Opens `path` for reading and, unless `read_only`, writing.
-    pub fn open(path: &Path, read_only: bool) -> Result<DiskImage, DiskError> {
-        let p = path.display().to_string();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| DiskError::Open {
-                path: p.clone(),
-                source,
-            })?;
-        let meta = file.metadata().map_err(|source| DiskError::Open {
-            path: p.clone(),
-            source,
-        })?;
-        let size = if meta.file_type().is_block_device() {
-            let mut f = &file;
-            std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(|source| {
-                DiskError::Open {
-                    path: p.clone(),
-                    source,
-                }
-            })?
-        } else if meta.is_file() {
-            meta.len()
-        } else {
-            return Err(DiskError::Unusable {
-                path: p,
-                reason: "not a regular file or block device".into(),
-            });
-        };
-        if size == 0 || size % SECTOR != 0 {
-            return Err(DiskError::Unusable {
-                path: p,
-                reason: format!("{size} bytes is not a whole, non-zero number of 512-byte sectors"),
-            });
-        }
-        Ok(DiskImage {
-            file,
-            path: path.to_path_buf(),
-            size,
-            read_only,
-        })
-    }
-
-    /// Size in bytes.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// The path it was opened from.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Whether guest writes are refused.
-    pub fn read_only(&self) -> bool {
-        self.read_only
-    }
-
-    /// Reads `buf.len()` bytes at `offset`.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
-    }
-
-    /// Writes `buf` at `offset`.
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(buf, offset)
-    }
-
-    /// Makes written data durable.
-    pub fn flush(&self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
-}
-
 /// The block device.
 pub struct Block {
-    disk: DiskImage,
+    disk: Arc<DiskImage>,
     id: [u8; ID_LEN],
     queue_sizes: [u16; 1],
     buf: Vec<u8>,
@@ -148,7 +41,7 @@ pub struct Block {
 
 impl Block {
     /// A block device on `disk` whose id (serial) is `id` (cut to 20 bytes).
-    pub fn new(disk: DiskImage, id: &str) -> Block {
+    pub fn new(disk: Arc<DiskImage>, id: &str) -> Block {
         let mut idb = [0u8; ID_LEN];
         let n = id.len().min(ID_LEN);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);

@@ -763,9 +763,10 @@ impl<'a> Cursor<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::block::{Block, DiskImage};
+    use super::block::Block;
     use super::*;
     use crate::memory::{GuestRam, Populate, RamLayout};
+    use crate::storage::image::DiskImage;
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
 
@@ -881,7 +882,10 @@ mod tests {
         let ram = GuestRam::new(&RamLayout::single(1 << 20), Populate::Lazy).unwrap();
         let mem = ram.memory().clone();
         let irq = IrqLine::new(5).unwrap();
-        let backend = Box::new(Block::new(DiskImage::open(&path, false).unwrap(), "disk0"));
+        let backend = Box::new(Block::new(
+            Arc::new(DiskImage::open(&path, false, false).unwrap()),
+            "disk0",
+        ));
         let a = VirtioMmio::new(0, "disk0", backend, irq.clone(), mem.clone()).unwrap();
         bring_up(&a);
         // Read sector 8 into 0x8000.
@@ -935,7 +939,11 @@ mod tests {
         mem.read_slice(&mut all, GuestAddress(0)).unwrap();
         ram_b.memory().write_slice(&all, GuestAddress(0)).unwrap();
         let mem_b = ram_b.memory().clone();
-        let backend = Box::new(Block::new(DiskImage::open(&path, false).unwrap(), "disk0"));
+        // Opened unlocked, as a destination opens it (the source still holds the lock).
+        let backend = Box::new(Block::new(
+            Arc::new(DiskImage::open(&path, false, true).unwrap()),
+            "disk0",
+        ));
         let b =
             VirtioMmio::new(0, "disk0", backend, IrqLine::new(5).unwrap(), mem_b.clone()).unwrap();
         let refs: Vec<&DeviceSection> = saved.iter().collect();
@@ -976,7 +984,10 @@ mod tests {
         let path = disk(&dir);
         let ram = GuestRam::new(&RamLayout::single(1 << 20), Populate::Lazy).unwrap();
         let mem = ram.memory().clone();
-        let backend = Box::new(Block::new(DiskImage::open(&path, true).unwrap(), "ro"));
+        let backend = Box::new(Block::new(
+            Arc::new(DiskImage::open(&path, true, false).unwrap()),
+            "ro",
+        ));
         let d = VirtioMmio::new(0, "ro", backend, IrqLine::new(5).unwrap(), mem.clone()).unwrap();
         bring_up(&d);
         request(&mem, 0, 0, (1 << 20) / 512 - 2, 0x8000, true); // runs past the end

@@ -9,11 +9,13 @@ use super::boot;
 use crate::devices::acpi::{MmioDeviceInfo, PowerManagement, PM_PORT, PM_PORTS};
 use crate::devices::bus::Bus;
 use crate::devices::uart::{Console, Uart, COM1_GSI, COM1_PORT, PORTS};
-use crate::devices::virtio::block::{Block, DiskImage};
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::{format_mac, parse_mac, Net, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{Mem, VirtioBackend, VirtioMmio};
 use crate::devices::IrqLine;
+use crate::storage::image::DiskImage;
+use crate::storage::VmDisk;
 use crate::vm::{DeviceDescriptor, MachineSection, VmError};
 
 /// Version of the machine section of a Linux VM (version 1 is the built-in guest's).
@@ -133,6 +135,7 @@ pub(super) struct Devices {
     pub(super) uart: Arc<Uart>,
     pub(super) virtio: Vec<(Arc<VirtioMmio>, MmioDeviceInfo)>,
     pub(super) descriptors: Vec<DeviceDescriptor>,
+    pub(super) disks: Vec<VmDisk>,
 }
 
 impl Devices {
@@ -288,13 +291,17 @@ struct Opened {
     kind: &'static str,
     properties: Vec<(String, String)>,
     backend: Box<dyn VirtioBackend>,
+    disk: Option<VmDisk>,
 }
 
 fn open(p: Planned) -> Result<Opened, VmError> {
     match p {
         Planned::Disk { slot, disk, size } => {
-            let image = DiskImage::open(&disk.path, disk.read_only)
+            // A destination (which knows the source's size) opens the image unlocked: the
+            // migration takes the lock at the switchover.
+            let image = DiskImage::open(&disk.path, disk.read_only, size.is_some())
                 .map_err(|e| VmError::InvalidSpec(format!("disk {}: {e}", disk.id)))?;
+            let image = Arc::new(image);
             if let Some(want) = size {
                 if image.size() != want {
                     return Err(VmError::InvalidSpec(format!(
@@ -315,7 +322,11 @@ fn open(p: Planned) -> Result<Opened, VmError> {
                     ("read-only".into(), disk.read_only.to_string()),
                     ("size".into(), image.size().to_string()),
                 ],
-                backend: Box::new(Block::new(image, &disk.id)),
+                backend: Box::new(Block::new(image.clone(), &disk.id)),
+                disk: Some(VmDisk {
+                    id: disk.id.clone(),
+                    image,
+                }),
             })
         }
         Planned::Net { slot, net } => {
@@ -331,6 +342,7 @@ fn open(p: Planned) -> Result<Opened, VmError> {
                     ("mac".into(), format_mac(&net.mac)),
                 ],
                 backend: Box::new(Net::new(tap, net.mac)),
+                disk: None,
             })
         }
         Planned::Rng { slot, id } => Ok(Opened {
@@ -339,6 +351,7 @@ fn open(p: Planned) -> Result<Opened, VmError> {
             kind: "virtio-rng",
             properties: vec![("slot".into(), slot.to_string())],
             backend: Box::new(Rng::default()),
+            disk: None,
         }),
     }
 }
@@ -399,12 +412,14 @@ pub(super) fn build(
         .map_err(bus_err)?;
     let mut mmio = Bus::default();
     let mut virtio = Vec::new();
+    let mut disks = Vec::new();
     let mut descriptors = vec![DeviceDescriptor {
         kind: "uart".into(),
         id: "com1".into(),
         properties: Vec::new(),
     }];
     for OpenedDevice(o) in opened {
+        disks.extend(o.disk);
         let window = boot::device_window(o.slot);
         let dev = VirtioMmio::new(o.slot, &o.id, o.backend, irq(window.gsi)?, mem.clone())?;
         mmio.insert(window.base, window.len, dev.clone())
@@ -423,5 +438,6 @@ pub(super) fn build(
         uart,
         virtio,
         descriptors,
+        disks,
     })
 }

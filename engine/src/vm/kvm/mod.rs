@@ -41,11 +41,13 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::builtin_guest::{self, GuestLayout};
 use super::{DeviceSection, GuestExit, MigratableVm, RunState, VmConfig, VmError, VmSpec};
+use crate::devices::disk_writer::{DiskWriter, DiskWriterSpec};
 use crate::devices::uart::Console;
 use crate::devices::virtio::{VirtioMmio, QUEUE_NOTIFY};
 use crate::devices::{DeviceManager, IrqLine, MigratableDevice};
 use crate::dirty::DirtyBitmap;
 use crate::memory::{GuestRam, Populate, RamLayout};
+use crate::storage::VmDisk;
 
 pub mod boot;
 pub mod cpuid;
@@ -70,8 +72,12 @@ const BASE_CMDLINE: &str = "console=ttyS0 pci=off reboot=acpi";
 
 /// What runs in the VM.
 enum Guest {
-    /// The built-in test guest.
-    Builtin { layout: GuestLayout, spec: VmSpec },
+    /// The built-in test guest, with its disk if it has one.
+    Builtin {
+        layout: GuestLayout,
+        spec: VmSpec,
+        disk: Option<Arc<DiskWriter>>,
+    },
     /// A Linux kernel and its devices.
     Linux(LinuxMachine),
 }
@@ -82,6 +88,7 @@ struct LinuxMachine {
     uart: Arc<crate::devices::uart::Uart>,
     virtio: Vec<Arc<VirtioMmio>>,
     descriptors: Vec<super::DeviceDescriptor>,
+    disks: Vec<VmDisk>,
 }
 
 /// A KVM virtual machine.
@@ -119,7 +126,7 @@ impl std::fmt::Debug for KvmVm {
 
 /// What [`KvmVm::build`] makes besides the VM: the vCPU CPUID flavour and the exits.
 enum Shape {
-    Builtin(GuestLayout, VmSpec),
+    Builtin(GuestLayout, VmSpec, Option<DiskWriter>),
     Linux(linux::Devices),
 }
 
@@ -127,6 +134,18 @@ impl KvmVm {
     /// Builds and starts a VM for `spec` (source side): allocates RAM, fills it, writes the
     /// guest program and its layout, creates the vCPUs in long mode and runs them.
     pub fn launch(spec: &VmSpec) -> Result<KvmVm, VmError> {
+        KvmVm::launch_with_disk(spec, None)
+    }
+
+    /// [`KvmVm::launch`] with a disk the VMM writes at the spec's rate (the built-in
+    /// guest's disk workload); the image is checked and locked before anything starts.
+    pub fn launch_with_disk(
+        spec: &VmSpec,
+        disk: Option<&DiskWriterSpec>,
+    ) -> Result<KvmVm, VmError> {
+        let writer = disk
+            .map(|d| DiskWriter::open("disk0", d, false))
+            .transpose()?;
         let layout = GuestLayout::new(spec)?;
         let ram = GuestRam::new(&RamLayout::single(layout.ram_bytes()), Populate::Lazy)?;
         builtin_guest::fill(&ram, spec.fill, 0x5eed ^ spec.memory_mib);
@@ -134,7 +153,7 @@ impl KvmVm {
         layout.write(&ram, pacing.batch)?;
         let vm = KvmVm::build(
             spec.vcpus,
-            Shape::Builtin(layout.clone(), spec.clone()),
+            Shape::Builtin(layout.clone(), spec.clone(), writer),
             ram,
         )?;
         for (i, vcpu) in vm.vcpus.iter().enumerate() {
@@ -256,7 +275,8 @@ impl KvmVm {
             let spec = builtin_guest::spec_from_config(config)?;
             let layout = GuestLayout::new(&spec)?;
             check_contiguous(&ram, layout.ram_bytes())?;
-            Shape::Builtin(layout, spec)
+            let disk = DiskWriter::from_devices(&config.devices, &host.disks)?;
+            Shape::Builtin(layout, spec, disk)
         };
         let vm = KvmVm::build(config.vcpus, shape, ram)?;
         lock(&vm.control.ctl).awaiting_state = true;
@@ -318,9 +338,16 @@ impl KvmVm {
         devices.register(Arc::new(Irqchips::new(vm.clone())))?;
         devices.register(Arc::new(KvmClock::new(vm.clone())))?;
         let (guest, exits) = match shape {
-            Shape::Builtin(layout, spec) => {
+            Shape::Builtin(layout, spec, disk) => {
                 let pacing = Pacing::new(&spec);
-                (Guest::Builtin { layout, spec }, Exits::Builtin(pacing))
+                let disk = disk.map(Arc::new);
+                if let Some(d) = &disk {
+                    devices.register(d.clone())?;
+                }
+                (
+                    Guest::Builtin { layout, spec, disk },
+                    Exits::Builtin(pacing),
+                )
             }
             Shape::Linux(d) => {
                 wire(&vm, &d)?;
@@ -336,6 +363,7 @@ impl KvmVm {
                         uart: d.uart,
                         virtio,
                         descriptors: d.descriptors,
+                        disks: d.disks,
                     }),
                     Exits::Linux {
                         pio: d.pio,
@@ -490,8 +518,15 @@ fn check_contiguous(ram: &GuestRam, bytes: u64) -> Result<(), VmError> {
 impl MigratableVm for KvmVm {
     fn config(&self) -> VmConfig {
         let (devices, machine_section) = match &self.guest {
-            Guest::Builtin { spec, .. } => (Vec::new(), builtin_guest::encode_section(spec)),
-            Guest::Linux(m) => (m.descriptors.clone(), linux::machine_section()),
+            Guest::Builtin { spec, disk, .. } => (
+                disk.iter().map(|d| d.descriptor()).collect(),
+                builtin_guest::encode_section(spec),
+            ),
+            Guest::Linux(m) => {
+                let mut d = m.descriptors.clone();
+                crate::storage::refresh_paths(&mut d, &m.disks);
+                (d, linux::machine_section())
+            }
         };
         VmConfig {
             machine: MACHINE.into(),
@@ -523,6 +558,13 @@ impl MigratableVm for KvmVm {
         match &self.guest {
             Guest::Linux(m) => Some(m.console.clone()),
             Guest::Builtin { .. } => None,
+        }
+    }
+
+    fn disks(&self) -> Vec<VmDisk> {
+        match &self.guest {
+            Guest::Builtin { disk, .. } => disk.iter().map(|d| d.disk()).collect(),
+            Guest::Linux(m) => m.disks.clone(),
         }
     }
 
@@ -709,10 +751,14 @@ impl MigratableVm for KvmVm {
             }
             ctl.exited >= self.vcpus.len()
         };
-        if let Guest::Linux(m) = &self.guest {
-            for d in &m.virtio {
-                d.stop();
+        match &self.guest {
+            Guest::Linux(m) => {
+                for d in &m.virtio {
+                    d.stop();
+                }
             }
+            Guest::Builtin { disk: Some(d), .. } => d.stop(),
+            Guest::Builtin { .. } => {}
         }
         for t in threads {
             // Once every thread reported its exit, each is past its loop and joins at once.
