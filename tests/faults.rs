@@ -33,9 +33,14 @@ struct Case {
     trigger: Trigger,
     forced_rounds: bool,
     expect: Expect,
+    /// The VM has a disk copied to the destination (`None`: no disk), mirrored from the
+    /// start (`Some(true)`) or not.
+    disk: Option<bool>,
 }
 
 const RAM_MIB: u64 = 64;
+/// Allocated blocks of the disk of disk cases.
+const DISK_MIB: u64 = 64;
 
 fn cases() -> Vec<Case> {
     use Expect::*;
@@ -50,8 +55,30 @@ fn cases() -> Vec<Case> {
         trigger,
         forced_rounds,
         expect,
+        disk: None,
     };
+    let d = |phase, fault, trigger, mirror| Case {
+        phase,
+        fault,
+        trigger,
+        forced_rounds: mirror,
+        expect: if fault == KillSource {
+            DestinationDiscards
+        } else {
+            SourceRuns
+        },
+        disk: Some(mirror),
+    };
+    // Disk blocks and pages travel side by side: 32 MiB in, both are being copied; past
+    // both (and the first mirrored writes), active mirroring is on.
+    let bulk = DataBytes(32 << 20);
+    let mirroring = DataBytes(((RAM_MIB + DISK_MIB) << 20) + (8 << 20));
     vec![
+        d("disk: bulk copy", Cut, bulk, false),
+        d("disk: bulk copy", KillDestination, bulk, false),
+        d("disk: active mirroring", Cut, mirroring, true),
+        d("disk: active mirroring", KillDestination, mirroring, true),
+        d("disk: bulk copy", KillSource, bulk, false),
         c(
             "handshake",
             Cut,
@@ -174,25 +201,74 @@ fn counter_frozen(socket: &std::path::Path) -> bool {
     counter(socket) == a
 }
 
+/// A sparse image with `DISK_MIB` of random blocks.
+fn disk_image(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    f.set_len(4 * DISK_MIB << 20).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..DISK_MIB {
+        for w in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
+}
+
+/// What a disk case leaves: no file in the destination's directory, the source image there.
+fn disk_outcome(copies: &std::path::Path, image: &std::path::Path) -> Result<(), String> {
+    // The destination may still be exiting.
+    std::thread::sleep(Duration::from_millis(300));
+    let left: Vec<_> = std::fs::read_dir(copies)
+        .map_err(|e| e.to_string())?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    if !left.is_empty() {
+        return Err(format!("partial images left on the destination: {left:?}"));
+    }
+    let len = std::fs::metadata(image).map(|m| m.len()).unwrap_or(0);
+    if len != 4 * DISK_MIB << 20 {
+        return Err(format!("the source image is gone or changed size ({len} bytes)"));
+    }
+    Ok(())
+}
+
 fn run_case(i: usize, case: &Case) -> Result<String, String> {
     let dir = tmpdir(&format!("fault{i}"));
     let src = dir.join("src.sock");
     let dst = dir.join("dst.sock");
+    let image = dir.join("disk.img");
+    let copies = dir.join("copies");
+    std::fs::create_dir_all(&copies).unwrap();
     let (rx, dst_addr) = receive(&[], "127.0.0.1:0", &["--socket", dst.to_str().unwrap()]);
-    let mut vm = run_vm(
-        &[],
-        &src,
-        &[
-            "--memory",
-            &RAM_MIB.to_string(),
-            "--working-set",
-            "16",
-            "--dirty-rate",
-            "2000",
-            "--fill",
-            "random",
-        ],
-    );
+    let mut vm_args = vec![
+        "--memory".to_string(),
+        RAM_MIB.to_string(),
+        "--working-set".into(),
+        "16".into(),
+        "--dirty-rate".into(),
+        "2000".into(),
+        "--fill".into(),
+        "random".into(),
+    ];
+    if case.disk.is_some() {
+        disk_image(&image);
+        vm_args.extend([
+            "--disk".to_string(),
+            image.display().to_string(),
+            "--disk-write-rate".into(),
+            "20".into(),
+            "--disk-write-span".into(),
+            "32".into(),
+        ]);
+    }
+    let vm_args: Vec<&str> = vm_args.iter().map(String::as_str).collect();
+    let mut vm = run_vm(&[], &src, &vm_args);
     let before = wait_counter_beyond(&src, 0);
     let (rx_pid, vm_pid) = (rx.child.id(), vm.child.id());
     let action: Box<dyn FnOnce() + Send> = match case.fault {
@@ -202,6 +278,13 @@ fn run_case(i: usize, case: &Case) -> Result<String, String> {
     };
     let proxy = Proxy::start(&dst_addr, case.trigger, action);
     let mut args = vec!["--compress", "none"];
+    let copy_args = ["--storage", "copy", "--storage-dir", copies.to_str().unwrap()];
+    if let Some(mirror) = case.disk {
+        args.extend_from_slice(&copy_args);
+        if mirror {
+            args.push("--active-mirror");
+        }
+    }
     if case.forced_rounds {
         // Never converges on its own: rounds go on (empty ones take well under a millisecond)
         // until the guest's next burst of writes crosses the trigger.
@@ -240,10 +323,27 @@ fn run_case(i: usize, case: &Case) -> Result<String, String> {
             if case.fault != Fault::KillDestination {
                 dest_exit(rx)?;
             }
-            // RAM intact: a clean migration to a fresh destination verifies every byte.
+            if case.disk.is_some() {
+                disk_outcome(&copies, &image)?;
+            }
+            // RAM (and disk) intact: a clean migration to a fresh destination verifies every
+            // byte.
             let dst2 = dir.join("dst2.sock");
             let (_rx2, addr2) = receive(&[], "127.0.0.1:0", &["--socket", dst2.to_str().unwrap()]);
-            let report = migrate_ok(&[], &src, &addr2, &[]);
+            let copies2 = dir.join("copies2");
+            std::fs::create_dir_all(&copies2).unwrap();
+            let retry: Vec<&str> = if case.disk.is_some() {
+                vec!["--storage", "copy", "--storage-dir", copies2.to_str().unwrap()]
+            } else {
+                Vec::new()
+            };
+            let report = migrate_ok(&[], &src, &addr2, &retry);
+            if case.disk.is_some()
+                && report["storage"]["disks"][0]["source_digest"]
+                    != report["storage"]["disks"][0]["destination_digest"]
+            {
+                return Err(format!("retry: disk digests differ: {report}"));
+            }
             let c = counter(&dst2);
             wait_counter_beyond(&dst2, c);
             request(&dst2, r#"{"cmd":"stop"}"#);
@@ -275,6 +375,10 @@ fn run_case(i: usize, case: &Case) -> Result<String, String> {
         Expect::DestinationDiscards => {
             let _ = vm.child.wait();
             dest_exit(rx)?;
+            if case.disk.is_some() {
+                disk_outcome(&copies, &image)?;
+                return Ok("destination discarded its copy and the partial image".into());
+            }
             Ok("destination discarded its copy".into())
         }
         Expect::DestinationRuns => {
@@ -291,7 +395,7 @@ fn run_case(i: usize, case: &Case) -> Result<String, String> {
 fn fault_matrix() {
     assert!(kvm_available(), "the fault matrix needs /dev/kvm");
     let cases = cases();
-    assert!(cases.len() >= 16);
+    assert!(cases.len() >= 21);
     let mut rows = Vec::new();
     let mut failed = 0;
     for (i, case) in cases.iter().enumerate() {
