@@ -551,7 +551,7 @@ ensure_base() {
   mv "$BASE.tmp" "$BASE"
   rm -rf "$st"
   # Drop stale bases from older inputs, but keep the 3 most recently used: runs with different
-  # LIVEMIG_RDMA_EXTRA_BINS/_MODULES (test-rdma.sh vs guest/qemu-reference.sh) take turns and
+  # LIVEMIG_RDMA_EXTRA_BINS/_MODULES (test-nested.sh vs guest/qemu-reference.sh) take turns and
   # would otherwise rebuild each other's base every time.
   local old
   for old in $(ls -t "$CACHE"/initramfs/base-*.cpio | tail -n +4); do

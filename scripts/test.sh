@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit/property/doc tests, end-to-end tests with real
-# KVM guests, two-host (network namespace) tests, bad-input and fault tests, the fuzz targets,
-# and the RDMA suite inside a soft-RoCE VM (scripts/test-rdma.sh).
+# KVM guests, two-host (network namespace) tests, storage, bad-input and fault tests, the fuzz
+# targets, and — inside one boot of a nested TCG VM with soft-RoCE and real KVM
+# (scripts/test-nested.sh) — the RDMA suite and the Linux-guest tests.
 # Needs: root (network namespaces), /dev/kvm. Installs what is missing (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,5 +23,5 @@ echo "== criterion benches compile"
 cargo bench --workspace --no-run --quiet
 echo "== fuzz targets: build and run each briefly"
 ./scripts/fuzz.sh
-echo "== RDMA: tests on soft-RoCE in a QEMU VM (scripts/test-rdma.sh)"
-./scripts/test-rdma.sh
+echo "== nested VM: RDMA on soft-RoCE and Linux guests on real KVM (scripts/test-nested.sh)"
+./scripts/test-nested.sh

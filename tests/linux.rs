@@ -393,6 +393,62 @@ fn a_two_vcpu_linux_guest_migrates_with_its_devices() {
 
 #[test]
 #[ignore = "needs real KVM and the guest images: run scripts/test-nested.sh"]
+fn a_linux_guest_migrates_with_a_copy_of_its_disk() {
+    // Shared nothing: the guest's ext4 disk is copied while its workload appends to a file
+    // and fsyncs every second; the copy must be a clean file system with no write lost.
+    let f = files();
+    let dir = tmpdir("linux-copy");
+    tap("lmtapc", "10.0.5.1/24");
+    tap("lmtapd", "10.0.6.1/24");
+    let img = disk(&dir);
+    let copies = dir.join("copies");
+    std::fs::create_dir_all(&copies).unwrap();
+    let disk_arg = format!("path={}", img.display());
+    let a = boot(
+        &dir,
+        "a",
+        &f.vmlinux,
+        1,
+        &[
+            "--disk",
+            &disk_arg,
+            "--net",
+            "tap=lmtapc,mac=52:54:00:aa:bb:03",
+            "--cmdline",
+            "livemig.ws=32 livemig.rate=1000",
+        ],
+    );
+    let before = wait_tick(&a.log, 30);
+    let (b, addr, b_sock, b_log) = destination(&dir, "b", "127.0.0.1:0", &["--tap", "net0=lmtapd"]);
+    let report = migrate_checked(
+        &a.sock,
+        &addr,
+        &["--storage", "copy", "--storage-dir", copies.to_str().unwrap()],
+    );
+    let s = &report["storage"];
+    println!(
+        "LINUX COPY: {:.1} MiB of disk blocks, {} rounds, {} blocks in the downtime, digest {}",
+        s["bytes_copied"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+        s["rounds"],
+        s["dirty_blocks_in_downtime"],
+        s["disks"][0]["destination_digest"]
+    );
+    assert_eq!(s["mode"], "copy", "{report}");
+    assert_eq!(s["disks"][0]["source_digest"], s["disks"][0]["destination_digest"]);
+    retire(&a.sock, a.proc);
+    let after = wait_tick(&b_log, before + 30);
+    assert!(after > before);
+    assert_clean(&console(&b_log), "destination console", true);
+    assert_continuous(&[&a.log, &b_log]);
+    power_off(&b_sock, b);
+    let copy = copies.join("disk.img");
+    assert_disk_counter(&copy);
+    // The source image stays (no --remove-source-storage) and is itself clean.
+    assert!(img.exists());
+}
+
+#[test]
+#[ignore = "needs real KVM and the guest images: run scripts/test-nested.sh"]
 fn a_linux_guest_migrates_over_rdma() {
     let list = |k: &str, d: &str| -> Vec<String> {
         std::env::var(k)

@@ -1,6 +1,6 @@
 //! RDMA migrations on soft-RoCE, through the binary.
 //!
-//! These need RDMA devices, which this host's kernel does not have: `scripts/test-rdma.sh`
+//! These need RDMA devices, which this host's kernel does not have: `scripts/test-nested.sh`
 //! runs them inside a QEMU VM (scripts/rdma-vm.sh) with rxe0 on 10.0.99.1 (the source) and
 //! rxe1 on 10.0.99.2 (the destination) joined by a veth pair, with the memory-only VM backend
 //! (no KVM in there). A plain `cargo test` lists them as ignored, with that reason.
@@ -138,7 +138,7 @@ fn assert_rdma_report(r: &Value, channels: u64) {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: run scripts/test-rdma.sh"]
+#[ignore = "needs an RDMA device: run scripts/test-nested.sh"]
 fn rdma_devices_lists_devices_ports_and_gids() {
     let d = devices();
     let out = Command::new(bin())
@@ -175,7 +175,7 @@ fn rdma_devices_lists_devices_ports_and_gids() {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: run scripts/test-rdma.sh"]
+#[ignore = "needs an RDMA device: run scripts/test-nested.sh"]
 fn a_busy_64_mib_vm_migrates_over_two_queue_pairs() {
     let d = devices();
     let dir = tmpdir("rdma-busy");
@@ -278,7 +278,7 @@ fn fault_then_retry(name: &str, fault: &str, retry: &[&str]) {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: run scripts/test-rdma.sh"]
+#[ignore = "needs an RDMA device: run scripts/test-nested.sh"]
 fn a_qp_error_mid_round_aborts_cleanly_and_an_rdma_retry_succeeds() {
     let d = devices();
     fault_then_retry(
@@ -296,7 +296,7 @@ fn a_qp_error_mid_round_aborts_cleanly_and_an_rdma_retry_succeeds() {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: run scripts/test-rdma.sh"]
+#[ignore = "needs an RDMA device: run scripts/test-nested.sh"]
 fn a_wrong_rkey_aborts_cleanly_and_a_tcp_retry_succeeds() {
     fault_then_retry(
         "rdma-rkey",
@@ -306,7 +306,7 @@ fn a_wrong_rkey_aborts_cleanly_and_a_tcp_retry_succeeds() {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: run scripts/test-rdma.sh"]
+#[ignore = "needs an RDMA device: run scripts/test-nested.sh"]
 fn auto_chooses_rdma_and_a_missing_device_is_a_clear_error() {
     let d = devices();
     let dir = tmpdir("rdma-auto");
@@ -343,7 +343,7 @@ fn auto_chooses_rdma_and_a_missing_device_is_a_clear_error() {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: run scripts/test-rdma.sh"]
+#[ignore = "needs an RDMA device: run scripts/test-nested.sh"]
 fn throughput_of_a_large_round_against_ib_write_bw() {
     // ib_write_bw with the message size of our writes, one QP, in the same VM boot.
     let size = 1 << 20;

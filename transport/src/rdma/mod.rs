@@ -385,7 +385,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs an RDMA device: run scripts/test-rdma.sh"]
+    #[ignore = "needs an RDMA device: run scripts/test-nested.sh"]
     fn writes_land_in_place_and_a_vanished_peer_is_an_error() {
         let (a, b) = device_pair();
         let len = 8 << 20;

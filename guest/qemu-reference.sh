@@ -1,0 +1,326 @@
+#!/bin/bash
+# qemu-reference.sh — QEMU's own figures for livemig's Linux test guest, measured inside the
+# nested TCG VM (scripts/rdma-vm.sh), the only place on this machine with a KVM that boots a
+# stock kernel. They are the "peer" column of livemig's comparison tables (DESIGN.md section 7).
+#
+# It boots the guest of scripts/linux-guest.sh as an L2 KVM guest with the VM's QEMU and:
+#   boot      time from QEMU start to the first `livemig-workload: tick` line, bzImage and
+#             vmlinux (PVH), each on a fresh copy of the disk;
+#   migrate   a live migration (TCP on 127.0.0.1, QMP on pipes) of a 256 MiB guest while the
+#             workload writes 2000 pages/s over 64 MiB, QEMU's default downtime limit (300 ms)
+#             and bandwidth limit; reports total time and downtime from query-migrate, whether
+#             the tick counter went on rising on the destination, whether the guest's TCP echo
+#             server answers before and after (tap + bridge: QEMU's self-announce must move the
+#             MAC to the destination's tap), then checks the disk: the destination syncs and
+#             powers off, and a third boot of that disk prints the last counter it stored.
+#             Once per vCPU count in REF_SMPS (default "1 2").
+#
+# Run from the repository on the host:
+#   eval "$(scripts/linux-guest.sh build)"
+#   LIVEMIG_RDMA_EXTRA_BINS=qemu-system-x86_64 LIVEMIG_RDMA_EXTRA_MODULES="kvm kvm_amd tun bridge" \
+#   scripts/rdma-vm.sh run --mode lo --timeout 2400 --files guest/qemu-reference.sh \
+#     "$KERNEL_BZIMAGE" "$KERNEL_VMLINUX" "$INITRD" "$DISK_TEMPLATE" "$QEMU_FIRMWARE" \
+#     -- bash qemu-reference.sh [boot] [migrate]
+# (no phase argument = both). Results are the `REF ...` lines (key=value) on stdout.
+#
+# Knobs (rdma-vm.sh run --env NAME=VALUE): REF_MEM (256 MiB), REF_WS (64 MiB), REF_RATE (2000
+# pages/s), REF_PATTERN (random), REF_SMPS ("1 2"), REF_KERNEL for the migrations (bzImage),
+# REF_WARMUP (5 s of workload before migrating), REF_DOWNTIME_MS / REF_MAX_BW_BYTES (unset:
+# QEMU's defaults), REF_DISKCHECK=0 (skip the third boot), REF_VERBOSE=1 (echo every guest
+# console line, not just every 10th tick), REF_HEARTBEAT (30 s; 0 = off). Phases and counts may
+# repeat: `bash qemu-reference.sh boot boot migrate` with REF_SMPS="1 2 1 2".
+#
+# The VM needs ~0.5 GB beyond its files with both 256 MiB guests up: the default 2048 MiB is
+# plenty. Figures vary ±50% from run to run (TCG on 2 shared host cores): repeat and compare
+# ranges, not single runs.
+set -u
+cd "$(dirname "$(readlink -f "$0")")" # /opt/livemig: the --files land here
+
+MEM=${REF_MEM:-256} WS=${REF_WS:-64} RATE=${REF_RATE:-2000} PATTERN=${REF_PATTERN:-random}
+SMPS=${REF_SMPS:-1 2} MIG_KERNEL=${REF_KERNEL:-bzImage} WARMUP=${REF_WARMUP:-5}
+PHASES=${*:-boot migrate}
+W=/tmp/ref # per-VM dirs: FIFOs, logs, disks (tmpfs: the VM's RAM)
+# mitigations=off: no speculation workarounds (each costs exits or flushes, which nested
+# virtualization under TCG makes expensive). quiet: every console byte is a VM exit.
+APPEND="console=ttyS0 quiet panic=-1 mitigations=off livemig.ip=10.0.0.2/24 livemig.echo=7"
+APPEND="$APPEND livemig.ws=$WS livemig.rate=$RATE livemig.pattern=$PATTERN"
+MAC=52:54:00:00:00:02
+
+say() { printf 'qemu-ref: %s\n' "$*"; }
+fail() { say "FAILED: $*"; exit 1; }
+now() { echo "$EPOCHREALTIME"; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; } # seconds, b - a
+
+# ---------------------------------------------------------------------------------------------
+# Setup: KVM, a bridge with one tap per QEMU (both QEMUs live in this VM: tap0 = source,
+# tap1 = destination), the host side of the guest's network at 10.0.0.1.
+
+setup() {
+  [ -c /dev/kvm ] || fail "no /dev/kvm (LIVEMIG_RDMA_EXTRA_MODULES must include kvm kvm_amd)"
+  [ -c /dev/net/tun ] || fail "no /dev/net/tun (LIVEMIG_RDMA_EXTRA_MODULES must include tun)"
+  for f in bzImage vmlinux initramfs.cpio disk.img qemu-fw/bios-256k.bin; do
+    [ -e "$f" ] || fail "missing $f in $(pwd) (see the usage at the top of this script)"
+  done
+  say "L1: $(nproc) vCPUs, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB, $(qemu-system-x86_64 --version | head -n1)"
+  mkdir -p "$W"
+  ip link add br0 type bridge forward_delay 0 2>/dev/null || fail "ip link add br0 (bridge module?)"
+  ip addr add 10.0.0.1/24 dev br0
+  ip link set br0 up
+  for t in tap0 tap1; do
+    ip tuntap add dev "$t" mode tap || fail "ip tuntap add $t"
+    ip link set "$t" master br0 up
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+# One QEMU. Console and QMP are `-chardev pipe`s (NAME.in/NAME.out FIFOs): plain bash can drive
+# them, whereas a unix socket would need socat or python, which the VM doesn't have. QEMU opens
+# the FIFOs read-write, so neither side blocks at open. A reader per output FIFO time-stamps
+# each line into a log.
+
+# start_vm NAME KERNEL SMP DISK TAP [QEMU ARGS...]
+start_vm() {
+  local name=$1 kernel=$2 smp=$3 disk=$4 tap=$5 d=$W/$1
+  shift 5
+  say "$name: starting ($kernel, $smp vCPU, $MEM MiB${*:+, $*})"
+  rm -rf "$d"
+  mkdir -p "$d"
+  mkfifo "$d/con.in" "$d/con.out" "$d/qmp.in" "$d/qmp.out"
+  # -L qemu-fw: /usr/share/qemu etc. don't exist in the VM. sercon-port=0: SeaBIOS would mirror
+  # its screen (escape sequences, banner) to the serial port without a VGA card. romfile=: no
+  # iPXE option ROM to load and run at every boot; `-no-reboot`: a guest panic ends QEMU.
+  qemu-system-x86_64 -name "$name" -accel kvm -cpu host -machine pc -m "$MEM" -smp "$smp" \
+    -nodefaults -no-user-config -display none -no-reboot -L qemu-fw \
+    -fw_cfg name=etc/sercon-port,string=0 \
+    -chardev pipe,id=con,path="$d/con" -serial chardev:con \
+    -chardev pipe,id=qmp,path="$d/qmp" -mon chardev=qmp,mode=control \
+    -kernel "$kernel" -initrd initramfs.cpio -append "$APPEND" \
+    -drive file="$disk",if=virtio,format=raw \
+    -netdev tap,id=n0,ifname="$tap",script=no,downscript=no \
+    -device virtio-net-pci,netdev=n0,mac=$MAC,romfile= \
+    "$@" >"$d/qemu.log" 2>&1 &
+  echo $! >"$d/pid"
+  now >"$d/t0"
+  : >"$d/con.log"
+  : >"$d/qmp.log"
+  # Console reader: stamps lines, strips the tty's \r, echoes a digest to our stdout.
+  (
+    while IFS= read -r l; do
+      l=${l%$'\r'}
+      printf '%s %s\n' "$EPOCHREALTIME" "$l" >>"$d/con.log"
+      case "$l" in
+        *"livemig-workload: tick "*[1-9]) [ "${REF_VERBOSE:-0}" = 1 ] && echo "[$name] $l" ;;
+        *) echo "[$name] $l" ;;
+      esac
+    done <"$d/con.out"
+  ) &
+  (while IFS= read -r l; do printf '%s\n' "${l%$'\r'}" >>"$d/qmp.log"; done <"$d/qmp.out") &
+  qmp "$name" '{"execute":"qmp_capabilities"}' >/dev/null || fail "$name: no QMP greeting"
+}
+
+alive() { kill -0 "$(cat "$W/$1/pid")" 2>/dev/null; }
+
+# qmp NAME JSON -> the reply line (stdout). Each command gets a unique id so the reply is
+# matched exactly, whatever events arrive in between (a counter would not survive the $(...)
+# subshells qmp runs in). Writes open the FIFO read-write (1<>): that never blocks, even if
+# QEMU is gone, where a plain > would wait forever for a reader.
+qmp() {
+  local name=$1 cmd=$2 d=$W/$1 i
+  local id="c${EPOCHREALTIME/./}$RANDOM"
+  # Not before QEMU has the FIFO open (its greeting shows that): bytes written into a FIFO
+  # that nobody else holds open are discarded when our end closes.
+  for i in $(seq 300); do grep -q '"QMP"' "$d/qmp.log" && break; sleep 0.1; done
+  printf '%s\n' "${cmd%\}},\"id\":\"$id\"}" 1<>"$d/qmp.in"
+  for i in $(seq 300); do # 30 s: QMP under nested TCG can be slow while the guest boots
+    grep -F "\"id\": \"$id\"" "$d/qmp.log" && return 0
+    alive "$name" || { say "$name: QEMU died: $(tail -n 5 "$d/qemu.log")" >&2; return 1; }
+    sleep 0.1
+  done
+  say "$name: no QMP reply to $cmd" >&2
+  return 1
+}
+
+# jget KEY < json -> the first scalar value of KEY (good enough for QMP's flat replies)
+jget() { grep -o "\"$1\": [^,}]*" | head -n1 | cut -d' ' -f2- | tr -d '"'; }
+
+console() { printf '%s\n' "$2" 1<>"$W/$1/con.in"; } # console NAME LINE: type a line
+
+# wait_line NAME REGEX TIMEOUT -> the first matching log line (with its timestamp)
+wait_line() {
+  local d=$W/$1 i
+  for i in $(seq $(($3 * 10))); do
+    grep -m1 -E "$2" "$d/con.log" && return 0
+    alive "$1" || { say "$1: QEMU exited: $(tail -n 5 "$d/qemu.log")" >&2; return 1; }
+    sleep 0.1
+  done
+  return 1
+}
+
+last_tick() { grep -E 'livemig-workload: tick [0-9]+$' "$W/$1/con.log" | tail -n1; }
+tick_no() { awk '{print $NF}'; }
+tick_ts() { awk '{print $1}'; }
+
+# reap NAME SECS: wait at most SECS for QEMU to exit, then SIGKILL it. Never a bare `wait`:
+# once, out of ~20 guest poweroffs, a run hung for good right after the guest's "reboot: Power
+# down" (L1 busy, no further output); an unbounded wait for QEMU was the only step there that
+# could block forever.
+reap() {
+  local name=$1 i pid
+  pid=$(cat "$W/$name/pid")
+  for i in $(seq $(($2 * 10))); do alive "$name" || break; sleep 0.1; done
+  if alive "$name"; then
+    say "$name: QEMU still running after ${2}s, SIGKILL"
+    kill -9 "$pid" 2>/dev/null
+  fi
+  wait "$pid" 2>/dev/null
+  return 0
+}
+
+stop_vm() { # NAME: the workload powers the guest off; QMP quit and SIGKILL as fallbacks
+  local name=$1
+  if alive "$name"; then
+    console "$name" poweroff
+    for i in $(seq 150); do alive "$name" || break; sleep 0.1; done
+    if alive "$name"; then
+      say "$name: still running 15s after poweroff, QMP quit"
+      qmp "$name" '{"execute":"quit"}' >/dev/null
+    fi
+  fi
+  reap "$name" 10
+}
+
+echo_check() { # TAG: one line through the guest's TCP echo server (port 7) at 10.0.0.2
+  timeout 10 bash -c 'exec 3<>/dev/tcp/10.0.0.2/7 && echo "ping-$1" >&3 && read -r r <&3 &&
+    [ "$r" = "ping-$1" ]' _ "$1" 2>/dev/null && echo ok || echo FAILED
+}
+
+# ---------------------------------------------------------------------------------------------
+
+phase_boot() {
+  local k t0 init tick
+  for k in bzImage vmlinux; do
+    cp disk.img "$W/boot-$k.img"
+    start_vm "boot-$k" "$k" 1 "$W/boot-$k.img" tap0
+    t0=$(cat "$W/boot-$k/t0")
+    tick=$(wait_line "boot-$k" 'livemig-workload: tick 1$' 300) || fail "boot-$k: no first tick"
+    init=$(grep -m1 'livemig-guest: init done' "$W/boot-$k/con.log" | tick_ts)
+    say "REF boot kernel=$k init_done_s=$(elapsed "$t0" "$init") first_tick_s=$(elapsed "$t0" "$(tick_ts <<<"$tick")") mem=$MEM"
+    stop_vm "boot-$k"
+    rm -f "$W/boot-$k.img"
+  done
+}
+
+phase_migrate() { # SMP
+  local smp=$1 src=src$1 dst=dst$1 disk=$W/mig$1.img r st i
+  cp disk.img "$disk"
+  # Same command line on both ends (what migration requires), plus -incoming on the
+  # destination. The disk file is shared: the destination opens it inactive (no write lock)
+  # and takes it over at switchover, after the source flushed and released it.
+  start_vm "$src" "$MIG_KERNEL" "$smp" "$disk" tap0
+  wait_line "$src" 'livemig-workload: tick 1$' 300 >/dev/null || fail "$src: no first tick"
+  start_vm "$dst" "$MIG_KERNEL" "$smp" "$disk" tap1 -incoming tcp:127.0.0.1:4444
+  sleep "$WARMUP"
+  local echo_before
+  echo_before=$(echo_check before)
+  say "$src: workload running ($(last_tick "$src" | tick_no) ticks), echo before: $echo_before"
+
+  [ -n "${REF_DOWNTIME_MS:-}" ] &&
+    qmp "$src" "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"downtime-limit\":$REF_DOWNTIME_MS}}" >/dev/null
+  [ -n "${REF_MAX_BW_BYTES:-}" ] &&
+    qmp "$src" "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"max-bandwidth\":$REF_MAX_BW_BYTES}}" >/dev/null
+  r=$(qmp "$src" '{"execute":"query-migrate-parameters"}')
+  local dl bw
+  dl=$(jget downtime-limit <<<"$r") bw=$(jget max-bandwidth <<<"$r")
+  say "$src: downtime-limit=${dl}ms max-bandwidth=${bw}B/s"
+
+  qmp "$src" '{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:4444"}}' >/dev/null ||
+    fail "$src: migrate"
+  for i in $(seq 1200); do # 10 min at 0.5 s
+    sleep 0.5
+    r=$(qmp "$src" '{"execute":"query-migrate"}') || fail "$src: query-migrate"
+    st=$(jget status <<<"$r")
+    case "$st" in completed | failed | cancelled) break ;; esac
+    # A progress line every 2 s: remaining bytes and the dirty rate QEMU measures.
+    [ $((i % 4)) = 0 ] && say "$src: $st remaining=$(jget remaining <<<"$r") dirty-pages-rate=$(jget dirty-pages-rate <<<"$r") mbps=$(jget mbps <<<"$r") iterations=$(jget dirty-sync-count <<<"$r")"
+  done
+  [ "$st" = completed ] || { say "$src: $r"; fail "$src: migration status $st"; }
+  # QEMU 7.2 sets "completed" a moment before it fills in total-time and downtime: a query in
+  # that window reports both as 0 (seen here). Ask again until they are there.
+  for i in $(seq 50); do
+    [ "$(jget total-time <<<"$r")" != 0 ] && break
+    sleep 0.1
+    r=$(qmp "$src" '{"execute":"query-migrate"}') || fail "$src: query-migrate"
+  done
+  local src_last
+  src_last=$(last_tick "$src")
+  local ds
+  ds=$(qmp "$dst" '{"execute":"query-status"}' | jget status)
+  # Let the destination run: its ticks must continue from the source's counter.
+  sleep 3
+  local dst_first dst_last echo_after
+  dst_first=$(grep -E 'livemig-workload: tick [0-9]+$' "$W/$dst/con.log" | head -n1)
+  dst_last=$(last_tick "$dst")
+  echo_after=$(echo_check after)
+  local kept=no
+  if [ -n "$dst_first" ] && [ "$(tick_no <<<"$dst_first")" -gt "$(tick_no <<<"$src_last")" ] &&
+    [ "$(tick_no <<<"$dst_last")" -gt "$(tick_no <<<"$dst_first")" ]; then kept=yes; fi
+  say "REF migrate smp=$smp mem=$MEM ws=$WS rate=$RATE status=$st total_ms=$(jget total-time <<<"$r") downtime_ms=$(jget downtime <<<"$r") setup_ms=$(jget setup-time <<<"$r") transferred=$(jget transferred <<<"$r") iterations=$(jget dirty-sync-count <<<"$r") mbps=$(jget mbps <<<"$r") downtime_limit_ms=$dl max_bandwidth=$bw dst_status=$ds"
+  say "REF ticks smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
+  say "$src: full query-migrate: $r"
+  say "L1 memory with both QEMUs up (MiB): $(free -m | awk '/Mem:/ {print "used=" $3 " free=" $4 " shared=" $5}')"
+
+  # Disk: the destination syncs (the workload fsyncs every second anyway) and powers off; a
+  # fresh boot of the same image prints the last counter stored in it.
+  qmp "$src" '{"execute":"quit"}' >/dev/null
+  reap "$src" 10
+  if [ "${REF_DISKCHECK:-1}" = 0 ]; then
+    stop_vm "$dst"
+    rm -f "$disk"
+    return 0
+  fi
+  console "$dst" sync
+  wait_line "$dst" 'livemig-workload: synced' 30 >/dev/null
+  local final
+  final=$(last_tick "$dst" | tick_no)
+  stop_vm "$dst"
+  start_vm "check$smp" vmlinux 1 "$disk" tap0
+  local line
+  line=$(wait_line "check$smp" 'livemig-workload: disk ' 300) || fail "check$smp: no disk line"
+  # The file gets the tick counter once a second, so it may lag the last tick by up to ~10;
+  # what matters is that it is past the source's last tick: the destination's writes landed.
+  local stored=${line##*last=} ok=no
+  [ "$stored" -gt "$(tick_no <<<"$src_last")" ] 2>/dev/null && ok=yes
+  say "REF disk smp=$smp src_last_tick=$(tick_no <<<"$src_last") dst_last_tick=$final stored=$stored dst_writes_persisted=$ok"
+  stop_vm "check$smp"
+  rm -f "$disk"
+}
+
+# A line every REF_HEARTBEAT seconds (default 30; 0 = off): L1 load, and for each live QEMU its
+# CPU time, thread states and last console line. If a run stalls, this tells a wedged VM (no
+# heartbeat at all) from a stuck guest or QEMU (heartbeats, frozen console/CPU time).
+heartbeat() {
+  local d pid line
+  while sleep "$1"; do
+    line="load=$(cut -d' ' -f1-3 /proc/loadavg)"
+    for d in "$W"/*/; do
+      pid=$(cat "$d/pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null || continue
+      line="$line | $(basename "$d") cpu_s=$(awk '{print int(($14 + $15) / 100)}' "/proc/$pid/stat")"
+      line="$line threads=$(cat /proc/"$pid"/task/*/stat 2>/dev/null | awk '{print $3}' | sort | uniq -c | tr -s ' \n' ' ')"
+      line="$line last=[$(tail -n1 "$d/con.log" 2>/dev/null | cut -c 20-70)]"
+    done
+    say "heartbeat $line"
+  done
+}
+HB=
+[ "${REF_HEARTBEAT:-30}" = 0 ] || { heartbeat "${REF_HEARTBEAT:-30}" & HB=$!; }
+
+setup
+for p in $PHASES; do
+  case "$p" in
+    boot) phase_boot ;;
+    migrate) for s in $SMPS; do phase_migrate "$s"; done ;;
+    *) fail "unknown phase $p (boot, migrate)" ;;
+  esac
+done
+say "done"
+[ -z "$HB" ] || kill "$HB" 2>/dev/null

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# test-nested.sh — livemig's tests that need what this host lacks, in one boot of the nested
+# QEMU/TCG VM of scripts/rdma-vm.sh: soft-RoCE (the RDMA suite) and real KVM (Linux guests).
+#
+# This host's kernel has no RDMA and its /dev/kvm cannot boot a stock kernel. Inside the
+# nested VM, rxe gives RDMA devices (rxe0 10.0.99.1, rxe1 10.0.99.2 on a veth pair) and
+# `kvm_amd` a real /dev/kvm. Here we build the livemig binary, the test binaries and the Linux
+# guest (scripts/linux-guest.sh: Debian's kernel, an initramfs with guest/workload.rs, an ext4
+# disk), copy them into one VM boot and run, one at a time:
+#   - livemig-transport's RDMA unit tests (the verbs layer on its own),
+#   - tests/rdma.rs (migrations over RDMA; memory-only VMs),
+#   - tests/linux.rs (Linux guests: boot, migrations, ping-pong, over RDMA).
+#
+# Usage: scripts/test-nested.sh [rdma|linux|all] [extra test-binary args, e.g. a name filter]
+# Env:   LIVEMIG_NESTED_TIMEOUT (whole VM, default 1800 s), LIVEMIG_NESTED_MEM (MiB, default 3072).
+# Exit status: the tests' (0 = all passed); 124/125 from rdma-vm.sh if the VM itself failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$SECONDS
+what=${1:-all}
+case "$what" in rdma | linux | all) shift || true ;; *) what=all ;; esac
+
+# The path of the test executable cargo reports on stderr: "Executable <name> (<path>)".
+test_exe() {
+  sed -n 's/^ *Executable .*(\(.*\))$/\1/p' | tail -n1
+}
+build_tests() { # cargo test args... -> the executable
+  local out
+  out=$(cargo test --release "$@" --no-run 2>&1) || { echo "$out" >&2; exit 1; }
+  echo "$out" >&2
+  test_exe <<<"$out"
+}
+
+echo "== building livemig and the test binaries (release)"
+cargo build --release --bin livemig
+rdma_tests=$(build_tests --test rdma)
+transport_tests=$(build_tests -p livemig-transport --lib)
+linux_tests=$(build_tests --test linux)
+bin=target/release/livemig
+[ -n "${CARGO_TARGET_DIR:-}" ] && bin="$CARGO_TARGET_DIR/release/livemig"
+for f in "$rdma_tests" "$transport_tests" "$linux_tests"; do
+  [ -x "$f" ] || { echo "test-nested: no test executable $f" >&2; exit 1; }
+done
+
+files=("$bin" "$rdma_tests" "$transport_tests" "$linux_tests")
+envs=(--env LIVEMIG_BIN=/opt/livemig/livemig)
+if [ "$what" != rdma ]; then
+  echo "== building the Linux guest (scripts/linux-guest.sh)"
+  eval "$(scripts/linux-guest.sh build)"
+  files+=("$KERNEL_BZIMAGE" "$KERNEL_VMLINUX" "$INITRD" "$DISK_TEMPLATE")
+  envs+=(--env "LIVEMIG_GUEST_BZIMAGE=/opt/livemig/$(basename "$KERNEL_BZIMAGE")"
+    --env "LIVEMIG_GUEST_VMLINUX=/opt/livemig/$(basename "$KERNEL_VMLINUX")"
+    --env "LIVEMIG_GUEST_INITRD=/opt/livemig/$(basename "$INITRD")"
+    --env "LIVEMIG_GUEST_DISK=/opt/livemig/$(basename "$DISK_TEMPLATE")")
+fi
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+t=$(basename "$transport_tests")
+r=$(basename "$rdma_tests")
+l=$(basename "$linux_tests")
+echo "== booting the nested VM (soft-RoCE + KVM): $what"
+set +e
+LIVEMIG_RDMA_EXTRA_MODULES="kvm kvm_amd tun bridge" LIVEMIG_RDMA_EXTRA_BINS="debugfs e2fsck" \
+  scripts/rdma-vm.sh run --timeout "${LIVEMIG_NESTED_TIMEOUT:-1800}" --mem "${LIVEMIG_NESTED_MEM:-3072}" \
+  --files "${files[@]}" "${envs[@]}" \
+  -- bash -c '
+    what=$1; shift
+    a=0; b=0; c=0
+    if [ "$what" != linux ]; then
+      echo "== verbs layer: livemig-transport unit tests (ignored = need a device)"
+      ./'"$t"' --ignored --test-threads=1 --nocapture rdma:: "$@"; a=$?
+      echo "== migrations over RDMA: tests/rdma.rs"
+      ./'"$r"' --ignored --test-threads=1 --nocapture "$@"; b=$?
+    fi
+    if [ "$what" != rdma ]; then
+      echo "== Linux guests on KVM: tests/linux.rs"
+      [ -w /dev/kvm ] || echo "no /dev/kvm in the nested VM (kvm_amd did not load)"
+      ./'"$l"' --ignored --test-threads=1 --nocapture "$@"; c=$?
+    fi
+    [ $a -eq 0 ] && [ $b -eq 0 ] && [ $c -eq 0 ]' test-nested "$what" "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+
+echo
+echo "== summary (from the nested VM)"
+sed -n '/^--- livemig rdma devices ---$/,/^---$/p' "$log"
+# (-o: a test's first line of output follows its name on the same line)
+grep -aoE '(RDMA MIGRATION|FAULT|RETRY|MISSING DEVICE|AUTO|RDMA THROUGHPUT|after the peer vanished|LINUX BOOT|LINUX MIGRATION|LINUX COPY).*|^test result.*' "$log" || true
+echo "test-nested: $( [ "$rc" = 0 ] && echo passed || echo "FAILED (status $rc)" ) in $((SECONDS - start)) s"
+exit "$rc"
