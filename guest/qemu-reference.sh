@@ -1,7 +1,13 @@
 #!/bin/bash
-# qemu-reference.sh — QEMU's own figures for livemig's Linux test guest, measured inside the
-# nested TCG VM (scripts/rdma-vm.sh), the only place on this machine with a KVM that boots a
-# stock kernel. They are the "peer" column of livemig's comparison tables (DESIGN.md section 7).
+# qemu-reference.sh — QEMU's figures and livemig's for livemig's Linux test guest, side by
+# side in one boot of the nested TCG VM (scripts/rdma-vm.sh), the only place on this machine
+# with a KVM that boots a stock kernel. QEMU is the "peer" column of livemig's comparison
+# tables (DESIGN.md section 7).
+#
+# Phases `lm-boot` and `lm-migrate` measure livemig the same way (needs the livemig binary in
+# the --files): the same kernel, initramfs, workload, RAM, disk, taps and downtime limit;
+# livemig's console is time-stamped like QEMU's. Every result line starts with `REF` and says
+# `system=qemu` or `system=livemig`.
 #
 # It boots the guest of scripts/linux-guest.sh as an L2 KVM guest with the VM's QEMU and:
 #   boot      time from QEMU start to the first `livemig-workload: tick` line, bzImage and
@@ -22,6 +28,8 @@
 #     "$KERNEL_BZIMAGE" "$KERNEL_VMLINUX" "$INITRD" "$DISK_TEMPLATE" "$QEMU_FIRMWARE" \
 #     -- bash qemu-reference.sh [boot] [migrate]
 # (no phase argument = both). Results are the `REF ...` lines (key=value) on stdout.
+# Side by side with livemig: add target/release/livemig to the --files and run e.g.
+#   -- bash qemu-reference.sh boot lm-boot migrate lm-migrate migrate lm-migrate
 #
 # Knobs (rdma-vm.sh run --env NAME=VALUE): REF_MEM (256 MiB), REF_WS (64 MiB), REF_RATE (2000
 # pages/s), REF_PATTERN (random), REF_SMPS ("1 2"), REF_KERNEL for the migrations (bzImage),
@@ -204,7 +212,7 @@ phase_boot() {
     t0=$(cat "$W/boot-$k/t0")
     tick=$(wait_line "boot-$k" 'livemig-workload: tick 1$' 300) || fail "boot-$k: no first tick"
     init=$(grep -m1 'livemig-guest: init done' "$W/boot-$k/con.log" | tick_ts)
-    say "REF boot kernel=$k init_done_s=$(elapsed "$t0" "$init") first_tick_s=$(elapsed "$t0" "$(tick_ts <<<"$tick")") mem=$MEM"
+    say "REF boot system=qemu kernel=$k init_done_s=$(elapsed "$t0" "$init") first_tick_s=$(elapsed "$t0" "$(tick_ts <<<"$tick")") mem=$MEM"
     stop_vm "boot-$k"
     rm -f "$W/boot-$k.img"
   done
@@ -264,8 +272,8 @@ phase_migrate() { # SMP
   local kept=no
   if [ -n "$dst_first" ] && [ "$(tick_no <<<"$dst_first")" -gt "$(tick_no <<<"$src_last")" ] &&
     [ "$(tick_no <<<"$dst_last")" -gt "$(tick_no <<<"$dst_first")" ]; then kept=yes; fi
-  say "REF migrate smp=$smp mem=$MEM ws=$WS rate=$RATE status=$st total_ms=$(jget total-time <<<"$r") downtime_ms=$(jget downtime <<<"$r") setup_ms=$(jget setup-time <<<"$r") transferred=$(jget transferred <<<"$r") iterations=$(jget dirty-sync-count <<<"$r") mbps=$(jget mbps <<<"$r") downtime_limit_ms=$dl max_bandwidth=$bw dst_status=$ds"
-  say "REF ticks smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
+  say "REF migrate system=qemu smp=$smp mem=$MEM ws=$WS rate=$RATE status=$st total_ms=$(jget total-time <<<"$r") downtime_ms=$(jget downtime <<<"$r") setup_ms=$(jget setup-time <<<"$r") transferred=$(jget transferred <<<"$r") iterations=$(jget dirty-sync-count <<<"$r") mbps=$(jget mbps <<<"$r") downtime_limit_ms=$dl max_bandwidth=$bw dst_status=$ds"
+  say "REF ticks system=qemu smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
   say "$src: full query-migrate: $r"
   say "L1 memory with both QEMUs up (MiB): $(free -m | awk '/Mem:/ {print "used=" $3 " free=" $4 " shared=" $5}')"
 
@@ -290,8 +298,96 @@ phase_migrate() { # SMP
   # what matters is that it is past the source's last tick: the destination's writes landed.
   local stored=${line##*last=} ok=no
   [ "$stored" -gt "$(tick_no <<<"$src_last")" ] 2>/dev/null && ok=yes
-  say "REF disk smp=$smp src_last_tick=$(tick_no <<<"$src_last") dst_last_tick=$final stored=$stored dst_writes_persisted=$ok"
+  say "REF disk system=qemu smp=$smp src_last_tick=$(tick_no <<<"$src_last") dst_last_tick=$final stored=$stored dst_writes_persisted=$ok"
   stop_vm "check$smp"
+  rm -f "$disk"
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# livemig, measured the same way. A livemig process's stdout (its own lines and, with
+# --console-stdout, the guest's console) is time-stamped into NAME/con.log like QEMU's console,
+# so wait_line, last_tick and alive work on it unchanged.
+
+LM_APPEND="quiet panic=-1 mitigations=off livemig.ip=10.0.0.2/24 livemig.echo=7"
+LM_APPEND="$LM_APPEND livemig.ws=$WS livemig.rate=$RATE livemig.pattern=$PATTERN"
+
+lm_start() { # NAME ARGS...: ./livemig ARGS, its socket at $W/NAME/sock
+  local name=$1 d=$W/$1
+  shift
+  rm -rf "$d"
+  mkdir -p "$d"
+  mkfifo "$d/out"
+  : >"$d/con.log"
+  (while IFS= read -r l; do printf '%s %s\n' "$EPOCHREALTIME" "${l%$'\r'}" >>"$d/con.log"; done <"$d/out") &
+  now >"$d/t0"
+  ./livemig "$@" >"$d/out" 2>"$d/qemu.log" &
+  echo $! >"$d/pid"
+}
+
+lm_stop() { # NAME: power the guest off through its console; `livemig stop` as the fallback
+  local name=$1 i
+  if alive "$name"; then
+    ./livemig console --vm "$W/$name/sock" --send poweroff >/dev/null 2>&1
+    for i in $(seq 150); do alive "$name" || break; sleep 0.1; done
+    alive "$name" && ./livemig stop --vm "$W/$name/sock" >/dev/null 2>&1
+  fi
+  reap "$name" 10
+}
+
+lm_vm_args() { # SOCKET KERNEL SMP DISK TAP
+  echo run-vm --no-auth --socket "$1" --memory "$MEM" --vcpus "$3" --kernel "$2" \
+    --initrd initramfs.cpio --disk "$4" --net "tap=$5,mac=$MAC" --console-stdout
+}
+
+phase_lm_boot() {
+  local k t0 init tick n
+  for k in bzImage vmlinux; do
+    n=lmboot-$k
+    cp disk.img "$W/$n.img"
+    # shellcheck disable=SC2046 # word splitting of the argument list is intended
+    lm_start "$n" $(lm_vm_args "$W/$n/sock" "$k" 1 "$W/$n.img" tap0) --cmdline "$LM_APPEND"
+    t0=$(cat "$W/$n/t0")
+    tick=$(wait_line "$n" 'livemig-workload: tick 1$' 300) || fail "$n: no first tick"
+    init=$(grep -m1 'livemig-guest: init done' "$W/$n/con.log" | tick_ts)
+    say "REF boot system=livemig kernel=$k init_done_s=$(elapsed "$t0" "$init") first_tick_s=$(elapsed "$t0" "$(tick_ts <<<"$tick")") mem=$MEM"
+    lm_stop "$n"
+    rm -f "$W/$n.img"
+  done
+}
+
+phase_lm_migrate() { # SMP
+  local smp=$1 src=lmsrc$1 dst=lmdst$1 disk=$W/lmmig$1.img r
+  cp disk.img "$disk"
+  # shellcheck disable=SC2046
+  lm_start "$src" $(lm_vm_args "$W/$src/sock" "$MIG_KERNEL" "$smp" "$disk" tap0) --cmdline "$LM_APPEND"
+  wait_line "$src" 'livemig-workload: tick 1$' 300 >/dev/null || fail "$src: no first tick"
+  lm_start "$dst" receive --no-auth --listen 127.0.0.1:4445 --socket "$W/$dst/sock" \
+    --tap net0=tap1 --console-stdout
+  wait_line "$dst" 'listening on' 60 >/dev/null || fail "$dst: not listening"
+  sleep "$WARMUP"
+  local echo_before
+  echo_before=$(echo_check before)
+  say "$src: workload running ($(last_tick "$src" | tick_no) ticks), echo before: $echo_before"
+  r=$(./livemig migrate --vm "$W/$src/sock" --to 127.0.0.1:4445 --json \
+    --downtime-limit "${REF_DOWNTIME_MS:-300}" 2>"$W/$src/migrate.err") ||
+    fail "$src: livemig migrate: $(cat "$W/$src/migrate.err")"
+  local src_last
+  src_last=$(last_tick "$src")
+  sleep 3
+  local dst_first dst_last echo_after kept=no
+  dst_first=$(grep -E 'livemig-workload: tick [0-9]+$' "$W/$dst/con.log" | head -n1)
+  dst_last=$(last_tick "$dst")
+  echo_after=$(echo_check after)
+  if [ -n "$dst_first" ] && [ "$(tick_no <<<"$dst_first")" -gt "$(tick_no <<<"$src_last")" ] &&
+    [ "$(tick_no <<<"$dst_last")" -gt "$(tick_no <<<"$dst_first")" ]; then kept=yes; fi
+
+  num() { grep -o "\"$1\":[^,}]*" <<<"$r" | head -n1 | cut -d: -f2 | tr -d '"'; }
+  say "REF migrate system=livemig smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match)"
+  say "REF ticks system=livemig smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
+  ./livemig stop --vm "$W/$src/sock" >/dev/null 2>&1
+  reap "$src" 10
+  lm_stop "$dst"
   rm -f "$disk"
 }
 
@@ -319,7 +415,9 @@ for p in $PHASES; do
   case "$p" in
     boot) phase_boot ;;
     migrate) for s in $SMPS; do phase_migrate "$s"; done ;;
-    *) fail "unknown phase $p (boot, migrate)" ;;
+    lm-boot) phase_lm_boot ;;
+    lm-migrate) for s in $SMPS; do phase_lm_migrate "$s"; done ;;
+    *) fail "unknown phase $p (boot, migrate, lm-boot, lm-migrate)" ;;
   esac
 done
 say "done"

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use livemig_bench::storage::{self, StorageBench};
 use livemig_bench::{limits, BenchOptions};
 
 #[derive(Args, Debug)]
@@ -24,6 +25,11 @@ pub struct BenchArgs {
     /// Redraw the table and plots of an earlier run's results folder instead of measuring.
     #[arg(long, value_name = "DIR")]
     redraw: Option<PathBuf>,
+    /// Instead of the matrix: shared-nothing storage migration of a 4 GiB image (1 GiB
+    /// allocated) with 1 GiB of RAM over the shaped 10 GbE link, beside QEMU's NBD +
+    /// blockdev-mirror path and the link's raw copy limit (--quick: a quarter of that).
+    #[arg(long, conflicts_with = "redraw")]
+    storage: bool,
 }
 
 /// `livemig bench`.
@@ -32,6 +38,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return livemig_bench::redraw(dir);
     }
     let exe = std::env::current_exe().context("locating the livemig binary")?;
+    if a.storage {
+        let d = StorageBench::default();
+        let (q, r) = (
+            if a.quick { 4 } else { 1 },
+            a.repeat.unwrap_or(if a.quick { 1 } else { 3 }),
+        );
+        return storage::run(
+            &StorageBench {
+                ram_mib: d.ram_mib / q,
+                disk_mib: d.disk_mib / q,
+                allocated_mib: d.allocated_mib / q,
+                repeat: r,
+                no_qemu: a.no_qemu,
+                out: a.out,
+                ..d
+            },
+            &exe,
+        );
+    }
     livemig_bench::run(
         &BenchOptions {
             quick: a.quick,

@@ -101,6 +101,7 @@ fn run_in(a: &DemoArgs, backend: Backend, exe: &Path, dir: &Path) -> Result<()> 
             "--pattern".into(),
             a.pattern.to_string(),
         ],
+        receive_args: Vec::new(),
     })?;
     // Let the guest run a moment so the migration catches it mid-flight.
     std::thread::sleep(Duration::from_millis(300));

@@ -205,7 +205,7 @@ fn counter_frozen(socket: &std::path::Path) -> bool {
 fn disk_image(path: &std::path::Path) {
     use std::io::Write;
     let mut f = std::fs::File::create(path).unwrap();
-    f.set_len(4 * DISK_MIB << 20).unwrap();
+    f.set_len((4 * DISK_MIB) << 20).unwrap();
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut buf = vec![0u8; 1 << 20];
     for _ in 0..DISK_MIB {
@@ -232,8 +232,10 @@ fn disk_outcome(copies: &std::path::Path, image: &std::path::Path) -> Result<(),
         return Err(format!("partial images left on the destination: {left:?}"));
     }
     let len = std::fs::metadata(image).map(|m| m.len()).unwrap_or(0);
-    if len != 4 * DISK_MIB << 20 {
-        return Err(format!("the source image is gone or changed size ({len} bytes)"));
+    if len != (4 * DISK_MIB) << 20 {
+        return Err(format!(
+            "the source image is gone or changed size ({len} bytes)"
+        ));
     }
     Ok(())
 }
@@ -278,7 +280,12 @@ fn run_case(i: usize, case: &Case) -> Result<String, String> {
     };
     let proxy = Proxy::start(&dst_addr, case.trigger, action);
     let mut args = vec!["--compress", "none"];
-    let copy_args = ["--storage", "copy", "--storage-dir", copies.to_str().unwrap()];
+    let copy_args = [
+        "--storage",
+        "copy",
+        "--storage-dir",
+        copies.to_str().unwrap(),
+    ];
     if let Some(mirror) = case.disk {
         args.extend_from_slice(&copy_args);
         if mirror {
@@ -333,7 +340,12 @@ fn run_case(i: usize, case: &Case) -> Result<String, String> {
             let copies2 = dir.join("copies2");
             std::fs::create_dir_all(&copies2).unwrap();
             let retry: Vec<&str> = if case.disk.is_some() {
-                vec!["--storage", "copy", "--storage-dir", copies2.to_str().unwrap()]
+                vec![
+                    "--storage",
+                    "copy",
+                    "--storage-dir",
+                    copies2.to_str().unwrap(),
+                ]
             } else {
                 Vec::new()
             };

@@ -27,6 +27,7 @@ pub mod plot;
 pub mod qemu;
 pub mod report;
 pub mod run;
+pub mod storage;
 pub mod support;
 
 pub use run::{redraw, run, BenchOptions};

@@ -29,6 +29,8 @@ pub struct PairSpec<'a> {
     pub listen: String,
     /// `run-vm` guest options.
     pub vm_args: Vec<String>,
+    /// More `receive` options (e.g. `--storage-dir`).
+    pub receive_args: Vec<String>,
 }
 
 /// A running destination and VM process.
@@ -65,6 +67,7 @@ impl Pair {
         if let Some(mib) = s.reserve_mib {
             recv.args(["--reserve-mib", &mib.to_string()]);
         }
+        recv.args(&s.receive_args);
         let mut dst = Process::new(recv.spawn().context("starting livemig receive")?);
         let line = dst
             .wait_line("listening on ")

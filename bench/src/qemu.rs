@@ -15,13 +15,13 @@ use crate::matrix::Cell;
 use crate::support::{free_port, NetnsHosts, Process};
 
 /// A QMP connection.
-struct Qmp {
+pub(crate) struct Qmp {
     r: BufReader<UnixStream>,
     w: UnixStream,
 }
 
 impl Qmp {
-    fn connect(path: &Path) -> Result<Qmp> {
+    pub(crate) fn connect(path: &Path) -> Result<Qmp> {
         let deadline = Instant::now() + Duration::from_secs(20);
         let s = loop {
             match UnixStream::connect(path) {
@@ -38,14 +38,14 @@ impl Qmp {
         q.cmd("qmp_capabilities", json!({}))?;
         Ok(q)
     }
-    fn read(&mut self) -> Result<Value> {
+    pub(crate) fn read(&mut self) -> Result<Value> {
         let mut line = String::new();
         if self.r.read_line(&mut line)? == 0 {
             bail!("QEMU closed QMP");
         }
         Ok(serde_json::from_str(&line)?)
     }
-    fn cmd(&mut self, name: &str, args: Value) -> Result<Value> {
+    pub(crate) fn cmd(&mut self, name: &str, args: Value) -> Result<Value> {
         writeln!(self.w, "{}", json!({"execute": name, "arguments": args}))?;
         loop {
             let v = self.read()?;
@@ -60,13 +60,16 @@ impl Qmp {
     }
 }
 
-fn qemu(
+/// A paused TCG QEMU with `mib` MiB of RAM in `mem_file`, QMP on `qmp`, and `extra` arguments
+/// (drives).
+pub(crate) fn qemu(
     ns: Option<&str>,
     mem_file: &Path,
     mib: u64,
     qmp: &Path,
     incoming: bool,
     prealloc: bool,
+    extra: &[String],
 ) -> Result<Process> {
     let mut c = match ns {
         Some(ns) => {
@@ -95,6 +98,7 @@ fn qemu(
     ))
     .arg("-qmp")
     .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+    .args(extra)
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
     if incoming {
@@ -138,6 +142,7 @@ pub fn run_qemu(
             &qs,
             false,
             false,
+            &[],
         )?;
         // With prealloc the destination faults its RAM in before the migration starts, as
         // ours does with its reserve.
@@ -148,6 +153,7 @@ pub fn run_qemu(
             &qd,
             true,
             prealloc,
+            &[],
         )?;
         let mut s = Qmp::connect(&qs)?;
         let mut d = Qmp::connect(&qd)?;
@@ -216,7 +222,7 @@ pub fn run_qemu(
 }
 
 /// A file of `mib` MiB with the same content generator our guests use.
-fn write_ram_file(path: &Path, mib: u64, fill: Fill) -> Result<()> {
+pub(crate) fn write_ram_file(path: &Path, mib: u64, fill: Fill) -> Result<()> {
     let ram = GuestRam::new(&RamLayout::single(mib << 20), Populate::Lazy)?;
     builtin_guest::fill(&ram, fill, 1);
     let mut f =

@@ -290,6 +290,7 @@ fn run_livemig(
             "--pattern".into(),
             "random".into(),
         ],
+        receive_args: Vec::new(),
     })?;
     let req = MigrateRequest {
         channels,
