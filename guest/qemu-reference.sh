@@ -34,7 +34,8 @@
 # Knobs (rdma-vm.sh run --env NAME=VALUE): REF_MEM (256 MiB), REF_WS (64 MiB), REF_RATE (2000
 # pages/s), REF_PATTERN (random), REF_SMPS ("1 2"), REF_KERNEL for the migrations (bzImage),
 # REF_WARMUP (5 s of workload before migrating), REF_DOWNTIME_MS / REF_MAX_BW_BYTES (unset:
-# QEMU's defaults), REF_DISKCHECK=0 (skip the third boot), REF_VERBOSE=1 (echo every guest
+# QEMU's defaults), REF_LM_MIGRATE_ARGS (more `livemig migrate` options, e.g. --compress none),
+# REF_DISKCHECK=0 (skip the third boot), REF_VERBOSE=1 (echo every guest
 # console line, not just every 10th tick), REF_HEARTBEAT (30 s; 0 = off). Phases and counts may
 # repeat: `bash qemu-reference.sh boot boot migrate` with REF_SMPS="1 2 1 2".
 #
@@ -370,7 +371,7 @@ phase_lm_migrate() { # SMP
   echo_before=$(echo_check before)
   say "$src: workload running ($(last_tick "$src" | tick_no) ticks), echo before: $echo_before"
   r=$(./livemig migrate --vm "$W/$src/sock" --to 127.0.0.1:4445 --json \
-    --downtime-limit "${REF_DOWNTIME_MS:-300}" 2>"$W/$src/migrate.err") ||
+    --downtime-limit "${REF_DOWNTIME_MS:-300}" ${REF_LM_MIGRATE_ARGS:-} 2>"$W/$src/migrate.err") ||
     fail "$src: livemig migrate: $(cat "$W/$src/migrate.err")"
   local src_last
   src_last=$(last_tick "$src")

@@ -404,6 +404,13 @@ fn a_linux_guest_migrates_with_a_copy_of_its_disk() {
     let copies = dir.join("copies");
     std::fs::create_dir_all(&copies).unwrap();
     let disk_arg = format!("path={}", img.display());
+    // A second, read-only disk: copied once, in round 0.
+    let ro = dir.join("seed.img");
+    let seed: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(&ro, &seed).unwrap();
+    let ro_arg = format!("path={},readonly=on", ro.display());
     let a = boot(
         &dir,
         "a",
@@ -412,6 +419,8 @@ fn a_linux_guest_migrates_with_a_copy_of_its_disk() {
         &[
             "--disk",
             &disk_arg,
+            "--disk",
+            &ro_arg,
             "--net",
             "tap=lmtapc,mac=52:54:00:aa:bb:03",
             "--cmdline",
@@ -423,7 +432,12 @@ fn a_linux_guest_migrates_with_a_copy_of_its_disk() {
     let report = migrate_checked(
         &a.sock,
         &addr,
-        &["--storage", "copy", "--storage-dir", copies.to_str().unwrap()],
+        &[
+            "--storage",
+            "copy",
+            "--storage-dir",
+            copies.to_str().unwrap(),
+        ],
     );
     let s = &report["storage"];
     println!(
@@ -434,7 +448,10 @@ fn a_linux_guest_migrates_with_a_copy_of_its_disk() {
         s["disks"][0]["destination_digest"]
     );
     assert_eq!(s["mode"], "copy", "{report}");
-    assert_eq!(s["disks"][0]["source_digest"], s["disks"][0]["destination_digest"]);
+    assert_eq!(
+        s["disks"][0]["source_digest"],
+        s["disks"][0]["destination_digest"]
+    );
     retire(&a.sock, a.proc);
     let after = wait_tick(&b_log, before + 30);
     assert!(after > before);

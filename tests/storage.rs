@@ -310,8 +310,8 @@ fn copies_are_refused_before_any_byte_moves_and_cancel_leaves_nothing_behind() {
     let dst_dir = dir.join("dst");
     std::fs::create_dir_all(&dst_dir).unwrap();
     // A destination takes one migration, failed or not: a fresh one per attempt.
-    let fails = |args: &[&str], needle: &str| {
-        let (_rx, addr) = receive(&[], "127.0.0.1:0", &[]);
+    let fails_at = |receive_args: &[&str], args: &[&str], needle: &str| {
+        let (_rx, addr) = receive(&[], "127.0.0.1:0", receive_args);
         let out = migrate(&[], &src, &addr, args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} should fail");
@@ -320,7 +320,16 @@ fn copies_are_refused_before_any_byte_moves_and_cancel_leaves_nothing_behind() {
         let st = request(&src, r#"{"cmd":"status"}"#);
         assert_eq!(st["run_state"], "running", "{st}");
     };
+    let fails = |args: &[&str], needle: &str| fails_at(&[], args, needle);
     let d = dst_dir.to_str().unwrap();
+    // Shared storage: the destination's image has another size than the source's.
+    let other = dir.join("other.img");
+    sparse_image(&other, 32 << 20, 1);
+    fails_at(
+        &["--disk-path", &format!("disk0={}", other.display())],
+        &["--storage", "shared"],
+        "bytes at the source",
+    );
     // An image of that name exists at the destination.
     std::fs::write(dst_dir.join("vm.img"), b"keep me").unwrap();
     fails(&["--storage", "copy", "--storage-dir", d], "exists");
