@@ -11,6 +11,7 @@ use common::*;
 use livemig_engine::auth::Key;
 use livemig_engine::memory::RamLayout;
 use livemig_engine::protocol::{Message, VERSION};
+use livemig_engine::storage::StorageMode;
 use livemig_engine::vm::{builtin_guest, VmConfig, VmSpec};
 use livemig_transport::frame;
 
@@ -69,17 +70,34 @@ fn config(machine: &str, mib: u64) -> VmConfig {
     }
 }
 
+/// Config (a VM without disks) and, as protocol 2 wants, its Storage.
+fn send_config(c: &mut TcpStream, vm: VmConfig, token: u64) {
+    send(
+        c,
+        &Message::Config {
+            vm,
+            channels: 1,
+            token,
+        },
+    );
+    // A destination that refuses the Config may be gone before this arrives.
+    let (k, p) = Message::Storage {
+        mode: StorageMode::Shared,
+        directory: String::new(),
+        disks: Vec::new(),
+    }
+    .encode();
+    let _ = frame::write_frame(c, k, &p);
+}
+
 /// Handshake + config for a 16 MiB VM; returns the control stream and token once Ready.
 fn handshake(addr: &str) -> (TcpStream, u64) {
     let mut c = TcpStream::connect(addr).unwrap();
     let token = authenticate(&mut c);
-    send(
+    send_config(
         &mut c,
-        &Message::Config {
-            vm: config(livemig_engine::vm::memory_only::MACHINE, 16),
-            channels: 1,
-            token,
-        },
+        config(livemig_engine::vm::memory_only::MACHINE, 16),
+        token,
     );
     assert_eq!(recv(&mut c), Message::Ready);
     (c, token)
@@ -202,14 +220,7 @@ fn a_vm_of_another_machine_is_refused_before_any_page() {
     let (rx, addr) = destination();
     let mut c = TcpStream::connect(&addr).unwrap();
     let token = authenticate(&mut c);
-    send(
-        &mut c,
-        &Message::Config {
-            vm: config(livemig_engine::vm::kvm::MACHINE, 16),
-            channels: 1,
-            token,
-        },
-    );
+    send_config(&mut c, config(livemig_engine::vm::kvm::MACHINE, 16), token);
     match recv(&mut c) {
         Message::Refuse { reason } => assert!(reason.contains("--backend"), "{reason}"),
         m => panic!("expected Refuse, got {m:?}"),
@@ -261,13 +272,10 @@ fn more_ram_than_the_destination_accepts_is_refused_before_allocating() {
     );
     let mut c = TcpStream::connect(&addr).unwrap();
     let token = authenticate(&mut c);
-    send(
+    send_config(
         &mut c,
-        &Message::Config {
-            vm: config(livemig_engine::vm::memory_only::MACHINE, 1 << 20),
-            channels: 1,
-            token,
-        },
+        config(livemig_engine::vm::memory_only::MACHINE, 1 << 20),
+        token,
     );
     match recv(&mut c) {
         Message::Refuse { reason } => assert!(reason.contains("at most 64 MiB"), "{reason}"),
