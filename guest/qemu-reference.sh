@@ -23,7 +23,7 @@
 #
 # Run from the repository on the host:
 #   eval "$(scripts/linux-guest.sh build)"
-#   LIVEMIG_RDMA_EXTRA_BINS=qemu-system-x86_64 LIVEMIG_RDMA_EXTRA_MODULES="kvm kvm_amd tun bridge" \
+#   LIVEMIG_RDMA_EXTRA_BINS="qemu-system-x86_64 bridge" LIVEMIG_RDMA_EXTRA_MODULES="kvm kvm_amd tun bridge" \
 #   scripts/rdma-vm.sh run --mode lo --timeout 2400 --files guest/qemu-reference.sh \
 #     "$KERNEL_BZIMAGE" "$KERNEL_VMLINUX" "$INITRD" "$DISK_TEMPLATE" "$QEMU_FIRMWARE" \
 #     -- bash qemu-reference.sh [boot] [migrate]
@@ -35,6 +35,8 @@
 # pages/s), REF_PATTERN (random), REF_SMPS ("1 2"), REF_KERNEL for the migrations (bzImage),
 # REF_WARMUP (5 s of workload before migrating), REF_DOWNTIME_MS / REF_MAX_BW_BYTES (unset:
 # QEMU's defaults), REF_LM_MIGRATE_ARGS (more `livemig migrate` options, e.g. --compress none),
+# REF_BLACKOUT=1 (a client pings every 10 ms and streams through the guest's echo service
+# during each migration: `REF blackout` lines; REF_BLACKOUT_S its duration, 20 s),
 # REF_DISKCHECK=0 (skip the third boot), REF_VERBOSE=1 (echo every guest
 # console line, not just every 10th tick), REF_HEARTBEAT (30 s; 0 = off). Phases and counts may
 # repeat: `bash qemu-reference.sh boot boot migrate` with REF_SMPS="1 2 1 2".
@@ -198,9 +200,40 @@ stop_vm() { # NAME: the workload powers the guest off; QMP quit and SIGKILL as f
   reap "$name" 10
 }
 
+net_fresh() { # forget where the guest's MAC was: a previous phase's destination left it on
+  # tap1 in the bridge's table and in this host's neighbour cache, so unicasts to the next
+  # source would vanish until the guest happened to transmit. The next packet asks by broadcast.
+  local t
+  for t in tap0 tap1; do bridge fdb del "$MAC" dev "$t" master 2>/dev/null; done
+  ip neigh flush to 10.0.0.2 2>/dev/null
+  true
+}
+
 echo_check() { # TAG: one line through the guest's TCP echo server (port 7) at 10.0.0.2
   timeout 10 bash -c 'exec 3<>/dev/tcp/10.0.0.2/7 && echo "ping-$1" >&3 && read -r r <&3 &&
     [ "$r" = "ping-$1" ]' _ "$1" 2>/dev/null && echo ok || echo FAILED
+}
+
+# Blackout (REF_BLACKOUT=1, needs the livemig binary): a client on br0 pings the guest every
+# 10 ms and streams through its echo service while the migration runs; the longest gap between
+# ping replies is what a user of the VM loses.
+blackout_start() { # DIR
+  [ "${REF_BLACKOUT:-0}" = 1 ] || return 0
+  ./livemig bench-blackout --target 10.0.0.2 --echo-port 7 --duration-s "${REF_BLACKOUT_S:-20}" \
+    >"$1/blackout.json" 2>"$1/blackout.err" &
+  echo $! >"$1/blackout.pid"
+  now >"$1/blackout.t0"
+  sleep 2 # a baseline of replies before the migration starts
+}
+
+blackout_report() { # DIR SYSTEM SMP MIGRATE_START_S TOTAL_MS
+  [ "${REF_BLACKOUT:-0}" = 1 ] || return 0
+  wait "$(cat "$1/blackout.pid")" 2>/dev/null
+  local j resumed_ms
+  j=$(cat "$1/blackout.json")
+  resumed_ms=$(awk -v a="$4" -v t="$5" 'BEGIN { printf "%.0f", a * 1000 + t }')
+  bnum() { grep -o "\"$1\":[^,}]*" <<<"$j" | head -n1 | cut -d: -f2 | tr -d '"'; }
+  say "REF blackout system=$2 smp=$3 longest_gap_ms=$(bnum longest_gap_ms) back_after_resume_ms=$(awk -v e="$(bnum gap_end_unix_ms)" -v r="$resumed_ms" 'BEGIN { printf "%.0f", e - r }') lost=$(bnum lost) lost_before=$(bnum lost_before_gap) lost_after=$(bnum lost_after_gap) sent=$(bnum sent) tcp_survived=$(bnum survived) tcp_bytes=$(bnum bytes_echoed) tcp_longest_stall_ms=$(bnum longest_stall_ms) tcp_error=$(bnum error | tr ' ' _) err=$(tr ' ' _ <"$1/blackout.err" | head -c 200)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +263,7 @@ phase_migrate() { # SMP
   start_vm "$dst" "$MIG_KERNEL" "$smp" "$disk" tap1 -incoming tcp:127.0.0.1:4444
   sleep "$WARMUP"
   local echo_before
+  net_fresh
   echo_before=$(echo_check before)
   say "$src: workload running ($(last_tick "$src" | tick_no) ticks), echo before: $echo_before"
 
@@ -242,6 +276,9 @@ phase_migrate() { # SMP
   dl=$(jget downtime-limit <<<"$r") bw=$(jget max-bandwidth <<<"$r")
   say "$src: downtime-limit=${dl}ms max-bandwidth=${bw}B/s"
 
+  blackout_start "$W/$src"
+  local t_mig
+  t_mig=$(now)
   qmp "$src" '{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:4444"}}' >/dev/null ||
     fail "$src: migrate"
   for i in $(seq 1200); do # 10 min at 0.5 s
@@ -274,6 +311,7 @@ phase_migrate() { # SMP
   if [ -n "$dst_first" ] && [ "$(tick_no <<<"$dst_first")" -gt "$(tick_no <<<"$src_last")" ] &&
     [ "$(tick_no <<<"$dst_last")" -gt "$(tick_no <<<"$dst_first")" ]; then kept=yes; fi
   say "REF migrate system=qemu smp=$smp mem=$MEM ws=$WS rate=$RATE status=$st total_ms=$(jget total-time <<<"$r") downtime_ms=$(jget downtime <<<"$r") setup_ms=$(jget setup-time <<<"$r") transferred=$(jget transferred <<<"$r") iterations=$(jget dirty-sync-count <<<"$r") mbps=$(jget mbps <<<"$r") downtime_limit_ms=$dl max_bandwidth=$bw dst_status=$ds"
+  blackout_report "$W/$src" qemu "$smp" "$t_mig" "$(jget total-time <<<"$r")"
   say "REF ticks system=qemu smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
   say "$src: full query-migrate: $r"
   say "L1 memory with both QEMUs up (MiB): $(free -m | awk '/Mem:/ {print "used=" $3 " free=" $4 " shared=" $5}')"
@@ -368,8 +406,12 @@ phase_lm_migrate() { # SMP
   wait_line "$dst" 'listening on' 60 >/dev/null || fail "$dst: not listening"
   sleep "$WARMUP"
   local echo_before
+  net_fresh
   echo_before=$(echo_check before)
   say "$src: workload running ($(last_tick "$src" | tick_no) ticks), echo before: $echo_before"
+  blackout_start "$W/$src"
+  local t_mig
+  t_mig=$(now)
   r=$(./livemig migrate --vm "$W/$src/sock" --to 127.0.0.1:4445 --json \
     --downtime-limit "${REF_DOWNTIME_MS:-300}" ${REF_LM_MIGRATE_ARGS:-} 2>"$W/$src/migrate.err") ||
     fail "$src: livemig migrate: $(cat "$W/$src/migrate.err")"
@@ -385,6 +427,7 @@ phase_lm_migrate() { # SMP
 
   num() { grep -o "\"$1\":[^,}]*" <<<"$r" | head -n1 | cut -d: -f2 | tr -d '"'; }
   say "REF migrate system=livemig smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match)"
+  blackout_report "$W/$src" livemig "$smp" "$t_mig" "$(num total_time_ms)"
   say "REF ticks system=livemig smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
   ./livemig stop --vm "$W/$src/sock" >/dev/null 2>&1
   reap "$src" 10

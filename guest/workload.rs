@@ -15,7 +15,8 @@
 //!   * network (optional): a TCP echo server on port `livemig.echo`.
 //!
 //! It obeys line commands on stdin (the serial console): sync, poweroff, reboot, quiet, loud,
-//! pause-writes, resume-writes, status.
+//! pause-writes, resume-writes, hello (one UDP broadcast on eth0: the guest's first
+//! transmission in a test of a migration without announce), status.
 //!
 //! Parameters come from /proc/cmdline (`livemig.ws=64 livemig.rate=2000 ...`); `livemig.*`
 //! arguments on our own command line override them, which makes host-side testing easy:
@@ -43,7 +44,10 @@ extern "C" {
     fn clock_nanosleep(clk: i32, flags: i32, req: *const Timespec, rem: *mut Timespec) -> i32;
     fn sync();
     fn reboot(cmd: i32) -> i32;
+    fn setsockopt(fd: i32, level: i32, name: i32, value: *const u8, len: u32) -> i32;
 }
+const SOL_SOCKET: i32 = 1;
+const SO_BINDTODEVICE: i32 = 25;
 
 const CLOCK_MONOTONIC: i32 = 1;
 const TIMER_ABSTIME: i32 = 1;
@@ -314,6 +318,20 @@ fn echo(mut c: TcpStream) {
     }
 }
 
+fn hello() -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let s = std::net::UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+    s.set_broadcast(true)?;
+    // The limited broadcast needs an interface when there is no default route.
+    let dev = b"eth0\0";
+    // SAFETY: a valid socket and a NUL-terminated name that outlives the call.
+    if unsafe { setsockopt(s.as_raw_fd(), SOL_SOCKET, SO_BINDTODEVICE, dev.as_ptr(), 5) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    s.send_to(b"livemig-workload hello", SocketAddrV4::new(Ipv4Addr::BROADCAST, 9))?;
+    Ok(())
+}
+
 fn commands(
     paused: Arc<AtomicBool>,
     quiet: Arc<AtomicBool>,
@@ -369,6 +387,12 @@ fn commands(
                 paused.store(false, Relaxed);
                 say("writes resumed");
             }
+            // One UDP broadcast (to the discard port): the guest's first transmission after a
+            // migration without announce, which teaches switches where it is.
+            "hello" => match hello() {
+                Ok(()) => say("hello sent"),
+                Err(e) => say(&format!("error: hello: {e}")),
+            },
             "status" => say(&format!(
                 "status tick={} writes={} writes_paused={} quiet={}",
                 tick.load(Relaxed),
@@ -376,7 +400,7 @@ fn commands(
                 paused.load(Relaxed),
                 quiet.load(Relaxed)
             )),
-            other => say(&format!("error: unknown command {other:?} (sync|poweroff|reboot|quiet|loud|pause-writes|resume-writes|status)")),
+            other => say(&format!("error: unknown command {other:?} (sync|poweroff|reboot|quiet|loud|pause-writes|resume-writes|hello|status)")),
         }
     }
     // EOF on stdin (host-side runs with </dev/null): keep running without commands.

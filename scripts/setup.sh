@@ -3,6 +3,7 @@
 set -euo pipefail
 need=()
 command -v ip >/dev/null || need+=(iproute2)
+command -v ethtool >/dev/null || need+=(ethtool) # a tap test checks offloads
 command -v cc >/dev/null || need+=(gcc)
 # The RDMA transport (cargo feature `rdma`, on by default): rdma-sys runs bindgen on the
 # verbs headers (libibverbs-dev, librdmacm-dev, libclang-dev, found through pkg-config) and links

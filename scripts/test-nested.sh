@@ -61,7 +61,7 @@ r=$(basename "$rdma_tests")
 l=$(basename "$linux_tests")
 echo "== booting the nested VM (soft-RoCE + KVM): $what"
 set +e
-LIVEMIG_RDMA_EXTRA_MODULES="kvm kvm_amd tun bridge" LIVEMIG_RDMA_EXTRA_BINS="debugfs e2fsck" \
+LIVEMIG_RDMA_EXTRA_MODULES="kvm kvm_amd tun bridge" LIVEMIG_RDMA_EXTRA_BINS="debugfs e2fsck bridge" \
   scripts/rdma-vm.sh run --timeout "${LIVEMIG_NESTED_TIMEOUT:-1800}" --mem "${LIVEMIG_NESTED_MEM:-3072}" \
   --files "${files[@]}" "${envs[@]}" \
   -- bash -c '
@@ -86,6 +86,6 @@ echo
 echo "== summary (from the nested VM)"
 sed -n '/^--- livemig rdma devices ---$/,/^---$/p' "$log"
 # (-o: a test's first line of output follows its name on the same line)
-grep -aoE '(RDMA MIGRATION|FAULT|RETRY|MISSING DEVICE|AUTO|RDMA THROUGHPUT|after the peer vanished|LINUX BOOT|LINUX MIGRATION|LINUX COPY).*|^test result.*' "$log" || true
+grep -aoE '(RDMA MIGRATION|FAULT|RETRY|MISSING DEVICE|AUTO|RDMA THROUGHPUT|after the peer vanished|LINUX BOOT|LINUX MIGRATION|LINUX COPY|LINUX BLACKOUT).*|^test result.*' "$log" || true
 echo "test-nested: $( [ "$rc" = 0 ] && echo passed || echo "FAILED (status $rc)" ) in $((SECONDS - start)) s"
 exit "$rc"

@@ -30,7 +30,15 @@ pub struct BenchArgs {
     /// blockdev-mirror path and the link's raw copy limit (--quick: a quarter of that).
     #[arg(long, conflicts_with = "redraw")]
     storage: bool,
+    /// Instead of the matrix: the blackout a client of a Linux VM sees (longest gap in 10 ms
+    /// pings, TCP echo stream) during a migration, livemig beside QEMU's announce-self, in the
+    /// nested VM (scripts/bench-blackout.sh; --repeat migrations of each, default 3).
+    #[arg(long, conflicts_with_all = ["redraw", "storage"])]
+    blackout: bool,
 }
+
+/// `scripts/bench-blackout.sh` of this repository.
+const BLACKOUT_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-blackout.sh");
 
 /// `livemig bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -38,6 +46,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return livemig_bench::redraw(dir);
     }
     let exe = std::env::current_exe().context("locating the livemig binary")?;
+    if a.blackout {
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(BLACKOUT_SCRIPT)
+            .arg("--repeat")
+            .arg(a.repeat.unwrap_or(if a.quick { 1 } else { 3 }).to_string())
+            .env("LIVEMIG_BIN", &exe);
+        if let Some(out) = &a.out {
+            cmd.arg("--out").arg(out);
+        }
+        let status = cmd
+            .status()
+            .with_context(|| format!("running {BLACKOUT_SCRIPT}"))?;
+        if !status.success() {
+            bail!("the blackout comparison failed ({status})");
+        }
+        return Ok(());
+    }
     if a.storage {
         let d = StorageBench::default();
         let (q, r) = (
@@ -95,4 +120,39 @@ pub fn link(a: LinkArgs) -> Result<()> {
         "source" => limits::link_source(a.to.as_deref().context("--to")?, a.streams, a.bytes),
         r => bail!("unknown role {r:?} (sink or source)"),
     }
+}
+
+/// `livemig bench-blackout`: what a client of a VM sees during a migration (a helper of the
+/// Linux-guest tests and comparisons): pings every `--interval-ms` and, with `--echo-port`, a
+/// TCP stream through the guest's echo service; prints one JSON object.
+#[derive(Args, Debug)]
+pub struct BlackoutArgs {
+    /// The VM's IPv4 address.
+    #[arg(long)]
+    target: std::net::Ipv4Addr,
+    /// The guest's TCP echo port (no stream without it).
+    #[arg(long)]
+    echo_port: Option<u16>,
+    /// Between two pings, ms.
+    #[arg(long, default_value_t = 10)]
+    interval_ms: u64,
+    /// How long to measure, s.
+    #[arg(long, default_value_t = 20)]
+    duration_s: u64,
+    /// Bytes the stream writes per interval.
+    #[arg(long, default_value_t = 1024)]
+    stream_chunk: usize,
+}
+
+/// `livemig bench-blackout`.
+pub fn blackout(a: BlackoutArgs) -> Result<()> {
+    let r = livemig_bench::blackout::measure(&livemig_bench::blackout::BlackoutOptions {
+        target: a.target,
+        echo_port: a.echo_port,
+        interval: std::time::Duration::from_millis(a.interval_ms),
+        duration: std::time::Duration::from_secs(a.duration_s),
+        stream_chunk: a.stream_chunk.clamp(1, 1 << 20),
+    })?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
 }

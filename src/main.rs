@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
+use livemig_engine::announce::AnnounceSettings;
 use livemig_engine::auth::Key;
 use livemig_engine::control::Request;
 use livemig_engine::vm::{Backend, Fill, Pattern, VmSpec, Workload};
@@ -45,6 +46,9 @@ enum Command {
     Console(linux_cli::ConsoleCmd),
     /// Cancel the migration a VM is running (the VM keeps running on the source).
     Cancel(SocketArg),
+    /// Announce a VM's NICs on their networks again (RARP from each MAC, and the guest asked
+    /// to announce itself), as after a migration.
+    Announce(SocketArg),
     /// Stop a VM process.
     Stop(SocketArg),
     /// Benchmark matrix: livemig vs QEMU vs the physical limits, tables and plots.
@@ -52,6 +56,10 @@ enum Command {
     /// Raw TCP throughput between two hosts (a helper of `bench`).
     #[command(hide = true)]
     BenchLink(bench::LinkArgs),
+    /// What a client of a VM sees during a migration: ping gaps and a TCP stream (a helper of
+    /// the Linux-guest tests).
+    #[command(hide = true)]
+    BenchBlackout(bench::BlackoutArgs),
 }
 
 /// A clap parser accepting exactly `names`, each parsed into a `T` of the engine's
@@ -177,6 +185,18 @@ struct ReceiveArgs {
     /// directory (`migrate --storage copy --storage-dir`).
     #[arg(long)]
     storage_dir: Option<PathBuf>,
+    /// After resume, announce every NIC this many times (a RARP from its MAC into its tap,
+    /// and the guest asked to announce itself), with growing gaps.
+    #[arg(long, default_value_t = AnnounceSettings::default().count)]
+    announce_count: u32,
+    /// How much each gap between announcements grows, ms (the first is 50 ms; QEMU's
+    /// announce-self does the same).
+    #[arg(long, default_value_t = AnnounceSettings::default().step_ms)]
+    announce_step_ms: u64,
+    /// Do not announce the VM's NICs after resume (switches learn the new port only when the
+    /// guest next transmits).
+    #[arg(long, conflicts_with_all = ["announce_count", "announce_step_ms"])]
+    no_announce: bool,
     #[command(flatten)]
     host: linux_cli::HostArgs,
     /// Exit as soon as the VM runs here, stopping it (for tests and demos).
@@ -221,8 +241,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status(a) => client::simple(&a.vm, &Request::Status),
         Command::Console(a) => linux_cli::console(&a),
         Command::Cancel(a) => client::simple(&a.vm, &Request::Cancel),
+        Command::Announce(a) => client::simple(&a.vm, &Request::Announce),
         Command::Stop(a) => client::simple(&a.vm, &Request::Stop),
         Command::Bench(a) => bench::run(a),
         Command::BenchLink(a) => bench::link(a),
+        Command::BenchBlackout(a) => bench::blackout(a),
     }
 }

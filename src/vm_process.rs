@@ -10,10 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use livemig_engine::announce::{announce, AnnounceSettings};
 use livemig_engine::auth::Key;
 use livemig_engine::control::{
-    CancelReply, ErrorReply, Event, MigrateRequest, OkReply, Request, StatusReply, StopReply,
-    MAX_REQUEST_BYTES,
+    AnnounceReply, CancelReply, ErrorReply, Event, MigrateRequest, OkReply, Request, StatusReply,
+    StopReply, MAX_REQUEST_BYTES,
 };
 use livemig_engine::destination::{self, DiskPlacement, IncomingOptions};
 use livemig_engine::devices::disk_writer::DiskWriterSpec;
@@ -155,6 +156,15 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
             max_ram_bytes: args.max_memory_mib << 20,
             rdma_device: args.rdma_device.clone(),
             storage_dir: args.storage_dir.clone(),
+            announce: AnnounceSettings {
+                count: if args.no_announce {
+                    0
+                } else {
+                    args.announce_count
+                },
+                step_ms: args.announce_step_ms,
+                ..AnnounceSettings::default()
+            },
         },
         &make,
     )
@@ -308,6 +318,15 @@ fn handle(conn: UnixStream, p: &Arc<VmProcess>, path: &Path) -> Result<()> {
         }
         Request::Migrate(m) => migrate(&m, p, &mut out),
         Request::Console => stream_console(p, &mut out),
+        Request::Announce => match announce(p.vm.clone(), AnnounceSettings::default()) {
+            Ok(nics) => reply(&mut out, &AnnounceReply { nics }),
+            Err(e) => reply(
+                &mut out,
+                &ErrorReply {
+                    error: format!("announcing: {e}"),
+                },
+            ),
+        },
         Request::ConsoleInput { text } => {
             if p.vm.console_input(text.as_bytes()) {
                 reply(&mut out, &OkReply { ok: true })

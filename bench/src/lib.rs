@@ -20,6 +20,7 @@
 //! assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
 //! ```
 
+pub mod blackout;
 pub mod limits;
 pub mod matrix;
 pub mod pair;

@@ -52,6 +52,8 @@ pub enum Request {
         /// What to type.
         text: String,
     },
+    /// Announces the VM's NICs on their networks again ([`AnnounceReply`]).
+    Announce,
 }
 
 fn default_channels() -> u16 {
@@ -286,6 +288,13 @@ pub struct StopReply {
 pub struct OkReply {
     /// Always true.
     pub ok: bool,
+}
+
+/// The answer to [`Request::Announce`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AnnounceReply {
+    /// NICs announced in the first round (more rounds follow in the background).
+    pub nics: usize,
 }
 
 /// The answer to a request that could not be served.

@@ -16,6 +16,7 @@
 //! | [`session`] | what both sides share: the control connection, errors, the report |
 //! | [`control`] | the VM process's control socket: typed requests, replies, events, a client |
 //! | [`storage`] | disks that move with the VM: shared-storage lock handover, shared-nothing copies (disk blocks as extents on a storage channel, dirty-block rounds, active mirroring) |
+//! | [`announce`] | the network follows the VM: RARP from every NIC's MAC and the guest's own announcement after resume |
 //! | [`auth`], [`digest`] | the pre-shared-key handshake; RAM digests compared before resume |
 //! | [`defaults`] | defaults and limits, defined once |
 //!
@@ -93,6 +94,7 @@ macro_rules! named_enum {
     };
 }
 
+pub mod announce;
 pub mod auth;
 pub mod control;
 pub mod convergence;

@@ -66,6 +66,8 @@ pub struct IncomingOptions {
     pub rdma_device: Option<String>,
     /// Where disk copies go when the source names no directory.
     pub storage_dir: Option<std::path::PathBuf>,
+    /// How the VM's NICs are announced after resume (`count` 0: not at all).
+    pub announce: crate::announce::AnnounceSettings,
 }
 
 /// A migrated VM, running on the destination.
@@ -115,6 +117,10 @@ pub fn receive(
             return Err(e);
         }
     };
+    // The network follows the VM: switches learn its MACs behind this host's ports.
+    if let Err(e) = crate::announce::announce(vm.clone(), s.opts.announce) {
+        tracing::warn!("announcing the VM's NICs: {e}");
+    }
     let progress_after_resume = s.report_progress(&*vm);
     Ok(Incoming {
         vm,

@@ -210,6 +210,11 @@ pub trait MigratableVm: Send + Sync {
     fn disks(&self) -> Vec<crate::storage::VmDisk> {
         Vec::new()
     }
+    /// Announces every NIC on its network once (see [`crate::announce`]); returns how many
+    /// were announced.
+    fn announce(&self) -> Result<usize, VmError> {
+        Ok(0)
+    }
     /// The guest's console, if it has one.
     fn console(&self) -> Option<std::sync::Arc<crate::devices::uart::Console>> {
         None

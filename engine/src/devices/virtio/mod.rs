@@ -100,6 +100,12 @@ pub trait VirtioBackend: Send {
     fn save(&self) -> Vec<u8> {
         Vec::new()
     }
+    /// Asked to announce the device on its network (after a migration): does what the host
+    /// side can, and returns true when the driver (which acked `acked_features`) should be
+    /// told through a configuration change.
+    fn announce(&mut self, _acked_features: u64) -> Result<bool, String> {
+        Ok(false)
+    }
     /// Restores [`VirtioBackend::save`]'s bytes.
     fn restore(&mut self, data: &[u8]) -> Result<(), String> {
         if data.is_empty() {
@@ -239,6 +245,31 @@ impl VirtioMmio {
     /// Its interrupt line.
     pub fn irq(&self) -> &IrqLine {
         &self.irq
+    }
+
+    /// Announces the device (see [`VirtioBackend::announce`]); a change for the driver
+    /// raises a configuration interrupt. Returns whether the backend did anything: false for
+    /// a device that has nothing to announce or a driver not ready.
+    pub fn announce(&self) -> Result<bool, String> {
+        let mut t = lock(&self.inner);
+        if !t.activated || t.paused {
+            return Ok(false);
+        }
+        let features = t.driver_features;
+        if t.backend.announce(features)? {
+            t.config_generation = t.config_generation.wrapping_add(1);
+            t.interrupt_status |= INT_CONFIG;
+            drop(t);
+            self.irq
+                .trigger()
+                .map_err(|e| format!("{}: configuration interrupt: {e}", self.name))?;
+        }
+        Ok(true)
+    }
+
+    /// The virtio device type of its backend (1 = net).
+    pub fn device_type(&self) -> u32 {
+        lock(&self.inner).backend.device_type()
     }
 
     /// Stops the worker (the VM shuts down).

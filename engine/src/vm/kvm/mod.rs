@@ -568,6 +568,23 @@ impl MigratableVm for KvmVm {
         }
     }
 
+    fn announce(&self) -> Result<usize, VmError> {
+        let Guest::Linux(m) = &self.guest else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for d in m.virtio.iter().filter(|d| d.device_type() == 1) {
+            if d.announce().map_err(|reason| VmError::State {
+                id: crate::devices::virtio::SECTION_VIRTIO,
+                instance: 0,
+                reason,
+            })? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     fn console_input(&self, bytes: &[u8]) -> bool {
         match &self.guest {
             Guest::Linux(m) => m.uart.input(bytes),

@@ -1,0 +1,102 @@
+#!/bin/bash
+# bench-blackout.sh — what a client of a Linux VM loses during a live migration, livemig
+# beside QEMU 7.2, in one boot of the nested VM (the only KVM here that boots a stock kernel).
+# `livemig bench --blackout` runs it.
+#
+# Same guest (scripts/linux-guest.sh: Debian's kernel, 256 MiB, 1 vCPU, its workload writing
+# 2000 pages/s over 64 MiB), same topology (the guest's tap on a bridge; the destination's tap
+# on the same bridge; the client is the bridge itself), same downtime limit (QEMU's default,
+# 300 ms). A client pings the guest every 10 ms and streams through the guest's TCP echo
+# service; the figure is the longest gap between ping replies. QEMU announces itself with
+# announce-self (5 RARPs at 50/150/250/350 ms) and livemig with its defaults (the same RARP
+# schedule plus VIRTIO_NET_F_GUEST_ANNOUNCE). The two systems alternate, REPEAT times each.
+#
+# Usage: scripts/bench-blackout.sh [--repeat N] [--out DIR]
+# Writes DIR/raw.log (everything the nested VM printed), DIR/results.md and DIR/results.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repeat=3
+out=results/bench-blackout-$(date -u +%Y%m%d-%H%M%S)
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --repeat) repeat=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    *) echo "bench-blackout.sh: unknown argument $1 (--repeat N, --out DIR)" >&2; exit 2 ;;
+  esac
+done
+case "$repeat" in '' | *[!0-9]* | 0) echo "bench-blackout.sh: --repeat wants a count >= 1" >&2; exit 2 ;; esac
+mkdir -p "$out"
+
+bin=${LIVEMIG_BIN:-}
+if [ -z "$bin" ]; then
+  echo "== building livemig (release)"
+  cargo build --release --bin livemig
+  bin=${CARGO_TARGET_DIR:-target}/release/livemig
+fi
+echo "== building the Linux guest (scripts/linux-guest.sh)"
+eval "$(scripts/linux-guest.sh build)"
+
+phases=()
+for _ in $(seq "$repeat"); do phases+=(migrate lm-migrate); done
+echo "== booting the nested VM: ${#phases[@]} migrations"
+set +e
+LIVEMIG_RDMA_EXTRA_BINS="qemu-system-x86_64 bridge" LIVEMIG_RDMA_EXTRA_MODULES="kvm kvm_amd tun bridge" \
+  scripts/rdma-vm.sh run --mode lo --timeout $((600 + 400 * repeat)) \
+  --env REF_BLACKOUT=1 --env REF_SMPS=1 --env REF_DISKCHECK=0 --env REF_HEARTBEAT=0 \
+  --files guest/qemu-reference.sh "$bin" \
+  "$KERNEL_BZIMAGE" "$KERNEL_VMLINUX" "$INITRD" "$DISK_TEMPLATE" "$QEMU_FIRMWARE" \
+  -- bash qemu-reference.sh "${phases[@]}" >"$out/raw.log" 2>&1
+rc=$?
+set -e
+[ "$rc" = 0 ] || { tail -n 30 "$out/raw.log" >&2; echo "bench-blackout.sh: the nested run failed (status $rc); see $out/raw.log" >&2; exit 1; }
+
+python3 - "$out" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'EOF'
+import json, re, statistics, sys
+out, commit = sys.argv[1], sys.argv[2]
+kv = lambda line: dict(re.findall(r'(\w+)=(\S*)', line))
+runs = {"qemu": [], "livemig": []}
+mig = {"qemu": [], "livemig": []}
+for line in open(f"{out}/raw.log", errors="replace"):
+    if "REF blackout " in line:
+        d = kv(line.split("REF blackout ", 1)[1]); runs[d["system"]].append(d)
+    elif "REF migrate " in line:
+        d = kv(line.split("REF migrate ", 1)[1]); mig[d["system"]].append(d)
+if not runs["qemu"] or not runs["livemig"]:
+    sys.exit(f"bench-blackout.sh: no REF blackout lines for both systems in {out}/raw.log")
+def f(x):
+    try: return float(x)
+    except (TypeError, ValueError): return None
+def med(rows, k):
+    v = [f(r.get(k)) for r in rows if f(r.get(k)) is not None]
+    return statistics.median(v) if v else None
+rows = []
+for s in ("livemig", "qemu"):
+    rows.append({
+        "system": s, "runs": len(runs[s]),
+        "longest_gap_ms": med(runs[s], "longest_gap_ms"),
+        "back_after_resume_ms": med(runs[s], "back_after_resume_ms"),
+        "lost": med(runs[s], "lost"),
+        "downtime_ms": med(mig[s], "downtime_ms"),
+        "total_ms": med(mig[s], "total_ms"),
+        "tcp_survived": sum(r.get("tcp_survived") == "true" for r in runs[s]),
+        "each_gap_ms": [f(r.get("longest_gap_ms")) for r in runs[s]],
+    })
+lm, q = rows
+ratio = lm["longest_gap_ms"] / q["longest_gap_ms"] if q["longest_gap_ms"] else None
+json.dump({"commit": commit, "rows": rows, "gap_ratio_livemig_over_qemu": ratio},
+          open(f"{out}/results.json", "w"), indent=2)
+fmt = lambda v, d=0: "–" if v is None else f"{v:.{d}f}"
+md = [f"# Blackout a client sees during a live migration (commit {commit})", "",
+      "Nested VM, Linux guest 256 MiB / 1 vCPU dirtying 2000 pages/s over 64 MiB, tap + bridge,",
+      "pings every 10 ms and a TCP echo stream; medians over the runs, systems alternating.", "",
+      "| system | runs | longest ping gap ms | replies back after resume ms | pings lost | downtime ms | total ms | TCP survived | each run's gap ms |",
+      "|---|---|---|---|---|---|---|---|---|"]
+for r in rows:
+    md.append(f"| {r['system']} | {r['runs']} | {fmt(r['longest_gap_ms'])} | {fmt(r['back_after_resume_ms'])} | "
+              f"{fmt(r['lost'])} | {fmt(r['downtime_ms'])} | {fmt(r['total_ms'])} | {r['tcp_survived']}/{r['runs']} | "
+              + ", ".join(fmt(g) for g in r["each_gap_ms"]) + " |")
+md += ["", f"livemig's blackout / QEMU's: **{fmt(ratio, 2)}×** (the median gaps, same run)."]
+open(f"{out}/results.md", "w").write("\n".join(md) + "\n")
+print("\n".join(md))
+EOF
+echo "bench-blackout.sh: results in $out"
