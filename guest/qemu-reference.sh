@@ -37,7 +37,8 @@
 # QEMU's defaults), REF_LM_MIGRATE_ARGS (more `livemig migrate` options, e.g. --compress none),
 # REF_BLACKOUT=1 (a client pings every 10 ms and streams through the guest's echo service
 # during each migration: `REF blackout` lines; REF_BLACKOUT_S its duration, 20 s),
-# REF_DISKCHECK=0 (skip the third boot), REF_VERBOSE=1 (echo every guest
+# REF_LM_LOG=info (livemig logs; with REF_BLACKOUT, `REF timeline` lines: pause, prepared, resumed,
+# announced, in unix ms beside the blackout gap), REF_DISKCHECK=0 (skip the third boot), REF_VERBOSE=1 (echo every guest
 # console line, not just every 10th tick), REF_HEARTBEAT (30 s; 0 = off). Phases and counts may
 # repeat: `bash qemu-reference.sh boot boot migrate` with REF_SMPS="1 2 1 2".
 #
@@ -233,7 +234,7 @@ blackout_report() { # DIR SYSTEM SMP MIGRATE_START_S TOTAL_MS
   j=$(cat "$1/blackout.json")
   resumed_ms=$(awk -v a="$4" -v t="$5" 'BEGIN { printf "%.0f", a * 1000 + t }')
   bnum() { grep -o "\"$1\":[^,}]*" <<<"$j" | head -n1 | cut -d: -f2 | tr -d '"'; }
-  say "REF blackout system=$2 smp=$3 longest_gap_ms=$(bnum longest_gap_ms) back_after_resume_ms=$(awk -v e="$(bnum gap_end_unix_ms)" -v r="$resumed_ms" 'BEGIN { printf "%.0f", e - r }') lost=$(bnum lost) lost_before=$(bnum lost_before_gap) lost_after=$(bnum lost_after_gap) sent=$(bnum sent) tcp_survived=$(bnum survived) tcp_bytes=$(bnum bytes_echoed) tcp_longest_stall_ms=$(bnum longest_stall_ms) tcp_error=$(bnum error | tr ' ' _) err=$(tr ' ' _ <"$1/blackout.err" | head -c 200)"
+  say "REF blackout system=$2 smp=$3 longest_gap_ms=$(bnum longest_gap_ms) back_after_resume_ms=$(awk -v e="$(bnum gap_end_unix_ms)" -v r="$resumed_ms" 'BEGIN { printf "%.0f", e - r }') lost=$(bnum lost) lost_before=$(bnum lost_before_gap) lost_after=$(bnum lost_after_gap) sent=$(bnum sent) tcp_survived=$(bnum survived) tcp_bytes=$(bnum bytes_echoed) tcp_longest_stall_ms=$(bnum longest_stall_ms) tcp_error=$(bnum error | tr ' ' _) gap_start_unix_ms=$(bnum gap_start_unix_ms) gap_end_unix_ms=$(bnum gap_end_unix_ms) err=$(tr ' ' _ <"$1/blackout.err" | head -c 200)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +361,7 @@ lm_start() { # NAME ARGS...: ./livemig ARGS, its socket at $W/NAME/sock
   : >"$d/con.log"
   (while IFS= read -r l; do printf '%s %s\n' "$EPOCHREALTIME" "${l%$'\r'}" >>"$d/con.log"; done <"$d/out") &
   now >"$d/t0"
-  ./livemig "$@" >"$d/out" 2>"$d/qemu.log" &
+  LIVEMIG_LOG=${REF_LM_LOG:-warn} ./livemig "$@" >"$d/out" 2>"$d/qemu.log" &
   echo $! >"$d/pid"
 }
 
@@ -428,6 +429,15 @@ phase_lm_migrate() { # SMP
   num() { grep -o "\"$1\":[^,}]*" <<<"$r" | head -n1 | cut -d: -f2 | tr -d '"'; }
   say "REF migrate system=livemig smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match)"
   blackout_report "$W/$src" livemig "$smp" "$t_mig" "$(num total_time_ms)"
+  if [ -n "${REF_LM_LOG:-}" ]; then # the switchover's timeline, unix ms (REF_LM_LOG=info)
+    local f l
+    for f in "$W/$src/qemu.log" "$W/$dst/qemu.log"; do
+      grep -aE 'pausing the guest|prepared|resumed|announced' "$f" | sed 's/\x1b\[[0-9;]*m//g' |
+        while read -r l; do
+          say "REF timeline $(basename "$(dirname "$f")") unix_ms=$(date -d "${l%% *}" +%s%3N) ${l#* }"
+        done
+    done
+  fi
   say "REF ticks system=livemig smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
   ./livemig stop --vm "$W/$src/sock" >/dev/null 2>&1
   reap "$src" 10

@@ -129,17 +129,24 @@ struct RunVmArgs {
 /// The pre-shared key of the migration control channel.
 #[derive(Args, Debug, Clone)]
 struct AuthArgs {
-    /// File holding the pre-shared key (at least 16 bytes); or set LIVEMIG_KEY to the key.
+    /// File holding the pre-shared key: at least 32 random bytes as hex (`openssl rand -hex
+    /// 32`), readable by its owner only; or set LIVEMIG_KEY to the key.
     #[arg(long, env = "LIVEMIG_KEY_FILE")]
     key_file: Option<PathBuf>,
     /// Migrate without authentication (trusted networks only; the peer must agree).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "key_file")]
     no_auth: bool,
 }
 
 impl AuthArgs {
     fn load(&self) -> Result<Option<Key>> {
         if self.no_auth {
+            if std::env::var_os("LIVEMIG_KEY").is_some() {
+                anyhow::bail!(
+                    "--no-auth, yet LIVEMIG_KEY holds a key: unset it to migrate without \
+                     authentication, or drop --no-auth"
+                );
+            }
             return Ok(None);
         }
         if let Some(path) = &self.key_file {

@@ -8,8 +8,10 @@ use std::time::Duration;
 use common::*;
 
 fn key_file(dir: &std::path::Path, name: &str, key: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
     std::fs::write(&p, key).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p.to_str().unwrap().to_string()
 }
 
@@ -49,8 +51,8 @@ fn attempt(dst_args: &[&str], src_args: &[&str]) -> (String, Option<i32>, String
 #[test]
 fn wrong_key_is_refused_on_both_sides() {
     let dir = tmpdir("keys");
-    let k1 = key_file(&dir, "k1", "first-key-0123456789");
-    let k2 = key_file(&dir, "k2", "second-key-0123456789");
+    let k1 = key_file(&dir, "k1", &"0f".repeat(32));
+    let k2 = key_file(&dir, "k2", &"e1".repeat(32));
     let (src_err, code, dst_err) = attempt(&["--key-file", &k1], &["--key-file", &k2]);
     assert!(src_err.contains("key does not match"), "{src_err}");
     assert_clean_error(code, &dst_err, "refused");
@@ -88,4 +90,51 @@ fn a_process_without_any_key_says_how_to_get_one() {
         err.contains("--key-file") && err.contains("LIVEMIG_KEY"),
         "{err}"
     );
+}
+
+#[test]
+fn weak_keys_exposed_key_files_and_no_auth_beside_a_key_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmpdir("weak-keys");
+    let run = |args: &[&str], key: Option<&str>| {
+        let mut c = std::process::Command::new(bin());
+        c.args(["receive", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("LIVEMIG_KEY")
+            .env_remove("LIVEMIG_KEY_FILE");
+        if let Some(k) = key {
+            c.env("LIVEMIG_KEY", k);
+        }
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!err.contains("panicked"), "{err}");
+        (out.status.code(), err)
+    };
+    // A passphrase is not a key.
+    let (code, err) = run(&[], Some("livemig-test-key-0123456789"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("at least 32 random bytes written as hex"),
+        "{err}"
+    );
+    // 32 bytes of hex in a file others can read.
+    let open_file = key_file(&dir, "open", &"5a".repeat(32));
+    std::fs::set_permissions(&open_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, err) = run(&["--key-file", &open_file], None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("mode 644") && err.contains("chmod 600"),
+        "{err}"
+    );
+    // --no-auth never silently wins over a key.
+    let (code, err) = run(&["--no-auth"], Some(&"5a".repeat(32)));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--no-auth, yet LIVEMIG_KEY holds a key"),
+        "{err}"
+    );
+    let private = key_file(&dir, "private", &"5a".repeat(32));
+    let (code, err) = run(&["--no-auth", "--key-file", &private], None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
 }

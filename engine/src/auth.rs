@@ -20,8 +20,9 @@ use std::path::Path;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// Shortest accepted key, in bytes.
-pub const MIN_KEY_LEN: usize = 16;
+/// Shortest accepted key, in random bytes (written as twice as many hex digits).
+pub const MIN_KEY_BYTES: usize = 32;
+const MIN_KEY_DIGITS: usize = 2 * MIN_KEY_BYTES;
 
 /// Errors loading a key.
 #[derive(Debug, thiserror::Error)]
@@ -35,9 +36,23 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
-    /// The key is too short.
-    #[error("the key has {0} bytes; at least {MIN_KEY_LEN} are needed")]
-    TooShort(usize),
+    /// The key is not long hex.
+    #[error(
+        "the key must be at least {MIN_KEY_BYTES} random bytes written as hex ({MIN_KEY_DIGITS} \
+         or more hex digits, an even count; {0}); make one with `openssl rand -hex 32`"
+    )]
+    Weak(String),
+    /// Others than its owner may read the key file.
+    #[error(
+        "key file {path} may be read by others (mode {mode:03o}): `chmod 600 {path}` and \
+         consider the key disclosed"
+    )]
+    Exposed {
+        /// Path given.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
 }
 
 /// A pre-shared key.
@@ -51,22 +66,39 @@ impl std::fmt::Debug for Key {
 }
 
 impl Key {
-    /// A key from raw bytes (surrounding whitespace trimmed).
-    pub fn new(bytes: &[u8]) -> Result<Key, KeyError> {
-        let t = bytes.trim_ascii();
-        if t.len() < MIN_KEY_LEN {
-            return Err(KeyError::TooShort(t.len()));
+    /// A key from its hex text (surrounding whitespace trimmed). The proofs are keyed with
+    /// the text itself, as every earlier version did, so a key file works across versions.
+    pub fn new(text: &[u8]) -> Result<Key, KeyError> {
+        let t = text.trim_ascii();
+        if let Some(c) = t.iter().find(|c| !c.is_ascii_hexdigit()) {
+            let what = if c.is_ascii_graphic() || *c == b' ' {
+                format!("{:?} is not a hex digit", char::from(*c))
+            } else {
+                format!("byte 0x{c:02x} is not a hex digit")
+            };
+            return Err(KeyError::Weak(what));
+        }
+        if t.len() < MIN_KEY_DIGITS || t.len() % 2 != 0 {
+            return Err(KeyError::Weak(format!("it has {} digits", t.len())));
         }
         Ok(Key(t.to_vec()))
     }
 
-    /// A key read from a file.
+    /// A key read from a file only its owner can read.
     pub fn from_file(path: &Path) -> Result<Key, KeyError> {
-        let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+        use std::os::unix::fs::PermissionsExt;
+        let read = |source| KeyError::Read {
             path: path.display().to_string(),
             source,
-        })?;
-        Key::new(&bytes)
+        };
+        let mode = std::fs::metadata(path).map_err(read)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Exposed {
+                path: path.display().to_string(),
+                mode,
+            });
+        }
+        Key::new(&std::fs::read(path).map_err(read)?)
     }
 
     /// A fresh random key, as hex text.
@@ -129,8 +161,8 @@ mod tests {
 
     #[test]
     fn proofs_depend_on_key_role_and_nonces() {
-        let k = Key::new(b"0123456789abcdef").unwrap();
-        let other = Key::new(b"0123456789abcdeX").unwrap();
+        let k = Key::new(Key::generate().as_bytes()).unwrap();
+        let other = Key::new(Key::generate().as_bytes()).unwrap();
         let (s, d) = (nonce(), nonce());
         assert!(proofs_equal(
             &k.destination_proof(&s, &d),
@@ -149,7 +181,42 @@ mod tests {
             &k.destination_proof(&d, &s)
         ));
         assert_ne!(k.session_token(&s, &d), other.session_token(&s, &d));
-        assert!(Key::new(b"short").is_err());
         assert_eq!(Key::generate().len(), 64);
+    }
+
+    #[test]
+    fn keys_are_long_hex_in_private_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let hex = Key::generate();
+        assert!(Key::new(format!("{hex}\n").as_bytes()).is_ok());
+        for (bad, why) in [
+            (&hex[..62], "62 digits"),
+            (&hex[..63], "63 digits"),
+            (
+                "cafe babe cafe babe cafe babe cafe babe cafe babe cafe babe cafe babe",
+                "' '",
+            ),
+            ("", "0 digits"),
+        ] {
+            let e = Key::new(bad.as_bytes()).unwrap_err().to_string();
+            assert!(
+                e.contains(why) && e.contains("openssl rand -hex 32"),
+                "{bad:?}: {e}"
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("livemig-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("k");
+        std::fs::write(&p, &hex).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = Key::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("mode 640") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Key::from_file(&p).is_ok());
+        assert!(matches!(
+            Key::from_file(&dir.join("none")),
+            Err(KeyError::Read { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -13,7 +13,7 @@ pub use livemig_bench::support::{kvm_available, NetnsHosts, Process};
 use serde_json::Value;
 
 /// The key every test process shares (through LIVEMIG_KEY) unless a test says otherwise.
-pub const TEST_KEY: &str = "livemig-test-key-0123456789";
+pub const TEST_KEY: &str = "6c69766d69672d746573742d6b65792d30313233343536373839616263646566";
 
 /// The livemig binary: `LIVEMIG_BIN` if set (tests run inside the soft-RoCE VM, where
 /// cargo's path does not exist), else the one cargo built.
@@ -70,9 +70,12 @@ pub fn spawn(prefix: &[&str], args: &[&str]) -> Proc {
     } else {
         Command::new(bin())
     };
+    // The shared key, unless the test chose its own or none.
+    if !args.iter().any(|a| *a == "--no-auth" || *a == "--key-file") {
+        cmd.env("LIVEMIG_KEY", TEST_KEY);
+    }
     let child = cmd
         .args(args)
-        .env("LIVEMIG_KEY", TEST_KEY)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

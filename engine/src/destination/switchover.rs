@@ -113,6 +113,7 @@ impl Session {
         // The source will never resume: the copies are the VM's disks now.
         self.storage.commit();
         vm.resume()?;
+        info!("resumed");
         if let Err(e) = self.ctl.send(&Message::Resumed) {
             // The guest runs here now; the source will report "outcome unknown".
             warn!("could not confirm resume to the source: {e}");

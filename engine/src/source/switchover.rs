@@ -31,6 +31,7 @@ impl Session<'_> {
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<MigrationReport, MigrationError> {
         let t_pause = Instant::now();
+        tracing::info!(round = pre.round, "pausing the guest");
         if let Err(e) = self.vm.pause() {
             // A partial pause is undone: resume whatever stopped.
             let _ = self.vm.resume();

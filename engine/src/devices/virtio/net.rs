@@ -594,16 +594,12 @@ mod tests {
             let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
             ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
             // SAFETY: TUNSETIFF reads and writes the 40-byte ifreq behind the pointer.
-            assert_eq!(
-                unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, ifr.as_mut_ptr()) },
-                0
-            );
+            let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, ifr.as_mut_ptr()) };
+            assert_eq!(r, 0);
             let (csum, tso4) = (1 as libc::c_ulong, 2 as libc::c_ulong);
             // SAFETY: TUNSETOFFLOAD takes its flags by value.
-            assert_eq!(
-                unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54d0, csum | tso4) },
-                0
-            );
+            let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54d0, csum | tso4) };
+            assert_eq!(r, 0);
         }
         assert!(tx_checksumming(&t.0), "the other VMM's offloads stayed");
         let _tap = Tap::open(&t.0).unwrap();
