@@ -432,7 +432,7 @@ phase_lm_migrate() { # SMP
   if [ -n "${REF_LM_LOG:-}" ]; then # the switchover's timeline, unix ms (REF_LM_LOG=info)
     local f l
     for f in "$W/$src/qemu.log" "$W/$dst/qemu.log"; do
-      grep -aE 'pausing the guest|prepared|resumed|announced' "$f" | sed 's/\x1b\[[0-9;]*m//g' |
+      grep -aE 'pausing the guest|prepared|resumed|announced' "$f" |
         while read -r l; do
           say "REF timeline $(basename "$(dirname "$f")") unix_ms=$(date -d "${l%% *}" +%s%3N) ${l#* }"
         done

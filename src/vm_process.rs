@@ -3,9 +3,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -213,8 +215,56 @@ fn bind(socket: &Path) -> Result<UnixListener> {
         std::fs::remove_file(socket)
             .with_context(|| format!("removing stale socket {}", socket.display()))?;
     }
-    UnixListener::bind(socket)
-        .with_context(|| format!("creating control socket {}", socket.display()))
+    let l = UnixListener::bind(socket)
+        .with_context(|| format!("creating control socket {}", socket.display()))?;
+    // Whoever can connect can migrate or stop the VM: its owner only (every connection's
+    // peer is checked as well, which also covers the moment before this chmod).
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making control socket {} private", socket.display()))?;
+    Ok(l)
+}
+
+/// Control connections served at once; more are refused with a message.
+const MAX_CONTROL_CONNECTIONS: usize = 32;
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The uid of the process at the other end of `conn` (SO_PEERCRED).
+fn peer_uid(conn: &UnixStream) -> std::io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, a `ucred` owned here, and
+    // updates `len`; the descriptor is open for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Whether the peer may use this VM's control socket: root or this process's user.
+fn peer_allowed(conn: &UnixStream) -> Result<(), String> {
+    // SAFETY: geteuid has no memory effects and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match peer_uid(conn) {
+        Ok(uid) if uid == 0 || uid == me => Ok(()),
+        Ok(uid) => Err(format!(
+            "uid {uid} may not use this VM's control socket (only uid {me} and root)"
+        )),
+        Err(e) => Err(format!("cannot identify the peer: {e}")),
+    }
 }
 
 /// A VM with its control state.
@@ -266,20 +316,44 @@ fn reply(out: &mut UnixStream, v: &impl serde::Serialize) -> Result<()> {
 
 fn serve(listener: UnixListener, path: &Path, process: Arc<VmProcess>) -> Result<()> {
     let path = path.to_path_buf();
+    let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
+        let Ok(mut conn) = conn else { continue };
+        if let Err(e) = peer_allowed(&conn) {
+            tracing::warn!("control connection refused: {e}");
+            let _ = conn.set_write_timeout(Some(REQUEST_TIMEOUT));
+            let _ = reply(&mut conn, &ErrorReply { error: e });
+            continue;
+        }
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONTROL_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            let _ = conn.set_write_timeout(Some(REQUEST_TIMEOUT));
+            let _ = reply(
+                &mut conn,
+                &ErrorReply {
+                    error: format!(
+                        "{MAX_CONTROL_CONNECTIONS} control connections are open already; try again"
+                    ),
+                },
+            );
+            continue;
+        }
         let p = process.clone();
         let path = path.clone();
+        let active = active.clone();
         std::thread::spawn(move || {
             if let Err(e) = handle(conn, &p, &path) {
                 tracing::warn!("control connection: {e:#}");
             }
+            active.fetch_sub(1, Ordering::SeqCst);
         });
     }
     Ok(())
 }
 
 fn handle(conn: UnixStream, p: &Arc<VmProcess>, path: &Path) -> Result<()> {
+    // A client that connects and says nothing is dropped.
+    conn.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     let mut reader = BufReader::new(conn.try_clone()?.take(MAX_REQUEST_BYTES));
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -384,13 +458,9 @@ fn migrate(req: &MigrateRequest, p: &Arc<VmProcess>, out: &mut UnixStream) -> Re
         *phase = "migrating";
     }
     p.cancel.store(false, Ordering::SeqCst);
-    let mut sink = out.try_clone()?;
-    let mut emit = |ev: &Event| {
-        // The client may go away; the migration goes on regardless.
-        let _ = reply(&mut sink, ev);
-    };
+    let mut sink = EventSink::new(out.try_clone()?);
     let result = source::migrate(&*p.vm, &req.to, &opts, &p.cancel, &mut |ev| {
-        emit(&Event::from(ev))
+        sink.emit(&Event::from(ev))
     });
     let (phase, ev) = match result {
         Ok(report) => {
@@ -420,6 +490,98 @@ fn migrate(req: &MigrateRequest, p: &Arc<VmProcess>, out: &mut UnixStream) -> Re
         }
     };
     p.set_phase(phase);
-    emit(&ev);
+    sink.finish(&ev);
     Ok(())
+}
+
+/// Events queued for a control client: at most this many wait; more progress is dropped.
+const EVENT_QUEUE: usize = 256;
+/// How long a client may leave an event unread before the writer gives up on it.
+const EVENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A migration's events, written to its client by a thread of their own: a client that stops
+/// reading never holds the migration (with the guest paused, that would strand it). When the
+/// queue is full, progress events are dropped; the final event waits for room.
+struct EventSink {
+    tx: Option<std::sync::mpsc::SyncSender<String>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventSink {
+    fn new(mut out: UnixStream) -> EventSink {
+        let _ = out.set_write_timeout(Some(EVENT_WRITE_TIMEOUT));
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(EVENT_QUEUE);
+        let writer = std::thread::Builder::new()
+            .name("livemig-events".into())
+            .spawn(move || {
+                for line in rx {
+                    // The client went away or stopped reading: the migration goes on.
+                    if writeln!(out, "{line}").is_err() {
+                        return;
+                    }
+                }
+            })
+            .ok();
+        EventSink {
+            tx: writer.is_some().then_some(tx),
+            writer,
+        }
+    }
+
+    /// Queues `ev` unless the queue is full; never blocks.
+    fn emit(&mut self, ev: &Event) {
+        if let (Some(tx), Ok(line)) = (&self.tx, serde_json::to_string(ev)) {
+            let _ = tx.try_send(line);
+        }
+    }
+
+    /// Queues the final event (waiting for room while the writer still writes), then lets
+    /// the writer finish.
+    fn finish(mut self, ev: &Event) {
+        if let (Some(tx), Ok(line)) = (self.tx.take(), serde_json::to_string(ev)) {
+            let _ = tx.send(line);
+        }
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_client_that_stops_reading_never_holds_the_migration() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut sink = EventSink::new(ours);
+        // Far more than a socket buffer holds (~30 bytes each): with a blocking writer this
+        // would hang here, as the migration did with the guest paused.
+        let t = Instant::now();
+        for i in 0..50_000 {
+            sink.emit(&Event::Sending {
+                round: 1,
+                pages_done: i,
+                pages_total: 50_000,
+            });
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        // The client goes away: the final event does not wait for the write timeout.
+        drop(theirs);
+        let t = Instant::now();
+        sink.finish(&Event::Paused { pages: 1 });
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_reading_client_gets_the_final_event() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut sink = EventSink::new(ours);
+        sink.emit(&Event::Paused { pages: 7 });
+        sink.finish(&Event::Paused { pages: 8 });
+        let lines: Vec<String> = BufReader::new(theirs).lines().map(|l| l.unwrap()).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[1].contains('8'), "{lines:?}");
+    }
 }

@@ -16,8 +16,8 @@ fn key_file(dir: &std::path::Path, name: &str, key: &str) -> String {
 }
 
 /// Runs a migration between a destination and a source started with the given extra args;
-/// returns the migrate stderr and the destination's exit code and stderr.
-fn attempt(dst_args: &[&str], src_args: &[&str]) -> (String, Option<i32>, String) {
+/// returns the migrate stderr and the destination's stderr.
+fn attempt(dst_args: &[&str], src_args: &[&str]) -> (String, String) {
     let dir = tmpdir(&format!("auth{}", dst_args.len() * 10 + src_args.len()));
     let src = dir.join("src.sock");
     let mut a = vec!["--backend", "memory"];
@@ -36,16 +36,16 @@ fn attempt(dst_args: &[&str], src_args: &[&str]) -> (String, Option<i32>, String
     let before = wait_counter_beyond(&src, 0);
     let out = migrate(&[], &src, &addr, &[]);
     assert!(!out.status.success());
-    let (code, dst_err) = rx.wait_exit(Duration::from_secs(20));
+    // A refused peer does not end the destination's wait: it logs why and keeps listening.
+    std::thread::sleep(Duration::from_millis(500));
+    let dst_err = rx.kill_running();
+    assert!(dst_err.contains("refused a connection"), "{dst_err}");
+    assert!(!dst_err.contains("panicked"), "{dst_err}");
     // The source VM never stopped.
     let st = request(&src, r#"{"cmd":"status"}"#);
     assert_eq!(st["phase"], "running", "{st}");
     wait_counter_beyond(&src, before);
-    (
-        String::from_utf8_lossy(&out.stderr).to_string(),
-        code,
-        dst_err,
-    )
+    (String::from_utf8_lossy(&out.stderr).to_string(), dst_err)
 }
 
 #[test]
@@ -53,27 +53,25 @@ fn wrong_key_is_refused_on_both_sides() {
     let dir = tmpdir("keys");
     let k1 = key_file(&dir, "k1", &"0f".repeat(32));
     let k2 = key_file(&dir, "k2", &"e1".repeat(32));
-    let (src_err, code, dst_err) = attempt(&["--key-file", &k1], &["--key-file", &k2]);
+    let (src_err, dst_err) = attempt(&["--key-file", &k1], &["--key-file", &k2]);
     assert!(src_err.contains("key does not match"), "{src_err}");
-    assert_clean_error(code, &dst_err, "refused");
-    assert!(!dst_err.contains("panicked"));
+    assert!(dst_err.contains("authentication failed"), "{dst_err}");
 }
 
 #[test]
 fn a_source_without_key_is_refused() {
-    let (src_err, code, dst_err) = attempt(&[], &["--no-auth"]);
+    let (src_err, dst_err) = attempt(&[], &["--no-auth"]);
     assert!(
         src_err.contains("requires a key and this source has none"),
         "{src_err}"
     );
-    assert_clean_error(code, &dst_err, "refused");
+    assert!(dst_err.contains("this source has none"), "{dst_err}");
 }
 
 #[test]
 fn a_destination_without_key_is_refused() {
-    let (src_err, code, dst_err) = attempt(&["--no-auth"], &[]);
+    let (src_err, _dst_err) = attempt(&["--no-auth"], &[]);
     assert!(src_err.contains("the destination has no key"), "{src_err}");
-    assert_clean_error(code, &dst_err, "refused");
 }
 
 #[test]

@@ -25,9 +25,28 @@ fn recv(s: &mut TcpStream) -> Message {
     Message::decode(k, &p).unwrap()
 }
 
-/// A destination on the memory backend (no KVM needed for protocol errors).
+/// A destination on the memory backend (no KVM needed for protocol errors); it exits once a
+/// migrated VM runs there.
 fn destination() -> (Proc, String) {
-    receive(&[], "127.0.0.1:0", &["--backend", "memory"])
+    receive(
+        &[],
+        "127.0.0.1:0",
+        &["--backend", "memory", "--exit-after-resume"],
+    )
+}
+
+/// A stranger was refused: the destination still waits, and a real source migrates to it.
+/// Returns the destination's stderr, where the refusal was logged.
+fn still_serves(rx: Proc, addr: &str, tag: &str) -> String {
+    let src = tmpdir(tag).join("src.sock");
+    let _vm = run_vm(&[], &src, &["--backend", "memory", "--memory", "16"]);
+    let report = migrate_ok(&[], &src, addr, &[]);
+    assert_eq!(report["status"], "completed", "{report}");
+    let (code, err) = rx.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("refused a connection"), "{err}");
+    err
 }
 
 /// Hello, Welcome and Auth with the test key; returns the session token.
@@ -130,8 +149,8 @@ fn garbage_on_the_listening_port() {
     let mut c = TcpStream::connect(&addr).unwrap();
     c.write_all(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
         .unwrap();
-    let (code, err) = rx.wait_exit(Duration::from_secs(20));
-    assert_clean_error(code, &err, "frame");
+    let err = still_serves(rx, &addr, "garbage");
+    assert!(err.contains("frame"), "{err}");
 }
 
 #[test]
@@ -142,10 +161,7 @@ fn random_bytes_on_the_listening_port() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     let _ = c.write_all(&junk);
-    let (code, err) = rx.wait_exit(Duration::from_secs(20));
-    assert_eq!(code, Some(1), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains("incoming migration failed"), "{err}");
+    still_serves(rx, &addr, "random");
 }
 
 #[test]
@@ -165,8 +181,8 @@ fn newer_protocol_is_refused_with_a_reason() {
         Message::Refuse { reason } => assert!(reason.contains("newer"), "{reason}"),
         m => panic!("expected Refuse, got {m:?}"),
     }
-    let (code, err) = rx.wait_exit(Duration::from_secs(20));
-    assert_clean_error(code, &err, "newer");
+    let err = still_serves(rx, &addr, "newer");
+    assert!(err.contains("newer"), "{err}");
 }
 
 #[test]
@@ -259,8 +275,55 @@ fn wrong_key_is_refused_on_both_sides_before_any_state() {
         Message::Refuse { reason } => assert!(reason.contains("does not match"), "{reason}"),
         m => panic!("expected Refuse, got {m:?}"),
     }
-    let (code, err) = rx.wait_exit(Duration::from_secs(20));
-    assert_clean_error(code, &err, "authentication failed");
+    let err = still_serves(rx, &addr, "wrongkey");
+    assert!(err.contains("authentication failed"), "{err}");
+}
+
+#[test]
+fn strangers_first_do_not_stop_a_real_source() {
+    let (rx, addr) = receive(
+        &[],
+        "127.0.0.1:0",
+        &[
+            "--backend",
+            "memory",
+            "--exit-after-resume",
+            "--timeout-secs",
+            "3",
+        ],
+    );
+    // A slowloris trickling a Hello header, a peer that connects and says nothing, and one
+    // announcing a frame far beyond what a greeting needs, all before the source.
+    let mut slow = TcpStream::connect(&addr).unwrap();
+    let (k, _) = Message::Hello {
+        min_version: 1,
+        max_version: VERSION,
+        features: 0,
+        nonce: [1; 32],
+    }
+    .encode();
+    slow.write_all(&k.to_le_bytes()).unwrap();
+    let _silent = TcpStream::connect(&addr).unwrap();
+    let mut huge = TcpStream::connect(&addr).unwrap();
+    let mut hdr = Vec::new();
+    hdr.extend_from_slice(&k.to_le_bytes());
+    hdr.extend_from_slice(&0u16.to_le_bytes());
+    hdr.extend_from_slice(&(16u32 << 20).to_le_bytes());
+    huge.write_all(&hdr).unwrap();
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(500));
+            if slow.write_all(&[0]).is_err() {
+                return;
+            }
+        }
+    });
+    let t = std::time::Instant::now();
+    let err = still_serves(rx, &addr, "strangers");
+    // The source did not wait for the strangers' deadlines.
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(err.contains("exceeds the 8192 byte cap"), "{err}");
+    trickle.join().unwrap();
 }
 
 #[test]

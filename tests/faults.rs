@@ -327,8 +327,22 @@ fn run_case(i: usize, case: &Case) -> Result<String, String> {
                 return Err(format!("source not running: {st}"));
             }
             wait_counter_beyond(&src, before);
-            if case.fault != Fault::KillDestination {
-                dest_exit(rx)?;
+            let greeting = matches!(
+                case.trigger,
+                Trigger::SourceFrame(kind::HELLO) | Trigger::SourceFrame(kind::AUTH)
+            );
+            match (case.fault, greeting) {
+                (Fault::KillDestination, _) => {}
+                (_, true) => {
+                    // A source lost before it proved the key is a stranger: the destination
+                    // logs it and goes on waiting.
+                    std::thread::sleep(Duration::from_millis(300));
+                    let err = rx.kill_running();
+                    if !err.contains("refused a connection") || err.contains("panicked") {
+                        return Err(format!("destination should log and wait: {err}"));
+                    }
+                }
+                _ => dest_exit(rx)?,
             }
             if case.disk.is_some() {
                 disk_outcome(&copies, &image)?;

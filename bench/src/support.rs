@@ -69,6 +69,20 @@ impl Process {
         }
     }
 
+    /// Kills the process, which must still be running, and returns its stderr.
+    pub fn kill_running(mut self) -> Result<String> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("the process had exited already ({st})");
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        Ok(err)
+    }
+
     /// The child's pid.
     pub fn id(&self) -> u32 {
         self.child.id()

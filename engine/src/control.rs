@@ -349,7 +349,13 @@ fn connect(socket: &Path, req: &Request) -> Result<BufReader<UnixStream>, Contro
     };
     let mut s = UnixStream::connect(socket).map_err(io)?;
     let line = serde_json::to_string(req).map_err(|e| io(std::io::Error::other(e)))?;
-    writeln!(s, "{line}").map_err(io)?;
+    match writeln!(s, "{line}") {
+        Ok(()) => {}
+        // The VM process refused the connection (another user, too many connections): its
+        // answer, sent before it closed, is still there to read.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => return Err(io(e)),
+    }
     Ok(BufReader::new(s))
 }
 

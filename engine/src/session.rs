@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use livemig_transport::{frame, TransportError};
 use serde::{Deserialize, Serialize};
@@ -105,6 +105,35 @@ pub struct Control {
     stream: TcpStream,
     peer: String,
     version: u16,
+    max_frame: u32,
+}
+
+/// The largest frame a peer may send before it authenticated (Hello, Welcome and Auth are a
+/// few dozen bytes; a Refuse carries at most a 4 KiB reason).
+pub const MAX_PRE_AUTH_FRAME: u32 = 8192;
+
+/// Reads with one absolute deadline for a whole frame: a peer trickling bytes cannot hold a
+/// reader longer than the frame's deadline. Counts the bytes read, so a timeout inside a
+/// frame can be told from one between frames.
+struct FrameReader<'a> {
+    stream: &'a TcpStream,
+    deadline: Option<Instant>,
+    read: usize,
+}
+
+impl std::io::Read for FrameReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        let n = std::io::Read::read(&mut self.stream, buf)?;
+        self.read += n;
+        Ok(n)
+    }
 }
 
 impl Control {
@@ -119,7 +148,14 @@ impl Control {
             stream,
             peer,
             version: crate::protocol::VERSION,
+            max_frame: MAX_PRE_AUTH_FRAME,
         }
+    }
+
+    /// Accepts frames up to the protocol's cap: the peer authenticated (or, without a key,
+    /// the handshake is done).
+    pub fn authenticated(&mut self) {
+        self.max_frame = MAX_CONTROL_FRAME;
     }
 
     /// Decodes the peer's messages as protocol `version` from now on.
@@ -164,23 +200,38 @@ impl Control {
         timeout: Option<Duration>,
         during: &'static str,
     ) -> Result<Message, MigrationError> {
-        let _ = self.stream.set_read_timeout(timeout);
-        let (kind, payload) =
-            match frame::read_frame(&mut self.stream, MAX_CONTROL_FRAME, &self.peer) {
-                Ok(f) => f,
-                Err(TransportError::Io { source, .. })
-                    if matches!(
-                        source.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(MigrationError::Timeout {
-                        secs: timeout.map(|t| t.as_secs()).unwrap_or(0),
-                        during,
-                    })
+        if timeout.is_none() {
+            let _ = self.stream.set_read_timeout(None);
+        }
+        let mut r = FrameReader {
+            stream: &self.stream,
+            deadline: timeout.map(|t| Instant::now() + t),
+            read: 0,
+        };
+        let (kind, payload) = match frame::read_frame(&mut r, self.max_frame, &self.peer) {
+            Ok(f) => f,
+            Err(TransportError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                let secs = timeout.map(|t| t.as_secs()).unwrap_or(0);
+                if r.read > 0 {
+                    // The stream cannot be resynchronised: fatal, not a wait to repeat.
+                    return Err(TransportError::Malformed {
+                        peer: self.peer.clone(),
+                        reason: format!(
+                            "the peer stopped after {} bytes of a frame ({secs} s while {during})",
+                            r.read
+                        ),
+                    }
+                    .into());
                 }
-                Err(e) => return Err(e.into()),
-            };
+                return Err(MigrationError::Timeout { secs, during });
+            }
+            Err(e) => return Err(e.into()),
+        };
         match Message::decode_version(kind, &payload, self.version) {
             Ok(Message::Refuse { reason }) => Err(MigrationError::Refused {
                 peer: self.peer.clone(),

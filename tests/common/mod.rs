@@ -59,6 +59,11 @@ impl Proc {
     pub fn wait_exit(self, limit: Duration) -> (Option<i32>, String) {
         self.0.wait_exit(limit).unwrap_or_else(|e| panic!("{e:#}"))
     }
+
+    /// Kills the process, which must still be running, and returns its stderr.
+    pub fn kill_running(self) -> String {
+        self.0.kill_running().unwrap_or_else(|e| panic!("{e:#}"))
+    }
 }
 
 /// `prefix` (e.g. `ip netns exec A`) + livemig + args, stdout and stderr piped.

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::handshake::{Agreed, Built};
 use super::receive::TcpPlane;
-use super::{IncomingOptions, Session};
+use super::Session;
 use crate::memory::GuestRam;
 use crate::protocol::{Message, RdmaQp};
 use crate::session::{Control, MigrationError};
@@ -259,11 +259,11 @@ fn control_quiet(ctl: &mut Control, rdma: bool) -> Result<Option<Vec<RdmaQp>>, M
 
 /// Opens the RDMA device for a source that offers RDMA; None (with a warning) when this side
 /// cannot take it.
-pub(super) fn open_rdma(opts: &IncomingOptions, ctl: &Control) -> Option<RdmaDevice> {
+pub(super) fn open_rdma(rdma_device: Option<&str>, ctl: &Control) -> Option<RdmaDevice> {
     #[cfg(feature = "rdma")]
     {
         let peer = ctl.stream().peer_addr().ok().map(|a| a.ip());
-        match livemig_transport::rdma::Device::open_for(opts.rdma_device.as_deref(), peer) {
+        match livemig_transport::rdma::Device::open_for(rdma_device, peer) {
             Ok(d) => {
                 let sel = d.selection();
                 info!(
@@ -282,7 +282,7 @@ pub(super) fn open_rdma(opts: &IncomingOptions, ctl: &Control) -> Option<RdmaDev
     }
     #[cfg(not(feature = "rdma"))]
     {
-        let _ = (opts, ctl);
+        let _ = (rdma_device, ctl);
         warn!("the source offers RDMA but this livemig was built without it");
         None
     }

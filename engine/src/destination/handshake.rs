@@ -1,16 +1,18 @@
 //! Set-up of an incoming migration: versions, mutual proof of the key before any state is
 //! read, the VM's configuration and this host's limits, then the VM skeleton and its RAM.
 
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::channels::{open_rdma, RdmaDevice};
 use super::{Session, VmFactory};
 use crate::auth;
 use crate::memory::{GuestRam, Populate};
 use crate::protocol::{negotiate, Message, FEATURE_RDMA};
-use crate::session::MigrationError;
+use crate::session::{Control, MigrationError};
 use crate::storage::incoming::IncomingStorage;
 use crate::vm::{MigratableVm, VmConfig, VmError};
 
@@ -45,41 +47,112 @@ impl Built {
     }
 }
 
-impl Session {
-    /// Hello, Welcome, Auth and Config, checked against this host's limits.
-    pub(super) fn handshake(&mut self) -> Result<Agreed, MigrationError> {
-        let nonce_d = auth::nonce();
-        let (nonce_s, rdma) = match self.ctl.recv(Some(self.timeout), "waiting for Hello")? {
-            Message::Hello {
-                min_version,
-                max_version,
-                nonce,
-                features,
-            } => {
-                let version = negotiate(min_version, max_version).map_err(|r| self.refuse(r))?;
-                self.ctl.set_version(version);
-                let proof = self
-                    .opts
-                    .key
-                    .as_ref()
-                    .map(|k| k.destination_proof(&nonce, &nonce_d))
-                    .unwrap_or([0; 32]);
-                let rdma = if features & FEATURE_RDMA != 0 {
-                    open_rdma(&self.opts, &self.ctl)
-                } else {
-                    None
-                };
-                self.ctl.send(&Message::Welcome {
-                    version,
-                    features: if rdma.is_some() { FEATURE_RDMA } else { 0 },
-                    nonce: nonce_d,
-                    proof,
-                })?;
-                (nonce, rdma)
+/// What a greeting needs of this destination's options.
+#[derive(Clone)]
+pub(super) struct GreetOptions {
+    pub(super) key: Option<auth::Key>,
+    pub(super) rdma_device: Option<String>,
+    pub(super) timeout: std::time::Duration,
+}
+
+/// A source that completed Hello, Welcome and Auth: it proved the key (or neither side has
+/// one).
+pub(super) struct Greeted {
+    pub(super) ctl: Control,
+    /// The session token its Config must carry (keyed sessions).
+    pub(super) expected_token: Option<u64>,
+    pub(super) rdma: Option<RdmaDevice>,
+}
+
+/// Hello, Welcome and Auth on a fresh connection, all within one deadline (`timeout`), frames
+/// capped to what a greeting needs. A peer that fails is refused with a reason.
+pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, MigrationError> {
+    let deadline = Instant::now() + g.timeout;
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let mut ctl = Control::new(stream);
+    let _ = ctl.stream().set_write_timeout(Some(g.timeout));
+    let refuse = |ctl: &mut Control, reason: String| {
+        let _ = ctl.send(&Message::Refuse {
+            reason: reason.clone(),
+        });
+        MigrationError::Refused {
+            peer: ctl.peer().to_string(),
+            reason: format!("refused the source: {reason}"),
+        }
+    };
+    let nonce_d = auth::nonce();
+    let (nonce_s, rdma) = match ctl.recv(Some(left()), "waiting for Hello")? {
+        Message::Hello {
+            min_version,
+            max_version,
+            nonce,
+            features,
+        } => {
+            let version = match negotiate(min_version, max_version) {
+                Ok(v) => v,
+                Err(r) => return Err(refuse(&mut ctl, r)),
+            };
+            ctl.set_version(version);
+            let proof = g
+                .key
+                .as_ref()
+                .map(|k| k.destination_proof(&nonce, &nonce_d))
+                .unwrap_or([0; 32]);
+            let rdma = if features & FEATURE_RDMA != 0 {
+                open_rdma(g.rdma_device.as_deref(), &ctl)
+            } else {
+                None
+            };
+            ctl.send(&Message::Welcome {
+                version,
+                features: if rdma.is_some() { FEATURE_RDMA } else { 0 },
+                nonce: nonce_d,
+                proof,
+            })?;
+            (nonce, rdma)
+        }
+        m => return Err(ctl.unexpected(&m, "waiting for Hello")),
+    };
+    let proof = match ctl.recv(Some(left()), "waiting for the source's key proof")? {
+        Message::Auth { proof } => proof,
+        m => return Err(ctl.unexpected(&m, "waiting for Auth")),
+    };
+    let expected_token =
+        match &g.key {
+            None => None,
+            Some(k) if auth::proofs_equal(&proof, &k.source_proof(&nonce_s, &nonce_d)) => {
+                Some(k.session_token(&nonce_s, &nonce_d))
             }
-            m => return Err(self.ctl.unexpected(&m, "waiting for Hello")),
+            Some(_) => return Err(refuse(
+                &mut ctl,
+                if proof == [0; 32] {
+                    "authentication failed: the source has no key (this destination requires one)"
+                } else {
+                    "authentication failed: the source's key does not match this destination's"
+                }
+                .into(),
+            )),
         };
-        let expected_token = self.check_proof(&nonce_s, &nonce_d)?;
+    ctl.authenticated();
+    Ok(Greeted {
+        ctl,
+        expected_token,
+        rdma,
+    })
+}
+
+impl Session {
+    /// Config, checked against this host's limits, and the storage plan, from a source that
+    /// was greeted on this session's connection.
+    pub(super) fn agree(
+        &mut self,
+        expected_token: Option<u64>,
+        rdma: Option<RdmaDevice>,
+    ) -> Result<Agreed, MigrationError> {
         let (config, channels, token) =
             match self.ctl.recv(Some(self.timeout), "waiting for Config")? {
                 Message::Config {
@@ -104,35 +177,6 @@ impl Session {
             token,
             rdma,
         })
-    }
-
-    /// Checks the source's Auth; returns the session token a keyed session must use.
-    fn check_proof(
-        &mut self,
-        nonce_s: &[u8; 32],
-        nonce_d: &[u8; 32],
-    ) -> Result<Option<u64>, MigrationError> {
-        let proof = match self
-            .ctl
-            .recv(Some(self.timeout), "waiting for the source's key proof")?
-        {
-            Message::Auth { proof } => proof,
-            m => return Err(self.ctl.unexpected(&m, "waiting for Auth")),
-        };
-        let Some(k) = self.opts.key.clone() else {
-            return Ok(None);
-        };
-        if !auth::proofs_equal(&proof, &k.source_proof(nonce_s, nonce_d)) {
-            return Err(self.refuse(
-                if proof == [0; 32] {
-                    "authentication failed: the source has no key (this destination requires one)"
-                } else {
-                    "authentication failed: the source's key does not match this destination's"
-                }
-                .into(),
-            ));
-        }
-        Ok(Some(k.session_token(nonce_s, nonce_d)))
     }
 
     /// Storage (protocol 2): how the disks move; a copy is checked and prepared here, before

@@ -7,12 +7,15 @@
 //! arrives: TCP receivers are stopped and joined, RDMA access is revoked, before anything
 //! here reads or runs on that RAM.
 //!
-//! A migration is a `Session` taken through its phases, one room each: `handshake`
-//! (versions, key, configuration, limits, the VM skeleton), `channels` (accepting the data
+//! A migration is a `Session` taken through its phases, one room each: `accept` (connections
+//! greeted concurrently, each within its deadline, until a source proves the key; strangers
+//! are refused and logged, never end the wait), `handshake` (versions, key, configuration,
+//! limits, the VM skeleton), `channels` (accepting the data
 //! plane: TCP data connections or RDMA queue pairs, behind `channels::IncomingPlane`),
 //! `receive` (the TCP receivers and their round barrier) and `switchover` (device state,
 //! Prepared, Commit, resume).
 
+mod accept;
 mod channels;
 mod handshake;
 mod receive;
@@ -88,18 +91,22 @@ pub fn receive(
     opts: IncomingOptions,
     factory: VmFactory<'_>,
 ) -> Result<Incoming, MigrationError> {
-    let (stream, _) = listener
-        .accept()
-        .map_err(|source| MigrationError::Connect {
-            addr: listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            source,
-        })?;
-    let mut s = Session::new(Control::new(stream), opts);
+    let greeted = accept::first_source(
+        listener,
+        &handshake::GreetOptions {
+            key: opts.key.clone(),
+            rdma_device: opts.rdma_device.clone(),
+            timeout: if opts.timeout.is_zero() {
+                defaults::TIMEOUT
+            } else {
+                opts.timeout
+            },
+        },
+    )?;
+    let (expected_token, rdma) = (greeted.expected_token, greeted.rdma);
+    let mut s = Session::new(greeted.ctl, opts);
     info!(peer = s.ctl.peer(), "incoming migration");
-    let agreed = s.handshake()?;
+    let agreed = s.agree(expected_token, rdma)?;
     let mut built = s.build_vm(&agreed, factory)?;
     let vm = built.vm.clone();
     let result = s

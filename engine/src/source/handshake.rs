@@ -102,6 +102,7 @@ impl<'a> Session<'a> {
             detail = "auto: tcp (the destination has no usable RDMA device)".into();
         }
         let token = authenticate(&mut ctl, opts, &nonce_s, &nonce_d, &proof_d)?;
+        ctl.authenticated();
         ctl.send(&Message::Config {
             vm: vm.config(),
             channels: opts.channels,

@@ -1,0 +1,90 @@
+//! Who migrates here: connections to the listening port are greeted concurrently, each within
+//! its own deadline, and the first source that proves the key takes the destination. A
+//! stranger — garbage, a wrong key, a peer that trickles bytes or says nothing — is refused,
+//! logged and forgotten; it never ends the wait, and never delays a real source.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use tracing::warn;
+
+use super::handshake::{greet, GreetOptions, Greeted};
+use crate::session::MigrationError;
+
+/// Connections greeted at once; more are closed at once (and logged).
+pub const MAX_GREETING: usize = 8;
+
+/// How often the acceptor looks for a greeted source while no connection arrives.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Accepts on `listener` until a source is greeted; strangers are refused and logged.
+pub(super) fn first_source(
+    listener: &TcpListener,
+    g: &GreetOptions,
+) -> Result<Greeted, MigrationError> {
+    let connect_err = |source| MigrationError::Connect {
+        addr: listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        source,
+    };
+    listener.set_nonblocking(true).map_err(connect_err)?;
+    let (tx, rx) = mpsc::channel::<Greeted>();
+    let greeting = Arc::new(AtomicUsize::new(0));
+    let won = loop {
+        match rx.recv_timeout(POLL) {
+            Ok(greeted) => break Ok(greeted),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {}
+        }
+        let (stream, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // Out of descriptors or a connection reset before it was accepted: the
+            // listener itself is fine.
+            Err(e) if is_transient(&e) => {
+                warn!("accepting a connection: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            Err(e) => break Err(connect_err(e)),
+        };
+        if greeting.fetch_add(1, Ordering::SeqCst) >= MAX_GREETING {
+            greeting.fetch_sub(1, Ordering::SeqCst);
+            warn!(%peer, "closed a connection: {MAX_GREETING} connections are being greeted already");
+            continue;
+        }
+        let (tx, g, greeting) = (tx.clone(), g.clone(), greeting.clone());
+        let spawned = std::thread::Builder::new()
+            .name("livemig-greet".into())
+            .spawn(move || {
+                let ok = stream.set_nonblocking(false).is_ok();
+                match greet(stream, &g) {
+                    Ok(greeted) if ok => {
+                        // Another source may have won meanwhile: this one's connection
+                        // then closes.
+                        let _ = tx.send(greeted);
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(%peer, "refused a connection: {e}"),
+                }
+                greeting.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            warn!(%peer, "closed a connection: cannot start its greeting: {e}");
+        }
+    };
+    let _ = listener.set_nonblocking(false);
+    won
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED)
+    )
+}
