@@ -42,7 +42,7 @@ echo "== booting the nested VM: ${#phases[@]} migrations"
 set +e
 LIVEMIG_RDMA_EXTRA_BINS="qemu-system-x86_64 bridge" LIVEMIG_RDMA_EXTRA_MODULES="kvm kvm_amd tun bridge" \
   scripts/rdma-vm.sh run --mode lo --timeout $((600 + 400 * repeat)) \
-  --env REF_BLACKOUT=1 --env REF_SMPS=1 --env REF_DISKCHECK=0 --env REF_HEARTBEAT=0 \
+  --env REF_BLACKOUT=1 --env REF_SMPS=1 --env REF_DISKCHECK=0 --env REF_HEARTBEAT=0 --env REF_LM_LOG=info \
   --files guest/qemu-reference.sh "$bin" \
   "$KERNEL_BZIMAGE" "$KERNEL_VMLINUX" "$INITRD" "$DISK_TEMPLATE" "$QEMU_FIRMWARE" \
   -- bash qemu-reference.sh "${phases[@]}" >"$out/raw.log" 2>&1
@@ -61,6 +61,13 @@ for line in open(f"{out}/raw.log", errors="replace"):
         d = kv(line.split("REF blackout ", 1)[1]); runs[d["system"]].append(d)
     elif "REF migrate " in line:
         d = kv(line.split("REF migrate ", 1)[1]); mig[d["system"]].append(d)
+    elif "REF timeline " in line and runs["livemig"]:
+        # livemig's own clock beside the client's (REF_LM_LOG=info): where the gap goes.
+        d = kv(line); last = runs["livemig"][-1]
+        if "pausing the guest" in line and "pause_unix_ms" not in last:
+            last["pause_unix_ms"] = d.get("unix_ms")
+        elif " resumed" in line and "resumed_unix_ms" not in last:
+            last["resumed_unix_ms"] = d.get("unix_ms")
 if not runs["qemu"] or not runs["livemig"]:
     sys.exit(f"bench-blackout.sh: no REF blackout lines for both systems in {out}/raw.log")
 def f(x):
@@ -82,6 +89,12 @@ for s in ("livemig", "qemu"):
         "each_gap_ms": [f(r.get("longest_gap_ms")) for r in runs[s]],
     })
 lm, q = rows
+split = []
+for r in runs["livemig"]:
+    p, rs, gs, ge = (f(r.get(k)) for k in ("pause_unix_ms", "resumed_unix_ms", "gap_start_unix_ms", "gap_end_unix_ms"))
+    if None not in (p, rs, gs, ge):
+        split.append((p - gs, rs - p, ge - rs))
+lm["gap_split_ms"] = split
 ratio = lm["longest_gap_ms"] / q["longest_gap_ms"] if q["longest_gap_ms"] else None
 json.dump({"commit": commit, "rows": rows, "gap_ratio_livemig_over_qemu": ratio},
           open(f"{out}/results.json", "w"), indent=2)
@@ -96,6 +109,10 @@ for r in rows:
               f"{fmt(r['lost'])} | {fmt(r['downtime_ms'])} | {fmt(r['total_ms'])} | {r['tcp_survived']}/{r['runs']} | "
               + ", ".join(fmt(g) for g in r["each_gap_ms"]) + " |")
 md += ["", f"livemig's blackout / QEMU's: **{fmt(ratio, 2)}×** (the median gaps, same run)."]
+if split:
+    md += ["", "Where livemig's gap goes (its log's clock beside the client's, ms): last reply → pause, "
+           "pause → resumed on the destination, resumed → first reply:",
+           ", ".join(f"{a:.0f} + {b:.0f} + {c:.0f}" for a, b, c in split) + "."]
 open(f"{out}/results.md", "w").write("\n".join(md) + "\n")
 print("\n".join(md))
 EOF

@@ -45,6 +45,10 @@ pub struct BlackoutReport {
     pub gap_start_unix_ms: f64,
     /// When it ended (the first reply after it), Unix time in ms.
     pub gap_end_unix_ms: f64,
+    /// When the first ping went out, Unix time in ms.
+    pub first_ping_unix_ms: f64,
+    /// When the first reply came (0: none came), Unix time in ms.
+    pub first_reply_unix_ms: f64,
     /// Pings sent before the gap began that were never answered (the path's own loss).
     pub lost_before_gap: u64,
     /// Pings sent after the gap ended that were never answered.
@@ -214,6 +218,8 @@ pub fn measure(o: &BlackoutOptions) -> Result<BlackoutReport> {
         received: seqs.len() as u64,
         lost: sent.saturating_sub(seqs.len() as u64),
         tcp,
+        first_ping_unix_ms: sent_at.first().copied().unwrap_or(0.0),
+        first_reply_unix_ms: replies.first().map(|r| r.1).unwrap_or(0.0),
         ..BlackoutReport::default()
     };
     for w in replies.windows(2) {
