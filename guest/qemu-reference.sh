@@ -201,6 +201,15 @@ stop_vm() { # NAME: the workload powers the guest off; QMP quit and SIGKILL as f
   reap "$name" 10
 }
 
+iso_ms() { # 2026-12-02T04:05:01.123456Z -> unix ms (busybox date has no %N)
+  local ts=$1 day time frac
+  day=${ts%%T*} time=${ts#*T}
+  time=${time%Z}
+  frac=${time#*.}000
+  [ "$frac" = "${time}000" ] && frac=000
+  echo $(($(date -u -d "$day ${time%%.*}" +%s) * 1000 + 10#${frac:0:3}))
+}
+
 net_fresh() { # forget where the guest's MAC was: a previous phase's destination left it on
   # tap1 in the bridge's table and in this host's neighbour cache, so unicasts to the next
   # source would vanish until the guest happened to transmit. The next packet asks by broadcast.
@@ -434,7 +443,7 @@ phase_lm_migrate() { # SMP
     for f in "$W/$src/qemu.log" "$W/$dst/qemu.log"; do
       grep -aE 'pausing the guest|prepared|resumed|announced' "$f" |
         while read -r l; do
-          say "REF timeline $(basename "$(dirname "$f")") unix_ms=$(date -d "${l%% *}" +%s%3N) ${l#* }"
+          say "REF timeline $(basename "$(dirname "$f")") unix_ms=$(iso_ms "${l%% *}") ${l#* }"
         done
     done
   fi

@@ -550,28 +550,30 @@ impl EventSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     #[test]
     fn a_client_that_stops_reading_never_holds_the_migration() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let mut sink = EventSink::new(ours);
-        // Far more than a socket buffer holds (~30 bytes each): with a blocking writer this
-        // would hang here, as the migration did with the guest paused.
-        let t = Instant::now();
-        for i in 0..50_000 {
-            sink.emit(&Event::Sending {
-                round: 1,
-                pages_done: i,
-                pages_total: 50_000,
-            });
-        }
-        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-        // The client goes away: the final event does not wait for the write timeout.
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let migration = std::thread::spawn(move || {
+            let mut sink = EventSink::new(ours);
+            // Far more than a socket buffer holds (~30 bytes each): with a blocking writer
+            // this would hang here, as the migration did with the guest paused.
+            for i in 0..50_000 {
+                sink.emit(&Event::Sending {
+                    round: 1,
+                    pages_done: i,
+                    pages_total: 50_000,
+                });
+            }
+            done_tx.send(()).unwrap();
+            // The final event waits for the writer, which gives up once the client is gone.
+            sink.finish(&Event::Paused { pages: 1 });
+        });
+        done.recv_timeout(Duration::from_secs(60))
+            .expect("emitting events blocked on a client that does not read");
         drop(theirs);
-        let t = Instant::now();
-        sink.finish(&Event::Paused { pages: 1 });
-        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        migration.join().unwrap();
     }
 
     #[test]

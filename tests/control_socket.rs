@@ -67,13 +67,14 @@ fn idle_connections_are_capped_and_dropped() {
         line.contains("32 control connections are open already"),
         "{line:?}"
     );
-    // A client that never sends its request is dropped after the request timeout (10 s).
-    let t = std::time::Instant::now();
+    // A client that never sends its request is dropped after the request timeout (10 s;
+    // this read gives up at 30 s, which fails the test).
     let mut one = idle.into_iter().next().unwrap();
+    one.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
     let mut buf = [0u8; 1];
-    let n = std::io::Read::read(&mut one, &mut buf).unwrap_or(0);
-    assert_eq!(n, 0, "the server closes a silent connection");
-    assert!(t.elapsed() < std::time::Duration::from_secs(20));
+    let n = std::io::Read::read(&mut one, &mut buf);
+    assert_eq!(n.ok(), Some(0), "the server closes a silent connection");
     let _ = one.write_all(b"\n");
     // Once they are gone, requests are served again.
     std::thread::sleep(std::time::Duration::from_millis(300));

@@ -58,7 +58,7 @@ pub(super) fn first_source(
             warn!(%peer, "closed a connection: {MAX_GREETING} connections are being greeted already");
             continue;
         }
-        let (tx, g, greeting) = (tx.clone(), g.clone(), greeting.clone());
+        let (tx, g, count) = (tx.clone(), g.clone(), greeting.clone());
         let spawned = std::thread::Builder::new()
             .name("livemig-greet".into())
             .spawn(move || {
@@ -72,9 +72,10 @@ pub(super) fn first_source(
                     Ok(_) => {}
                     Err(e) => warn!(%peer, "refused a connection: {e}"),
                 }
-                greeting.fetch_sub(1, Ordering::SeqCst);
+                count.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
+            greeting.fetch_sub(1, Ordering::SeqCst);
             warn!(%peer, "closed a connection: cannot start its greeting: {e}");
         }
     };
