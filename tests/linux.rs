@@ -766,7 +766,19 @@ fn the_network_follows_the_vm_with_announce() {
         back <= 1000.0,
         "pings resumed {back:.0} ms after resume: {r}"
     );
-    assert_eq!(r["tcp"]["survived"], true, "the TCP stream: {r}");
+    if r["tcp"]["survived"] != true {
+        let text = console(&b_log);
+        let tail: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("livemig-workload: tick"))
+            .collect();
+        let stderr = b.kill_running();
+        panic!(
+            "the TCP stream broke: {r}\ndestination's last tick: {:?}\nits console without ticks, last lines:\n{}\nits stderr:\n{stderr}",
+            ticks(&text).last(),
+            tail[tail.len().saturating_sub(30)..].join("\n")
+        );
+    }
     assert!(r["tcp"]["bytes_echoed"].as_u64().unwrap() > 100_000, "{r}");
     // (Lost pings count the guest's own limits under nested TCG too: not asserted.)
     retire(&a.sock, a.proc);

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::handshake::{Agreed, Built};
 use super::receive::TcpPlane;
-use super::Session;
+use super::{refuse, Session};
 use crate::memory::GuestRam;
 use crate::protocol::{Message, RdmaQp};
 use crate::session::{Control, MigrationError};
@@ -297,15 +297,6 @@ fn accept_rdma(
     channels: u16,
     qps: &[RdmaQp],
 ) -> Result<RdmaAccess, MigrationError> {
-    let refuse = |ctl: &mut Control, reason: String| {
-        let _ = ctl.send(&Message::Refuse {
-            reason: reason.clone(),
-        });
-        MigrationError::Refused {
-            peer: ctl.peer().to_string(),
-            reason: format!("refused the source: {reason}"),
-        }
-    };
     if qps.len() != usize::from(channels) {
         return Err(refuse(
             ctl,

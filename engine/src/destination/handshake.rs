@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::channels::{open_rdma, RdmaDevice};
-use super::{Session, VmFactory};
+use super::{refuse, Session, VmFactory};
 use crate::auth;
 use crate::memory::{GuestRam, Populate};
 use crate::protocol::{negotiate, Message, FEATURE_RDMA};
@@ -75,15 +75,6 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
     };
     let mut ctl = Control::new(stream);
     let _ = ctl.stream().set_write_timeout(Some(g.timeout));
-    let refuse = |ctl: &mut Control, reason: String| {
-        let _ = ctl.send(&Message::Refuse {
-            reason: reason.clone(),
-        });
-        MigrationError::Refused {
-            peer: ctl.peer().to_string(),
-            reason: format!("refused the source: {reason}"),
-        }
-    };
     let nonce_d = auth::nonce();
     let (nonce_s, rdma) = match ctl.recv(Some(left()), "waiting for Hello")? {
         Message::Hello {

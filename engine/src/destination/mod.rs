@@ -113,6 +113,13 @@ pub fn receive(
         .accept_plane(listener, &agreed, &built)
         .and_then(|mut plane| {
             let r = s.switchover(&*vm, &mut *plane);
+            if r.is_ok() {
+                // The network follows the VM at once: switches learn its MACs behind this
+                // host's ports before anything else is tidied up.
+                if let Err(e) = crate::announce::announce(vm.clone(), s.opts.announce) {
+                    tracing::warn!("announcing the VM's NICs: {e}");
+                }
+            }
             plane.close();
             r.map(|()| plane.pages())
         });
@@ -124,10 +131,6 @@ pub fn receive(
             return Err(e);
         }
     };
-    // The network follows the VM: switches learn its MACs behind this host's ports.
-    if let Err(e) = crate::announce::announce(vm.clone(), s.opts.announce) {
-        tracing::warn!("announcing the VM's NICs: {e}");
-    }
     let progress_after_resume = s.report_progress(&*vm);
     Ok(Incoming {
         vm,
@@ -164,13 +167,7 @@ impl Session {
 
     /// Refuses the source with `reason` (sent to it) and returns the error to report here.
     fn refuse(&mut self, reason: String) -> MigrationError {
-        let _ = self.ctl.send(&Message::Refuse {
-            reason: reason.clone(),
-        });
-        MigrationError::Refused {
-            peer: self.ctl.peer().to_string(),
-            reason: format!("refused the source: {reason}"),
-        }
+        refuse(&mut self.ctl, reason)
     }
 
     /// Resumed: makes disk copies durable, then tells the source how far the guest gets
@@ -191,5 +188,16 @@ impl Session {
         }
         let _ = self.ctl.send(&Message::Progress { delta });
         delta
+    }
+}
+
+/// Refuses the peer on `ctl` with `reason` (sent to it) and returns the error to report here.
+fn refuse(ctl: &mut Control, reason: String) -> MigrationError {
+    let _ = ctl.send(&Message::Refuse {
+        reason: reason.clone(),
+    });
+    MigrationError::Refused {
+        peer: ctl.peer().to_string(),
+        reason: format!("refused the source: {reason}"),
     }
 }

@@ -248,8 +248,8 @@ impl VirtioMmio {
     }
 
     /// Announces the device (see [`VirtioBackend::announce`]); a change for the driver
-    /// raises a configuration interrupt. Returns whether the backend did anything: false for
-    /// a device that has nothing to announce or a driver not ready.
+    /// raises a configuration interrupt. Returns false, doing nothing, while the driver is
+    /// not ready or the device is paused.
     pub fn announce(&self) -> Result<bool, String> {
         let mut t = lock(&self.inner);
         if !t.activated || t.paused {
@@ -422,6 +422,9 @@ struct Worker {
 
 const WAKE_TOKEN: u64 = u64::MAX;
 const BACKEND_TOKEN: u64 = u64::MAX - 1;
+/// How often a worker looks at its rings and its interrupt whatever happens: a notification
+/// the driver never saw is served, and an interrupt it never acknowledged is raised again.
+const TICK: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Worker {
     fn new(dev: &VirtioMmio) -> std::io::Result<Worker> {
@@ -464,8 +467,16 @@ impl Worker {
 
     fn run(self) {
         let mut events = vec![EpollEvent::default(); 16];
+        let mut next_tick = std::time::Instant::now() + TICK;
+        let mut unacked = 0u32;
+        let mut recovered = 0u64;
         while !self.stop.load(Ordering::SeqCst) {
-            let n = match self.epoll.wait(-1, &mut events) {
+            if std::time::Instant::now() >= next_tick {
+                next_tick += TICK;
+                self.tick(&mut unacked, &mut recovered);
+            }
+            let wait = next_tick.saturating_duration_since(std::time::Instant::now());
+            let n = match self.epoll.wait(wait.as_millis() as i32 + 1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -517,6 +528,34 @@ impl Worker {
                 t.status |= STATUS_FAILED;
             }
         }
+    }
+
+    /// Every [`TICK`]: serves every ring (a kick that got lost leaves chains waiting), and
+    /// raises again an interrupt whose status bits stayed unacknowledged since the last tick
+    /// (the driver acknowledges within microseconds when it sees one). Rare, and counted in
+    /// the log: it should not happen, yet a Linux guest was seen, one migration in eight in the
+    /// nested CI VM, to stop receiving until something else interrupted it.
+    fn tick(&self, unacked: &mut u32, recovered: &mut u64) {
+        self.serve_all();
+        let t = lock(&self.inner);
+        if !t.activated || t.paused || t.status & STATUS_FAILED != 0 {
+            *unacked = 0;
+            return;
+        }
+        let pending = t.interrupt_status;
+        drop(t);
+        if pending & *unacked != 0 {
+            *recovered += 1;
+            if recovered.is_power_of_two() {
+                tracing::warn!(
+                    times = *recovered,
+                    "virtio: an interrupt stayed unacknowledged for {} ms; raised again",
+                    TICK.as_millis()
+                );
+            }
+            let _ = self.irq.trigger();
+        }
+        *unacked = pending;
     }
 
     /// After a wake-up (activation, resume): every queue, the backend, a pending interrupt.
@@ -903,6 +942,41 @@ mod tests {
         p
     }
 
+    /// An interrupt the driver never acknowledged (lost on its way) is raised again at the
+    /// worker's next ticks; once acknowledged, no more.
+    #[test]
+    fn an_interrupt_left_unacknowledged_is_raised_again() {
+        let dir = std::env::temp_dir().join(format!("livemig-virtio-irq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = disk(&dir);
+        let ram = GuestRam::new(&RamLayout::single(1 << 20), Populate::Lazy).unwrap();
+        let mem = ram.memory().clone();
+        let irq = IrqLine::new(5).unwrap();
+        let backend = Box::new(Block::new(
+            Arc::new(DiskImage::open(&path, false, false).unwrap()),
+            "disk0",
+        ));
+        let a = VirtioMmio::new(0, "disk0", backend, irq.clone(), mem.clone()).unwrap();
+        bring_up(&a);
+        request(&mem, 0, 0, 8, 0x8000, true);
+        publish(&mem, 0, 0);
+        a.queue_eventfds()[0].write(1).unwrap();
+        wait_used(&mem, 1);
+        // Three ticks with the status unacknowledged.
+        std::thread::sleep(TICK * 3 + Duration::from_millis(100));
+        let raised = irq.eventfd().read().unwrap();
+        assert!(raised >= 2, "raised {raised} time(s)");
+        reg(&a, 0x64, INT_VRING);
+        let _ = irq.eventfd().read();
+        std::thread::sleep(TICK * 3);
+        assert!(
+            irq.eventfd().read().is_err(),
+            "raised after the acknowledgement"
+        );
+        a.stop();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// A block device served end to end through the transport, then migrated with a request
     /// queued while it was quiesced: the request is served once, by the destination.
     #[test]
@@ -948,7 +1022,7 @@ mod tests {
             "status OK"
         );
         assert_ne!(read_reg(&a, 0x60) & INT_VRING, 0);
-        assert_eq!(irq.eventfd().read().unwrap(), 1, "interrupt raised");
+        assert!(irq.eventfd().read().unwrap() >= 1, "interrupt raised");
         reg(&a, 0x64, INT_VRING);
         assert_eq!(read_reg(&a, 0x60), 0);
 
