@@ -78,6 +78,7 @@ inner='
 # One boot of the nested VM; its output also goes to $log. A kernel hang there (TCG's
 # emulation of nested SVM has, rarely, left both vCPUs in soft lockup) is cut short: status 200.
 boot_nested() {
+  : >"$log" # (a previous attempt's lines must not count for this one)
   LIVEMIG_RDMA_EXTRA_MODULES="kvm kvm_amd tun bridge" LIVEMIG_RDMA_EXTRA_BINS="debugfs e2fsck bridge" \
     scripts/rdma-vm.sh run --timeout "${LIVEMIG_NESTED_TIMEOUT:-1800}" --mem "${LIVEMIG_NESTED_MEM:-3072}" \
     --files "${files[@]}" "${envs[@]}" \
