@@ -942,11 +942,9 @@ mod tests {
         p
     }
 
-    /// An interrupt the driver never acknowledged (lost on its way) is raised again at the
-    /// worker's next ticks; once acknowledged, no more.
-    #[test]
-    fn an_interrupt_left_unacknowledged_is_raised_again() {
-        let dir = std::env::temp_dir().join(format!("livemig-virtio-irq-{}", std::process::id()));
+    /// A block device on a fresh test disk in its own directory, brought up by a test driver.
+    fn block_device(tag: &str) -> (std::path::PathBuf, GuestRam, Mem, IrqLine, Arc<VirtioMmio>) {
+        let dir = std::env::temp_dir().join(format!("livemig-virtio-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = disk(&dir);
         let ram = GuestRam::new(&RamLayout::single(1 << 20), Populate::Lazy).unwrap();
@@ -958,6 +956,14 @@ mod tests {
         ));
         let a = VirtioMmio::new(0, "disk0", backend, irq.clone(), mem.clone()).unwrap();
         bring_up(&a);
+        (dir, ram, mem, irq, a)
+    }
+
+    /// An interrupt the driver never acknowledged (lost on its way) is raised again at the
+    /// worker's next ticks; once acknowledged, no more.
+    #[test]
+    fn an_interrupt_left_unacknowledged_is_raised_again() {
+        let (dir, _ram, mem, irq, a) = block_device("irq");
         request(&mem, 0, 0, 8, 0x8000, true);
         publish(&mem, 0, 0);
         a.queue_eventfds()[0].write(1).unwrap();
@@ -981,18 +987,8 @@ mod tests {
     /// queued while it was quiesced: the request is served once, by the destination.
     #[test]
     fn block_requests_and_migration_of_queued_work() {
-        let dir = std::env::temp_dir().join(format!("livemig-virtio-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = disk(&dir);
-        let ram = GuestRam::new(&RamLayout::single(1 << 20), Populate::Lazy).unwrap();
-        let mem = ram.memory().clone();
-        let irq = IrqLine::new(5).unwrap();
-        let backend = Box::new(Block::new(
-            Arc::new(DiskImage::open(&path, false, false).unwrap()),
-            "disk0",
-        ));
-        let a = VirtioMmio::new(0, "disk0", backend, irq.clone(), mem.clone()).unwrap();
-        bring_up(&a);
+        let (dir, ram, mem, irq, a) = block_device("blk");
+        let path = dir.join("disk.img");
         // Read sector 8 into 0x8000.
         request(&mem, 0, 0, 8, 0x8000, true);
         publish(&mem, 0, 0);
