@@ -221,6 +221,10 @@ fn print_summary(r: &Value) {
             "  chosen",
             r["transport_detail"].as_str().unwrap_or("?").to_string(),
         ),
+        (
+            "encryption",
+            r["encryption"].as_str().unwrap_or("?").to_string(),
+        ),
         ("RAM", format!("{:.1} MiB", ram as f64 / (1 << 20) as f64)),
         ("total time", format!("{:.1} ms", f("total_time_ms"))),
         ("  of which set-up", format!("{:.1} ms", f("setup_ms"))),

@@ -136,10 +136,34 @@ struct AuthArgs {
     /// Migrate without authentication (trusted networks only; the peer must agree).
     #[arg(long, conflicts_with = "key_file")]
     no_auth: bool,
+    /// Encrypt and authenticate everything after the handshake — control messages and TCP
+    /// data channels — with AES-256-GCM keys derived from the pre-shared key: `on` (the
+    /// default with a key) or `off` (guest RAM, device state and disk blocks travel in clear:
+    /// trusted links only). Both sides must agree. RDMA writes are never encrypted.
+    #[arg(long, env = "LIVEMIG_ENCRYPT", value_parser = ["on", "off"])]
+    encrypt: Option<String>,
 }
 
 impl AuthArgs {
     fn load(&self) -> Result<Option<Key>> {
+        let key = self.load_key()?;
+        match (self.encrypt.as_deref(), key) {
+            (Some("on"), None) => anyhow::bail!(
+                "--encrypt on needs the pre-shared key (--key-file or LIVEMIG_KEY) it derives its \
+                 keys from; drop --no-auth"
+            ),
+            (Some("off"), Some(k)) => {
+                tracing::warn!(
+                    "--encrypt off: guest RAM, device state and disk blocks travel in clear \
+                     (authenticated handshake only); use it on trusted links only"
+                );
+                Ok(Some(k.unsealed()))
+            }
+            (_, key) => Ok(key),
+        }
+    }
+
+    fn load_key(&self) -> Result<Option<Key>> {
         if self.no_auth {
             if std::env::var_os("LIVEMIG_KEY").is_some() {
                 anyhow::bail!(

@@ -1,5 +1,9 @@
-//! A destination fed garbage, truncated streams, out-of-range pages or a newer protocol exits
-//! with a clear error and never panics.
+//! A hostile peer, before and after authentication: a destination fed garbage, truncated
+//! streams, out-of-range, misaligned, replayed or unsealed pages, bad device state, messages
+//! out of order or a newer protocol ends the session with a clear error, within its deadline,
+//! and never panics; strangers never stop it from serving a real source. After
+//! authentication the hostile source speaks the sealed protocol (its own keys), so what is
+//! tested is what a compromised source could do.
 
 mod common;
 
@@ -8,12 +12,14 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
-use livemig_engine::auth::Key;
+use livemig_engine::auth::{Direction, Key, SessionKeys};
 use livemig_engine::memory::RamLayout;
-use livemig_engine::protocol::{Message, VERSION};
+use livemig_engine::protocol::{Message, FEATURE_SEALED, VERSION};
+use livemig_engine::session::{Control, MigrationError};
 use livemig_engine::storage::StorageMode;
 use livemig_engine::vm::{builtin_guest, VmConfig, VmSpec};
 use livemig_transport::frame;
+use livemig_transport::seal::Sealer;
 
 fn send(s: &mut TcpStream, m: &Message) {
     let (k, p) = m.encode();
@@ -49,30 +55,64 @@ fn still_serves(rx: Proc, addr: &str, tag: &str) -> String {
     err
 }
 
-/// Hello, Welcome and Auth with the test key; returns the session token.
-fn authenticate(c: &mut TcpStream) -> u64 {
+/// An authenticated, sealed control connection, as a (hostile) source holds it.
+struct Session {
+    ctl: Control,
+    token: u64,
+    keys: SessionKeys,
+}
+
+impl Session {
+    fn send(&mut self, m: &Message) {
+        let _ = self.ctl.send(m);
+    }
+
+    /// The destination's next message; a Refuse becomes its reason.
+    fn recv(&mut self) -> Result<Message, String> {
+        match self.ctl.recv(Some(Duration::from_secs(20)), "test") {
+            Ok(m) => Ok(m),
+            Err(MigrationError::Refused { reason, .. }) => Err(reason),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Hello, Welcome and Auth with the test key, offering to seal the session (as every source
+/// with a key does); the control connection is sealed from here on.
+fn authenticate(c: TcpStream) -> Session {
     let key = Key::new(TEST_KEY.as_bytes()).unwrap();
     let nonce_s = [7u8; 32];
-    send(
-        c,
-        &Message::Hello {
-            min_version: 1,
-            max_version: VERSION,
-            features: 0,
-            nonce: nonce_s,
-        },
-    );
-    let Message::Welcome { nonce, proof, .. } = recv(c) else {
+    let mut ctl = Control::new(c);
+    ctl.send(&Message::Hello {
+        min_version: 1,
+        max_version: VERSION,
+        features: FEATURE_SEALED,
+        nonce: nonce_s,
+    })
+    .unwrap();
+    let Ok(Message::Welcome {
+        nonce,
+        proof,
+        features,
+        ..
+    }) = ctl.recv(Some(Duration::from_secs(20)), "test")
+    else {
         panic!("no Welcome")
     };
     assert_eq!(proof, key.destination_proof(&nonce_s, &nonce));
-    send(
-        c,
-        &Message::Auth {
-            proof: key.source_proof(&nonce_s, &nonce),
-        },
-    );
-    key.session_token(&nonce_s, &nonce)
+    assert_eq!(features & FEATURE_SEALED, FEATURE_SEALED);
+    ctl.send(&Message::Auth {
+        proof: key.source_proof(&nonce_s, &nonce),
+    })
+    .unwrap();
+    ctl.authenticated();
+    let keys = key.session_keys(&nonce_s, &nonce, &ctl.transcript());
+    ctl.seal(keys.clone(), Direction::ToDestination);
+    Session {
+        ctl,
+        token: key.session_token(&nonce_s, &nonce),
+        keys,
+    }
 }
 
 /// The configuration of a built-in-guest VM of `mib` MiB on `machine`.
@@ -90,42 +130,61 @@ fn config(machine: &str, mib: u64) -> VmConfig {
 }
 
 /// Config (a VM without disks) and, as protocol 2 wants, its Storage.
-fn send_config(c: &mut TcpStream, vm: VmConfig, token: u64) {
-    send(
-        c,
-        &Message::Config {
-            vm,
-            channels: 1,
-            token,
-        },
-    );
+fn send_config(c: &mut Session, vm: VmConfig) {
+    let token = c.token;
+    c.send(&Message::Config {
+        vm,
+        channels: 1,
+        token,
+    });
     // A destination that refuses the Config may be gone before this arrives.
-    let (k, p) = Message::Storage {
+    c.send(&Message::Storage {
         mode: StorageMode::Shared,
         directory: String::new(),
         disks: Vec::new(),
-    }
-    .encode();
-    let _ = frame::write_frame(c, k, &p);
+    });
 }
 
-/// Handshake + config for a 16 MiB VM; returns the control stream and token once Ready.
-fn handshake(addr: &str) -> (TcpStream, u64) {
-    let mut c = TcpStream::connect(addr).unwrap();
-    let token = authenticate(&mut c);
-    send_config(
-        &mut c,
-        config(livemig_engine::vm::memory_only::MACHINE, 16),
-        token,
-    );
-    assert_eq!(recv(&mut c), Message::Ready);
-    (c, token)
+/// Handshake + config for a 16 MiB VM; returns the session once Ready.
+fn handshake(addr: &str) -> Session {
+    let mut c = authenticate(TcpStream::connect(addr).unwrap());
+    send_config(&mut c, config(livemig_engine::vm::memory_only::MACHINE, 16));
+    assert_eq!(c.recv(), Ok(Message::Ready));
+    c
 }
 
-fn data_channel(addr: &str, token: u64) -> TcpStream {
+/// Data channel 0 of the session, bound by its sealed token record (`token`: the token it
+/// proves, normally the session's).
+fn data_channel(addr: &str, s: &Session, token: u64) -> DataChannel {
     let mut d = TcpStream::connect(addr).unwrap();
-    send(&mut d, &Message::ChannelHello { token, index: 0 });
-    d
+    send(&mut d, &Message::ChannelHello { token: 0, index: 0 });
+    let mut seal = Sealer::new(&s.keys.key(1, Direction::ToDestination));
+    let mut rec = Vec::new();
+    seal.seal_append(&[], &token.to_le_bytes(), &mut rec);
+    d.write_all(&rec).unwrap();
+    DataChannel { stream: d, seal }
+}
+
+/// A sealed data channel.
+struct DataChannel {
+    stream: TcpStream,
+    seal: Sealer,
+}
+
+impl DataChannel {
+    /// Sends a data message (header and table) and its `body`, sealed as the protocol
+    /// says: header, table, body each a record.
+    fn send(&mut self, message: &[u8], body: &[u8]) -> std::io::Result<()> {
+        let mut out = Vec::new();
+        self.seal.seal_append(&[], &message[..16], &mut out);
+        if message.len() > 16 {
+            self.seal.seal_append(&[], &message[16..], &mut out);
+        }
+        if !body.is_empty() {
+            self.seal.seal_append(&[], body, &mut out);
+        }
+        self.stream.write_all(&out)
+    }
 }
 
 /// The header and entry of a data message carrying one raw extent (its bytes follow).
@@ -188,11 +247,9 @@ fn newer_protocol_is_refused_with_a_reason() {
 #[test]
 fn page_batch_outside_ram_is_rejected() {
     let (rx, addr) = destination();
-    let (_c, token) = handshake(&addr);
-    let mut d = data_channel(&addr, token);
-    let mut m = extents_message(16 << 20, 4096);
-    m.extend_from_slice(&[0xaa; 4096]);
-    let _ = d.write_all(&m);
+    let c = handshake(&addr);
+    let mut d = data_channel(&addr, &c, c.token);
+    let _ = d.send(&extents_message(16 << 20, 4096), &[0xaa; 4096]);
     let (code, err) = rx.wait_exit(Duration::from_secs(20));
     assert_clean_error(code, &err, "outside registered memory");
 }
@@ -200,11 +257,11 @@ fn page_batch_outside_ram_is_rejected() {
 #[test]
 fn truncated_stream_is_an_error() {
     let (rx, addr) = destination();
-    let (c, token) = handshake(&addr);
-    let mut d = data_channel(&addr, token);
-    let mut m = extents_message(0, 8192);
-    m.extend_from_slice(&[0x55; 1000]);
-    d.write_all(&m).unwrap();
+    let c = handshake(&addr);
+    let mut d = data_channel(&addr, &c, c.token);
+    // The header and table, then 1000 of the 8192 bytes announced.
+    d.send(&extents_message(0, 8192), &[]).unwrap();
+    d.stream.write_all(&[0x55; 1000]).unwrap();
     drop(d);
     drop(c);
     let (code, err) = rx.wait_exit(Duration::from_secs(20));
@@ -214,19 +271,26 @@ fn truncated_stream_is_an_error() {
 #[test]
 fn wrong_token_data_channel_is_not_accepted() {
     let (rx, addr) = destination();
-    let (mut c, token) = handshake(&addr);
-    let mut d = data_channel(&addr, token.wrapping_add(1));
-    // The stray connection is dropped by the destination.
-    let mut buf = [0u8; 1];
-    d.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    assert_eq!(d.read(&mut buf).unwrap_or(0), 0);
-    // The session itself can still be aborted cleanly by its source.
+    let mut c = handshake(&addr);
+    // A wrong token, and a token shown in clear in the ChannelHello: both dropped.
+    let d = data_channel(&addr, &c, c.token.wrapping_add(1));
+    let mut clear = TcpStream::connect(&addr).unwrap();
     send(
-        &mut c,
-        &Message::Abort {
-            reason: "test over".into(),
+        &mut clear,
+        &Message::ChannelHello {
+            token: c.token,
+            index: 0,
         },
     );
+    for mut s in [d.stream, clear] {
+        let mut buf = [0u8; 1];
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
+    }
+    // The session itself can still be aborted cleanly by its source.
+    c.send(&Message::Abort {
+        reason: "test over".into(),
+    });
     let (code, err) = rx.wait_exit(Duration::from_secs(30));
     assert_clean_error(code, &err, "aborted");
 }
@@ -234,11 +298,10 @@ fn wrong_token_data_channel_is_not_accepted() {
 #[test]
 fn a_vm_of_another_machine_is_refused_before_any_page() {
     let (rx, addr) = destination();
-    let mut c = TcpStream::connect(&addr).unwrap();
-    let token = authenticate(&mut c);
-    send_config(&mut c, config(livemig_engine::vm::kvm::MACHINE, 16), token);
-    match recv(&mut c) {
-        Message::Refuse { reason } => assert!(reason.contains("--backend"), "{reason}"),
+    let mut c = authenticate(TcpStream::connect(&addr).unwrap());
+    send_config(&mut c, config(livemig_engine::vm::kvm::MACHINE, 16));
+    match c.recv() {
+        Err(reason) => assert!(reason.contains("--backend"), "{reason}"),
         m => panic!("expected Refuse, got {m:?}"),
     }
     let (code, err) = rx.wait_exit(Duration::from_secs(20));
@@ -325,15 +388,13 @@ fn more_ram_than_the_destination_accepts_is_refused_before_allocating() {
         "127.0.0.1:0",
         &["--backend", "memory", "--max-memory-mib", "64"],
     );
-    let mut c = TcpStream::connect(&addr).unwrap();
-    let token = authenticate(&mut c);
+    let mut c = authenticate(TcpStream::connect(&addr).unwrap());
     send_config(
         &mut c,
         config(livemig_engine::vm::memory_only::MACHINE, 1 << 20),
-        token,
     );
-    match recv(&mut c) {
-        Message::Refuse { reason } => assert!(reason.contains("at most 64 MiB"), "{reason}"),
+    match c.recv() {
+        Err(reason) => assert!(reason.contains("at most 64 MiB"), "{reason}"),
         m => panic!("expected Refuse, got {m:?}"),
     }
     let (code, err) = rx.wait_exit(Duration::from_secs(20));
@@ -347,8 +408,8 @@ fn a_silent_source_cannot_hold_the_destination() {
         "127.0.0.1:0",
         &["--backend", "memory", "--timeout-secs", "2"],
     );
-    let (_c, token) = handshake(&addr);
-    let _d = data_channel(&addr, token);
+    let c = handshake(&addr);
+    let _d = data_channel(&addr, &c, c.token);
     // Connected, authenticated, channels open — and then nothing.
     let (code, err) = rx.wait_exit(Duration::from_secs(30));
     assert_clean_error(code, &err, "sent neither pages nor device state");
@@ -418,4 +479,163 @@ fn a_linux_vm_with_bad_files_or_devices_is_refused_before_anything_starts() {
         );
         assert!(!sock.exists(), "case {i}: a control socket was created");
     }
+}
+
+/// A data message: a marker ending `round`.
+fn marker(round: u64) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&2u16.to_le_bytes());
+    v.extend_from_slice(&0u16.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v.extend_from_slice(&round.to_le_bytes());
+    v
+}
+
+/// An authenticated source turned hostile. Each case runs against its own destination
+/// (deadline 3 s), which must end with a clear error naming the problem, no panic, well
+/// within its deadline, and nothing resumed.
+#[test]
+fn a_hostile_authenticated_source_is_refused_cleanly() {
+    type Case = (&'static str, &'static str, fn(&str, &mut Session));
+    let cases: [Case; 9] = [
+        ("misaligned extent", "bad Raw entry", |addr, c| {
+            let mut d = data_channel(addr, c, c.token);
+            let _ = d.send(&extents_message(0x1800, 4096), &[1; 4096]);
+        }),
+        ("part of a page", "bad Raw entry", |addr, c| {
+            let mut d = data_channel(addr, c, c.token);
+            let _ = d.send(&extents_message(0, 16), &[1; 16]);
+        }),
+        (
+            "wrapping address",
+            "outside registered memory",
+            |addr, c| {
+                let mut d = data_channel(addr, c, c.token);
+                let _ = d.send(&extents_message(u64::MAX - 0xfff, 4096), &[1; 4096]);
+            },
+        ),
+        ("commit out of order", "unexpected Commit", |addr, c| {
+            let _d = data_channel(addr, c, c.token);
+            c.send(&Message::Commit);
+            std::thread::sleep(Duration::from_millis(500));
+        }),
+        ("bad device state", "section", |addr, c| {
+            let mut d = data_channel(addr, c, c.token);
+            d.send(&extents_message(0, 4096), &[3; 4096]).unwrap();
+            d.send(&marker(0), &[]).unwrap();
+            c.send(&Message::DeviceState {
+                final_round: 0,
+                sections: vec![livemig_engine::vm::DeviceSection {
+                    id: 0xdead,
+                    instance: 7,
+                    version: 99,
+                    data: vec![0xff; 100],
+                }],
+            });
+            // The source's rollback path: it hears the refusal.
+            assert!(c.recv().is_err());
+        }),
+        ("final round never sent", "timed out", |addr, c| {
+            let _d = data_channel(addr, c, c.token);
+            c.send(&Message::DeviceState {
+                final_round: 5,
+                sections: Vec::new(),
+            });
+            std::thread::sleep(Duration::from_secs(5));
+        }),
+        (
+            "pages in clear on a sealed channel",
+            "failed authentication",
+            |addr, c| {
+                let mut d = data_channel(addr, c, c.token);
+                let mut m = extents_message(0, 4096);
+                m.extend_from_slice(&[0x42; 4096]);
+                let _ = d.stream.write_all(&m);
+            },
+        ),
+        (
+            "a replayed page batch",
+            "failed authentication",
+            |addr, c| {
+                let mut d = data_channel(addr, c, c.token);
+                // The same sealed records twice: the second copy has the wrong sequence number.
+                let mut out = Vec::new();
+                let mut twin = Sealer::new(&c.keys.key(1, Direction::ToDestination));
+                twin.seal_append(&[], &0u64.to_le_bytes(), &mut Vec::new());
+                let m = extents_message(0, 4096);
+                twin.seal_append(&[], &m[..16], &mut out);
+                twin.seal_append(&[], &m[16..], &mut out);
+                twin.seal_append(&[], &[9; 4096], &mut out);
+                d.send(&m, &[9; 4096]).unwrap();
+                let _ = d.stream.write_all(&out);
+            },
+        ),
+        (
+            "control message in clear",
+            "failed authentication",
+            |_, c| {
+                let (k, p) = Message::Abort {
+                    reason: "forged by someone on the path".into(),
+                }
+                .encode();
+                let mut s = c.ctl.stream().try_clone().unwrap();
+                let _ = frame::write_frame(&mut s, k, &p);
+                std::thread::sleep(Duration::from_millis(500));
+            },
+        ),
+    ];
+    for (what, needle, attack) in cases {
+        let (rx, addr) = receive(
+            &[],
+            "127.0.0.1:0",
+            &["--backend", "memory", "--timeout-secs", "3"],
+        );
+        let start = std::time::Instant::now();
+        let mut c = handshake(&addr);
+        attack(&addr, &mut c);
+        let (code, err) = rx.wait_exit(Duration::from_secs(20));
+        println!("{what}: {} ({:?})", err.trim(), start.elapsed());
+        assert_clean_error(code, &err, needle);
+        assert!(err.contains("nothing was resumed here"), "{what}: {err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(12),
+            "{what}: the destination waited past its deadline"
+        );
+    }
+}
+
+/// A source with the key that will not seal the session is refused by a destination that
+/// seals (the default), once it proved its key and before any state.
+#[test]
+fn a_source_that_will_not_encrypt_is_refused_before_any_state() {
+    let (rx, addr) = destination();
+    let mut c = Control::new(TcpStream::connect(&addr).unwrap());
+    let key = Key::new(TEST_KEY.as_bytes()).unwrap();
+    let nonce_s = [5u8; 32];
+    c.send(&Message::Hello {
+        min_version: 1,
+        max_version: VERSION,
+        features: 0,
+        nonce: nonce_s,
+    })
+    .unwrap();
+    let Ok(Message::Welcome {
+        nonce, features, ..
+    }) = c.recv(Some(Duration::from_secs(20)), "test")
+    else {
+        panic!("no Welcome")
+    };
+    assert_eq!(features & FEATURE_SEALED, 0);
+    c.send(&Message::Auth {
+        proof: key.source_proof(&nonce_s, &nonce),
+    })
+    .unwrap();
+    match c.recv(Some(Duration::from_secs(20)), "test") {
+        Err(MigrationError::Refused { reason, .. }) => {
+            assert!(reason.contains("does not encrypt"), "{reason}")
+        }
+        m => panic!("expected Refuse, got {m:?}"),
+    }
+    let err = still_serves(rx, &addr, "unsealed");
+    assert!(err.contains("does not encrypt"), "{err}");
 }

@@ -312,8 +312,9 @@ fn auto_chooses_rdma_and_a_missing_device_is_a_clear_error() {
     let dir = tmpdir("rdma-auto");
     let sock = dir.join("vm.sock");
     // Never-written RAM: round 0 finds holes, which RDMA skips (destination RAM is zero).
-    let _vm = memory_vm(&sock, 16, 500, "zero", &[]);
-    let (dst, addr) = destination(&d, &[]);
+    // `auto` picks RDMA only where the session is not encrypted (RDMA writes go in clear).
+    let _vm = memory_vm(&sock, 16, 500, "zero", &[("LIVEMIG_ENCRYPT", "off")]);
+    let (dst, addr) = destination(&d, &["--encrypt", "off"]);
     let (ok, _, err) = try_migrate(
         &sock,
         &addr,
@@ -417,11 +418,17 @@ fn without_rdma_devices_rdma_says_how_to_fix_it_and_auto_uses_tcp() {
 
     let dir = tmpdir("no-rdma");
     let sock = dir.join("vm.sock");
-    let _vm = memory_vm(&sock, 8, 100, "random", &[]);
+    let _vm = memory_vm(&sock, 8, 100, "random", &[("LIVEMIG_ENCRYPT", "off")]);
     let (dst, addr) = receive(
         &[],
         "127.0.0.1:0",
-        &["--backend", "memory", "--exit-after-resume"],
+        &[
+            "--backend",
+            "memory",
+            "--exit-after-resume",
+            "--encrypt",
+            "off",
+        ],
     );
     let (ok, _, err) = try_migrate(&sock, &addr, &["--transport", "rdma"]);
     assert!(!ok);
@@ -435,6 +442,7 @@ fn without_rdma_devices_rdma_says_how_to_fix_it_and_auto_uses_tcp() {
         r["transport_detail"], "auto: tcp (no RDMA device here)",
         "{r}"
     );
+    assert_eq!(r["encryption"], "off", "{r}");
     assert_eq!(r["digest_match"], true, "{r}");
     let (code, stderr) = dst.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(0), "destination: {stderr}");

@@ -14,6 +14,12 @@
 //! Each side proves knowledge of the key over fresh nonces chosen by the other, so neither a
 //! stranger nor a replay gets past the handshake. Without a key on both sides (an explicit
 //! `--no-auth`) proofs are zero and the token is random.
+//!
+//! Sealed sessions (both sides offer [`crate::protocol::FEATURE_SEALED`]; the default with a
+//! key): every later control frame and every TCP data channel is AES-256-GCM, keyed per
+//! connection and direction by [`SessionKeys`], derived from the key, both nonces and the
+//! hash of every handshake frame (versions and features included), so a peer that tampered
+//! with the handshake cannot open or forge anything after it.
 
 use std::path::Path;
 
@@ -55,9 +61,9 @@ pub enum KeyError {
     },
 }
 
-/// A pre-shared key.
+/// A pre-shared key, and whether sessions keyed by it are sealed.
 #[derive(Clone)]
-pub struct Key(Vec<u8>);
+pub struct Key(Vec<u8>, bool);
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,7 +87,32 @@ impl Key {
         if t.len() < MIN_KEY_DIGITS || t.len() % 2 != 0 {
             return Err(KeyError::Weak(format!("it has {} digits", t.len())));
         }
-        Ok(Key(t.to_vec()))
+        Ok(Key(t.to_vec(), true))
+    }
+
+    /// The same key for sessions that authenticate but send everything after the handshake
+    /// in clear (`--encrypt off`: trusted links only).
+    pub fn unsealed(mut self) -> Key {
+        self.1 = false;
+        self
+    }
+
+    /// Whether sessions are sealed.
+    pub fn seals(&self) -> bool {
+        self.1
+    }
+
+    /// The keys of a sealed session whose handshake frames hash to `transcript`.
+    pub fn session_keys(
+        &self,
+        nonce_s: &[u8; 32],
+        nonce_d: &[u8; 32],
+        transcript: &[u8; 32],
+    ) -> SessionKeys {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.mac(b"seal", nonce_s, nonce_d))
+            .unwrap_or_else(|_| unreachable_hmac());
+        m.update(transcript);
+        SessionKeys(m.finalize().into_bytes().into())
     }
 
     /// A key read from a file only its owner can read.
@@ -136,6 +167,37 @@ impl Key {
     }
 }
 
+/// The secret of a sealed session, from which every connection's keys derive.
+#[derive(Clone)]
+pub struct SessionKeys([u8; 32]);
+
+impl std::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKeys(..)")
+    }
+}
+
+/// Which way a connection's records travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the source to the destination.
+    ToDestination,
+    /// From the destination to the source.
+    ToSource,
+}
+
+impl SessionKeys {
+    /// The key of connection `conn` (0: control, 1 + i: data channel i) one way.
+    pub fn key(&self, conn: u32, dir: Direction) -> [u8; 32] {
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable_hmac());
+        m.update(b"livemig record key ");
+        m.update(&conn.to_le_bytes());
+        m.update(&[dir as u8]);
+        m.finalize().into_bytes().into()
+    }
+}
+
 fn unreachable_hmac() -> Hmac<Sha256> {
     // Hmac::new_from_slice never fails: HMAC takes keys of every length.
     <Hmac<Sha256> as Mac>::new_from_slice(b"livemig").unwrap_or_else(|_| unreachable_hmac())
@@ -182,6 +244,21 @@ mod tests {
         ));
         assert_ne!(k.session_token(&s, &d), other.session_token(&s, &d));
         assert_eq!(Key::generate().len(), 64);
+        // Record keys differ by key, transcript, connection and direction.
+        let t = [1u8; 32];
+        let base = k.session_keys(&s, &d, &t).key(0, Direction::ToDestination);
+        for other_key in [
+            other
+                .session_keys(&s, &d, &t)
+                .key(0, Direction::ToDestination),
+            k.session_keys(&s, &d, &[2; 32])
+                .key(0, Direction::ToDestination),
+            k.session_keys(&d, &s, &t).key(0, Direction::ToDestination),
+            k.session_keys(&s, &d, &t).key(1, Direction::ToDestination),
+            k.session_keys(&s, &d, &t).key(0, Direction::ToSource),
+        ] {
+            assert_ne!(base, other_key);
+        }
     }
 
     #[test]

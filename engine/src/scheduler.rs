@@ -32,7 +32,7 @@ use livemig_transport::{MemoryMap, TransportError};
 
 use crate::digest::PageHashes;
 use crate::dirty::Extent;
-use crate::memory::PAGE_SIZE;
+use crate::memory::{RamLayout, PAGE_SIZE};
 use crate::storage::image::MirrorHook;
 
 /// Most pages in one chunk (2 MiB).
@@ -229,6 +229,8 @@ struct Worker {
     stop: Arc<AtomicBool>,
     /// The storage lane's record of what it sent.
     hashes: Option<Arc<PageHashes>>,
+    /// Hashes of the RAM pages every lane sent: the digest the destination must match.
+    sent: Arc<PageHashes>,
     /// The storage lane's mirrored writes, served first.
     mirror: Option<Receiver<Work>>,
 }
@@ -265,7 +267,12 @@ impl Worker {
                     let _ = done.send(());
                     r
                 }
-                Work::Zero(ext) => tx.zero(&ext).map(|b| bytes += b),
+                Work::Zero(ext) => tx.zero(&ext).map(|b| {
+                    for &(addr, len) in &ext {
+                        self.sent.clear_nonzero(addr, len, |_, _| {});
+                    }
+                    bytes += b
+                }),
                 Work::Marker(round) => tx.marker(round, &self.stop).map(|b| {
                     let now = thread_cpu_ns();
                     let _ = self.ev.send(Event::MarkerSent {
@@ -290,7 +297,8 @@ impl Worker {
         }
     }
 
-    /// Sends a chunk; the storage lane then hashes what it sent.
+    /// Sends a chunk, then hashes what it sent (RAM pages, or disk blocks on the storage
+    /// lane).
     fn chunk<C: ChannelSender>(
         &self,
         tx: &mut C,
@@ -298,15 +306,14 @@ impl Worker {
         round: u64,
     ) -> Result<u64, TransportError> {
         let b = tx.chunk(&self.map, ext, round, &self.stop)?;
-        if let Some(h) = &self.hashes {
-            for &(addr, len) in ext {
-                if let Ok(host) = self.map.host_ptr(addr, len) {
-                    // SAFETY: `host..host + len` lies in a live mapping of `map`. The guest
-                    // may write the disk meanwhile; such a block is dirty or mirrored and is
-                    // sent and hashed again after the write, so the last hash of every block
-                    // is taken after its last write (the guest is paused for the final round).
-                    unsafe { h.update(addr, len, host) };
-                }
+        let hashes = self.hashes.as_deref().unwrap_or(&self.sent);
+        for &(addr, len) in ext {
+            if let Ok(host) = self.map.host_ptr(addr, len) {
+                // SAFETY: `host..host + len` lies in a live mapping of `map`. The guest may
+                // write it meanwhile; such a page (or block) is dirty or mirrored and is sent
+                // and hashed again after the write, so the last hash of every page is taken
+                // after its last write (the guest is paused for the final round).
+                unsafe { hashes.update(addr, len, host) };
             }
         }
         Ok(b)
@@ -368,6 +375,8 @@ pub struct Scheduler {
     mirror: Option<Sender<Work>>,
     /// The round being sent (mirrored writes belong to it).
     round: Arc<AtomicU64>,
+    /// Hashes of the RAM pages sent so far.
+    sent: Arc<PageHashes>,
 }
 
 impl Scheduler {
@@ -379,6 +388,7 @@ impl Scheduler {
     pub fn new(
         senders: Vec<DataSender>,
         map: MemoryMap,
+        ram: &RamLayout,
         pin: bool,
         mode: Mode,
         delta_cache_bytes: u64,
@@ -393,12 +403,17 @@ impl Scheduler {
                 enc: Encoder::new(mode, cache.clone()),
             })
             .collect();
-        Self::start(channels, map, pin, storage_hashes)
+        Self::start(channels, map, ram, pin, storage_hashes)
     }
 
     /// Starts one RDMA worker per queue pair (`map` is the memory the senders write from).
     #[cfg(feature = "rdma")]
-    pub fn new_rdma(senders: Vec<RdmaSender>, map: MemoryMap, pin: bool) -> Scheduler {
+    pub fn new_rdma(
+        senders: Vec<RdmaSender>,
+        map: MemoryMap,
+        ram: &RamLayout,
+        pin: bool,
+    ) -> Scheduler {
         let channels = senders
             .into_iter()
             .map(|tx| RdmaChannel {
@@ -406,12 +421,13 @@ impl Scheduler {
                 stats: CodecStats::default(),
             })
             .collect();
-        Self::start(channels, map, pin, None)
+        Self::start(channels, map, ram, pin, None)
     }
 
     fn start<C: ChannelSender>(
         senders: Vec<C>,
         map: MemoryMap,
+        ram: &RamLayout,
         pin: bool,
         storage_hashes: Option<Arc<PageHashes>>,
     ) -> Scheduler {
@@ -424,6 +440,7 @@ impl Scheduler {
             Vec::new()
         };
         let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(PageHashes::new_zeroed(ram));
         let mut queues = Vec::new();
         let mut workers = Vec::new();
         let (mirror_tx, mirror_rx) = bounded::<Work>(MIRROR_QUEUE_DEPTH);
@@ -437,6 +454,7 @@ impl Scheduler {
                 map: map.clone(),
                 stop: stop.clone(),
                 hashes: storage_hashes.clone().filter(|_| lane),
+                sent: sent.clone(),
                 mirror: lane.then(|| mirror_rx.clone()),
             };
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
@@ -465,7 +483,15 @@ impl Scheduler {
             storage,
             mirror: storage.then_some(mirror_tx),
             round: Arc::new(AtomicU64::new(0)),
+            sent,
         }
+    }
+
+    /// The digest of the RAM pages sent so far, each as it was when last sent (holes as
+    /// zero pages). Once the final round's markers went out with the guest paused, it is
+    /// what the destination's RAM must hash to.
+    pub fn sent_digest(&self) -> u64 {
+        self.sent.digest()
     }
 
     /// The channels that carry RAM (every channel but the storage lane).

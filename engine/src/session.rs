@@ -4,9 +4,12 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use livemig_transport::seal::{Opener, Sealer, TAG_LEN};
 use livemig_transport::{frame, TransportError};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
+use crate::auth::{Direction, SessionKeys};
 use crate::protocol::{Message, ProtocolError, MAX_CONTROL_FRAME};
 use crate::scheduler::SchedulerError;
 use crate::vm::VmError;
@@ -65,6 +68,17 @@ pub enum MigrationError {
     /// A VM operation failed.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// The destination's RAM does not hash to the pages sent (checked before Commit).
+    #[error(
+        "the destination's RAM digest {got} differs from that of the pages sent ({sent}): \
+         pages were lost or altered on the way"
+    )]
+    DigestMismatch {
+        /// Digest of the pages the source sent.
+        sent: String,
+        /// Digest the destination reported.
+        got: String,
+    },
     /// Cancelled before the switchover; the VM still runs on the source.
     #[error("migration cancelled; the VM keeps running on the source")]
     Cancelled,
@@ -106,6 +120,11 @@ pub struct Control {
     peer: String,
     version: u16,
     max_frame: u32,
+    /// Hash of every frame so far, until the session is sealed.
+    transcript: Option<Sha256>,
+    /// A sealed session: this side's sealer and opener, and the keys they came from.
+    seal: Option<(Sealer, Opener)>,
+    keys: Option<SessionKeys>,
 }
 
 /// The largest frame a peer may send before it authenticated (Hello, Welcome and Auth are a
@@ -149,6 +168,44 @@ impl Control {
             peer,
             version: crate::protocol::VERSION,
             max_frame: MAX_PRE_AUTH_FRAME,
+            transcript: Some(Sha256::new()),
+            seal: None,
+            keys: None,
+        }
+    }
+
+    /// The hash of every frame sent and received so far (the handshake's transcript).
+    pub fn transcript(&self) -> [u8; 32] {
+        self.transcript
+            .clone()
+            .map(|t| t.finalize().into())
+            .unwrap_or_default()
+    }
+
+    /// Seals every frame from now on with the session's `keys`; this side sends `sending`.
+    pub fn seal(&mut self, keys: SessionKeys, sending: Direction) {
+        let receiving = match sending {
+            Direction::ToDestination => Direction::ToSource,
+            Direction::ToSource => Direction::ToDestination,
+        };
+        self.transcript = None;
+        self.seal = Some((
+            Sealer::new(&keys.key(0, sending)),
+            Opener::new(&keys.key(0, receiving)),
+        ));
+        self.keys = Some(keys);
+    }
+
+    /// A sealed session's keys (for its data channels).
+    pub fn keys(&self) -> Option<&SessionKeys> {
+        self.keys.as_ref()
+    }
+
+    fn record(&mut self, kind: u16, payload: &[u8]) {
+        if let Some(t) = self.transcript.as_mut() {
+            t.update(kind.to_le_bytes());
+            t.update((payload.len() as u64).to_le_bytes());
+            t.update(payload);
         }
     }
 
@@ -180,7 +237,13 @@ impl Control {
 
     /// Sends a message.
     pub fn send(&mut self, m: &Message) -> Result<(), MigrationError> {
-        let (kind, payload) = m.encode();
+        let (kind, mut payload) = m.encode();
+        self.record(kind, &payload);
+        if let Some((sealer, _)) = self.seal.as_mut() {
+            let hdr = sealed_header(kind, payload.len() + TAG_LEN);
+            let tag = sealer.seal(&hdr, &mut payload);
+            payload.extend_from_slice(&tag);
+        }
         frame::write_frame(&mut self.stream, kind, &payload)
             .and_then(|()| self.stream.flush())
             .map_err(|source| {
@@ -208,7 +271,13 @@ impl Control {
             deadline: timeout.map(|t| Instant::now() + t),
             read: 0,
         };
-        let (kind, payload) = match frame::read_frame(&mut r, self.max_frame, &self.peer) {
+        let cap = self.max_frame
+            + if self.seal.is_some() {
+                TAG_LEN as u32
+            } else {
+                0
+            };
+        let (kind, mut payload) = match frame::read_frame(&mut r, cap, &self.peer) {
             Ok(f) => f,
             Err(TransportError::Io { source, .. })
                 if matches!(
@@ -232,6 +301,12 @@ impl Control {
             }
             Err(e) => return Err(e.into()),
         };
+        if let Some((_, opener)) = self.seal.as_mut() {
+            let hdr = sealed_header(kind, payload.len());
+            let plain = opener.open_record(&hdr, &mut payload, &self.peer)?.len();
+            payload.truncate(plain);
+        }
+        self.record(kind, &payload);
         match Message::decode_version(kind, &payload, self.version) {
             Ok(Message::Refuse { reason }) => Err(MigrationError::Refused {
                 peer: self.peer.clone(),
@@ -246,6 +321,27 @@ impl Control {
         }
     }
 
+    /// Whether the peer sent something (or closed, or the connection failed) that a read
+    /// would return now, without waiting.
+    pub fn has_input(&self) -> bool {
+        let mut b = [0u8; 1];
+        let _ = self.stream.set_nonblocking(true);
+        let peeked = self.stream.peek(&mut b);
+        let _ = self.stream.set_nonblocking(false);
+        !matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Checks, without waiting, that the peer has neither closed the connection nor sent
+    /// anything (a Refuse, say) that would make the next step wrong: the source's last look
+    /// before Commit.
+    pub fn check_quiet(&mut self, during: &'static str) -> Result<(), MigrationError> {
+        if !self.has_input() {
+            return Ok(());
+        }
+        let m = self.recv(Some(Duration::from_secs(1)), during)?;
+        Err(self.unexpected(&m, during))
+    }
+
     /// An [`MigrationError::Unexpected`] for `m`.
     pub fn unexpected(&self, m: &Message, during: &'static str) -> MigrationError {
         MigrationError::Unexpected {
@@ -254,6 +350,14 @@ impl Control {
             during,
         }
     }
+}
+
+/// The clear header of a sealed control frame, bound to its record as associated data.
+fn sealed_header(kind: u16, len: usize) -> [u8; frame::HEADER_LEN] {
+    let mut h = [0u8; frame::HEADER_LEN];
+    h[..2].copy_from_slice(&kind.to_le_bytes());
+    h[4..].copy_from_slice(&(len as u32).to_le_bytes());
+    h
 }
 
 /// One pre-copy or stop-and-copy round, as reported.
@@ -317,6 +421,10 @@ pub struct MigrationReport {
     pub transport: String,
     /// How the transport was chosen and what it runs on (device, GIDs, why `auto` chose it).
     pub transport_detail: String,
+    /// What the session encrypted: `aes-256-gcm` (control and data), `control only` (RDMA:
+    /// pages travel in clear) or `off`.
+    #[serde(default)]
+    pub encryption: String,
     /// Data channels.
     pub channels: u16,
     /// Page bytes copied through intermediate buffers on the source (pages compressed or

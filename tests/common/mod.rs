@@ -197,6 +197,14 @@ pub enum Trigger {
     DestinationFrame(u16),
     /// When more than this many bytes went source → destination on data channels.
     DataBytes(u64),
+    /// A man in the middle: flips one bit of the first control frame of this kind the source
+    /// sends (its last payload byte, or its kind when it has none) and forwards everything.
+    FlipSourceFrame(u16),
+    /// A man in the middle: flips one bit of the source → destination data byte at this
+    /// offset (data channels counted together) and forwards everything.
+    FlipData(u64),
+    /// A passive listener: forwards everything and keeps a copy in [`Proxy::captured`].
+    Capture,
 }
 
 /// Control frame kinds.
@@ -215,7 +223,10 @@ pub mod kind {
 /// (e.g. kill a process) and cuts every connection of the session.
 pub struct Proxy {
     pub addr: String,
+    /// The trigger fired (a cut, or a bit flipped).
     pub fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Every byte forwarded, both ways ([`Trigger::Capture`]).
+    pub captured: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 impl Proxy {
@@ -230,6 +241,8 @@ impl Proxy {
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let action = Arc::new(Mutex::new(Some(action)));
         let data = Arc::new(AtomicU64::new(0));
+        let captured: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let cap = captured.clone();
         let f2 = fired.clone();
         std::thread::spawn(move || {
             let fire = {
@@ -267,16 +280,44 @@ impl Proxy {
                 ] {
                     let fire = fire.clone();
                     let data = data.clone();
+                    let seen = Seen {
+                        fired: f2.clone(),
+                        captured: cap.clone(),
+                    };
                     std::thread::spawn(move || {
-                        pump(from, to, control, src_side, trigger, &data, &fire)
+                        pump(from, to, control, src_side, trigger, &data, &fire, &seen)
                     });
                 }
             }
         });
-        Proxy { addr, fired }
+        Proxy {
+            addr,
+            fired,
+            captured,
+        }
     }
 }
 
+/// What a pump records: a tampering trigger that fired, and the bytes it forwarded.
+struct Seen {
+    fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    captured: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Seen {
+    /// Whether this is the first tampering (which then happens).
+    fn first(&self) -> bool {
+        !self.fired.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn keep(&self, trigger: Trigger, bytes: &[u8]) {
+        if trigger == Trigger::Capture {
+            self.captured.lock().unwrap().extend_from_slice(bytes);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn pump(
     mut from: std::net::TcpStream,
     mut to: std::net::TcpStream,
@@ -285,6 +326,7 @@ fn pump(
     trigger: Trigger,
     data: &std::sync::atomic::AtomicU64,
     fire: &dyn Fn(),
+    seen: &Seen,
 ) {
     use std::sync::atomic::Ordering;
     if control {
@@ -303,12 +345,20 @@ fn pump(
             let hit = match trigger {
                 Trigger::SourceFrame(t) => src_side && t == k,
                 Trigger::DestinationFrame(t) => !src_side && t == k,
-                Trigger::DataBytes(_) => false,
+                _ => false,
             };
             if hit {
                 fire();
                 break;
             }
+            if trigger == Trigger::FlipSourceFrame(k) && src_side && seen.first() {
+                match body.last_mut() {
+                    Some(b) => *b ^= 0x01,
+                    None => hdr[0] ^= 0x01,
+                }
+            }
+            seen.keep(trigger, &hdr);
+            seen.keep(trigger, &body);
             if to
                 .write_all(&hdr)
                 .and_then(|()| to.write_all(&body))
@@ -332,7 +382,14 @@ fn pump(
                         break;
                     }
                 }
+                if let Trigger::FlipData(at) = trigger {
+                    let before = total - n as u64;
+                    if (before..total).contains(&at) && seen.first() {
+                        buf[(at - before) as usize] ^= 0x10;
+                    }
+                }
             }
+            seen.keep(trigger, &buf[..n]);
             if to.write_all(&buf[..n]).is_err() {
                 break;
             }

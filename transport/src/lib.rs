@@ -50,6 +50,7 @@ pub mod frame;
 mod memory_map;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+pub mod seal;
 pub mod tcp;
 
 pub use memory_map::{FileBacking, MappedRegion, MemoryMap, Target};

@@ -21,6 +21,11 @@
 //! The sender gathers the header, the entry table and the extents' bytes from registered
 //! memory into one `writev`; the receiver reads the table, checks every entry against its
 //! [`MemoryMap`] before touching memory, then `readv`s the bytes straight into place.
+//!
+//! A sealed channel ([`crate::seal`]) sends the same message as sealed records, each followed
+//! by its tag: the header, the entry table, then every entry's body (zero entries have
+//! none). The receiver opens the header and the table before it checks them, and opens each
+//! body in place where it landed; a record that fails to open ends the connection.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -28,6 +33,7 @@ use std::os::fd::AsRawFd;
 
 use crate::codec::{self, Body, Encoder, Encoding, MAX_ZERO_ENTRY, PAGE};
 use crate::frame::read_exact;
+use crate::seal::{Opener, Sealer, TAG_LEN};
 use crate::{MemoryMap, Target, TransportError};
 
 /// Most extents in one message.
@@ -78,6 +84,9 @@ pub struct DataSender {
     peer: String,
     table: Vec<u8>,
     rate_sample: Option<(std::time::Instant, u64)>,
+    /// Seals every record (a sealed channel), staged in `stage`.
+    seal: Option<Sealer>,
+    stage: Vec<u8>,
 }
 
 impl DataSender {
@@ -96,7 +105,48 @@ impl DataSender {
             peer,
             table: Vec::with_capacity(HEADER_LEN + MAX_EXTENTS * ENCODED_ENTRY_LEN),
             rate_sample: None,
+            seal: None,
+            stage: Vec::new(),
         })
+    }
+
+    /// Seals everything sent from now on with `sealer`.
+    pub fn seal_with(&mut self, sealer: Sealer) {
+        self.seal = Some(sealer);
+    }
+
+    /// Writes `buf` whole.
+    fn write(&mut self, what: &'static str, buf: &[u8]) -> Result<(), TransportError> {
+        self.stream
+            .write_all(buf)
+            .map_err(|source| TransportError::Io {
+                op: what,
+                peer: self.peer.clone(),
+                source,
+            })
+    }
+
+    /// A sealed message: the header, the table and every body as records, staged and
+    /// written at once.
+    fn send_sealed(&mut self, bodies: &[libc::iovec]) -> Result<u64, TransportError> {
+        let Some(seal) = self.seal.as_mut() else {
+            return Ok(0);
+        };
+        self.stage.clear();
+        let (hdr, table) = self.table.split_at(HEADER_LEN.min(self.table.len()));
+        seal.seal_append(&[], hdr, &mut self.stage);
+        if !table.is_empty() {
+            seal.seal_append(&[], table, &mut self.stage);
+        }
+        for b in bodies {
+            // SAFETY: the caller passes iovecs of readable memory (see `send_entries`).
+            let body = unsafe { std::slice::from_raw_parts(b.iov_base.cast::<u8>(), b.iov_len) };
+            seal.seal_append(&[], body, &mut self.stage);
+        }
+        let stage = std::mem::take(&mut self.stage);
+        let r = self.write("sending sealed pages", &stage);
+        self.stage = stage;
+        r.map(|()| self.stage.len() as u64)
     }
 
     /// Encodes the pages of `extents` with `enc` and sends them as one message. Returns the
@@ -171,6 +221,15 @@ impl DataSender {
                     iov_len: e.enc_len as usize,
                 });
             }
+            if self.seal.is_some() {
+                // The bodies (iovecs after the first) point into the encoder's output buffer
+                // or registered guest memory checked in `send_encoded`.
+                wire += self.send_sealed(&iov[1..])?;
+                // Sealing encrypts a copy of every body.
+                enc.stats.bytes_staged += body;
+                self.sample_link(enc);
+                continue;
+            }
             iov[0] = libc::iovec {
                 iov_base: self.table.as_ptr() as *mut libc::c_void,
                 iov_len: self.table.len(),
@@ -216,15 +275,24 @@ impl DataSender {
 
     /// Sends a marker.
     pub fn send_marker(&mut self, value: u64) -> Result<(), TransportError> {
-        let mut hdr = Vec::with_capacity(HEADER_LEN);
+        let mut hdr = Vec::with_capacity(HEADER_LEN + TAG_LEN);
         put_header(&mut hdr, KIND_MARKER, 0, value);
-        self.stream
-            .write_all(&hdr)
-            .map_err(|source| TransportError::Io {
-                op: "sending a marker",
-                peer: self.peer.clone(),
-                source,
-            })
+        if let Some(seal) = self.seal.as_mut() {
+            let tag = seal.seal(&[], &mut hdr);
+            hdr.extend_from_slice(&tag);
+        }
+        self.write("sending a marker", &hdr)
+    }
+
+    /// Sends `bytes` as one sealed record (the channel's proof of its session, before any
+    /// page), or in clear on an unsealed channel.
+    pub fn send_record(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        let mut rec = Vec::with_capacity(bytes.len() + TAG_LEN);
+        match self.seal.as_mut() {
+            Some(seal) => seal.seal_append(&[], bytes, &mut rec),
+            None => rec.extend_from_slice(bytes),
+        }
+        self.write("sending a channel record", &rec)
     }
 
     /// The underlying stream (for shutdown or timeouts).
@@ -252,6 +320,9 @@ pub struct DataReceiver {
     table: Vec<u8>,
     scratch: Vec<u8>,
     decoded: Vec<u8>,
+    /// Opens every record (a sealed channel); `tags` holds the bodies' tags of a message.
+    open: Option<Opener>,
+    tags: Vec<[u8; TAG_LEN]>,
 }
 
 impl DataReceiver {
@@ -262,10 +333,54 @@ impl DataReceiver {
         Ok(DataReceiver {
             stream,
             peer,
-            table: vec![0u8; MAX_EXTENTS * ENCODED_ENTRY_LEN],
+            table: vec![0u8; MAX_EXTENTS * ENCODED_ENTRY_LEN + TAG_LEN],
             scratch: Vec::new(),
             decoded: Vec::new(),
+            open: None,
+            tags: Vec::new(),
         })
+    }
+
+    /// Opens everything received from now on with `opener`.
+    pub fn open_with(&mut self, opener: Opener) {
+        self.open = Some(opener);
+    }
+
+    /// Receives one record of `out.len()` bytes (see [`DataSender::send_record`]).
+    pub fn recv_record(&mut self, out: &mut [u8]) -> Result<(), TransportError> {
+        let tag_len = if self.open.is_some() { TAG_LEN } else { 0 };
+        let mut rec = vec![0u8; out.len() + tag_len];
+        read_exact(
+            &mut self.stream,
+            &mut rec,
+            &self.peer,
+            "reading a channel record",
+        )?;
+        let body = match self.open.as_mut() {
+            Some(o) => o.open_record(&[], &mut rec, &self.peer)?,
+            None => &mut rec[..],
+        };
+        out.copy_from_slice(body);
+        Ok(())
+    }
+
+    /// Reads `len` bytes into `self.table` and, on a sealed channel, opens them as a record.
+    fn read_table_record(
+        &mut self,
+        len: usize,
+        during: &'static str,
+    ) -> Result<(), TransportError> {
+        let tag_len = if self.open.is_some() { TAG_LEN } else { 0 };
+        read_exact(
+            &mut self.stream,
+            &mut self.table[..len + tag_len],
+            &self.peer,
+            during,
+        )?;
+        if let Some(o) = self.open.as_mut() {
+            o.open_record(&[], &mut self.table[..len + tag_len], &self.peer)?;
+        }
+        Ok(())
     }
 
     /// Receives one message. Extents land in `map` and are appended to `landed`. Nothing is
@@ -275,13 +390,9 @@ impl DataReceiver {
         map: &MemoryMap,
         landed: &mut Landed,
     ) -> Result<Received, TransportError> {
+        self.read_table_record(HEADER_LEN, "waiting for a data message")?;
         let mut hdr = [0u8; HEADER_LEN];
-        read_exact(
-            &mut self.stream,
-            &mut hdr,
-            &self.peer,
-            "waiting for a data message",
-        )?;
+        hdr.copy_from_slice(&self.table[..HEADER_LEN]);
         let kind = u16::from_le_bytes([hdr[0], hdr[1]]);
         let count = usize::from(u16::from_le_bytes([hdr[2], hdr[3]]));
         let flags = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
@@ -320,14 +431,10 @@ impl DataReceiver {
                 "{value} body bytes exceed the {MAX_MESSAGE_BYTES} cap"
             )));
         }
-        read_exact(
-            &mut self.stream,
-            &mut self.table[..count * ENCODED_ENTRY_LEN],
-            &self.peer,
-            "reading an encoded entry table",
-        )?;
+        self.read_table_record(count * ENCODED_ENTRY_LEN, "reading an encoded entry table")?;
         let (entries, scratch_len) = self.check_table(map, count, value)?;
         self.read_bodies(&entries, scratch_len)?;
+        self.open_bodies(&entries)?;
         self.place(&entries, landed)?;
         Ok(Received::Extents { bytes: value })
     }
@@ -408,11 +515,20 @@ impl DataReceiver {
         scratch_len: usize,
     ) -> Result<(), TransportError> {
         self.scratch.resize(scratch_len, 0);
-        let mut iov = Vec::with_capacity(entries.len());
+        let sealed = self.open.is_some();
+        let bodies = entries
+            .iter()
+            .filter(|e| e.encoding != Encoding::Zero)
+            .count();
+        self.tags.clear();
+        self.tags
+            .resize(if sealed { bodies } else { 0 }, [0u8; TAG_LEN]);
+        let mut iov = Vec::with_capacity(entries.len() * 2);
         let mut off = 0usize;
+        let mut tags = self.tags.iter_mut();
         for e in entries {
             match e.encoding {
-                Encoding::Zero => {}
+                Encoding::Zero => continue,
                 Encoding::Raw if e.file.is_none() => iov.push(libc::iovec {
                     iov_base: e.host.cast(),
                     iov_len: e.enc_len as usize,
@@ -425,9 +541,16 @@ impl DataReceiver {
                     off += e.enc_len as usize;
                 }
             }
+            if let Some(t) = tags.next() {
+                iov.push(libc::iovec {
+                    iov_base: t.as_mut_ptr().cast(),
+                    iov_len: TAG_LEN,
+                });
+            }
         }
         // SAFETY: raw iovecs point into registered memory (bounds checked in check_table);
-        // the others into `self.scratch`, sized to hold every encoded body.
+        // the others into `self.scratch`, sized to hold every encoded body, or `self.tags`,
+        // sized to hold one tag per body.
         unsafe { transfer(self.stream.as_raw_fd(), &mut iov, Dir::Read) }.map_err(|source| {
             if source.kind() == std::io::ErrorKind::UnexpectedEof {
                 TransportError::Closed {
@@ -442,6 +565,31 @@ impl DataReceiver {
                 }
             }
         })
+    }
+
+    /// A sealed channel: opens every body where it landed, in the order they were sealed.
+    fn open_bodies(&mut self, entries: &[Incoming]) -> Result<(), TransportError> {
+        let Some(open) = self.open.as_mut() else {
+            return Ok(());
+        };
+        let mut off = 0usize;
+        let mut tags = self.tags.iter();
+        for e in entries.iter().filter(|e| e.encoding != Encoding::Zero) {
+            let len = e.enc_len as usize;
+            let body: &mut [u8] = if e.encoding == Encoding::Raw && e.file.is_none() {
+                // SAFETY: `host..host + len` is registered memory (checked in check_table)
+                // that only this receiver writes meanwhile, and no reference into it exists.
+                unsafe { std::slice::from_raw_parts_mut(e.host, len) }
+            } else {
+                off += len;
+                &mut self.scratch[off - len..off]
+            };
+            let Some(tag) = tags.next() else {
+                return Err(self.bad("a body without its tag".into()));
+            };
+            open.open(&[], body, tag, &self.peer)?;
+        }
+        Ok(())
     }
 
     /// Decodes the encoded bodies into place and records what landed.
@@ -642,6 +790,7 @@ unsafe fn transfer(fd: i32, iov: &mut [libc::iovec], dir: Dir) -> std::io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seal::{Opener, Sealer};
     use crate::MappedRegion;
     use std::net::TcpListener;
     use std::sync::Arc;
@@ -793,6 +942,76 @@ mod tests {
         ));
     }
 
+    /// What a sealed sender puts on the wire for `pages` pages of `fill` and a marker.
+    fn sealed_stream(pages: usize, fill: u8) -> Vec<u8> {
+        let mut src = vec![fill; pages * PAGE];
+        let sm = map(&mut src);
+        let (a, mut b) = pair();
+        let s2 = sm.clone();
+        let t = std::thread::spawn(move || {
+            let mut tx = DataSender::new(a).unwrap();
+            tx.seal_with(Sealer::new(&[5; 32]));
+            let mut enc = Encoder::new(crate::codec::Mode::None, None);
+            tx.send_encoded(&s2, &[(0, (pages * PAGE) as u64)], &mut enc, 0)
+                .unwrap();
+            tx.send_marker(1).unwrap();
+        });
+        t.join().unwrap();
+        drop(sm);
+        b.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let mut wire = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut b, &mut wire);
+        wire
+    }
+
+    #[test]
+    fn a_sealed_channel_hides_pages_and_refuses_any_altered_byte() {
+        let pages = 4;
+        let wire = sealed_stream(pages, 0x5a);
+        assert!(
+            !wire.windows(64).any(|w| w.iter().all(|&b| b == 0x5a)),
+            "page bytes in clear on a sealed channel"
+        );
+        let deliver = |bytes: &[u8], key: u8| {
+            let (mut a, b) = pair();
+            std::io::Write::write_all(&mut a, bytes).unwrap();
+            drop(a);
+            let mut dst = vec![0u8; pages * PAGE];
+            let dm = map(&mut dst);
+            let mut rx = DataReceiver::new(b).unwrap();
+            rx.open_with(Opener::new(&[key; 32]));
+            let mut landed = Landed::default();
+            let r: Result<u64, TransportError> = (|| loop {
+                if let Received::Marker(v) = rx.recv(&dm, &mut landed)? {
+                    return Ok(v);
+                }
+            })();
+            drop(dm);
+            (r, dst)
+        };
+        let (r, dst) = deliver(&wire, 5);
+        assert_eq!(r.unwrap(), 1);
+        assert!(dst.iter().all(|&b| b == 0x5a));
+        // A flipped bit anywhere (header, table, a page, a tag, the marker) or another key:
+        // the record fails to open and the stream ends with an error.
+        for at in [
+            0,
+            20,
+            40,
+            100,
+            64 + 3 * PAGE,
+            wire.len() - 20,
+            wire.len() - 1,
+        ] {
+            let mut w = wire.clone();
+            w[at] ^= 0x10;
+            let e = deliver(&w, 5).0.unwrap_err().to_string();
+            assert!(e.contains("failed authentication"), "bit at {at}: {e}");
+        }
+        assert!(deliver(&wire, 6).0.is_err());
+    }
+
     #[test]
     fn encoded_chunks_land_in_place_in_every_mode() {
         use crate::codec::{DeltaCache, Mode};
@@ -810,17 +1029,23 @@ mod tests {
         }
         let mut dst = vec![0u8; pages * PAGE];
         let (sm, dm) = (map(&mut src), map(&mut dst));
-        for mode in [
+        for (mode, sealed) in [
             Mode::None,
             Mode::Lz4,
             Mode::Zstd(3),
             Mode::Delta,
             Mode::Auto,
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|m| [(m, false), (m, true)])
+        {
             let (a, b) = pair();
             let s2 = sm.clone();
             let t = std::thread::spawn(move || {
                 let mut tx = DataSender::new(a).unwrap();
+                if sealed {
+                    tx.seal_with(Sealer::new(&[3; 32]));
+                }
                 let mut enc = Encoder::new(mode, Some(DeltaCache::new(1 << 20)));
                 for round in 0..3 {
                     tx.send_encoded(&s2, &[(0, (pages * PAGE) as u64)], &mut enc, round)
@@ -831,6 +1056,9 @@ mod tests {
                 enc.take_stats()
             });
             let mut rx = DataReceiver::new(b).unwrap();
+            if sealed {
+                rx.open_with(Opener::new(&[3; 32]));
+            }
             let mut landed = Landed::default();
             loop {
                 match rx.recv(&dm, &mut landed) {

@@ -6,6 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use livemig_transport::seal::Opener;
 use livemig_transport::tcp::DataReceiver;
 use livemig_transport::{frame, MappedRegion, MemoryMap};
 use tracing::{info, warn};
@@ -13,6 +14,7 @@ use tracing::{info, warn};
 use super::handshake::{Agreed, Built};
 use super::receive::TcpPlane;
 use super::{refuse, Session};
+use crate::auth::{Direction, SessionKeys};
 use crate::memory::GuestRam;
 use crate::protocol::{Message, RdmaQp};
 use crate::session::{Control, MigrationError};
@@ -77,9 +79,11 @@ impl Session {
     ) -> Result<Box<dyn IncomingPlane>, MigrationError> {
         let rdma = agreed.rdma.clone();
         let copying = self.storage.copying();
+        let keys = self.ctl.keys().cloned();
         match accept_channels(
             listener,
             &mut self.ctl,
+            keys.as_ref(),
             // A copy of disks adds the storage lane, the last channel.
             agreed.channels + u16::from(copying),
             agreed.token,
@@ -185,6 +189,7 @@ enum Channels {
 fn accept_channels(
     listener: &TcpListener,
     ctl: &mut Control,
+    keys: Option<&SessionKeys>,
     channels: u16,
     token: u64,
     timeout: Duration,
@@ -220,12 +225,10 @@ fn accept_channels(
                 }
             };
             let _ = stream.set_nonblocking(false);
-            match channel_hello(&stream, timeout) {
-                Some((t, i))
-                    if t == token && slots.get(i as usize).is_some_and(Option::is_none) =>
-                {
-                    let _ = stream.set_read_timeout(None);
-                    slots[i as usize] = Some(DataReceiver::new(stream)?);
+            match channel_hello(stream, timeout, token, keys) {
+                Some((i, rx)) if slots.get(i as usize).is_some_and(Option::is_none) => {
+                    let _ = rx.stream().set_read_timeout(None);
+                    slots[i as usize] = Some(rx);
                 }
                 _ => warn!("dropped a connection that is not a data channel of this session"),
             }
@@ -243,17 +246,13 @@ fn accept_channels(
 /// While waiting for data channels, the source may abort or vanish on the control connection
 /// — or, with `rdma` agreed, send its queue pairs instead.
 fn control_quiet(ctl: &mut Control, rdma: bool) -> Result<Option<Vec<RdmaQp>>, MigrationError> {
-    let _ = ctl.stream().set_nonblocking(true);
-    let mut b = [0u8; 1];
-    let peeked = ctl.stream().peek(&mut b);
-    let _ = ctl.stream().set_nonblocking(false);
-    match peeked {
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-        // Data, EOF or an error: let the control reader say what it is.
-        _ => match ctl.recv(Some(Duration::from_secs(5)), "waiting for data channels")? {
-            Message::RdmaConnect { qps } if rdma => Ok(Some(qps)),
-            m => Err(ctl.unexpected(&m, "waiting for data channels")),
-        },
+    if !ctl.has_input() {
+        return Ok(None);
+    }
+    // Data, EOF or an error: let the control reader say what it is.
+    match ctl.recv(Some(Duration::from_secs(5)), "waiting for data channels")? {
+        Message::RdmaConnect { qps } if rdma => Ok(Some(qps)),
+        m => Err(ctl.unexpected(&m, "waiting for data channels")),
     }
 }
 
@@ -360,11 +359,34 @@ fn accept_rdma(
     }
 }
 
-fn channel_hello(mut stream: &TcpStream, timeout: Duration) -> Option<(u64, u16)> {
+/// A data connection's ChannelHello and, in a sealed session, its first record: the
+/// session token, sealed with the key of the channel it claims. Returns the channel's index
+/// and its receiver when it belongs to this session.
+fn channel_hello(
+    stream: TcpStream,
+    timeout: Duration,
+    token: u64,
+    keys: Option<&SessionKeys>,
+) -> Option<(u16, DataReceiver)> {
     let _ = stream.set_read_timeout(Some(timeout.min(Duration::from_secs(10))));
-    let (kind, payload) = frame::read_frame(&mut stream, 64, "data channel").ok()?;
-    match Message::decode(kind, &payload).ok()? {
-        Message::ChannelHello { token, index } => Some((token, index)),
-        _ => None,
+    let (kind, payload) = frame::read_frame(&mut &stream, 64, "data channel").ok()?;
+    let Message::ChannelHello {
+        token: shown,
+        index,
+    } = Message::decode(kind, &payload).ok()?
+    else {
+        return None;
+    };
+    let mut rx = DataReceiver::new(stream).ok()?;
+    match keys {
+        None => (shown == token).then_some((index, rx)),
+        Some(k) => {
+            rx.open_with(Opener::new(
+                &k.key(1 + u32::from(index), Direction::ToDestination),
+            ));
+            let mut proof = [0u8; 8];
+            rx.recv_record(&mut proof).ok()?;
+            (shown == 0 && u64::from_le_bytes(proof) == token).then_some((index, rx))
+        }
     }
 }

@@ -11,7 +11,7 @@ use super::channels::{open_rdma, RdmaDevice};
 use super::{refuse, Session, VmFactory};
 use crate::auth;
 use crate::memory::{GuestRam, Populate};
-use crate::protocol::{negotiate, Message, FEATURE_RDMA};
+use crate::protocol::{negotiate, Message, FEATURE_RDMA, FEATURE_SEALED};
 use crate::session::{Control, MigrationError};
 use crate::storage::incoming::IncomingStorage;
 use crate::vm::{MigratableVm, VmConfig, VmError};
@@ -76,7 +76,9 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
     let mut ctl = Control::new(stream);
     let _ = ctl.stream().set_write_timeout(Some(g.timeout));
     let nonce_d = auth::nonce();
-    let (nonce_s, rdma) = match ctl.recv(Some(left()), "waiting for Hello")? {
+    // A source that does not offer to seal a session this side wants sealed is refused once
+    // it proved its key (so a missing key is what it hears first): `unsealed_source`.
+    let (nonce_s, rdma, unsealed_source) = match ctl.recv(Some(left()), "waiting for Hello")? {
         Message::Hello {
             min_version,
             max_version,
@@ -88,6 +90,8 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
                 Err(r) => return Err(refuse(&mut ctl, r)),
             };
             ctl.set_version(version);
+            let wants_seal = g.key.as_ref().is_some_and(auth::Key::seals);
+            let seal = wants_seal && features & FEATURE_SEALED != 0;
             let proof = g
                 .key
                 .as_ref()
@@ -100,11 +104,12 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
             };
             ctl.send(&Message::Welcome {
                 version,
-                features: if rdma.is_some() { FEATURE_RDMA } else { 0 },
+                features: if rdma.is_some() { FEATURE_RDMA } else { 0 }
+                    | if seal { FEATURE_SEALED } else { 0 },
                 nonce: nonce_d,
                 proof,
             })?;
-            (nonce, rdma)
+            (nonce, rdma, wants_seal && !seal)
         }
         m => return Err(ctl.unexpected(&m, "waiting for Hello")),
     };
@@ -128,7 +133,20 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
                 .into(),
             )),
         };
+    if unsealed_source {
+        return Err(refuse(
+            &mut ctl,
+            "the source does not encrypt the session (an older livemig, or --encrypt off \
+             there); this destination requires it: use --encrypt off on both sides only on a \
+             trusted link"
+                .into(),
+        ));
+    }
     ctl.authenticated();
+    if let Some(k) = g.key.as_ref().filter(|k| k.seals()) {
+        let keys = k.session_keys(&nonce_s, &nonce_d, &ctl.transcript());
+        ctl.seal(keys, auth::Direction::ToSource);
+    }
     Ok(Greeted {
         ctl,
         expected_token,

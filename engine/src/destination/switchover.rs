@@ -20,7 +20,15 @@ impl Session {
         match (r, plane.failure()) {
             // A data channel's failure explains a control connection cut because of it.
             (Err(MigrationError::Transport(_)), Some(e)) => Err(MigrationError::DataChannel(e)),
-            (Err(e), _) => Err(e),
+            // Tell the source why (best effort: the connection may be what failed), unless
+            // it is the source that refused or aborted.
+            (Err(e @ (MigrationError::Refused { .. } | MigrationError::Aborted(_))), _) => Err(e),
+            (Err(e), _) => {
+                let _ = self.ctl.send(&Message::Refuse {
+                    reason: format!("the destination failed before Prepared: {e}"),
+                });
+                Err(e)
+            }
             (Ok(()), _) => self.commit(vm),
         }
     }
@@ -106,9 +114,19 @@ impl Session {
 
     /// Resumes the guest on the source's Commit.
     fn commit(&mut self, vm: &dyn MigratableVm) -> Result<(), MigrationError> {
-        match self.ctl.recv(Some(self.timeout), "waiting for Commit")? {
-            Message::Commit => {}
-            m => return Err(self.ctl.unexpected(&m, "waiting for Commit")),
+        let e = match self.ctl.recv(Some(self.timeout), "waiting for Commit") {
+            Ok(Message::Commit) => None,
+            Ok(m) => Some(self.ctl.unexpected(&m, "waiting for Commit")),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = e {
+            // This copy will never run: say so, so that a source that sent Commit (and got
+            // this instead of Resumed) knows it may resume (in a sealed session, where
+            // nobody else can have written this).
+            let _ = self.ctl.send(&Message::Refuse {
+                reason: format!("the destination discarded its copy of the VM: {e}"),
+            });
+            return Err(e);
         }
         // The source will never resume: the copies are the VM's disks now.
         self.storage.commit();

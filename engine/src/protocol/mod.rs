@@ -11,6 +11,10 @@
 //!   | Hello {versions, features, nonce} -------> |  refuses newer-only streams (Refuse)
 //!   | <------- Welcome {version, nonce, proof}   |
 //!   | Auth {proof} ---------------------------> |  checks the key (see `crate::auth`)
+//!   |   -- sealed sessions (FEATURE_SEALED in Hello and Welcome): from here on every
+//!   |   control frame's payload is an AES-256-GCM record under its clear header, and
+//!   |   each data connection after its ChannelHello {token 0, i} proves the session
+//!   |   with a sealed record holding the token, then sends only sealed records --
 //!   | Config {VM shape: machine, RAM layout,    |
 //!   |   vCPUs, devices; machine section;        |
 //!   |   channels, token} ---------------------> |  builds the VM skeleton, allocates RAM
@@ -104,6 +108,10 @@ pub const MAX_MACHINE_SECTION: usize = 64 << 10;
 /// Feature bit: the source offers (Hello) / the destination accepts (Welcome) RDMA data
 /// channels.
 pub const FEATURE_RDMA: u64 = 1;
+/// Feature bit: the source offers (Hello) / the destination agrees (Welcome) to seal the
+/// session: every control frame after Auth and every TCP data channel is encrypted and
+/// authenticated (see [`crate::auth`]). A side that wants it refuses a peer that does not.
+pub const FEATURE_SEALED: u64 = 2;
 /// Largest RDMA queue pair number or packet sequence number (24 bits).
 pub const MAX_QPN: u32 = 0x00ff_ffff;
 

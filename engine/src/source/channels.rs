@@ -6,11 +6,13 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use livemig_transport::seal::Sealer;
 use livemig_transport::tcp::DataSender;
 use livemig_transport::{frame, MappedRegion, MemoryMap, TransportError};
 
 use super::handshake::connect;
 use super::{MigrateOptions, TransportChoice};
+use crate::auth::{Direction, SessionKeys};
 use crate::protocol::Message;
 use crate::scheduler::Scheduler;
 use crate::session::{Control, MigrationError};
@@ -120,6 +122,7 @@ pub(super) fn open_tcp(
     to: &str,
     opts: &MigrateOptions,
     token: u64,
+    keys: Option<&SessionKeys>,
     storage: &OutgoingStorage,
 ) -> Result<Plane, MigrationError> {
     let mut senders = Vec::new();
@@ -127,17 +130,32 @@ pub(super) fn open_tcp(
     for index in 0..opts.channels + u16::from(storage.copying()) {
         let mut s = connect(to, opts, "data channel")?;
         let _ = s.set_write_timeout(Some(opts.timeout));
-        let (kind, payload) = Message::ChannelHello { token, index }.encode();
+        // A sealed session never shows its token: the channel proves it in its first
+        // sealed record instead.
+        let hello_token = if keys.is_some() { 0 } else { token };
+        let (kind, payload) = Message::ChannelHello {
+            token: hello_token,
+            index,
+        }
+        .encode();
         frame::write_frame(&mut s, kind, &payload).map_err(|source| TransportError::Io {
             op: "opening a data channel",
             peer: to.to_string(),
             source,
         })?;
-        senders.push(DataSender::new(s)?);
+        let mut tx = DataSender::new(s)?;
+        if let Some(k) = keys {
+            tx.seal_with(Sealer::new(
+                &k.key(1 + u32::from(index), Direction::ToDestination),
+            ));
+            tx.send_record(&token.to_le_bytes())?;
+        }
+        senders.push(tx);
     }
     let sched = Scheduler::new(
         senders,
         memory_map(vm, Some(storage)),
+        vm.ram().layout(),
         opts.pin_workers,
         opts.compress,
         opts.delta_cache_bytes,
@@ -159,7 +177,7 @@ pub(super) fn open_rdma(
         let map = memory_map(vm, None);
         match connect_rdma(ctl, dev, &map, opts) {
             Ok((senders, d)) => Ok((
-                Scheduler::new_rdma(senders, map, opts.pin_workers),
+                Scheduler::new_rdma(senders, map, vm.ram().layout(), opts.pin_workers),
                 Box::new(Rdma),
                 d,
             )),
@@ -210,6 +228,13 @@ pub(super) fn plan_transport(
             let d = describe_device(&dev, &peer_name);
             Ok((Some(dev), format!("rdma: {d}")))
         }
+        #[cfg(feature = "rdma")]
+        TransportChoice::Auto if opts.key.as_ref().is_some_and(crate::auth::Key::seals) => Ok((
+            None,
+            "auto: tcp (RDMA writes pages in clear and this session is encrypted; \
+             --transport rdma, or --encrypt off, lets it use RDMA)"
+                .into(),
+        )),
         #[cfg(feature = "rdma")]
         TransportChoice::Auto => {
             use livemig_transport::rdma::{self, RdmaError};

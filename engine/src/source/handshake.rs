@@ -9,7 +9,7 @@ use std::time::Instant;
 use super::channels::{self, RdmaDevice};
 use super::{MigrateOptions, Session, Tally, TransportChoice};
 use crate::auth;
-use crate::protocol::{Message, FEATURE_RDMA, VERSION};
+use crate::protocol::{Message, FEATURE_RDMA, FEATURE_SEALED, VERSION};
 use crate::session::{random_u64, Control, MigrationError};
 use crate::storage::outgoing::OutgoingStorage;
 use crate::vm::MigratableVm;
@@ -73,10 +73,12 @@ impl<'a> Session<'a> {
         let mut ctl = Control::new(connect(to, opts, "control")?);
         let _ = ctl.stream().set_write_timeout(Some(opts.timeout));
         let nonce_s = auth::nonce();
+        let seal = opts.key.as_ref().is_some_and(auth::Key::seals);
         ctl.send(&Message::Hello {
             min_version: VERSION,
             max_version: VERSION,
-            features: if rdma.is_some() { FEATURE_RDMA } else { 0 },
+            features: if rdma.is_some() { FEATURE_RDMA } else { 0 }
+                | if seal { FEATURE_SEALED } else { 0 },
             nonce: nonce_s,
         })?;
         let (nonce_d, proof_d, features) =
@@ -102,7 +104,24 @@ impl<'a> Session<'a> {
             detail = "auto: tcp (the destination has no usable RDMA device)".into();
         }
         let token = authenticate(&mut ctl, opts, &nonce_s, &nonce_d, &proof_d)?;
+        // Checked once both proved their keys, so a missing key is what a peer hears first.
+        if seal && features & FEATURE_SEALED == 0 {
+            let reason = "the destination does not encrypt the session (an older livemig, or \
+                          --encrypt off there); this source requires it: use --encrypt off \
+                          on both sides only on a trusted link";
+            let _ = ctl.send(&Message::Refuse {
+                reason: reason.into(),
+            });
+            return Err(MigrationError::Refused {
+                peer: ctl.peer().to_string(),
+                reason: format!("refused the destination: {reason}"),
+            });
+        }
         ctl.authenticated();
+        if let Some(k) = opts.key.as_ref().filter(|_| seal) {
+            let keys = k.session_keys(&nonce_s, &nonce_d, &ctl.transcript());
+            ctl.seal(keys, auth::Direction::ToDestination);
+        }
         ctl.send(&Message::Config {
             vm: vm.config(),
             channels: opts.channels,
@@ -148,7 +167,7 @@ fn open_plane(
 ) -> Result<channels::Plane, MigrationError> {
     match rdma {
         Some(dev) => channels::open_rdma(ctl, vm, &dev, opts),
-        None => channels::open_tcp(vm, to, opts, token, storage),
+        None => channels::open_tcp(vm, to, opts, token, ctl.keys(), storage),
     }
 }
 

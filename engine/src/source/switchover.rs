@@ -59,7 +59,16 @@ impl Session<'_> {
         if let Some(last) = self.tally.rounds.last() {
             on_progress(&Progress::Round(last.clone()));
         }
-        self.commit(on_progress)?;
+        if let Err(e) = self.commit(on_progress) {
+            return Err(match e {
+                // Authenticated word that the destination discarded its copy: the guest can
+                // only run here.
+                e @ MigrationError::Refused { .. } if self.ctl.keys().is_some() => {
+                    self.roll_back(e)
+                }
+                e => e,
+            });
+        }
         let downtime = t_pause.elapsed();
         let total = self.t0.elapsed();
         let source_cpu_ns =
@@ -109,11 +118,26 @@ impl Session<'_> {
             Some(self.opts.timeout),
             "waiting for the destination to prepare",
         )? {
-            Message::Prepared { digest, cpu_ns } => Ok(Prepared {
-                digest,
-                cpu_ns,
-                final_round: stats,
-            }),
+            Message::Prepared { digest, cpu_ns } => {
+                // Every page the destination holds must be the one sent last: a lost or
+                // altered batch is caught here, while the guest can still resume here.
+                let sent = self.sched.sent_digest();
+                if digest != sent {
+                    return Err(MigrationError::DigestMismatch {
+                        sent: format!("{sent:016x}"),
+                        got: format!("{digest:016x}"),
+                    });
+                }
+                // The last look before Commit: a destination that refused or went away since
+                // Prepared must not be committed to.
+                self.ctl
+                    .check_quiet("checking the destination before Commit")?;
+                Ok(Prepared {
+                    digest,
+                    cpu_ns,
+                    final_round: stats,
+                })
+            }
             m => Err(self.ctl.unexpected(&m, "waiting for Prepared")),
         }
     }
@@ -151,6 +175,7 @@ impl Session<'_> {
             "waiting for the destination to resume",
         ) {
             Ok(Message::Resumed) => Ok(()),
+            Err(e @ MigrationError::Refused { .. }) if self.ctl.keys().is_some() => Err(e),
             Ok(m) => Err(MigrationError::OutcomeUnknown {
                 cause: format!("the destination answered {}", m.name()),
             }),
@@ -212,6 +237,12 @@ impl Session<'_> {
             guest_progress_after_resume: progress,
             transport: self.plane.name().into(),
             transport_detail: self.detail.clone(),
+            encryption: match (self.ctl.keys().is_some(), self.plane.encodes()) {
+                (true, true) => "aes-256-gcm",
+                (true, false) => "control only (RDMA pages travel in clear)",
+                (false, _) => "off",
+            }
+            .into(),
             channels: self.sched.channels() as u16,
             bytes_copied_staging: t.codec.bytes_staged,
             // Pages move as they are in RAM over RDMA: no codec runs.
