@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// nested VM (scripts/bench-blackout.sh; --repeat migrations of each, default 3).
     #[arg(long, conflicts_with_all = ["redraw", "storage"])]
     blackout: bool,
+    /// Only the matrix cells whose description (`link fill MiB pages/s variant`, e.g.
+    /// `10gbit random 512MiB 0/s livemig tcp x1 none (clear)`) contains this; repeatable.
+    #[arg(long, value_name = "TEXT")]
+    only: Vec<String>,
 }
 
 /// `scripts/bench-blackout.sh` of this repository.
@@ -89,6 +93,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             repeat: a.repeat,
             no_qemu: a.no_qemu,
             command: std::env::args().collect::<Vec<_>>().join(" "),
+            only: a.only,
         },
         &exe,
     )

@@ -40,6 +40,8 @@ pub enum Variant {
         compress: &'static str,
         /// Destination RAM reserved ahead.
         reserve: bool,
+        /// Sealed session (AES-256-GCM on control and data; `--encrypt off` otherwise).
+        encrypt: bool,
     },
     /// `prealloc`: the destination QEMU faults in its RAM at start (`prealloc=on`).
     Qemu {
@@ -60,9 +62,11 @@ impl Variant {
                 channels,
                 compress,
                 reserve,
+                encrypt,
             } => format!(
-                "livemig tcp x{channels} {compress}{}",
-                if *reserve { "" } else { " (no reserve)" }
+                "livemig tcp x{channels} {compress}{}{}",
+                if *reserve { "" } else { " (no reserve)" },
+                if *encrypt { "" } else { " (clear)" }
             ),
             Variant::Qemu {
                 channels: 1,
@@ -107,6 +111,20 @@ pub struct Cell {
     pub variant: Variant,
 }
 
+impl Cell {
+    /// `link fill MiB pages/s variant`, e.g. `10gbit random 512MiB 0/s livemig tcp x1 none`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {} {}MiB {}/s {}",
+            self.link.name(),
+            self.fill.name(),
+            self.memory_mib,
+            self.dirty_rate,
+            self.variant.label()
+        )
+    }
+}
+
 /// The cells of a run: `quick` for CI, QEMU rows only with `qemu`.
 pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
     let mut cells = Vec::new();
@@ -114,6 +132,14 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
         channels,
         compress,
         reserve: true,
+        encrypt: true,
+    };
+    // The cost of encryption: the same migration with `--encrypt off`.
+    let clear = |channels, compress| Variant::Livemig {
+        channels,
+        compress,
+        reserve: true,
+        encrypt: false,
     };
     let q = |channels, zstd| Variant::Qemu {
         channels,
@@ -161,6 +187,13 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
         for rate in [0, 20_000] {
             add(Link::Loopback, Fill::Random, 256, rate, vec![lm(1, "auto")]);
         }
+        add(
+            Link::Loopback,
+            Fill::Random,
+            256,
+            0,
+            vec![clear(1, "none"), clear(2, "none")],
+        );
         return cells;
     }
     // The headline: 2 GiB of random RAM, one stream each.
@@ -169,7 +202,7 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
         Fill::Random,
         2048,
         0,
-        vec![lm(1, "none"), q(1, false)],
+        vec![lm(1, "none"), clear(1, "none"), q(1, false)],
     );
     for f in contents {
         add(
@@ -180,6 +213,8 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
             vec![
                 lm(1, "none"),
                 lm(2, "none"),
+                clear(1, "none"),
+                clear(2, "none"),
                 lm(1, "auto"),
                 lm(1, "lz4"),
                 lm(1, "zstd"),
@@ -199,6 +234,8 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
                 lm(1, "none"),
                 lm(2, "none"),
                 lm(2, "auto"),
+                clear(1, "none"),
+                clear(2, "none"),
                 q(1, false),
                 q(2, true),
             ],

@@ -32,6 +32,9 @@ pub struct BenchOptions {
     pub no_qemu: bool,
     /// The command line, as recorded in the results.
     pub command: String,
+    /// Only the cells whose description (`link fill MiB pages/s variant`) contains one of
+    /// these (empty: every cell).
+    pub only: Vec<String>,
 }
 
 /// Two emulated hosts joined by `link`.
@@ -76,7 +79,13 @@ pub fn run(a: &BenchOptions, exe: &Path) -> Result<()> {
         Backend::Memory
     };
     let repeat = a.repeat.unwrap_or(if a.quick { 1 } else { 3 }).max(1);
-    let cells = matrix(a.quick, qemu);
+    let cells: Vec<Cell> = matrix(a.quick, qemu)
+        .into_iter()
+        .filter(|c| a.only.is_empty() || a.only.iter().any(|o| c.describe().contains(o.as_str())))
+        .collect();
+    if cells.is_empty() {
+        anyhow::bail!("no cell of the matrix matches --only {:?}", a.only);
+    }
     let started = Instant::now();
     let bar = ProgressBar::new((cells.len() * repeat) as u64 + 3);
     bar.set_style(
@@ -184,7 +193,8 @@ fn measure(
             channels,
             compress,
             reserve,
-        } => run_livemig(s, cell, hosts, (*channels, compress, *reserve)),
+            encrypt,
+        } => run_livemig(s, cell, hosts, (*channels, compress, *reserve, *encrypt)),
         Variant::Qemu {
             channels,
             zstd,
@@ -262,8 +272,13 @@ fn run_livemig(
     s: &Setting<'_>,
     cell: &Cell,
     hosts: Option<&NetnsHosts>,
-    (channels, compress, reserve): (u16, &str, bool),
+    (channels, compress, reserve, encrypt): (u16, &str, bool, bool),
 ) -> Result<Value> {
+    let clear: Vec<String> = if encrypt {
+        Vec::new()
+    } else {
+        vec!["--encrypt".into(), "off".into()]
+    };
     let (exe, work, key, backend) = (s.exe, s.work, s.key, s.backend);
     let dir = work.join("pair");
     let _ = std::fs::remove_dir_all(&dir);
@@ -289,8 +304,11 @@ fn run_livemig(
             "64".into(),
             "--pattern".into(),
             "random".into(),
-        ],
-        receive_args: Vec::new(),
+        ]
+        .into_iter()
+        .chain(clear.iter().cloned())
+        .collect(),
+        receive_args: clear.clone(),
     })?;
     let req = MigrateRequest {
         channels,
