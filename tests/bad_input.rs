@@ -639,3 +639,47 @@ fn a_source_that_will_not_encrypt_is_refused_before_any_state() {
     let err = still_serves(rx, &addr, "unsealed");
     assert!(err.contains("does not encrypt"), "{err}");
 }
+
+/// Strangers that connect to the data port and say nothing delay no real channel: the
+/// session's channels are greeted beside them and the switchover goes on.
+#[test]
+fn idle_strangers_on_the_data_port_do_not_delay_the_channels() {
+    let (rx, addr) = receive(
+        &[],
+        "127.0.0.1:0",
+        &["--backend", "memory", "--timeout-secs", "30"],
+    );
+    let mut c = handshake(&addr);
+    let idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let start = std::time::Instant::now();
+    let mut d = data_channel(&addr, &c, c.token);
+    d.send(&extents_message(0, 4096), &[3; 4096]).unwrap();
+    d.send(&marker(0), &[]).unwrap();
+    c.send(&Message::DeviceState {
+        final_round: 0,
+        sections: vec![livemig_engine::vm::DeviceSection {
+            id: livemig_engine::vm::memory_only::SECTION_WRITER,
+            instance: 0,
+            version: 1,
+            data: 0u64.to_le_bytes().to_vec(),
+        }],
+    });
+    let m = c.ctl.recv(Some(Duration::from_secs(20)), "test");
+    if !matches!(m, Ok(Message::Prepared { .. })) {
+        let (_, err) = rx.wait_exit(Duration::from_secs(30));
+        panic!("{m:?}: {err}");
+    }
+    // Each stranger may be waited on for 10 s; a queue behind them would show.
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "the channel waited behind the strangers: {:?}",
+        start.elapsed()
+    );
+    c.send(&Message::Abort {
+        reason: "test over".into(),
+    });
+    let (code, err) = rx.wait_exit(Duration::from_secs(30));
+    assert_clean_error(code, &err, "aborted");
+    drop(idle);
+}

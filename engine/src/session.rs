@@ -5,6 +5,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use livemig_transport::seal::{Opener, Sealer, TAG_LEN};
+use livemig_transport::tcp::DataReceiver;
 use livemig_transport::{frame, TransportError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -125,6 +126,8 @@ pub struct Control {
     /// A sealed session: this side's sealer and opener, and the keys they came from.
     seal: Option<(Sealer, Opener)>,
     keys: Option<SessionKeys>,
+    /// A message read ahead of its time, returned by the next [`Control::recv`].
+    unread: Option<Message>,
 }
 
 /// The largest frame a peer may send before it authenticated (Hello, Welcome and Auth are a
@@ -171,6 +174,7 @@ impl Control {
             transcript: Some(Sha256::new()),
             seal: None,
             keys: None,
+            unread: None,
         }
     }
 
@@ -263,6 +267,9 @@ impl Control {
         timeout: Option<Duration>,
         during: &'static str,
     ) -> Result<Message, MigrationError> {
+        if let Some(m) = self.unread.take() {
+            return Ok(m);
+        }
         if timeout.is_none() {
             let _ = self.stream.set_read_timeout(None);
         }
@@ -321,6 +328,16 @@ impl Control {
         }
     }
 
+    /// Puts `m` back: the next [`Control::recv`] returns it.
+    pub fn unread(&mut self, m: Message) {
+        self.unread = Some(m);
+    }
+
+    /// Whether a message was put back.
+    pub fn has_unread(&self) -> bool {
+        self.unread.is_some()
+    }
+
     /// Whether the peer sent something (or closed, or the connection failed) that a read
     /// would return now, without waiting.
     pub fn has_input(&self) -> bool {
@@ -348,6 +365,38 @@ impl Control {
             peer: self.peer.clone(),
             got: m.name(),
             during,
+        }
+    }
+}
+
+/// A data connection's ChannelHello and, in a sealed session, its first record: the
+/// session token, sealed with the key of the channel it claims. Returns the channel's index
+/// and its receiver when it belongs to this session.
+pub fn channel_hello(
+    stream: TcpStream,
+    timeout: Duration,
+    token: u64,
+    keys: Option<&SessionKeys>,
+) -> Option<(u16, DataReceiver)> {
+    let _ = stream.set_read_timeout(Some(timeout.min(Duration::from_secs(10))));
+    let (kind, payload) = frame::read_frame(&mut &stream, 64, "data channel").ok()?;
+    let Message::ChannelHello {
+        token: shown,
+        index,
+    } = Message::decode(kind, &payload).ok()?
+    else {
+        return None;
+    };
+    let mut rx = DataReceiver::new(stream).ok()?;
+    match keys {
+        None => (shown == token).then_some((index, rx)),
+        Some(k) => {
+            rx.open_with(Opener::new(
+                &k.key(1 + u32::from(index), Direction::ToDestination),
+            ));
+            let mut proof = [0u8; 8];
+            rx.recv_record(&mut proof).ok()?;
+            (shown == 0 && u64::from_le_bytes(proof) == token).then_some((index, rx))
         }
     }
 }

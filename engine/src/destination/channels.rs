@@ -2,21 +2,20 @@
 //! ChannelHello) or, when RDMA was agreed, the source's queue pairs on the control
 //! connection. After that, what differs between the two is behind [`IncomingPlane`].
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use livemig_transport::seal::Opener;
 use livemig_transport::tcp::DataReceiver;
-use livemig_transport::{frame, MappedRegion, MemoryMap};
+use livemig_transport::{MappedRegion, MemoryMap};
 use tracing::{info, warn};
 
 use super::handshake::{Agreed, Built};
 use super::receive::TcpPlane;
 use super::{refuse, Session};
-use crate::auth::{Direction, SessionKeys};
+use crate::auth::SessionKeys;
 use crate::memory::GuestRam;
-use crate::protocol::{Message, RdmaQp};
+use crate::protocol::{Message, RdmaQp, RoundSequence};
 use crate::session::{Control, MigrationError};
 use crate::storage::incoming::IncomingStorage;
 
@@ -111,46 +110,36 @@ impl Session {
 /// RDMA: the source writes RAM unseen and reports each round on the control channel.
 struct RdmaPlane {
     access: Option<RdmaAccess>,
-    completed: Option<u64>,
-    pages: u64,
+    rounds: RoundSequence,
 }
 
 impl RdmaPlane {
     fn new(access: RdmaAccess) -> Self {
         RdmaPlane {
             access: Some(access),
-            completed: None,
-            pages: 0,
+            rounds: RoundSequence::default(),
         }
     }
 }
 
 impl IncomingPlane for RdmaPlane {
     fn round_progress(&mut self, round: u64, pages: u64, complete: bool) -> Result<(), String> {
-        let next = self.completed.map_or(0, |c| c + 1);
-        if round != next {
-            return Err(format!("round {round} while round {next} is under way"));
-        }
-        if complete {
-            self.completed = Some(round);
-            self.pages += pages;
-        }
-        Ok(())
+        self.rounds.progress(round, pages, complete)
     }
 
     fn pages(&self) -> u64 {
-        self.pages
+        self.rounds.pages()
     }
 
     fn finish(&mut self, final_round: u64, _timeout: Duration) -> Result<(), MigrationError> {
         // Every write the source will make is done: revoke its access (QPs destroyed, RAM
         // deregistered) before anything here reads or runs on that RAM.
         self.close();
-        if self.completed.is_none_or(|c| c < final_round) {
+        let completed = self.rounds.completed();
+        if completed.is_none_or(|c| c < final_round) {
             return Err(MigrationError::DataChannel(format!(
                 "the source sent device state for final round {final_round} but completed only {}",
-                self.completed
-                    .map_or("no round".to_string(), |c| format!("round {c}"))
+                completed.map_or("no round".to_string(), |c| format!("round {c}"))
             )));
         }
         Ok(())
@@ -184,6 +173,9 @@ enum Channels {
     Rdma(Vec<RdmaQp>),
 }
 
+/// Most data connections greeted at once (strangers beyond it are dropped unread).
+const MAX_PENDING_HELLOS: usize = 16;
+
 /// Accepts the data connections of the session — or, when `rdma` was agreed, the source's
 /// RdmaConnect on the control connection.
 fn accept_channels(
@@ -198,6 +190,10 @@ fn accept_channels(
     let mut slots: Vec<Option<DataReceiver>> = (0..channels).map(|_| None).collect();
     let mut rdma_qps = None;
     let deadline = Instant::now() + timeout;
+    // ChannelHellos are read concurrently, each on its own thread within its deadline: a
+    // stranger that connects and says nothing delays no real channel.
+    let (hello_tx, hellos) = crossbeam_channel::unbounded();
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let _ = listener.set_nonblocking(true);
     let result = (|| {
         while slots.iter().any(Option::is_none) {
@@ -206,6 +202,16 @@ fn accept_channels(
                     secs: timeout.as_secs(),
                     during: "waiting for data channels",
                 });
+            }
+            while let Ok(hello) = hellos.try_recv() {
+                match hello {
+                    Some((i, rx)) if slots.get(usize::from(i)).is_some_and(Option::is_none) => {
+                        let rx: DataReceiver = rx;
+                        let _ = rx.stream().set_read_timeout(None);
+                        slots[usize::from(i)] = Some(rx);
+                    }
+                    _ => warn!("dropped a connection that is not a data channel of this session"),
+                }
             }
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
@@ -225,12 +231,23 @@ fn accept_channels(
                 }
             };
             let _ = stream.set_nonblocking(false);
-            match channel_hello(stream, timeout, token, keys) {
-                Some((i, rx)) if slots.get(i as usize).is_some_and(Option::is_none) => {
-                    let _ = rx.stream().set_read_timeout(None);
-                    slots[i as usize] = Some(rx);
-                }
-                _ => warn!("dropped a connection that is not a data channel of this session"),
+            use std::sync::atomic::Ordering;
+            if pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING_HELLOS {
+                pending.fetch_sub(1, Ordering::SeqCst);
+                warn!("dropped a data connection: {MAX_PENDING_HELLOS} are still greeting");
+                continue;
+            }
+            let (tx, left, keys) = (hello_tx.clone(), pending.clone(), keys.cloned());
+            let spawned = std::thread::Builder::new()
+                .name("livemig-hello".into())
+                .spawn(move || {
+                    let r = crate::session::channel_hello(stream, timeout, token, keys.as_ref());
+                    left.fetch_sub(1, Ordering::SeqCst);
+                    let _ = tx.send(r);
+                });
+            if spawned.is_err() {
+                pending.fetch_sub(1, Ordering::SeqCst);
+                warn!("dropped a data connection: no thread to greet it");
             }
         }
         Ok(())
@@ -246,12 +263,18 @@ fn accept_channels(
 /// While waiting for data channels, the source may abort or vanish on the control connection
 /// — or, with `rdma` agreed, send its queue pairs instead.
 fn control_quiet(ctl: &mut Control, rdma: bool) -> Result<Option<Vec<RdmaQp>>, MigrationError> {
-    if !ctl.has_input() {
+    if ctl.has_unread() || !ctl.has_input() {
         return Ok(None);
     }
     // Data, EOF or an error: let the control reader say what it is.
     match ctl.recv(Some(Duration::from_secs(5)), "waiting for data channels")? {
         Message::RdmaConnect { qps } if rdma => Ok(Some(qps)),
+        // The source sent its last round and device state before this side greeted its
+        // last channel: kept for the switchover, which waits for that round's pages.
+        m @ (Message::DeviceState { .. } | Message::DiskDigests { .. }) if !rdma => {
+            ctl.unread(m);
+            Ok(None)
+        }
         m => Err(ctl.unexpected(&m, "waiting for data channels")),
     }
 }
@@ -356,37 +379,5 @@ fn accept_rdma(
     {
         let _ = ram;
         match dev {}
-    }
-}
-
-/// A data connection's ChannelHello and, in a sealed session, its first record: the
-/// session token, sealed with the key of the channel it claims. Returns the channel's index
-/// and its receiver when it belongs to this session.
-fn channel_hello(
-    stream: TcpStream,
-    timeout: Duration,
-    token: u64,
-    keys: Option<&SessionKeys>,
-) -> Option<(u16, DataReceiver)> {
-    let _ = stream.set_read_timeout(Some(timeout.min(Duration::from_secs(10))));
-    let (kind, payload) = frame::read_frame(&mut &stream, 64, "data channel").ok()?;
-    let Message::ChannelHello {
-        token: shown,
-        index,
-    } = Message::decode(kind, &payload).ok()?
-    else {
-        return None;
-    };
-    let mut rx = DataReceiver::new(stream).ok()?;
-    match keys {
-        None => (shown == token).then_some((index, rx)),
-        Some(k) => {
-            rx.open_with(Opener::new(
-                &k.key(1 + u32::from(index), Direction::ToDestination),
-            ));
-            let mut proof = [0u8; 8];
-            rx.recv_record(&mut proof).ok()?;
-            (shown == 0 && u64::from_le_bytes(proof) == token).then_some((index, rx))
-        }
     }
 }

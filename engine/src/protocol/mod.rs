@@ -421,3 +421,41 @@ mod tests {
         assert!(err.contains(&format!("{MIN_VERSION}..={VERSION}")), "{err}");
     }
 }
+
+/// The rounds an RDMA source reports with [`Message::RoundProgress`]: they complete one after
+/// another from round 0, each once; the pages they report add up (saturating: the count is
+/// a sign of life, never an allocation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundSequence {
+    completed: Option<u64>,
+    pages: u64,
+}
+
+impl RoundSequence {
+    /// The source reports `pages` of `round`, which is `complete` or still running; a round
+    /// out of sequence is an error that names both.
+    pub fn progress(&mut self, round: u64, pages: u64, complete: bool) -> Result<(), String> {
+        let next = self.completed.map_or(Some(0), |c| c.checked_add(1));
+        if Some(round) != next {
+            return Err(match next {
+                Some(n) => format!("round {round} while round {n} is under way"),
+                None => format!("round {round} after the last possible round"),
+            });
+        }
+        if complete {
+            self.completed = Some(round);
+            self.pages = self.pages.saturating_add(pages);
+        }
+        Ok(())
+    }
+
+    /// The last round completed, if any.
+    pub fn completed(&self) -> Option<u64> {
+        self.completed
+    }
+
+    /// Pages of the completed rounds.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+}
