@@ -107,6 +107,22 @@ pub fn simple(socket: &Path, req: &Request) -> Result<()> {
     Ok(())
 }
 
+/// `livemig resolve`: sends the destination's record to the VM process, which resumes or
+/// stops the VM accordingly.
+pub fn resolve(socket: &Path, record: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(record)
+        .with_context(|| format!("reading the destination's record {}", record.display()))?;
+    let record: livemig_engine::session::OutcomeRecord = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a livemig decision record", record.display()))?;
+    let answer = control::request(socket, &Request::Resolve { record })
+        .with_context(|| format!("talking to VM control socket {}", socket.display()))?;
+    if let Some(e) = answer.get("error").and_then(|e| e.as_str()) {
+        anyhow::bail!("{e}");
+    }
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(())
+}
+
 /// `livemig migrate`. Ctrl-C cancels the migration (before the switchover the VM keeps
 /// running on the source) and waits for the VM process to say how it ended.
 pub fn migrate(a: &MigrateArgs) -> Result<()> {

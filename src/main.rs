@@ -51,6 +51,10 @@ enum Command {
     Announce(SocketArg),
     /// Stop a VM process.
     Stop(SocketArg),
+    /// Settle a migration left in "outcome unknown" (Commit sent, no answer): with the
+    /// destination's record of its decision, the VM resumes here if the destination discarded
+    /// its copy, or stops here if the destination resumed it.
+    Resolve(ResolveArgs),
     /// Benchmark matrix: livemig vs QEMU vs the physical limits, tables and plots.
     Bench(bench::BenchArgs),
     /// Raw TCP throughput between two hosts (a helper of `bench`).
@@ -187,6 +191,17 @@ impl AuthArgs {
 }
 
 #[derive(Args, Debug)]
+struct ResolveArgs {
+    /// The VM's control socket.
+    #[arg(long)]
+    vm: PathBuf,
+    /// The destination's record of its decision: the file ID.json in its --decisions folder,
+    /// ID being the migration id the source's error names.
+    #[arg(long)]
+    record: PathBuf,
+}
+
+#[derive(Args, Debug)]
 struct ReceiveArgs {
     /// Address to listen on for the source (host:port; port 0 picks one).
     #[arg(long)]
@@ -216,6 +231,12 @@ struct ReceiveArgs {
     /// directory (`migrate --storage copy --storage-dir`).
     #[arg(long)]
     storage_dir: Option<PathBuf>,
+    /// Folder where the decision about each migration (resumed here, or discarded) is
+    /// recorded durably, as ID.json, before it is acted on; `livemig resolve` on the source
+    /// reads it when the source was left in "outcome unknown" (default: the folder of
+    /// --socket, else TMPDIR/livemig-decisions).
+    #[arg(long, value_name = "DIR")]
+    decisions: Option<PathBuf>,
     /// After resume, announce every NIC this many times (a RARP from its MAC into its tap,
     /// and the guest asked to announce itself), with growing gaps.
     #[arg(long, default_value_t = AnnounceSettings::default().count)]
@@ -276,6 +297,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cancel(a) => client::simple(&a.vm, &Request::Cancel),
         Command::Announce(a) => client::simple(&a.vm, &Request::Announce),
         Command::Stop(a) => client::simple(&a.vm, &Request::Stop),
+        Command::Resolve(a) => client::resolve(&a.vm, &a.record),
         Command::Bench(a) => bench::run(a),
         Command::BenchLink(a) => bench::link(a),
         Command::BenchBlackout(a) => bench::blackout(a),

@@ -15,13 +15,13 @@ use anyhow::{bail, Context, Result};
 use livemig_engine::announce::{announce, AnnounceSettings};
 use livemig_engine::auth::Key;
 use livemig_engine::control::{
-    AnnounceReply, CancelReply, ErrorReply, Event, MigrateRequest, OkReply, Request, StatusReply,
-    StopReply, MAX_REQUEST_BYTES,
+    AnnounceReply, CancelReply, ErrorReply, Event, MigrateRequest, OkReply, Request, ResolveReply,
+    StatusReply, StopReply, MAX_REQUEST_BYTES,
 };
 use livemig_engine::destination::{self, DiskPlacement, IncomingOptions};
 use livemig_engine::devices::disk_writer::DiskWriterSpec;
 use livemig_engine::memory::{GuestRam, Populate, RamLayout};
-use livemig_engine::session::MigrationError;
+use livemig_engine::session::{MigrationError, Outcome, OutcomeRecord};
 use livemig_engine::source;
 use livemig_engine::vm::kvm::{HostResources, KvmVm};
 use livemig_engine::vm::memory_only::MemoryVm;
@@ -158,6 +158,14 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
             max_ram_bytes: args.max_memory_mib << 20,
             rdma_device: args.rdma_device.clone(),
             storage_dir: args.storage_dir.clone(),
+            decisions: Some(args.decisions.clone().unwrap_or_else(|| {
+                args.socket
+                    .as_deref()
+                    .and_then(Path::parent)
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| std::env::temp_dir().join("livemig-decisions"))
+            })),
             announce: AnnounceSettings {
                 count: if args.no_announce {
                     0
@@ -274,6 +282,8 @@ pub struct VmProcess {
     cancel: AtomicBool,
     last: Mutex<Value>,
     key: Option<Key>,
+    /// The migration left in "outcome unknown", by id.
+    unsettled: Mutex<Option<String>>,
 }
 
 impl VmProcess {
@@ -284,6 +294,7 @@ impl VmProcess {
             cancel: AtomicBool::new(false),
             last: Mutex::new(Value::Null),
             key,
+            unsettled: Mutex::new(None),
         }
     }
 
@@ -392,6 +403,10 @@ fn handle(conn: UnixStream, p: &Arc<VmProcess>, path: &Path) -> Result<()> {
         }
         Request::Migrate(m) => migrate(&m, p, &mut out),
         Request::Console => stream_console(p, &mut out),
+        Request::Resolve { record } => match resolve(p, &record) {
+            Ok(r) => reply(&mut out, &r),
+            Err(error) => reply(&mut out, &ErrorReply { error }),
+        },
         Request::Announce => match announce(p.vm.clone(), AnnounceSettings::default()) {
             Ok(nics) => reply(&mut out, &AnnounceReply { nics }),
             Err(e) => reply(
@@ -432,6 +447,43 @@ fn stream_console(p: &Arc<VmProcess>, out: &mut UnixStream) -> Result<()> {
         out.write_all(&chunk)?;
     }
     Ok(())
+}
+
+/// Settles a migration left in "outcome unknown" with the destination's `record`: the VM
+/// resumes here only if the destination discarded its copy, and stops here if it resumed.
+fn resolve(p: &Arc<VmProcess>, record: &OutcomeRecord) -> Result<ResolveReply, String> {
+    let mut unsettled = p.unsettled.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(id) = unsettled.clone() else {
+        return Err(format!(
+            "nothing to resolve: the VM is {}, not waiting on a migration's outcome",
+            p.phase()
+        ));
+    };
+    if record.migration != id {
+        return Err(format!(
+            "the record is about migration {}, the VM waits on the outcome of migration {id}",
+            record.migration
+        ));
+    }
+    let phase = match record.outcome {
+        Outcome::Discarded => {
+            p.vm.resume().map_err(|e| {
+                format!("the destination discarded its copy, but resuming here failed: {e}")
+            })?;
+            "running"
+        }
+        Outcome::Resumed => {
+            p.vm.shutdown();
+            "migrated"
+        }
+    };
+    *unsettled = None;
+    p.set_phase(phase);
+    tracing::info!(migration = %id, outcome = ?record.outcome, phase, "outcome resolved");
+    Ok(ResolveReply {
+        outcome: record.outcome,
+        phase: phase.into(),
+    })
 }
 
 fn migrate(req: &MigrateRequest, p: &Arc<VmProcess>, out: &mut UnixStream) -> Result<()> {
@@ -475,7 +527,10 @@ fn migrate(req: &MigrateRequest, p: &Arc<VmProcess>, out: &mut UnixStream) -> Re
         }
         Err(e) => {
             let (phase, source_state) = match &e {
-                MigrationError::OutcomeUnknown { .. } => ("outcome-unknown", "paused"),
+                MigrationError::OutcomeUnknown { id, .. } => {
+                    *p.unsettled.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.clone());
+                    ("outcome-unknown", "paused")
+                }
                 _ => ("running", "running"),
             };
             *p.last.lock().unwrap_or_else(|e| e.into_inner()) =

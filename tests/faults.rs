@@ -195,6 +195,30 @@ fn kill(pid: u32) {
 }
 
 /// Whether the guest counter behind `socket` stays put for a while (paused).
+/// `livemig resolve` with the destination's `record`; the VM must end in `phase`.
+fn resolve(src: &std::path::Path, record: &std::path::Path, phase: &str) -> Result<(), String> {
+    let out = std::process::Command::new(bin())
+        .args(["resolve", "--vm", src.to_str().unwrap(), "--record"])
+        .arg(record)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        return Err(format!("resolve failed: {text}"));
+    }
+    let st = request(src, r#"{"cmd":"status"}"#);
+    if st["phase"] != phase {
+        return Err(format!(
+            "after resolve the source is {st}, not {phase}: {text}"
+        ));
+    }
+    Ok(())
+}
+
 fn counter_frozen(socket: &std::path::Path) -> bool {
     let a = counter(socket);
     std::thread::sleep(Duration::from_millis(150));
@@ -386,16 +410,60 @@ fn run_case(i: usize, case: &Case) -> Result<String, String> {
             if st["phase"] != "outcome-unknown" || !counter_frozen(&src) {
                 return Err(format!("source should stay paused: {st}"));
             }
+            // The destination's record of its decision settles it (`livemig resolve`).
+            let id = stderr
+                .split("destination's record ")
+                .nth(1)
+                .and_then(|r| r.split(".json").next())
+                .ok_or_else(|| format!("no migration id in: {stderr}"))?;
+            let record = dir.join(format!("{id}.json"));
             if destination_runs {
                 let c = counter(&dst);
                 wait_counter_beyond(&dst, c);
+                resolve(&src, &record, "migrated")?;
                 request(&dst, r#"{"cmd":"stop"}"#);
-                Ok("source paused (outcome unknown); guest runs on the destination".into())
-            } else {
-                if case.fault == Fault::Cut {
-                    dest_exit(rx)?;
+                Ok(
+                    "source paused (outcome unknown); guest runs on the destination; resolve \
+                    stopped the source"
+                        .into(),
+                )
+            } else if case.fault == Fault::Cut {
+                dest_exit(rx)?;
+                // Another migration's record settles nothing.
+                let other = dir.join("other.json");
+                let text = std::fs::read_to_string(&record).map_err(|e| e.to_string())?;
+                std::fs::write(&other, text.replace(id, "0123456789abcdef")).unwrap();
+                if resolve(&src, &other, "running")
+                    .err()
+                    .is_none_or(|e| !e.contains("the record is about migration 0123456789abcdef"))
+                {
+                    return Err("another migration's record was taken".into());
                 }
-                Ok("source paused (outcome unknown); destination did not resume".into())
+                resolve(&src, &record, "running")?;
+                let c = counter(&src);
+                wait_counter_beyond(&src, c);
+                Ok(
+                    "source paused (outcome unknown); destination discarded; resolve resumed \
+                    the source"
+                        .into(),
+                )
+            } else {
+                // A killed destination left no record: nothing proves its copy is gone, so
+                // the source stays paused and resolve says why.
+                let out = std::process::Command::new(bin())
+                    .args(["resolve", "--vm", src.to_str().unwrap(), "--record"])
+                    .arg(&record)
+                    .output()
+                    .unwrap();
+                let err = String::from_utf8_lossy(&out.stderr);
+                if out.status.success() || !err.contains("reading the destination's record") {
+                    return Err(format!("resolve without a record: {err}"));
+                }
+                Ok(
+                    "source paused (outcome unknown); destination killed before any record; \
+                    resolve refuses to guess"
+                        .into(),
+                )
             }
         }
         Expect::DestinationDiscards => {

@@ -54,6 +54,13 @@ pub enum Request {
     },
     /// Announces the VM's NICs on their networks again ([`AnnounceReply`]).
     Announce,
+    /// Settles a migration left in "outcome unknown" with the destination's record of what
+    /// it did ([`ResolveReply`]): resumes the VM here if the destination discarded its copy,
+    /// stops it here if the destination resumed it.
+    Resolve {
+        /// The destination's record.
+        record: crate::session::OutcomeRecord,
+    },
 }
 
 fn default_channels() -> u16 {
@@ -288,6 +295,15 @@ pub struct StopReply {
 pub struct OkReply {
     /// Always true.
     pub ok: bool,
+}
+
+/// The answer to [`Request::Resolve`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResolveReply {
+    /// What the destination did with the migration.
+    pub outcome: crate::session::Outcome,
+    /// The VM's phase here now: `running` (resumed here) or `migrated` (stopped here).
+    pub phase: String,
 }
 
 /// The answer to [`Request::Announce`].

@@ -90,10 +90,16 @@ pub enum MigrationError {
         cause: String,
     },
     /// Commit was sent but not confirmed: the guest stays paused on the source.
-    #[error("outcome unknown — check destination: commit was sent but {cause}; the source stays paused and will not resume on its own")]
+    #[error(
+        "outcome unknown — commit was sent but {cause}; the source stays paused and will not \
+         resume on its own: settle it with `livemig resolve --vm SOCKET --record FILE`, FILE \
+         being the destination's record {id}.json (in its --decisions folder)"
+    )]
     OutcomeUnknown {
         /// What failed.
         cause: String,
+        /// The migration's id, which names the destination's record of its decision.
+        id: String,
     },
     /// The transport asked for cannot be used (no RDMA device, a destination without RDMA,
     /// a build without the `rdma` feature).
@@ -398,6 +404,53 @@ pub fn channel_hello(
             rx.recv_record(&mut proof).ok()?;
             (shown == 0 && u64::from_le_bytes(proof) == token).then_some((index, rx))
         }
+    }
+}
+
+/// A migration's id: derived from its session token (which it does not reveal), known to
+/// both sides, naming the destination's record of its decision.
+pub fn migration_id(token: u64) -> String {
+    format!(
+        "{:016x}",
+        xxhash_rust::xxh3::xxh3_64(&[b"livemig id".as_slice(), &token.to_le_bytes()].concat())
+    )
+}
+
+/// What a destination decided about a migration, recorded durably before it acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The guest was resumed on the destination: the source must never resume it.
+    Resumed,
+    /// The destination discarded its copy for good: the source may resume.
+    Discarded,
+}
+
+/// A destination's durable record of an [`Outcome`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeRecord {
+    /// The migration ([`migration_id`]).
+    pub migration: String,
+    /// What the destination did.
+    pub outcome: Outcome,
+    /// When, in seconds since the Unix epoch.
+    pub at: u64,
+}
+
+impl OutcomeRecord {
+    /// Writes the record `dir/ID.json` and makes it durable (file and folder synced) before
+    /// returning: only then may the destination act on it.
+    pub fn write(&self, dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+        use std::io::Write as _;
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{}.json", self.migration));
+        let tmp = dir.join(format!(".{}.json.tmp", self.migration));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(serde_json::to_string(self).unwrap_or_default().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(path)
     }
 }
 

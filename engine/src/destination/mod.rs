@@ -71,6 +71,10 @@ pub struct IncomingOptions {
     pub storage_dir: Option<std::path::PathBuf>,
     /// How the VM's NICs are announced after resume (`count` 0: not at all).
     pub announce: crate::announce::AnnounceSettings,
+    /// Where the decision about each migration (resumed here, or discarded) is recorded
+    /// durably before it is acted on, as `ID.json` (None: not recorded). With it, a source
+    /// left in "outcome unknown" is settled by `livemig resolve`.
+    pub decisions: Option<std::path::PathBuf>,
 }
 
 /// A migrated VM, running on the destination.
@@ -107,6 +111,7 @@ pub fn receive(
     let mut s = Session::new(greeted.ctl, opts);
     info!(peer = s.ctl.peer(), "incoming migration");
     let agreed = s.agree(expected_token, rdma)?;
+    s.id = crate::session::migration_id(agreed.token);
     let mut built = s.build_vm(&agreed, factory)?;
     let vm = built.vm.clone();
     let result = s
@@ -147,6 +152,8 @@ struct Session {
     timeout: Duration,
     /// The VM's disks (copies are deleted with it unless the migration commits).
     storage: IncomingStorage,
+    /// The migration's id ([`crate::session::migration_id`]).
+    id: String,
 }
 
 impl Session {
@@ -162,7 +169,26 @@ impl Session {
             opts,
             timeout,
             storage: IncomingStorage::none(),
+            id: String::new(),
         }
+    }
+
+    /// Records `outcome` durably (when this destination keeps records).
+    fn record(&self, outcome: crate::session::Outcome) -> std::io::Result<()> {
+        let Some(dir) = &self.opts.decisions else {
+            return Ok(());
+        };
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let path = crate::session::OutcomeRecord {
+            migration: self.id.clone(),
+            outcome,
+            at,
+        }
+        .write(dir)?;
+        info!(record = %path.display(), ?outcome, "decision recorded");
+        Ok(())
     }
 
     /// Refuses the source with `reason` (sent to it) and returns the error to report here.

@@ -6,7 +6,7 @@ use tracing::{info, warn};
 use super::channels::IncomingPlane;
 use super::Session;
 use crate::protocol::{Message, ProtocolError};
-use crate::session::MigrationError;
+use crate::session::{MigrationError, Outcome};
 use crate::vm::{DeviceSection, MigratableVm};
 
 impl Session {
@@ -120,13 +120,32 @@ impl Session {
             Err(e) => Some(e),
         };
         if let Some(e) = e {
-            // This copy will never run: say so, so that a source that sent Commit (and got
-            // this instead of Resumed) knows it may resume (in a sealed session, where
-            // nobody else can have written this).
+            // This copy will never run: recorded, and said, so that a source that sent Commit
+            // (and got this instead of Resumed) knows it may resume (in a sealed session,
+            // where nobody else can have written this).
+            if let Err(re) = self.record(Outcome::Discarded) {
+                warn!("could not record the discard: {re}");
+            }
             let _ = self.ctl.send(&Message::Refuse {
                 reason: format!("the destination discarded its copy of the VM: {e}"),
             });
             return Err(e);
+        }
+        // Resuming is recorded durably first: a record that cannot be written means no
+        // resume (the source, told so, resumes instead).
+        if let Err(re) = self.record(Outcome::Resumed) {
+            let reason = format!(
+                "the destination discarded its copy of the VM: it could not record its decision \
+                 to resume ({re})"
+            );
+            let _ = self.record(Outcome::Discarded);
+            let _ = self.ctl.send(&Message::Refuse {
+                reason: reason.clone(),
+            });
+            return Err(MigrationError::Refused {
+                peer: self.ctl.peer().to_string(),
+                reason: format!("refused the source: {reason}"),
+            });
         }
         // The source will never resume: the copies are the VM's disks now.
         self.storage.commit();

@@ -151,6 +151,7 @@ impl<'a> Session<'a> {
             setup: t0.elapsed(),
             tally: Tally::default(),
             storage,
+            id: crate::session::migration_id(token),
         })
     }
 }

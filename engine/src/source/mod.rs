@@ -177,6 +177,8 @@ struct Session<'a> {
     setup: Duration,
     tally: Tally,
     storage: OutgoingStorage,
+    /// The migration's id ([`crate::session::migration_id`]).
+    id: String,
 }
 
 /// What the rounds moved so far.

@@ -167,6 +167,7 @@ impl Session<'_> {
         if let Err(e) = self.ctl.send(&Message::Commit) {
             return Err(MigrationError::OutcomeUnknown {
                 cause: format!("sending it failed ({e})"),
+                id: self.id.clone(),
             });
         }
         on_progress(&Progress::Committed);
@@ -178,9 +179,11 @@ impl Session<'_> {
             Err(e @ MigrationError::Refused { .. }) if self.ctl.keys().is_some() => Err(e),
             Ok(m) => Err(MigrationError::OutcomeUnknown {
                 cause: format!("the destination answered {}", m.name()),
+                id: self.id.clone(),
             }),
             Err(e) => Err(MigrationError::OutcomeUnknown {
                 cause: format!("no confirmation came ({e})"),
+                id: self.id.clone(),
             }),
         }
     }
