@@ -280,9 +280,27 @@ fn main() {
         .init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("livemig: error: {e:#}");
+        eprintln!("livemig: error: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, each said once: a cause whose text its parent already quotes
+/// (most errors here name their cause in their own message) is left out.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !last.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        last = text;
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -301,5 +319,22 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::BenchLink(a) => bench::link(a),
         Command::BenchBlackout(a) => bench::blackout(a),
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    #[test]
+    fn a_cause_quoted_by_its_parent_is_said_once() {
+        let e = anyhow::Error::new(std::io::Error::other("Config: 0 vCPUs (1..=256)"))
+            .context("protocol error from 10.0.0.1:7000: Config: 0 vCPUs (1..=256)")
+            .context("incoming migration failed");
+        assert_eq!(
+            super::error_chain(&e),
+            "incoming migration failed: protocol error from 10.0.0.1:7000: Config: 0 vCPUs \
+             (1..=256)"
+        );
+        let e = anyhow::Error::new(std::io::Error::other("disk full")).context("writing");
+        assert_eq!(super::error_chain(&e), "writing: disk full");
     }
 }

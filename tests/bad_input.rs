@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::*;
 use livemig_engine::auth::{Direction, Key, SessionKeys};
 use livemig_engine::memory::RamLayout;
-use livemig_engine::protocol::{Message, FEATURE_SEALED, VERSION};
+use livemig_engine::protocol::{Message, FEATURE_ROUND_COUNTS, FEATURE_SEALED, VERSION};
 use livemig_engine::session::{Control, MigrationError};
 use livemig_engine::storage::StorageMode;
 use livemig_engine::vm::{builtin_guest, VmConfig, VmSpec};
@@ -86,7 +86,7 @@ fn authenticate(c: TcpStream) -> Session {
     ctl.send(&Message::Hello {
         min_version: 1,
         max_version: VERSION,
-        features: FEATURE_SEALED,
+        features: FEATURE_SEALED | FEATURE_ROUND_COUNTS,
         nonce: nonce_s,
     })
     .unwrap();
@@ -481,13 +481,14 @@ fn a_linux_vm_with_bad_files_or_devices_is_refused_before_anything_starts() {
     }
 }
 
-/// A data message: a marker ending `round`.
-fn marker(round: u64) -> Vec<u8> {
+/// A data message: the marker ending `round`, which sent `pages` pages on its channel.
+fn marker(round: u64, pages: u64) -> Vec<u8> {
     let mut v = Vec::new();
-    v.extend_from_slice(&2u16.to_le_bytes());
+    v.extend_from_slice(&4u16.to_le_bytes());
     v.extend_from_slice(&0u16.to_le_bytes());
     v.extend_from_slice(&0u32.to_le_bytes());
     v.extend_from_slice(&round.to_le_bytes());
+    v.extend_from_slice(&pages.to_le_bytes());
     v
 }
 
@@ -497,7 +498,16 @@ fn marker(round: u64) -> Vec<u8> {
 #[test]
 fn a_hostile_authenticated_source_is_refused_cleanly() {
     type Case = (&'static str, &'static str, fn(&str, &mut Session));
-    let cases: [Case; 9] = [
+    let cases: [Case; 10] = [
+        (
+            "a round missing pages",
+            "sent 2 pages, 1 arrived",
+            |addr, c| {
+                let mut d = data_channel(addr, c, c.token);
+                d.send(&extents_message(0, 4096), &[3; 4096]).unwrap();
+                let _ = d.send(&marker(0, 2), &[]);
+            },
+        ),
         ("misaligned extent", "bad Raw entry", |addr, c| {
             let mut d = data_channel(addr, c, c.token);
             let _ = d.send(&extents_message(0x1800, 4096), &[1; 4096]);
@@ -522,7 +532,7 @@ fn a_hostile_authenticated_source_is_refused_cleanly() {
         ("bad device state", "section", |addr, c| {
             let mut d = data_channel(addr, c, c.token);
             d.send(&extents_message(0, 4096), &[3; 4096]).unwrap();
-            d.send(&marker(0), &[]).unwrap();
+            d.send(&marker(0, 1), &[]).unwrap();
             c.send(&Message::DeviceState {
                 final_round: 0,
                 sections: vec![livemig_engine::vm::DeviceSection {
@@ -655,7 +665,7 @@ fn idle_strangers_on_the_data_port_do_not_delay_the_channels() {
     let start = std::time::Instant::now();
     let mut d = data_channel(&addr, &c, c.token);
     d.send(&extents_message(0, 4096), &[3; 4096]).unwrap();
-    d.send(&marker(0), &[]).unwrap();
+    d.send(&marker(0, 1), &[]).unwrap();
     c.send(&Message::DeviceState {
         final_round: 0,
         sections: vec![livemig_engine::vm::DeviceSection {

@@ -123,9 +123,10 @@ trait ChannelSender: Send + 'static {
     ) -> Result<u64, TransportError>;
     /// Announces zero ranges (never-written holes); returns the bytes put on the wire.
     fn zero(&mut self, extents: &[(u64, u64)]) -> Result<u64, TransportError>;
-    /// Ends a round on this channel; returns when the round's data is delivered as far as
-    /// this transport's barrier requires, with the bytes the marker cost.
-    fn marker(&mut self, round: u64, stop: &AtomicBool) -> Result<u64, TransportError>;
+    /// Ends a round on this channel, which sent `pages` pages in it; returns when the
+    /// round's data is delivered as far as this transport's barrier requires, with the bytes
+    /// the marker cost.
+    fn marker(&mut self, round: u64, pages: u64, stop: &AtomicBool) -> Result<u64, TransportError>;
     /// Codec counters since the last call.
     fn take_stats(&mut self) -> CodecStats;
     /// The channel failed: cut it so the peer notices.
@@ -136,6 +137,8 @@ trait ChannelSender: Send + 'static {
 struct TcpChannel {
     tx: DataSender,
     enc: Encoder,
+    /// Markers say how many pages the round sent (the destination agreed to check).
+    counted: bool,
 }
 
 impl ChannelSender for TcpChannel {
@@ -153,8 +156,19 @@ impl ChannelSender for TcpChannel {
         self.tx.send_zero(extents, &mut self.enc)
     }
 
-    fn marker(&mut self, round: u64, _stop: &AtomicBool) -> Result<u64, TransportError> {
-        self.tx.send_marker(round).map(|()| MESSAGE_OVERHEAD)
+    fn marker(
+        &mut self,
+        round: u64,
+        pages: u64,
+        _stop: &AtomicBool,
+    ) -> Result<u64, TransportError> {
+        if self.counted {
+            self.tx
+                .send_counted_marker(round, pages)
+                .map(|()| MESSAGE_OVERHEAD + 8)
+        } else {
+            self.tx.send_marker(round).map(|()| MESSAGE_OVERHEAD)
+        }
     }
 
     fn take_stats(&mut self) -> CodecStats {
@@ -195,7 +209,12 @@ impl ChannelSender for RdmaChannel {
         Ok(0)
     }
 
-    fn marker(&mut self, _round: u64, stop: &AtomicBool) -> Result<u64, TransportError> {
+    fn marker(
+        &mut self,
+        _round: u64,
+        _pages: u64,
+        stop: &AtomicBool,
+    ) -> Result<u64, TransportError> {
         self.tx.flush(stop)?;
         Ok(0)
     }
@@ -233,6 +252,20 @@ struct Worker {
     sent: Arc<PageHashes>,
     /// The storage lane's mirrored writes, served first.
     mirror: Option<Receiver<Work>>,
+    /// The storage lane: cleared when it stops, so that no guest write waits on it.
+    lane_up: Option<Arc<AtomicBool>>,
+}
+
+impl Worker {
+    /// The worker stopped: the storage lane lets every mirrored write waiting on it go.
+    fn retire(&mut self) {
+        if let Some(up) = &self.lane_up {
+            up.store(false, Ordering::SeqCst);
+        }
+        if let Some(m) = self.mirror.take() {
+            while m.try_recv().is_ok() {}
+        }
+    }
 }
 
 impl Worker {
@@ -258,12 +291,20 @@ impl Worker {
 
     fn run<C: ChannelSender>(&mut self, mut tx: C, queue: &Receiver<Work>) {
         let mut bytes = 0u64;
+        let mut pages = 0u64;
+        let count = |ext: &[(u64, u64)]| ext.iter().map(|e| e.1 / PAGE_SIZE).sum::<u64>();
         let mut cpu = thread_cpu_ns();
         while let Some(w) = self.next(queue) {
             let r = match w {
-                Work::Chunk(ext, round) => self.chunk(&mut tx, &ext, round).map(|b| bytes += b),
+                Work::Chunk(ext, round) => self.chunk(&mut tx, &ext, round).map(|b| {
+                    bytes += b;
+                    pages += count(&ext);
+                }),
                 Work::Mirror(ext, round, done) => {
-                    let r = self.chunk(&mut tx, &ext, round).map(|b| bytes += b);
+                    let r = self.chunk(&mut tx, &ext, round).map(|b| {
+                        bytes += b;
+                        pages += count(&ext);
+                    });
                     let _ = done.send(());
                     r
                 }
@@ -271,19 +312,22 @@ impl Worker {
                     for &(addr, len) in &ext {
                         self.sent.clear_nonzero(addr, len, |_, _| {});
                     }
-                    bytes += b
+                    bytes += b;
+                    pages += count(&ext);
                 }),
-                Work::Marker(round) => tx.marker(round, &self.stop).map(|b| {
-                    let now = thread_cpu_ns();
-                    let _ = self.ev.send(Event::MarkerSent {
-                        round,
-                        bytes: bytes + b,
-                        codec: tx.take_stats(),
-                        cpu_ns: now.saturating_sub(cpu),
-                    });
-                    cpu = now;
-                    bytes = 0;
-                }),
+                Work::Marker(round) => tx
+                    .marker(round, std::mem::take(&mut pages), &self.stop)
+                    .map(|b| {
+                        let now = thread_cpu_ns();
+                        let _ = self.ev.send(Event::MarkerSent {
+                            round,
+                            bytes: bytes + b,
+                            codec: tx.take_stats(),
+                            cpu_ns: now.saturating_sub(cpu),
+                        });
+                        cpu = now;
+                        bytes = 0;
+                    }),
                 Work::Exit => return,
             };
             if let Err(error) = r {
@@ -377,6 +421,8 @@ pub struct Scheduler {
     round: Arc<AtomicU64>,
     /// Hashes of the RAM pages sent so far.
     sent: Arc<PageHashes>,
+    /// The storage lane still serves mirrored writes.
+    lane_up: Arc<AtomicBool>,
 }
 
 impl Scheduler {
@@ -384,15 +430,16 @@ impl Scheduler {
     /// cache of `delta_cache_bytes`); `pin` pins worker `i` to core `i % cores`.
     ///
     /// With `storage_hashes`, the last sender is the storage lane: it carries disk blocks
-    /// only and records the hash of every page it sent there.
+    /// only and records the hash of every page it sent there. With `counted`, each marker
+    /// says how many pages its channel sent in the round.
     pub fn new(
         senders: Vec<DataSender>,
         map: MemoryMap,
         ram: &RamLayout,
         pin: bool,
-        mode: Mode,
-        delta_cache_bytes: u64,
+        (mode, delta_cache_bytes): (Mode, u64),
         storage_hashes: Option<Arc<PageHashes>>,
+        counted: bool,
     ) -> Scheduler {
         let cache =
             matches!(mode, Mode::Delta | Mode::Auto).then(|| DeltaCache::new(delta_cache_bytes));
@@ -401,6 +448,7 @@ impl Scheduler {
             .map(|tx| TcpChannel {
                 tx,
                 enc: Encoder::new(mode, cache.clone()),
+                counted,
             })
             .collect();
         Self::start(channels, map, ram, pin, storage_hashes)
@@ -441,6 +489,7 @@ impl Scheduler {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(PageHashes::new_zeroed(ram));
+        let lane_up = Arc::new(AtomicBool::new(true));
         let mut queues = Vec::new();
         let mut workers = Vec::new();
         let (mirror_tx, mirror_rx) = bounded::<Work>(MIRROR_QUEUE_DEPTH);
@@ -456,6 +505,7 @@ impl Scheduler {
                 hashes: storage_hashes.clone().filter(|_| lane),
                 sent: sent.clone(),
                 mirror: lane.then(|| mirror_rx.clone()),
+                lane_up: lane.then(|| lane_up.clone()),
             };
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
             let handle = std::thread::Builder::new()
@@ -465,6 +515,7 @@ impl Scheduler {
                         core_affinity::set_for_current(c);
                     }
                     worker.run(tx, &q_rx);
+                    worker.retire();
                 });
             match handle {
                 Ok(h) => workers.push(h),
@@ -484,6 +535,7 @@ impl Scheduler {
             mirror: storage.then_some(mirror_tx),
             round: Arc::new(AtomicU64::new(0)),
             sent,
+            lane_up,
         }
     }
 
@@ -504,6 +556,7 @@ impl Scheduler {
     pub fn mirror_hook(&self, index: usize) -> Option<MirrorHook> {
         let lane = self.mirror.clone()?;
         let round = self.round.clone();
+        let up = self.lane_up.clone();
         let base = crate::storage::disk_addr(index);
         Some(Arc::new(move |offset: u64, bytes: &[u8]| {
             let start = offset / PAGE_SIZE * PAGE_SIZE;
@@ -512,16 +565,29 @@ impl Scheduler {
                 gpa: base + start,
                 pages: (end - start) / PAGE_SIZE,
             }];
+            // The lane may fail at any time: a guest write waits for it only while it is up
+            // (otherwise the migration fails, and the write stands).
+            const POLL: Duration = Duration::from_millis(50);
             for chunk in chunks(&ext, DISK_CHUNK_PAGES, CHUNK_EXTENTS) {
                 let (done, wait) = bounded(1);
-                if lane
-                    .send(Work::Mirror(chunk, round.load(Ordering::Relaxed), done))
-                    .is_err()
-                {
-                    return;
+                let mut work = Work::Mirror(chunk, round.load(Ordering::Relaxed), done);
+                loop {
+                    if !up.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    match lane.send_timeout(work, POLL) {
+                        Ok(()) => break,
+                        Err(crossbeam_channel::SendTimeoutError::Timeout(w)) => work = w,
+                        Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return,
+                    }
                 }
-                // An error means the lane is gone: the migration fails, the write stands.
-                let _ = wait.recv();
+                loop {
+                    match wait.recv_timeout(POLL) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                            if up.load(Ordering::SeqCst) => {}
+                        _ => break,
+                    }
+                }
             }
         }))
     }

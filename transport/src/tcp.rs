@@ -5,6 +5,8 @@
 //! ```text
 //! header   kind: u16 | count: u16 | flags: u32 (0) | value: u64        16 bytes
 //!   kind 2 = marker: no body; value is opaque to the transport
+//!   kind 4 = counted marker: value as kind 2, then pages: u64 — the pages this channel sent
+//!            since its previous marker (8 more bytes; a record of its own when sealed)
 //!   kind 3 = encoded: `count` encoded entries follow, then their bodies in order;
 //!            value = total body bytes
 //!   (kind 1, plain extents, existed in protocol 1 but was never sent; it is refused)
@@ -44,6 +46,7 @@ pub const MAX_MESSAGE_BYTES: u64 = 8 << 20;
 const HEADER_LEN: usize = 16;
 const KIND_MARKER: u16 = 2;
 const KIND_ENCODED: u16 = 3;
+const KIND_COUNTED_MARKER: u16 = 4;
 const ENCODED_ENTRY_LEN: usize = 24;
 /// `writev`/`readv` accept at most this many buffers (Linux `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
@@ -75,6 +78,13 @@ pub enum Received {
     },
     /// A marker with its value.
     Marker(u64),
+    /// A marker with its value and the pages its channel sent since the previous marker.
+    CountedMarker {
+        /// The marker's value.
+        value: u64,
+        /// Pages sent since the previous marker.
+        pages: u64,
+    },
 }
 
 /// Sending end of a data channel.
@@ -284,6 +294,24 @@ impl DataSender {
         self.write("sending a marker", &hdr)
     }
 
+    /// Sends a marker that says how many pages this channel sent since its previous one.
+    pub fn send_counted_marker(&mut self, value: u64, pages: u64) -> Result<(), TransportError> {
+        let mut hdr = Vec::with_capacity(HEADER_LEN + 8 + 2 * TAG_LEN);
+        put_header(&mut hdr, KIND_COUNTED_MARKER, 0, value);
+        match self.seal.as_mut() {
+            Some(seal) => {
+                let mut out = Vec::with_capacity(hdr.len() + 8 + 2 * TAG_LEN);
+                seal.seal_append(&[], &hdr, &mut out);
+                seal.seal_append(&[], &pages.to_le_bytes(), &mut out);
+                self.write("sending a marker", &out)
+            }
+            None => {
+                hdr.extend_from_slice(&pages.to_le_bytes());
+                self.write("sending a marker", &hdr)
+            }
+        }
+    }
+
     /// Sends `bytes` as one sealed record (the channel's proof of its session, before any
     /// page), or in clear on an unsealed channel.
     pub fn send_record(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
@@ -408,7 +436,18 @@ impl DataReceiver {
         }
         match kind {
             KIND_MARKER if count == 0 => Ok(Received::Marker(value)),
-            KIND_MARKER => Err(bad(format!("marker with {count} entries"))),
+            KIND_MARKER | KIND_COUNTED_MARKER if count != 0 => {
+                Err(bad(format!("marker with {count} entries")))
+            }
+            KIND_COUNTED_MARKER => {
+                self.read_table_record(8, "reading a marker's page count")?;
+                let mut pages = [0u8; 8];
+                pages.copy_from_slice(&self.table[..8]);
+                Ok(Received::CountedMarker {
+                    value,
+                    pages: u64::from_le_bytes(pages),
+                })
+            }
             KIND_ENCODED => self.recv_encoded(map, landed, count, value),
             other => Err(bad(format!("unknown data message kind {other}"))),
         }
@@ -829,6 +868,7 @@ mod tests {
             let mut enc = Encoder::new(Mode::None, None);
             tx.send_encoded(&sm, &ex, &mut enc, 0).unwrap();
             tx.send_marker(42).unwrap();
+            tx.send_counted_marker(43, 100).unwrap();
         });
         let mut rx = DataReceiver::new(b).unwrap();
         let mut w = Landed::default();
@@ -837,6 +877,13 @@ mod tests {
             Received::Extents { bytes: 100 * 4096 }
         );
         assert_eq!(rx.recv(&dm, &mut w).unwrap(), Received::Marker(42));
+        assert_eq!(
+            rx.recv(&dm, &mut w).unwrap(),
+            Received::CountedMarker {
+                value: 43,
+                pages: 100
+            }
+        );
         t.join().unwrap();
         assert_eq!(w.data, extents);
         drop(dm);

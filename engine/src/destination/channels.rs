@@ -94,6 +94,7 @@ impl Session {
                 &built.ram,
                 &self.storage,
                 &self.ctl,
+                self.round_counts,
             )?)),
             Channels::Rdma(_) if copying => {
                 Err(self

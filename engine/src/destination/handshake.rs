@@ -11,7 +11,7 @@ use super::channels::{open_rdma, RdmaDevice};
 use super::{refuse, Session, VmFactory};
 use crate::auth;
 use crate::memory::{GuestRam, Populate};
-use crate::protocol::{negotiate, Message, FEATURE_RDMA, FEATURE_SEALED};
+use crate::protocol::{negotiate, Message, FEATURE_RDMA, FEATURE_ROUND_COUNTS, FEATURE_SEALED};
 use crate::session::{Control, MigrationError};
 use crate::storage::incoming::IncomingStorage;
 use crate::vm::{MigratableVm, VmConfig, VmError};
@@ -62,6 +62,8 @@ pub(super) struct Greeted {
     /// The session token its Config must carry (keyed sessions).
     pub(super) expected_token: Option<u64>,
     pub(super) rdma: Option<RdmaDevice>,
+    /// TCP round markers carry page counts ([`FEATURE_ROUND_COUNTS`]).
+    pub(super) round_counts: bool,
 }
 
 /// Hello, Welcome and Auth on a fresh connection, all within one deadline (`timeout`), frames
@@ -78,6 +80,7 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
     let nonce_d = auth::nonce();
     // A source that does not offer to seal a session this side wants sealed is refused once
     // it proved its key (so a missing key is what it hears first): `unsealed_source`.
+    let round_counts;
     let (nonce_s, rdma, unsealed_source) = match ctl.recv(Some(left()), "waiting for Hello")? {
         Message::Hello {
             min_version,
@@ -102,10 +105,16 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
             } else {
                 None
             };
+            round_counts = features & FEATURE_ROUND_COUNTS != 0;
             ctl.send(&Message::Welcome {
                 version,
                 features: if rdma.is_some() { FEATURE_RDMA } else { 0 }
-                    | if seal { FEATURE_SEALED } else { 0 },
+                    | if seal { FEATURE_SEALED } else { 0 }
+                    | if round_counts {
+                        FEATURE_ROUND_COUNTS
+                    } else {
+                        0
+                    },
                 nonce: nonce_d,
                 proof,
             })?;
@@ -151,6 +160,7 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
         ctl,
         expected_token,
         rdma,
+        round_counts,
     })
 }
 

@@ -109,6 +109,7 @@ pub fn receive(
     )?;
     let (expected_token, rdma) = (greeted.expected_token, greeted.rdma);
     let mut s = Session::new(greeted.ctl, opts);
+    s.round_counts = greeted.round_counts;
     info!(peer = s.ctl.peer(), "incoming migration");
     let agreed = s.agree(expected_token, rdma)?;
     s.id = crate::session::migration_id(agreed.token);
@@ -154,6 +155,8 @@ struct Session {
     storage: IncomingStorage,
     /// The migration's id ([`crate::session::migration_id`]).
     id: String,
+    /// TCP round markers carry page counts, checked at each barrier.
+    round_counts: bool,
 }
 
 impl Session {
@@ -170,6 +173,7 @@ impl Session {
             timeout,
             storage: IncomingStorage::none(),
             id: String::new(),
+            round_counts: false,
         }
     }
 

@@ -44,14 +44,16 @@ impl Hashes {
 
 impl TcpPlane {
     /// Starts one receiver per connection, writing into `ram`. A receiver's failure cuts
-    /// `ctl` too, so the control thread stops waiting.
+    /// `ctl` too, so the control thread stops waiting. With `counted`, every marker says how
+    /// many pages its round sent on its channel, and they must all have landed.
     pub(super) fn start(
         receivers: Vec<DataReceiver>,
         ram: &GuestRam,
         storage: &IncomingStorage,
         ctl: &Control,
+        counted: bool,
     ) -> Result<TcpPlane, MigrationError> {
-        let shared = Arc::new(Shared::new(receivers.len()));
+        let shared = Arc::new(Shared::new(receivers.len(), counted));
         if let Ok(c) = ctl.stream().try_clone() {
             *shared.control.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
         }
@@ -140,6 +142,8 @@ impl Drop for TcpPlane {
 /// State shared by the receivers and the control thread.
 struct Shared {
     channels: usize,
+    /// Markers carry the pages of their round, checked against what landed.
+    counted: bool,
     barrier: Mutex<BarrierState>,
     cv: Condvar,
     streams: Mutex<Vec<TcpStream>>,
@@ -157,9 +161,10 @@ struct BarrierState {
 }
 
 impl Shared {
-    fn new(channels: usize) -> Self {
+    fn new(channels: usize, counted: bool) -> Self {
         Shared {
             channels,
+            counted,
             barrier: Mutex::new(BarrierState::default()),
             cv: Condvar::new(),
             streams: Mutex::new(Vec::new()),
@@ -308,6 +313,7 @@ fn spawn_receiver(
                 shared: shared.clone(),
                 jobs,
                 expected_round: 0,
+                round_pages: 0,
                 cpu: thread_cpu_ns(),
             };
             let result = r.run();
@@ -367,6 +373,8 @@ struct Receiver {
     shared: Arc<Shared>,
     jobs: crossbeam_channel::Sender<HashJob>,
     expected_round: u64,
+    /// Pages landed since the last marker.
+    round_pages: u64,
     cpu: u64,
 }
 
@@ -378,10 +386,34 @@ impl Receiver {
             landed.clear();
             match self.rx.recv(&self.map, &mut landed) {
                 Ok(Received::Extents { .. }) => self.landed(&mut landed)?,
-                Ok(Received::Marker(round)) => {
+                Ok(Received::Marker(round)) if !self.shared.counted => {
                     if !self.marker(round)? {
                         return Ok(());
                     }
+                }
+                Ok(Received::CountedMarker { value, pages }) if self.shared.counted => {
+                    let landed = std::mem::take(&mut self.round_pages);
+                    if pages != landed {
+                        return Err(format!(
+                            "channel {}: round {value}: the source sent {pages} pages, {landed} \
+                             arrived",
+                            self.index
+                        ));
+                    }
+                    if !self.marker(value)? {
+                        return Ok(());
+                    }
+                }
+                Ok(m) => {
+                    return Err(format!(
+                        "channel {}: {m:?} where the session agreed {} markers",
+                        self.index,
+                        if self.shared.counted {
+                            "counted"
+                        } else {
+                            "plain"
+                        }
+                    ))
                 }
                 Err(e) => return Err(format!("channel {}: {e}", self.index)),
             }
@@ -412,6 +444,7 @@ impl Receiver {
             pages += len / PAGE_SIZE;
         }
         self.shared.pages.fetch_add(pages, Ordering::Relaxed);
+        self.round_pages = self.round_pages.saturating_add(pages);
         Ok(())
     }
 

@@ -112,6 +112,10 @@ pub const FEATURE_RDMA: u64 = 1;
 /// session: every control frame after Auth and every TCP data channel is encrypted and
 /// authenticated (see [`crate::auth`]). A side that wants it refuses a peer that does not.
 pub const FEATURE_SEALED: u64 = 2;
+/// Feature bit: the source offers (Hello) / the destination agrees (Welcome) that every TCP
+/// round marker says how many pages its channel sent in the round; the destination checks
+/// them all arrived before the round's barrier passes.
+pub const FEATURE_ROUND_COUNTS: u64 = 4;
 /// Largest RDMA queue pair number or packet sequence number (24 bits).
 pub const MAX_QPN: u32 = 0x00ff_ffff;
 

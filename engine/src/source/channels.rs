@@ -121,7 +121,7 @@ pub(super) fn open_tcp(
     vm: &dyn MigratableVm,
     to: &str,
     opts: &MigrateOptions,
-    token: u64,
+    (token, counted): (u64, bool),
     keys: Option<&SessionKeys>,
     storage: &OutgoingStorage,
 ) -> Result<Plane, MigrationError> {
@@ -157,9 +157,9 @@ pub(super) fn open_tcp(
         memory_map(vm, Some(storage)),
         vm.ram().layout(),
         opts.pin_workers,
-        opts.compress,
-        opts.delta_cache_bytes,
+        (opts.compress, opts.delta_cache_bytes),
         storage.copying().then(|| storage.hashes()),
+        counted,
     );
     Ok((sched, Box::new(Tcp), String::new()))
 }

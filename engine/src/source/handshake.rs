@@ -9,7 +9,7 @@ use std::time::Instant;
 use super::channels::{self, RdmaDevice};
 use super::{MigrateOptions, Session, Tally, TransportChoice};
 use crate::auth;
-use crate::protocol::{Message, FEATURE_RDMA, FEATURE_SEALED, VERSION};
+use crate::protocol::{Message, FEATURE_RDMA, FEATURE_ROUND_COUNTS, FEATURE_SEALED, VERSION};
 use crate::session::{random_u64, Control, MigrationError};
 use crate::storage::outgoing::OutgoingStorage;
 use crate::vm::MigratableVm;
@@ -78,7 +78,8 @@ impl<'a> Session<'a> {
             min_version: VERSION,
             max_version: VERSION,
             features: if rdma.is_some() { FEATURE_RDMA } else { 0 }
-                | if seal { FEATURE_SEALED } else { 0 },
+                | if seal { FEATURE_SEALED } else { 0 }
+                | FEATURE_ROUND_COUNTS,
             nonce: nonce_s,
         })?;
         let (nonce_d, proof_d, features) =
@@ -135,7 +136,9 @@ impl<'a> Session<'a> {
             Message::Ready => {}
             m => return Err(ctl.unexpected(&m, "waiting for Ready")),
         }
-        let (sched, plane, d) = open_plane(&mut ctl, vm, to, opts, token, rdma, &storage)?;
+        let counted = features & FEATURE_ROUND_COUNTS != 0;
+        let (sched, plane, d) =
+            open_plane(&mut ctl, vm, to, opts, (token, counted), rdma, &storage)?;
         if !d.is_empty() {
             detail = format!("{detail}; {d}");
         }
@@ -162,13 +165,13 @@ fn open_plane(
     vm: &dyn MigratableVm,
     to: &str,
     opts: &MigrateOptions,
-    token: u64,
+    (token, counted): (u64, bool),
     rdma: Option<RdmaDevice>,
     storage: &OutgoingStorage,
 ) -> Result<channels::Plane, MigrationError> {
     match rdma {
         Some(dev) => channels::open_rdma(ctl, vm, &dev, opts),
-        None => channels::open_tcp(vm, to, opts, token, ctl.keys(), storage),
+        None => channels::open_tcp(vm, to, opts, (token, counted), ctl.keys(), storage),
     }
 }
 

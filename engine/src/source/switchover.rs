@@ -144,10 +144,12 @@ impl Session<'_> {
 
     /// A failure between pause and Commit: the destination discards, the guest resumes here.
     fn roll_back(&mut self, e: MigrationError) -> MigrationError {
-        self.abort("source failed during stop-and-copy");
+        let cause = e.to_string();
+        self.abort(&format!(
+            "the source resumes the guest after a failure in stop-and-copy: {cause}"
+        ));
         let _ = self.vm.stop_dirty_tracking();
         self.storage.stop();
-        let cause = e.to_string();
         if let Err(le) = self.storage.retake_locks() {
             return MigrationError::Storage(format!(
                 "the migration failed after the pause ({cause}) and the disks' locks could                  not be taken back: {le}"
