@@ -12,7 +12,7 @@ mod vm_process;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 use livemig_engine::announce::AnnounceSettings;
@@ -51,6 +51,9 @@ enum Command {
     Announce(SocketArg),
     /// Stop a VM process.
     Stop(SocketArg),
+    /// Make a throwaway CA and a certificate and key per host (for trials and tests; an
+    /// operator's own CA is the real thing): DIR/ca.pem, DIR/HOST.pem, DIR/HOST-key.pem.
+    MakeCerts(MakeCertsArgs),
     /// Settle a migration left in "outcome unknown" (Commit sent, no answer): with the
     /// destination's record of its decision, the VM resumes here if the destination discarded
     /// its copy, or stops here if the destination resumed it.
@@ -146,10 +149,36 @@ struct AuthArgs {
     /// trusted links only). Both sides must agree. RDMA writes are never encrypted.
     #[arg(long, env = "LIVEMIG_ENCRYPT", value_parser = ["on", "off"])]
     encrypt: Option<String>,
+    /// Certificates instead of a pre-shared key: this host's certificate (PEM), signed by
+    /// the CA of --ca; each session is keyed by a mutual TLS 1.3 handshake (always
+    /// encrypted). `livemig make-certs` makes a throwaway CA and certificates.
+    #[arg(long, requires_all = ["key", "ca"], conflicts_with_all = ["key_file", "no_auth"])]
+    cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The CA (PEM) whose certificates this host accepts from peers.
+    #[arg(long, requires = "cert")]
+    ca: Option<PathBuf>,
 }
 
 impl AuthArgs {
     fn load(&self) -> Result<Option<Key>> {
+        if let (Some(cert), Some(key), Some(ca)) = (&self.cert, &self.key, &self.ca) {
+            if std::env::var_os("LIVEMIG_KEY").is_some() {
+                anyhow::bail!(
+                    "--cert, yet LIVEMIG_KEY holds a pre-shared key: unset it to use \
+                     certificates, or drop --cert"
+                );
+            }
+            if self.encrypt.as_deref() == Some("off") {
+                anyhow::bail!(
+                    "sessions keyed by certificates are always encrypted: drop --encrypt off"
+                );
+            }
+            let id = livemig_engine::tls::TlsIdentity::load(cert, key, ca)?;
+            return Ok(Some(Key::certificates(id)));
+        }
         let key = self.load_key()?;
         match (self.encrypt.as_deref(), key) {
             (Some("on"), None) => anyhow::bail!(
@@ -188,6 +217,48 @@ impl AuthArgs {
             ),
         }
     }
+}
+
+#[derive(Args, Debug)]
+struct MakeCertsArgs {
+    /// Folder to write into (created).
+    #[arg(long)]
+    out: PathBuf,
+    /// A host's names, comma-separated (host names or IP addresses the peers use); the first
+    /// names its files. Repeatable.
+    #[arg(long, required = true)]
+    host: Vec<String>,
+}
+
+/// `livemig make-certs`.
+fn make_certs(a: &MakeCertsArgs) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let hosts: Vec<Vec<String>> = a
+        .host
+        .iter()
+        .map(|h| h.split(',').map(|n| n.trim().to_string()).collect())
+        .collect();
+    let (ca, certs) = livemig_engine::tls::throwaway_ca(&hosts).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&a.out)?;
+    let write = |name: String, text: &str, mode: u32| -> Result<()> {
+        let path = a.out.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        Ok(())
+    };
+    write("ca.pem".into(), &ca, 0o644)?;
+    for (names, (cert, key)) in hosts.iter().zip(&certs) {
+        write(format!("{}.pem", names[0]), cert, 0o644)?;
+        write(format!("{}-key.pem", names[0]), key, 0o600)?;
+    }
+    println!("{}", a.out.display());
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -316,6 +387,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Announce(a) => client::simple(&a.vm, &Request::Announce),
         Command::Stop(a) => client::simple(&a.vm, &Request::Stop),
         Command::Resolve(a) => client::resolve(&a.vm, &a.record),
+        Command::MakeCerts(a) => make_certs(&a),
         Command::Bench(a) => bench::run(a),
         Command::BenchLink(a) => bench::link(a),
         Command::BenchBlackout(a) => bench::blackout(a),

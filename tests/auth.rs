@@ -136,3 +136,76 @@ fn weak_keys_exposed_key_files_and_no_auth_beside_a_key_are_refused() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+/// Certificates from `livemig make-certs` in `dir/name`: (cert, key, ca) for host `host`.
+fn certs(dir: &std::path::Path, name: &str, hosts: &[&str]) -> std::path::PathBuf {
+    let out = dir.join(name);
+    let mut args = vec![
+        "make-certs".to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    for h in hosts {
+        args.extend(["--host".to_string(), h.to_string()]);
+    }
+    let st = std::process::Command::new(bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    out
+}
+
+fn cert_args(dir: &std::path::Path, host: &str, ca_dir: &std::path::Path) -> Vec<String> {
+    vec![
+        "--cert".into(),
+        dir.join(format!("{host}.pem")).display().to_string(),
+        "--key".into(),
+        dir.join(format!("{host}-key.pem")).display().to_string(),
+        "--ca".into(),
+        ca_dir.join("ca.pem").display().to_string(),
+    ]
+}
+
+/// Mutual certificates key a sealed session; a source whose certificate another CA signed
+/// is refused on both sides before any state, and keeps running.
+#[test]
+fn certificates_key_an_encrypted_session_and_a_foreign_ca_is_refused() {
+    let dir = tmpdir("certs");
+    let ours = certs(&dir, "ours", &["127.0.0.1,localhost", "source"]);
+    let theirs = certs(&dir, "theirs", &["source"]);
+    let dst_args = cert_args(&ours, "127.0.0.1", &ours);
+    let dst_args: Vec<&str> = dst_args.iter().map(String::as_str).collect();
+    for (what, src_dir, ok) in [("foreign CA", &theirs, false), ("our CA", &ours, true)] {
+        let mut rx_args = vec!["--backend", "memory", "--exit-after-resume"];
+        rx_args.extend_from_slice(&dst_args);
+        let (rx, addr) = receive(&[], "127.0.0.1:0", &rx_args);
+        let src = dir.join(format!("src-{ok}.sock"));
+        let src_args = cert_args(src_dir, "source", src_dir);
+        let mut vm_args: Vec<&str> = vec!["--backend", "memory", "--memory", "32"];
+        vm_args.extend(src_args.iter().map(String::as_str));
+        let _vm = run_vm(&[], &src, &vm_args);
+        let out = migrate(&[], &src, &addr, &[]);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if ok {
+            assert!(out.status.success(), "{what}: {stdout} {stderr}");
+            let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+            assert_eq!(r["digest_match"], true, "{r}");
+            assert_eq!(r["encryption"], "aes-256-gcm", "{r}");
+            let (code, err) = rx.wait_exit(Duration::from_secs(30));
+            assert_eq!(code, Some(0), "{err}");
+        } else {
+            assert!(!out.status.success(), "{what}: {stdout}");
+            assert!(stderr.contains("TLS handshake"), "{what}: {stderr}");
+            assert_eq!(request(&src, r#"{"cmd":"status"}"#)["phase"], "running");
+            std::thread::sleep(Duration::from_millis(300));
+            let err = rx.kill_running();
+            assert!(err.contains("refused a connection"), "{what}: {err}");
+        }
+    }
+}

@@ -23,8 +23,12 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+
+use crate::tls::TlsIdentity;
 
 /// Shortest accepted key, in random bytes (written as twice as many hex digits).
 pub const MIN_KEY_BYTES: usize = 32;
@@ -61,9 +65,10 @@ pub enum KeyError {
     },
 }
 
-/// A pre-shared key, and whether sessions keyed by it are sealed.
+/// A pre-shared key, and whether sessions keyed by it are sealed — or certificates, which
+/// key each session with a secret from a TLS handshake ([`crate::tls`]).
 #[derive(Clone)]
-pub struct Key(Vec<u8>, bool);
+pub struct Key(Vec<u8>, bool, Option<Arc<TlsIdentity>>);
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,7 +92,24 @@ impl Key {
         if t.len() < MIN_KEY_DIGITS || t.len() % 2 != 0 {
             return Err(KeyError::Weak(format!("it has {} digits", t.len())));
         }
-        Ok(Key(t.to_vec(), true))
+        Ok(Key(t.to_vec(), true, None))
+    }
+
+    /// Certificates instead of a pre-shared key: each session is keyed by a mutual TLS
+    /// handshake (always sealed).
+    pub fn certificates(id: TlsIdentity) -> Key {
+        Key(Vec::new(), true, Some(Arc::new(id)))
+    }
+
+    /// The certificates, when sessions are keyed by TLS.
+    pub fn tls(&self) -> Option<&TlsIdentity> {
+        self.2.as_deref()
+    }
+
+    /// The key of one session, from the secret its TLS handshake exported.
+    pub fn from_secret(secret: &[u8; 32]) -> Key {
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        Key(hex.into_bytes(), true, None)
     }
 
     /// The same key for sessions that authenticate but send everything after the handshake

@@ -109,4 +109,5 @@ pub mod scheduler;
 pub mod session;
 pub mod source;
 pub mod storage;
+pub mod tls;
 pub mod vm;

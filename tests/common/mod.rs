@@ -76,7 +76,10 @@ pub fn spawn(prefix: &[&str], args: &[&str]) -> Proc {
         Command::new(bin())
     };
     // The shared key, unless the test chose its own or none.
-    if !args.iter().any(|a| *a == "--no-auth" || *a == "--key-file") {
+    if !args
+        .iter()
+        .any(|a| *a == "--no-auth" || *a == "--key-file" || *a == "--cert")
+    {
         cmd.env("LIVEMIG_KEY", TEST_KEY);
     }
     let child = cmd

@@ -75,8 +75,24 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1))
     };
+    let mut stream = stream;
+    let _ = stream.set_write_timeout(Some(g.timeout));
+    // Certificates: a TLS handshake keys this session (a pre-shared key is the key).
+    let key = match g.key.as_ref().and_then(auth::Key::tls) {
+        Some(id) => {
+            let secret = id
+                .accept(&mut stream, left())
+                .map_err(|e| MigrationError::Refused {
+                    peer: stream
+                        .peer_addr()
+                        .map_or_else(|_| "unknown peer".into(), |a| a.to_string()),
+                    reason: format!("refused the source: {e}"),
+                })?;
+            Some(auth::Key::from_secret(&secret))
+        }
+        None => g.key.clone(),
+    };
     let mut ctl = Control::new(stream);
-    let _ = ctl.stream().set_write_timeout(Some(g.timeout));
     let nonce_d = auth::nonce();
     // A source that does not offer to seal a session this side wants sealed is refused once
     // it proved its key (so a missing key is what it hears first): `unsealed_source`.
@@ -93,10 +109,9 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
                 Err(r) => return Err(refuse(&mut ctl, r)),
             };
             ctl.set_version(version);
-            let wants_seal = g.key.as_ref().is_some_and(auth::Key::seals);
+            let wants_seal = key.as_ref().is_some_and(auth::Key::seals);
             let seal = wants_seal && features & FEATURE_SEALED != 0;
-            let proof = g
-                .key
+            let proof = key
                 .as_ref()
                 .map(|k| k.destination_proof(&nonce, &nonce_d))
                 .unwrap_or([0; 32]);
@@ -127,7 +142,7 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
         m => return Err(ctl.unexpected(&m, "waiting for Auth")),
     };
     let expected_token =
-        match &g.key {
+        match &key {
             None => None,
             Some(k) if auth::proofs_equal(&proof, &k.source_proof(&nonce_s, &nonce_d)) => {
                 Some(k.session_token(&nonce_s, &nonce_d))
@@ -152,7 +167,7 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
         ));
     }
     ctl.authenticated();
-    if let Some(k) = g.key.as_ref().filter(|k| k.seals()) {
+    if let Some(k) = key.as_ref().filter(|k| k.seals()) {
         let keys = k.session_keys(&nonce_s, &nonce_d, &ctl.transcript());
         ctl.seal(keys, auth::Direction::ToSource);
     }

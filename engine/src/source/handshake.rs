@@ -70,10 +70,25 @@ impl<'a> Session<'a> {
             detail = "auto: tcp (disk copies travel over TCP)".into();
         }
 
-        let mut ctl = Control::new(connect(to, opts, "control")?);
-        let _ = ctl.stream().set_write_timeout(Some(opts.timeout));
+        let mut stream = connect(to, opts, "control")?;
+        let _ = stream.set_write_timeout(Some(opts.timeout));
+        // Certificates: a TLS handshake keys this session (a pre-shared key is the key).
+        let key = match opts.key.as_ref().and_then(auth::Key::tls) {
+            Some(id) => {
+                let host = host_of(to);
+                let secret = id.connect(&mut stream, host, opts.timeout).map_err(|e| {
+                    MigrationError::Refused {
+                        peer: to.to_string(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                Some(auth::Key::from_secret(&secret))
+            }
+            None => opts.key.clone(),
+        };
+        let mut ctl = Control::new(stream);
         let nonce_s = auth::nonce();
-        let seal = opts.key.as_ref().is_some_and(auth::Key::seals);
+        let seal = key.as_ref().is_some_and(auth::Key::seals);
         ctl.send(&Message::Hello {
             min_version: VERSION,
             max_version: VERSION,
@@ -104,7 +119,7 @@ impl<'a> Session<'a> {
             rdma = None;
             detail = "auto: tcp (the destination has no usable RDMA device)".into();
         }
-        let token = authenticate(&mut ctl, opts, &nonce_s, &nonce_d, &proof_d)?;
+        let token = authenticate(&mut ctl, key.as_ref(), &nonce_s, &nonce_d, &proof_d)?;
         // Checked once both proved their keys, so a missing key is what a peer hears first.
         if seal && features & FEATURE_SEALED == 0 {
             let reason = "the destination does not encrypt the session (an older livemig, or \
@@ -119,7 +134,7 @@ impl<'a> Session<'a> {
             });
         }
         ctl.authenticated();
-        if let Some(k) = opts.key.as_ref().filter(|_| seal) {
+        if let Some(k) = key.as_ref().filter(|_| seal) {
             let keys = k.session_keys(&nonce_s, &nonce_d, &ctl.transcript());
             ctl.seal(keys, auth::Direction::ToDestination);
         }
@@ -175,11 +190,17 @@ fn open_plane(
     }
 }
 
+/// The host part of `host:port` (`[v6]:port` too).
+fn host_of(to: &str) -> &str {
+    let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// The destination proves the key first; only then does the source prove it. Returns the
 /// session token the data channels present.
 fn authenticate(
     ctl: &mut Control,
-    opts: &MigrateOptions,
+    key: Option<&auth::Key>,
     nonce_s: &[u8; 32],
     nonce_d: &[u8; 32],
     proof_d: &[u8; 32],
@@ -193,7 +214,7 @@ fn authenticate(
             reason: format!("refused the destination: {reason}"),
         }
     };
-    match &opts.key {
+    match key {
         Some(k) => {
             if !auth::proofs_equal(proof_d, &k.destination_proof(nonce_s, nonce_d)) {
                 return Err(refuse(
