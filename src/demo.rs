@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use livemig_bench::pair::{Pair, PairSpec};
-use livemig_bench::support::{kvm_available, write_key};
+use livemig_bench::pair::{Pair, PairAuth, PairSpec};
+use livemig_bench::support::{kvm_available, write_certs};
 use livemig_engine::control;
 use livemig_engine::vm::{Backend, Fill, Pattern};
 
@@ -73,16 +73,17 @@ fn run_in(a: &DemoArgs, backend: Backend, exe: &Path, dir: &Path) -> Result<()> 
             eprintln!("{m}");
         }
     };
-    // A key for this demo only: both processes authenticate with it.
-    let key_file = write_key(dir)?;
+    // A throwaway CA for this demo only: each process has a certificate it signed, and the
+    // session is keyed by a mutual TLS handshake (`--cert/--key/--ca`).
+    let certs = write_certs(dir)?;
     say(&format!(
-        "livemig demo: starting a destination (livemig receive) and a {} MiB {backend} guest (livemig run-vm) ...",
+        "livemig demo: starting a destination (livemig receive) and a {} MiB {backend} guest (livemig run-vm), each with a certificate from a throwaway CA ...",
         a.memory,
     ));
     let p = Pair::start(&PairSpec {
         exe,
         dir,
-        key_file: &key_file,
+        auth: PairAuth::Certificates(&certs),
         backend,
         reserve_mib: (!a.no_reserve).then_some(a.memory),
         ns: None,

@@ -17,8 +17,8 @@ pub struct PairSpec<'a> {
     pub exe: &'a Path,
     /// Folder for sockets.
     pub dir: &'a Path,
-    /// Pre-shared key file both sides use.
-    pub key_file: &'a Path,
+    /// How both sides authenticate.
+    pub auth: PairAuth<'a>,
     /// VMM backend.
     pub backend: Backend,
     /// Destination RAM to reserve ahead (MiB).
@@ -31,6 +31,35 @@ pub struct PairSpec<'a> {
     pub vm_args: Vec<String>,
     /// More `receive` options (e.g. `--storage-dir`).
     pub receive_args: Vec<String>,
+}
+
+/// How the two processes of a pair authenticate.
+#[derive(Debug, Clone, Copy)]
+pub enum PairAuth<'a> {
+    /// A pre-shared key file both use.
+    KeyFile(&'a Path),
+    /// Certificates from [`crate::support::write_certs`] in this folder.
+    Certificates(&'a Path),
+}
+
+impl PairAuth<'_> {
+    /// The options of the destination (`destination`) or of the VM process.
+    fn args(&self, destination: bool) -> Vec<std::ffi::OsString> {
+        match self {
+            PairAuth::KeyFile(k) => vec!["--key-file".into(), k.as_os_str().into()],
+            PairAuth::Certificates(dir) => {
+                let who = if destination { "destination" } else { "source" };
+                vec![
+                    "--cert".into(),
+                    dir.join(format!("{who}.pem")).into(),
+                    "--key".into(),
+                    dir.join(format!("{who}-key.pem")).into(),
+                    "--ca".into(),
+                    dir.join("ca.pem").into(),
+                ]
+            }
+        }
+    }
 }
 
 /// A running destination and VM process.
@@ -61,8 +90,8 @@ impl Pair {
         ])
         .arg("--socket")
         .arg(&dst_sock)
-        .arg("--key-file")
-        .arg(s.key_file)
+        .args(s.auth.args(true))
+        .env_remove("LIVEMIG_KEY")
         .stdout(Stdio::piped());
         if let Some(mib) = s.reserve_mib {
             recv.args(["--reserve-mib", &mib.to_string()]);
@@ -76,8 +105,8 @@ impl Pair {
 
         let mut run = command_in(s.ns.map(|n| n.0), s.exe);
         run.arg("run-vm")
-            .arg("--key-file")
-            .arg(s.key_file)
+            .args(s.auth.args(false))
+            .env_remove("LIVEMIG_KEY")
             .arg("--socket")
             .arg(&src_sock)
             .args(&s.vm_args)

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::limits::{memcpy_gbps, raw_tcp_gbps};
 use crate::matrix::{matrix, Cell, Link, Variant};
-use crate::pair::{Pair, PairSpec};
+use crate::pair::{Pair, PairAuth, PairSpec};
 use crate::qemu::run_qemu;
 use crate::report::{chrono_stamp, git_commit, machine, median, write_outputs, Row};
 use crate::support::{kvm_available, which, write_key, NetnsHosts};
@@ -286,7 +286,7 @@ fn run_livemig(
     let p = Pair::start(&PairSpec {
         exe,
         dir: &dir,
-        key_file: key,
+        auth: PairAuth::KeyFile(key),
         backend,
         reserve_mib: reserve.then_some(cell.memory_mib),
         ns: hosts.map(|h| (h.ns_a.as_str(), h.ns_b.as_str())),

@@ -19,7 +19,7 @@ use livemig_transport::codec::Mode;
 use serde_json::{json, Value};
 
 use crate::limits::raw_tcp_gbps;
-use crate::pair::{Pair, PairSpec};
+use crate::pair::{Pair, PairAuth, PairSpec};
 use crate::qemu::{qemu, write_ram_file, Qmp};
 use crate::report::{chrono_stamp, git_commit, machine, median};
 use crate::support::{kvm_available, which, write_key, NetnsHosts};
@@ -219,7 +219,7 @@ fn livemig(
     let p = Pair::start(&PairSpec {
         exe,
         dir: &dir,
-        key_file: key,
+        auth: PairAuth::KeyFile(key),
         backend,
         reserve_mib: Some(b.ram_mib),
         ns: Some((hosts.ns_a.as_str(), hosts.ns_b.as_str())),

@@ -210,6 +210,34 @@ pub fn write_key(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A throwaway CA and certificates for a pair on this machine, in `dir`: `destination.pem`
+/// (for 127.0.0.1 and localhost), `source.pem`, their keys and `ca.pem`. Returns `dir`.
+pub fn write_certs(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let hosts = [
+        vec!["127.0.0.1".to_string(), "localhost".into()],
+        vec!["source".to_string()],
+    ];
+    let (ca, certs) = livemig_engine::tls::throwaway_ca(&hosts)
+        .map_err(|e| anyhow::anyhow!("making certificates: {e}"))?;
+    let write = |name: &str, text: &str| -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(name))
+            .with_context(|| format!("writing {name}"))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        Ok(())
+    };
+    write("ca.pem", &ca)?;
+    for (who, (cert, key)) in ["destination", "source"].iter().zip(&certs) {
+        write(&format!("{who}.pem"), cert)?;
+        write(&format!("{who}-key.pem"), key)?;
+    }
+    Ok(dir.to_path_buf())
+}
+
 /// A TCP port free on loopback right now.
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

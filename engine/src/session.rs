@@ -602,3 +602,65 @@ pub fn random_u64() -> u64 {
     }
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn pair() -> (Control, Control) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (Control::new(a), Control::new(l.accept().unwrap().0))
+    }
+
+    /// The source's last look before Commit: quiet goes on; a Refuse or a closed connection
+    /// stops it (the guest then resumes on the source).
+    #[test]
+    fn the_last_look_before_commit_sees_a_refusal_or_a_closed_peer() {
+        let (mut src, mut dst) = pair();
+        assert!(src.check_quiet("test").is_ok());
+        dst.send(&Message::Refuse {
+            reason: "changed my mind".into(),
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(matches!(
+            src.check_quiet("test"),
+            Err(MigrationError::Refused { reason, .. }) if reason == "changed my mind"
+        ));
+        drop(dst);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(src.check_quiet("test").is_err());
+    }
+
+    /// A sealed pair talks; a frame altered on the way fails to open; the message put back
+    /// is read first.
+    #[test]
+    fn sealed_control_frames_open_only_unaltered() {
+        let (mut src, mut dst) = pair();
+        let key = crate::auth::Key::new(crate::auth::Key::generate().as_bytes()).unwrap();
+        let keys = key.session_keys(&[1; 32], &[2; 32], &src.transcript());
+        src.seal(keys.clone(), Direction::ToDestination);
+        dst.seal(keys, Direction::ToSource);
+        src.send(&Message::Commit).unwrap();
+        assert_eq!(
+            dst.recv(Some(Duration::from_secs(5)), "t").unwrap(),
+            Message::Commit
+        );
+        dst.unread(Message::Ready);
+        assert_eq!(
+            dst.recv(Some(Duration::from_secs(5)), "t").unwrap(),
+            Message::Ready
+        );
+        dst.send(&Message::Resumed).unwrap();
+        assert_eq!(
+            src.recv(Some(Duration::from_secs(5)), "t").unwrap(),
+            Message::Resumed
+        );
+        // A frame in clear on a sealed connection.
+        let (k, p) = Message::Commit.encode();
+        frame::write_frame(&mut &src.stream, k, &p).unwrap();
+        assert!(dst.recv(Some(Duration::from_secs(5)), "t").is_err());
+    }
+}
