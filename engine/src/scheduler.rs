@@ -254,11 +254,74 @@ struct Worker {
     mirror: Option<Receiver<Work>>,
     /// The storage lane: cleared when it stops, so that no guest write waits on it.
     lane_up: Option<Arc<AtomicBool>>,
+    /// The thread hashing the RAM pages this worker sent (off the sending path), started
+    /// with the worker's first chunk.
+    hasher: Option<Hasher>,
+}
+
+/// A thread that hashes sent pages into [`Worker::sent`], in the order they were sent.
+struct Hasher {
+    jobs: Sender<HashJob>,
+    handle: JoinHandle<()>,
+}
+
+enum HashJob {
+    /// Ranges sent.
+    Pages(Vec<(u64, u64)>),
+    /// Answer with the CPU time used since the last flush once every earlier job is done.
+    Flush(Sender<u64>),
+}
+
+impl Hasher {
+    fn start(index: usize, map: MemoryMap, sent: Arc<PageHashes>) -> Option<Hasher> {
+        let (jobs, rx) = bounded::<HashJob>(8);
+        let handle = std::thread::Builder::new()
+            .name(format!("livemig-txhash{index}"))
+            .spawn(move || {
+                let mut cpu = thread_cpu_ns();
+                for job in rx {
+                    match job {
+                        HashJob::Pages(ranges) => {
+                            for (addr, len) in ranges {
+                                if let Ok(host) = map.host_ptr(addr, len) {
+                                    // SAFETY: `host..host + len` lies in a live mapping of
+                                    // `map`. The guest may write it meanwhile; such a page is
+                                    // dirty, sent again and hashed again by a later job (the
+                                    // round's flush orders the jobs of successive rounds), so
+                                    // the last hash of every page is taken after its last write
+                                    // (the guest is paused for the final round).
+                                    unsafe { sent.update(addr, len, host) };
+                                }
+                            }
+                        }
+                        HashJob::Flush(done) => {
+                            let now = thread_cpu_ns();
+                            let _ = done.send(now.saturating_sub(cpu));
+                            cpu = now;
+                        }
+                    }
+                }
+            })
+            .ok()?;
+        Some(Hasher { jobs, handle })
+    }
+
+    /// Waits until every page sent so far is hashed; the hashing CPU time since the last
+    /// flush (None: the hasher is gone).
+    fn flush(&self) -> Option<u64> {
+        let (done, wait) = bounded(1);
+        self.jobs.send(HashJob::Flush(done)).ok()?;
+        wait.recv().ok()
+    }
 }
 
 impl Worker {
     /// The worker stopped: the storage lane lets every mirrored write waiting on it go.
     fn retire(&mut self) {
+        if let Some(h) = self.hasher.take() {
+            drop(h.jobs);
+            let _ = h.handle.join();
+        }
         if let Some(up) = &self.lane_up {
             up.store(false, Ordering::SeqCst);
         }
@@ -317,13 +380,24 @@ impl Worker {
                 }),
                 Work::Marker(round) => tx
                     .marker(round, std::mem::take(&mut pages), &self.stop)
-                    .map(|b| {
+                    .and_then(|b| {
+                        // The round's pages are all hashed before the round counts as sent.
+                        let hash_cpu = match &self.hasher {
+                            Some(h) => h.flush().ok_or(TransportError::Malformed {
+                                peer: "this host".into(),
+                                reason: "the page hashing thread stopped".into(),
+                            })?,
+                            None => 0,
+                        };
+                        Ok((b, hash_cpu))
+                    })
+                    .map(|(b, hash_cpu)| {
                         let now = thread_cpu_ns();
                         let _ = self.ev.send(Event::MarkerSent {
                             round,
                             bytes: bytes + b,
                             codec: tx.take_stats(),
-                            cpu_ns: now.saturating_sub(cpu),
+                            cpu_ns: now.saturating_sub(cpu) + hash_cpu,
                         });
                         cpu = now;
                         bytes = 0;
@@ -344,12 +418,23 @@ impl Worker {
     /// Sends a chunk, then hashes what it sent (RAM pages, or disk blocks on the storage
     /// lane).
     fn chunk<C: ChannelSender>(
-        &self,
+        &mut self,
         tx: &mut C,
         ext: &[(u64, u64)],
         round: u64,
     ) -> Result<u64, TransportError> {
         let b = tx.chunk(&self.map, ext, round, &self.stop)?;
+        if self.hashes.is_none() {
+            // RAM: hashed by this worker's hashing thread, off the sending path.
+            if self.hasher.is_none() {
+                self.hasher = Hasher::start(self.index, self.map.clone(), self.sent.clone());
+            }
+            if let Some(h) = &self.hasher {
+                if h.jobs.send(HashJob::Pages(ext.to_vec())).is_ok() {
+                    return Ok(b);
+                }
+            }
+        }
         let hashes = self.hashes.as_deref().unwrap_or(&self.sent);
         for &(addr, len) in ext {
             if let Ok(host) = self.map.host_ptr(addr, len) {
@@ -506,6 +591,7 @@ impl Scheduler {
                 sent: sent.clone(),
                 mirror: lane.then(|| mirror_rx.clone()),
                 lane_up: lane.then(|| lane_up.clone()),
+                hasher: None,
             };
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
             let handle = std::thread::Builder::new()
