@@ -600,17 +600,14 @@ fn a_hostile_authenticated_source_is_refused_cleanly() {
             "127.0.0.1:0",
             &["--backend", "memory", "--timeout-secs", "3"],
         );
-        let start = std::time::Instant::now();
         let mut c = handshake(&addr);
         attack(&addr, &mut c);
-        let (code, err) = rx.wait_exit(Duration::from_secs(20));
-        println!("{what}: {} ({:?})", err.trim(), start.elapsed());
+        // Its deadline is 3 s (the longest attack sleeps 5 s): a destination still waiting
+        // after 12 s fails the test.
+        let (code, err) = rx.wait_exit(Duration::from_secs(12));
+        println!("{what}: {}", err.trim());
         assert_clean_error(code, &err, needle);
         assert!(err.contains("nothing was resumed here"), "{what}: {err}");
-        assert!(
-            start.elapsed() < Duration::from_secs(12),
-            "{what}: the destination waited past its deadline"
-        );
     }
 }
 
@@ -662,7 +659,6 @@ fn idle_strangers_on_the_data_port_do_not_delay_the_channels() {
     let mut c = handshake(&addr);
     let idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(&addr).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(200));
-    let start = std::time::Instant::now();
     let mut d = data_channel(&addr, &c, c.token);
     d.send(&extents_message(0, 4096), &[3; 4096]).unwrap();
     d.send(&marker(0, 1), &[]).unwrap();
@@ -675,17 +671,13 @@ fn idle_strangers_on_the_data_port_do_not_delay_the_channels() {
             data: 0u64.to_le_bytes().to_vec(),
         }],
     });
-    let m = c.ctl.recv(Some(Duration::from_secs(20)), "test");
+    // Each stranger may be waited on for 10 s: Prepared later than 8 s would mean the
+    // channel queued behind them, and the read fails then.
+    let m = c.ctl.recv(Some(Duration::from_secs(8)), "test");
     if !matches!(m, Ok(Message::Prepared { .. })) {
         let (_, err) = rx.wait_exit(Duration::from_secs(30));
         panic!("{m:?}: {err}");
     }
-    // Each stranger may be waited on for 10 s; a queue behind them would show.
-    assert!(
-        start.elapsed() < Duration::from_secs(8),
-        "the channel waited behind the strangers: {:?}",
-        start.elapsed()
-    );
     c.send(&Message::Abort {
         reason: "test over".into(),
     });
