@@ -661,6 +661,7 @@ mod tests {
         // A frame in clear on a sealed connection.
         let (k, p) = Message::Commit.encode();
         frame::write_frame(&mut &src.stream, k, &p).unwrap();
-        assert!(dst.recv(Some(Duration::from_secs(5)), "t").is_err());
+        let refused = dst.recv(Some(Duration::from_secs(5)), "t").unwrap_err();
+        assert!(refused.to_string().contains("has no tag"), "{refused}");
     }
 }
