@@ -54,6 +54,19 @@ pub struct Tuning {
     /// Pause the guest after at most this many pre-copy rounds.
     #[arg(long, default_value_t = defaults::MAX_ROUNDS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_rounds: u32,
+    /// Never pause the guest for longer than this (ms, predicted): a migration whose rounds
+    /// stop shrinking with more left than fits gives up and the VM keeps running here, with
+    /// the figures (default: 10× --downtime-limit).
+    #[arg(long)]
+    pub max_downtime: Option<u64>,
+    /// Do not throttle the guest's vCPUs when it dirties memory faster than the link carries
+    /// it (auto-converge is on by default: 20 % first, +10 % per round that does not shrink,
+    /// at most 99 %).
+    #[arg(long, overrides_with = "auto_converge")]
+    pub no_auto_converge: bool,
+    /// Throttle the guest when needed (the default; undoes an earlier --no-auto-converge).
+    #[arg(long, overrides_with = "no_auto_converge")]
+    pub auto_converge: bool,
     /// Page encoding: none, zero, lz4, zstd (level 3), zstd:LEVEL (1..19), delta, or auto
     /// (picks per chunk). Zero pages always travel as markers.
     #[arg(long, default_value_t = Mode::Auto)]
@@ -90,6 +103,8 @@ impl Tuning {
             compress: self.compress,
             downtime_limit_ms: self.downtime_limit,
             max_rounds: self.max_rounds,
+            max_downtime_ms: self.max_downtime,
+            auto_converge: !self.no_auto_converge,
             delta_cache_mib: self.delta_cache_mib,
             storage: self.storage,
             storage_dir: self.storage_dir.clone(),
@@ -196,7 +211,13 @@ pub fn progress_display(quiet: bool) -> impl FnMut(&Event) {
                     r.dirty_rate,
                     r.dirtied_pages,
                     r.predicted_downtime_ms,
-                    if r.stop_and_copy { "  (stop-and-copy)" } else { "" }
+                    if r.stop_and_copy {
+                        "  (stop-and-copy)".to_string()
+                    } else if r.throttle_pct > 0 {
+                        format!("  guest throttled {}%", r.throttle_pct)
+                    } else {
+                        String::new()
+                    }
                 );
                 if tty {
                     let b = bar(r.round, r.pages);
@@ -299,6 +320,7 @@ fn print_summary(r: &Value) {
                 f("verify_ms")
             ),
         ),
+        ("auto-converge", throttle_summary(&r["round_details"])),
         (
             "guest progress after resume",
             format!("+{}", u("guest_progress_after_resume")),
@@ -308,6 +330,23 @@ fn print_summary(r: &Value) {
     for (k, v) in rows.into_iter().chain(storage_rows(&r["storage"])) {
         println!("  {k:<28} {v}");
     }
+}
+
+/// The throttle levels of the rounds, or that none was needed.
+fn throttle_summary(rounds: &Value) -> String {
+    let levels: Vec<u64> = rounds
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r["throttle_pct"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default();
+    if levels.iter().all(|&l| l == 0) {
+        return "not needed".into();
+    }
+    let per_round: Vec<String> = levels.iter().map(|l| format!("{l}%")).collect();
+    format!("guest throttled per round: {}", per_round.join(" "))
 }
 
 /// The disks' rows of the summary (none for a VM without disks).

@@ -69,6 +69,10 @@ fn default_channels() -> u16 {
 fn default_downtime() -> u64 {
     defaults::DOWNTIME_LIMIT_MS
 }
+fn default_true() -> bool {
+    true
+}
+
 fn default_rounds() -> u32 {
     defaults::MAX_ROUNDS
 }
@@ -99,6 +103,12 @@ pub struct MigrateRequest {
     /// Stop-and-copy after at most this many pre-copy rounds.
     #[serde(default = "default_rounds")]
     pub max_rounds: u32,
+    /// Hard cap on the predicted downtime (default: 10× the limit).
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+    /// Throttle the guest when it dirties faster than the link drains.
+    #[serde(default = "default_true")]
+    pub auto_converge: bool,
     /// Delta-encoding cache, MiB.
     #[serde(default = "default_delta_cache")]
     pub delta_cache_mib: u64,
@@ -127,6 +137,8 @@ impl MigrateRequest {
             compress: Mode::Auto,
             downtime_limit_ms: defaults::DOWNTIME_LIMIT_MS,
             max_rounds: defaults::MAX_ROUNDS,
+            max_downtime_ms: None,
+            auto_converge: true,
             delta_cache_mib: defaults::DELTA_CACHE_MIB,
             storage: StorageMode::Shared,
             storage_dir: None,
@@ -147,6 +159,14 @@ impl MigrateRequest {
         if self.max_rounds == 0 {
             return Err("max_rounds must be at least 1".into());
         }
+        if let Some(cap) = self.max_downtime_ms {
+            if cap < self.downtime_limit_ms {
+                return Err(format!(
+                    "max_downtime_ms {cap} is below the downtime limit {} ms",
+                    self.downtime_limit_ms
+                ));
+            }
+        }
         if self.storage == StorageMode::Shared {
             let copy_only = [
                 (self.storage_dir.is_some(), "a storage directory"),
@@ -165,6 +185,8 @@ impl MigrateRequest {
             rdma_device: self.rdma_device.clone(),
             downtime_limit_ms: self.downtime_limit_ms,
             max_rounds: self.max_rounds,
+            max_downtime_ms: self.max_downtime_ms,
+            auto_converge: self.auto_converge,
             compress: self.compress,
             delta_cache_bytes: self.delta_cache_mib.clamp(1, 1 << 20) << 20,
             key,

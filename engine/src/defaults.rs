@@ -9,6 +9,8 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const DOWNTIME_LIMIT_MS: u64 = 300;
 /// Stop-and-copy after at most this many pre-copy rounds.
 pub const MAX_ROUNDS: u32 = 30;
+/// Unless given, the hard cap on the predicted downtime is this many times the limit.
+pub const MAX_DOWNTIME_FACTOR: u64 = 10;
 /// Data channels of a migration unless asked otherwise.
 pub const CHANNELS: u16 = 1;
 /// Most data channels (TCP connections or RDMA queue pairs) of one migration.

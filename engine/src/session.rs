@@ -80,6 +80,9 @@ pub enum MigrationError {
         /// Digest the destination reported.
         got: String,
     },
+    /// Pre-copy could not end within the downtime cap; the VM still runs on the source.
+    #[error("pre-copy stopped, the VM keeps running on the source: {0}")]
+    WillNotConverge(String),
     /// Cancelled before the switchover; the VM still runs on the source.
     #[error("migration cancelled; the VM keeps running on the source")]
     Cancelled,
@@ -486,6 +489,9 @@ pub struct RoundReport {
     /// Of the pages, disk blocks (storage copies).
     #[serde(default)]
     pub disk_pages: u64,
+    /// Auto-converge: percent of vCPU time taken from the guest during the round.
+    #[serde(default)]
+    pub throttle_pct: u8,
 }
 
 /// The summary of a migration, as printed by `--json`.

@@ -63,6 +63,11 @@ pub struct MigrateOptions {
     pub downtime_limit_ms: u64,
     /// Stop-and-copy after at most this many pre-copy rounds.
     pub max_rounds: u32,
+    /// Hard cap on the predicted downtime (None: [`defaults::MAX_DOWNTIME_FACTOR`] × the
+    /// limit): a migration that cannot stop within it gives up and the VM keeps running here.
+    pub max_downtime_ms: Option<u64>,
+    /// Throttle the guest's vCPUs when it dirties memory faster than the link drains it.
+    pub auto_converge: bool,
     /// Pin channel workers to cores.
     pub pin_workers: bool,
     /// Longest wait for any single answer of the destination.
@@ -93,6 +98,8 @@ impl Default for MigrateOptions {
             rdma_device: None,
             downtime_limit_ms: defaults::DOWNTIME_LIMIT_MS,
             max_rounds: defaults::MAX_ROUNDS,
+            max_downtime_ms: None,
+            auto_converge: true,
             pin_workers: true,
             timeout: defaults::TIMEOUT,
             compress: Mode::Auto,
@@ -103,6 +110,16 @@ impl Default for MigrateOptions {
             remove_source_storage: false,
             active_mirror: false,
         }
+    }
+}
+
+impl MigrateOptions {
+    /// The hard cap on the predicted downtime, in ms.
+    pub fn max_downtime(&self) -> u64 {
+        self.max_downtime_ms.unwrap_or(
+            self.downtime_limit_ms
+                .saturating_mul(defaults::MAX_DOWNTIME_FACTOR),
+        )
     }
 }
 
@@ -157,6 +174,8 @@ pub fn migrate(
         transport_detail: s.detail.clone(),
     });
     let result = s.run(on_progress);
+    // Whatever happened, a guest still running here runs at full speed again.
+    let _ = vm.set_throttle(0);
     // Mirror hooks hold the storage lane: they go before the scheduler.
     s.storage.stop();
     s.sched.shutdown();

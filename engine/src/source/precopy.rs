@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use tracing::info;
 
 use super::{ms, Progress, Session};
-use crate::convergence::Convergence;
+use crate::convergence::{Convergence, Decision, Policy};
 use crate::dirty::{DirtyBitmap, Extent};
 use crate::scheduler::{RoundStats, RoundWork, SchedulerError};
 use crate::session::{MigrationError, RoundReport};
@@ -45,10 +45,13 @@ impl Session<'_> {
         if let Err(e) = &result {
             let _ = self.vm.stop_dirty_tracking();
             self.storage.stop();
-            self.abort(if matches!(e, MigrationError::Cancelled) {
-                "cancelled on the source"
-            } else {
-                "source failed during pre-copy"
+            let _ = self.vm.set_throttle(0);
+            self.abort(match e {
+                MigrationError::Cancelled => "cancelled on the source",
+                MigrationError::WillNotConverge(_) => {
+                    "the source stopped pre-copy: it would not converge within its downtime cap"
+                }
+                _ => "source failed during pre-copy",
             });
         }
         result
@@ -63,7 +66,12 @@ impl Session<'_> {
         let mut before = DirtyBitmap::new(&layout);
         self.vm.harvest_dirty(&mut before)?;
         let mut to_send = DirtyBitmap::all(&layout);
-        let mut conv = Convergence::new(self.opts.downtime_limit_ms);
+        let mut conv = Convergence::new(Policy {
+            limit_ms: self.opts.downtime_limit_ms,
+            max_downtime_ms: self.opts.max_downtime(),
+            auto_converge: self.opts.auto_converge,
+            max_rounds: self.opts.max_rounds,
+        });
         let mut round = 0u64;
         // Round 0 copies what the disks hold; later rounds what the guest wrote since.
         let mut disk = self.storage.first_round();
@@ -93,7 +101,9 @@ impl Session<'_> {
             self.storage
                 .after_round(stats.disk_pages, disk_dirty, &|i| sched.mirror_hook(i));
             disk = self.storage.take_pending();
-            let est = conv.after_round(stats.wire_bytes, stats.elapsed, dirtied);
+            let est = conv.estimate(stats.wire_bytes, stats.elapsed, dirtied);
+            let throttle = conv.throttle();
+            let decision = conv.decide(round, stats.pages, dirtied, &est);
             let report = RoundReport {
                 round,
                 pages: stats.pages,
@@ -105,6 +115,7 @@ impl Session<'_> {
                 predicted_downtime_ms: est.predicted_downtime_ms,
                 stop_and_copy: false,
                 disk_pages: stats.disk_pages,
+                throttle_pct: throttle,
             };
             info!(
                 round,
@@ -116,13 +127,27 @@ impl Session<'_> {
             on_progress(&Progress::Round(report.clone()));
             self.tally.rounds.push(report);
             round += 1;
-            if est.converged || round >= u64::from(self.opts.max_rounds.max(1)) {
-                return Ok(PreCopied {
-                    to_send,
-                    disk,
-                    round,
-                    conv,
-                });
+            match decision {
+                Decision::Continue { throttle: level } => {
+                    if level != throttle {
+                        info!(
+                            round,
+                            throttle = level,
+                            "auto-converge: throttling the guest"
+                        );
+                        self.vm.set_throttle(level)?;
+                    }
+                }
+                Decision::StopAndCopy { reason } => {
+                    info!(round, ?reason, "stop-and-copy");
+                    return Ok(PreCopied {
+                        to_send,
+                        disk,
+                        round,
+                        conv,
+                    });
+                }
+                Decision::GiveUp(why) => return Err(MigrationError::WillNotConverge(why)),
             }
         }
     }

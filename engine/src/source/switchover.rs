@@ -55,6 +55,7 @@ impl Session<'_> {
             predicted_downtime_ms: 0.0,
             stop_and_copy: true,
             disk_pages: prepared.final_round.disk_pages,
+            throttle_pct: 0,
         });
         if let Some(last) = self.tally.rounds.last() {
             on_progress(&Progress::Round(last.clone()));

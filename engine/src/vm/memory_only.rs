@@ -33,6 +33,8 @@ struct Control {
     state: Option<RunState>,
     paused_ack: bool,
     position: u64,
+    /// Auto-converge: percent of the writer's time spent sleeping.
+    throttle: u8,
 }
 
 /// A VM made of RAM and a writer thread.
@@ -139,7 +141,7 @@ impl MemoryVm {
             };
             let mut next = Instant::now();
             loop {
-                let pos = {
+                let (pos, throttle) = {
                     let mut c = ctl.0.lock().unwrap_or_else(|p| p.into_inner());
                     loop {
                         match c.state {
@@ -157,7 +159,7 @@ impl MemoryVm {
                             }
                         }
                     }
-                    c.position
+                    (c.position, c.throttle)
                 };
                 let n = if rate == 0 { 0 } else { batch };
                 let mut p = pos;
@@ -177,7 +179,8 @@ impl MemoryVm {
                     let mut c = ctl.0.lock().unwrap_or_else(|p| p.into_inner());
                     c.position = p;
                 }
-                next += period;
+                // Throttled, a batch takes 1/(1 - t) of its time: the rest is sleep.
+                next += period.mul_f64(100.0 / f64::from(100 - throttle.min(99)));
                 let now = Instant::now();
                 if next > now {
                     let c = ctl.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -291,6 +294,11 @@ impl MigratableVm for MemoryVm {
             Some(d) => d.resume(),
             None => Ok(()),
         }
+    }
+
+    fn set_throttle(&self, percent: u8) -> Result<(), VmError> {
+        self.lock().throttle = percent.min(99);
+        Ok(())
     }
 
     fn save_state(&self) -> Result<Vec<DeviceSection>, VmError> {

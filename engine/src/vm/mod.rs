@@ -72,6 +72,15 @@ pub enum VmError {
         /// Why.
         reason: String,
     },
+    /// A VMM thread could not be started.
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Which VMM runs a VM.
@@ -195,6 +204,9 @@ pub trait MigratableVm: Send + Sync {
     fn pause(&self) -> Result<(), VmError>;
     /// Starts (or restarts) every vCPU.
     fn resume(&self) -> Result<(), VmError>;
+    /// Auto-converge: takes `percent` (0–99) of every vCPU's time away from the guest, by
+    /// making the vCPU threads sleep in slices; 0 lets it run at full speed again.
+    fn set_throttle(&self, percent: u8) -> Result<(), VmError>;
     /// Saves vCPU and device state; the VM must be paused (or created).
     fn save_state(&self) -> Result<Vec<DeviceSection>, VmError>;
     /// Restores state saved by [`MigratableVm::save_state`] of a VM with the same spec.

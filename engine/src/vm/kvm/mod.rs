@@ -702,6 +702,13 @@ impl MigratableVm for KvmVm {
         }
     }
 
+    fn set_throttle(&self, percent: u8) -> Result<(), VmError> {
+        Control::set_throttle(&self.control, percent).map_err(|source| VmError::Thread {
+            what: "vCPU throttle",
+            source,
+        })
+    }
+
     fn save_state(&self) -> Result<Vec<DeviceSection>, VmError> {
         let _ops = lock(&self.ops);
         self.require_stopped_vcpus("save state")?;
@@ -945,6 +952,39 @@ mod tests {
         vm.resume().unwrap();
         vm.resume().unwrap();
         assert_eq!(vm.run_state(), RunState::Running);
+    }
+
+    /// Auto-converge's throttle takes vCPU time away (the guest's progress slows to a fraction),
+    /// a pause still stops a throttled guest, and throttle 0 gives it back its speed.
+    #[test]
+    fn a_throttled_guest_slows_down_and_still_pauses() {
+        let vm = KvmVm::launch(&spec(2, 20_000, 4, Pattern::Random)).unwrap();
+        wait_progress(&vm, 0);
+        let window = |vm: &KvmVm| {
+            let a = vm.progress().unwrap();
+            std::thread::sleep(Duration::from_millis(600));
+            vm.progress().unwrap() - a
+        };
+        let full = window(&vm);
+        vm.set_throttle(90).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let throttled = window(&vm);
+        assert!(
+            throttled * 3 < full,
+            "at 90 % throttle the guest made {throttled} steps, {full} unthrottled"
+        );
+        vm.pause().unwrap();
+        let paused = vm.progress().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(vm.progress().unwrap(), paused, "a throttled guest paused");
+        vm.resume().unwrap();
+        vm.set_throttle(0).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let again = window(&vm);
+        assert!(
+            again * 3 > full * 2,
+            "after the throttle was lifted the guest made {again} steps, {full} before"
+        );
     }
 
     /// Every page whose content changed between two points is in the union of the harvests

@@ -9,8 +9,13 @@
 //! just before a thread enters `KVM_RUN` is lost, so the VMM kicks again until the thread
 //! parks. Before parking, a thread re-enters `KVM_RUN` with `immediate_exit` set so KVM
 //! completes the pending I/O (advances RIP): the saved state is then consistent.
+//!
+//! Auto-converge throttles the guest as QEMU's cpu-throttle does: a throttler thread, every
+//! [`THROTTLE_SLICE`] of run time, kicks the vCPUs and makes them sleep for
+//! `slice × t / (1 - t)` (t the throttle level), so they run `1 - t` of the time. A pause or
+//! stop cuts a sleep short.
 
-use std::sync::{Condvar, Mutex, Once, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, Once, PoisonError};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -27,6 +32,8 @@ pub const MAX_BATCH: u64 = 256;
 pub const IDLE_EXIT_PERIOD: Duration = Duration::from_millis(5);
 /// How often a pause or stop kicks the vCPUs that have not parked yet.
 pub const KICK_INTERVAL: Duration = Duration::from_millis(2);
+/// Run time a throttled vCPU gets between two sleeps (QEMU's `CPU_THROTTLE_TIMESLICE_NS`).
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 /// Exits per second a paced vCPU aims at: its batch is its share of the dirty rate divided by
 /// this, between 1 and [`MAX_BATCH`] pages.
 const TARGET_EXITS_PER_SEC: u64 = 1000;
@@ -101,6 +108,12 @@ pub(super) struct Ctl {
     pub(super) guest_exit: Option<GuestExit>,
     /// An incoming VM whose state is not restored yet: it must not start.
     pub(super) awaiting_state: bool,
+    /// Auto-converge: percent of vCPU time taken from the guest (0 = none).
+    pub(super) throttle: u8,
+    /// Auto-converge: vCPUs sleep until then.
+    pub(super) throttle_until: Option<Instant>,
+    /// The throttler thread runs.
+    pub(super) throttler: bool,
 }
 
 pub(super) struct Control {
@@ -143,13 +156,81 @@ impl Control {
                 failure: None,
                 guest_exit: None,
                 awaiting_state: false,
+                throttle: 0,
+                throttle_until: None,
+                throttler: false,
             }),
             cv: Condvar::new(),
         }
     }
 
+    /// What the vCPU should do next, once any throttle sleep it owes is over.
     fn target(&self) -> Target {
-        lock(&self.ctl).target
+        let mut ctl = lock(&self.ctl);
+        while ctl.target == Target::Run {
+            let now = Instant::now();
+            match ctl.throttle_until {
+                Some(until) if until > now => {
+                    ctl = self
+                        .cv
+                        .wait_timeout(ctl, until - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                _ => break,
+            }
+        }
+        ctl.target
+    }
+
+    /// Sets the throttle level (capped at 99 %), starting the throttler thread if needed.
+    pub(super) fn set_throttle(control: &Arc<Control>, percent: u8) -> std::io::Result<()> {
+        let mut ctl = lock(&control.ctl);
+        ctl.throttle = percent.min(99);
+        if ctl.throttle == 0 {
+            ctl.throttle_until = None;
+            control.cv.notify_all();
+            return Ok(());
+        }
+        if !ctl.throttler {
+            let c = control.clone();
+            std::thread::Builder::new()
+                .name("vcpu-throttle".into())
+                .spawn(move || c.throttler())?;
+            ctl.throttler = true;
+        }
+        Ok(())
+    }
+
+    /// The throttler thread: while a throttle is set and the VM not stopped, every slice of
+    /// run time is followed by a sleep of every vCPU.
+    fn throttler(&self) {
+        let mut ctl = lock(&self.ctl);
+        while ctl.throttle != 0 && ctl.target != Target::Stop {
+            let t = f64::from(ctl.throttle) / 100.0;
+            let sleep = THROTTLE_SLICE.mul_f64(t / (1.0 - t));
+            let now = Instant::now();
+            if ctl.target == Target::Run {
+                ctl.throttle_until = Some(now + sleep);
+                self.kick_all(&ctl);
+            }
+            let wake = now + sleep + THROTTLE_SLICE;
+            let level = ctl.throttle;
+            loop {
+                let now = Instant::now();
+                if now >= wake || ctl.throttle != level || ctl.target == Target::Stop {
+                    break;
+                }
+                ctl = self
+                    .cv
+                    .wait_timeout(ctl, wake - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        }
+        ctl.throttle_until = None;
+        ctl.throttler = false;
+        self.cv.notify_all();
     }
 
     /// Kicks every running vCPU thread that has not parked.
