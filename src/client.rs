@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use livemig_engine::control::{self, Event, MigrateRequest, Request};
+use livemig_engine::convergence::Eta;
 use livemig_engine::defaults;
 use livemig_engine::session::MigrationReport;
 use livemig_engine::source::TransportChoice;
@@ -64,6 +65,11 @@ pub struct Tuning {
     /// at most 99 %).
     #[arg(long, overrides_with = "auto_converge")]
     pub no_auto_converge: bool,
+    /// End pre-copy after this many rounds in a row that do not shrink the dirty set (with
+    /// no throttle left to add): stop and copy within --max-downtime, or give up. 0: keep
+    /// going until --max-rounds, as QEMU does.
+    #[arg(long, default_value_t = defaults::STALL_ROUNDS)]
+    pub stall_rounds: u32,
     /// Throttle the guest when needed (the default; undoes an earlier --no-auto-converge).
     #[arg(long, overrides_with = "no_auto_converge")]
     pub auto_converge: bool,
@@ -105,6 +111,7 @@ impl Tuning {
             max_rounds: self.max_rounds,
             max_downtime_ms: self.max_downtime,
             auto_converge: !self.no_auto_converge,
+            stall_rounds: self.stall_rounds,
             delta_cache_mib: self.delta_cache_mib,
             storage: self.storage,
             storage_dir: self.storage_dir.clone(),
@@ -203,7 +210,14 @@ pub fn progress_display(quiet: bool) -> impl FnMut(&Event) {
                 round,
                 pages_done,
                 pages_total,
-            } if tty => bar(*round, *pages_total).set_position(*pages_done),
+                eta,
+            } if tty => {
+                let b = bar(*round, *pages_total);
+                b.set_position(*pages_done);
+                if let Some(e) = eta {
+                    b.set_message(eta_text(e));
+                }
+            }
             Event::Round { round: r } => {
                 let msg = format!(
                     "{:>8.1} MB/s  dirty {:>8.0} pages/s  left {:>7}  predicted downtime {:>6.1} ms{}",
@@ -213,10 +227,14 @@ pub fn progress_display(quiet: bool) -> impl FnMut(&Event) {
                     r.predicted_downtime_ms,
                     if r.stop_and_copy {
                         "  (stop-and-copy)".to_string()
-                    } else if r.throttle_pct > 0 {
-                        format!("  guest throttled {}%", r.throttle_pct)
                     } else {
-                        String::new()
+                        let throttle = if r.throttle_pct > 0 {
+                            format!("  guest throttled {}%", r.throttle_pct)
+                        } else {
+                            String::new()
+                        };
+                        let eta = r.eta.as_ref().map(eta_text).unwrap_or_default();
+                        format!("{throttle}  {eta}")
                     }
                 );
                 if tty {
@@ -330,6 +348,17 @@ fn print_summary(r: &Value) {
     for (k, v) in rows.into_iter().chain(storage_rows(&r["storage"])) {
         println!("  {k:<28} {v}");
     }
+}
+
+/// A prediction of what is left, in words.
+fn eta_text(e: &Eta) -> String {
+    format!(
+        "ETA {:.1} s, {:.0} MiB left, downtime ~{:.0} ms{}",
+        e.time_left_ms / 1000.0,
+        e.remaining_bytes as f64 / f64::from(1 << 20),
+        e.predicted_downtime_ms,
+        if e.converges { "" } else { " (not converging)" }
+    )
 }
 
 /// The throttle levels of the rounds, or that none was needed.

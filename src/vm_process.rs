@@ -15,8 +15,8 @@ use anyhow::{bail, Context, Result};
 use livemig_engine::announce::{announce, AnnounceSettings};
 use livemig_engine::auth::Key;
 use livemig_engine::control::{
-    AnnounceReply, CancelReply, ErrorReply, Event, MigrateRequest, OkReply, Request, ResolveReply,
-    StatusReply, StopReply, MAX_REQUEST_BYTES,
+    AnnounceReply, CancelReply, ErrorReply, Event, LiveProgress, MigrateRequest, OkReply, Request,
+    ResolveReply, StatusReply, StopReply, MAX_REQUEST_BYTES,
 };
 use livemig_engine::destination::{self, DiskPlacement, IncomingOptions};
 use livemig_engine::devices::disk_writer::DiskWriterSpec;
@@ -284,6 +284,8 @@ pub struct VmProcess {
     key: Option<Key>,
     /// The migration left in "outcome unknown", by id.
     unsettled: Mutex<Option<String>>,
+    /// The running migration's progress (None when none runs).
+    live: Mutex<Option<LiveProgress>>,
 }
 
 impl VmProcess {
@@ -295,6 +297,7 @@ impl VmProcess {
             last: Mutex::new(Value::Null),
             key,
             unsettled: Mutex::new(None),
+            live: Mutex::new(None),
         }
     }
 
@@ -315,6 +318,7 @@ impl VmProcess {
             memory_mib: config.layout.total_bytes() >> 20,
             vcpus: config.vcpus,
             last_migration: self.last.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            migration: self.live.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
 }
@@ -511,9 +515,18 @@ fn migrate(req: &MigrateRequest, p: &Arc<VmProcess>, out: &mut UnixStream) -> Re
     }
     p.cancel.store(false, Ordering::SeqCst);
     let mut sink = EventSink::new(out.try_clone()?);
+    *p.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(LiveProgress::default());
     let result = source::migrate(&*p.vm, &req.to, &opts, &p.cancel, &mut |ev| {
-        sink.emit(&Event::from(ev))
+        let ev = Event::from(ev);
+        if let Some(live) = p.live.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            live.update(&ev);
+            if let Event::Round { round } = &ev {
+                live.throttle_pct = round.throttle_pct;
+            }
+        }
+        sink.emit(&ev)
     });
+    *p.live.lock().unwrap_or_else(|e| e.into_inner()) = None;
     let (phase, ev) = match result {
         Ok(report) => {
             p.vm.shutdown();
@@ -619,6 +632,7 @@ mod tests {
                     round: 1,
                     pages_done: i,
                     pages_total: 50_000,
+                    eta: None,
                 });
             }
             done_tx.send(()).unwrap();

@@ -88,7 +88,41 @@ fn a_guest_that_outruns_the_link_gives_up_or_is_throttled_to_converge() {
         &format!("{}:7474", hosts.addr_b),
         &["--socket", dst.to_str().unwrap()],
     );
+    // Meanwhile `status` shows where it is and what is left, predicted.
+    let watched = src.clone();
+    let watcher = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let st = request(&watched, r#"{"cmd":"status"}"#);
+            if st["migration"]["eta"]["time_left_ms"]
+                .as_f64()
+                .unwrap_or(0.0)
+                > 0.0
+            {
+                return Some(st["migration"].clone());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        None
+    });
     let report = migrate_ok(&[], &src, &addr, &cap);
+    let live = watcher.join().unwrap().expect("status never showed an ETA");
+    println!("STATUS DURING MIGRATION: {live}");
+    assert!(
+        live["eta"]["remaining_bytes"].as_u64().unwrap() > 0,
+        "{live}"
+    );
+    assert!(
+        live["eta"]["predicted_downtime_ms"].as_f64().unwrap() > 0.0,
+        "{live}"
+    );
+    let rounds = report["round_details"].as_array().unwrap();
+    assert!(
+        rounds[..rounds.len() - 1]
+            .iter()
+            .all(|r| r["eta"].is_object()),
+        "every pre-copy round predicts what is left: {report}"
+    );
     let levels = throttles(&report);
     println!(
         "AUTO-CONVERGE: downtime {} ms (limit 300, cap 1000), total {} ms, throttle per round {levels:?}",

@@ -70,7 +70,7 @@ fn busy_guest_needs_several_rounds() {
     );
     wait_counter_beyond(&src, 0);
     // A 1 ms downtime budget cannot be met while the guest writes 5000 pages/s: the engine
-    // runs pre-copy rounds until max-rounds, then stops and copies.
+    // runs pre-copy rounds until max-rounds, then stops and copies (within a generous cap).
     let report = migrate_ok(
         &[],
         &src,
@@ -80,6 +80,8 @@ fn busy_guest_needs_several_rounds() {
             "1",
             "--max-rounds",
             "4",
+            "--max-downtime",
+            "60000",
             "--channels",
             "2",
         ],
@@ -127,7 +129,15 @@ fn destination_vanishing_mid_migration_leaves_the_source_running() {
         &[],
         &src,
         &addr,
-        &["--downtime-limit", "0", "--max-rounds", "100000"],
+        &[
+            "--downtime-limit",
+            "0",
+            "--max-rounds",
+            "100000",
+            "--stall-rounds",
+            "0",
+            "--no-auto-converge",
+        ],
     );
     killer.join().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -403,6 +403,9 @@ fn copies_are_refused_before_any_byte_moves_and_cancel_leaves_nothing_behind() {
             "0",
             "--max-rounds",
             "1000000",
+            "--stall-rounds",
+            "0",
+            "--no-auto-converge",
         ],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);

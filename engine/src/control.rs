@@ -23,6 +23,7 @@ use livemig_transport::codec::Mode;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Key;
+use crate::convergence::Eta;
 use crate::defaults;
 use crate::session::{MigrationReport, RoundReport};
 use crate::source::{MigrateOptions, Progress, TransportChoice};
@@ -69,6 +70,10 @@ fn default_channels() -> u16 {
 fn default_downtime() -> u64 {
     defaults::DOWNTIME_LIMIT_MS
 }
+fn default_stall_rounds() -> u32 {
+    defaults::STALL_ROUNDS
+}
+
 fn default_true() -> bool {
     true
 }
@@ -109,6 +114,9 @@ pub struct MigrateRequest {
     /// Throttle the guest when it dirties faster than the link drains.
     #[serde(default = "default_true")]
     pub auto_converge: bool,
+    /// Non-shrinking rounds that end pre-copy (0: only max_rounds does).
+    #[serde(default = "default_stall_rounds")]
+    pub stall_rounds: u32,
     /// Delta-encoding cache, MiB.
     #[serde(default = "default_delta_cache")]
     pub delta_cache_mib: u64,
@@ -139,6 +147,7 @@ impl MigrateRequest {
             max_rounds: defaults::MAX_ROUNDS,
             max_downtime_ms: None,
             auto_converge: true,
+            stall_rounds: defaults::STALL_ROUNDS,
             delta_cache_mib: defaults::DELTA_CACHE_MIB,
             storage: StorageMode::Shared,
             storage_dir: None,
@@ -187,6 +196,7 @@ impl MigrateRequest {
             max_rounds: self.max_rounds,
             max_downtime_ms: self.max_downtime_ms,
             auto_converge: self.auto_converge,
+            stall_rounds: self.stall_rounds,
             compress: self.compress,
             delta_cache_bytes: self.delta_cache_mib.clamp(1, 1 << 20) << 20,
             key,
@@ -222,6 +232,9 @@ pub enum Event {
         pages_done: u64,
         /// Pages in the round.
         pages_total: u64,
+        /// What is left, predicted (absent until something was measured).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        eta: Option<Eta>,
     },
     /// A round finished.
     Round {
@@ -267,10 +280,12 @@ impl From<&Progress> for Event {
                 round,
                 pages_done,
                 pages_total,
+                eta,
             } => Event::Sending {
                 round: *round,
                 pages_done: *pages_done,
                 pages_total: *pages_total,
+                eta: *eta,
             },
             Progress::Round(r) => Event::Round { round: r.clone() },
             Progress::Paused { pages } => Event::Paused { pages: *pages },
@@ -294,6 +309,53 @@ pub struct StatusReply {
     pub vcpus: u32,
     /// The last migration's report or failure (null before any).
     pub last_migration: serde_json::Value,
+    /// While a migration runs: where it is and what is left, predicted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<LiveProgress>,
+}
+
+/// A running migration, as `status` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LiveProgress {
+    /// The round being sent.
+    pub round: u64,
+    /// Its pages sent so far.
+    pub pages_done: u64,
+    /// Its pages.
+    pub pages_total: u64,
+    /// Auto-converge level during the last finished round, percent.
+    pub throttle_pct: u8,
+    /// What is left, predicted (absent until something was measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<Eta>,
+}
+
+impl LiveProgress {
+    /// Takes in one migration event.
+    pub fn update(&mut self, ev: &Event) {
+        match ev {
+            Event::Sending {
+                round,
+                pages_done,
+                pages_total,
+                eta,
+            } => {
+                self.round = *round;
+                self.pages_done = *pages_done;
+                self.pages_total = *pages_total;
+                if eta.is_some() {
+                    self.eta = *eta;
+                }
+            }
+            Event::Round { round } => {
+                self.round = round.round + 1;
+                self.pages_done = 0;
+                self.pages_total = round.dirtied_pages;
+                self.eta = round.eta.or(self.eta);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The answer to [`Request::Cancel`].

@@ -1,7 +1,7 @@
 //! Dirty-rate and bandwidth estimates, predicted downtime, auto-converge and the stop
 //! decision.
 //!
-//! After every pre-copy round [`Convergence::after_round`] decides: go on (possibly slowing
+//! After every pre-copy round [`Convergence::decide`] decides: go on (possibly slowing
 //! the guest down), stop and copy (the rest fits the downtime limit, or at least the hard cap
 //! once rounds stop helping), or give up with the figures that say why — never a stop-and-copy
 //! whose predicted downtime exceeds the cap.
@@ -11,6 +11,8 @@
 //! [`THROTTLE_STEP`] %, up to [`THROTTLE_MAX`] %.
 
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use crate::memory::PAGE_SIZE;
 
@@ -30,8 +32,6 @@ const HIGH_DIRTY_SHARE: f64 = 0.5;
 /// A round that re-dirtied at least this share of the pages it sent did not shrink the
 /// dirty set.
 const STALLED_SHARE: f64 = 0.9;
-/// Consecutive non-shrinking rounds (with no throttle left to add) that end pre-copy.
-const STALLED_ROUNDS: u32 = 2;
 
 /// Estimates after a round.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +46,22 @@ pub struct Estimate {
     pub converged: bool,
 }
 
+/// What is left of a running migration, predicted from the link and the guest as measured so
+/// far (the model [`Convergence::eta`] runs forward round by round).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Eta {
+    /// Bytes still to send: the rest of this round, the predicted later rounds and the
+    /// stop-and-copy.
+    pub remaining_bytes: u64,
+    /// Predicted time until the guest runs on the destination, ms.
+    pub time_left_ms: f64,
+    /// Predicted downtime of the stop-and-copy, ms.
+    pub predicted_downtime_ms: f64,
+    /// Whether the model reaches the downtime limit (else it ends in a stall: a stop within
+    /// the cap, or giving up).
+    pub converges: bool,
+}
+
 /// How pre-copy may end.
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
@@ -57,6 +73,11 @@ pub struct Policy {
     pub auto_converge: bool,
     /// Pre-copy rounds at most.
     pub max_rounds: u32,
+    /// Consecutive rounds that do not shrink the dirty set (with no throttle left to add)
+    /// that end pre-copy; 0: go on until `max_rounds`.
+    pub stall_rounds: u32,
+    /// Pages of guest RAM: the most the guest can dirty.
+    pub ram_pages: u64,
 }
 
 /// What to do after a round.
@@ -94,8 +115,13 @@ pub struct Convergence {
     stalled: u32,
     /// Largest dirty set seen after a round, pages.
     peak_dirty: u64,
-    /// Highest dirty rate seen, pages per second.
+    /// Highest write rate seen, pages per second.
     peak_rate: f64,
+    /// Write rate of the last round, pages per second (throttled as it was then): the rate
+    /// of page writes, repeats included, that leaves the dirty set it left.
+    rate: f64,
+    /// Throttle in force when `rate` was measured.
+    rate_throttle: u8,
 }
 
 impl Convergence {
@@ -108,6 +134,8 @@ impl Convergence {
             stalled: 0,
             peak_dirty: 0,
             peak_rate: 0.0,
+            rate: 0.0,
+            rate_throttle: 0,
         }
     }
 
@@ -129,8 +157,15 @@ impl Convergence {
         }
         let predicted = self.downtime_ms(dirtied);
         let dirty_rate = dirtied as f64 / secs;
+        // Writes landing on random pages of W fill the dirty set as W·(1 − e^(−R·t/W)): the
+        // write rate R behind `dirtied` distinct pages, with W all of RAM.
+        let w = self.policy.ram_pages.max(1) as f64;
+        let filled = (dirtied as f64 / w).min(0.99);
+        let rate = -w / secs * (1.0 - filled).ln();
         self.peak_dirty = self.peak_dirty.max(dirtied);
-        self.peak_rate = self.peak_rate.max(dirty_rate);
+        self.peak_rate = self.peak_rate.max(rate);
+        self.rate = rate;
+        self.rate_throttle = self.throttle;
         Estimate {
             bandwidth: self.bandwidth,
             dirty_rate,
@@ -142,6 +177,59 @@ impl Convergence {
     /// Predicted downtime for sending `pages` with the guest paused.
     fn downtime_ms(&self, pages: u64) -> f64 {
         (pages * PAGE_SIZE) as f64 / self.bandwidth.max(1.0) * 1000.0 + SWITCHOVER_OVERHEAD_MS
+    }
+
+    /// Predicts the rest of the migration while round `round` runs: `sent` of its pages are
+    /// on their way after `elapsed`, `left` are still to go. The bandwidth is this round's
+    /// once it moved enough to tell, else the last estimate; the write rate is the last
+    /// round's, scaled to the throttle now in force, and fills the dirty set as it would
+    /// (saturating at all of RAM). None before anything was measured.
+    pub fn eta(&self, round: u64, (sent, left): (u64, u64), elapsed: Duration) -> Option<Eta> {
+        let secs = elapsed.as_secs_f64();
+        let bw = if sent * PAGE_SIZE >= MIN_SAMPLE_BYTES && secs > 0.0 {
+            (sent * PAGE_SIZE) as f64 / secs
+        } else {
+            self.bandwidth
+        };
+        if bw <= 0.0 {
+            return None;
+        }
+        let page_s = PAGE_SIZE as f64 / bw;
+        let rate = self.rate * f64::from(100 - self.throttle.min(99))
+            / f64::from(100 - self.rate_throttle.min(99));
+        let w = self.policy.ram_pages.max(1) as f64;
+        let dirtied = |t: f64| w * (1.0 - (-rate * t / w).exp());
+        let mut time = left as f64 * page_s;
+        let mut bytes = left * PAGE_SIZE;
+        // Pages dirtied while this round runs: what the next one sends.
+        let mut dirty = dirtied(secs + time);
+        let mut next = round + 1;
+        let mut previous = f64::INFINITY;
+        let mut stalled = 0;
+        loop {
+            let downtime = dirty * page_s * 1000.0 + SWITCHOVER_OVERHEAD_MS;
+            let last = next >= u64::from(self.policy.max_rounds.max(1));
+            stalled = if dirty >= previous * STALLED_SHARE {
+                stalled + 1
+            } else {
+                0
+            };
+            let stop = self.policy.stall_rounds != 0 && stalled >= self.policy.stall_rounds;
+            if downtime <= self.policy.limit_ms as f64 || last || stop {
+                return Some(Eta {
+                    remaining_bytes: bytes + (dirty as u64) * PAGE_SIZE,
+                    time_left_ms: time * 1000.0 + downtime,
+                    predicted_downtime_ms: downtime,
+                    converges: downtime <= self.policy.limit_ms as f64,
+                });
+            }
+            let t = dirty * page_s;
+            time += t;
+            bytes += (dirty as u64) * PAGE_SIZE;
+            previous = dirty;
+            dirty = dirtied(t);
+            next += 1;
+        }
     }
 
     /// Decides after round `round` (0-based), which sent `sent` pages and after which
@@ -162,7 +250,8 @@ impl Convergence {
             self.stalled = 0;
         }
         let last = round + 1 >= u64::from(self.policy.max_rounds.max(1));
-        if !last && self.stalled < STALLED_ROUNDS {
+        let stalled = self.policy.stall_rounds != 0 && self.stalled >= self.policy.stall_rounds;
+        if !last && !stalled {
             if high && headroom {
                 self.throttle = if self.throttle == 0 {
                     THROTTLE_INITIAL
@@ -223,6 +312,8 @@ mod tests {
             max_downtime_ms: 2000,
             auto_converge,
             max_rounds: 30,
+            stall_rounds: crate::defaults::STALL_ROUNDS,
+            ram_pages: 65_536,
         }
     }
 
@@ -300,6 +391,48 @@ mod tests {
                 reason: StopReason::WithinCap
             }
         );
+    }
+
+    #[test]
+    fn the_eta_runs_the_rounds_forward() {
+        let mut c = Convergence::new(policy(true));
+        // Nothing measured yet: no prediction.
+        assert_eq!(c.eta(0, (0, 1000), Duration::ZERO), None);
+        // Round 0 half done: 32768 pages in 1 s (134 MB/s), no dirty rate known yet: the rest
+        // of the round, then a stop-and-copy of nothing.
+        let e = c.eta(0, (32_768, 32_768), Duration::from_secs(1)).unwrap();
+        assert!((e.time_left_ms - 1005.0).abs() < 1.0, "{e:?}");
+        assert!(e.converges);
+        assert_eq!(e.remaining_bytes, 32_768 * PAGE_SIZE);
+        // Round 0 (2 s) left 4000 of 65536 pages dirty: 2064 writes/s (some fell on the same
+        // page). A round of those 4000 pages (122 ms) would dirty 251 (7.7 ms + 5 ms of
+        // switchover): converged.
+        c.estimate(65_536 * PAGE_SIZE, Duration::from_secs(2), 4000);
+        let e = c.eta(1, (0, 4000), Duration::ZERO).unwrap();
+        assert!(e.converges, "{e:?}");
+        assert!((e.time_left_ms - (122.1 + 7.7 + 5.0)).abs() < 0.5, "{e:?}");
+        assert!((e.predicted_downtime_ms - 12.7).abs() < 0.2, "{e:?}");
+        assert_eq!(e.remaining_bytes, (4000 + 251) * PAGE_SIZE);
+    }
+
+    #[test]
+    fn the_eta_of_a_guest_that_outruns_the_link_ends_in_a_stall() {
+        let mut c = Convergence::new(policy(false));
+        hot_round(&mut c, 0);
+        let e = c.eta(1, (0, 60_000), Duration::ZERO).unwrap();
+        assert!(!e.converges, "{e:?}");
+        assert!(e.predicted_downtime_ms > 2000.0, "{e:?}");
+    }
+
+    #[test]
+    fn stall_detection_can_be_turned_off() {
+        let mut c = Convergence::new(Policy {
+            stall_rounds: 0,
+            ..policy(false)
+        });
+        for round in 0..20 {
+            assert_eq!(hot_round(&mut c, round), Decision::Continue { throttle: 0 });
+        }
     }
 
     #[test]

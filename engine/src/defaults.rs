@@ -9,6 +9,9 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const DOWNTIME_LIMIT_MS: u64 = 300;
 /// Stop-and-copy after at most this many pre-copy rounds.
 pub const MAX_ROUNDS: u32 = 30;
+/// Consecutive pre-copy rounds that do not shrink the dirty set (with no throttle left to
+/// add) before the source decides: stop within the downtime cap, or give up.
+pub const STALL_ROUNDS: u32 = 2;
 /// Unless given, the hard cap on the predicted downtime is this many times the limit.
 pub const MAX_DOWNTIME_FACTOR: u64 = 10;
 /// Data channels of a migration unless asked otherwise.

@@ -492,6 +492,9 @@ pub struct RoundReport {
     /// Auto-converge: percent of vCPU time taken from the guest during the round.
     #[serde(default)]
     pub throttle_pct: u8,
+    /// What is left after this round, predicted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<crate::convergence::Eta>,
 }
 
 /// The summary of a migration, as printed by `--json`.

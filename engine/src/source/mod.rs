@@ -68,6 +68,8 @@ pub struct MigrateOptions {
     pub max_downtime_ms: Option<u64>,
     /// Throttle the guest's vCPUs when it dirties memory faster than the link drains it.
     pub auto_converge: bool,
+    /// Non-shrinking rounds that end pre-copy (0: only `max_rounds` does).
+    pub stall_rounds: u32,
     /// Pin channel workers to cores.
     pub pin_workers: bool,
     /// Longest wait for any single answer of the destination.
@@ -100,6 +102,7 @@ impl Default for MigrateOptions {
             max_rounds: defaults::MAX_ROUNDS,
             max_downtime_ms: None,
             auto_converge: true,
+            stall_rounds: defaults::STALL_ROUNDS,
             pin_workers: true,
             timeout: defaults::TIMEOUT,
             compress: Mode::Auto,
@@ -145,6 +148,8 @@ pub enum Progress {
         pages_done: u64,
         /// Pages in the round.
         pages_total: u64,
+        /// What is left, predicted (None until something was measured).
+        eta: Option<crate::convergence::Eta>,
     },
     /// A round finished.
     Round(RoundReport),

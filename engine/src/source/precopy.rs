@@ -71,6 +71,8 @@ impl Session<'_> {
             max_downtime_ms: self.opts.max_downtime(),
             auto_converge: self.opts.auto_converge,
             max_rounds: self.opts.max_rounds,
+            stall_rounds: self.opts.stall_rounds,
+            ram_pages: layout.total_pages(),
         });
         let mut round = 0u64;
         // Round 0 copies what the disks hold; later rounds what the guest wrote since.
@@ -92,7 +94,7 @@ impl Session<'_> {
                 holes: &holes,
                 disk: &disk,
             };
-            let stats = self.send_round(round, &work, pages_total, on_progress)?;
+            let stats = self.send_round(round, &work, pages_total, Some(&conv), on_progress)?;
             to_send.clear();
             self.vm.harvest_dirty(&mut to_send)?;
             let disk_dirty = self.storage.harvest();
@@ -104,6 +106,7 @@ impl Session<'_> {
             let est = conv.estimate(stats.wire_bytes, stats.elapsed, dirtied);
             let throttle = conv.throttle();
             let decision = conv.decide(round, stats.pages, dirtied, &est);
+            let eta = conv.eta(round + 1, (0, dirtied), std::time::Duration::ZERO);
             let report = RoundReport {
                 round,
                 pages: stats.pages,
@@ -116,6 +119,7 @@ impl Session<'_> {
                 stop_and_copy: false,
                 disk_pages: stats.disk_pages,
                 throttle_pct: throttle,
+                eta,
             };
             info!(
                 round,
@@ -159,8 +163,10 @@ impl Session<'_> {
         round: u64,
         work: &RoundWork<'_>,
         pages_total: u64,
+        conv: Option<&Convergence>,
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<RoundStats, MigrationError> {
+        let start = std::time::Instant::now();
         let Session {
             sched,
             plane,
@@ -170,10 +176,13 @@ impl Session<'_> {
         } = self;
         let sent = sched.send_round(round, work, cancel, &mut |pages_done| {
             plane.round_progress(ctl, round, pages_done);
+            let left = pages_total.saturating_sub(pages_done);
+            let eta = conv.and_then(|c| c.eta(round, (pages_done, left), start.elapsed()));
             on_progress(&Progress::Sending {
                 round,
                 pages_done,
                 pages_total,
+                eta,
             })
         });
         let stats = sent.map_err(|e| match e {

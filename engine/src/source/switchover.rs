@@ -56,6 +56,7 @@ impl Session<'_> {
             stop_and_copy: true,
             disk_pages: prepared.final_round.disk_pages,
             throttle_pct: 0,
+            eta: None,
         });
         if let Some(last) = self.tally.rounds.last() {
             on_progress(&Progress::Round(last.clone()));
@@ -99,7 +100,7 @@ impl Session<'_> {
             holes: &[],
             disk: &disk,
         };
-        let stats = self.send_round(pre.round, &work, pages, &mut |_| {})?;
+        let stats = self.send_round(pre.round, &work, pages, None, &mut |_| {})?;
         if self.storage.copying() {
             self.ctl.send(&Message::DiskDigests {
                 digests: self.storage.digests(),
