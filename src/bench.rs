@@ -35,6 +35,11 @@ pub struct BenchArgs {
     /// nested VM (scripts/bench-blackout.sh; --repeat migrations of each, default 3).
     #[arg(long, conflicts_with_all = ["redraw", "storage"])]
     blackout: bool,
+    /// Instead of the matrix: prediction accuracy — in each cell (RAM, dirty rate, working
+    /// set, link) `migrate --plan`, then the migration it forecast; predicted against actual
+    /// total time and downtime (--quick: four small cells).
+    #[arg(long, conflicts_with_all = ["redraw", "storage", "blackout"])]
+    predict: bool,
     /// Only the matrix cells whose description (`link fill MiB pages/s variant`, e.g.
     /// `10gbit random 512MiB 0/s livemig tcp x1 none (clear)`) contains this; repeatable.
     #[arg(long, value_name = "TEXT")]
@@ -66,6 +71,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
             bail!("the blackout comparison failed ({status})");
         }
         return Ok(());
+    }
+    if a.predict {
+        return livemig_bench::predict::run(
+            &livemig_bench::predict::PredictOptions {
+                quick: a.quick,
+                out: a.out,
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+            },
+            &exe,
+        );
     }
     if a.storage {
         let d = StorageBench::default();

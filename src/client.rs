@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use livemig_engine::control::{self, Event, MigrateRequest, Request};
+use livemig_engine::control::{self, Event, MigrateRequest, PlanRequest, Request};
 use livemig_engine::convergence::Eta;
 use livemig_engine::defaults;
 use livemig_engine::session::MigrationReport;
-use livemig_engine::source::TransportChoice;
+use livemig_engine::source::{Forecast, TransportChoice};
 use livemig_engine::storage::StorageMode;
 use livemig_transport::codec::Mode;
 use serde_json::Value;
@@ -32,6 +32,14 @@ pub struct MigrateArgs {
     /// Print one JSON object instead of progress bars and a table.
     #[arg(long)]
     pub json: bool,
+    /// Forecast instead of migrating: watch the guest's writes, probe the link to the
+    /// destination (which keeps waiting), and predict rounds, total time and downtime for
+    /// these options and for alternatives. Nothing moves.
+    #[arg(long)]
+    pub plan: bool,
+    /// With --plan: how long to watch the guest's writes, ms.
+    #[arg(long, default_value_t = defaults::PLAN_WINDOW_MS, requires = "plan")]
+    pub plan_window_ms: u64,
 }
 
 /// Migration tuning shared by `migrate` and `demo`.
@@ -148,6 +156,9 @@ pub fn resolve(socket: &Path, record: &Path) -> Result<()> {
 /// `livemig migrate`. Ctrl-C cancels the migration (before the switchover the VM keeps
 /// running on the source) and waits for the VM process to say how it ended.
 pub fn migrate(a: &MigrateArgs) -> Result<()> {
+    if a.plan {
+        return plan(a);
+    }
     let socket = a.vm.clone();
     let quiet = a.json;
     let _ = ctrlc::set_handler(move || {
@@ -158,6 +169,78 @@ pub fn migrate(a: &MigrateArgs) -> Result<()> {
     });
     let report = drive(&a.vm, &a.tuning.request(&a.to), a.json)?;
     finish(&serde_json::to_value(report)?, a.json)
+}
+
+/// `livemig migrate --plan`: the forecast, as a table or JSON.
+fn plan(a: &MigrateArgs) -> Result<()> {
+    let req = PlanRequest {
+        migrate: a.tuning.request(&a.to),
+        window_ms: a.plan_window_ms,
+    };
+    if !a.json {
+        eprintln!(
+            "planning: watching the guest for {} ms and probing the link to {} ...",
+            a.plan_window_ms, a.to
+        );
+    }
+    let r = control::plan(&a.vm, &req)
+        .with_context(|| format!("planning a migration of {}", a.vm.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let mib = |b: f64| b / f64::from(1 << 20);
+    println!("\n  {}\n", r.verdict);
+    println!(
+        "  guest        {:.0} MiB RAM; writes {:.0} pages/s ({:.0} MB/s) over a working set of {:.0} MiB",
+        mib(r.ram_bytes as f64),
+        r.dirty.write_rate,
+        r.dirty.write_rate * 4096.0 / 1e6,
+        mib((r.dirty.working_set_pages * 4096) as f64)
+    );
+    println!(
+        "  content      {:.0} MiB never written; {:.0}% zero pages; LZ4 to {:.0}% at {:.0} MB/s per core",
+        mib((r.content.hole_pages * 4096) as f64),
+        r.content.zero_share * 100.0,
+        r.content.lz4_ratio * 100.0,
+        r.content.lz4_bytes_per_s / 1e6
+    );
+    for l in &r.link {
+        println!(
+            "  link         {:.0} MB/s over {} connection{} ({:.0} MiB in {:.0} ms)",
+            l.bytes_per_s / 1e6,
+            l.connections,
+            if l.connections == 1 { "" } else { "s" },
+            mib(l.bytes as f64),
+            l.ms
+        );
+    }
+    println!("  set-up       {:.0} ms\n", r.setup_ms);
+    println!(
+        "  {:<9} {:>6} {:>10} {:>12}  {:<22} options",
+        "", "rounds", "total", "downtime", "outcome"
+    );
+    let row = |label: &str, f: &Forecast| {
+        let outcome = match (&f.gives_up, f.throttle.iter().max().copied().unwrap_or(0)) {
+            (Some(_), _) => "gives up".to_string(),
+            (None, 0) if f.converges => "converges".to_string(),
+            (None, 0) => "over the limit".to_string(),
+            (None, t) => format!("throttled up to {t}%"),
+        };
+        println!(
+            "  {label:<9} {:>6} {:>8.1} s {:>9.0} ms  {outcome:<22} {}",
+            f.rounds,
+            f.total_ms / 1000.0,
+            f.downtime_ms,
+            f.options
+        );
+    };
+    row("as asked", &r.forecast);
+    for f in &r.alternatives {
+        row("or", f);
+    }
+    println!("\n  assumes: {}", r.assumptions.join("; "));
+    Ok(())
 }
 
 /// Prints the report and turns a digest mismatch into an error.

@@ -15,8 +15,8 @@ use anyhow::{bail, Context, Result};
 use livemig_engine::announce::{announce, AnnounceSettings};
 use livemig_engine::auth::Key;
 use livemig_engine::control::{
-    AnnounceReply, CancelReply, ErrorReply, Event, LiveProgress, MigrateRequest, OkReply, Request,
-    ResolveReply, StatusReply, StopReply, MAX_REQUEST_BYTES,
+    AnnounceReply, CancelReply, ErrorReply, Event, LiveProgress, MigrateRequest, OkReply,
+    PlanRequest, Request, ResolveReply, StatusReply, StopReply, MAX_REQUEST_BYTES,
 };
 use livemig_engine::destination::{self, DiskPlacement, IncomingOptions};
 use livemig_engine::devices::disk_writer::DiskWriterSpec;
@@ -406,6 +406,10 @@ fn handle(conn: UnixStream, p: &Arc<VmProcess>, path: &Path) -> Result<()> {
             std::process::exit(0);
         }
         Request::Migrate(m) => migrate(&m, p, &mut out),
+        Request::Plan(m) => match plan(&m, p) {
+            Ok(r) => reply(&mut out, &r),
+            Err(error) => reply(&mut out, &ErrorReply { error }),
+        },
         Request::Console => stream_console(p, &mut out),
         Request::Resolve { record } => match resolve(p, &record) {
             Ok(r) => reply(&mut out, &r),
@@ -488,6 +492,35 @@ fn resolve(p: &Arc<VmProcess>, record: &OutcomeRecord) -> Result<ResolveReply, S
         outcome: record.outcome,
         phase: phase.into(),
     })
+}
+
+/// Forecasts a migration: the VM keeps running, nothing moves.
+fn plan(req: &PlanRequest, p: &Arc<VmProcess>) -> std::result::Result<source::PlanReport, String> {
+    let opts = req
+        .migrate
+        .options(p.key.clone())
+        .map_err(|e| format!("bad plan request: {e}"))?;
+    if !(100..=60_000).contains(&req.window_ms) {
+        return Err(format!(
+            "a sampling window of {} ms (100..=60000)",
+            req.window_ms
+        ));
+    }
+    {
+        let mut phase = p.phase.lock().unwrap_or_else(|e| e.into_inner());
+        if *phase != "running" {
+            return Err(format!("VM is {}, not running: cannot plan", *phase));
+        }
+        *phase = "planning";
+    }
+    let r = source::plan(
+        &*p.vm,
+        &req.migrate.to,
+        &opts,
+        Duration::from_millis(req.window_ms),
+    );
+    p.set_phase("running");
+    r.map_err(|e| format!("plan failed: {e}"))
 }
 
 fn migrate(req: &MigrateRequest, p: &Arc<VmProcess>, out: &mut UnixStream) -> Result<()> {

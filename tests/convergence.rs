@@ -49,6 +49,38 @@ fn a_guest_that_outruns_the_link_gives_up_or_is_throttled_to_converge() {
         &format!("{}:7473", hosts.addr_b),
         &["--socket", dst.to_str().unwrap()],
     );
+    // The plan foresees it, and the destination it probed keeps waiting.
+    let plan = plan(&src, &addr, &[&cap[..], &["--no-auto-converge"]].concat());
+    println!("PLAN: {plan}");
+    let f = &plan["forecast"];
+    assert!(f["gives_up"].is_string(), "{plan}");
+    assert!(
+        plan["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("will not move"),
+        "{plan}"
+    );
+    let alternatives = plan["alternatives"].as_array().unwrap();
+    assert!(
+        alternatives.iter().any(|a| a["gives_up"].is_null()
+            && a["options"]
+                .as_str()
+                .unwrap()
+                .contains("--downtime-limit 300")
+            && !a["options"]
+                .as_str()
+                .unwrap()
+                .contains("--no-auto-converge")),
+        "auto-converge not offered: {plan}"
+    );
+    // The link is the shaped 1 Gbit/s one (125 MB/s at most).
+    let link = plan["link"][0]["bytes_per_s"].as_f64().unwrap();
+    assert!((20e6..=135e6).contains(&link), "link {link} B/s: {plan}");
+    assert!(
+        plan["dirty"]["write_rate"].as_f64().unwrap() > 10_000.0,
+        "{plan}"
+    );
     let out = migrate(
         &[],
         &src,
@@ -148,4 +180,63 @@ fn a_guest_that_outruns_the_link_gives_up_or_is_throttled_to_converge() {
 /// Whether a control socket no longer answers.
 fn request_fails(socket: &std::path::Path) -> bool {
     std::os::unix::net::UnixStream::connect(socket).is_err()
+}
+
+/// `livemig migrate --plan --json`: the forecast.
+fn plan(src: &std::path::Path, to: &str, args: &[&str]) -> Value {
+    let out = migrate(
+        &[],
+        src,
+        to,
+        &[&["--plan", "--plan-window-ms", "1000"], args].concat(),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "plan failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[test]
+fn a_plan_of_a_quiet_vm_predicts_one_pass_and_takes_nothing() {
+    assert!(kvm_available(), "this test needs /dev/kvm");
+    let dir = tmpdir("plan");
+    let src = dir.join("src.sock");
+    let dst = dir.join("dst.sock");
+    let (_rx, addr) = receive(&[], "127.0.0.1:0", &["--socket", dst.to_str().unwrap()]);
+    let _vm = run_vm(&[], &src, &["--memory", "128", "--fill", "text"]);
+    wait_counter_beyond(&src, 0);
+    let p = plan(&src, &addr, &["--compress", "none"]);
+    let f = &p["forecast"];
+    assert!(f["gives_up"].is_null() && f["converges"] == true, "{p}");
+    assert_eq!(f["rounds"], 2, "{p}");
+    assert!(
+        p["verdict"].as_str().unwrap().starts_with("will move"),
+        "{p}"
+    );
+    let ratio = p["content"]["lz4_ratio"].as_f64().unwrap();
+    assert!(ratio < 0.8, "text compresses: {p}");
+    // Compression is offered for the text, with its own forecast.
+    assert!(
+        p["alternatives"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["options"].as_str().unwrap().contains("--compress auto")),
+        "{p}"
+    );
+    // The probe took nothing: the destination still takes the migration, and the VM ran on.
+    let status = request(&src, r#"{"cmd":"status"}"#);
+    assert_eq!(status["phase"], "running", "{status}");
+    let report = migrate_ok(&[], &src, &addr, &["--compress", "none"]);
+    println!(
+        "PLAN vs ACTUAL: total {:.0} vs {:.0} ms, downtime {:.1} vs {:.1} ms",
+        f["total_ms"].as_f64().unwrap(),
+        report["total_time_ms"].as_f64().unwrap(),
+        f["downtime_ms"].as_f64().unwrap(),
+        report["downtime_ms"].as_f64().unwrap()
+    );
+    request(&dst, r#"{"cmd":"stop"}"#);
 }

@@ -7,6 +7,7 @@
 //! | [`mod@run`] | a bench run: limits, every cell, medians, the results folder |
 //! | [`matrix`] | which cells a run measures |
 //! | [`pair`] | a destination and a VM process of the binary, for one migration |
+//! | [`predict`] | `--predict`: `migrate --plan` against the migrations it forecast |
 //! | [`qemu`] | QEMU migrating the same RAM over the same link (QMP) |
 //! | [`limits`] | physical limits in the same run: memcpy, raw TCP per link |
 //! | [`report`] | rows, CSV, JSON, markdown |
@@ -25,6 +26,7 @@ pub mod limits;
 pub mod matrix;
 pub mod pair;
 pub mod plot;
+pub mod predict;
 pub mod qemu;
 pub mod report;
 pub mod run;

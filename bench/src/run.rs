@@ -38,7 +38,7 @@ pub struct BenchOptions {
 }
 
 /// Two emulated hosts joined by `link`.
-fn hosts_for(link: Link) -> Result<NetnsHosts> {
+pub(crate) fn hosts_for(link: Link) -> Result<NetnsHosts> {
     let name = format!(
         "lmb{}{}",
         std::process::id() % 10_000,

@@ -45,6 +45,9 @@ pub enum Request {
     Stop,
     /// Migrates the VM; answered by [`Event`] lines.
     Migrate(MigrateRequest),
+    /// Forecasts a migration without moving anything: samples the guest, probes the link
+    /// ([`crate::source::PlanReport`]).
+    Plan(PlanRequest),
     /// Streams the guest's console: its output so far, then live, as raw bytes until the
     /// client closes (a Linux VM's COM1).
     Console,
@@ -62,6 +65,21 @@ pub enum Request {
         /// The destination's record.
         record: crate::session::OutcomeRecord,
     },
+}
+
+/// A plan: the migration it is for, and how long to watch the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanRequest {
+    /// The migration.
+    #[serde(flatten)]
+    pub migrate: MigrateRequest,
+    /// How long the dirty log watches the guest, ms.
+    #[serde(default = "default_plan_window")]
+    pub window_ms: u64,
+}
+
+fn default_plan_window() -> u64 {
+    defaults::PLAN_WINDOW_MS
 }
 
 fn default_channels() -> u16 {
@@ -484,6 +502,16 @@ pub fn request(socket: &Path, req: &Request) -> Result<serde_json::Value, Contro
 /// The VM's status.
 pub fn status(socket: &Path) -> Result<StatusReply, ControlError> {
     let v = request(socket, &Request::Status)?;
+    serde_json::from_value(v.clone()).map_err(|e| ControlError::BadReply {
+        path: socket.display().to_string(),
+        line: v.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Forecasts a migration of the VM behind `socket` (nothing moves).
+pub fn plan(socket: &Path, req: &PlanRequest) -> Result<crate::source::PlanReport, ControlError> {
+    let v = request(socket, &Request::Plan(req.clone()))?;
     serde_json::from_value(v.clone()).map_err(|e| ControlError::BadReply {
         path: socket.display().to_string(),
         line: v.to_string(),

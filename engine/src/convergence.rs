@@ -20,7 +20,7 @@ use crate::memory::PAGE_SIZE;
 /// by fixed costs.
 const MIN_SAMPLE_BYTES: u64 = 4 << 20;
 /// Fixed cost of the switchover besides pages (device state, commit round trips), in ms.
-const SWITCHOVER_OVERHEAD_MS: f64 = 5.0;
+pub const SWITCHOVER_OVERHEAD_MS: f64 = 5.0;
 /// First throttle level, percent of vCPU time taken away.
 pub const THROTTLE_INITIAL: u8 = 20;
 /// Throttle added per round that still re-dirties too much.

@@ -12,6 +12,8 @@ pub const MAX_ROUNDS: u32 = 30;
 /// Consecutive pre-copy rounds that do not shrink the dirty set (with no throttle left to
 /// add) before the source decides: stop within the downtime cap, or give up.
 pub const STALL_ROUNDS: u32 = 2;
+/// How long `migrate --plan` watches the guest's writes, ms.
+pub const PLAN_WINDOW_MS: u64 = 2000;
 /// Unless given, the hard cap on the predicted downtime is this many times the limit.
 pub const MAX_DOWNTIME_FACTOR: u64 = 10;
 /// Data channels of a migration unless asked otherwise.

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use tracing::warn;
+use tracing::{info, warn};
 
-use super::handshake::{greet, GreetOptions, Greeted};
+use super::handshake::{greet, serve_probe, GreetOptions, Greeted};
 use crate::session::MigrationError;
 
 /// Connections greeted at once; more are closed at once (and logged).
@@ -64,11 +64,16 @@ pub(super) fn first_source(
             .spawn(move || {
                 let ok = stream.set_nonblocking(false).is_ok();
                 match greet(stream, &g) {
-                    Ok(greeted) if ok => {
+                    Ok(mut greeted) if ok => match serve_probe(&mut greeted, g.timeout) {
+                        // A link probe (`migrate --plan`): served, and the wait goes on.
+                        Ok(true) => info!(%peer, "served a link probe"),
                         // Another source may have won meanwhile: this one's connection
                         // then closes.
-                        let _ = tx.send(greeted);
-                    }
+                        Ok(false) => {
+                            let _ = tx.send(greeted);
+                        }
+                        Err(e) => warn!(%peer, "a link probe failed: {e}"),
+                    },
                     Ok(_) => {}
                     Err(e) => warn!(%peer, "refused a connection: {e}"),
                 }

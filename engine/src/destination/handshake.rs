@@ -11,7 +11,9 @@ use super::channels::{open_rdma, RdmaDevice};
 use super::{refuse, Session, VmFactory};
 use crate::auth;
 use crate::memory::{GuestRam, Populate};
-use crate::protocol::{negotiate, Message, FEATURE_RDMA, FEATURE_ROUND_COUNTS, FEATURE_SEALED};
+use crate::protocol::{
+    negotiate, Message, FEATURE_PROBE, FEATURE_RDMA, FEATURE_ROUND_COUNTS, FEATURE_SEALED,
+};
 use crate::session::{Control, MigrationError};
 use crate::storage::incoming::IncomingStorage;
 use crate::vm::{MigratableVm, VmConfig, VmError};
@@ -129,7 +131,8 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
                         FEATURE_ROUND_COUNTS
                     } else {
                         0
-                    },
+                    }
+                    | (features & FEATURE_PROBE),
                 nonce: nonce_d,
                 proof,
             })?;
@@ -177,6 +180,37 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
         rdma,
         round_counts,
     })
+}
+
+/// After the greeting: serves a link probe (true: the connection is done) or puts the first
+/// message back for the session (false). A probe's bytes are counted and timed from the first
+/// to the last; every frame must come within `timeout`.
+pub(super) fn serve_probe(
+    greeted: &mut Greeted,
+    timeout: Duration,
+) -> Result<bool, MigrationError> {
+    let ctl = &mut greeted.ctl;
+    let bytes = match ctl.recv(Some(timeout), "waiting for Config")? {
+        Message::Probe { bytes } => bytes,
+        m => {
+            ctl.unread(m);
+            return Ok(false);
+        }
+    };
+    let mut got = 0u64;
+    let mut first: Option<Instant> = None;
+    while got < bytes {
+        match ctl.recv(Some(timeout), "receiving a link probe")? {
+            Message::ProbeData { data } => {
+                first.get_or_insert_with(Instant::now);
+                got += data.len() as u64;
+            }
+            m => return Err(ctl.unexpected(&m, "receiving a link probe")),
+        }
+    }
+    let nanos = first.map_or(0, |t| t.elapsed().as_nanos() as u64);
+    ctl.send(&Message::ProbeResult { bytes: got, nanos })?;
+    Ok(true)
 }
 
 impl Session {

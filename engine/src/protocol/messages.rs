@@ -3,7 +3,8 @@
 use super::config::{decode_config, encode_config};
 use super::{
     put_qps_header, put_str, put_u16, put_u32, put_u64, MessageType, ProtocolError, Reader, MAGIC,
-    MAX_CHANNELS, MAX_DISKS, MAX_QPN, MAX_SECTIONS, MAX_SECTION_BYTES, VERSION,
+    MAX_CHANNELS, MAX_DISKS, MAX_PROBE_BYTES, MAX_PROBE_CHUNK, MAX_QPN, MAX_SECTIONS,
+    MAX_SECTION_BYTES, VERSION,
 };
 use crate::memory::{MAX_REGIONS, PAGE_SIZE};
 use crate::storage::{DiskOffer, StorageMode};
@@ -159,6 +160,25 @@ pub enum Message {
         /// One per disk of Storage, in order (empty in shared mode).
         digests: Vec<u64>,
     },
+    /// Source → destination, after Auth and instead of Config: a link probe of `bytes` bytes
+    /// (FEATURE_PROBE). Nothing migrates; the destination keeps waiting for a source.
+    Probe {
+        /// Bytes of `ProbeData` that follow.
+        bytes: u64,
+    },
+    /// Source → destination: probe filler (at most [`MAX_PROBE_CHUNK`] bytes).
+    ProbeData {
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Destination → source: the probe's bytes arrived, over this long (from the first
+    /// `ProbeData` to the last).
+    ProbeResult {
+        /// Bytes received.
+        bytes: u64,
+        /// Nanoseconds between the first and the last byte.
+        nanos: u64,
+    },
 }
 
 impl Message {
@@ -183,6 +203,9 @@ impl Message {
             Message::RoundProgress { .. } => MessageType::RoundProgress,
             Message::Storage { .. } => MessageType::Storage,
             Message::DiskDigests { .. } => MessageType::DiskDigests,
+            Message::Probe { .. } => MessageType::Probe,
+            Message::ProbeData { .. } => MessageType::ProbeData,
+            Message::ProbeResult { .. } => MessageType::ProbeResult,
         }
     }
 
@@ -295,6 +318,15 @@ impl Message {
                     put_u64(&mut w, *d);
                 }
             }
+            Message::Probe { bytes } => put_u64(&mut w, *bytes),
+            Message::ProbeData { data } => {
+                put_u32(&mut w, data.len() as u32);
+                w.extend_from_slice(data);
+            }
+            Message::ProbeResult { bytes, nanos } => {
+                put_u64(&mut w, *bytes);
+                put_u64(&mut w, *nanos);
+            }
         }
         (self.message_type().kind(), w)
     }
@@ -397,6 +429,30 @@ impl Message {
                     digests: (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?,
                 }
             }
+            MessageType::Probe => {
+                let bytes = r.u64()?;
+                if bytes > MAX_PROBE_BYTES {
+                    return Err(r.invalid(format!(
+                        "probe of {bytes} bytes (at most {MAX_PROBE_BYTES})"
+                    )));
+                }
+                Message::Probe { bytes }
+            }
+            MessageType::ProbeData => {
+                let n = r.u32()? as usize;
+                if n > MAX_PROBE_CHUNK {
+                    return Err(r.invalid(format!(
+                        "{n} bytes of probe data (at most {MAX_PROBE_CHUNK})"
+                    )));
+                }
+                Message::ProbeData {
+                    data: r.bytes(n)?.to_vec(),
+                }
+            }
+            MessageType::ProbeResult => Message::ProbeResult {
+                bytes: r.u64()?,
+                nanos: r.u64()?,
+            },
         };
         r.finish()?;
         Ok(m)
@@ -640,7 +696,29 @@ mod tests {
             Message::DiskDigests {
                 digests: vec![1, 2],
             },
+            Message::Probe { bytes: 8 << 20 },
+            Message::ProbeData {
+                data: vec![0x5a; 100],
+            },
+            Message::ProbeResult {
+                bytes: 8 << 20,
+                nanos: 70_000_000,
+            },
         ]
+    }
+
+    #[test]
+    fn probes_are_capped() {
+        let (k, p) = Message::Probe {
+            bytes: MAX_PROBE_BYTES + 1,
+        }
+        .encode();
+        assert!(Message::decode(k, &p).is_err());
+        let (k, p) = Message::ProbeData {
+            data: vec![0; MAX_PROBE_CHUNK + 1],
+        }
+        .encode();
+        assert!(Message::decode(k, &p).is_err());
     }
 
     fn rdma_qp(qpn: u32) -> RdmaQp {

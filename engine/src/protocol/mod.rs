@@ -116,6 +116,13 @@ pub const FEATURE_SEALED: u64 = 2;
 /// round marker says how many pages its channel sent in the round; the destination checks
 /// them all arrived before the round's barrier passes.
 pub const FEATURE_ROUND_COUNTS: u64 = 4;
+/// Feature bit: the destination serves link probes (`Probe` instead of `Config`: a stream of
+/// `ProbeData` answered by `ProbeResult`; nothing migrates and the destination keeps waiting).
+pub const FEATURE_PROBE: u64 = 8;
+/// Most bytes one probe may send.
+pub const MAX_PROBE_BYTES: u64 = 1 << 30;
+/// Most bytes of one `ProbeData` frame.
+pub const MAX_PROBE_CHUNK: usize = 1 << 20;
 /// Largest RDMA queue pair number or packet sequence number (24 bits).
 pub const MAX_QPN: u32 = 0x00ff_ffff;
 
@@ -161,11 +168,17 @@ pub enum MessageType {
     Storage = 17,
     /// [`Message::DiskDigests`].
     DiskDigests = 18,
+    /// [`Message::Probe`].
+    Probe = 19,
+    /// [`Message::ProbeData`].
+    ProbeData = 20,
+    /// [`Message::ProbeResult`].
+    ProbeResult = 21,
 }
 
 impl MessageType {
     /// Every valid type, in wire order.
-    pub const ALL: [MessageType; 18] = [
+    pub const ALL: [MessageType; 21] = [
         MessageType::Hello,
         MessageType::Welcome,
         MessageType::Refuse,
@@ -184,6 +197,9 @@ impl MessageType {
         MessageType::RoundProgress,
         MessageType::Storage,
         MessageType::DiskDigests,
+        MessageType::Probe,
+        MessageType::ProbeData,
+        MessageType::ProbeResult,
     ];
 
     /// The frame kind.
@@ -213,6 +229,9 @@ impl MessageType {
             MessageType::RoundProgress => "RoundProgress",
             MessageType::Storage => "Storage",
             MessageType::DiskDigests => "DiskDigests",
+            MessageType::Probe => "Probe",
+            MessageType::ProbeData => "ProbeData",
+            MessageType::ProbeResult => "ProbeResult",
         }
     }
 }
@@ -406,8 +425,8 @@ mod tests {
         }
         assert_eq!(MessageType::try_from(0), Err(ProtocolError::UnknownType(0)));
         assert_eq!(
-            MessageType::try_from(19),
-            Err(ProtocolError::UnknownType(19))
+            MessageType::try_from(22),
+            Err(ProtocolError::UnknownType(22))
         );
     }
 

@@ -62,7 +62,8 @@ impl<'a> Session<'a> {
             // one kind of transport.
             if opts.transport == TransportChoice::Rdma {
                 return Err(MigrationError::TransportUnavailable(
-                    "--storage copy sends disk blocks over TCP: use --transport tcp or auto                      (or --storage shared)"
+                    "--storage copy sends disk blocks over TCP: use --transport tcp or auto \
+                     (or --storage shared)"
                         .into(),
                 ));
             }
@@ -70,43 +71,13 @@ impl<'a> Session<'a> {
             detail = "auto: tcp (disk copies travel over TCP)".into();
         }
 
-        let mut stream = connect(to, opts, "control")?;
-        let _ = stream.set_write_timeout(Some(opts.timeout));
-        // Certificates: a TLS handshake keys this session (a pre-shared key is the key).
-        let key = match opts.key.as_ref().and_then(auth::Key::tls) {
-            Some(id) => {
-                let host = host_of(to);
-                let secret = id.connect(&mut stream, host, opts.timeout).map_err(|e| {
-                    MigrationError::Refused {
-                        peer: to.to_string(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                Some(auth::Key::from_secret(&secret))
-            }
-            None => opts.key.clone(),
-        };
-        let mut ctl = Control::new(stream);
-        let nonce_s = auth::nonce();
-        let seal = key.as_ref().is_some_and(auth::Key::seals);
-        ctl.send(&Message::Hello {
-            min_version: VERSION,
-            max_version: VERSION,
-            features: if rdma.is_some() { FEATURE_RDMA } else { 0 }
-                | if seal { FEATURE_SEALED } else { 0 }
-                | FEATURE_ROUND_COUNTS,
-            nonce: nonce_s,
-        })?;
-        let (nonce_d, proof_d, features) =
-            match ctl.recv(Some(opts.timeout), "waiting for Welcome")? {
-                Message::Welcome {
-                    nonce,
-                    proof,
-                    features,
-                    ..
-                } => (nonce, proof, features),
-                m => return Err(ctl.unexpected(&m, "waiting for Welcome")),
-            };
+        let mut greeting = hello(
+            to,
+            opts,
+            if rdma.is_some() { FEATURE_RDMA } else { 0 } | FEATURE_ROUND_COUNTS,
+        )?;
+        let features = greeting.features;
+        let ctl = &mut greeting.ctl;
         if rdma.is_some() && features & FEATURE_RDMA == 0 {
             if opts.transport == TransportChoice::Rdma {
                 let reason = "the destination cannot take RDMA (no usable RDMA device there, or \
@@ -119,25 +90,7 @@ impl<'a> Session<'a> {
             rdma = None;
             detail = "auto: tcp (the destination has no usable RDMA device)".into();
         }
-        let token = authenticate(&mut ctl, key.as_ref(), &nonce_s, &nonce_d, &proof_d)?;
-        // Checked once both proved their keys, so a missing key is what a peer hears first.
-        if seal && features & FEATURE_SEALED == 0 {
-            let reason = "the destination does not encrypt the session (an older livemig, or \
-                          --encrypt off there); this source requires it: use --encrypt off \
-                          on both sides only on a trusted link";
-            let _ = ctl.send(&Message::Refuse {
-                reason: reason.into(),
-            });
-            return Err(MigrationError::Refused {
-                peer: ctl.peer().to_string(),
-                reason: format!("refused the destination: {reason}"),
-            });
-        }
-        ctl.authenticated();
-        if let Some(k) = key.as_ref().filter(|_| seal) {
-            let keys = k.session_keys(&nonce_s, &nonce_d, &ctl.transcript());
-            ctl.seal(keys, auth::Direction::ToDestination);
-        }
+        let (mut ctl, token) = greeting.authenticate()?;
         ctl.send(&Message::Config {
             vm: vm.config(),
             channels: opts.channels,
@@ -171,6 +124,106 @@ impl<'a> Session<'a> {
             storage,
             id: crate::session::migration_id(token),
         })
+    }
+}
+
+/// A control connection after Hello and Welcome: what the destination offered, before either
+/// side proved its key.
+pub(super) struct Greeting {
+    pub(super) ctl: Control,
+    /// Feature bits the destination accepted.
+    pub(super) features: u64,
+    key: Option<auth::Key>,
+    seal: bool,
+    nonce_s: [u8; 32],
+    nonce_d: [u8; 32],
+    proof_d: [u8; 32],
+}
+
+/// Connects to `to` (TLS first with certificates), offers `features` (and sealing when the
+/// key seals) in Hello and reads Welcome.
+pub(super) fn hello(
+    to: &str,
+    opts: &MigrateOptions,
+    features: u64,
+) -> Result<Greeting, MigrationError> {
+    let mut stream = connect(to, opts, "control")?;
+    let _ = stream.set_write_timeout(Some(opts.timeout));
+    // Certificates: a TLS handshake keys this session (a pre-shared key is the key).
+    let key = match opts.key.as_ref().and_then(auth::Key::tls) {
+        Some(id) => {
+            let host = host_of(to);
+            let secret = id.connect(&mut stream, host, opts.timeout).map_err(|e| {
+                MigrationError::Refused {
+                    peer: to.to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
+            Some(auth::Key::from_secret(&secret))
+        }
+        None => opts.key.clone(),
+    };
+    let mut ctl = Control::new(stream);
+    let nonce_s = auth::nonce();
+    let seal = key.as_ref().is_some_and(auth::Key::seals);
+    ctl.send(&Message::Hello {
+        min_version: VERSION,
+        max_version: VERSION,
+        features: features | if seal { FEATURE_SEALED } else { 0 },
+        nonce: nonce_s,
+    })?;
+    match ctl.recv(Some(opts.timeout), "waiting for Welcome")? {
+        Message::Welcome {
+            nonce,
+            proof,
+            features,
+            ..
+        } => Ok(Greeting {
+            ctl,
+            features,
+            key,
+            seal,
+            nonce_s,
+            nonce_d: nonce,
+            proof_d: proof,
+        }),
+        m => Err(ctl.unexpected(&m, "waiting for Welcome")),
+    }
+}
+
+impl Greeting {
+    /// Both sides prove the key; the session is sealed when agreed. Returns the control
+    /// connection and the session token.
+    pub(super) fn authenticate(self) -> Result<(Control, u64), MigrationError> {
+        let Greeting {
+            mut ctl,
+            features,
+            key,
+            seal,
+            nonce_s,
+            nonce_d,
+            proof_d,
+        } = self;
+        let token = authenticate(&mut ctl, key.as_ref(), &nonce_s, &nonce_d, &proof_d)?;
+        // Checked once both proved their keys, so a missing key is what a peer hears first.
+        if seal && features & FEATURE_SEALED == 0 {
+            let reason = "the destination does not encrypt the session (an older livemig, or \
+                          --encrypt off there); this source requires it: use --encrypt off \
+                          on both sides only on a trusted link";
+            let _ = ctl.send(&Message::Refuse {
+                reason: reason.into(),
+            });
+            return Err(MigrationError::Refused {
+                peer: ctl.peer().to_string(),
+                reason: format!("refused the destination: {reason}"),
+            });
+        }
+        ctl.authenticated();
+        if let Some(k) = key.as_ref().filter(|_| seal) {
+            let keys = k.session_keys(&nonce_s, &nonce_d, &ctl.transcript());
+            ctl.seal(keys, auth::Direction::ToDestination);
+        }
+        Ok((ctl, token))
     }
 }
 

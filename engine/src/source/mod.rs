@@ -14,8 +14,11 @@
 
 mod channels;
 mod handshake;
+mod plan;
 mod precopy;
 mod switchover;
+
+pub use plan::{plan, ContentSample, DirtySample, Forecast, LinkProbe, PlanReport};
 
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
