@@ -484,6 +484,14 @@ fn resolve(p: &Arc<VmProcess>, record: &OutcomeRecord) -> Result<ResolveReply, S
             p.vm.shutdown();
             "migrated"
         }
+        Outcome::Pending => {
+            return Err(
+                "the destination's record says it had not decided yet (pending): if the \
+                 destination is still running it may still resume the VM; wait for its final \
+                 record"
+                    .into(),
+            )
+        }
     };
     *unsettled = None;
     p.set_phase(phase);

@@ -456,19 +456,19 @@ fn run_case(i: usize, case: &Case) -> Result<String, String> {
                         .into(),
                 )
             } else {
-                // A killed destination left no record: nothing proves its copy is gone, so
-                // the source stays paused and resolve says why.
+                // A killed destination left only its pending record (written ahead): nothing
+                // proves its copy is gone, so the source stays paused and resolve says why.
                 let out = std::process::Command::new(bin())
                     .args(["resolve", "--vm", src.to_str().unwrap(), "--record"])
                     .arg(&record)
                     .output()
                     .unwrap();
                 let err = String::from_utf8_lossy(&out.stderr);
-                if out.status.success() || !err.contains("reading the destination's record") {
-                    return Err(format!("resolve without a record: {err}"));
+                if out.status.success() || !err.contains("had not decided yet (pending)") {
+                    return Err(format!("resolve with a pending record: {err}"));
                 }
                 Ok(
-                    "source paused (outcome unknown); destination killed before any record; \
+                    "source paused (outcome unknown); destination killed before deciding; \
                     resolve refuses to guess"
                         .into(),
                 )

@@ -427,6 +427,9 @@ pub enum Outcome {
     Resumed,
     /// The destination discarded its copy for good: the source may resume.
     Discarded,
+    /// Written ahead, before any decision: nothing was decided yet (the destination may
+    /// still resume if it is alive).
+    Pending,
 }
 
 /// A destination's durable record of an [`Outcome`].
@@ -440,20 +443,93 @@ pub struct OutcomeRecord {
     pub at: u64,
 }
 
+/// Bytes of a record file: every record is padded to this (JSON ignores trailing spaces), so
+/// a decision overwrites the pending record in place, within one disk sector.
+const RECORD_LEN: usize = 512;
+
 impl OutcomeRecord {
-    /// Writes the record `dir/ID.json` and makes it durable (file and folder synced) before
-    /// returning: only then may the destination act on it.
-    pub fn write(&self, dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    /// The record as file bytes: JSON padded with spaces to [`RECORD_LEN`].
+    fn bytes(&self) -> std::io::Result<Vec<u8>> {
+        let mut b = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        if b.len() > RECORD_LEN - 1 {
+            return Err(std::io::Error::other(
+                "a decision record longer than 511 bytes",
+            ));
+        }
+        b.resize(RECORD_LEN - 1, b' ');
+        b.push(b'\n');
+        Ok(b)
+    }
+
+    /// Creates `dir/ID.json` holding a [`Outcome::Pending`] record for `migration`, durable
+    /// (file and folder synced), ahead of any decision: recording the decision later is one
+    /// in-place write and a data sync ([`RecordSlot::decide`]), not a new file in the
+    /// downtime.
+    pub fn prepare(dir: &std::path::Path, migration: &str) -> std::io::Result<RecordSlot> {
         use std::io::Write as _;
         std::fs::create_dir_all(dir)?;
-        let path = dir.join(format!("{}.json", self.migration));
-        let tmp = dir.join(format!(".{}.json.tmp", self.migration));
+        let path = dir.join(format!("{migration}.json"));
+        let tmp = dir.join(format!(".{migration}.json.tmp"));
+        let pending = OutcomeRecord {
+            migration: migration.to_string(),
+            outcome: Outcome::Pending,
+            at: unix_now(),
+        };
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(serde_json::to_string(self).unwrap_or_default().as_bytes())?;
+        f.write_all(&pending.bytes()?)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         std::fs::File::open(dir)?.sync_all()?;
-        Ok(path)
+        Ok(RecordSlot {
+            file: f,
+            path,
+            decided: false,
+        })
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A decision record written ahead as pending ([`OutcomeRecord::prepare`]). Dropped without a
+/// decision (the migration failed before the source could send Commit), it is removed.
+#[derive(Debug)]
+pub struct RecordSlot {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    decided: bool,
+}
+
+impl RecordSlot {
+    /// Records `outcome` in place and makes it durable (data sync) before returning: only
+    /// then may the destination act on it.
+    pub fn decide(&mut self, outcome: Outcome) -> std::io::Result<&std::path::Path> {
+        use std::os::unix::fs::FileExt as _;
+        let migration = self
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let record = OutcomeRecord {
+            migration,
+            outcome,
+            at: unix_now(),
+        };
+        self.file.write_all_at(&record.bytes()?, 0)?;
+        self.file.sync_data()?;
+        self.decided = true;
+        Ok(&self.path)
+    }
+}
+
+impl Drop for RecordSlot {
+    fn drop(&mut self) {
+        if !self.decided {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -645,6 +721,32 @@ mod tests {
 
     /// A sealed pair talks; a frame altered on the way fails to open; the message put back
     /// is read first.
+    #[test]
+    fn decision_records_are_written_ahead_and_decided_in_place() {
+        let dir = std::env::temp_dir().join(format!("livemig-record-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let read = |p: &std::path::Path| -> OutcomeRecord {
+            serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+        };
+        let mut slot = OutcomeRecord::prepare(&dir, "00000000000000aa").unwrap();
+        let path = dir.join("00000000000000aa.json");
+        assert_eq!(read(&path).outcome, Outcome::Pending);
+        slot.decide(Outcome::Resumed).unwrap();
+        let r = read(&path);
+        assert_eq!(
+            (r.migration.as_str(), r.outcome),
+            ("00000000000000aa", Outcome::Resumed)
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), RECORD_LEN as u64);
+        drop(slot);
+        assert!(path.exists(), "a decided record stays");
+        // Undecided (the migration failed before Commit): the pending record goes.
+        let slot = OutcomeRecord::prepare(&dir, "00000000000000bb").unwrap();
+        drop(slot);
+        assert!(!dir.join("00000000000000bb.json").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn sealed_control_frames_open_only_unaltered() {
         let (mut src, mut dst) = pair();

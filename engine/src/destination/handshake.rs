@@ -182,20 +182,22 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
     })
 }
 
-/// After the greeting: serves a link probe (true: the connection is done) or puts the first
-/// message back for the session (false). A probe's bytes are counted and timed from the first
-/// to the last; every frame must come within `timeout`.
+/// After the greeting: serves a link probe (true: the connection is done) or leaves the
+/// connection to the session (false: its first message put back, or — when reading it failed
+/// — nothing read, so the session meets the failure itself). A probe's bytes are counted and
+/// timed from the first to the last; every frame must come within `timeout`.
 pub(super) fn serve_probe(
     greeted: &mut Greeted,
     timeout: Duration,
 ) -> Result<bool, MigrationError> {
     let ctl = &mut greeted.ctl;
-    let bytes = match ctl.recv(Some(timeout), "waiting for Config")? {
-        Message::Probe { bytes } => bytes,
-        m => {
+    let bytes = match ctl.recv(Some(timeout), "waiting for Config") {
+        Ok(Message::Probe { bytes }) => bytes,
+        Ok(m) => {
             ctl.unread(m);
             return Ok(false);
         }
+        Err(_) => return Ok(false),
     };
     let mut got = 0u64;
     let mut first: Option<Instant> = None;

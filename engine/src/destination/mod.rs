@@ -113,6 +113,7 @@ pub fn receive(
     info!(peer = s.ctl.peer(), "incoming migration");
     let agreed = s.agree(expected_token, rdma)?;
     s.id = crate::session::migration_id(agreed.token);
+    s.prepare_record()?;
     let mut built = s.build_vm(&agreed, factory)?;
     let vm = built.vm.clone();
     let result = s
@@ -155,6 +156,8 @@ struct Session {
     storage: IncomingStorage,
     /// The migration's id ([`crate::session::migration_id`]).
     id: String,
+    /// Its decision record, written ahead as pending.
+    slot: Option<crate::session::RecordSlot>,
     /// TCP round markers carry page counts, checked at each barrier.
     round_counts: bool,
 }
@@ -173,24 +176,35 @@ impl Session {
             timeout,
             storage: IncomingStorage::none(),
             id: String::new(),
+            slot: None,
             round_counts: false,
         }
     }
 
-    /// Records `outcome` durably (when this destination keeps records).
-    fn record(&self, outcome: crate::session::Outcome) -> std::io::Result<()> {
-        let Some(dir) = &self.opts.decisions else {
+    /// Writes this migration's pending record ahead (when this destination keeps records);
+    /// a folder where it cannot be written refuses the migration before any RAM moves.
+    fn prepare_record(&mut self) -> Result<(), MigrationError> {
+        let Some(dir) = self.opts.decisions.clone() else {
             return Ok(());
         };
-        let at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let path = crate::session::OutcomeRecord {
-            migration: self.id.clone(),
-            outcome,
-            at,
+        match crate::session::OutcomeRecord::prepare(&dir, &self.id) {
+            Ok(slot) => {
+                self.slot = Some(slot);
+                Ok(())
+            }
+            Err(e) => Err(self.refuse(format!(
+                "cannot keep a decision record in {}: {e}",
+                dir.display()
+            ))),
         }
-        .write(dir)?;
+    }
+
+    /// Records `outcome` durably (when this destination keeps records).
+    fn record(&mut self, outcome: crate::session::Outcome) -> std::io::Result<()> {
+        let Some(slot) = self.slot.as_mut() else {
+            return Ok(());
+        };
+        let path = slot.decide(outcome)?;
         info!(record = %path.display(), ?outcome, "decision recorded");
         Ok(())
     }

@@ -49,6 +49,9 @@ pub struct DirtySample {
     pub write_rate: f64,
     /// Fitted working set, pages.
     pub working_set_pages: u64,
+    /// The slowest harvest of the dirty log, ms (the stop-and-copy does one with the guest
+    /// paused).
+    pub harvest_ms: f64,
 }
 
 /// One link probe.
@@ -62,6 +65,10 @@ pub struct LinkProbe {
     pub ms: f64,
     /// Bytes per second.
     pub bytes_per_s: f64,
+    /// From the last byte leaving the sender to the destination's answer, ms: what sits in
+    /// socket buffers and queues at full speed drains in this long (the stop-and-copy waits
+    /// for it behind the last round).
+    pub drain_ms: f64,
 }
 
 /// What the RAM holds, from a sample.
@@ -147,6 +154,7 @@ pub fn plan(
         dirty: &dirty,
         content: &content,
         setup_ms,
+        switchover_ms: single.drain_ms + dirty.harvest_ms,
     };
     let link_for = |channels: u16| {
         if channels > 1 {
@@ -205,7 +213,10 @@ pub fn plan(
             "its writes fall at random within the working set (the fill curve)".into(),
             "the link carries what the probe measured, for the whole migration".into(),
             "zstd compresses like LZ4; auto compresses when that is faster".into(),
-            format!("the switchover costs {SWITCHOVER_OVERHEAD_MS} ms beside the last pages"),
+            format!(
+                "the switchover costs {SWITCHOVER_OVERHEAD_MS} ms beside the last pages, the \
+                 queues' drain and one harvest of the dirty log (both measured)"
+            ),
             "a throttle of t% slows the guest's writes by t%".into(),
         ],
     })
@@ -259,6 +270,8 @@ struct Model<'a> {
     dirty: &'a DirtySample,
     content: &'a ContentSample,
     setup_ms: f64,
+    /// Fixed costs of the stop-and-copy measured here (drain, harvest), ms.
+    switchover_ms: f64,
 }
 
 impl Model<'_> {
@@ -323,8 +336,9 @@ impl Model<'_> {
                     moved = dirty;
                 }
                 Decision::StopAndCopy { .. } => {
-                    let downtime =
-                        (dirty * PAGE_SIZE) as f64 / bw * 1000.0 + SWITCHOVER_OVERHEAD_MS;
+                    let downtime = (dirty * PAGE_SIZE) as f64 / bw * 1000.0
+                        + SWITCHOVER_OVERHEAD_MS
+                        + self.switchover_ms;
                     return Forecast {
                         options: flags(opts),
                         converges: downtime <= opts.downtime_limit_ms as f64,
@@ -395,7 +409,7 @@ fn probe(
     bytes: u64,
 ) -> Result<LinkProbe, MigrationError> {
     let each = bytes / u64::from(connections);
-    let results: Vec<Result<(u64, u64), MigrationError>> = thread::scope(|s| {
+    let results: Vec<Result<(u64, u64, Duration), MigrationError>> = thread::scope(|s| {
         let workers: Vec<_> = (0..connections)
             .map(|_| s.spawn(move || probe_one(to, opts, each)))
             .collect();
@@ -412,10 +426,12 @@ fn probe(
     });
     let mut total = 0;
     let mut slowest = 0;
+    let mut drain = Duration::ZERO;
     for r in results {
-        let (b, nanos) = r?;
+        let (b, nanos, d) = r?;
         total += b;
         slowest = slowest.max(nanos);
+        drain = drain.max(d);
     }
     let secs = (slowest as f64 / 1e9).max(1e-6);
     Ok(LinkProbe {
@@ -423,12 +439,17 @@ fn probe(
         bytes: total,
         ms: secs * 1000.0,
         bytes_per_s: total as f64 / secs,
+        drain_ms: drain.as_secs_f64() * 1000.0,
     })
 }
 
 /// One probe connection: greeting, key proof, `bytes` of filler; returns what the destination
-/// measured.
-fn probe_one(to: &str, opts: &MigrateOptions, bytes: u64) -> Result<(u64, u64), MigrationError> {
+/// measured (bytes, nanoseconds) and how long its answer took after the last byte was sent.
+fn probe_one(
+    to: &str,
+    opts: &MigrateOptions,
+    bytes: u64,
+) -> Result<(u64, u64, Duration), MigrationError> {
     let greeting = hello(to, opts, FEATURE_PROBE)?;
     if greeting.features & FEATURE_PROBE == 0 {
         return Err(MigrationError::Refused {
@@ -457,8 +478,9 @@ fn probe_one(to: &str, opts: &MigrateOptions, bytes: u64) -> Result<(u64, u64), 
         })?;
         left -= n as u64;
     }
+    let sent = Instant::now();
     match ctl.recv(Some(opts.timeout), "waiting for the probe's result")? {
-        Message::ProbeResult { bytes, nanos } => Ok((bytes, nanos)),
+        Message::ProbeResult { bytes, nanos } => Ok((bytes, nanos, sent.elapsed())),
         m => Err(ctl.unexpected(&m, "waiting for ProbeResult")),
     }
 }
@@ -474,25 +496,29 @@ fn sample_dirty(vm: &dyn MigratableVm, window: Duration) -> Result<DirtySample, 
         let t0 = Instant::now();
         let mut samples = Vec::new();
         let mut next = Duration::from_millis(25);
+        let mut slowest = Duration::ZERO;
         loop {
             let at = next.min(window);
             thread::sleep(at.saturating_sub(t0.elapsed()));
+            let t = Instant::now();
             vm.harvest_dirty(&mut seen)?;
+            slowest = slowest.max(t.elapsed());
             samples.push((t0.elapsed().as_secs_f64() * 1000.0, seen.count()));
             if at >= window {
                 break;
             }
             next *= 2;
         }
-        Ok::<_, MigrationError>(samples)
+        Ok::<_, MigrationError>((samples, slowest))
     })();
     let _ = vm.stop_dirty_tracking();
-    let samples = result?;
+    let (samples, slowest) = result?;
     let (write_rate, working_set_pages) = fit(&samples, layout.total_pages());
     Ok(DirtySample {
         samples,
         write_rate,
         working_set_pages,
+        harvest_ms: slowest.as_secs_f64() * 1000.0,
     })
 }
 
@@ -608,6 +634,7 @@ mod tests {
             dirty,
             content,
             setup_ms: 10.0,
+            switchover_ms: 0.0,
         }
     }
 
@@ -624,6 +651,7 @@ mod tests {
             samples: vec![],
             write_rate: 0.0,
             working_set_pages: 0,
+            harvest_ms: 0.0,
         };
         let m = model(&dirty, &RANDOM);
         // 256 MiB at 125 MB/s: 2.15 s, and the switchover.
@@ -639,6 +667,7 @@ mod tests {
             samples: vec![],
             write_rate: 60_000.0,
             working_set_pages: 65_536,
+            harvest_ms: 0.0,
         };
         let m = model(&dirty, &RANDOM);
         let no = MigrateOptions {
@@ -666,6 +695,7 @@ mod tests {
             samples: vec![],
             write_rate: 0.0,
             working_set_pages: 0,
+            harvest_ms: 0.0,
         };
         let text = ContentSample {
             lz4_ratio: 0.3,
