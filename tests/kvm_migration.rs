@@ -152,3 +152,28 @@ fn destination_vanishing_mid_migration_leaves_the_source_running() {
     wait_counter_beyond(&src, c);
     request(&src, r#"{"cmd":"stop"}"#);
 }
+
+#[test]
+fn an_unwritable_decisions_folder_refuses_before_any_ram_moves() {
+    require_kvm();
+    let dir = tmpdir("decisions");
+    let src = dir.join("src.sock");
+    // (root writes anywhere but in /proc)
+    let (rx, addr) = receive(
+        &[],
+        "127.0.0.1:0",
+        &["--decisions", "/proc/livemig-decisions"],
+    );
+    let _vm = run_vm(&[], &src, &["--memory", "64", "--dirty-rate", "1000"]);
+    let before = wait_counter_beyond(&src, 0);
+    let out = migrate(&[], &src, &addr, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_clean_error(out.status.code(), &stderr, "cannot keep a decision record");
+    assert!(stderr.contains("/proc/livemig-decisions"), "{stderr}");
+    let st = request(&src, r#"{"cmd":"status"}"#);
+    assert_eq!(st["run_state"], "running", "{st}");
+    assert!(st["last_migration"]["bytes_on_wire"].is_null(), "{st}");
+    wait_counter_beyond(&src, before);
+    let (code, err) = rx.wait_exit(Duration::from_secs(30));
+    assert_clean_error(code, &err, "cannot keep a decision record");
+}
