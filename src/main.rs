@@ -18,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use livemig_engine::announce::AnnounceSettings;
 use livemig_engine::auth::Key;
 use livemig_engine::control::Request;
+use livemig_engine::memory::Backing;
 use livemig_engine::vm::{Backend, Fill, Pattern, VmSpec, Workload};
 
 /// Live-migrate running KVM virtual machines between hosts.
@@ -131,6 +132,10 @@ struct RunVmArgs {
     linux: linux_cli::LinuxArgs,
     #[command(flatten)]
     auth: AuthArgs,
+    /// Back guest RAM with 4K pages, or with 2M or 1G huge pages from the kernel's hugetlb
+    /// pool (reserved when the VM starts; a short pool is a clear error).
+    #[arg(long, default_value_t = Backing::Normal, value_parser = one_of::<Backing>(Backing::NAMES))]
+    hugepages: Backing,
 }
 
 /// The pre-shared key of the migration control channel.
@@ -284,6 +289,10 @@ struct ReceiveArgs {
     /// on an -incoming VM; used when the incoming VM has exactly this size.
     #[arg(long)]
     reserve_mib: Option<u64>,
+    /// Back incoming guest RAM with 4K pages, or with 2M or 1G huge pages from the kernel's
+    /// hugetlb pool (whatever the source used).
+    #[arg(long, default_value_t = Backing::Normal, value_parser = one_of::<Backing>(Backing::NAMES))]
+    hugepages: Backing,
     /// VMM backend for the incoming VM.
     #[arg(long, default_value_t = Backend::Kvm, value_parser = one_of::<Backend>(Backend::NAMES))]
     backend: Backend,

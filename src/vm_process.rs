@@ -71,6 +71,7 @@ fn factory(
 
 /// `livemig run-vm`.
 pub fn run_vm(args: &RunVmArgs, key: Option<Key>) -> Result<()> {
+    livemig_engine::memory::set_backing(args.hugepages);
     let socket = &args.socket;
     let vm: Arc<dyn MigratableVm> = match args.linux.spec(args.vm.memory, args.vm.vcpus)? {
         Some(spec) => {
@@ -133,6 +134,7 @@ fn watch_guest_exit(vm: Arc<dyn MigratableVm>, socket: Option<std::path::PathBuf
 
 /// `livemig receive`.
 pub fn receive(args: &ReceiveArgs) -> Result<()> {
+    livemig_engine::memory::set_backing(args.hugepages);
     let key = args.auth.load()?;
     let reserved = match args.reserve_mib {
         Some(mib) => Some(

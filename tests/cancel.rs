@@ -34,15 +34,7 @@ fn setup(tag: &str) -> (std::path::PathBuf, Proc, String, Proc, u64) {
 fn endless(src: &std::path::Path, addr: &str) -> std::process::Child {
     Command::new(bin())
         .args(["migrate", "--vm", src.to_str().unwrap(), "--to", addr])
-        .args([
-            "--downtime-limit",
-            "0",
-            "--max-rounds",
-            "100000",
-            "--stall-rounds",
-            "0",
-            "--no-auto-converge",
-        ])
+        .args(ENDLESS)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

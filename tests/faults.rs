@@ -319,15 +319,7 @@ fn run_case(i: usize, case: &Case) -> Result<String, String> {
     if case.forced_rounds {
         // Never converges on its own: rounds go on (empty ones take well under a millisecond)
         // until the guest's next burst of writes crosses the trigger.
-        args.extend_from_slice(&[
-            "--downtime-limit",
-            "0",
-            "--max-rounds",
-            "1000000",
-            "--stall-rounds",
-            "0",
-            "--no-auto-converge",
-        ]);
+        args.extend_from_slice(ENDLESS);
     }
     let out = migrate(&[], &src, &proxy.addr, &args);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();

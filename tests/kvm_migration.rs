@@ -125,20 +125,7 @@ fn destination_vanishing_mid_migration_leaves_the_source_running() {
         let _ = rx.child.kill();
         let _ = rx.child.wait();
     });
-    let out = migrate(
-        &[],
-        &src,
-        &addr,
-        &[
-            "--downtime-limit",
-            "0",
-            "--max-rounds",
-            "100000",
-            "--stall-rounds",
-            "0",
-            "--no-auto-converge",
-        ],
-    );
+    let out = migrate(&[], &src, &addr, ENDLESS);
     killer.join().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -176,4 +163,83 @@ fn an_unwritable_decisions_folder_refuses_before_any_ram_moves() {
     wait_counter_beyond(&src, before);
     let (code, err) = rx.wait_exit(Duration::from_secs(30));
     assert_clean_error(code, &err, "cannot keep a decision record");
+}
+
+#[test]
+fn a_huge_page_backed_vm_migrates_to_a_huge_page_backed_destination() {
+    require_kvm();
+    // 128 MiB on each side: 64 pages of 2 MiB each.
+    let _pool = HugePool::grow(128);
+    let free = pool_value("free_hugepages");
+    let dir = tmpdir("huge");
+    let src = dir.join("src.sock");
+    let dst = dir.join("dst.sock");
+    let _vm = run_vm(
+        &[],
+        &src,
+        &[
+            "--memory",
+            "128",
+            "--hugepages",
+            "2M",
+            "--dirty-rate",
+            "2000",
+            "--fill",
+            "random",
+        ],
+    );
+    // The VM's RAM came out of the pool, reserved up front.
+    assert!(
+        pool_value("free_hugepages") + 64 <= free,
+        "the VM did not take its 64 huge pages: {} free of {free}",
+        pool_value("free_hugepages")
+    );
+    let (_rx, addr) = receive(
+        &[],
+        "127.0.0.1:0",
+        &["--socket", dst.to_str().unwrap(), "--hugepages", "2M"],
+    );
+    let before = wait_counter_beyond(&src, 0);
+    let report = migrate_ok(&[], &src, &addr, &["--channels", "2"]);
+    assert!(
+        report["pages_sent"].as_u64().unwrap() >= 128 << 8,
+        "{report}"
+    );
+    let c = counter(&dst);
+    assert!(c > before);
+    wait_counter_beyond(&dst, c);
+    request(&dst, r#"{"cmd":"stop"}"#);
+}
+
+#[test]
+fn huge_pages_that_cannot_back_the_vm_are_a_clear_error() {
+    require_kvm();
+    let dir = tmpdir("huge-bad");
+    // 100 MiB is not a whole number of 1 GiB pages.
+    let out = std::process::Command::new(bin())
+        .args(["run-vm", "--socket"])
+        .arg(dir.join("a.sock"))
+        .args(["--memory", "100", "--hugepages", "1G", "--no-auth"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_clean_error(out.status.code(), &err, "not a multiple of 1G pages");
+    // A pool too small: 1 GiB pages, of which this machine keeps none unless told to.
+    let nr_1g: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-1048576kB/free_hugepages")
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or(0);
+    if nr_1g == 0 {
+        let out = std::process::Command::new(bin())
+            .args(["run-vm", "--socket"])
+            .arg(dir.join("b.sock"))
+            .args(["--memory", "1024", "--hugepages", "1G", "--no-auth"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_clean_error(out.status.code(), &err, "1 pages of 1G needed, 0 free");
+        assert!(err.contains("nr_hugepages"), "{err}");
+    }
 }

@@ -224,6 +224,49 @@ fn a_busy_64_mib_vm_migrates_over_two_queue_pairs() {
     assert_eq!(code, Some(0), "destination: {stderr}");
 }
 
+#[test]
+#[ignore = "needs an RDMA device: run scripts/test-nested.sh"]
+fn a_huge_page_backed_vm_migrates_over_rdma() {
+    let d = devices();
+    // 32 MiB on each side, in 2 MiB pages of the nested VM's pool (grown here, given back).
+    let _pool = HugePool::grow(32);
+    let dir = tmpdir("rdma-huge");
+    let sock = dir.join("vm.sock");
+    let child = Command::new(bin())
+        .args([
+            "run-vm",
+            "--backend",
+            "memory",
+            "--fill",
+            "random",
+            "--socket",
+        ])
+        .arg(&sock)
+        .args(["--memory", "32", "--dirty-rate", "500", "--hugepages", "2M"])
+        .env("LIVEMIG_KEY", TEST_KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting livemig run-vm");
+    let mut vm = Proc(Process::new(child));
+    vm.wait_line("VM running");
+    wait_counter_beyond(&sock, 0);
+    let (dst, addr) = destination(&d, &["--hugepages", "2M"]);
+    let (ok, r, err) = try_migrate(
+        &sock,
+        &addr,
+        &["--transport", "rdma", "--rdma-device", &d.src],
+    );
+    println!(
+        "RDMA MIGRATION (32 MiB in 2M huge pages, 1 QP): {}",
+        essentials(&r)
+    );
+    assert!(ok, "migration failed: {err}");
+    assert_rdma_report(&r, 1);
+    let (code, stderr) = dst.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "destination: {stderr}");
+}
+
 /// Injects a failure in the source's RDMA writes, checks the migration fails cleanly with the
 /// VM still running on the source, then retries with `retry` (which must succeed).
 fn fault_then_retry(name: &str, fault: &str, retry: &[&str]) {

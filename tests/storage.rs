@@ -394,19 +394,11 @@ fn copies_are_refused_before_any_byte_moves_and_cancel_leaves_nothing_behind() {
         &[],
         &src,
         &addr,
-        &[
-            "--storage",
-            "copy",
-            "--storage-dir",
-            d,
-            "--downtime-limit",
-            "0",
-            "--max-rounds",
-            "1000000",
-            "--stall-rounds",
-            "0",
-            "--no-auto-converge",
-        ],
+        &["--storage", "copy", "--storage-dir", d]
+            .iter()
+            .chain(ENDLESS)
+            .copied()
+            .collect::<Vec<_>>(),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(canceller.join().unwrap()["cancel_requested"] == true);

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -39,6 +40,16 @@ pub enum MemoryError {
         /// Underlying OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// Huge pages cannot back a region.
+    #[error("huge pages for the region at gpa {gpa:#x} ({size} bytes): {reason}")]
+    HugePages {
+        /// Guest physical address of the region.
+        gpa: u64,
+        /// Size of the region.
+        size: u64,
+        /// Why.
+        reason: String,
     },
     /// mmap of a region failed.
     #[error("cannot map region at gpa {gpa:#x} ({size} bytes): {reason}")]
@@ -147,28 +158,137 @@ pub enum Populate {
     Eager,
 }
 
+/// What backs guest RAM: ordinary pages or hugetlbfs pages (`--hugepages`), a setting of the
+/// host process (a VM process or a destination), not of the VM: a VM moves between hosts
+/// that back it differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Backing {
+    /// 4 KiB pages (memfd, allocated on first touch).
+    #[default]
+    #[serde(rename = "4K")]
+    Normal,
+    /// 2 MiB huge pages from the hugetlb pool.
+    #[serde(rename = "2M")]
+    Huge2M,
+    /// 1 GiB huge pages from the hugetlb pool.
+    #[serde(rename = "1G")]
+    Huge1G,
+}
+
+crate::named_enum!(Backing, "page size", { Normal => "4K", Huge2M => "2M", Huge1G => "1G" });
+
+impl Backing {
+    /// Bytes per backing page.
+    pub fn page_bytes(self) -> u64 {
+        match self {
+            Backing::Normal => PAGE_SIZE,
+            Backing::Huge2M => 2 << 20,
+            Backing::Huge1G => 1 << 30,
+        }
+    }
+
+    /// memfd_create flags for this backing.
+    fn memfd_flags(self) -> libc::c_uint {
+        // MFD_HUGE_SHIFT is 26: the page size's log2 goes above it.
+        match self {
+            Backing::Normal => 0,
+            Backing::Huge2M => libc::MFD_HUGETLB | (21 << 26),
+            Backing::Huge1G => libc::MFD_HUGETLB | (30 << 26),
+        }
+    }
+
+    /// The sysfs folder of this size's pool.
+    fn pool(self) -> &'static str {
+        match self {
+            Backing::Normal => "",
+            Backing::Huge2M => "/sys/kernel/mm/hugepages/hugepages-2048kB",
+            Backing::Huge1G => "/sys/kernel/mm/hugepages/hugepages-1048576kB",
+        }
+    }
+
+    /// Free pages of this size's pool (None: no such pool).
+    pub fn free_pages(self) -> Option<u64> {
+        std::fs::read_to_string(format!("{}/free_hugepages", self.pool()))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+}
+
+/// The backing of guest RAM this process allocates ([`set_backing`]).
+static BACKING: AtomicU8 = AtomicU8::new(0);
+
+/// Sets what backs the guest RAM this process allocates from now on (`--hugepages`).
+pub fn set_backing(b: Backing) {
+    BACKING.store(b as u8, Ordering::Relaxed);
+}
+
+/// What backs the guest RAM this process allocates.
+pub fn backing() -> Backing {
+    match BACKING.load(Ordering::Relaxed) {
+        1 => Backing::Huge2M,
+        2 => Backing::Huge1G,
+        _ => Backing::Normal,
+    }
+}
+
 /// Guest RAM: the regions of a [`RamLayout`], each backed by its own memfd and mapped shared.
 #[derive(Debug, Clone)]
 pub struct GuestRam {
     layout: RamLayout,
     memory: GuestMemoryMmap<AtomicBitmap>,
+    backing: Backing,
 }
 
 impl GuestRam {
     /// Allocates RAM for `layout`, one memfd per region.
     pub fn new(layout: &RamLayout, populate: Populate) -> Result<Self, MemoryError> {
         layout.validate()?;
+        let backing = backing();
+        let huge = backing != Backing::Normal;
         let mut regions = Vec::with_capacity(layout.regions.len());
         for r in &layout.regions {
-            let file = memfd(r)?;
-            let mut flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
-            if populate == Populate::Eager {
-                flags |= libc::MAP_POPULATE;
-            }
-            let mmap_err = |reason: String| MemoryError::Mmap {
+            let huge_err = |reason: String| MemoryError::HugePages {
                 gpa: r.gpa,
                 size: r.size,
                 reason,
+            };
+            if huge && r.size % backing.page_bytes() != 0 {
+                return Err(huge_err(format!(
+                    "the region is not a multiple of {backing} pages"
+                )));
+            }
+            if huge && backing.free_pages().is_none() {
+                return Err(huge_err(format!(
+                    "this kernel has no {backing} huge-page pool ({})",
+                    backing.pool()
+                )));
+            }
+            let file = memfd(r, backing)?;
+            // Huge pages are reserved at mmap time (a short pool fails here, not with SIGBUS
+            // on a later touch).
+            let mut flags = libc::MAP_SHARED;
+            if !huge {
+                flags |= libc::MAP_NORESERVE;
+            }
+            if populate == Populate::Eager {
+                flags |= libc::MAP_POPULATE;
+            }
+            let mmap_err = |reason: String| {
+                if huge {
+                    huge_err(format!(
+                        "{reason}: {} pages of {backing} needed, {} free in the pool \
+                         (reserve more: echo N > {}/nr_hugepages)",
+                        r.size / backing.page_bytes(),
+                        backing.free_pages().unwrap_or(0),
+                        backing.pool()
+                    ))
+                } else {
+                    MemoryError::Mmap {
+                        gpa: r.gpa,
+                        size: r.size,
+                        reason,
+                    }
+                }
             };
             let size = usize::try_from(r.size).map_err(|e| mmap_err(e.to_string()))?;
             let mapping = MmapRegionBuilder::new_with_bitmap(
@@ -189,7 +309,13 @@ impl GuestRam {
         Ok(GuestRam {
             layout: layout.clone(),
             memory,
+            backing,
         })
+    }
+
+    /// What backs it.
+    pub fn backing(&self) -> Backing {
+        self.backing
     }
 
     /// The layout this RAM was built from.
@@ -218,6 +344,10 @@ impl GuestRam {
     /// Splits `extents` into pages that may hold data and pages in holes of the backing memfd
     /// (never written since the RAM was allocated, so zero), without touching any page.
     pub fn split_holes(&self, extents: &[Extent]) -> (Vec<Extent>, Vec<Extent>) {
+        if self.backing != Backing::Normal {
+            // hugetlbfs does not tell data from holes (no SEEK_DATA): all of it is data.
+            return (extents.to_vec(), Vec::new());
+        }
         let mut data = Vec::new();
         let mut holes = Vec::new();
         for e in extents {
@@ -284,14 +414,19 @@ fn seek(file: &File, off: u64, whence: i32) -> Option<u64> {
     (r >= 0).then_some(r as u64)
 }
 
-fn memfd(r: &RamRegionSpec) -> Result<File, MemoryError> {
+fn memfd(r: &RamRegionSpec, backing: Backing) -> Result<File, MemoryError> {
     let err = |source| MemoryError::Memfd {
         gpa: r.gpa,
         size: r.size,
         source,
     };
     // SAFETY: the name is a valid NUL-terminated C string; the call has no memory effects.
-    let fd = unsafe { libc::memfd_create(c"livemig-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"livemig-ram".as_ptr(),
+            libc::MFD_CLOEXEC | backing.memfd_flags(),
+        )
+    };
     if fd < 0 {
         return Err(err(std::io::Error::last_os_error()));
     }

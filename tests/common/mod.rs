@@ -401,3 +401,56 @@ fn pump(
     let _ = from.shutdown(std::net::Shutdown::Both);
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
+
+/// `migrate` options of a migration that never ends on its own (it runs until cancelled or
+/// cut): no downtime budget, no stall rule, no throttle, rounds without end.
+pub const ENDLESS: &[&str] = &[
+    "--downtime-limit",
+    "0",
+    "--max-rounds",
+    "1000000",
+    "--stall-rounds",
+    "0",
+    "--no-auto-converge",
+];
+
+/// The 2 MiB hugetlb pool grown by `pages` for a test, shrunk back on drop.
+pub struct HugePool {
+    before: u64,
+}
+
+/// The 2 MiB pool's sysfs folder.
+pub const POOL_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+
+/// A counter of the 2 MiB pool (`nr_hugepages`, `free_hugepages`, ...).
+pub fn pool_value(name: &str) -> u64 {
+    std::fs::read_to_string(format!("{POOL_2M}/{name}"))
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+impl HugePool {
+    /// Grows the pool by `pages` (root); panics if the kernel cannot.
+    pub fn grow(pages: u64) -> HugePool {
+        let before = pool_value("nr_hugepages");
+        std::fs::write(
+            format!("{POOL_2M}/nr_hugepages"),
+            (before + pages).to_string(),
+        )
+        .expect("growing the 2M hugetlb pool (needs root)");
+        assert!(
+            pool_value("free_hugepages") >= pages,
+            "the kernel gave only {} free 2M pages",
+            pool_value("free_hugepages")
+        );
+        HugePool { before }
+    }
+}
+
+impl Drop for HugePool {
+    fn drop(&mut self) {
+        let _ = std::fs::write(format!("{POOL_2M}/nr_hugepages"), self.before.to_string());
+    }
+}
