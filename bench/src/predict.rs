@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use livemig_engine::control::{self, MigrateRequest, PlanRequest};
 use livemig_engine::vm::Backend;
 use serde::Serialize;
@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::matrix::Link;
 use crate::pair::{Pair, PairAuth, PairSpec};
-use crate::report::{chrono_stamp, git_commit, machine, median};
+use crate::report::{git_commit, machine, median, run_folders};
 use crate::run::hosts_for;
 use crate::support::{kvm_available, write_key, NetnsHosts};
 
@@ -106,14 +106,7 @@ fn rel_error(predicted: f64, actual: f64) -> f64 {
 
 /// Runs every cell: plan, then migrate; writes results.{json,md} and prints the table.
 pub fn run(a: &PredictOptions, exe: &Path) -> Result<()> {
-    let stamp = chrono_stamp();
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("results/predict-{stamp}")));
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let work = std::env::temp_dir().join(format!("livemig-predict-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
+    let (out, work, stamp) = run_folders(a.out.as_deref(), "predict")?;
     let key = write_key(&work)?;
     let backend = if kvm_available() {
         Backend::Kvm

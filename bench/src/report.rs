@@ -216,3 +216,22 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
     }
     s
 }
+
+/// The folders of a bench run named `name`: its results folder (`out`, or
+/// `results/NAME-STAMP`) and a scratch folder under the system's temporary folder, both
+/// created; and the run's time stamp.
+pub fn run_folders(
+    out: Option<&std::path::Path>,
+    name: &str,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, String)> {
+    use anyhow::Context as _;
+    let stamp = chrono_stamp();
+    let out = out.map_or_else(
+        || std::path::PathBuf::from(format!("results/{name}-{stamp}")),
+        std::path::Path::to_path_buf,
+    );
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let work = std::env::temp_dir().join(format!("livemig-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    Ok((out, work, stamp))
+}

@@ -16,7 +16,7 @@ use crate::limits::{memcpy_gbps, raw_tcp_gbps};
 use crate::matrix::{matrix, Cell, Link, Variant};
 use crate::pair::{Pair, PairAuth, PairSpec};
 use crate::qemu::run_qemu;
-use crate::report::{chrono_stamp, git_commit, machine, median, write_outputs, Row};
+use crate::report::{git_commit, machine, median, run_folders, write_outputs, Row};
 use crate::support::{kvm_available, which, write_key, NetnsHosts};
 
 /// What to run.
@@ -61,14 +61,7 @@ pub fn redraw(dir: &Path) -> Result<()> {
 /// Runs the matrix with the `livemig` binary `exe`, writes the results folder and prints the
 /// table.
 pub fn run(a: &BenchOptions, exe: &Path) -> Result<()> {
-    let stamp = chrono_stamp();
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("results/bench-{stamp}")));
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let work = std::env::temp_dir().join(format!("livemig-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
+    let (out, work, stamp) = run_folders(a.out.as_deref(), "bench")?;
     let qemu = !a.no_qemu && which("qemu-system-x86_64");
     if !a.no_qemu && !qemu {
         eprintln!("livemig bench: qemu-system-x86_64 not found: QEMU rows left out (scripts/bench.sh installs it)");

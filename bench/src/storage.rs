@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use crate::limits::raw_tcp_gbps;
 use crate::pair::{Pair, PairAuth, PairSpec};
 use crate::qemu::{qemu, write_ram_file, Qmp};
-use crate::report::{chrono_stamp, git_commit, machine, median};
+use crate::report::{git_commit, machine, median, run_folders};
 use crate::support::{kvm_available, which, write_key, NetnsHosts};
 
 /// What to measure.
@@ -86,14 +86,7 @@ fn sparse_image(path: &Path, size_mib: u64, allocated_mib: u64) -> Result<()> {
 /// Runs the comparison with the `livemig` binary `exe`; writes `results.json` and
 /// `results.md` and prints the table.
 pub fn run(b: &StorageBench, exe: &Path) -> Result<()> {
-    let stamp = chrono_stamp();
-    let out = b
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("results/bench-storage-{stamp}")));
-    std::fs::create_dir_all(&out)?;
-    let work = std::env::temp_dir().join(format!("livemig-bench-storage-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
+    let (out, work, stamp) = run_folders(b.out.as_deref(), "bench-storage")?;
     let qemu_on = !b.no_qemu && which("qemu-system-x86_64");
     let hosts = NetnsHosts::up(&format!("lms{}", std::process::id() % 10_000), &b.link)?;
     let image = work.join("disk.img");
