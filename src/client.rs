@@ -17,13 +17,16 @@ use livemig_engine::storage::StorageMode;
 use livemig_transport::codec::Mode;
 use serde_json::Value;
 
+use crate::host::{host_dir, HostDir};
 use crate::one_of;
 
 #[derive(Args, Debug, Clone)]
 pub struct MigrateArgs {
-    /// Control socket of the VM to migrate.
-    #[arg(long)]
-    pub vm: PathBuf,
+    /// Control socket of the VM to migrate, or its name in the host's directory
+    /// ($LIVEMIG_HOST_DIR, else /run/livemig); repeatable: the VMs migrate at once, each
+    /// queued while the source host's outgoing limit is reached.
+    #[arg(long, required = true)]
+    pub vm: Vec<PathBuf>,
     /// Destination address (host:port of `livemig receive`).
     #[arg(long)]
     pub to: String,
@@ -104,6 +107,9 @@ pub struct Tuning {
     /// the start (default: only once the disks' dirty blocks stop shrinking).
     #[arg(long)]
     pub active_mirror: bool,
+    /// Send at most this many MB/s (the host agent's caps apply as well, whichever is lower).
+    #[arg(long, value_name = "MB/s", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Tuning {
@@ -125,6 +131,7 @@ impl Tuning {
             storage_dir: self.storage_dir.clone(),
             remove_source_storage: self.remove_source_storage,
             active_mirror: self.active_mirror,
+            max_bandwidth_mbps: self.max_bandwidth,
         }
     }
 }
@@ -155,26 +162,134 @@ pub fn resolve(socket: &Path, record: &Path) -> Result<()> {
 
 /// `livemig migrate`. Ctrl-C cancels the migration (before the switchover the VM keeps
 /// running on the source) and waits for the VM process to say how it ended.
-pub fn migrate(a: &MigrateArgs) -> Result<()> {
+///
+/// `given` says whether an option was given on the command line: those that were not take
+/// the source host's defaults (transport, compression, channels) when the VM belongs to a
+/// host agent's directory.
+pub fn migrate(a: &MigrateArgs, given: &dyn Fn(&str) -> bool) -> Result<()> {
+    let vms: Vec<PathBuf> = a.vm.iter().map(|v| resolve_vm(v)).collect();
+    let request = |vm: &Path| {
+        let mut t = a.tuning.clone();
+        if let Some(h) = HostDir::of_socket(vm) {
+            let s = h.settings();
+            if !given("transport") {
+                t.transport = s.transport;
+            }
+            if !given("compress") {
+                t.compress = s.compress;
+            }
+            if !given("channels") {
+                t.channels = s.channels;
+            }
+        }
+        t.request(&a.to)
+    };
     if a.plan {
-        return plan(a);
+        let [vm] = vms.as_slice() else {
+            bail!("--plan forecasts one VM: give one --vm");
+        };
+        return plan(a, vm, request(vm));
     }
-    let socket = a.vm.clone();
+    let sockets = vms.clone();
     let quiet = a.json;
     let _ = ctrlc::set_handler(move || {
         if !quiet {
             eprintln!("\nlivemig: cancelling the migration (the VM stays on the source unless it already switched over) ...");
         }
-        let _ = control::request(&socket, &Request::Cancel);
+        for s in &sockets {
+            let _ = control::request(s, &Request::Cancel);
+        }
     });
-    let report = drive(&a.vm, &a.tuning.request(&a.to), a.json)?;
-    finish(&serde_json::to_value(report)?, a.json)
+    if let [vm] = vms.as_slice() {
+        let report = drive(vm, &request(vm), a.json)?;
+        return finish(&serde_json::to_value(report)?, a.json);
+    }
+    let reqs: Vec<MigrateRequest> = vms.iter().map(|vm| request(vm)).collect();
+    many(&vms, reqs, a.json)
+}
+
+/// A VM given by name: its socket in the host's directory.
+fn resolve_vm(v: &Path) -> PathBuf {
+    if v.components().count() == 1 && !v.exists() {
+        let mut name = v.as_os_str().to_owned();
+        name.push(".sock");
+        host_dir(None).join(name)
+    } else {
+        v.to_path_buf()
+    }
+}
+
+/// Several VMs at once: each VM process takes one of its host's outgoing slots (queued
+/// while none is free); one failing never stops the others. A line per VM as it ends (JSON
+/// with `json`), then an error if any failed.
+fn many(vms: &[PathBuf], reqs: Vec<MigrateRequest>, json: bool) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let results: Vec<(String, Result<MigrationReport, String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = vms
+            .iter()
+            .zip(reqs)
+            .map(|(vm, req)| {
+                s.spawn(move || {
+                    let name = vm.display().to_string();
+                    let r = control::migrate(vm, &req, &mut |_| {}).map_err(|e| e.to_string());
+                    let line = match &r {
+                        Ok(rep) if json => {
+                            serde_json::json!({"vm": name, "report": rep}).to_string()
+                        }
+                        Err(e) if json => serde_json::json!({"vm": name, "error": e}).to_string(),
+                        Ok(rep) => format!(
+                            "{name}: {} in {:.0} ms, downtime {:.1} ms, digest {}",
+                            rep.status,
+                            rep.total_time_ms,
+                            rep.downtime_ms,
+                            if rep.digest_match {
+                                "match"
+                            } else {
+                                "MISMATCH"
+                            }
+                        ),
+                        Err(e) => format!("{name}: failed: {e}"),
+                    };
+                    println!("{line}");
+                    (name, r)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| (String::new(), Err("a migration thread panicked".into())))
+            })
+            .collect()
+    });
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, r)| !matches!(r, Ok(rep) if rep.digest_match))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !json {
+        println!(
+            "{} of {} VMs migrated in {:.1} s",
+            results.len() - failed.len(),
+            results.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} migration(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// `livemig migrate --plan`: the forecast, as a table or JSON.
-fn plan(a: &MigrateArgs) -> Result<()> {
+fn plan(a: &MigrateArgs, vm: &Path, migrate: MigrateRequest) -> Result<()> {
     let req = PlanRequest {
-        migrate: a.tuning.request(&a.to),
+        migrate,
         window_ms: a.plan_window_ms,
     };
     if !a.json {
@@ -183,8 +298,8 @@ fn plan(a: &MigrateArgs) -> Result<()> {
             a.plan_window_ms, a.to
         );
     }
-    let r = control::plan(&a.vm, &req)
-        .with_context(|| format!("planning a migration of {}", a.vm.display()))?;
+    let r = control::plan(vm, &req)
+        .with_context(|| format!("planning a migration of {}", vm.display()))?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());

@@ -5,7 +5,9 @@
 
 mod bench;
 mod client;
+mod cpu_cli;
 mod demo;
+mod host;
 mod linux_cli;
 mod rdma_cli;
 mod vm_process;
@@ -37,6 +39,13 @@ enum Command {
     RunVm(RunVmArgs),
     /// Wait for one incoming migration, then run the migrated VM.
     Receive(ReceiveArgs),
+    /// The processor a VM started here is given (vendor, model, features), under a CPU model.
+    Cpu(cpu_cli::CpuCmd),
+    /// The host agent: takes incoming migrations on the host's migration networks (a VM
+    /// process for each), and holds the host's limits of simultaneous migrations.
+    Host(host::HostArgs),
+    /// The VMs of a host (`livemig vm list`).
+    Vm(host::VmCmd),
     /// RDMA devices of this host (`livemig rdma devices`).
     Rdma(rdma_cli::RdmaArgs),
     /// Migrate the VM behind a control socket to a destination.
@@ -136,6 +145,8 @@ struct RunVmArgs {
     /// pool (reserved when the VM starts; a short pool is a clear error).
     #[arg(long, default_value_t = Backing::Normal, value_parser = one_of::<Backing>(Backing::NAMES))]
     hugepages: Backing,
+    #[command(flatten)]
+    cpu: cpu_cli::CpuArgs,
 }
 
 /// The pre-shared key of the migration control channel.
@@ -293,6 +304,13 @@ struct ReceiveArgs {
     /// hugetlb pool (whatever the source used).
     #[arg(long, default_value_t = Backing::Normal, value_parser = one_of::<Backing>(Backing::NAMES))]
     hugepages: Backing,
+    #[command(flatten)]
+    cpu_without: cpu_cli::CpuWithout,
+    /// The source's control connection, already accepted, as this descriptor (set by the
+    /// host agent, which starts this process for each incoming migration): the data
+    /// connections come to --listen, whose port the source is told.
+    #[arg(long, hide = true, value_name = "FD")]
+    control_fd: Option<i32>,
     /// VMM backend for the incoming VM.
     #[arg(long, default_value_t = Backend::Kvm, value_parser = one_of::<Backend>(Backend::NAMES))]
     backend: Backend,
@@ -358,8 +376,12 @@ fn main() {
         // Colours for a terminal only: logs and pipes get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = run(cli, &matches) {
         eprintln!("livemig: error: {}", error_chain(&e));
         std::process::exit(1);
     }
@@ -383,13 +405,24 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::RunVm(a) => vm_process::run_vm(&a, a.auth.load()?),
         Command::Receive(a) => vm_process::receive(&a),
+        Command::Cpu(a) => cpu_cli::show(&a),
+        Command::Host(a) => host::run(&a),
+        Command::Vm(a) => host::vm(&a),
         Command::Rdma(a) => rdma_cli::run(&a),
-        Command::Migrate(a) => client::migrate(&a),
+        Command::Migrate(a) => {
+            let given = |id: &str| {
+                matches
+                    .subcommand_matches("migrate")
+                    .and_then(|m| m.value_source(id))
+                    .is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
+            };
+            client::migrate(&a, &given)
+        }
         Command::Status(a) => client::simple(&a.vm, &Request::Status),
         Command::Console(a) => linux_cli::console(&a),
         Command::Cancel(a) => client::simple(&a.vm, &Request::Cancel),

@@ -2,14 +2,14 @@
 //! by one JSON line, or by a stream of event lines for `migrate`).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::os::fd::AsRawFd;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use livemig_engine::announce::{announce, AnnounceSettings};
@@ -30,6 +30,7 @@ use livemig_engine::vm::{
 };
 use serde_json::{json, Value};
 
+use crate::host::{BandwidthShare, Direction, HostDir};
 use crate::{ReceiveArgs, RunVmArgs};
 
 /// Builds and starts the source VM (the built-in guest, with its disk if it has one).
@@ -72,6 +73,7 @@ fn factory(
 /// `livemig run-vm`.
 pub fn run_vm(args: &RunVmArgs, key: Option<Key>) -> Result<()> {
     livemig_engine::memory::set_backing(args.hugepages);
+    args.cpu.apply()?;
     let socket = &args.socket;
     let vm: Arc<dyn MigratableVm> = match args.linux.spec(args.vm.memory, args.vm.vcpus)? {
         Some(spec) => {
@@ -105,7 +107,12 @@ pub fn run_vm(args: &RunVmArgs, key: Option<Key>) -> Result<()> {
     serve(
         listener,
         socket,
-        Arc::new(VmProcess::new(vm, "running", key)),
+        Arc::new(VmProcess::new(
+            vm,
+            "running",
+            key,
+            HostDir::of_socket(socket),
+        )),
     )
 }
 
@@ -135,6 +142,8 @@ fn watch_guest_exit(vm: Arc<dyn MigratableVm>, socket: Option<std::path::PathBuf
 /// `livemig receive`.
 pub fn receive(args: &ReceiveArgs) -> Result<()> {
     livemig_engine::memory::set_backing(args.hugepages);
+    // The model of an incoming VM is its source's; only hidden features matter here.
+    args.cpu_without.apply(Default::default())?;
     let key = args.auth.load()?;
     let reserved = match args.reserve_mib {
         Some(mib) => Some(
@@ -147,12 +156,26 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let local = listener.local_addr()?;
     let sock_listener = args.socket.as_deref().map(bind).transpose()?;
+    let host = args.socket.as_deref().and_then(HostDir::of_socket);
+    let control = args.control_fd.map(control_connection).transpose()?;
+    // Under a host agent the incoming migration waits for one of the host's slots (bounded).
+    let admit = host.clone().map(|h| -> livemig_engine::destination::Admit {
+        Box::new(move |_config| {
+            let deadline = Instant::now() + Duration::from_secs(h.settings().queue_timeout_secs);
+            h.acquire(Direction::Incoming, Some(deadline), &|| false)
+                .map(|slot| Box::new(slot) as Box<dyn std::any::Any>)
+        })
+    });
+    // Until the VM runs here, its control socket says it is arriving.
+    let arriving = sock_listener.as_ref().map(Arriving::start).transpose()?;
     println!("livemig: listening on {local}");
     let _ = std::io::stdout().flush();
     let make = factory(args.backend, args.host.resources()?);
     let incoming = destination::receive(
         &listener,
         IncomingOptions {
+            control,
+            admit,
             reserved,
             timeout: Duration::from_secs(args.timeout_secs),
             progress_wait: Duration::from_secs(3),
@@ -179,8 +202,23 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
             },
         },
         &make,
-    )
-    .context("incoming migration failed; nothing was resumed here")?;
+    );
+    drop(arriving);
+    let incoming = match incoming {
+        Ok(i) => i,
+        Err(e) => {
+            // No VM here: its control socket goes (a host's VM list shows no ghost).
+            if let Some(p) = &args.socket {
+                let _ = std::fs::remove_file(p);
+            }
+            // A link probe through the host agent: served, and this process is done.
+            if matches!(e, MigrationError::ProbeServed) && args.control_fd.is_some() {
+                return Ok(());
+            }
+            return Err(anyhow::Error::new(e)
+                .context("incoming migration failed; nothing was resumed here"));
+        }
+    };
     let progress = incoming.vm.progress().unwrap_or(0);
     if args.json {
         println!(
@@ -208,12 +246,90 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         return Ok(());
     }
     watch_guest_exit(incoming.vm.clone(), args.socket.clone());
-    let process = Arc::new(VmProcess::new(incoming.vm, "running", key));
+    let process = Arc::new(VmProcess::new(incoming.vm, "running", key, host));
     match (sock_listener, &args.socket) {
         (Some(l), Some(path)) => serve(l, path, process),
         _ => loop {
             std::thread::sleep(Duration::from_secs(3600));
         },
+    }
+}
+
+/// The migration connection a host agent handed over as descriptor `fd`.
+fn control_connection(fd: i32) -> Result<TcpStream> {
+    if fd < 3 {
+        bail!("--control-fd {fd}: not a descriptor a host agent hands over (3 or more)");
+    }
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_TYPE writes one int into `ty`; a descriptor that is not an open socket
+    // makes the call fail, and nothing else is touched.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&raw mut ty).cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 || ty != libc::SOCK_STREAM {
+        bail!("--control-fd {fd}: not an open TCP connection");
+    }
+    // SAFETY: the descriptor is an open stream socket this process inherited and nothing
+    // else owns.
+    Ok(unsafe { TcpStream::from_raw_fd(fd) })
+}
+
+/// Answers the control socket while a migration arrives: status says `incoming`; anything
+/// else is refused until the VM runs here.
+struct Arriving {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Arriving {
+    fn start(listener: &UnixListener) -> Result<Arriving> {
+        let l = listener.try_clone()?;
+        l.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("livemig-arriving".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((mut conn, _)) => {
+                            let _ = conn.set_nonblocking(false);
+                            let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+                            let mut line = String::new();
+                            let _ = BufReader::new(&conn).read_line(&mut line);
+                            let answer = match serde_json::from_str::<Request>(&line) {
+                                Ok(Request::Status) => json!({"phase": "incoming"}),
+                                _ => json!({
+                                    "error": "the VM is arriving here: only status until it runs"
+                                }),
+                            };
+                            let _ = writeln!(conn, "{answer}");
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+                let _ = l.set_nonblocking(false);
+            })?;
+        Ok(Arriving {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Arriving {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -288,10 +404,17 @@ pub struct VmProcess {
     unsettled: Mutex<Option<String>>,
     /// The running migration's progress (None when none runs).
     live: Mutex<Option<LiveProgress>>,
+    /// The host agent's directory this VM lives in: its migrations take the host's slots.
+    host: Option<HostDir>,
 }
 
 impl VmProcess {
-    fn new(vm: Arc<dyn MigratableVm>, phase: &'static str, key: Option<Key>) -> Self {
+    fn new(
+        vm: Arc<dyn MigratableVm>,
+        phase: &'static str,
+        key: Option<Key>,
+        host: Option<HostDir>,
+    ) -> Self {
         VmProcess {
             vm,
             phase: Mutex::new(phase),
@@ -300,6 +423,7 @@ impl VmProcess {
             key,
             unsettled: Mutex::new(None),
             live: Mutex::new(None),
+            host,
         }
     }
 
@@ -389,7 +513,7 @@ fn handle(conn: UnixStream, p: &Arc<VmProcess>, path: &Path) -> Result<()> {
     match req {
         Request::Status => reply(&mut out, &p.status()),
         Request::Cancel => {
-            let migrating = p.phase() == "migrating";
+            let migrating = matches!(p.phase(), "migrating" | "queued");
             if migrating {
                 p.cancel.store(true, Ordering::SeqCst);
             }
@@ -554,9 +678,37 @@ fn migrate(req: &MigrateRequest, p: &Arc<VmProcess>, out: &mut UnixStream) -> Re
             drop(phase);
             return fail(out, msg);
         }
-        *phase = "migrating";
+        *phase = if p.host.is_some() {
+            "queued"
+        } else {
+            "migrating"
+        };
     }
     p.cancel.store(false, Ordering::SeqCst);
+    // A VM of a host agent's directory waits, queued, for one of the host's outgoing slots.
+    let _slot = match &p.host {
+        Some(h) => match h.acquire(Direction::Outgoing, None, &|| {
+            p.cancel.load(Ordering::SeqCst)
+        }) {
+            Ok(slot) => {
+                p.set_phase("migrating");
+                Some(slot)
+            }
+            Err(e) => {
+                p.set_phase("running");
+                return fail(out, e);
+            }
+        },
+        None => None,
+    };
+    // The host's bandwidth caps, its share re-evaluated as migrations start and end.
+    let _share = p.host.clone().map(|h| {
+        let requested = req
+            .max_bandwidth_mbps
+            .unwrap_or(0)
+            .saturating_mul(1_000_000);
+        BandwidthShare::start(h, opts.bandwidth.clone(), requested)
+    });
     let mut sink = EventSink::new(out.try_clone()?);
     *p.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(LiveProgress::default());
     let result = source::migrate(&*p.vm, &req.to, &opts, &p.cancel, &mut |ev| {

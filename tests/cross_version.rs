@@ -1,6 +1,7 @@
-//! Older sources migrate to newer destinations: a migration recorded from a protocol-1 source
-//! (tests/fixtures/protocol-v1) is replayed into today's destination, which converts its
-//! configuration and sections on load; the VM resumes with the source's RAM and keeps running.
+//! Older sources migrate to newer destinations: migrations recorded from a protocol-1 and a
+//! protocol-2 source (tests/fixtures/protocol-v1, protocol-v2) are replayed into today's
+//! destination, which converts their configuration and sections on load; the VM resumes with
+//! the source's RAM and keeps running.
 //! And a newer source is refused up front by an older destination, both versions named.
 
 mod common;
@@ -14,12 +15,13 @@ use common::*;
 use livemig_engine::protocol::{Message, MessageType, MIN_VERSION, VERSION};
 use livemig_transport::frame;
 
-/// The recorded source's RAM digest at pause (see the fixture's README).
-const SOURCE_DIGEST: u64 = 0x25af_869a_37ec_5424;
+/// The recorded sources' RAM digests at pause (see each fixture's README).
+const V1_DIGEST: u64 = 0x25af_869a_37ec_5424;
+const V2_DIGEST: u64 = 0x3f78_99be_19cd_51e5;
 
-fn fixture(name: &str) -> Vec<u8> {
+fn fixture(version: u16, name: &str) -> Vec<u8> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/protocol-v1")
+        .join(format!("tests/fixtures/protocol-v{version}"))
         .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -44,33 +46,47 @@ fn reply(c: &mut TcpStream) -> Message {
 
 #[test]
 fn a_recorded_protocol_1_migration_resumes_on_todays_destination() {
+    replay(1, V1_DIGEST);
+}
+
+#[test]
+fn a_recorded_protocol_2_migration_resumes_on_todays_destination() {
+    replay(2, V2_DIGEST);
+}
+
+/// Replays the recorded migration of protocol `version` into a fresh destination.
+fn replay(version: u16, source_digest: u64) {
+    assert!(version < VERSION, "a recording of an older version");
     assert!(kvm_available(), "this test needs /dev/kvm");
-    let dir = tmpdir("v1-replay");
+    let dir = tmpdir(&format!("v{version}-replay"));
     let sock = dir.join("dst.sock");
     let (_rx, addr) = receive(
         &[],
         "127.0.0.1:0",
         &["--no-auth", "--socket", sock.to_str().unwrap()],
     );
-    let control = frames(&fixture("conn-0.bin"));
+    let control = frames(&fixture(version, "conn-0.bin"));
     assert_eq!(control[0].0, MessageType::Hello as u16);
     let mut c = TcpStream::connect(&addr).unwrap();
     let mut data = Vec::new();
     let mut digest = None;
-    for (kind, bytes) in &control {
+    for (i, (kind, bytes)) in control.iter().enumerate() {
         c.write_all(bytes).unwrap();
+        let next = control.get(i + 1).map(|(k, _)| *k);
         match MessageType::try_from(*kind).unwrap() {
             MessageType::Hello => match reply(&mut c) {
-                Message::Welcome { version, .. } => {
-                    assert_eq!(version, 1, "a v1 stream is decoded as v1")
+                Message::Welcome { version: v, .. } => {
+                    assert_eq!(v, version, "a stream is decoded by its own version")
                 }
                 m => panic!("expected Welcome, got {m:?}"),
             },
-            MessageType::Config => {
+            // Protocol 2 and later follow Config with Storage; Ready answers the last.
+            MessageType::Config if next == Some(MessageType::Storage as u16) => {}
+            MessageType::Config | MessageType::Storage => {
                 assert_eq!(reply(&mut c), Message::Ready);
                 for name in ["conn-1.bin", "conn-2.bin"] {
                     let mut d = TcpStream::connect(&addr).unwrap();
-                    d.write_all(&fixture(name)).unwrap();
+                    d.write_all(&fixture(version, name)).unwrap();
                     data.push(d);
                 }
             }
@@ -84,7 +100,7 @@ fn a_recorded_protocol_1_migration_resumes_on_todays_destination() {
     }
     assert_eq!(
         digest,
-        Some(SOURCE_DIGEST),
+        Some(source_digest),
         "the destination's RAM is not the recorded source's"
     );
     assert!(matches!(reply(&mut c), Message::Progress { .. }));

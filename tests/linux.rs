@@ -367,6 +367,16 @@ fn both_kernel_formats_boot_to_the_workload_and_power_off() {
 }
 
 fn migrate_with(vcpus: u32, transport: &[&str], listen: &str, dest_extra: &[&str]) {
+    migrate_from(vcpus, &[], transport, listen, dest_extra);
+}
+
+fn migrate_from(
+    vcpus: u32,
+    src_extra: &[&str],
+    transport: &[&str],
+    listen: &str,
+    dest_extra: &[&str],
+) {
     let f = files();
     let dir = tmpdir(&format!("linux-mig{vcpus}"));
     tap("lmtapa", "10.0.3.1/24");
@@ -379,13 +389,17 @@ fn migrate_with(vcpus: u32, transport: &[&str], listen: &str, dest_extra: &[&str
         &f.bzimage,
         vcpus,
         &[
-            "--disk",
-            &disk_arg,
-            "--net",
-            "tap=lmtapa,mac=52:54:00:aa:bb:02",
-            "--cmdline",
-            "livemig.ws=64 livemig.rate=2000",
-        ],
+            &[
+                "--disk",
+                &disk_arg,
+                "--net",
+                "tap=lmtapa,mac=52:54:00:aa:bb:02",
+                "--cmdline",
+                "livemig.ws=64 livemig.rate=2000",
+            ],
+            src_extra,
+        ]
+        .concat(),
     );
     let before = wait_tick(&a.log, 20);
     let mut extra = vec!["--tap", "net0=lmtapb"];
@@ -414,6 +428,29 @@ fn a_running_linux_guest_migrates_with_its_devices() {
 #[ignore = "needs real KVM and the guest images: run scripts/test-nested.sh"]
 fn a_two_vcpu_linux_guest_migrates_with_its_devices() {
     migrate_with(2, &[], "127.0.0.1:0", &[]);
+}
+
+/// On real KVM the guest runs on the CPUID it is given: Linux boots on the baseline processor
+/// (XSAVE of x87 and SSE state only) and moves to a host that offers no AVX, FSGSBASE or
+/// RDTSCP.
+#[test]
+#[ignore = "needs real KVM and the guest images: run scripts/test-nested.sh"]
+fn a_baseline_linux_guest_migrates_to_a_host_without_avx() {
+    let without = [
+        "--cpu-without",
+        "avx",
+        "--cpu-without",
+        "fsgsbase",
+        "--cpu-without",
+        "rdtscp",
+    ];
+    migrate_from(
+        2,
+        &["--cpu-model", "baseline"],
+        &[],
+        "127.0.0.1:0",
+        &without,
+    );
 }
 
 #[test]

@@ -150,6 +150,10 @@ pub struct MigrateRequest {
     /// Copy mode: mirror guest writes synchronously from the start.
     #[serde(default)]
     pub active_mirror: bool,
+    /// Most bytes per second the migration may send, in MB/s (None: no cap of its own; a
+    /// host agent's caps may still apply).
+    #[serde(default)]
+    pub max_bandwidth_mbps: Option<u64>,
 }
 
 impl MigrateRequest {
@@ -171,6 +175,7 @@ impl MigrateRequest {
             storage_dir: None,
             remove_source_storage: false,
             active_mirror: false,
+            max_bandwidth_mbps: None,
         }
     }
 
@@ -222,6 +227,11 @@ impl MigrateRequest {
             storage_dir: self.storage_dir.clone(),
             remove_source_storage: self.remove_source_storage,
             active_mirror: self.active_mirror,
+            bandwidth: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+                self.max_bandwidth_mbps
+                    .unwrap_or(0)
+                    .saturating_mul(1_000_000),
+            )),
             ..MigrateOptions::default()
         })
     }
@@ -479,7 +489,18 @@ fn connect(socket: &Path, req: &Request) -> Result<BufReader<UnixStream>, Contro
 
 /// Sends `req` and returns the one-line reply as JSON.
 pub fn request(socket: &Path, req: &Request) -> Result<serde_json::Value, ControlError> {
+    request_timeout(socket, req, None)
+}
+
+/// [`request`], giving up when no reply comes within `timeout` (a VM process busy receiving a
+/// migration answers only once it runs the VM).
+pub fn request_timeout(
+    socket: &Path,
+    req: &Request,
+    timeout: impl Into<Option<std::time::Duration>>,
+) -> Result<serde_json::Value, ControlError> {
     let mut r = connect(socket, req)?;
+    let _ = r.get_ref().set_read_timeout(timeout.into());
     let mut line = String::new();
     r.read_line(&mut line).map_err(|source| ControlError::Io {
         path: socket.display().to_string(),

@@ -19,7 +19,7 @@
 //! starts zero.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -257,6 +257,60 @@ struct Worker {
     /// The thread hashing the RAM pages this worker sent (off the sending path), started
     /// with the worker's first chunk.
     hasher: Option<Hasher>,
+    /// The migration's bandwidth cap, shared by its workers.
+    limit: Arc<RateLimit>,
+}
+
+/// Bytes per second a migration may send, as a shared cell: its holder may change it while
+/// the migration runs (a host's bandwidth shared among its migrations in flight); 0: no cap.
+pub type Bandwidth = Arc<AtomicU64>;
+
+/// How far ahead of the cap sending may get after a pause (a burst), in time at the cap.
+const RATE_BURST: Duration = Duration::from_millis(20);
+
+/// A cap on a migration's sending rate, shared by its workers: a virtual clock advanced by
+/// each chunk's bytes at the cap; a worker that gets ahead of it sleeps.
+#[derive(Debug)]
+pub struct RateLimit {
+    rate: Bandwidth,
+    /// When the bytes sent so far are paid for at the cap.
+    next: Mutex<Option<Instant>>,
+}
+
+impl RateLimit {
+    /// A limit following `rate`.
+    pub fn new(rate: Bandwidth) -> RateLimit {
+        RateLimit {
+            rate,
+            next: Mutex::new(None),
+        }
+    }
+
+    /// Accounts for `bytes` just sent and waits while sending is ahead of the cap (waking
+    /// early when `stop` is set).
+    pub fn spend(&self, bytes: u64, stop: &AtomicBool) {
+        let rate = self.rate.load(Ordering::Relaxed);
+        let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
+        if rate == 0 {
+            *next = None;
+            return;
+        }
+        let now = Instant::now();
+        let from = match *next {
+            Some(n) if n + RATE_BURST > now => n,
+            _ => now - RATE_BURST.min(now.elapsed()),
+        };
+        let due = from + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        *next = Some(due);
+        drop(next);
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if due <= now {
+                break;
+            }
+            std::thread::sleep((due - now).min(Duration::from_millis(50)));
+        }
+    }
 }
 
 /// A thread that hashes sent pages into [`Worker::sent`], in the order they were sent.
@@ -424,6 +478,7 @@ impl Worker {
         round: u64,
     ) -> Result<u64, TransportError> {
         let b = tx.chunk(&self.map, ext, round, &self.stop)?;
+        self.limit.spend(b, &self.stop);
         if self.hashes.is_none() {
             // RAM: hashed by this worker's hashing thread, off the sending path.
             if self.hasher.is_none() {
@@ -516,12 +571,13 @@ impl Scheduler {
     ///
     /// With `storage_hashes`, the last sender is the storage lane: it carries disk blocks
     /// only and records the hash of every page it sent there. With `counted`, each marker
-    /// says how many pages its channel sent in the round.
+    /// says how many pages its channel sent in the round. The workers send at most `rate`
+    /// bytes per second together (0: no cap).
     pub fn new(
         senders: Vec<DataSender>,
         map: MemoryMap,
         ram: &RamLayout,
-        pin: bool,
+        (pin, rate): (bool, Bandwidth),
         (mode, delta_cache_bytes): (Mode, u64),
         storage_hashes: Option<Arc<PageHashes>>,
         counted: bool,
@@ -536,7 +592,7 @@ impl Scheduler {
                 counted,
             })
             .collect();
-        Self::start(channels, map, ram, pin, storage_hashes)
+        Self::start(channels, map, ram, pin, storage_hashes, rate)
     }
 
     /// Starts one RDMA worker per queue pair (`map` is the memory the senders write from).
@@ -546,6 +602,7 @@ impl Scheduler {
         map: MemoryMap,
         ram: &RamLayout,
         pin: bool,
+        rate: Bandwidth,
     ) -> Scheduler {
         let channels = senders
             .into_iter()
@@ -554,7 +611,7 @@ impl Scheduler {
                 stats: CodecStats::default(),
             })
             .collect();
-        Self::start(channels, map, ram, pin, None)
+        Self::start(channels, map, ram, pin, None, rate)
     }
 
     fn start<C: ChannelSender>(
@@ -563,7 +620,9 @@ impl Scheduler {
         ram: &RamLayout,
         pin: bool,
         storage_hashes: Option<Arc<PageHashes>>,
+        rate: Bandwidth,
     ) -> Scheduler {
+        let limit = Arc::new(RateLimit::new(rate));
         let storage = storage_hashes.is_some() && senders.len() >= 2;
         let lanes = senders.len();
         let (ev_tx, events) = unbounded();
@@ -592,6 +651,7 @@ impl Scheduler {
                 mirror: lane.then(|| mirror_rx.clone()),
                 lane_up: lane.then(|| lane_up.clone()),
                 hasher: None,
+                limit: limit.clone(),
             };
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
             let handle = std::thread::Builder::new()
@@ -830,6 +890,34 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_limit_paces_senders_and_can_change_while_they_run() {
+        let rate: Bandwidth = Arc::new(AtomicU64::new(100_000_000));
+        let limit = RateLimit::new(rate.clone());
+        let stop = AtomicBool::new(false);
+        // 10 MB at 100 MB/s: at least 100 ms less the burst allowance.
+        let t = Instant::now();
+        for _ in 0..10 {
+            limit.spend(1_000_000, &stop);
+        }
+        assert!(
+            t.elapsed() >= Duration::from_millis(75),
+            "{:?}",
+            t.elapsed()
+        );
+        // No cap: no wait.
+        rate.store(0, Ordering::Relaxed);
+        let t = Instant::now();
+        limit.spend(1 << 30, &stop);
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+        // A stopped migration never sleeps out its debt.
+        rate.store(1_000, Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
+        let t = Instant::now();
+        limit.spend(1_000_000, &stop);
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    }
     use proptest::prelude::*;
 
     proptest! {

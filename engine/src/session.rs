@@ -38,6 +38,10 @@ pub enum MigrationError {
     /// The source abandoned the migration (seen by the destination).
     #[error("source aborted the migration: {0}")]
     Aborted(String),
+    /// The connection a host agent handed over was a link probe (`migrate --plan`), served;
+    /// nothing migrated.
+    #[error("the connection was a link probe, served; nothing migrated")]
+    ProbeServed,
     /// The data path failed on this side (a data channel, a receiver, RDMA rounds).
     #[error("data channel failed: {0}")]
     DataChannel(String),

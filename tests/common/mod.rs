@@ -454,3 +454,37 @@ impl Drop for HugePool {
         let _ = std::fs::write(format!("{POOL_2M}/nr_hugepages"), self.before.to_string());
     }
 }
+
+/// The CPU features a VM started here with `args` is given (`livemig cpu --json`).
+pub fn cpu_features(args: &[&str]) -> Vec<String> {
+    let out = Command::new(bin())
+        .args(["cpu", "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A CPU feature the host model gives and the baseline does not (avx2 where there is one).
+pub fn beyond_baseline() -> String {
+    let host = cpu_features(&[]);
+    let baseline = cpu_features(&["--cpu-model", "baseline"]);
+    assert!(
+        baseline.iter().all(|f| host.contains(f)),
+        "baseline {baseline:?} is not a subset of host {host:?}"
+    );
+    let extra: Vec<&String> = host.iter().filter(|f| !baseline.contains(f)).collect();
+    extra
+        .iter()
+        .find(|f| f.as_str() == "avx2")
+        .or(extra.first())
+        .expect("the host model offers nothing beyond the baseline")
+        .to_string()
+}

@@ -72,7 +72,7 @@ pub(super) fn first_source(
                         Ok(false) => {
                             let _ = tx.send(greeted);
                         }
-                        Err(e) => warn!(%peer, "a link probe failed: {e}"),
+                        Err(e) => warn!(%peer, "refused a connection after its greeting: {e}"),
                     },
                     Ok(_) => {}
                     Err(e) => warn!(%peer, "refused a connection: {e}"),
@@ -86,6 +86,20 @@ pub(super) fn first_source(
     };
     let _ = listener.set_nonblocking(false);
     won
+}
+
+/// Greets `stream`, a connection a host agent accepted for this destination. None: it was a
+/// link probe, served.
+pub(super) fn greet_one(
+    stream: std::net::TcpStream,
+    g: &GreetOptions,
+) -> Result<Option<Greeted>, MigrationError> {
+    let mut greeted = greet(stream, g)?;
+    if serve_probe(&mut greeted, g.timeout)? {
+        info!(peer = greeted.ctl.peer(), "served a link probe");
+        return Ok(None);
+    }
+    Ok(Some(greeted))
 }
 
 fn is_transient(e: &std::io::Error) -> bool {

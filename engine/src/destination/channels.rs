@@ -3,7 +3,8 @@
 //! connection. After that, what differs between the two is behind [`IncomingPlane`].
 
 use std::net::TcpListener;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use livemig_transport::tcp::DataReceiver;
@@ -14,8 +15,10 @@ use super::handshake::{Agreed, Built};
 use super::receive::TcpPlane;
 use super::{refuse, Session};
 use crate::auth::SessionKeys;
-use crate::memory::GuestRam;
+use crate::digest::PageHashes;
+use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::protocol::{Message, RdmaQp, RoundSequence};
+use crate::scheduler::thread_cpu_ns;
 use crate::session::{Control, MigrationError};
 use crate::storage::incoming::IncomingStorage;
 
@@ -33,6 +36,9 @@ pub(super) trait IncomingPlane {
     /// The source reports on an RDMA round (the destination sees no page arrive); a plane
     /// that carries its own round markers refuses this.
     fn round_progress(&mut self, round: u64, pages: u64, complete: bool) -> Result<(), String>;
+    /// The source lists pages it wrote in `round`, all landed (RDMA from protocol 3); a plane
+    /// whose receivers see the pages refuses this.
+    fn round_extents(&mut self, round: u64, extents: &[(u64, u64)]) -> Result<(), String>;
     /// Pages landed so far (a sign of life during a long pre-copy).
     fn pages(&self) -> u64;
     /// The device state names `final_round` as the last: wait until every page of it
@@ -102,7 +108,10 @@ impl Session {
             }
             Channels::Rdma(qps) => {
                 let access = accept_rdma(&mut self.ctl, rdma, &built.ram, agreed.channels, &qps)?;
-                Ok(Box::new(RdmaPlane::new(access)))
+                // From protocol 3 the source lists each round's pages: they are hashed
+                // while the migration runs, not all of RAM inside the downtime.
+                let hasher = (self.ctl.version() >= 3).then(|| Hasher::start(&built.ram));
+                Ok(Box::new(RdmaPlane::new(access, hasher)))
             }
         }
     }
@@ -112,20 +121,120 @@ impl Session {
 struct RdmaPlane {
     access: Option<RdmaAccess>,
     rounds: RoundSequence,
+    /// Hashes the pages each round wrote (None: a source older than protocol 3, whose RAM
+    /// is hashed in one pass inside the downtime).
+    hasher: Mutex<Option<Hasher>>,
 }
 
 impl RdmaPlane {
-    fn new(access: RdmaAccess) -> Self {
+    fn new(access: RdmaAccess, hasher: Option<Hasher>) -> Self {
         RdmaPlane {
             access: Some(access),
             rounds: RoundSequence::default(),
+            hasher: Mutex::new(hasher),
         }
+    }
+}
+
+/// A thread that hashes, in order, the pages each completed round wrote: a page the NIC
+/// rewrites later is listed again in that later round and hashed again after it, so every
+/// page's last hash follows its last write.
+struct Hasher {
+    ram: GuestRam,
+    hashes: Arc<PageHashes>,
+    tx: Option<crossbeam_channel::Sender<Vec<(u64, u64)>>>,
+    thread: Option<JoinHandle<u64>>,
+}
+
+impl Hasher {
+    fn start(ram: &GuestRam) -> Hasher {
+        let hashes = Arc::new(PageHashes::new_zeroed(ram.layout()));
+        let (tx, rx) = crossbeam_channel::unbounded::<Vec<(u64, u64)>>();
+        let (r, h) = (ram.clone(), hashes.clone());
+        let thread = std::thread::Builder::new()
+            .name("livemig-hash".into())
+            .spawn(move || {
+                let cpu = thread_cpu_ns();
+                let regions = r.host_regions();
+                for batch in rx {
+                    for (gpa, pages) in batch {
+                        hash_extent(&regions, &h, gpa, pages * PAGE_SIZE);
+                    }
+                }
+                thread_cpu_ns().saturating_sub(cpu)
+            })
+            .ok();
+        Hasher {
+            ram: ram.clone(),
+            hashes,
+            // Without its thread (none could be started) the plane hashes all RAM at the end.
+            tx: thread.as_ref().map(|_| tx),
+            thread,
+        }
+    }
+
+    /// Queues `extents` after checking each lies in guest RAM.
+    fn queue(&self, extents: &[(u64, u64)]) -> Result<(), String> {
+        let layout = self.ram.layout();
+        for &(gpa, pages) in extents {
+            let end = pages
+                .checked_mul(PAGE_SIZE)
+                .and_then(|len| gpa.checked_add(len));
+            let inside = end.is_some_and(|end| {
+                pages > 0
+                    && gpa % PAGE_SIZE == 0
+                    && layout
+                        .regions
+                        .iter()
+                        .any(|r| gpa >= r.gpa && end <= r.gpa + r.size)
+            });
+            if !inside {
+                return Err(format!(
+                    "extent of {pages} pages at {gpa:#x} is not in guest RAM"
+                ));
+            }
+        }
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(extents.to_vec());
+        }
+        Ok(())
+    }
+
+    /// Waits for every queued page to be hashed: the RAM digest, and the CPU time spent.
+    fn finish(mut self) -> Option<(u64, u64)> {
+        drop(self.tx.take());
+        let cpu = self.thread.take()?.join().ok()?;
+        Some((self.hashes.digest(), cpu))
+    }
+}
+
+/// Hashes `len` bytes of guest RAM at `gpa` (inside one region of `regions`, as checked).
+fn hash_extent(regions: &[(u64, *mut u8, u64)], hashes: &PageHashes, gpa: u64, len: u64) {
+    if let Some(&(base, host, _)) = regions
+        .iter()
+        .find(|&&(b, _, size)| gpa >= b && gpa + len <= b + size)
+    {
+        // SAFETY: the extent lies in the region mapped at `host` (checked when queued), kept
+        // mapped by the GuestRam clone the thread holds. The source completed every write to
+        // it before listing it; a later write by the NIC only makes this hash stale, and that
+        // page is listed and hashed again after the later round.
+        unsafe { hashes.update(gpa, len, host.add((gpa - base) as usize)) };
     }
 }
 
 impl IncomingPlane for RdmaPlane {
     fn round_progress(&mut self, round: u64, pages: u64, complete: bool) -> Result<(), String> {
         self.rounds.progress(round, pages, complete)
+    }
+
+    fn round_extents(&mut self, round: u64, extents: &[(u64, u64)]) -> Result<(), String> {
+        if self.rounds.completed().is_some_and(|c| c >= round) {
+            return Err(format!("extents of round {round}, which already completed"));
+        }
+        match &*self.hasher.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(h) => h.queue(extents),
+            None => Err("RoundExtents from a source of protocol 2 or older".into()),
+        }
     }
 
     fn pages(&self) -> u64 {
@@ -147,8 +256,21 @@ impl IncomingPlane for RdmaPlane {
     }
 
     fn digest(&self, ram: &GuestRam) -> (u64, u64) {
-        // No receiver saw the pages: hash all of RAM once (inside the downtime).
         let t = Instant::now();
+        let hasher = self
+            .hasher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(d) = hasher.and_then(Hasher::finish) {
+            info!(
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "RAM digest (last round's pages)"
+            );
+            return d;
+        }
+        // No receiver saw the pages, and the source did not list them: hash all of RAM once
+        // (inside the downtime).
         let d = super::receive::full_digest(ram);
         info!(
             ms = t.elapsed().as_secs_f64() * 1e3,
@@ -380,5 +502,42 @@ fn accept_rdma(
     {
         let _ = ram;
         match dev {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::memory::{Populate, RamLayout};
+
+    #[test]
+    fn listed_pages_hash_to_the_digest_of_all_ram_and_strays_are_refused() {
+        let ram = GuestRam::new(&RamLayout::single(4 << 20), Populate::Lazy).unwrap();
+        let h = Hasher::start(&ram);
+        let write = |gpa: u64, pages: u64, byte: u8| {
+            let data = vec![byte; (pages * PAGE_SIZE) as usize];
+            ram.memory().write_slice(&data, GuestAddress(gpa)).unwrap();
+        };
+        // Round 0 writes two runs; round 1 rewrites part of one.
+        write(3 * PAGE_SIZE, 1, 0xa5);
+        write(100 * PAGE_SIZE, 10, 0x5a);
+        h.queue(&[(3 * PAGE_SIZE, 1), (100 * PAGE_SIZE, 10)])
+            .unwrap();
+        write(104 * PAGE_SIZE, 2, 0x33);
+        h.queue(&[(104 * PAGE_SIZE, 2)]).unwrap();
+        for stray in [
+            (4 << 20, 1),                  // beyond RAM
+            ((4 << 20) - PAGE_SIZE, 2),    // runs off its end
+            (0, 0),                        // empty
+            (1, 1),                        // not page-aligned
+            (u64::MAX - 4095, 2),          // overflows
+            (0, u64::MAX / PAGE_SIZE + 1), // overflows
+        ] {
+            assert!(h.queue(&[stray]).is_err(), "{stray:?} accepted");
+        }
+        let (digest, _) = h.finish().unwrap();
+        assert_eq!(digest, crate::digest::ram_digest(&ram));
     }
 }

@@ -184,7 +184,8 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
 
 /// After the greeting: serves a link probe (true: the connection is done) or leaves the
 /// connection to the session (false: its first message put back, or — when reading it failed
-/// — nothing read, so the session meets the failure itself). A probe's bytes are counted and
+/// — nothing read, so the session meets the failure itself). A first message that does not
+/// decode is refused (an error). A probe's bytes are counted and
 /// timed from the first to the last; every frame must come within `timeout`.
 pub(super) fn serve_probe(
     greeted: &mut Greeted,
@@ -196,6 +197,13 @@ pub(super) fn serve_probe(
         Ok(m) => {
             ctl.unread(m);
             return Ok(false);
+        }
+        // A message that arrived but makes no sense was consumed: refused here, with why.
+        Err(e @ MigrationError::Protocol { .. }) => {
+            let _ = ctl.send(&Message::Refuse {
+                reason: e.to_string(),
+            });
+            return Err(e);
         }
         Err(_) => return Ok(false),
     };
@@ -343,7 +351,12 @@ impl Session {
             populating,
             populate,
         };
-        if let Err(e) = self.ctl.send(&Message::Ready) {
+        let port = self.data_port.map(|port| Message::DataPort { port });
+        if let Err(e) = port
+            .iter()
+            .chain([&Message::Ready])
+            .try_for_each(|m| self.ctl.send(m))
+        {
             built.stop_populating();
             built.vm.shutdown();
             return Err(e);

@@ -49,9 +49,20 @@ pub type VmFactory<'a> =
 /// Where a migration put a VM's disks: `(disk id, path)`.
 pub type DiskPlacement = [(String, std::path::PathBuf)];
 
+/// Admits a migration whose configuration was agreed, before anything is built (a host's limit
+/// of simultaneous migrations): the guard it returns is held until the migration ends; an
+/// error is the reason the source is refused with.
+pub type Admit = Box<dyn FnOnce(&VmConfig) -> Result<Box<dyn std::any::Any>, String> + Send>;
+
 /// Options of an incoming migration.
 #[derive(Default)]
 pub struct IncomingOptions {
+    /// A control connection a host agent accepted: greeted as the source, while the
+    /// listener takes only this session's data connections, its port named to the source
+    /// (protocol 3 and later).
+    pub control: Option<std::net::TcpStream>,
+    /// Called before the VM is built.
+    pub admit: Option<Admit>,
     /// RAM reserved and faulted in ahead of time (like QEMU's `-mem-prealloc` on an
     /// `-incoming` VM). Used when its layout matches the incoming one.
     pub reserved: Option<GuestRam>,
@@ -95,23 +106,49 @@ pub fn receive(
     opts: IncomingOptions,
     factory: VmFactory<'_>,
 ) -> Result<Incoming, MigrationError> {
-    let greeted = accept::first_source(
-        listener,
-        &handshake::GreetOptions {
-            key: opts.key.clone(),
-            rdma_device: opts.rdma_device.clone(),
-            timeout: if opts.timeout.is_zero() {
-                defaults::TIMEOUT
-            } else {
-                opts.timeout
-            },
+    let mut opts = opts;
+    let g = handshake::GreetOptions {
+        key: opts.key.clone(),
+        rdma_device: opts.rdma_device.clone(),
+        timeout: if opts.timeout.is_zero() {
+            defaults::TIMEOUT
+        } else {
+            opts.timeout
         },
-    )?;
+    };
+    let agent = opts.control.is_some();
+    let greeted = match opts.control.take() {
+        Some(stream) => accept::greet_one(stream, &g)?.ok_or(MigrationError::ProbeServed)?,
+        None => accept::first_source(listener, &g)?,
+    };
     let (expected_token, rdma) = (greeted.expected_token, greeted.rdma);
+    let admit = opts.admit.take();
     let mut s = Session::new(greeted.ctl, opts);
     s.round_counts = greeted.round_counts;
     info!(peer = s.ctl.peer(), "incoming migration");
     let agreed = s.agree(expected_token, rdma)?;
+    if agent {
+        let v = s.ctl.version();
+        if v < 3 {
+            return Err(s.refuse(format!(
+                "this host's migration agent takes sources of protocol 3 or later (this source: \
+                 protocol {v}); run `livemig receive` on it for an older source"
+            )));
+        }
+        s.data_port = Some(
+            listener
+                .local_addr()
+                .map_err(|source| MigrationError::Connect {
+                    addr: "the data listener".into(),
+                    source,
+                })?
+                .port(),
+        );
+    }
+    let _admitted = match admit {
+        Some(admit) => Some(admit(&agreed.config).map_err(|reason| s.refuse(reason))?),
+        None => None,
+    };
     s.id = crate::session::migration_id(agreed.token);
     s.prepare_record()?;
     let mut built = s.build_vm(&agreed, factory)?;
@@ -160,6 +197,8 @@ struct Session {
     slot: Option<crate::session::RecordSlot>,
     /// TCP round markers carry page counts, checked at each barrier.
     round_counts: bool,
+    /// The data connections' port, named to the source before Ready (behind a host agent).
+    data_port: Option<u16>,
 }
 
 impl Session {
@@ -178,6 +217,7 @@ impl Session {
             id: String::new(),
             slot: None,
             round_counts: false,
+            data_port: None,
         }
     }
 

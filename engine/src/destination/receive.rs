@@ -102,6 +102,10 @@ impl IncomingPlane for TcpPlane {
         )
     }
 
+    fn round_extents(&mut self, _: u64, _: &[(u64, u64)]) -> Result<(), String> {
+        Err("RoundExtents on a TCP migration (the receivers hash what they write)".into())
+    }
+
     fn pages(&self) -> u64 {
         self.shared.pages.load(Ordering::Relaxed)
     }

@@ -96,6 +96,17 @@ impl Session {
                         });
                     }
                 }
+                Ok(Message::RoundExtents { round, extents }) => {
+                    if let Err(reason) = plane.round_extents(round, &extents) {
+                        return Err(MigrationError::Protocol {
+                            peer: self.ctl.peer().to_string(),
+                            source: ProtocolError::Invalid {
+                                msg: "RoundExtents",
+                                reason,
+                            },
+                        });
+                    }
+                }
                 Ok(m) => return Err(self.ctl.unexpected(&m, "waiting for DeviceState")),
                 Err(MigrationError::Timeout { .. }) => {
                     let now = plane.pages();

@@ -22,7 +22,7 @@ use super::{
 use crate::memory::{RamLayout, RamRegionSpec, MAX_REGIONS};
 use crate::vm::{DeviceDescriptor, MachineSection, VmConfig};
 
-/// Appends the version-2 encoding of `c`.
+/// Appends the version-2 encoding of `c` (also protocol 3's).
 pub fn encode_config(w: &mut Vec<u8>, c: &VmConfig) {
     put_str(w, &c.machine);
     put_u16(w, c.layout.regions.len() as u16);
@@ -49,7 +49,8 @@ pub fn encode_config(w: &mut Vec<u8>, c: &VmConfig) {
 pub(crate) fn decode_config(r: &mut Reader<'_>, version: u16) -> Result<VmConfig, ProtocolError> {
     match version {
         1 => decode_v1(r),
-        2 => decode_v2(r),
+        // Protocol 3 changed the KVM machine's section, not this encoding.
+        2 | 3 => decode_v2(r),
         v => Err(ProtocolError::Version(v)),
     }
 }

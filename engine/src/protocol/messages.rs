@@ -3,8 +3,8 @@
 use super::config::{decode_config, encode_config};
 use super::{
     put_qps_header, put_str, put_u16, put_u32, put_u64, MessageType, ProtocolError, Reader, MAGIC,
-    MAX_CHANNELS, MAX_DISKS, MAX_PROBE_BYTES, MAX_PROBE_CHUNK, MAX_QPN, MAX_SECTIONS,
-    MAX_SECTION_BYTES, VERSION,
+    MAX_CHANNELS, MAX_DISKS, MAX_PROBE_BYTES, MAX_PROBE_CHUNK, MAX_QPN, MAX_ROUND_EXTENTS,
+    MAX_SECTIONS, MAX_SECTION_BYTES, VERSION,
 };
 use crate::memory::{MAX_REGIONS, PAGE_SIZE};
 use crate::storage::{DiskOffer, StorageMode};
@@ -179,6 +179,22 @@ pub enum Message {
         /// Nanoseconds between the first and the last byte.
         nanos: u64,
     },
+    /// Source → destination, RDMA from protocol 3: pages the source wrote in `round`, all
+    /// landed (sent before the round's completing `RoundProgress`, in as many messages as
+    /// needed); the destination hashes them while the next round runs.
+    RoundExtents {
+        /// Round number.
+        round: u64,
+        /// `(gpa, pages)` of each run of written pages.
+        extents: Vec<(u64, u64)>,
+    },
+    /// Destination → source, from protocol 3, before Ready: the data connections go to this
+    /// port of the control connection's address (a destination started by a host agent,
+    /// which keeps the migration port for new sources).
+    DataPort {
+        /// The TCP port.
+        port: u16,
+    },
 }
 
 impl Message {
@@ -206,6 +222,8 @@ impl Message {
             Message::Probe { .. } => MessageType::Probe,
             Message::ProbeData { .. } => MessageType::ProbeData,
             Message::ProbeResult { .. } => MessageType::ProbeResult,
+            Message::RoundExtents { .. } => MessageType::RoundExtents,
+            Message::DataPort { .. } => MessageType::DataPort,
         }
     }
 
@@ -318,7 +336,16 @@ impl Message {
                     put_u64(&mut w, *d);
                 }
             }
+            Message::RoundExtents { round, extents } => {
+                put_u64(&mut w, *round);
+                put_u32(&mut w, extents.len() as u32);
+                for (gpa, pages) in extents {
+                    put_u64(&mut w, *gpa);
+                    put_u64(&mut w, *pages);
+                }
+            }
             Message::Probe { bytes } => put_u64(&mut w, *bytes),
+            Message::DataPort { port } => put_u16(&mut w, *port),
             Message::ProbeData { data } => {
                 put_u32(&mut w, data.len() as u32);
                 w.extend_from_slice(data);
@@ -452,6 +479,22 @@ impl Message {
             MessageType::ProbeResult => Message::ProbeResult {
                 bytes: r.u64()?,
                 nanos: r.u64()?,
+            },
+            MessageType::RoundExtents => {
+                let round = r.u64()?;
+                let n = r.u32()? as usize;
+                if n > MAX_ROUND_EXTENTS {
+                    return Err(r.invalid(format!("{n} extents (at most {MAX_ROUND_EXTENTS})")));
+                }
+                let mut extents = Vec::with_capacity(n);
+                for _ in 0..n {
+                    extents.push((r.u64()?, r.u64()?));
+                }
+                Message::RoundExtents { round, extents }
+            }
+            MessageType::DataPort => match r.u16()? {
+                0 => return Err(r.invalid("data port 0".into())),
+                port => Message::DataPort { port },
             },
         };
         r.finish()?;
@@ -704,6 +747,11 @@ mod tests {
                 bytes: 8 << 20,
                 nanos: 70_000_000,
             },
+            Message::RoundExtents {
+                round: 3,
+                extents: vec![(0, 16), (1 << 20, 1)],
+            },
+            Message::DataPort { port: 7001 },
         ]
     }
 

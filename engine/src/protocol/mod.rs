@@ -21,6 +21,8 @@
 //!   | Storage {mode, directory, disks} -------> |  (protocol 2) shared: opens the images
 //!   |                                           |  unlocked; copy: checks space and names,
 //!   |                                           |  creates unnamed sparse images
+//!   | <----------------------- DataPort {port}   |  (protocol 3) behind a host agent: the
+//!   |                                           |  data connections go to this port
 //!   | <------------------------------- Ready     |
 //!   | N data connections: ChannelHello{token,i} |
 //!   | data: round 0 pages ... Marker(0)          |  receivers meet at a barrier per round
@@ -31,6 +33,7 @@
 //!   | RdmaConnect {N QPs: qpn, psn, gid} ------> |  registers RAM for remote writes,
 //!   | <---- RdmaAccept {N QPs, rkey per region}  |  connects N QPs to the source's
 //!   | RDMA WRITEs of round k (destination CPU idle); when all completed:
+//!   | RoundExtents {k, [gpa, pages]...} -------> |  (protocol 3) hashed in the background
 //!   | RoundProgress {k, pages, complete} ------> |  (also sent while a long round runs)
 //!   |   (source pauses the guest; final round n the same way)
 //!   | DiskDigests {per disk} ------------------> |  (protocol 2) copy: checked before Prepared
@@ -62,6 +65,7 @@
 //! |---|---|
 //! | 1 | first release: `Config` carried the built-in guest's workload |
 //! | 2 | `Config` carries the VM's shape (RAM layout, vCPUs, device list) and an opaque, versioned machine section owned by the VM backend; `Storage` and `DiskDigests` move disks (storage channel: one more data connection, index `channels`) |
+//! | 3 | the KVM machine's section (its version 3) wraps the older one with the processor the guest was given (CPU model and CPUID table); the destination refuses another vendor or a missing feature before it builds anything, and gives the guest that CPUID. Over RDMA, `RoundExtents` lists each round's written pages before its completing `RoundProgress`: the destination hashes them in the background instead of hashing all RAM in the downtime. A destination started by a host agent names the port of its data connections with `DataPort` before Ready |
 //!
 //! A destination decodes each message by the version agreed in the handshake; a version-1
 //! `Config` is converted on load (its workload fields are the built-in machine's section,
@@ -82,7 +86,7 @@ use crate::defaults;
 /// "LVMG" little-endian: first bytes of a Hello.
 pub const MAGIC: u32 = 0x474d_564c;
 /// Protocol version this build speaks (newest); a source offers only this one.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Oldest protocol version a destination of this build still accepts.
 pub const MIN_VERSION: u16 = 1;
 /// Cap on a control frame (device state of many vCPUs fits well below).
@@ -105,6 +109,8 @@ pub const MAX_PROPERTIES: usize = 32;
 pub const MAX_DISKS: usize = crate::storage::MAX_DISKS;
 /// Cap on the machine section of a VM configuration.
 pub const MAX_MACHINE_SECTION: usize = 64 << 10;
+/// Most extents in one [`Message::RoundExtents`] (16 bytes each: 1 MiB).
+pub const MAX_ROUND_EXTENTS: usize = 1 << 16;
 /// Feature bit: the source offers (Hello) / the destination accepts (Welcome) RDMA data
 /// channels.
 pub const FEATURE_RDMA: u64 = 1;
@@ -174,11 +180,15 @@ pub enum MessageType {
     ProbeData = 20,
     /// [`Message::ProbeResult`].
     ProbeResult = 21,
+    /// [`Message::RoundExtents`].
+    RoundExtents = 22,
+    /// [`Message::DataPort`].
+    DataPort = 23,
 }
 
 impl MessageType {
     /// Every valid type, in wire order.
-    pub const ALL: [MessageType; 21] = [
+    pub const ALL: [MessageType; 23] = [
         MessageType::Hello,
         MessageType::Welcome,
         MessageType::Refuse,
@@ -200,6 +210,8 @@ impl MessageType {
         MessageType::Probe,
         MessageType::ProbeData,
         MessageType::ProbeResult,
+        MessageType::RoundExtents,
+        MessageType::DataPort,
     ];
 
     /// The frame kind.
@@ -232,6 +244,8 @@ impl MessageType {
             MessageType::Probe => "Probe",
             MessageType::ProbeData => "ProbeData",
             MessageType::ProbeResult => "ProbeResult",
+            MessageType::RoundExtents => "RoundExtents",
+            MessageType::DataPort => "DataPort",
         }
     }
 }
@@ -425,8 +439,8 @@ mod tests {
         }
         assert_eq!(MessageType::try_from(0), Err(ProtocolError::UnknownType(0)));
         assert_eq!(
-            MessageType::try_from(22),
-            Err(ProtocolError::UnknownType(22))
+            MessageType::try_from(24),
+            Err(ProtocolError::UnknownType(24))
         );
     }
 

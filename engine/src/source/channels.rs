@@ -13,6 +13,7 @@ use livemig_transport::{frame, MappedRegion, MemoryMap, TransportError};
 use super::handshake::connect;
 use super::{MigrateOptions, TransportChoice};
 use crate::auth::{Direction, SessionKeys};
+use crate::dirty::Extent;
 use crate::protocol::Message;
 use crate::scheduler::Scheduler;
 use crate::session::{Control, MigrationError};
@@ -36,12 +37,14 @@ pub(super) trait OutgoingPlane {
     fn encodes(&self) -> bool;
     /// While a round runs: `pages` of it are queued.
     fn round_progress(&self, ctl: &mut Control, round: u64, pages: u64);
-    /// Every page of `round` is delivered as far as this transport's barrier requires.
+    /// Every page of `round` (the RAM pages of `ram`) is delivered as far as this
+    /// transport's barrier requires.
     fn round_complete(
         &self,
         ctl: &mut Control,
         round: u64,
         pages: u64,
+        ram: &[Extent],
     ) -> Result<(), MigrationError>;
 }
 
@@ -56,7 +59,13 @@ impl OutgoingPlane for Tcp {
         true
     }
     fn round_progress(&self, _: &mut Control, _: u64, _: u64) {}
-    fn round_complete(&self, _: &mut Control, _: u64, _: u64) -> Result<(), MigrationError> {
+    fn round_complete(
+        &self,
+        _: &mut Control,
+        _: u64,
+        _: u64,
+        _: &[Extent],
+    ) -> Result<(), MigrationError> {
         Ok(())
     }
 }
@@ -88,7 +97,18 @@ impl OutgoingPlane for Rdma {
         ctl: &mut Control,
         round: u64,
         pages: u64,
+        ram: &[Extent],
     ) -> Result<(), MigrationError> {
+        // Every write completed, so every page listed has landed: the destination hashes
+        // them while the next round runs (protocol 3; older destinations hash all RAM).
+        if ctl.version() >= 3 {
+            for part in ram.chunks(crate::protocol::MAX_ROUND_EXTENTS) {
+                ctl.send(&Message::RoundExtents {
+                    round,
+                    extents: part.iter().map(|e| (e.gpa, e.pages)).collect(),
+                })?;
+            }
+        }
         ctl.send(&Message::RoundProgress {
             round,
             pages,
@@ -156,7 +176,7 @@ pub(super) fn open_tcp(
         senders,
         memory_map(vm, Some(storage)),
         vm.ram().layout(),
-        opts.pin_workers,
+        (opts.pin_workers, opts.bandwidth.clone()),
         (opts.compress, opts.delta_cache_bytes),
         storage.copying().then(|| storage.hashes()),
         counted,
@@ -177,7 +197,13 @@ pub(super) fn open_rdma(
         let map = memory_map(vm, None);
         match connect_rdma(ctl, dev, &map, opts) {
             Ok((senders, d)) => Ok((
-                Scheduler::new_rdma(senders, map, vm.ram().layout(), opts.pin_workers),
+                Scheduler::new_rdma(
+                    senders,
+                    map,
+                    vm.ram().layout(),
+                    opts.pin_workers,
+                    opts.bandwidth.clone(),
+                ),
                 Box::new(Rdma),
                 d,
             )),

@@ -97,16 +97,38 @@ impl<'a> Session<'a> {
             token,
         })?;
         ctl.send(&storage.message(opts.storage_dir.as_deref().unwrap_or("")))?;
-        match ctl.recv(
-            Some(opts.timeout),
-            "waiting for the destination to allocate RAM",
-        )? {
-            Message::Ready => {}
-            m => return Err(ctl.unexpected(&m, "waiting for Ready")),
+        // A destination behind a host agent names its own port for the data connections.
+        let mut data_to = to.to_string();
+        loop {
+            match ctl.recv(
+                Some(opts.timeout),
+                "waiting for the destination to allocate RAM",
+            )? {
+                Message::Ready => break,
+                Message::DataPort { port } if ctl.version() >= 3 => {
+                    let mut a =
+                        ctl.stream()
+                            .peer_addr()
+                            .map_err(|source| MigrationError::Connect {
+                                addr: to.to_string(),
+                                source,
+                            })?;
+                    a.set_port(port);
+                    data_to = a.to_string();
+                }
+                m => return Err(ctl.unexpected(&m, "waiting for Ready")),
+            }
         }
         let counted = features & FEATURE_ROUND_COUNTS != 0;
-        let (sched, plane, d) =
-            open_plane(&mut ctl, vm, to, opts, (token, counted), rdma, &storage)?;
+        let (sched, plane, d) = open_plane(
+            &mut ctl,
+            vm,
+            &data_to,
+            opts,
+            (token, counted),
+            rdma,
+            &storage,
+        )?;
         if !d.is_empty() {
             detail = format!("{detail}; {d}");
         }

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Key;
 use crate::defaults;
-use crate::scheduler::{RoundStats, Scheduler};
+use crate::scheduler::{Bandwidth, RoundStats, Scheduler};
 use crate::session::{Control, MigrationError, MigrationReport, RoundReport};
 use crate::storage::outgoing::OutgoingStorage;
 use crate::storage::StorageMode;
@@ -93,6 +93,9 @@ pub struct MigrateOptions {
     /// Copy mode: mirror guest writes synchronously from the start (otherwise only once the
     /// disks' dirty set stops shrinking).
     pub active_mirror: bool,
+    /// Bytes per second the migration may send (0: no cap); its holder may change it while
+    /// the migration runs.
+    pub bandwidth: Bandwidth,
 }
 
 impl Default for MigrateOptions {
@@ -115,6 +118,7 @@ impl Default for MigrateOptions {
             storage_dir: None,
             remove_source_storage: false,
             active_mirror: false,
+            bandwidth: Bandwidth::default(),
         }
     }
 }

@@ -190,7 +190,7 @@ impl Session<'_> {
             e => e.into(),
         })?;
         self.plane
-            .round_complete(&mut self.ctl, round, stats.pages)?;
+            .round_complete(&mut self.ctl, round, stats.pages, work.ram)?;
         self.tally.add(&stats);
         self.storage.count(work.disk);
         Ok(stats)

@@ -46,6 +46,9 @@ pub enum VmError {
     /// The VM specification is not usable.
     #[error("invalid VM spec: {0}")]
     InvalidSpec(String),
+    /// This host's processor cannot run the guest's (another vendor, a missing feature).
+    #[error("{0}")]
+    IncompatibleCpu(String),
     /// A device-state section could not be restored.
     #[error("device state section {id} (instance {instance}): {reason}")]
     State {

@@ -50,6 +50,7 @@ use crate::memory::{GuestRam, Populate, RamLayout};
 use crate::storage::VmDisk;
 
 pub mod boot;
+pub mod cpu;
 pub mod cpuid;
 pub mod linux;
 pub mod state;
@@ -112,6 +113,8 @@ pub struct KvmVm {
     /// Whether the slots log dirty pages; also serialises slot updates and harvests.
     tracking: Mutex<bool>,
     guest: Guest,
+    /// The processor the guest was given (sent with the VM's configuration).
+    cpu: cpu::GuestCpu,
     ram: GuestRam,
 }
 
@@ -155,6 +158,7 @@ impl KvmVm {
             spec.vcpus,
             Shape::Builtin(layout.clone(), spec.clone(), writer),
             ram,
+            None,
         )?;
         for (i, vcpu) in vm.vcpus.iter().enumerate() {
             let fd = lock(vcpu);
@@ -216,7 +220,7 @@ impl KvmVm {
                 devices: &windows,
             },
         )?;
-        let vm = KvmVm::build(spec.vcpus, Shape::Linux(devices), ram)?;
+        let vm = KvmVm::build(spec.vcpus, Shape::Linux(devices), ram, None)?;
         for (i, vcpu) in vm.vcpus.iter().enumerate() {
             let fd = lock(vcpu);
             fd.set_fpu(&initial_fpu()).map_err(kvm("KVM_SET_FPU"))?;
@@ -249,6 +253,11 @@ impl KvmVm {
     /// ([`RunState::Created`]). Call [`MigratableVm::restore_state`], then
     /// [`MigratableVm::resume`].
     ///
+    /// The guest keeps the processor it was given: a guest whose CPU this host cannot give
+    /// (another vendor, a feature missing here or hidden by [`cpu::HostCpu`]) is refused
+    /// before anything is built. A source older than the CPU's place in the machine section
+    /// sent none: that guest gets this host's CPU, as it would have then.
+    ///
     /// `resume` is refused until `restore_state` succeeded.
     pub fn new_incoming(
         config: &VmConfig,
@@ -261,6 +270,14 @@ impl KvmVm {
                 config.machine
             )));
         }
+        let (machine_section, guest_cpu) = cpu::unwrap(&config.machine_section)?;
+        if let Some(c) = &guest_cpu {
+            cpu::check_here(c, &cpu::host_cpu())?;
+        }
+        let config = &VmConfig {
+            machine_section,
+            ..config.clone()
+        };
         let shape = if linux::is_linux(&config.machine_section)? {
             if ram.layout() != &boot::ram_layout(config.layout.total_bytes()) {
                 return Err(VmError::InvalidSpec(format!(
@@ -278,7 +295,7 @@ impl KvmVm {
             let disk = DiskWriter::from_devices(&config.devices, &host.disks)?;
             Shape::Builtin(layout, spec, disk)
         };
-        let vm = KvmVm::build(config.vcpus, shape, ram)?;
+        let vm = KvmVm::build(config.vcpus, shape, ram, guest_cpu)?;
         lock(&vm.control.ctl).awaiting_state = true;
         Ok(vm)
     }
@@ -291,9 +308,15 @@ impl KvmVm {
         }
     }
 
-    /// Creates the KVM VM, irqchip, slots and vCPUs (CPUID set), wires the devices (irqfds,
-    /// ioeventfds), registers the device manager and starts the parked vCPU threads.
-    fn build(vcpu_count: u32, shape: Shape, ram: GuestRam) -> Result<KvmVm, VmError> {
+    /// Creates the KVM VM, irqchip, slots and vCPUs (CPUID set: `cpu`, or for a new VM this
+    /// host's under [`cpu::host_cpu`]), wires the devices (irqfds, ioeventfds), registers the
+    /// device manager and starts the parked vCPU threads.
+    fn build(
+        vcpu_count: u32,
+        shape: Shape,
+        ram: GuestRam,
+        cpu: Option<cpu::GuestCpu>,
+    ) -> Result<KvmVm, VmError> {
         let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
         let vm = Arc::new(kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
         // The TSS is only used to emulate real mode; it must not overlap RAM, so it is
@@ -309,17 +332,18 @@ impl KvmVm {
         }
         vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
         set_slots(&vm, &ram, false)?;
-        let supported = kvm_fd
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpu = match cpu {
+            Some(c) => c,
+            None => cpu::GuestCpu::for_new_vm(&kvm_fd, &cpu::host_cpu())?,
+        };
         let mut vcpus = Vec::with_capacity(vcpu_count as usize);
         for i in 0..vcpu_count {
             let fd = vm
                 .create_vcpu(u64::from(i))
                 .map_err(kvm("KVM_CREATE_VCPU"))?;
             let cpuid = match &shape {
-                Shape::Builtin(..) => cpuid::builtin(&supported, i),
-                Shape::Linux(_) => cpuid::linux(&supported, i, vcpu_count),
+                Shape::Builtin(..) => cpuid::builtin(&cpu.cpuid, i),
+                Shape::Linux(_) => cpuid::linux(&cpu.cpuid, i, vcpu_count),
             };
             fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
             vcpus.push(Arc::new(Mutex::new(fd)));
@@ -389,6 +413,7 @@ impl KvmVm {
             ops: Mutex::new(()),
             tracking: Mutex::new(false),
             guest,
+            cpu,
             ram,
         };
         vm.spawn_vcpus(exits)?;
@@ -533,7 +558,7 @@ impl MigratableVm for KvmVm {
             layout: self.ram.layout().clone(),
             vcpus: self.vcpus.len() as u32,
             devices,
-            machine_section,
+            machine_section: cpu::wrap(&machine_section, &self.cpu),
         }
     }
 
@@ -1030,6 +1055,33 @@ mod tests {
             vm.harvest_dirty(&mut again),
             Err(VmError::WrongState { .. })
         ));
+    }
+
+    #[test]
+    fn an_incoming_vm_keeps_the_processor_it_was_given() {
+        let s = spec(1, 0, 2, Pattern::Sequential);
+        let kvm_fd = Kvm::new().unwrap();
+        let baseline = cpu::HostCpu {
+            model: cpu::CpuModel::Baseline,
+            without: Vec::new(),
+        };
+        let given = cpu::GuestCpu::for_new_vm(&kvm_fd, &baseline).unwrap();
+        let c = VmConfig {
+            machine_section: cpu::wrap(&builtin_guest::encode_section(&s), &given),
+            ..config(&s)
+        };
+        let ram = GuestRam::new(&c.layout, Populate::Lazy).unwrap();
+        let b = KvmVm::new_incoming(&c, ram, &HostResources::default()).unwrap();
+        // Sent on as it came: the next migration carries the same processor.
+        assert_eq!(b.config().machine_section, c.machine_section);
+        // (What the vCPU then reports is KVM's business: PVM, this machine's paravirtual KVM,
+        // answers KVM_GET_CPUID2 with the hardware's CPUID whatever was set.)
+        let host = cpu::GuestCpu::for_new_vm(&kvm_fd, &cpu::HostCpu::default()).unwrap();
+        assert_ne!(
+            host.features(),
+            given.features(),
+            "this host is the baseline"
+        );
     }
 
     #[test]
