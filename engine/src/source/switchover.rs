@@ -85,6 +85,11 @@ impl Session<'_> {
         pre: &PreCopied,
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<Prepared, MigrationError> {
+        // Device state first, then the last harvest: KVM may write guest RAM while it serves
+        // the state ioctls (a vCPU preempted inside one gets its steal-time record's
+        // "preempted" flag set on the way out), and those pages must be in the final round —
+        // otherwise the source's RAM no longer matches what the destination received.
+        let sections = self.vm.save_state()?;
         let mut to_send = pre.to_send.clone();
         self.vm.harvest_dirty(&mut to_send)?;
         // The devices are quiesced: the disks' last writes are in, the rest goes now.
@@ -111,7 +116,6 @@ impl Session<'_> {
         self.storage
             .release_locks()
             .map_err(MigrationError::Storage)?;
-        let sections = self.vm.save_state()?;
         self.ctl.send(&Message::DeviceState {
             final_round: pre.round,
             sections,

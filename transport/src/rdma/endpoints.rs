@@ -430,6 +430,13 @@ impl RdmaTarget {
             .collect()
     }
 
+    /// Closes memory to the source for good: the QPs are destroyed, so no write can land any
+    /// more (they are the only QPs of this protection domain). The registrations stay until
+    /// the target drops — after the VM resumed, outside the downtime.
+    pub fn revoke(&mut self) {
+        self.qps.clear();
+    }
+
     /// The registered regions, as the source addresses them.
     pub fn regions(&self) -> Vec<RemoteRegion> {
         self.mrs
