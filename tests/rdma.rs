@@ -404,10 +404,26 @@ fn throughput_of_a_large_round_against_ib_write_bw() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no IB_WRITE_BW_MBPS in {text:?}"));
 
+    let r = idle_migration(256);
+    let r0 = &r["round_details"][0];
+    let pages = r0["pages"].as_u64().unwrap();
+    let ms = r0["ms"].as_f64().unwrap();
+    let ours = pages as f64 * 4096.0 / (ms / 1000.0) / (1 << 20) as f64;
+    println!(
+        "RDMA THROUGHPUT: livemig round 0 {ours:.1} MiB/s ({pages} pages in {ms:.0} ms, 1 QP, \
+         RDMA WRITEs of {} KiB) vs ib_write_bw {perftest:.1} MiB/s ({size} B x {iters}, 1 QP); \
+         ratio {:.2} (target >= 0.8)",
+        size >> 10,
+        ours / perftest
+    );
+}
+
+/// An idle VM of `mib` MiB (random content) over one QP into reserved destination RAM; the
+/// report, printed for the summary.
+fn idle_migration(mib: u64) -> Value {
     let d = devices();
-    let dir = tmpdir("rdma-bw");
+    let dir = tmpdir(&format!("rdma-idle{mib}"));
     let sock = dir.join("vm.sock");
-    let mib = 256;
     let _vm = memory_vm(&sock, mib, 0, "random", &[]);
     let (dst, addr) = destination(&d, &["--reserve-mib", &mib.to_string()]);
     let (ok, r, err) = try_migrate(
@@ -425,19 +441,9 @@ fn throughput_of_a_large_round_against_ib_write_bw() {
     println!("RDMA MIGRATION ({mib} MiB, idle, 1 QP): {}", essentials(&r));
     assert!(ok, "{err}");
     assert_rdma_report(&r, 1);
-    let r0 = &r["round_details"][0];
-    let pages = r0["pages"].as_u64().unwrap();
-    let ms = r0["ms"].as_f64().unwrap();
-    let ours = pages as f64 * 4096.0 / (ms / 1000.0) / (1 << 20) as f64;
-    println!(
-        "RDMA THROUGHPUT: livemig round 0 {ours:.1} MiB/s ({pages} pages in {ms:.0} ms, 1 QP, \
-         RDMA WRITEs of {} KiB) vs ib_write_bw {perftest:.1} MiB/s ({size} B x {iters}, 1 QP); \
-         ratio {:.2} (target >= 0.8)",
-        size >> 10,
-        ours / perftest
-    );
     let (code, stderr) = dst.wait_exit(Duration::from_secs(60));
     assert_eq!(code, Some(0), "destination: {stderr}");
+    r
 }
 
 /// An idle 64 MiB VM over RDMA, for the downtime beside the 256 MiB one of the throughput test
@@ -447,28 +453,7 @@ fn throughput_of_a_large_round_against_ib_write_bw() {
 #[test]
 #[ignore = "needs an RDMA device: run scripts/test-nested.sh"]
 fn an_idle_64_mib_vm_for_the_downtime_against_ram_size() {
-    let d = devices();
-    let dir = tmpdir("rdma-idle64");
-    let sock = dir.join("vm.sock");
-    let _vm = memory_vm(&sock, 64, 0, "random", &[]);
-    let (dst, addr) = destination(&d, &["--reserve-mib", "64"]);
-    let (ok, r, err) = try_migrate(
-        &sock,
-        &addr,
-        &[
-            "--transport",
-            "rdma",
-            "--channels",
-            "1",
-            "--rdma-device",
-            &d.src,
-        ],
-    );
-    println!("RDMA MIGRATION (64 MiB, idle, 1 QP): {}", essentials(&r));
-    assert!(ok, "{err}");
-    assert_rdma_report(&r, 1);
-    let (code, stderr) = dst.wait_exit(Duration::from_secs(60));
-    assert_eq!(code, Some(0), "destination: {stderr}");
+    idle_migration(64);
 }
 
 /// On a host without RDMA devices (this one's kernel has none): the commands say so and how

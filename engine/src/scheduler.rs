@@ -298,7 +298,7 @@ impl RateLimit {
         let now = Instant::now();
         let from = match *next {
             Some(n) if n + RATE_BURST > now => n,
-            _ => now - RATE_BURST.min(now.elapsed()),
+            _ => now.checked_sub(RATE_BURST).unwrap_or(now),
         };
         let due = from + Duration::from_secs_f64(bytes as f64 / rate as f64);
         *next = Some(due);
@@ -896,7 +896,8 @@ mod tests {
         let rate: Bandwidth = Arc::new(AtomicU64::new(100_000_000));
         let limit = RateLimit::new(rate.clone());
         let stop = AtomicBool::new(false);
-        // 10 MB at 100 MB/s: at least 100 ms less the burst allowance.
+        // 10 MB at 100 MB/s: at least 100 ms less the burst allowance (a lower bound the cap
+        // guarantees, not a speed claim).
         let t = Instant::now();
         for _ in 0..10 {
             limit.spend(1_000_000, &stop);
@@ -906,17 +907,15 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
-        // No cap: no wait.
+        // No cap: no debt is kept (a GiB at no cap, then a cap, owes nothing).
         rate.store(0, Ordering::Relaxed);
-        let t = Instant::now();
         limit.spend(1 << 30, &stop);
-        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
-        // A stopped migration never sleeps out its debt.
+        assert!(limit.next.lock().unwrap().is_none());
+        // A stopped migration never sleeps out its debt (1 MB at 1 kB/s would take 17
+        // minutes: the test would hang).
         rate.store(1_000, Ordering::Relaxed);
         stop.store(true, Ordering::Relaxed);
-        let t = Instant::now();
         limit.spend(1_000_000, &stop);
-        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
     }
     use proptest::prelude::*;
 
