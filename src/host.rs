@@ -491,6 +491,11 @@ impl HostDir {
             .count() as u64
     }
 
+    /// Whether the host caps its outgoing migrations' bandwidth.
+    pub fn caps_bandwidth(&self) -> bool {
+        self.settings.host_bandwidth_mbps > 0 || self.settings.migration_bandwidth_mbps > 0
+    }
+
     /// The cap of one outgoing migration now, bytes/s (0: none): the lowest of its own
     /// (`requested`), the host's per-migration cap and its share of the host's cap.
     pub fn outgoing_cap(&self, requested: u64) -> u64 {

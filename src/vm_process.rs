@@ -701,8 +701,9 @@ fn migrate(req: &MigrateRequest, p: &Arc<VmProcess>, out: &mut UnixStream) -> Re
         },
         None => None,
     };
-    // The host's bandwidth caps, its share re-evaluated as migrations start and end.
-    let _share = p.host.clone().map(|h| {
+    // The host's bandwidth caps (when it has any), its share re-evaluated as migrations start
+    // and end; without them the request's own cap stands as set.
+    let _share = p.host.clone().filter(HostDir::caps_bandwidth).map(|h| {
         let requested = req
             .max_bandwidth_mbps
             .unwrap_or(0)
