@@ -92,7 +92,7 @@ lm, q = rows
 split = []
 for r in runs["livemig"]:
     p, rs, gs, ge = (f(r.get(k)) for k in ("pause_unix_ms", "resumed_unix_ms", "gap_start_unix_ms", "gap_end_unix_ms"))
-    if None not in (p, rs, gs, ge):
+    if None not in (p, rs, gs, ge) and ge > 0:  # ge 0: pings never came back
         split.append((p - gs, rs - p, ge - rs))
 lm["gap_split_ms"] = split
 ratio = lm["longest_gap_ms"] / q["longest_gap_ms"] if q["longest_gap_ms"] else None

@@ -39,12 +39,16 @@ pub struct BlackoutReport {
     pub received: u64,
     /// Pings never answered.
     pub lost: u64,
-    /// The longest time between two consecutive replies, ms (the blackout).
+    /// The longest time between two consecutive replies, ms (the blackout); a silence from
+    /// the last reply to the end of the run counts too (up to the last ping sent).
     pub longest_gap_ms: f64,
     /// When that gap began (the last reply before it), Unix time in ms.
     pub gap_start_unix_ms: f64,
-    /// When it ended (the first reply after it), Unix time in ms.
+    /// When it ended (the first reply after it), Unix time in ms; 0: it never did (no reply
+    /// came after it: the target went silent for good).
     pub gap_end_unix_ms: f64,
+    /// When the last reply came (0: none came), Unix time in ms.
+    pub last_reply_unix_ms: f64,
     /// When the first ping went out, Unix time in ms.
     pub first_ping_unix_ms: f64,
     /// When the first reply came (0: none came), Unix time in ms.
@@ -208,7 +212,16 @@ pub fn measure(o: &BlackoutOptions) -> Result<BlackoutReport> {
     stop.store(true, Ordering::Relaxed);
     let _ = receiver.join();
     let tcp = stream.and_then(|s| s.join().ok());
-    let mut replies = std::mem::take(&mut *replies.lock().unwrap_or_else(|p| p.into_inner()));
+    let replies = std::mem::take(&mut *replies.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut r = summarise(&sent_at, replies);
+    r.tcp = tcp;
+    Ok(r)
+}
+
+/// The report of pings sent at `sent_at` (Unix ms, sequence number = index) and `replies`
+/// (sequence number, Unix ms), the stream aside.
+fn summarise(sent_at: &[f64], mut replies: Vec<(u16, f64)>) -> BlackoutReport {
+    let sent = sent_at.len() as u64;
     replies.sort_by(|a, b| a.1.total_cmp(&b.1));
     let mut seqs: Vec<u16> = replies.iter().map(|r| r.0).collect();
     seqs.sort_unstable();
@@ -217,9 +230,9 @@ pub fn measure(o: &BlackoutOptions) -> Result<BlackoutReport> {
         sent,
         received: seqs.len() as u64,
         lost: sent.saturating_sub(seqs.len() as u64),
-        tcp,
         first_ping_unix_ms: sent_at.first().copied().unwrap_or(0.0),
         first_reply_unix_ms: replies.first().map(|r| r.1).unwrap_or(0.0),
+        last_reply_unix_ms: replies.last().map(|r| r.1).unwrap_or(0.0),
         ..BlackoutReport::default()
     };
     for w in replies.windows(2) {
@@ -230,17 +243,25 @@ pub fn measure(o: &BlackoutOptions) -> Result<BlackoutReport> {
             r.gap_end_unix_ms = w[1].1;
         }
     }
+    // A silence that lasted to the end is a gap that never closed: the worst of all.
+    if let (Some(&(_, last)), Some(&end)) = (replies.last(), sent_at.last()) {
+        if end - last > r.longest_gap_ms {
+            r.longest_gap_ms = end - last;
+            r.gap_start_unix_ms = last;
+            r.gap_end_unix_ms = 0.0;
+        }
+    }
     // (Sequence numbers wrap at 65536 pings: 11 minutes at 10 ms.)
     for (i, &t) in sent_at.iter().enumerate() {
         if seqs.binary_search(&(i as u16)).is_err() {
             if t < r.gap_start_unix_ms {
                 r.lost_before_gap += 1;
-            } else if t > r.gap_end_unix_ms {
+            } else if r.gap_end_unix_ms > 0.0 && t > r.gap_end_unix_ms {
                 r.lost_after_gap += 1;
             }
         }
     }
-    Ok(r)
+    r
 }
 
 /// Writes a counted byte pattern through the echo service and checks what comes back.
@@ -376,4 +397,39 @@ fn stream(
     rep.bytes_sent = written.load(Ordering::Relaxed);
     rep.survived = rep.error.is_none() && rep.bytes_echoed == rep.bytes_sent && rep.bytes_sent > 0;
     rep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_silence_is_the_blackout_even_when_it_never_ends() {
+        // Ten pings 10 ms apart, each answered 1 ms later, but 3..=5 lost: a 40 ms gap.
+        let sent: Vec<f64> = (0..10).map(|i| 1000.0 + 10.0 * f64::from(i)).collect();
+        let replies = |lost: &dyn Fn(u16) -> bool| -> Vec<(u16, f64)> {
+            (0..10u16)
+                .filter(|&i| !lost(i))
+                .map(|i| (i, sent[usize::from(i)] + 1.0))
+                .collect()
+        };
+        let r = summarise(&sent, replies(&|i| (3..=5).contains(&i)));
+        assert_eq!((r.sent, r.received, r.lost), (10, 7, 3));
+        assert_eq!(r.longest_gap_ms, 40.0);
+        assert_eq!((r.gap_start_unix_ms, r.gap_end_unix_ms), (1021.0, 1061.0));
+        assert_eq!((r.lost_before_gap, r.lost_after_gap), (0, 0));
+        assert_eq!(r.last_reply_unix_ms, 1091.0);
+        // Silent from ping 4 on: the gap never closed.
+        let r = summarise(&sent, replies(&|i| i >= 4));
+        assert_eq!(r.gap_start_unix_ms, 1031.0);
+        assert_eq!(r.gap_end_unix_ms, 0.0, "never closed");
+        assert_eq!(r.longest_gap_ms, 1090.0 - 1031.0);
+        assert_eq!((r.lost_before_gap, r.lost_after_gap), (0, 0));
+        // No reply at all.
+        let r = summarise(&sent, Vec::new());
+        assert_eq!(
+            (r.received, r.first_reply_unix_ms, r.last_reply_unix_ms),
+            (0, 0.0, 0.0)
+        );
+    }
 }
