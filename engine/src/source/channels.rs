@@ -37,14 +37,28 @@ pub(super) trait OutgoingPlane {
     fn encodes(&self) -> bool;
     /// While a round runs: `pages` of it are queued.
     fn round_progress(&self, ctl: &mut Control, round: u64, pages: u64);
-    /// Every page of `round` (the RAM pages of `ram`) is delivered as far as this
-    /// transport's barrier requires.
+    /// Pages after which a round's RAM goes through the transport's barrier and is listed to
+    /// the destination with [`OutgoingPlane::landed`] (None: a round goes in one piece).
+    fn landing_slice(&self, _ctl: &Control) -> Option<u64> {
+        None
+    }
+    /// The RAM pages of `ram`, part of `round`, passed the transport's barrier: they are in
+    /// destination RAM.
+    fn landed(
+        &self,
+        _ctl: &mut Control,
+        _round: u64,
+        _ram: &[Extent],
+    ) -> Result<(), MigrationError> {
+        Ok(())
+    }
+    /// Every page of `round` (`pages` in all) is delivered as far as this transport's barrier
+    /// requires.
     fn round_complete(
         &self,
         ctl: &mut Control,
         round: u64,
         pages: u64,
-        ram: &[Extent],
     ) -> Result<(), MigrationError>;
 }
 
@@ -59,16 +73,15 @@ impl OutgoingPlane for Tcp {
         true
     }
     fn round_progress(&self, _: &mut Control, _: u64, _: u64) {}
-    fn round_complete(
-        &self,
-        _: &mut Control,
-        _: u64,
-        _: u64,
-        _: &[Extent],
-    ) -> Result<(), MigrationError> {
+    fn round_complete(&self, _: &mut Control, _: u64, _: u64) -> Result<(), MigrationError> {
         Ok(())
     }
 }
+
+/// Pages of one RDMA landing slice (32 MiB): a barrier drains the queue pairs' windows that
+/// often, and at most this much is left for the destination to hash when a round ends.
+#[cfg(feature = "rdma")]
+const LANDING_SLICE_PAGES: u64 = 8192;
 
 /// RDMA: the destination CPU sees nothing arrive; rounds are announced on the control
 /// channel.
@@ -92,15 +105,13 @@ impl OutgoingPlane for Rdma {
             complete: false,
         });
     }
-    fn round_complete(
-        &self,
-        ctl: &mut Control,
-        round: u64,
-        pages: u64,
-        ram: &[Extent],
-    ) -> Result<(), MigrationError> {
-        // Every write completed, so every page listed has landed: the destination hashes
-        // them while the next round runs (protocol 3; older destinations hash all RAM).
+    fn landing_slice(&self, ctl: &Control) -> Option<u64> {
+        // Protocol 3 lists the pages that landed (older destinations hash all RAM at the
+        // end): a large round is listed in slices, so the destination hashes while the rest
+        // of the round is written and only the last slice is left to hash when it ends.
+        (ctl.version() >= 3).then_some(LANDING_SLICE_PAGES)
+    }
+    fn landed(&self, ctl: &mut Control, round: u64, ram: &[Extent]) -> Result<(), MigrationError> {
         if ctl.version() >= 3 {
             for part in ram.chunks(crate::protocol::MAX_ROUND_EXTENTS) {
                 ctl.send(&Message::RoundExtents {
@@ -109,6 +120,14 @@ impl OutgoingPlane for Rdma {
                 })?;
             }
         }
+        Ok(())
+    }
+    fn round_complete(
+        &self,
+        ctl: &mut Control,
+        round: u64,
+        pages: u64,
+    ) -> Result<(), MigrationError> {
         ctl.send(&Message::RoundProgress {
             round,
             pages,

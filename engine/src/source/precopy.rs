@@ -157,7 +157,8 @@ impl Session<'_> {
     }
 
     /// Sends one round (pre-copy or final) through the scheduler and ends it on the data
-    /// plane; counts it in the tally.
+    /// plane; counts it in the tally. A plane that lists landed pages (RDMA) gets the round's
+    /// RAM in slices, each through the barrier and listed before the next.
     pub(super) fn send_round(
         &mut self,
         round: u64,
@@ -174,25 +175,113 @@ impl Session<'_> {
             cancel,
             ..
         } = self;
-        let sent = sched.send_round(round, work, cancel, &mut |pages_done| {
-            plane.round_progress(ctl, round, pages_done);
-            let left = pages_total.saturating_sub(pages_done);
-            let eta = conv.and_then(|c| c.eta(round, (pages_done, left), start.elapsed()));
-            on_progress(&Progress::Sending {
-                round,
-                pages_done,
-                pages_total,
-                eta,
-            })
-        });
-        let stats = sent.map_err(|e| match e {
-            SchedulerError::Cancelled => MigrationError::Cancelled,
-            e => e.into(),
-        })?;
+        let cut;
+        let pieces: Vec<&[Extent]> = match plane.landing_slice(ctl) {
+            Some(n) => {
+                cut = slices(work.ram, n);
+                cut.iter().map(Vec::as_slice).collect()
+            }
+            None => vec![work.ram],
+        };
+        let mut stats = RoundStats::default();
+        for (i, &ram) in pieces.iter().enumerate() {
+            // Holes and disk blocks go with the first slice.
+            let part = RoundWork {
+                ram,
+                holes: if i == 0 { work.holes } else { &[] },
+                disk: if i == 0 { work.disk } else { &[] },
+            };
+            let before = stats.pages;
+            let sent = sched.send_round(round, &part, cancel, &mut |pages_done| {
+                let pages_done = before + pages_done;
+                plane.round_progress(ctl, round, pages_done);
+                let left = pages_total.saturating_sub(pages_done);
+                let eta = conv.and_then(|c| c.eta(round, (pages_done, left), start.elapsed()));
+                on_progress(&Progress::Sending {
+                    round,
+                    pages_done,
+                    pages_total,
+                    eta,
+                })
+            });
+            let s = sent.map_err(|e| match e {
+                SchedulerError::Cancelled => MigrationError::Cancelled,
+                e => e.into(),
+            })?;
+            plane.landed(ctl, round, ram)?;
+            stats.pages += s.pages;
+            stats.disk_pages += s.disk_pages;
+            stats.wire_bytes += s.wire_bytes;
+            stats.codec.add(&s.codec);
+            stats.cpu_ns += s.cpu_ns;
+        }
+        stats.elapsed = start.elapsed();
         self.plane
-            .round_complete(&mut self.ctl, round, stats.pages, work.ram)?;
+            .round_complete(&mut self.ctl, round, stats.pages)?;
         self.tally.add(&stats);
         self.storage.count(work.disk);
         Ok(stats)
+    }
+}
+
+/// `ram` cut into pieces of `pages` pages (the last may be shorter; an extent may be cut);
+/// always at least one piece, maybe empty.
+fn slices(ram: &[Extent], pages: u64) -> Vec<Vec<Extent>> {
+    let pages = pages.max(1);
+    let mut out = vec![Vec::new()];
+    let mut room = pages;
+    for e in ram {
+        let mut e = *e;
+        while e.pages > 0 {
+            if room == 0 {
+                out.push(Vec::new());
+                room = pages;
+            }
+            let take = e.pages.min(room);
+            out.last_mut().expect("one piece at least").push(Extent {
+                gpa: e.gpa,
+                pages: take,
+            });
+            e.gpa += take * crate::memory::PAGE_SIZE;
+            e.pages -= take;
+            room -= take;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(gpa_page: u64, pages: u64) -> Extent {
+        Extent {
+            gpa: gpa_page * crate::memory::PAGE_SIZE,
+            pages,
+        }
+    }
+
+    #[test]
+    fn a_round_is_sliced_by_pages_and_keeps_every_page_once() {
+        assert_eq!(slices(&[], 4), vec![Vec::new()]);
+        let ram = [ext(0, 3), ext(10, 7), ext(30, 1)];
+        let s = slices(&ram, 4);
+        assert_eq!(
+            s,
+            vec![
+                vec![ext(0, 3), ext(10, 1)],
+                vec![ext(11, 4)],
+                vec![ext(15, 2), ext(30, 1)],
+            ]
+        );
+        // Every page once, in order.
+        let flat: Vec<u64> = s
+            .iter()
+            .flatten()
+            .flat_map(|e| (0..e.pages).map(move |p| e.gpa / crate::memory::PAGE_SIZE + p))
+            .collect();
+        let want: Vec<u64> = (0..3).chain(10..17).chain(30..31).collect();
+        assert_eq!(flat, want);
+        assert_eq!(slices(&ram, 100).len(), 1);
     }
 }

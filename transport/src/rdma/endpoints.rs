@@ -4,18 +4,44 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// The source end: a protection domain, the source memory (registered on first use) and the
-/// queue pairs made from it.
+/// The source end: a protection domain, the source memory (registered block by block as
+/// writes first reach it) and the queue pairs made from it.
 pub struct RdmaSource {
     pub(super) pd: Arc<ProtectionDomain>,
     pub(super) map: MemoryMap,
-    pub(super) local: Mutex<Option<Arc<LocalMemory>>>,
+    pub(super) local: Mutex<Arc<LocalMemory>>,
 }
 
-/// Registered source memory.
+/// Source memory registered so far. A newer one holds every registration of the older ones:
+/// a sender's snapshot keeps what it posts against registered.
+#[derive(Default)]
 pub(super) struct LocalMemory {
-    pub(super) _mrs: Vec<MemoryRegion>,
+    pub(super) mrs: Vec<Arc<MemoryRegion>>,
+    /// Sorted by address.
     pub(super) segments: Vec<LocalSegment>,
+}
+
+impl LocalMemory {
+    /// The segment holding `addr`.
+    pub(super) fn segment(&self, addr: u64) -> Option<&LocalSegment> {
+        let i = self.segments.partition_point(|s| s.addr <= addr);
+        self.segments[..i].last().filter(|s| addr - s.addr < s.len)
+    }
+
+    /// Whether every byte of `extents` is registered.
+    pub(super) fn covers(&self, extents: &[(u64, u64)]) -> bool {
+        extents.iter().all(|&(addr, len)| {
+            let end = addr.saturating_add(len);
+            let mut pos = addr;
+            while pos < end {
+                match self.segment(pos) {
+                    Some(s) => pos = s.addr + s.len,
+                    None => return false,
+                }
+            }
+            true
+        })
+    }
 }
 
 impl RdmaSource {
@@ -24,7 +50,7 @@ impl RdmaSource {
         Ok(Arc::new(RdmaSource {
             pd: device.alloc_pd()?,
             map,
-            local: Mutex::new(None),
+            local: Mutex::new(Arc::default()),
         }))
     }
 
@@ -33,30 +59,69 @@ impl RdmaSource {
         PreparedQp::new(&self.pd, false)
     }
 
-    /// The registered memory, registering it on first use. Registration pins (and so faults
-    /// in) every page; it is deferred to the first write so that a caller can look for
-    /// never-written holes of the memory before (a hole faulted in reads as data afterwards).
-    pub(super) fn local(&self) -> Result<Arc<LocalMemory>, RdmaError> {
+    /// Registered memory covering `extents`, registering the blocks of
+    /// [`LOCAL_BLOCK_BYTES`] they reach that are not yet. Registration pins (and so faults
+    /// in) every page of a block: memory no write reaches — never-written holes — is never
+    /// pinned, and the cost is spread over round 0 instead of a pass over all of RAM before
+    /// its first write.
+    pub(super) fn local_for(&self, extents: &[(u64, u64)]) -> Result<Arc<LocalMemory>, RdmaError> {
         let mut g = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = &*g {
-            return Ok(l.clone());
+        if g.covers(extents) {
+            return Ok(g.clone());
         }
-        let mrs = self.pd.register(&self.map, Access::LocalRead)?;
-        let segments = mrs
-            .iter()
-            .map(|m| LocalSegment {
-                addr: m.region.addr,
-                host: m.region.host as u64,
-                len: m.region.len,
-                lkey: m.lkey(),
-            })
-            .collect();
-        let l = Arc::new(LocalMemory {
-            _mrs: mrs,
-            segments,
-        });
-        *g = Some(l.clone());
-        Ok(l)
+        let mut blocks = Vec::new();
+        for &(addr, len) in extents {
+            let end = addr.checked_add(len).ok_or(RdmaError::Unmapped {
+                addr,
+                len,
+                side: "local",
+            })?;
+            let mut pos = addr;
+            while pos < end {
+                if let Some(s) = g.segment(pos) {
+                    pos = s.addr + s.len;
+                    continue;
+                }
+                let r = self
+                    .map
+                    .regions()
+                    .iter()
+                    .find(|r| pos >= r.addr && pos - r.addr < r.len)
+                    .ok_or(RdmaError::Unmapped {
+                        addr: pos,
+                        len: end - pos,
+                        side: "local",
+                    })?;
+                let start = r.addr + (pos - r.addr) / LOCAL_BLOCK_BYTES * LOCAL_BLOCK_BYTES;
+                let stop = (start + LOCAL_BLOCK_BYTES).min(r.addr + r.len);
+                if !blocks.iter().any(|b: &MappedRegion| b.addr == start) {
+                    blocks.push(MappedRegion {
+                        addr: start,
+                        // Inside region `r` (plain address arithmetic).
+                        host: r.host.wrapping_add((start - r.addr) as usize),
+                        len: stop - start,
+                    });
+                }
+                pos = stop;
+            }
+        }
+        let mut next = LocalMemory {
+            mrs: g.mrs.clone(),
+            segments: g.segments.clone(),
+        };
+        for b in blocks {
+            let mr = Arc::new(self.pd.register_local_part(&self.map, b)?);
+            next.segments.push(LocalSegment {
+                addr: b.addr,
+                host: b.host as u64,
+                len: b.len,
+                lkey: mr.lkey(),
+            });
+            next.mrs.push(mr);
+        }
+        next.segments.sort_by_key(|s| s.addr);
+        *g = Arc::new(next);
+        Ok(g.clone())
     }
 }
 
@@ -115,6 +180,9 @@ pub struct RdmaSender {
     pub(super) fault_fired: bool,
     pub(super) wrs: Vec<PlannedWrite>,
     pub(super) sges: Vec<Sge>,
+    /// The scatter lists of the batch being posted, kept between posts (no allocation per
+    /// batch once it has grown).
+    pub(super) sge_buf: Vec<ffi::ibv_sge>,
     pub(super) stats: WriteStats,
 }
 
@@ -152,6 +220,7 @@ impl RdmaSender {
             fault_fired: false,
             wrs: Vec::new(),
             sges: Vec::new(),
+            sge_buf: Vec::new(),
             stats: WriteStats::default(),
         })
     }
@@ -170,9 +239,9 @@ impl RdmaSender {
         stop: &AtomicBool,
     ) -> Result<u64, RdmaError> {
         let local = match &self.local {
-            Some(l) => l.clone(),
-            None => {
-                let l = self.source.local()?;
+            Some(l) if l.covers(extents) => l.clone(),
+            _ => {
+                let l = self.source.local_for(extents)?;
                 self.local = Some(l.clone());
                 l
             }
@@ -222,7 +291,8 @@ impl RdmaSender {
     }
 
     pub(super) fn post_batch(&mut self, first: usize, n: usize) -> Result<(), RdmaError> {
-        let mut sge_list: Vec<ffi::ibv_sge> = Vec::with_capacity(n * 2);
+        let mut sge_list = std::mem::take(&mut self.sge_buf);
+        sge_list.clear();
         for w in &self.wrs[first..first + n] {
             for s in &self.sges[w.first..w.first + w.count] {
                 sge_list.push(ffi::ibv_sge {
@@ -280,7 +350,10 @@ impl RdmaSender {
         // its lkey; `self.local` keeps the regions registered, and the memory mapped, for as
         // long as this sender lives, and the QP (destroyed first when the sender drops) is the
         // only thing that reads it. The remote side was registered by the peer for writing.
-        unsafe { self.qp.post(chain.as_mut_ptr())? };
+        let posted = unsafe { self.qp.post(chain.as_mut_ptr()) };
+        drop(chain);
+        self.sge_buf = sge_list;
+        posted?;
         self.posted += n as u64;
         if fire_error {
             self.qp.force_error()?;
@@ -321,6 +394,18 @@ impl RdmaSender {
                     secs: self.timeout.as_secs(),
                     outstanding: self.posted - self.completed,
                 });
+            }
+            // A completion due within microseconds is cheaper to poll for than to sleep on:
+            // spin briefly before arming the channel (a system call and a wake-up).
+            let spin = Instant::now();
+            let mut got = 0;
+            while got == 0 && spin.elapsed() < SPIN_BEFORE_ARM {
+                got = self.reap(&mut wcs)?;
+                std::hint::spin_loop();
+            }
+            if got > 0 {
+                last_progress = Instant::now();
+                continue;
             }
             self.qp.qp.cq.arm()?;
             // A completion that arrived before arming raises no event: look once more.

@@ -63,6 +63,11 @@ pub const SEND_QUEUE_DEPTH: u32 = 512;
 pub const MAX_SGE: u32 = 16;
 /// Every this many writes one is signalled (the last write of each batch always is).
 pub const SIGNAL_EVERY: u64 = 32;
+/// Source memory is registered in blocks of this size, each when a write first reaches it.
+pub const LOCAL_BLOCK_BYTES: u64 = 32 << 20;
+/// How long a writer polls the completion queue before it arms the completion channel and
+/// sleeps (perftest and NCCL poll; a wake-up costs several microseconds).
+pub const SPIN_BEFORE_ARM: Duration = Duration::from_micros(20);
 /// Most bytes of writes in flight per queue pair. Enough to cover any link's bandwidth-delay
 /// product; bounded so that a round's end is near its last post (the owner hears progress
 /// while the data actually moves, and a cancel does not wait behind a long queue).
@@ -278,6 +283,29 @@ mod tests {
     fn fault_specs() {
         std::env::remove_var(FAULT_ENV);
         assert_eq!(Fault::from_env().unwrap(), Fault::None);
+    }
+
+    #[test]
+    fn registered_blocks_cover_what_they_hold_and_nothing_else() {
+        const B: u64 = LOCAL_BLOCK_BYTES;
+        let seg = |addr: u64| LocalSegment {
+            addr,
+            host: 0x7000_0000_0000 + addr,
+            len: B,
+            lkey: 1,
+        };
+        let none = endpoints::LocalMemory::default();
+        assert!(none.covers(&[]));
+        assert!(!none.covers(&[(0, 4096)]));
+        // Blocks 0, 1 and 3 registered: block 2 is a hole.
+        let l = endpoints::LocalMemory {
+            mrs: Vec::new(),
+            segments: vec![seg(0), seg(B), seg(3 * B)],
+        };
+        assert!(l.covers(&[(0, 4096), (B - 4096, 8192), (3 * B, B)]));
+        assert!(!l.covers(&[(2 * B, 4096)]));
+        assert!(!l.covers(&[(B, B + 4096)]), "runs into the hole");
+        assert!(!l.covers(&[(4 * B, 4096)]), "past the end");
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub struct PlannedWrite {
     pub bytes: u64,
 }
 
-/// Turns `extents` (`(addr, len)`) into RDMA WRITEs of at most `max_bytes` and `max_sge`
+/// Turns `extents` (`(addr, len)`) of `local` (sorted by address) into RDMA WRITEs of at most `max_bytes` and `max_sge`
 /// entries each: a write covers a range contiguous on the remote side under one key; its
 /// SGEs follow the local memory, one per locally contiguous piece. Appends to `wrs`/`sges`.
 pub fn plan_writes(
@@ -67,9 +67,10 @@ pub fn plan_writes(
         })?;
         let mut pos = addr;
         while pos < end {
-            let l = local
-                .iter()
-                .find(|s| pos >= s.addr && pos - s.addr < s.len)
+            // `local` is sorted by address (thousands of blocks for a large VM).
+            let l = local[..local.partition_point(|s| s.addr <= pos)]
+                .last()
+                .filter(|s| pos - s.addr < s.len)
                 .ok_or(RdmaError::Unmapped {
                     addr: pos,
                     len: end - pos,

@@ -165,23 +165,53 @@ impl ProtectionDomain {
                     .0
             }
         };
-        let mut out = Vec::new();
-        for r in map.regions() {
-            // SAFETY: `r.host..r.host + r.len` is a live mapping (MemoryMap's contract), kept
-            // mapped by the clone of `map` the region holds; the PD is valid.
-            let mr =
-                unsafe { ffi::ibv_reg_mr(self.pd, r.host.cast(), r.len as usize, flags as i32) };
-            if mr.is_null() {
-                return Err(last_err("ibv_reg_mr", self.device.name()));
-            }
-            out.push(MemoryRegion {
-                mr,
-                region: *r,
-                _pd: self.clone(),
-                _map: map.clone(),
+        map.regions()
+            .iter()
+            .map(|r| self.register_part(map, *r, flags))
+            .collect()
+    }
+
+    /// Registers `part` of `map` (inside one of its regions) for local reads.
+    pub fn register_local_part(
+        self: &Arc<Self>,
+        map: &MemoryMap,
+        part: MappedRegion,
+    ) -> Result<MemoryRegion, RdmaError> {
+        self.register_part(map, part, 0)
+    }
+
+    fn register_part(
+        self: &Arc<Self>,
+        map: &MemoryMap,
+        part: MappedRegion,
+        flags: u32,
+    ) -> Result<MemoryRegion, RdmaError> {
+        let inside = map.regions().iter().any(|r| {
+            part.addr >= r.addr
+                && part.addr + part.len <= r.addr + r.len
+                && part.host as u64 == r.host as u64 + (part.addr - r.addr)
+        });
+        if !inside || part.len == 0 {
+            return Err(RdmaError::Unmapped {
+                addr: part.addr,
+                len: part.len,
+                side: "local",
             });
         }
-        Ok(out)
+        // SAFETY: `part` lies inside a region of `map` (checked above), a live mapping
+        // (MemoryMap's contract) kept mapped by the clone of `map` the MR holds; the PD is
+        // valid.
+        let mr =
+            unsafe { ffi::ibv_reg_mr(self.pd, part.host.cast(), part.len as usize, flags as i32) };
+        if mr.is_null() {
+            return Err(last_err("ibv_reg_mr", self.device.name()));
+        }
+        Ok(MemoryRegion {
+            mr,
+            region: part,
+            _pd: self.clone(),
+            _map: map.clone(),
+        })
     }
 }
 
