@@ -371,10 +371,11 @@ INIT
   cat >"$1/usr/local/bin/livemig-ib-write-bw" <<'BW'
 #!/bin/bash
 # livemig-ib-write-bw SIZE ITERS [SERVER_DEV CLIENT_DEV] — one ib_write_bw run between two rxe
-# devices (default: last and first of $LIVEMIG_RDMA_DEVICES); prints perftest's report on stderr
-# and `IB_WRITE_BW_MBPS=<avg>` on stdout. perftest's MB is 2^20 bytes.
+# devices (default: last and first of $LIVEMIG_RDMA_DEVICES), over $LIVEMIG_IBWB_QPS queue
+# pairs (default 1); prints perftest's report on stderr and `IB_WRITE_BW_MBPS=<avg>` (all QPs
+# together) on stdout. perftest's MB is 2^20 bytes.
 set -u
-size=${1:?size} iters=${2:?iters}
+size=${1:?size} iters=${2:?iters} qps=${LIVEMIG_IBWB_QPS:-1}
 read -ra devs <<<"$LIVEMIG_RDMA_DEVICES"; read -ra addrs <<<"$LIVEMIG_RDMA_ADDRS"
 read -ra gids <<<"$LIVEMIG_RDMA_GIDS"
 last=$((${#devs[@]} - 1))
@@ -389,12 +390,12 @@ listening() { # port -> true once something LISTENs on it (state 0A) over IPv4 o
 for attempt in 1 2 3 4 5; do
   # A fresh port per attempt: a half-dead server from a failed attempt can't steal the client.
   port=$((18515 + attempt))
-  timeout 300 ib_write_bw -d "$sdev" -x "${gids[$si]}" -s "$size" -n "$iters" -F -p "$port" \
+  timeout 300 ib_write_bw -d "$sdev" -x "${gids[$si]}" -s "$size" -n "$iters" -q "$qps" -F -p "$port" \
     >"$tmp/server" 2>&1 &
   spid=$!
   # Servers started before clients need waiting for; poll the TCP listen socket, not a sleep.
   for _ in $(seq 100); do listening "$port" && break; kill -0 "$spid" 2>/dev/null || break; sleep 0.1; done
-  timeout 300 ib_write_bw -d "$cdev" -x "${gids[$ci]}" -s "$size" -n "$iters" -F -p "$port" \
+  timeout 300 ib_write_bw -d "$cdev" -x "${gids[$ci]}" -s "$size" -n "$iters" -q "$qps" -F -p "$port" \
     "${addrs[$si]}" >"$tmp/client" 2>&1
   crc=$?
   # A server whose client never came would sit out its whole timeout: give it 5 s, then stop it.
@@ -404,7 +405,8 @@ for attempt in 1 2 3 4 5; do
   cat "$tmp/client" >&2
   # The result row: "#bytes #iterations BW-peak BW-average MsgRate". perftest sometimes fails
   # its clock calibration *after* a good transfer, so trust the row over the exit status.
-  bw=$(awk -v s="$size" -v n="$iters" '$1 == s && $2 == n && NF >= 4 {print $4}' "$tmp/client" | tail -n1)
+  # (With several QPs perftest counts the iterations of all of them.)
+  bw=$(awk -v s="$size" -v n="$iters" -v q="$qps" '$1 == s && ($2 == n || $2 == n * q) && NF >= 4 {print $4}' "$tmp/client" | tail -n1)
   if [ -n "$bw" ]; then
     echo "IB_WRITE_BW_MBPS=$bw"
     rm -rf "$tmp"; exit 0

@@ -149,40 +149,64 @@ impl RdmaPlane {
     }
 }
 
-/// A thread that hashes, in order, the pages each completed round wrote: a page the NIC
-/// rewrites later is listed again in that later round and hashed again after it, so every
-/// page's last hash follows its last write.
+/// Threads that hash the pages each completed round wrote. A page always goes to the same
+/// thread (its 2 MiB shard's), which hashes its queue in order: a page the NIC rewrites later
+/// is listed again in that later round and hashed again after it, so every page's last hash
+/// follows its last write. Several threads, because one core hashes slower than a fast link
+/// writes: the backlog left at the end of a round would land in the downtime.
 struct Hasher {
     ram: GuestRam,
     hashes: Arc<PageHashes>,
-    tx: Option<crossbeam_channel::Sender<Vec<(u64, u64)>>>,
-    thread: Option<JoinHandle<u64>>,
+    txs: Vec<crossbeam_channel::Sender<Vec<(u64, u64)>>>,
+    threads: Vec<JoinHandle<u64>>,
 }
+
+/// The unit of work a hashing thread owns.
+const HASH_SHARD: u64 = 2 << 20;
 
 impl Hasher {
     fn start(ram: &GuestRam) -> Hasher {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8);
+        Hasher::with_threads(ram, n)
+    }
+
+    fn with_threads(ram: &GuestRam, n: usize) -> Hasher {
         let hashes = Arc::new(PageHashes::new_zeroed(ram.layout()));
-        let (tx, rx) = crossbeam_channel::unbounded::<Vec<(u64, u64)>>();
-        let (r, h) = (ram.clone(), hashes.clone());
-        let thread = std::thread::Builder::new()
-            .name("livemig-hash".into())
-            .spawn(move || {
-                let cpu = thread_cpu_ns();
-                let regions = r.host_regions();
-                for batch in rx {
-                    for (gpa, pages) in batch {
-                        hash_extent(&regions, &h, gpa, pages * PAGE_SIZE);
+        let mut txs = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..n {
+            let (tx, rx) = crossbeam_channel::unbounded::<Vec<(u64, u64)>>();
+            let (r, h) = (ram.clone(), hashes.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("livemig-hash{i}"))
+                .spawn(move || {
+                    let cpu = thread_cpu_ns();
+                    let regions = r.host_regions();
+                    for batch in rx {
+                        for (gpa, pages) in batch {
+                            hash_extent(&regions, &h, gpa, pages * PAGE_SIZE);
+                        }
                     }
+                    thread_cpu_ns().saturating_sub(cpu)
+                });
+            match spawned {
+                Ok(t) => {
+                    txs.push(tx);
+                    threads.push(t);
                 }
-                thread_cpu_ns().saturating_sub(cpu)
-            })
-            .ok();
+                // Fewer threads than asked: the shards spread over those that started (none:
+                // the plane hashes all RAM at the end).
+                Err(_) => break,
+            }
+        }
         Hasher {
             ram: ram.clone(),
             hashes,
-            // Without its thread (none could be started) the plane hashes all RAM at the end.
-            tx: thread.as_ref().map(|_| tx),
-            thread,
+            txs,
+            threads,
         }
     }
 
@@ -207,16 +231,39 @@ impl Hasher {
                 ));
             }
         }
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(extents.to_vec());
+        let n = self.txs.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let mut per: Vec<Vec<(u64, u64)>> = vec![Vec::new(); n];
+        for &(gpa, pages) in extents {
+            let end = gpa + pages * PAGE_SIZE;
+            let mut pos = gpa;
+            while pos < end {
+                let shard = pos / HASH_SHARD;
+                let stop = end.min((shard + 1) * HASH_SHARD);
+                per[(shard % n as u64) as usize].push((pos, (stop - pos) / PAGE_SIZE));
+                pos = stop;
+            }
+        }
+        for (tx, batch) in self.txs.iter().zip(per) {
+            if !batch.is_empty() {
+                let _ = tx.send(batch);
+            }
         }
         Ok(())
     }
 
     /// Waits for every queued page to be hashed: the RAM digest, and the CPU time spent.
     fn finish(mut self) -> Option<(u64, u64)> {
-        drop(self.tx.take());
-        let cpu = self.thread.take()?.join().ok()?;
+        if self.threads.is_empty() {
+            return None;
+        }
+        self.txs.clear();
+        let mut cpu = 0;
+        for t in std::mem::take(&mut self.threads) {
+            cpu += t.join().ok()?;
+        }
         Some((self.hashes.digest(), cpu))
     }
 }
@@ -544,8 +591,15 @@ mod tests {
 
     #[test]
     fn listed_pages_hash_to_the_digest_of_all_ram_and_strays_are_refused() {
-        let ram = GuestRam::new(&RamLayout::single(4 << 20), Populate::Lazy).unwrap();
-        let h = Hasher::start(&ram);
+        for threads in [1, 3] {
+            listed_pages_hash_to_the_digest(threads);
+        }
+    }
+
+    fn listed_pages_hash_to_the_digest(threads: usize) {
+        let ram = GuestRam::new(&RamLayout::single(8 << 20), Populate::Lazy).unwrap();
+        let h = Hasher::with_threads(&ram, threads);
+        assert_eq!(h.threads.len(), threads);
         let write = |gpa: u64, pages: u64, byte: u8| {
             let data = vec![byte; (pages * PAGE_SIZE) as usize];
             ram.memory().write_slice(&data, GuestAddress(gpa)).unwrap();
@@ -557,9 +611,17 @@ mod tests {
             .unwrap();
         write(104 * PAGE_SIZE, 2, 0x33);
         h.queue(&[(104 * PAGE_SIZE, 2)]).unwrap();
+        // An extent across shards (2 MiB = 512 pages), rewritten page by page afterwards:
+        // each page's last hash must be of its last content, whichever thread owns it.
+        write(500 * PAGE_SIZE, 1100, 0x11);
+        h.queue(&[(500 * PAGE_SIZE, 1100)]).unwrap();
+        for p in (500..1600).step_by(7) {
+            write(p * PAGE_SIZE, 1, (p % 251) as u8);
+            h.queue(&[(p * PAGE_SIZE, 1)]).unwrap();
+        }
         for stray in [
-            (4 << 20, 1),                  // beyond RAM
-            ((4 << 20) - PAGE_SIZE, 2),    // runs off its end
+            (8 << 20, 1),                  // beyond RAM
+            ((8 << 20) - PAGE_SIZE, 2),    // runs off its end
             (0, 0),                        // empty
             (1, 1),                        // not page-aligned
             (u64::MAX - 4095, 2),          // overflows

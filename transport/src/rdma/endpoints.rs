@@ -24,8 +24,7 @@ pub(super) struct LocalMemory {
 impl LocalMemory {
     /// The segment holding `addr`.
     pub(super) fn segment(&self, addr: u64) -> Option<&LocalSegment> {
-        let i = self.segments.partition_point(|s| s.addr <= addr);
-        self.segments[..i].last().filter(|s| addr - s.addr < s.len)
+        segment_at(&self.segments, addr)
     }
 
     /// Whether every byte of `extents` is registered.
@@ -61,9 +60,10 @@ impl RdmaSource {
 
     /// Registered memory covering `extents`, registering the blocks of
     /// [`LOCAL_BLOCK_BYTES`] they reach that are not yet. Registration pins (and so faults
-    /// in) every page of a block: memory no write reaches — never-written holes — is never
-    /// pinned, and the cost is spread over round 0 instead of a pass over all of RAM before
-    /// its first write.
+    /// in) every page of a block: a block no write reaches (all hole) is never pinned, and
+    /// the cost is spread over round 0 instead of a pass over all of RAM before its first
+    /// write. (Holes are found before round 0 writes anything: a hole pinned later reads as
+    /// zero data, never as a hole.)
     pub(super) fn local_for(&self, extents: &[(u64, u64)]) -> Result<Arc<LocalMemory>, RdmaError> {
         let mut g = self.local.lock().unwrap_or_else(|p| p.into_inner());
         if g.covers(extents) {
@@ -71,11 +71,7 @@ impl RdmaSource {
         }
         let mut blocks = Vec::new();
         for &(addr, len) in extents {
-            let end = addr.checked_add(len).ok_or(RdmaError::Unmapped {
-                addr,
-                len,
-                side: "local",
-            })?;
+            let end = extent_end(addr, len)?;
             let mut pos = addr;
             while pos < end {
                 if let Some(s) = g.segment(pos) {

@@ -43,6 +43,23 @@ pub struct PlannedWrite {
     pub bytes: u64,
 }
 
+/// The end of the local extent `(addr, len)`, or an error if it overflows.
+pub(super) fn extent_end(addr: u64, len: u64) -> Result<u64, RdmaError> {
+    addr.checked_add(len).ok_or(RdmaError::Unmapped {
+        addr,
+        len,
+        side: "local",
+    })
+}
+
+/// The segment of `local` (sorted by address: thousands of blocks for a large VM) holding
+/// `addr`.
+pub(super) fn segment_at(local: &[LocalSegment], addr: u64) -> Option<&LocalSegment> {
+    local[..local.partition_point(|s| s.addr <= addr)]
+        .last()
+        .filter(|s| addr - s.addr < s.len)
+}
+
 /// Turns `extents` (`(addr, len)`) of `local` (sorted by address) into RDMA WRITEs of at most `max_bytes` and `max_sge`
 /// entries each: a write covers a range contiguous on the remote side under one key; its
 /// SGEs follow the local memory, one per locally contiguous piece. Appends to `wrs`/`sges`.
@@ -60,22 +77,14 @@ pub fn plan_writes(
     // Only merge into writes of this call.
     let first_wr = wrs.len();
     for &(addr, len) in extents {
-        let end = addr.checked_add(len).ok_or(RdmaError::Unmapped {
-            addr,
-            len,
-            side: "local",
-        })?;
+        let end = extent_end(addr, len)?;
         let mut pos = addr;
         while pos < end {
-            // `local` is sorted by address (thousands of blocks for a large VM).
-            let l = local[..local.partition_point(|s| s.addr <= pos)]
-                .last()
-                .filter(|s| pos - s.addr < s.len)
-                .ok_or(RdmaError::Unmapped {
-                    addr: pos,
-                    len: end - pos,
-                    side: "local",
-                })?;
+            let l = segment_at(local, pos).ok_or(RdmaError::Unmapped {
+                addr: pos,
+                len: end - pos,
+                side: "local",
+            })?;
             let r = remote
                 .iter()
                 .find(|s| pos >= s.addr && pos - s.addr < s.len)
