@@ -49,6 +49,9 @@ pub struct BlackoutReport {
     pub gap_end_unix_ms: f64,
     /// When the last reply came (0: none came), Unix time in ms.
     pub last_reply_unix_ms: f64,
+    /// When each reply came, in order, Unix time in ms (e.g. to find the first reply after a
+    /// moment the client did not know of, such as the destination's resume).
+    pub reply_times_unix_ms: Vec<f64>,
     /// When the first ping went out, Unix time in ms.
     pub first_ping_unix_ms: f64,
     /// When the first reply came (0: none came), Unix time in ms.
@@ -233,6 +236,7 @@ fn summarise(sent_at: &[f64], mut replies: Vec<(u16, f64)>) -> BlackoutReport {
         first_ping_unix_ms: sent_at.first().copied().unwrap_or(0.0),
         first_reply_unix_ms: replies.first().map(|r| r.1).unwrap_or(0.0),
         last_reply_unix_ms: replies.last().map(|r| r.1).unwrap_or(0.0),
+        reply_times_unix_ms: replies.iter().map(|r| r.1).collect(),
         ..BlackoutReport::default()
     };
     for w in replies.windows(2) {
@@ -419,6 +423,8 @@ mod tests {
         assert_eq!((r.gap_start_unix_ms, r.gap_end_unix_ms), (1021.0, 1061.0));
         assert_eq!((r.lost_before_gap, r.lost_after_gap), (0, 0));
         assert_eq!(r.last_reply_unix_ms, 1091.0);
+        assert_eq!(r.reply_times_unix_ms.len(), 7);
+        assert_eq!(r.reply_times_unix_ms[3], 1061.0);
         // Silent from ping 4 on: the gap never closed.
         let r = summarise(&sent, replies(&|i| i >= 4));
         assert_eq!(r.gap_start_unix_ms, 1031.0);
