@@ -28,6 +28,8 @@
 #   LIVEMIG_RDMA_ADDRS     e.g. "10.0.99.1 10.0.99.2" (IPv4 address of each device's netdev)
 #   LIVEMIG_RDMA_GIDS      e.g. "1 1"                 (RoCE v2 IPv4 GID index of each device)
 #   LIVEMIG_RDMA_NETDEVS   e.g. "veth0 veth1"
+#   LIVEMIG_RDMA_RAIL2_DEVICES, _ADDRS, _NETDEVS: a second rail (veth mode only; else empty):
+#                          "rxe2 rxe3", "10.0.98.1 10.0.98.2", "veth2 veth3"
 #   LIVEMIG_RDMA_MODE, LIVEMIG_RDMA_MTU, LIVEMIG_IN_VM=1
 # Helpers in the VM: `livemig-ib-write-bw SIZE ITERS` (prints IB_WRITE_BW_MBPS=<x>), `livemig-selftest`.
 #
@@ -36,6 +38,8 @@
 #          two devices, packets really cross the veth pair (~25 MB/s). Both ends live in the
 #          initial netns (rxe in 6.1 opens its UDP socket there only), so each side receives
 #          packets from an address of its own and needs net.ipv4.conf.all.accept_local=1.
+#          A second pair, veth2 10.0.98.1/24 <-> veth3 10.0.98.2/24 with rxe2 and rxe3, is a
+#          second rail (a second NIC on each host) for multi-rail tests.
 #   single rxe0 on veth0 only (10.0.99.1); both ends of a connection use the same device, which
 #          rxe short-circuits internally (~42 MB/s).
 #   lo     rxe0 on lo only (127.0.0.1), same idea (~60 MB/s; lo's 64 KiB MTU gives RoCE MTU 4096).
@@ -312,13 +316,20 @@ sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 >/d
 # kernel drops those packets as martians and connections just time out.
 sysctl -qw net.ipv4.conf.all.accept_local=1 >/dev/null || setup_failed "sysctl accept_local"
 
+rail2_devs=() rail2_nets=() rail2_addrs=()
 case "$LIVEMIG_RDMA_MODE" in
   veth)
     ip link add veth0 mtu "$LIVEMIG_RDMA_MTU" type veth peer name veth1 mtu "$LIVEMIG_RDMA_MTU" ||
       setup_failed "ip link add veth (mtu $LIVEMIG_RDMA_MTU)"
     ip addr add 10.0.99.1/24 dev veth0 && ip addr add 10.0.99.2/24 dev veth1 &&
       ip link set veth0 up && ip link set veth1 up || setup_failed "veth addresses"
-    devs=(rxe0 rxe1) nets=(veth0 veth1) addrs=(10.0.99.1 10.0.99.2) ;;
+    devs=(rxe0 rxe1) nets=(veth0 veth1) addrs=(10.0.99.1 10.0.99.2)
+    # A second rail, as a second NIC per host: rxe2 on veth2 (source) <-> rxe3 on veth3.
+    ip link add veth2 mtu "$LIVEMIG_RDMA_MTU" type veth peer name veth3 mtu "$LIVEMIG_RDMA_MTU" ||
+      setup_failed "ip link add veth2 (mtu $LIVEMIG_RDMA_MTU)"
+    ip addr add 10.0.98.1/24 dev veth2 && ip addr add 10.0.98.2/24 dev veth3 &&
+      ip link set veth2 up && ip link set veth3 up || setup_failed "veth2 addresses"
+    rail2_devs=(rxe2 rxe3) rail2_nets=(veth2 veth3) rail2_addrs=(10.0.98.1 10.0.98.2) ;;
   single)
     ip link add veth0 mtu "$LIVEMIG_RDMA_MTU" type veth peer name veth1 mtu "$LIVEMIG_RDMA_MTU" ||
       setup_failed "ip link add veth (mtu $LIVEMIG_RDMA_MTU)"
@@ -329,8 +340,11 @@ case "$LIVEMIG_RDMA_MODE" in
     devs=(rxe0) nets=(lo) addrs=(127.0.0.1) ;;
   *) setup_failed "unknown mode $LIVEMIG_RDMA_MODE" ;;
 esac
-for i in "${!devs[@]}"; do
-  rdma link add "${devs[$i]}" type rxe netdev "${nets[$i]}" || setup_failed "rdma link add ${devs[$i]}"
+all_devs=("${devs[@]}" "${rail2_devs[@]}") all_nets=("${nets[@]}" "${rail2_nets[@]}")
+all_addrs=("${addrs[@]}" "${rail2_addrs[@]}")
+for i in "${!all_devs[@]}"; do
+  rdma link add "${all_devs[$i]}" type rxe netdev "${all_nets[$i]}" ||
+    setup_failed "rdma link add ${all_devs[$i]}"
 done
 
 # GIDs are filled in asynchronously (ib_core's roce_gid_mgmt work queue) after the device
@@ -347,18 +361,22 @@ gid_index() { # dev ipv4 -> index of the RoCE v2 GID ::ffff:ipv4
   return 1
 }
 gids=()
-for i in "${!devs[@]}"; do
+for i in "${!all_devs[@]}"; do
   for _ in $(seq 100); do
-    g=$(gid_index "${devs[$i]}" "${addrs[$i]}") && break
+    g=$(gid_index "${all_devs[$i]}" "${all_addrs[$i]}") && break
     sleep 0.1
   done
-  [ -n "${g:-}" ] || setup_failed "no RoCE v2 GID for ${addrs[$i]} on ${devs[$i]}"
-  gids+=("$g"); g=
+  [ -n "${g:-}" ] || setup_failed "no RoCE v2 GID for ${all_addrs[$i]} on ${all_devs[$i]}"
+  [ "$i" -lt "${#devs[@]}" ] && gids+=("$g")
+  g=
 done
 
 export LIVEMIG_IN_VM=1 LIVEMIG_RDMA_MODE LIVEMIG_RDMA_MTU
 export LIVEMIG_RDMA_DEVICES="${devs[*]}" LIVEMIG_RDMA_NETDEVS="${nets[*]}"
 export LIVEMIG_RDMA_ADDRS="${addrs[*]}" LIVEMIG_RDMA_GIDS="${gids[*]}"
+# The second rail (veth mode): source device first, as above.
+export LIVEMIG_RDMA_RAIL2_DEVICES="${rail2_devs[*]}" LIVEMIG_RDMA_RAIL2_NETDEVS="${rail2_nets[*]}"
+export LIVEMIG_RDMA_RAIL2_ADDRS="${rail2_addrs[*]}"
 [ -f /etc/livemig/env.sh ] && . /etc/livemig/env.sh
 
 cd /opt/livemig

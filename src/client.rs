@@ -56,10 +56,11 @@ pub struct Tuning {
     /// the destination's subnet and the destination takes RDMA, else TCP.
     #[arg(long, default_value_t = TransportChoice::Tcp, value_parser = one_of::<TransportChoice>(TransportChoice::NAMES))]
     pub transport: TransportChoice,
-    /// RDMA device (default: the first active one with an address in the destination's
-    /// subnet, else the first active one); see `livemig rdma devices`.
+    /// RDMA device; repeat it to stripe over several rails (NICs or ports). Default: every
+    /// active device with an address in the destination's subnet (else the first active
+    /// one); see `livemig rdma devices`.
     #[arg(long)]
-    pub rdma_device: Option<String>,
+    pub rdma_device: Vec<String>,
     /// Pause the guest once the predicted downtime is at most this (ms).
     #[arg(long, default_value_t = defaults::DOWNTIME_LIMIT_MS)]
     pub downtime_limit: u64,
@@ -119,7 +120,8 @@ impl Tuning {
             to: to.to_string(),
             channels: self.channels,
             transport: self.transport,
-            rdma_device: self.rdma_device.clone(),
+            rdma_device: None,
+            rdma_devices: self.rdma_device.clone(),
             compress: self.compress,
             downtime_limit_ms: self.downtime_limit,
             max_rounds: self.max_rounds,

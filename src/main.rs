@@ -321,10 +321,11 @@ struct ReceiveArgs {
     /// Refuse incoming VMs with more RAM than this (MiB; default: this host's memory).
     #[arg(long, default_value_t = 0)]
     max_memory_mib: u64,
-    /// RDMA device to take RDMA migrations on (default: the first active device with an
-    /// address in the source's subnet, else the first active one); see `livemig rdma devices`.
+    /// RDMA device to take RDMA migrations on; repeat it for several rails (each rail of the
+    /// source lands on the one in its subnet). Default: the device with an address in the
+    /// source's subnet, else the first active one; see `livemig rdma devices`.
     #[arg(long)]
-    rdma_device: Option<String>,
+    rdma_device: Vec<String>,
     /// Where copies of disks go (shared-nothing migrations) when the source names no
     /// directory (`migrate --storage copy --storage-dir`).
     #[arg(long)]

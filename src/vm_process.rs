@@ -181,7 +181,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
             progress_wait: Duration::from_secs(3),
             key: key.clone(),
             max_ram_bytes: args.max_memory_mib << 20,
-            rdma_device: args.rdma_device.clone(),
+            rdma_devices: args.rdma_device.clone(),
             storage_dir: args.storage_dir.clone(),
             decisions: Some(args.decisions.clone().unwrap_or_else(|| {
                 args.socket

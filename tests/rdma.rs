@@ -463,6 +463,154 @@ fn an_idle_64_mib_vm_for_the_downtime_against_ram_size() {
     idle_migration(64, 1);
 }
 
+/// The second rail scripts/rdma-vm.sh sets up (veth mode): source device, destination
+/// device, the source's netdev.
+fn second_rail() -> (String, String, String) {
+    let list = |k: &str| -> Vec<String> {
+        std::env::var(k)
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let (devs, nets) = (
+        list("LIVEMIG_RDMA_RAIL2_DEVICES"),
+        list("LIVEMIG_RDMA_RAIL2_NETDEVS"),
+    );
+    assert!(
+        devs.len() == 2 && nets.len() == 2,
+        "no second rail: run in scripts/rdma-vm.sh's veth mode (LIVEMIG_RDMA_RAIL2_DEVICES)"
+    );
+    (devs[0].clone(), devs[1].clone(), nets[0].clone())
+}
+
+/// Sets a netdev's link up or down (`ip link`).
+fn link(netdev: &str, state: &str) {
+    let ok = Command::new("ip")
+        .args(["link", "set", netdev, state])
+        .status()
+        .expect("ip link");
+    assert!(ok.success(), "ip link set {netdev} {state}");
+}
+
+/// Rails of a report: `(device, bytes, failed)`.
+fn rails(r: &Value) -> Vec<(String, u64, Option<String>)> {
+    r["rails"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no rails in the report: {r}"))
+        .iter()
+        .map(|x| {
+            (
+                x["device"].as_str().unwrap_or("").to_string(),
+                x["bytes"].as_u64().unwrap_or(0),
+                x["failed"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+/// Two rails per side (rxe0+rxe2 → rxe1+rxe3 on two veth pairs), two QPs each: both carry
+/// data; then the second rail's link is cut while a migration runs, and it still completes,
+/// its writes re-sent through the first rail.
+#[test]
+#[ignore = "needs an RDMA device: run scripts/test-nested.sh"]
+fn two_rails_carry_the_data_and_a_cut_rail_is_survived() {
+    let d = devices();
+    let (src2, dst2, net2) = second_rail();
+    let dir = tmpdir("rdma-rails");
+    let sock = dir.join("vm.sock");
+    let args = [
+        "--transport",
+        "rdma",
+        "--channels",
+        "2",
+        "--rdma-device",
+        &d.src,
+        "--rdma-device",
+        &src2,
+    ];
+    let _vm = memory_vm(&sock, 64, 500, "random", &[]);
+    let (dst, addr) = destination(&d, &["--rdma-device", &dst2]);
+    let (ok, r, err) = try_migrate(&sock, &addr, &args);
+    println!("RDMA RAILS: {} rails={}", essentials(&r), r["rails"]);
+    assert!(ok, "{err}");
+    assert_rdma_report(&r, 4);
+    let both = rails(&r);
+    let total: u64 = both.iter().map(|x| x.1).sum();
+    assert_eq!(both.len(), 2, "{r}");
+    assert_eq!(
+        (both[0].0.as_str(), both[1].0.as_str()),
+        (d.src.as_str(), src2.as_str())
+    );
+    for (dev, bytes, failed) in &both {
+        assert!(failed.is_none(), "{dev} failed: {r}");
+        assert!(
+            *bytes * 10 >= total * 3,
+            "rail {dev} carried {bytes} of {total} bytes (< 30 %): {r}"
+        );
+    }
+    let (code, stderr) = dst.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "destination: {stderr}");
+
+    // A larger VM (round 0 alone takes seconds here); the second rail's link goes down once the
+    // migration is under way.
+    let sock = dir.join("vm2.sock");
+    let _vm2 = memory_vm(&sock, 256, 500, "random", &[]);
+    let (dst, addr) = destination(&d, &["--rdma-device", &dst2]);
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "migrate",
+        "--json",
+        "--vm",
+        sock.to_str().unwrap(),
+        "--to",
+        &addr,
+    ])
+    .args(args)
+    .env("LIVEMIG_KEY", TEST_KEY)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("livemig migrate");
+    // Pages are moving (the first 32 MiB slice is queued) before the cut.
+    let t = Instant::now();
+    let moved = loop {
+        let st = request(&sock, r#"{"cmd":"status"}"#);
+        let done = st["migration"]["pages_done"].as_u64().unwrap_or(0);
+        if done > 0 {
+            break done;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the migration never started moving pages: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    link(&net2, "down");
+    println!(
+        "CUT: {net2} down {:.1} s after migrate started, {moved} pages of round 0 queued",
+        t.elapsed().as_secs_f64()
+    );
+    let out = child.wait_with_output().expect("livemig migrate");
+    link(&net2, "up");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let r: Value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+    println!("RDMA RAIL CUT: {} rails={}", essentials(&r), r["rails"]);
+    assert!(
+        out.status.success(),
+        "the migration failed with a rail cut: {stderr}"
+    );
+    assert_rdma_report(&r, 4);
+    let after = rails(&r);
+    assert!(after[0].2.is_none(), "the first rail failed: {r}");
+    let why = after[1].2.as_deref().unwrap_or_else(|| {
+        panic!("the cut rail was never dropped (the migration ended before the cut?): {r}")
+    });
+    println!("CUT RAIL: {} dropped: {why}", after[1].0);
+    let (code, stderr) = dst.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "destination: {stderr}");
+}
+
 /// On a host without RDMA devices (this one's kernel has none): the commands say so and how
 /// to fix it, `--transport rdma` fails before touching anything, `auto` falls back to TCP.
 #[test]

@@ -114,9 +114,12 @@ pub struct MigrateRequest {
     /// Data transport.
     #[serde(default)]
     pub transport: TransportChoice,
-    /// RDMA device.
+    /// RDMA device (a client of an older livemig names one here).
     #[serde(default)]
     pub rdma_device: Option<String>,
+    /// RDMA devices, one per rail.
+    #[serde(default)]
+    pub rdma_devices: Vec<String>,
     /// Page encoding.
     #[serde(default = "Mode::default_for_requests")]
     pub compress: Mode,
@@ -164,6 +167,7 @@ impl MigrateRequest {
             channels: defaults::CHANNELS,
             transport: TransportChoice::Tcp,
             rdma_device: None,
+            rdma_devices: Vec::new(),
             compress: Mode::Auto,
             downtime_limit_ms: defaults::DOWNTIME_LIMIT_MS,
             max_rounds: defaults::MAX_ROUNDS,
@@ -214,7 +218,11 @@ impl MigrateRequest {
         Ok(MigrateOptions {
             channels: self.channels,
             transport: self.transport,
-            rdma_device: self.rdma_device.clone(),
+            rdma_devices: if self.rdma_devices.is_empty() {
+                self.rdma_device.iter().cloned().collect()
+            } else {
+                self.rdma_devices.clone()
+            },
             downtime_limit_ms: self.downtime_limit_ms,
             max_rounds: self.max_rounds,
             max_downtime_ms: self.max_downtime_ms,

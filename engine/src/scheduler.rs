@@ -4,9 +4,11 @@
 //! DirtyBitmap → extents → chunks (bounded) → channel queues (crossbeam, bounded) → workers
 //! ```
 //!
-//! The scheduler thread only cuts extents into chunks and hands them out; page work (reading
-//! guest RAM, syscalls) happens in the channel workers, one per channel, pinned to a core when
-//! asked. A round ends with a marker on every channel; the destination's receivers meet at a
+//! The scheduler thread only cuts extents into chunks and hands each to whichever channel's
+//! queue has room first (work stealing: a slow channel takes less); page work (reading guest
+//! RAM, syscalls) happens in the channel workers, one per channel, pinned to a core when asked.
+//! RDMA over several rails fails over: a channel that fails is dropped and the chunks it had
+//! not confirmed at a marker go to the others. A round ends with a marker on every channel; the destination's receivers meet at a
 //! barrier on each marker, so a page re-sent in round k+1 can never be overtaken by its stale
 //! copy from round k on another channel.
 //!
@@ -448,6 +450,7 @@ impl Worker {
                     .map(|(b, hash_cpu)| {
                         let now = thread_cpu_ns();
                         let _ = self.ev.send(Event::MarkerSent {
+                            channel: self.index,
                             round,
                             bytes: bytes + b,
                             codec: tx.take_stats(),
@@ -459,6 +462,12 @@ impl Worker {
                 Work::Exit => return,
             };
             if let Err(error) = r {
+                // Every page this worker hashed is hashed before the scheduler hears of the
+                // failure: a chunk it re-sends elsewhere is hashed again after that.
+                if let Some(h) = self.hasher.take() {
+                    drop(h.jobs);
+                    let _ = h.handle.join();
+                }
                 let _ = self.ev.send(Event::Failed {
                     channel: self.index,
                     error,
@@ -506,6 +515,7 @@ impl Worker {
 
 enum Event {
     MarkerSent {
+        channel: usize,
         round: u64,
         bytes: u64,
         codec: CodecStats,
@@ -550,7 +560,6 @@ pub struct Scheduler {
     queues: Vec<Sender<Work>>,
     events: Receiver<Event>,
     workers: Vec<JoinHandle<()>>,
-    next: usize,
     /// Tells workers waiting on their transport (RDMA completions) to give up.
     stop: Arc<AtomicBool>,
     /// Whether the last channel is the storage lane.
@@ -563,6 +572,43 @@ pub struct Scheduler {
     sent: Arc<PageHashes>,
     /// The storage lane still serves mirrored writes.
     lane_up: Arc<AtomicBool>,
+    /// Whether a failed channel is dropped and its unconfirmed chunks re-sent on the others
+    /// (RDMA over several rails) instead of failing the migration.
+    failover: bool,
+    /// Per channel: still up.
+    alive: Vec<bool>,
+    /// Per channel: bytes it put on the wire (counted at its markers).
+    channel_bytes: Vec<u64>,
+    /// Channels dropped, with why.
+    lost: Vec<(usize, String)>,
+}
+
+/// A chunk waiting to be handed out, and whether it is counted yet (a chunk re-sent after its
+/// channel failed was counted when first handed out).
+type Pending = Option<(Vec<(u64, u64)>, bool)>;
+
+/// Where a round stands: what each channel owes and what must be sent again.
+struct RoundState {
+    round: u64,
+    /// Per channel: chunks handed out since its last confirmed marker (failover only).
+    unconfirmed: Vec<Vec<Vec<(u64, u64)>>>,
+    /// Per channel: a marker still to be queued.
+    need_marker: Vec<bool>,
+    /// Per channel: markers queued and not yet confirmed.
+    markers_out: Vec<usize>,
+    /// Chunks of failed channels, to hand out again.
+    again: std::collections::VecDeque<Vec<(u64, u64)>>,
+    wire_bytes: u64,
+    codec: CodecStats,
+    cpu_ns: u64,
+}
+
+/// What a select operation of [`Scheduler::send_round`] queues.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Queued {
+    Ram,
+    Disk,
+    Marker,
 }
 
 impl Scheduler {
@@ -596,12 +642,15 @@ impl Scheduler {
     }
 
     /// Starts one RDMA worker per queue pair (`map` is the memory the senders write from).
+    /// With `failover` (several rails), a queue pair that fails is dropped and the chunks it
+    /// had not confirmed are written again through the others; the migration fails only when
+    /// none is left.
     #[cfg(feature = "rdma")]
     pub fn new_rdma(
         senders: Vec<RdmaSender>,
         map: MemoryMap,
         ram: &RamLayout,
-        pin: bool,
+        (pin, failover): (bool, bool),
         rate: Bandwidth,
     ) -> Scheduler {
         let channels = senders
@@ -611,7 +660,9 @@ impl Scheduler {
                 stats: CodecStats::default(),
             })
             .collect();
-        Self::start(channels, map, ram, pin, None, rate)
+        let mut s = Self::start(channels, map, ram, pin, None, rate);
+        s.failover = failover;
+        s
     }
 
     fn start<C: ChannelSender>(
@@ -675,14 +726,27 @@ impl Scheduler {
             queues,
             events,
             workers,
-            next: 0,
             stop,
             storage,
             mirror: storage.then_some(mirror_tx),
             round: Arc::new(AtomicU64::new(0)),
             sent,
             lane_up,
+            failover: false,
+            alive: vec![true; lanes],
+            channel_bytes: vec![0; lanes],
+            lost: Vec::new(),
         }
+    }
+
+    /// Bytes each channel put on the wire so far (counted at its round markers).
+    pub fn channel_bytes(&self) -> &[u64] {
+        &self.channel_bytes
+    }
+
+    /// The channels dropped after failing, with why (RDMA rails: see [`Self::new_rdma`]).
+    pub fn lost(&self) -> &[(usize, String)] {
+        &self.lost
     }
 
     /// The digest of the RAM pages sent so far, each as it was when last sent (holes as
@@ -747,6 +811,11 @@ impl Scheduler {
     /// round `round`, then a marker on every channel, and waits until every worker has
     /// written its marker. `on_progress` hears the pages queued so far, every
     /// [`PROGRESS_EVERY`] chunks.
+    ///
+    /// A chunk goes to whichever RAM channel has room first (work stealing: a slow channel
+    /// cannot hold the others up). With failover, a channel that fails is dropped, and the
+    /// chunks it had not confirmed with a marker are handed to the others, followed by one
+    /// more marker each.
     pub fn send_round(
         &mut self,
         round: u64,
@@ -756,6 +825,17 @@ impl Scheduler {
     ) -> Result<RoundStats, SchedulerError> {
         let start = Instant::now();
         self.round.store(round, Ordering::Relaxed);
+        let n = self.queues.len();
+        let mut st = RoundState {
+            round,
+            unconfirmed: vec![Vec::new(); n],
+            need_marker: self.alive.clone(),
+            markers_out: vec![0; n],
+            again: Default::default(),
+            wire_bytes: 0,
+            codec: CodecStats::default(),
+            cpu_ns: 0,
+        };
         let mut pages = self.send_holes(work.holes)?;
         let disk_pages: u64 = work.disk.iter().map(|e| e.pages).sum();
         // Without a storage lane, disk blocks ride with RAM (each once per round, like pages).
@@ -766,91 +846,204 @@ impl Scheduler {
         };
         let mut ram = chunks(&ram, CHUNK_PAGES, CHUNK_EXTENTS).into_iter();
         let mut disk = chunks(disk, DISK_CHUNK_PAGES, CHUNK_EXTENTS).into_iter();
-        let (mut next_ram, mut next_disk) = (ram.next(), disk.next());
+        let mut next_ram: Pending = None;
+        let mut next_disk = disk.next();
+        let lane = n - 1;
         let mut sent = 0usize;
-        while next_ram.is_some() || next_disk.is_some() {
+        loop {
             if cancel.load(Ordering::Relaxed) {
                 return Err(SchedulerError::Cancelled);
             }
-            let ch = self.next % self.ram_lanes();
-            let lane = self.queues.len() - 1;
+            while let Ok(ev) = self.events.try_recv() {
+                self.on_event(ev, &mut st)?;
+            }
+            if next_ram.is_none() {
+                next_ram = match st.again.pop_front() {
+                    Some(c) => Some((c, false)),
+                    None => ram.next().map(|c| (c, true)),
+                };
+            }
             let mut sel = Select::new();
-            let ram_op = next_ram.as_ref().map(|_| sel.send(&self.queues[ch]));
-            let disk_op = next_disk.as_ref().map(|_| sel.send(&self.queues[lane]));
+            let mut ops: Vec<(Queued, usize)> = Vec::new();
+            if next_ram.is_some() {
+                for ch in (0..self.ram_lanes()).filter(|&c| self.alive[c]) {
+                    sel.send(&self.queues[ch]);
+                    ops.push((Queued::Ram, ch));
+                }
+            }
+            if next_disk.is_some() {
+                sel.send(&self.queues[lane]);
+                ops.push((Queued::Disk, lane));
+            }
+            if next_ram.is_none() && next_disk.is_none() {
+                for ch in (0..n).filter(|&c| self.alive[c] && st.need_marker[c]) {
+                    sel.send(&self.queues[ch]);
+                    ops.push((Queued::Marker, ch));
+                }
+            }
+            if ops.is_empty() {
+                // Everything is queued: wait for the markers.
+                if (0..n).all(|c| !self.alive[c] || st.markers_out[c] == 0) {
+                    break;
+                }
+                match self.events.recv_timeout(Duration::from_millis(200)) {
+                    Ok(ev) => self.on_event(ev, &mut st)?,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                        let ch = (0..n).find(|&c| self.alive[c]).unwrap_or(0);
+                        return Err(SchedulerError::WorkerGone(ch));
+                    }
+                }
+                continue;
+            }
             let Ok(op) = sel.select_timeout(Duration::from_millis(200)) else {
                 continue;
             };
-            let (target, chunk) = if Some(op.index()) == ram_op {
-                self.next += 1;
-                (ch, std::mem::replace(&mut next_ram, ram.next()))
-            } else if Some(op.index()) == disk_op {
-                (lane, std::mem::replace(&mut next_disk, disk.next()))
-            } else {
-                continue;
+            let (what, ch) = ops[op.index()];
+            let work = match what {
+                Queued::Ram => {
+                    let (chunk, fresh) = next_ram.take().expect("a RAM chunk is ready");
+                    if fresh {
+                        pages += chunk.iter().map(|c| c.1 / PAGE_SIZE).sum::<u64>();
+                        sent += 1;
+                        if sent % PROGRESS_EVERY == 0 {
+                            on_progress(pages);
+                        }
+                    }
+                    if self.failover {
+                        st.unconfirmed[ch].push(chunk.clone());
+                    }
+                    Work::Chunk(chunk, round)
+                }
+                Queued::Disk => {
+                    let chunk = next_disk.take().expect("a disk chunk is ready");
+                    pages += chunk.iter().map(|c| c.1 / PAGE_SIZE).sum::<u64>();
+                    next_disk = disk.next();
+                    Work::Chunk(chunk, round)
+                }
+                Queued::Marker => {
+                    st.need_marker[ch] = false;
+                    st.markers_out[ch] += 1;
+                    Work::Marker(round)
+                }
             };
-            let Some(chunk) = chunk else { continue };
-            pages += chunk.iter().map(|c| c.1 / PAGE_SIZE).sum::<u64>();
-            if op
-                .send(&self.queues[target], Work::Chunk(chunk, round))
-                .is_err()
-            {
-                return Err(self.failure(target));
-            }
-            sent += 1;
-            if sent % PROGRESS_EVERY == 0 {
-                on_progress(pages);
-            }
-        }
-        for ch in 0..self.queues.len() {
-            if self.queues[ch].send(Work::Marker(round)).is_err() {
-                return Err(self.failure(ch));
-            }
-        }
-        let mut pending = self.queues.len();
-        let mut wire_bytes = 0;
-        let mut codec = CodecStats::default();
-        let mut cpu_ns = 0;
-        while pending > 0 {
-            match self.events.recv_timeout(Duration::from_millis(200)) {
-                Ok(Event::MarkerSent {
-                    round: r,
-                    bytes,
-                    codec: c,
-                    cpu_ns: t,
-                }) if r == round => {
-                    pending -= 1;
-                    wire_bytes += bytes;
-                    codec.add(&c);
-                    cpu_ns += t;
-                }
-                Ok(Event::MarkerSent { .. }) => {}
-                Ok(Event::Failed { channel, error }) => {
-                    return Err(SchedulerError::Channel {
-                        channel,
-                        source: error,
-                    })
-                }
-                Err(_) if cancel.load(Ordering::Relaxed) => return Err(SchedulerError::Cancelled),
-                Err(_) => {}
+            if op.send(&self.queues[ch], work).is_err() {
+                // The worker is gone: it reports why (and, with failover, what it owed is
+                // queued again).
+                self.await_failure(ch, &mut st)?;
             }
         }
         Ok(RoundStats {
             pages,
             disk_pages,
-            wire_bytes,
+            wire_bytes: st.wire_bytes,
             elapsed: start.elapsed(),
-            codec,
-            cpu_ns,
+            codec: st.codec,
+            cpu_ns: st.cpu_ns,
         })
+    }
+
+    /// Takes one worker event into the round's state.
+    fn on_event(&mut self, ev: Event, st: &mut RoundState) -> Result<(), SchedulerError> {
+        match ev {
+            Event::MarkerSent {
+                channel,
+                round,
+                bytes,
+                codec,
+                cpu_ns,
+            } => {
+                self.channel_bytes[channel] += bytes;
+                if round == st.round {
+                    st.markers_out[channel] = st.markers_out[channel].saturating_sub(1);
+                    if st.markers_out[channel] == 0 {
+                        st.unconfirmed[channel].clear();
+                    }
+                    st.wire_bytes += bytes;
+                    st.codec.add(&codec);
+                    st.cpu_ns += cpu_ns;
+                }
+                Ok(())
+            }
+            Event::Failed { channel, error } => self.drop_channel(channel, error, st),
+        }
+    }
+
+    /// Channel `ch` failed with `error`: the round fails, or (failover, another RAM channel
+    /// up) the channel is dropped and what it had not confirmed goes to the others.
+    fn drop_channel(
+        &mut self,
+        ch: usize,
+        error: TransportError,
+        st: &mut RoundState,
+    ) -> Result<(), SchedulerError> {
+        let others = (0..self.ram_lanes()).filter(|&c| c != ch && self.alive[c]);
+        let lane = self.storage && ch == self.queues.len() - 1;
+        if !self.failover || lane || others.count() == 0 {
+            return Err(SchedulerError::Channel {
+                channel: ch,
+                source: error,
+            });
+        }
+        if !self.alive[ch] {
+            return Ok(());
+        }
+        self.alive[ch] = false;
+        let owed = std::mem::take(&mut st.unconfirmed[ch]);
+        let pages: u64 = owed.iter().flatten().map(|c| c.1 / PAGE_SIZE).sum();
+        tracing::warn!(
+            "data channel {ch} failed ({error}); dropped, its {pages} unconfirmed pages are              written again through the other channels"
+        );
+        self.lost.push((ch, error.to_string()));
+        st.again.extend(owed);
+        st.markers_out[ch] = 0;
+        st.need_marker[ch] = false;
+        // The pages sent again must pass a barrier too: one more marker on every channel.
+        for c in 0..self.queues.len() {
+            if self.alive[c] {
+                st.need_marker[c] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// A send to `ch` failed (its worker exited): waits for the worker's report and takes it
+    /// (and the events before it) into the round's state.
+    fn await_failure(&mut self, ch: usize, st: &mut RoundState) -> Result<(), SchedulerError> {
+        let until = Instant::now() + Duration::from_secs(1);
+        while self.alive[ch] {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(ev) => self.on_event(ev, st)?,
+                Err(_) => {
+                    let gone = TransportError::Malformed {
+                        peer: "this host".into(),
+                        reason: format!("data channel {ch}'s worker stopped without a report"),
+                    };
+                    if self.failover {
+                        self.drop_channel(ch, gone, st)?;
+                    } else {
+                        return Err(SchedulerError::WorkerGone(ch));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Queues the zero ranges, spread over the RAM channels in large pieces (they cost a
     /// marker each); returns their pages.
     fn send_holes(&mut self, holes: &[Extent]) -> Result<u64, SchedulerError> {
-        let lanes = self.ram_lanes();
+        let up: Vec<usize> = (0..self.ram_lanes()).filter(|&c| self.alive[c]).collect();
+        if up.is_empty() {
+            return Err(SchedulerError::WorkerGone(0));
+        }
         let mut pages = 0;
-        for (i, piece) in holes.chunks(holes.len().div_ceil(lanes).max(1)).enumerate() {
-            let ch = i % lanes;
+        for (i, piece) in holes
+            .chunks(holes.len().div_ceil(up.len()).max(1))
+            .enumerate()
+        {
+            let ch = up[i % up.len()];
             pages += piece.iter().map(|e| e.pages).sum::<u64>();
             let ranges = piece.iter().map(|e| (e.gpa, e.bytes())).collect();
             if self.queues[ch].send(Work::Zero(ranges)).is_err() {
@@ -917,6 +1110,155 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         limit.spend(1_000_000, &stop);
     }
+    /// A channel that logs what it sends and can fail at its n-th chunk.
+    struct Fake {
+        id: usize,
+        fail_at: Option<usize>,
+        chunks: usize,
+        log: Arc<Mutex<Vec<(usize, u64)>>>,
+    }
+
+    impl ChannelSender for Fake {
+        fn chunk(
+            &mut self,
+            _: &MemoryMap,
+            extents: &[(u64, u64)],
+            _: u64,
+            _: &AtomicBool,
+        ) -> Result<u64, TransportError> {
+            self.chunks += 1;
+            if Some(self.chunks) == self.fail_at {
+                return Err(TransportError::Malformed {
+                    peer: "test".into(),
+                    reason: "rail cut".into(),
+                });
+            }
+            let mut log = self.log.lock().unwrap();
+            let mut bytes = 0;
+            for &(addr, len) in extents {
+                log.extend((0..len / PAGE_SIZE).map(|i| (self.id, addr / PAGE_SIZE + i)));
+                bytes += len;
+            }
+            Ok(bytes)
+        }
+        fn zero(&mut self, _: &[(u64, u64)]) -> Result<u64, TransportError> {
+            Ok(0)
+        }
+        fn marker(&mut self, _: u64, _: u64, _: &AtomicBool) -> Result<u64, TransportError> {
+            Ok(0)
+        }
+        fn take_stats(&mut self) -> CodecStats {
+            CodecStats::default()
+        }
+        fn abort(&mut self) {}
+    }
+
+    /// A round's outcome, the scheduler, `(channel, page)` sent, pages in all.
+    type Outcome = (
+        Result<RoundStats, SchedulerError>,
+        Scheduler,
+        Vec<(usize, u64)>,
+        u64,
+    );
+
+    /// Three channels over 24 MiB of RAM, channel 1 failing at its second chunk.
+    fn failing_round(failover: bool) -> Outcome {
+        const PAGES: u64 = 24 * CHUNK_PAGES;
+        let buf: &'static mut [u8] =
+            Box::leak(vec![0u8; (PAGES * PAGE_SIZE) as usize].into_boxed_slice());
+        let regions = vec![livemig_transport::MappedRegion {
+            addr: 0,
+            host: buf.as_mut_ptr(),
+            len: PAGES * PAGE_SIZE,
+        }];
+        // SAFETY: the buffer is leaked (lives forever) and only read through the map.
+        let map = unsafe { MemoryMap::new(regions, Arc::new(())) };
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let fakes = (0..3)
+            .map(|id| Fake {
+                id,
+                fail_at: (id == 1).then_some(2),
+                chunks: 0,
+                log: log.clone(),
+            })
+            .collect();
+        let layout = RamLayout::single(PAGES * PAGE_SIZE);
+        let mut s = Scheduler::start(
+            fakes,
+            map,
+            &layout,
+            false,
+            None,
+            Arc::new(AtomicU64::new(0)),
+        );
+        s.failover = failover;
+        let ram = [Extent {
+            gpa: 0,
+            pages: PAGES,
+        }];
+        let work = RoundWork {
+            ram: &ram,
+            ..Default::default()
+        };
+        let r = s.send_round(0, &work, &AtomicBool::new(false), &mut |_| {});
+        let sent = log.lock().unwrap().clone();
+        (r, s, sent, PAGES)
+    }
+
+    #[test]
+    fn a_failed_channel_is_dropped_and_its_unconfirmed_chunks_go_through_the_others() {
+        let (r, mut s, sent, pages) = failing_round(true);
+        let stats = r.expect("the round completes on the other channels");
+        assert_eq!(stats.pages, pages, "pages sent again are counted once");
+        assert_eq!(s.lost().len(), 1);
+        assert_eq!(s.lost()[0].0, 1);
+        assert!(s.lost()[0].1.contains("rail cut"), "{:?}", s.lost());
+        // Every page was sent by a channel still up (the failed one confirmed nothing).
+        let mut by_survivors: Vec<u64> = sent
+            .iter()
+            .filter(|(c, _)| *c != 1)
+            .map(|(_, p)| *p)
+            .collect();
+        by_survivors.sort_unstable();
+        by_survivors.dedup();
+        assert_eq!(by_survivors, (0..pages).collect::<Vec<_>>());
+        assert_eq!(s.channel_bytes()[1], 0);
+        assert_eq!(
+            s.channel_bytes()[0] + s.channel_bytes()[2],
+            stats.wire_bytes
+        );
+        // The next round runs on the two left.
+        let ram = [Extent {
+            gpa: 0,
+            pages: 2 * CHUNK_PAGES,
+        }];
+        let work = RoundWork {
+            ram: &ram,
+            ..Default::default()
+        };
+        let st = s
+            .send_round(1, &work, &AtomicBool::new(false), &mut |_| {})
+            .unwrap();
+        assert_eq!(st.pages, 2 * CHUNK_PAGES);
+        s.shutdown();
+    }
+
+    #[test]
+    fn without_failover_a_failed_channel_fails_the_round() {
+        let (r, s, _, _) = failing_round(false);
+        match r {
+            Err(SchedulerError::Channel { channel: 1, source }) => {
+                assert!(source.to_string().contains("rail cut"), "{source}")
+            }
+            other => panic!(
+                "expected channel 1 to fail the round: {:?}",
+                other.map(|s| s.pages)
+            ),
+        }
+        assert!(s.lost().is_empty());
+        s.shutdown();
+    }
+
     use proptest::prelude::*;
 
     proptest! {

@@ -634,6 +634,25 @@ pub struct MigrationReport {
     /// Disk figures, when the VM has disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<crate::storage::StorageReport>,
+    /// Per RDMA rail, when there were several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rails: Vec<RailReport>,
+}
+
+/// What one RDMA rail (a local device and its queue pairs) carried.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RailReport {
+    /// Local RDMA device.
+    pub device: String,
+    /// GID of the destination's device this rail writes to.
+    pub destination_gid: String,
+    /// Queue pairs on this rail.
+    pub queue_pairs: u16,
+    /// Bytes written through it (counted at round barriers).
+    pub bytes: u64,
+    /// Why it was dropped during the migration (its writes went on the other rails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// Per-codec counters of a migration.

@@ -22,9 +22,18 @@ use crate::scheduler::thread_cpu_ns;
 use crate::session::{Control, MigrationError};
 use crate::storage::incoming::IncomingStorage;
 
-/// An RDMA device opened for a migration (an uninhabited type without the `rdma` feature).
+/// The RDMA device opened for a migration, reaching the source, and the devices this side may
+/// take further rails on (an uninhabited type without the `rdma` feature).
 #[cfg(feature = "rdma")]
-pub(super) type RdmaDevice = Arc<livemig_transport::rdma::Device>;
+pub(super) type RdmaDevice = Arc<RdmaHere>;
+
+/// See [`RdmaDevice`].
+#[cfg(feature = "rdma")]
+pub(super) struct RdmaHere {
+    primary: Arc<livemig_transport::rdma::Device>,
+    /// `--rdma-device` names (empty: any device).
+    names: Vec<String>,
+}
 #[cfg(not(feature = "rdma"))]
 pub(super) type RdmaDevice = std::convert::Infallible;
 
@@ -36,9 +45,11 @@ trait Revoke: Send {
 }
 
 #[cfg(feature = "rdma")]
-impl Revoke for livemig_transport::rdma::RdmaTarget {
+impl Revoke for Vec<livemig_transport::rdma::RdmaTarget> {
     fn revoke(&mut self) {
-        livemig_transport::rdma::RdmaTarget::revoke(self);
+        for t in self {
+            t.revoke();
+        }
     }
 }
 
@@ -481,11 +492,11 @@ fn control_quiet(ctl: &mut Control, rdma: bool) -> Result<Option<Vec<RdmaQp>>, M
 
 /// Opens the RDMA device for a source that offers RDMA; None (with a warning) when this side
 /// cannot take it.
-pub(super) fn open_rdma(rdma_device: Option<&str>, ctl: &Control) -> Option<RdmaDevice> {
+pub(super) fn open_rdma(rdma_devices: &[String], ctl: &Control) -> Option<RdmaDevice> {
     #[cfg(feature = "rdma")]
     {
         let peer = ctl.stream().peer_addr().ok().map(|a| a.ip());
-        match livemig_transport::rdma::Device::open_for(rdma_device, peer) {
+        match livemig_transport::rdma::Device::open_among(rdma_devices, peer) {
             Ok(d) => {
                 let sel = d.selection();
                 info!(
@@ -494,7 +505,10 @@ pub(super) fn open_rdma(rdma_device: Option<&str>, ctl: &Control) -> Option<Rdma
                     gid = %std::net::Ipv6Addr::from(sel.gid.gid),
                     "taking RDMA"
                 );
-                Some(d)
+                Some(Arc::new(RdmaHere {
+                    primary: d,
+                    names: rdma_devices.to_vec(),
+                }))
             }
             Err(e) => {
                 warn!("the source offers RDMA but this destination cannot take it: {e}");
@@ -504,14 +518,38 @@ pub(super) fn open_rdma(rdma_device: Option<&str>, ctl: &Control) -> Option<Rdma
     }
     #[cfg(not(feature = "rdma"))]
     {
-        let _ = (rdma_device, ctl);
+        let _ = (rdma_devices, ctl);
         warn!("the source offers RDMA but this livemig was built without it");
         None
     }
 }
 
+/// The source's queue pairs grouped into rails: runs of QPs sharing a GID, in order, each of
+/// `channels` QPs (a rail's GID appears in one run only).
+fn rails_of(qps: &[RdmaQp], channels: u16) -> Result<Vec<&[RdmaQp]>, String> {
+    let per = usize::from(channels.max(1));
+    if qps.is_empty() || qps.len() % per != 0 {
+        return Err(format!(
+            "{} RDMA queue pairs for {channels} channels per rail",
+            qps.len()
+        ));
+    }
+    let rails: Vec<&[RdmaQp]> = qps.chunks(per).collect();
+    for (i, r) in rails.iter().enumerate() {
+        if r.iter().any(|q| q.gid != r[0].gid) {
+            return Err(format!("rail {i}'s queue pairs have different GIDs"));
+        }
+        if rails[..i].iter().any(|o| o[0].gid == r[0].gid) {
+            return Err(format!("rail {i} repeats an earlier rail's GID"));
+        }
+    }
+    Ok(rails)
+}
+
 /// Registers RAM for the source's writes and connects a queue pair to each of the source's;
-/// answers RdmaAccept. The returned access, when dropped, revokes it all.
+/// answers RdmaAccept, one per rail. Each rail of the source lands on this side's device in
+/// its subnet (among `--rdma-device`, when given; else the device that took the session):
+/// RAM is registered once per device used. The returned access, when dropped, revokes it all.
 fn accept_rdma(
     ctl: &mut Control,
     dev: Option<RdmaDevice>,
@@ -519,65 +557,128 @@ fn accept_rdma(
     channels: u16,
     qps: &[RdmaQp],
 ) -> Result<RdmaAccess, MigrationError> {
-    if qps.len() != usize::from(channels) {
-        return Err(refuse(
-            ctl,
-            format!("{} RDMA queue pairs for {channels} channels", qps.len()),
-        ));
-    }
+    let rails = match rails_of(qps, channels) {
+        Ok(r) => r,
+        Err(e) => return Err(refuse(ctl, e)),
+    };
     let Some(dev) = dev else {
         return Err(refuse(ctl, "RDMA was not agreed".into()));
     };
     #[cfg(feature = "rdma")]
     {
         use crate::protocol::RdmaRegion;
-        use livemig_transport::rdma::{QpEndpoint, RdmaTarget};
-        let sources: Vec<QpEndpoint> = qps
-            .iter()
-            .map(|q| QpEndpoint {
-                qpn: q.qpn,
-                psn: q.psn,
-                gid: q.gid,
-                lid: q.lid,
-                mtu: q.mtu,
-            })
-            .collect();
-        let target = match RdmaTarget::new(&dev, &memory_map(ram, None), &sources) {
-            Ok(t) => t,
-            Err(e) => return Err(refuse(ctl, format!("destination cannot set up RDMA: {e}"))),
-        };
-        ctl.send(&Message::RdmaAccept {
-            qps: target
-                .endpoints()
-                .into_iter()
-                .map(|e| RdmaQp {
-                    qpn: e.qpn,
-                    psn: e.psn,
-                    gid: e.gid,
-                    lid: e.lid,
-                    mtu: e.mtu,
+        use livemig_transport::rdma::{Device, QpEndpoint, RdmaTarget};
+        // Per rail, the device it lands on (index into `devices`).
+        let mut devices: Vec<Arc<Device>> = vec![dev.primary.clone()];
+        let mut lands = Vec::with_capacity(rails.len());
+        for r in &rails {
+            let from = std::net::Ipv6Addr::from(r[0].gid)
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4);
+            let pick = if rails.len() == 1 {
+                None
+            } else {
+                livemig_transport::rdma::devices()
+                    .and_then(|d| {
+                        livemig_transport::rdma::select_among(
+                            &d,
+                            &dev.names,
+                            from,
+                            &livemig_transport::rdma::ipv4_prefix,
+                        )
+                    })
+                    .ok()
+                    .filter(|s| s.reaches_peer)
+            };
+            let i = match pick {
+                None => 0,
+                Some(sel) => match devices.iter().position(|d| d.name() == sel.device) {
+                    Some(i) => i,
+                    None => match Device::open(&sel) {
+                        Ok(d) => {
+                            devices.push(d);
+                            devices.len() - 1
+                        }
+                        Err(e) => {
+                            warn!(
+                                "RDMA device {} for a rail: {e}; using {}",
+                                sel.device,
+                                devices[0].name()
+                            );
+                            0
+                        }
+                    },
+                },
+            };
+            lands.push(i);
+        }
+        let map = memory_map(ram, None);
+        let mut targets = Vec::with_capacity(devices.len());
+        for (i, d) in devices.iter().enumerate() {
+            let sources: Vec<QpEndpoint> = rails
+                .iter()
+                .zip(&lands)
+                .filter(|(_, &l)| l == i)
+                .flat_map(|(r, _)| r.iter())
+                .map(|q| QpEndpoint {
+                    qpn: q.qpn,
+                    psn: q.psn,
+                    gid: q.gid,
+                    lid: q.lid,
+                    mtu: q.mtu,
                 })
-                .collect(),
-            regions: target
-                .regions()
-                .into_iter()
-                .map(|r| RdmaRegion {
-                    gpa: r.addr,
-                    len: r.len,
-                    addr: r.remote_addr,
-                    rkey: r.rkey,
-                })
-                .collect(),
-        })?;
+                .collect();
+            if sources.is_empty() {
+                // The device that took the session carries no rail: nothing registered there.
+                targets.push(None);
+                continue;
+            }
+            match RdmaTarget::new(d, &map, &sources) {
+                Ok(t) => targets.push(Some(t)),
+                Err(e) => return Err(refuse(ctl, format!("destination cannot set up RDMA: {e}"))),
+            }
+        }
+        // Each target's endpoints are in the order of its rails: hand them out rail by rail.
+        let mut taken = vec![0usize; targets.len()];
+        for (r, &i) in rails.iter().zip(&lands) {
+            let Some(t) = &targets[i] else { continue };
+            let eps = t.endpoints();
+            let mine = &eps[taken[i]..taken[i] + r.len()];
+            taken[i] += r.len();
+            ctl.send(&Message::RdmaAccept {
+                qps: mine
+                    .iter()
+                    .map(|e| RdmaQp {
+                        qpn: e.qpn,
+                        psn: e.psn,
+                        gid: e.gid,
+                        lid: e.lid,
+                        mtu: e.mtu,
+                    })
+                    .collect(),
+                regions: t
+                    .regions()
+                    .into_iter()
+                    .map(|r| RdmaRegion {
+                        gpa: r.addr,
+                        len: r.len,
+                        addr: r.remote_addr,
+                        rkey: r.rkey,
+                    })
+                    .collect(),
+            })?;
+        }
+        let targets: Vec<RdmaTarget> = targets.into_iter().flatten().collect();
         info!(
-            ?target,
+            ?targets,
+            rails = rails.len(),
             "RDMA queue pairs connected; RAM open to the source's writes"
         );
-        Ok(Box::new(target))
+        Ok(Box::new(targets))
     }
     #[cfg(not(feature = "rdma"))]
     {
-        let _ = ram;
+        let _ = (ram, rails);
         match dev {}
     }
 }
@@ -587,6 +688,31 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+
+    #[test]
+    fn queue_pairs_group_into_rails_by_gid() {
+        let qp = |n: u32, g: u8| RdmaQp {
+            qpn: n,
+            psn: 1,
+            gid: [g; 16],
+            lid: 0,
+            mtu: 3,
+        };
+        let qps = [qp(1, 1), qp(2, 1), qp(3, 2), qp(4, 2)];
+        let rails = rails_of(&qps, 2).unwrap();
+        assert_eq!(rails.len(), 2);
+        assert_eq!(rails[1][0].qpn, 3);
+        assert_eq!(
+            rails_of(&qps, 4).unwrap_err(),
+            "rail 0's queue pairs have different GIDs"
+        );
+        assert!(rails_of(&qps, 3)
+            .unwrap_err()
+            .contains("4 RDMA queue pairs for 3"));
+        assert!(rails_of(&[], 1).is_err());
+        let again = [qp(1, 1), qp(2, 2), qp(3, 1)];
+        assert!(rails_of(&again, 1).unwrap_err().contains("repeats"));
+    }
     use crate::memory::{Populate, RamLayout};
 
     #[test]

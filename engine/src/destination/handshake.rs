@@ -12,7 +12,8 @@ use super::{refuse, Session, VmFactory};
 use crate::auth;
 use crate::memory::{GuestRam, Populate};
 use crate::protocol::{
-    negotiate, Message, FEATURE_PROBE, FEATURE_RDMA, FEATURE_ROUND_COUNTS, FEATURE_SEALED,
+    negotiate, Message, FEATURE_PROBE, FEATURE_RAILS, FEATURE_RDMA, FEATURE_ROUND_COUNTS,
+    FEATURE_SEALED,
 };
 use crate::session::{Control, MigrationError};
 use crate::storage::incoming::IncomingStorage;
@@ -53,7 +54,7 @@ impl Built {
 #[derive(Clone)]
 pub(super) struct GreetOptions {
     pub(super) key: Option<auth::Key>,
-    pub(super) rdma_device: Option<String>,
+    pub(super) rdma_devices: Vec<String>,
     pub(super) timeout: std::time::Duration,
 }
 
@@ -118,15 +119,18 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
                 .map(|k| k.destination_proof(&nonce, &nonce_d))
                 .unwrap_or([0; 32]);
             let rdma = if features & FEATURE_RDMA != 0 {
-                open_rdma(g.rdma_device.as_deref(), &ctl)
+                open_rdma(&g.rdma_devices, &ctl)
             } else {
                 None
             };
             round_counts = features & FEATURE_ROUND_COUNTS != 0;
             ctl.send(&Message::Welcome {
                 version,
-                features: if rdma.is_some() { FEATURE_RDMA } else { 0 }
-                    | if seal { FEATURE_SEALED } else { 0 }
+                features: if rdma.is_some() {
+                    FEATURE_RDMA | (features & FEATURE_RAILS)
+                } else {
+                    0
+                } | if seal { FEATURE_SEALED } else { 0 }
                     | if round_counts {
                         FEATURE_ROUND_COUNTS
                     } else {

@@ -75,9 +75,9 @@ pub struct IncomingOptions {
     pub key: Option<Key>,
     /// Largest RAM an incoming VM may declare (0: this host's physical memory).
     pub max_ram_bytes: u64,
-    /// RDMA device to take RDMA migrations on (default: the first active device with an
+    /// RDMA devices to take RDMA migrations on, one per rail (default: the device with an
     /// address in the source's subnet, else the first active device).
-    pub rdma_device: Option<String>,
+    pub rdma_devices: Vec<String>,
     /// Where disk copies go when the source names no directory.
     pub storage_dir: Option<std::path::PathBuf>,
     /// How the VM's NICs are announced after resume (`count` 0: not at all).
@@ -109,7 +109,7 @@ pub fn receive(
     let mut opts = opts;
     let g = handshake::GreetOptions {
         key: opts.key.clone(),
-        rdma_device: opts.rdma_device.clone(),
+        rdma_devices: opts.rdma_devices.clone(),
         timeout: if opts.timeout.is_zero() {
             defaults::TIMEOUT
         } else {

@@ -32,6 +32,7 @@
 //!   |   -- or, with RDMA (FEATURE_RDMA in Hello and Welcome) --
 //!   | RdmaConnect {N QPs: qpn, psn, gid} ------> |  registers RAM for remote writes,
 //!   | <---- RdmaAccept {N QPs, rkey per region}  |  connects N QPs to the source's
+//!   |   (FEATURE_RAILS: one RdmaAccept per rail, the source's QPs grouped by GID)
 //!   | RDMA WRITEs of round k (destination CPU idle); when all completed:
 //!   | RoundExtents {k, [gpa, pages]...} -------> |  (protocol 3) hashed in the background
 //!   | RoundProgress {k, pages, complete} ------> |  (also sent while a long round runs)
@@ -125,6 +126,11 @@ pub const FEATURE_ROUND_COUNTS: u64 = 4;
 /// Feature bit: the destination serves link probes (`Probe` instead of `Config`: a stream of
 /// `ProbeData` answered by `ProbeResult`; nothing migrates and the destination keeps waiting).
 pub const FEATURE_PROBE: u64 = 8;
+/// Feature bit: the source offers (Hello) / the destination agrees (Welcome) to RDMA over
+/// several rails: `RdmaConnect` lists the queue pairs of every rail (each rail's QPs share its
+/// GID, rails in order) and the destination answers one `RdmaAccept` per rail, in that order,
+/// each with the regions of the registration that rail writes into.
+pub const FEATURE_RAILS: u64 = 16;
 /// Most bytes one probe may send.
 pub const MAX_PROBE_BYTES: u64 = 1 << 30;
 /// Most bytes of one `ProbeData` frame.

@@ -20,9 +20,10 @@ use crate::session::{Control, MigrationError};
 use crate::storage::outgoing::OutgoingStorage;
 use crate::vm::MigratableVm;
 
-/// An RDMA device opened for a migration (an uninhabited type without the `rdma` feature).
+/// The RDMA devices opened for a migration, one per rail, the first reaching the destination
+/// (an uninhabited type without the `rdma` feature).
 #[cfg(feature = "rdma")]
-pub(super) type RdmaDevice = Arc<livemig_transport::rdma::Device>;
+pub(super) type RdmaDevice = Vec<Arc<livemig_transport::rdma::Device>>;
 #[cfg(not(feature = "rdma"))]
 pub(super) type RdmaDevice = std::convert::Infallible;
 
@@ -60,6 +61,10 @@ pub(super) trait OutgoingPlane {
         round: u64,
         pages: u64,
     ) -> Result<(), MigrationError>;
+    /// What each rail carried (RDMA over several devices; empty otherwise).
+    fn rails(&self, _sched: &Scheduler) -> Vec<crate::session::RailReport> {
+        Vec::new()
+    }
 }
 
 /// TCP: round markers travel in-band on every data connection.
@@ -86,7 +91,18 @@ const LANDING_SLICE_PAGES: u64 = 8192;
 /// RDMA: the destination CPU sees nothing arrive; rounds are announced on the control
 /// channel.
 #[cfg(feature = "rdma")]
-struct Rdma;
+struct Rdma {
+    /// Per rail: its device, the destination's, and the scheduler channels of its QPs.
+    rails: Vec<Rail>,
+}
+
+/// One rail: a local device and the queue pairs through it.
+#[cfg(feature = "rdma")]
+struct Rail {
+    device: String,
+    peer_gid: std::net::Ipv6Addr,
+    channels: std::ops::Range<usize>,
+}
 
 #[cfg(feature = "rdma")]
 impl OutgoingPlane for Rdma {
@@ -133,6 +149,26 @@ impl OutgoingPlane for Rdma {
             pages,
             complete: true,
         })
+    }
+    fn rails(&self, sched: &Scheduler) -> Vec<crate::session::RailReport> {
+        if self.rails.len() < 2 {
+            return Vec::new();
+        }
+        let bytes = sched.channel_bytes();
+        self.rails
+            .iter()
+            .map(|r| crate::session::RailReport {
+                device: r.device.clone(),
+                destination_gid: r.peer_gid.to_string(),
+                queue_pairs: r.channels.len() as u16,
+                bytes: r.channels.clone().map(|c| bytes[c]).sum(),
+                failed: sched
+                    .lost()
+                    .iter()
+                    .find(|(c, _)| r.channels.contains(c))
+                    .map(|(_, e)| e.clone()),
+            })
+            .collect()
     }
 }
 
@@ -215,15 +251,15 @@ pub(super) fn open_rdma(
     {
         let map = memory_map(vm, None);
         match connect_rdma(ctl, dev, &map, opts) {
-            Ok((senders, d)) => Ok((
+            Ok((senders, rails, d)) => Ok((
                 Scheduler::new_rdma(
                     senders,
                     map,
                     vm.ram().layout(),
-                    opts.pin_workers,
+                    (opts.pin_workers, rails.len() > 1),
                     opts.bandwidth.clone(),
                 ),
-                Box::new(Rdma),
+                Box::new(Rdma { rails }),
                 d,
             )),
             Err(e) => {
@@ -266,12 +302,12 @@ pub(super) fn plan_transport(
         )),
         #[cfg(feature = "rdma")]
         TransportChoice::Rdma => {
-            let dev = livemig_transport::rdma::Device::open_for(opts.rdma_device.as_deref(), peer)
+            let rails = livemig_transport::rdma::Device::open_rails(&opts.rdma_devices, peer)
                 .map_err(|e| {
                     MigrationError::TransportUnavailable(format!("--transport rdma: {e}"))
                 })?;
-            let d = describe_device(&dev, &peer_name);
-            Ok((Some(dev), format!("rdma: {d}")))
+            let d = describe_rails(&rails, &peer_name);
+            Ok((Some(rails), format!("rdma: {d}")))
         }
         #[cfg(feature = "rdma")]
         TransportChoice::Auto if opts.key.as_ref().is_some_and(crate::auth::Key::seals) => Ok((
@@ -283,29 +319,45 @@ pub(super) fn plan_transport(
         #[cfg(feature = "rdma")]
         TransportChoice::Auto => {
             use livemig_transport::rdma::{self, RdmaError};
-            let name = opts.rdma_device.as_deref();
-            let sel =
-                rdma::devices().and_then(|d| rdma::select(&d, name, peer, &rdma::ipv4_prefix));
+            let named = !opts.rdma_devices.is_empty();
+            let sel = rdma::devices()
+                .and_then(|d| rdma::select_rails(&d, &opts.rdma_devices, peer, &rdma::ipv4_prefix));
             match sel {
-                Ok(sel) if sel.reaches_peer || name.is_some() => match rdma::Device::open(&sel) {
-                    Ok(dev) => {
-                        let d = describe_device(&dev, &peer_name);
-                        Ok((Some(dev), format!("auto: rdma ({d})")))
+                Ok(sel) if sel[0].reaches_peer || named => {
+                    match sel
+                        .iter()
+                        .map(rdma::Device::open)
+                        .collect::<Result<Vec<_>, _>>()
+                    {
+                        Ok(rails) => {
+                            let d = describe_rails(&rails, &peer_name);
+                            Ok((Some(rails), format!("auto: rdma ({d})")))
+                        }
+                        Err(e) => Ok((None, format!("auto: tcp (RDMA: {e})"))),
                     }
-                    Err(e) => Ok((None, format!("auto: tcp (RDMA device {}: {e})", sel.device))),
-                },
+                }
                 Ok(sel) => Ok((
                     None,
                     format!(
                         "auto: tcp (no RDMA device has an address in {peer_name}'s subnet; {} \
                          would not reach it)",
-                        sel.device
+                        sel[0].device
                     ),
                 )),
                 Err(RdmaError::NoDevice) => Ok((None, "auto: tcp (no RDMA device here)".into())),
                 Err(e) => Ok((None, format!("auto: tcp ({e})"))),
             }
         }
+    }
+}
+
+/// The rails, described.
+#[cfg(feature = "rdma")]
+fn describe_rails(rails: &[Arc<livemig_transport::rdma::Device>], peer: &str) -> String {
+    let each: Vec<String> = rails.iter().map(|d| describe_device(d, peer)).collect();
+    match each.len() {
+        1 => each.join(""),
+        n => format!("{n} rails: {}", each.join("; ")),
     }
 }
 
@@ -331,28 +383,32 @@ fn describe_device(dev: &livemig_transport::rdma::Device, peer: &str) -> String 
     )
 }
 
-/// Announces the source's queue pairs, connects them to the destination's and makes one
-/// sender per pair.
+/// Announces the source's queue pairs (`channels` per rail), connects them to the
+/// destination's and makes one sender per pair. Over several rails the destination answers one
+/// RdmaAccept per rail, in order: each rail writes into its own registration there.
 #[cfg(feature = "rdma")]
 fn connect_rdma(
     ctl: &mut Control,
-    dev: &RdmaDevice,
+    rails: &RdmaDevice,
     map: &MemoryMap,
     opts: &MigrateOptions,
-) -> Result<(Vec<livemig_transport::rdma::RdmaSender>, String), MigrationError> {
+) -> Result<(Vec<livemig_transport::rdma::RdmaSender>, Vec<Rail>, String), MigrationError> {
     use crate::protocol::RdmaQp;
     use livemig_transport::rdma::{
         check_remote_regions, QpEndpoint, RdmaError, RdmaSender, RdmaSource, RemoteRegion,
     };
     let rdma_err = |e: RdmaError| MigrationError::Transport(e.into());
-    let source = RdmaSource::new(dev, map.clone()).map_err(rdma_err)?;
-    let prepared = (0..opts.channels)
-        .map(|_| source.prepare_qp())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(rdma_err)?;
+    let per_rail = usize::from(opts.channels.max(1));
+    let mut prepared = Vec::new();
+    for dev in rails {
+        let source = RdmaSource::new(dev, map.clone()).map_err(rdma_err)?;
+        for _ in 0..per_rail {
+            prepared.push((source.clone(), source.prepare_qp().map_err(rdma_err)?));
+        }
+    }
     let qps = prepared
         .iter()
-        .map(|p| {
+        .map(|(_, p)| {
             let e = p.endpoint();
             RdmaQp {
                 qpn: e.qpn,
@@ -364,52 +420,73 @@ fn connect_rdma(
         })
         .collect();
     ctl.send(&Message::RdmaConnect { qps })?;
-    let (qps, regions) = match ctl.recv(
-        Some(opts.timeout),
-        "waiting for the destination's RDMA queue pairs",
-    )? {
-        Message::RdmaAccept { qps, regions } => (qps, regions),
-        m => return Err(ctl.unexpected(&m, "waiting for RdmaAccept")),
-    };
-    if qps.len() != prepared.len() {
-        return Err(rdma_err(RdmaError::Peer(format!(
-            "{} queue pairs for our {}",
-            qps.len(),
-            prepared.len()
-        ))));
-    }
-    let remote: Vec<RemoteRegion> = regions
-        .iter()
-        .map(|r| RemoteRegion {
-            addr: r.gpa,
-            len: r.len,
-            remote_addr: r.addr,
-            rkey: r.rkey,
-        })
-        .collect();
-    check_remote_regions(map, &remote).map_err(rdma_err)?;
-    let remote: Arc<[RemoteRegion]> = remote.into();
-    let mut senders = Vec::with_capacity(qps.len());
-    for (p, q) in prepared.into_iter().zip(&qps) {
-        let qp = p
-            .connect(&QpEndpoint {
-                qpn: q.qpn,
-                psn: q.psn,
-                gid: q.gid,
-                lid: q.lid,
-                mtu: q.mtu,
+    let mut prepared = prepared.into_iter();
+    let mut senders = Vec::with_capacity(rails.len() * per_rail);
+    let mut out = Vec::with_capacity(rails.len());
+    for dev in rails {
+        let (qps, regions) = match ctl.recv(
+            Some(opts.timeout),
+            "waiting for the destination's RDMA queue pairs",
+        )? {
+            Message::RdmaAccept { qps, regions } => (qps, regions),
+            m => return Err(ctl.unexpected(&m, "waiting for RdmaAccept")),
+        };
+        if qps.len() != per_rail {
+            return Err(rdma_err(RdmaError::Peer(format!(
+                "{} queue pairs for our {per_rail} on {}",
+                qps.len(),
+                dev.name()
+            ))));
+        }
+        let remote: Vec<RemoteRegion> = regions
+            .iter()
+            .map(|r| RemoteRegion {
+                addr: r.gpa,
+                len: r.len,
+                remote_addr: r.addr,
+                rkey: r.rkey,
             })
-            .map_err(rdma_err)?;
-        senders.push(RdmaSender::new(&source, qp, remote.clone(), opts.timeout).map_err(rdma_err)?);
+            .collect();
+        check_remote_regions(map, &remote).map_err(rdma_err)?;
+        let remote: Arc<[RemoteRegion]> = remote.into();
+        let first = senders.len();
+        for q in &qps {
+            let Some((source, p)) = prepared.next() else {
+                return Err(rdma_err(RdmaError::Peer(
+                    "more queue pairs than ours".into(),
+                )));
+            };
+            let qp = p
+                .connect(&QpEndpoint {
+                    qpn: q.qpn,
+                    psn: q.psn,
+                    gid: q.gid,
+                    lid: q.lid,
+                    mtu: q.mtu,
+                })
+                .map_err(rdma_err)?;
+            senders.push(
+                RdmaSender::new(&source, qp, remote.clone(), opts.timeout).map_err(rdma_err)?,
+            );
+        }
+        out.push(Rail {
+            device: dev.name().to_string(),
+            peer_gid: std::net::Ipv6Addr::from(qps[0].gid),
+            channels: first..senders.len(),
+        });
     }
-    Ok((
-        senders,
-        format!(
-            "destination GID {}; {} RC queue pair{}, RDMA WRITEs of at most {} KiB",
-            std::net::Ipv6Addr::from(qps[0].gid),
-            qps.len(),
-            if qps.len() == 1 { "" } else { "s" },
-            livemig_transport::rdma::MAX_WRITE_BYTES >> 10
-        ),
-    ))
+    let gids: Vec<String> = out.iter().map(|r| r.peer_gid.to_string()).collect();
+    let d = format!(
+        "destination GID {}; {} RC queue pair{}{}, RDMA WRITEs of at most {} KiB",
+        gids.join(", "),
+        senders.len(),
+        if senders.len() == 1 { "" } else { "s" },
+        if out.len() > 1 {
+            format!(" ({per_rail} per rail)")
+        } else {
+            String::new()
+        },
+        livemig_transport::rdma::MAX_WRITE_BYTES >> 10
+    );
+    Ok((senders, out, d))
 }

@@ -9,7 +9,9 @@ use std::time::Instant;
 use super::channels::{self, RdmaDevice};
 use super::{MigrateOptions, Session, Tally, TransportChoice};
 use crate::auth;
-use crate::protocol::{Message, FEATURE_RDMA, FEATURE_ROUND_COUNTS, FEATURE_SEALED, VERSION};
+use crate::protocol::{
+    Message, FEATURE_RAILS, FEATURE_RDMA, FEATURE_ROUND_COUNTS, FEATURE_SEALED, VERSION,
+};
 use crate::session::{random_u64, Control, MigrationError};
 use crate::storage::outgoing::OutgoingStorage;
 use crate::vm::MigratableVm;
@@ -74,7 +76,11 @@ impl<'a> Session<'a> {
         let mut greeting = hello(
             to,
             opts,
-            if rdma.is_some() { FEATURE_RDMA } else { 0 } | FEATURE_ROUND_COUNTS,
+            match &rdma {
+                Some(r) if rails(r) > 1 => FEATURE_RDMA | FEATURE_RAILS,
+                Some(_) => FEATURE_RDMA,
+                None => 0,
+            } | FEATURE_ROUND_COUNTS,
         )?;
         let features = greeting.features;
         let ctl = &mut greeting.ctl;
@@ -89,6 +95,15 @@ impl<'a> Session<'a> {
             }
             rdma = None;
             detail = "auto: tcp (the destination has no usable RDMA device)".into();
+        }
+        #[cfg(feature = "rdma")]
+        if let Some(r) = rdma.as_mut().filter(|r| r.len() > 1) {
+            if features & FEATURE_RAILS == 0 {
+                r.truncate(1);
+                detail = format!(
+                    "{detail}; one rail only: the destination's livemig predates multi-rail RDMA"
+                );
+            }
         }
         let (mut ctl, token) = greeting.authenticate()?;
         ctl.send(&Message::Config {
@@ -263,6 +278,16 @@ fn open_plane(
         Some(dev) => channels::open_rdma(ctl, vm, &dev, opts),
         None => channels::open_tcp(vm, to, opts, (token, counted), ctl.keys(), storage),
     }
+}
+
+/// Rails of an opened RDMA plan.
+#[cfg(feature = "rdma")]
+fn rails(r: &RdmaDevice) -> usize {
+    r.len()
+}
+#[cfg(not(feature = "rdma"))]
+fn rails(r: &RdmaDevice) -> usize {
+    match *r {}
 }
 
 /// The host part of `host:port` (`[v6]:port` too).

@@ -59,9 +59,9 @@ pub struct MigrateOptions {
     pub channels: u16,
     /// Data transport.
     pub transport: TransportChoice,
-    /// RDMA device to use (default: the first active device with an address in the
+    /// RDMA devices, one per rail (default: every active device with an address in the
     /// destination's subnet, else the first active device).
-    pub rdma_device: Option<String>,
+    pub rdma_devices: Vec<String>,
     /// Stop-and-copy once the predicted downtime is at most this.
     pub downtime_limit_ms: u64,
     /// Stop-and-copy after at most this many pre-copy rounds.
@@ -103,7 +103,7 @@ impl Default for MigrateOptions {
         MigrateOptions {
             channels: defaults::CHANNELS,
             transport: TransportChoice::Tcp,
-            rdma_device: None,
+            rdma_devices: Vec::new(),
             downtime_limit_ms: defaults::DOWNTIME_LIMIT_MS,
             max_rounds: defaults::MAX_ROUNDS,
             max_downtime_ms: None,

@@ -267,6 +267,7 @@ impl Session<'_> {
             destination_cpu_s: prepared.cpu_ns as f64 / 1e9,
             round_details: t.rounds.clone(),
             storage,
+            rails: self.plane.rails(&self.sched),
         }
     }
 

@@ -404,6 +404,68 @@ pub fn select(
     })
 }
 
+/// Picks among the devices `names` (every device when empty) the one [`select`] finds
+/// reaching `peer`, else the first usable one named.
+pub fn select_among(
+    devices: &[DeviceInfo],
+    names: &[String],
+    peer: Option<IpAddr>,
+    prefix: &dyn Fn(Ipv4Addr) -> Option<u8>,
+) -> Result<Selection, RdmaError> {
+    let mut first = None;
+    for n in names {
+        let s = select(devices, Some(n), peer, prefix)?;
+        if s.reaches_peer {
+            return Ok(s);
+        }
+        first.get_or_insert(s);
+    }
+    match first {
+        Some(s) => Ok(s),
+        None => select(devices, None, peer, prefix),
+    }
+}
+
+/// The rails to a peer: the devices `names` (each once, in order), or by default the device
+/// [`select`] picks followed by every other active device with an address in the peer's
+/// subnet — but not one holding the peer's own address (that is the peer, on this host).
+/// One selection per device (its first active port).
+pub fn select_rails(
+    devices: &[DeviceInfo],
+    names: &[String],
+    peer: Option<IpAddr>,
+    prefix: &dyn Fn(Ipv4Addr) -> Option<u8>,
+) -> Result<Vec<Selection>, RdmaError> {
+    if !names.is_empty() {
+        let mut rails: Vec<Selection> = Vec::new();
+        for n in names {
+            if !rails.iter().any(|r| &r.device == n) {
+                rails.push(select(devices, Some(n), peer, prefix)?);
+            }
+        }
+        return Ok(rails);
+    }
+    let first = select(devices, None, peer, prefix)?;
+    let reaches = first.reaches_peer;
+    let mut rails = vec![first];
+    if reaches {
+        let peer4 = match peer {
+            Some(IpAddr::V4(a)) => Some(a),
+            Some(IpAddr::V6(a)) => a.to_ipv4_mapped(),
+            None => None,
+        };
+        let first = rails[0].device.clone();
+        for d in devices.iter().filter(|d| d.name != first) {
+            if let Ok(s) = select(devices, Some(&d.name), peer, prefix) {
+                if s.reaches_peer && s.gid.ipv4() != peer4 {
+                    rails.push(s);
+                }
+            }
+        }
+    }
+    Ok(rails)
+}
+
 pub(super) fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
     let mask = if prefix == 0 {
         0

@@ -270,6 +270,40 @@ mod tests {
     }
 
     #[test]
+    fn rails_are_the_named_devices_or_every_device_in_the_peers_subnet_but_the_peer() {
+        let devs = vec![
+            dev("a", true, [10, 0, 99, 1]),
+            dev("b", true, [10, 0, 98, 1]),
+            dev("c", true, [10, 0, 99, 3]),
+            dev("peer", true, [10, 0, 99, 2]),
+            dev("down", false, [10, 0, 99, 4]),
+        ];
+        let p24 = |_: Ipv4Addr| Some(24);
+        let peer = Some("10.0.99.2".parse().unwrap());
+        let names = |r: Vec<Selection>| r.into_iter().map(|s| s.device).collect::<Vec<_>>();
+        // Default: every active device reaching the peer, not the one holding its address.
+        assert_eq!(
+            names(select_rails(&devs, &[], peer, &p24).unwrap()),
+            ["a", "c"]
+        );
+        // Named: those, in order, each once, reaching the peer or not.
+        let named = ["b".to_string(), "a".to_string(), "b".to_string()];
+        assert_eq!(
+            names(select_rails(&devs, &named, peer, &p24).unwrap()),
+            ["b", "a"]
+        );
+        assert!(select_rails(&devs, &["down".to_string()], peer, &p24).is_err());
+        // Nothing in the peer's subnet: one rail, the fallback.
+        let far = Some("172.16.0.1".parse().unwrap());
+        assert_eq!(names(select_rails(&devs, &[], far, &p24).unwrap()), ["a"]);
+        // Among named devices, the one reaching the peer wins; else the first named.
+        let s = select_among(&devs, &named, Some("10.0.99.9".parse().unwrap()), &p24).unwrap();
+        assert_eq!((s.device.as_str(), s.reaches_peer), ("a", true));
+        let s = select_among(&devs, &named, far, &p24).unwrap();
+        assert_eq!((s.device.as_str(), s.reaches_peer), ("b", false));
+    }
+
+    #[test]
     fn subnets() {
         let a: Ipv4Addr = "10.0.99.1".parse().unwrap();
         assert!(same_subnet(a, "10.0.99.200".parse().unwrap(), 24));

@@ -54,6 +54,25 @@ impl Device {
         Device::open(&select(&devs, name, peer, &ipv4_prefix)?)
     }
 
+    /// Opens the rails to `peer` (see [`select_rails`]).
+    pub fn open_rails(
+        names: &[String],
+        peer: Option<IpAddr>,
+    ) -> Result<Vec<Arc<Device>>, RdmaError> {
+        let devs = devices()?;
+        select_rails(&devs, names, peer, &ipv4_prefix)?
+            .iter()
+            .map(Device::open)
+            .collect()
+    }
+
+    /// Opens the device among `names` (all when empty) that reaches `peer` (see
+    /// [`select_among`]).
+    pub fn open_among(names: &[String], peer: Option<IpAddr>) -> Result<Arc<Device>, RdmaError> {
+        let devs = devices()?;
+        Device::open(&select_among(&devs, names, peer, &ipv4_prefix)?)
+    }
+
     /// The device, port and GID in use.
     pub fn selection(&self) -> &Selection {
         &self.sel
