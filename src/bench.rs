@@ -40,6 +40,11 @@ pub struct BenchArgs {
     /// total time and downtime (--quick: four small cells).
     #[arg(long, conflicts_with_all = ["redraw", "storage", "blackout"])]
     predict: bool,
+    /// Instead of the matrix: a model of a 64 GiB VM over one 100 Gb/s and two 200 Gb/s RoCE
+    /// ports, projected from costs measured on this host (page hashing, pinning, dirty-log
+    /// scans) with every assumption named; writes results.md to --out when given.
+    #[arg(long, conflicts_with_all = ["redraw", "storage", "blackout", "predict"])]
+    rdma_model: bool,
     /// Only the matrix cells whose description (`link fill MiB pages/s variant`, e.g.
     /// `10gbit random 512MiB 0/s livemig tcp x1 none (clear)`) contains this; repeatable.
     #[arg(long, value_name = "TEXT")]
@@ -71,6 +76,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             bail!("the blackout comparison failed ({status})");
         }
         return Ok(());
+    }
+    if a.rdma_model {
+        return livemig_bench::rdma_model::run(a.out.as_deref());
     }
     if a.predict {
         return livemig_bench::predict::run(

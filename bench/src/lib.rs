@@ -9,6 +9,7 @@
 //! | [`pair`] | a destination and a VM process of the binary, for one migration |
 //! | [`predict`] | `--predict`: `migrate --plan` against the migrations it forecast |
 //! | [`qemu`] | QEMU migrating the same RAM over the same link (QMP) |
+//! | [`rdma_model`] | `--rdma-model`: a 64 GiB VM over 100 and 2×200 Gb/s RoCE, from costs measured here |
 //! | [`limits`] | physical limits in the same run: memcpy, raw TCP per link |
 //! | [`report`] | rows, CSV, JSON, markdown |
 //! | [`plot`] | PNG and SVG plots |
@@ -28,6 +29,7 @@ pub mod pair;
 pub mod plot;
 pub mod predict;
 pub mod qemu;
+pub mod rdma_model;
 pub mod report;
 pub mod run;
 pub mod storage;
