@@ -139,6 +139,11 @@ fn watch_guest_exit(vm: Arc<dyn MigratableVm>, socket: Option<std::path::PathBuf
     });
 }
 
+/// Whether this host has any RDMA device (`/sys/class/infiniband`).
+fn has_rdma_devices() -> bool {
+    std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some())
+}
+
 /// `livemig receive`.
 pub fn receive(args: &ReceiveArgs) -> Result<()> {
     livemig_engine::memory::set_backing(args.hugepages);
@@ -152,6 +157,28 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         ),
         None => None,
     };
+    // Reserved RAM is registered for RDMA writes now, when this host has a device, so an RDMA
+    // migration into it does not pay that at set-up (a failure only costs it then).
+    let reserved_rdma = reserved
+        .as_ref()
+        .filter(|_| has_rdma_devices())
+        .and_then(|ram| {
+            let t = Instant::now();
+            match destination::register_reserved(ram, &args.rdma_device) {
+                Ok(r) => {
+                    tracing::info!(
+                        ?r,
+                        ms = t.elapsed().as_millis() as u64,
+                        "reserved RAM registered for RDMA"
+                    );
+                    Some(r)
+                }
+                Err(e) => {
+                    tracing::warn!("reserved RAM not registered for RDMA ahead: {e}");
+                    None
+                }
+            }
+        });
     let listener =
         TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let local = listener.local_addr()?;
@@ -177,6 +204,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
             control,
             admit,
             reserved,
+            reserved_rdma,
             timeout: Duration::from_secs(args.timeout_secs),
             progress_wait: Duration::from_secs(3),
             key: key.clone(),

@@ -37,6 +37,30 @@ pub(super) struct RdmaHere {
 #[cfg(not(feature = "rdma"))]
 pub(super) type RdmaDevice = std::convert::Infallible;
 
+/// Destination RAM registered for RDMA writes ahead of a migration (an uninhabited type without
+/// the `rdma` feature).
+#[cfg(feature = "rdma")]
+pub type RdmaRegistration = livemig_transport::rdma::RdmaRegistration;
+/// See above.
+#[cfg(not(feature = "rdma"))]
+pub type RdmaRegistration = std::convert::Infallible;
+
+/// Registers reserved RAM for RDMA writes on the first of `devices` that works (the first
+/// active device when none is named), so an RDMA migration into it skips that at set-up.
+pub fn register_reserved(ram: &GuestRam, devices: &[String]) -> Result<RdmaRegistration, String> {
+    #[cfg(feature = "rdma")]
+    {
+        let dev = livemig_transport::rdma::Device::open_among(devices, None)
+            .map_err(|e| e.to_string())?;
+        RdmaRegistration::new(&dev, &memory_map(ram, None)).map_err(|e| e.to_string())
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        let _ = (ram, devices);
+        Err("this livemig was built without RDMA".into())
+    }
+}
+
 /// The source's RDMA access to destination RAM: revoked before anything here reads or runs on
 /// that RAM; dropping it releases the registrations too.
 trait Revoke: Send {
@@ -131,7 +155,19 @@ impl Session {
                     .refuse("a copy of disks travels on a TCP storage lane, not over RDMA".into()))
             }
             Channels::Rdma(qps) => {
-                let access = accept_rdma(&mut self.ctl, rdma, &built.ram, agreed.channels, &qps)?;
+                // Reserved RAM may be registered already (`receive --reserve-mib`).
+                let pre = if built.used_reserved_ram {
+                    self.opts.reserved_rdma.take()
+                } else {
+                    None
+                };
+                let access = accept_rdma(
+                    &mut self.ctl,
+                    (rdma, pre),
+                    &built.ram,
+                    agreed.channels,
+                    &qps,
+                )?;
                 // From protocol 3 the source lists each round's pages: they are hashed
                 // while the migration runs, not all of RAM inside the downtime.
                 let hasher = (self.ctl.version() >= 3).then(|| Hasher::start(&built.ram));
@@ -552,7 +588,7 @@ fn rails_of(qps: &[RdmaQp], channels: u16) -> Result<Vec<&[RdmaQp]>, String> {
 /// RAM is registered once per device used. The returned access, when dropped, revokes it all.
 fn accept_rdma(
     ctl: &mut Control,
-    dev: Option<RdmaDevice>,
+    (dev, mut pre): (Option<RdmaDevice>, Option<RdmaRegistration>),
     ram: &GuestRam,
     channels: u16,
     qps: &[RdmaQp],
@@ -633,7 +669,14 @@ fn accept_rdma(
                 targets.push(None);
                 continue;
             }
-            match RdmaTarget::new(d, &map, &sources) {
+            let ready = pre
+                .take_if(|r| r.device_name() == d.name() && r.matches(&map))
+                .inspect(|r| info!(?r, "RAM registered ahead for RDMA: taken"));
+            let made = match ready {
+                Some(r) => RdmaTarget::on(r, &sources),
+                None => RdmaTarget::new(d, &map, &sources),
+            };
+            match made {
                 Ok(t) => targets.push(Some(t)),
                 Err(e) => return Err(refuse(ctl, format!("destination cannot set up RDMA: {e}"))),
             }
@@ -678,7 +721,7 @@ fn accept_rdma(
     }
     #[cfg(not(feature = "rdma"))]
     {
-        let _ = (ram, rails);
+        let _ = (ram, rails, &mut pre);
         match dev {}
     }
 }

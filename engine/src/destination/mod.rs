@@ -17,6 +17,7 @@
 
 mod accept;
 mod channels;
+pub use channels::{register_reserved, RdmaRegistration};
 mod handshake;
 mod receive;
 mod switchover;
@@ -66,6 +67,9 @@ pub struct IncomingOptions {
     /// RAM reserved and faulted in ahead of time (like QEMU's `-mem-prealloc` on an
     /// `-incoming` VM). Used when its layout matches the incoming one.
     pub reserved: Option<GuestRam>,
+    /// The reserved RAM registered for RDMA writes ahead (see [`register_reserved`]): used
+    /// when an RDMA migration lands in the reserved RAM on that device.
+    pub reserved_rdma: Option<RdmaRegistration>,
     /// Longest wait for the source during handshake and switchover (data may flow for much
     /// longer during pre-copy); zero means the default.
     pub timeout: Duration,

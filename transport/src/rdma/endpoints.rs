@@ -65,16 +65,54 @@ impl RdmaSource {
     /// write. (Holes are found before round 0 writes anything: a hole pinned later reads as
     /// zero data, never as a hole.)
     pub(super) fn local_for(&self, extents: &[(u64, u64)]) -> Result<Arc<LocalMemory>, RdmaError> {
-        let mut g = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        if g.covers(extents) {
-            return Ok(g.clone());
+        let blocks = {
+            let g = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            if g.covers(extents) {
+                return Ok(g.clone());
+            }
+            self.missing_blocks(&g, extents)?
+        };
+        // Registered outside the lock: writers needing different blocks register them in
+        // parallel (pinning is most of round 0's set-up cost for a large VM).
+        let mut fresh = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            fresh.push((b, Arc::new(self.pd.register_local_part(&self.map, b)?)));
         }
-        let mut blocks = Vec::new();
+        let mut g = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = LocalMemory {
+            mrs: g.mrs.clone(),
+            segments: g.segments.clone(),
+        };
+        for (b, mr) in fresh {
+            if g.segment(b.addr).is_some() {
+                // Another writer registered this block meanwhile: ours is released.
+                continue;
+            }
+            next.segments.push(LocalSegment {
+                addr: b.addr,
+                host: b.host as u64,
+                len: b.len,
+                lkey: mr.lkey(),
+            });
+            next.mrs.push(mr);
+        }
+        next.segments.sort_by_key(|s| s.addr);
+        *g = Arc::new(next);
+        Ok(g.clone())
+    }
+
+    /// The blocks of [`LOCAL_BLOCK_BYTES`] that `extents` reach and `have` does not hold.
+    fn missing_blocks(
+        &self,
+        have: &LocalMemory,
+        extents: &[(u64, u64)],
+    ) -> Result<Vec<MappedRegion>, RdmaError> {
+        let mut blocks: Vec<MappedRegion> = Vec::new();
         for &(addr, len) in extents {
             let end = extent_end(addr, len)?;
             let mut pos = addr;
             while pos < end {
-                if let Some(s) = g.segment(pos) {
+                if let Some(s) = have.segment(pos) {
                     pos = s.addr + s.len;
                     continue;
                 }
@@ -90,7 +128,7 @@ impl RdmaSource {
                     })?;
                 let start = r.addr + (pos - r.addr) / LOCAL_BLOCK_BYTES * LOCAL_BLOCK_BYTES;
                 let stop = (start + LOCAL_BLOCK_BYTES).min(r.addr + r.len);
-                if !blocks.iter().any(|b: &MappedRegion| b.addr == start) {
+                if !blocks.iter().any(|b| b.addr == start) {
                     blocks.push(MappedRegion {
                         addr: start,
                         // Inside region `r` (plain address arithmetic).
@@ -101,23 +139,7 @@ impl RdmaSource {
                 pos = stop;
             }
         }
-        let mut next = LocalMemory {
-            mrs: g.mrs.clone(),
-            segments: g.segments.clone(),
-        };
-        for b in blocks {
-            let mr = Arc::new(self.pd.register_local_part(&self.map, b)?);
-            next.segments.push(LocalSegment {
-                addr: b.addr,
-                host: b.host as u64,
-                len: b.len,
-                lkey: mr.lkey(),
-            });
-            next.mrs.push(mr);
-        }
-        next.segments.sort_by_key(|s| s.addr);
-        *g = Arc::new(next);
-        Ok(g.clone())
+        Ok(blocks)
     }
 }
 
@@ -477,6 +499,46 @@ impl std::fmt::Debug for RdmaTarget {
     }
 }
 
+/// Memory registered for remote writes on one device: made for a migration, or ahead of one
+/// (a destination's reserved RAM, so the registration is not part of the set-up).
+pub struct RdmaRegistration {
+    mrs: Vec<MemoryRegion>,
+    pd: Arc<ProtectionDomain>,
+}
+
+impl std::fmt::Debug for RdmaRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaRegistration")
+            .field("device", &self.pd.device.name())
+            .field("regions", &self.mrs.len())
+            .finish()
+    }
+}
+
+impl RdmaRegistration {
+    /// Registers `map` for remote writes on `device`.
+    pub fn new(device: &Arc<Device>, map: &MemoryMap) -> Result<RdmaRegistration, RdmaError> {
+        let pd = device.alloc_pd()?;
+        let mrs = pd.register(map, Access::RemoteWrite)?;
+        Ok(RdmaRegistration { mrs, pd })
+    }
+
+    /// The device it is registered on.
+    pub fn device_name(&self) -> &str {
+        self.pd.device.name()
+    }
+
+    /// Whether it registers exactly the regions of `map` (same addresses, host mappings and
+    /// lengths, in order).
+    pub fn matches(&self, map: &MemoryMap) -> bool {
+        let mine = map.regions();
+        mine.len() == self.mrs.len()
+            && mine.iter().zip(&self.mrs).all(|(r, m)| {
+                r.addr == m.region.addr && r.host == m.region.host && r.len == m.region.len
+            })
+    }
+}
+
 impl RdmaTarget {
     /// Registers `map` for remote writes on `device` and connects one QP to each of
     /// `sources`.
@@ -485,13 +547,20 @@ impl RdmaTarget {
         map: &MemoryMap,
         sources: &[QpEndpoint],
     ) -> Result<RdmaTarget, RdmaError> {
-        let pd = device.alloc_pd()?;
-        let mrs = pd.register(map, Access::RemoteWrite)?;
+        RdmaTarget::on(RdmaRegistration::new(device, map)?, sources)
+    }
+
+    /// Connects one QP to each of `sources` into memory registered already.
+    pub fn on(reg: RdmaRegistration, sources: &[QpEndpoint]) -> Result<RdmaTarget, RdmaError> {
         let mut qps = Vec::with_capacity(sources.len());
         for s in sources {
-            qps.push(PreparedQp::new(&pd, true)?.connect(s)?);
+            qps.push(PreparedQp::new(&reg.pd, true)?.connect(s)?);
         }
-        Ok(RdmaTarget { qps, mrs, _pd: pd })
+        Ok(RdmaTarget {
+            qps,
+            mrs: reg.mrs,
+            _pd: reg.pd,
+        })
     }
 
     /// This side's QPs, in the order of the sources given to [`Self::new`].
