@@ -350,7 +350,8 @@ pub fn render(costs: &Costs, a: &Assumptions, commit: &str) -> String {
         s,
         "- Registration (`ibv_reg_mr`) costs {}× the pinning measured here (the IOMMU and the \
          NIC's translation entries come on top: this is a lower bound). The destination \
-         registers all its RAM at set-up; the source registers 32 MiB blocks as round 0's \
+         registers all its RAM at set-up (unless `receive --reserve-mib` registered it when it \
+         started: then set-up is 0); the source registers 32 MiB blocks as round 0's \
          writes first reach them, on its {} writers per rail in parallel, so registration can \
          bound round 0.",
         a.reg_over_pin, a.writers_per_rail
