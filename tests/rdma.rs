@@ -106,7 +106,8 @@ fn essentials(r: &Value) -> String {
     format!(
         "status={} transport={} channels={} digest_match={} source_digest={} destination_digest={} \
          bytes_copied_staging={} compress={} ram_bytes={} pages_sent={} zero_pages={} rounds={} \
-         downtime_ms={:.1} total_ms={:.0} guest_progress_after_resume={} [{}] detail=\"{}\"",
+         downtime_ms={:.1} total_ms={:.0} guest_progress_after_resume={} source_cpu_s={:.2} \
+         destination_cpu_s={:.2} [{}] detail=\"{}\"",
         r["status"],
         r["transport"],
         r["channels"],
@@ -122,6 +123,8 @@ fn essentials(r: &Value) -> String {
         r["downtime_ms"].as_f64().unwrap_or(0.0),
         r["total_time_ms"].as_f64().unwrap_or(0.0),
         r["guest_progress_after_resume"],
+        r["source_cpu_s"].as_f64().unwrap_or(0.0),
+        r["destination_cpu_s"].as_f64().unwrap_or(0.0),
         rounds.join("; "),
         r["transport_detail"].as_str().unwrap_or("")
     )
