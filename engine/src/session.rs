@@ -153,6 +153,10 @@ pub const MAX_PRE_AUTH_FRAME: u32 = 8192;
 struct FrameReader<'a> {
     stream: &'a TcpStream,
     deadline: Option<Instant>,
+    /// Once a frame's first bytes arrived, the rest of it has this long from then (at least:
+    /// the wait for a frame to begin and the frame itself are bounded separately, so a frame
+    /// that begins just before the caller's deadline is not cut in two).
+    body: Option<Duration>,
     read: usize,
 }
 
@@ -166,6 +170,11 @@ impl std::io::Read for FrameReader<'_> {
             self.stream.set_read_timeout(Some(left))?;
         }
         let n = std::io::Read::read(&mut self.stream, buf)?;
+        if self.read == 0 && n > 0 {
+            if let (Some(d), Some(b)) = (self.deadline, self.body) {
+                self.deadline = Some(d.max(Instant::now() + b));
+            }
+        }
         self.read += n;
         Ok(n)
     }
@@ -289,6 +298,7 @@ impl Control {
         let mut r = FrameReader {
             stream: &self.stream,
             deadline: timeout.map(|t| Instant::now() + t),
+            body: timeout,
             read: 0,
         };
         let cap = self.max_frame
@@ -768,6 +778,43 @@ mod tests {
         drop(slot);
         assert!(!dir.join("00000000000000bb.json").exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A frame that begins just before the wait's deadline gets its own time to arrive (in CI
+    /// a device-state frame straddled a 60 s wait and was cut in two); a frame that stops
+    /// half-way is still an error, bounded.
+    #[test]
+    fn a_frame_straddling_the_deadline_is_read_and_a_stalled_one_is_an_error() {
+        let (mut src, mut dst) = pair();
+        let (k, p) = Message::Abort {
+            reason: "x".repeat(100),
+        }
+        .encode();
+        let mut bytes = Vec::new();
+        frame::write_frame(&mut bytes, k, &p).unwrap();
+        let (head, rest) = bytes.split_at(8);
+        let writer = src.stream.try_clone().unwrap();
+        let (head, rest) = (head.to_vec(), rest.to_vec());
+        let t = std::thread::spawn(move || {
+            let mut w = &writer;
+            std::thread::sleep(Duration::from_millis(300));
+            w.write_all(&head).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            w.write_all(&rest).unwrap();
+            // Then a frame whose body never comes.
+            w.write_all(&head).unwrap();
+        });
+        let start = Instant::now();
+        // The header comes at 300 ms, within the 400 ms wait; the body at 600 ms, after it.
+        match dst.recv(Some(Duration::from_millis(400)), "t") {
+            Err(MigrationError::Aborted(r)) => assert_eq!(r.len(), 100),
+            other => panic!("the straddling frame was not read: {other:?}"),
+        }
+        t.join().unwrap();
+        let e = dst.recv(Some(Duration::from_millis(400)), "t").unwrap_err();
+        assert!(e.to_string().contains("stopped after 8 bytes"), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(3));
+        let _ = &mut src;
     }
 
     #[test]
