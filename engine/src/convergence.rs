@@ -6,6 +6,12 @@
 //! once rounds stop helping), or give up with the figures that say why — never a stop-and-copy
 //! whose predicted downtime exceeds the cap.
 //!
+//! Where QEMU stops as soon as the rest fits the limit, livemig looks one round ahead: when
+//! another round is predicted to at least halve the downtime (the guest re-dirties little of
+//! what that round sends), it takes it — at most [`EXTRA_ROUNDS_MAX`] times, and only while
+//! the copy itself is worth [`EXTRA_ROUND_FLOOR_MS`] — so a quiet guest stops far below the
+//! limit instead of spending it.
+//!
 //! Auto-converge follows QEMU's cpu-throttle: a round that re-dirtied at least half of what it
 //! sent starts the throttle at [`THROTTLE_INITIAL`] %, every later such round adds
 //! [`THROTTLE_STEP`] %, up to [`THROTTLE_MAX`] %.
@@ -32,6 +38,12 @@ const HIGH_DIRTY_SHARE: f64 = 0.5;
 /// A round that re-dirtied at least this share of the pages it sent did not shrink the
 /// dirty set.
 const STALLED_SHARE: f64 = 0.9;
+/// Rounds taken past the point where the rest fits the limit, at most.
+pub const EXTRA_ROUNDS_MAX: u32 = 2;
+/// Such a round must be predicted to leave at most this share of the downtime.
+const EXTRA_ROUND_GAIN: f64 = 0.5;
+/// ... and the page copy of the downtime must be at least this long (ms) to bother.
+pub const EXTRA_ROUND_FLOOR_MS: f64 = 20.0;
 
 /// Estimates after a round.
 #[derive(Debug, Clone, Copy)]
@@ -122,6 +134,8 @@ pub struct Convergence {
     rate: f64,
     /// Throttle in force when `rate` was measured.
     rate_throttle: u8,
+    /// Rounds taken after the rest already fit the limit.
+    extra: u32,
 }
 
 impl Convergence {
@@ -136,6 +150,7 @@ impl Convergence {
             peak_rate: 0.0,
             rate: 0.0,
             rate_throttle: 0,
+            extra: 0,
         }
     }
 
@@ -174,6 +189,28 @@ impl Convergence {
         }
     }
 
+    /// Whether one more round pays: the rest fits the limit (`downtime_ms` for `dirty` pages),
+    /// yet a round sending those pages (`page_s` seconds each) while the guest writes `rate`
+    /// pages per second would leave at most [`EXTRA_ROUND_GAIN`] of that downtime; `extra`
+    /// such rounds were taken already.
+    fn another_round_pays(
+        &self,
+        downtime_ms: f64,
+        dirty: f64,
+        page_s: f64,
+        rate: f64,
+        extra: u32,
+    ) -> bool {
+        if extra >= EXTRA_ROUNDS_MAX || downtime_ms - SWITCHOVER_OVERHEAD_MS < EXTRA_ROUND_FLOOR_MS
+        {
+            return false;
+        }
+        let w = self.policy.ram_pages.max(1) as f64;
+        let t = dirty * page_s;
+        let next = w * (1.0 - (-rate * t / w).exp());
+        next * page_s * 1000.0 + SWITCHOVER_OVERHEAD_MS <= downtime_ms * EXTRA_ROUND_GAIN
+    }
+
     /// Predicted downtime for sending `pages` with the guest paused.
     fn downtime_ms(&self, pages: u64) -> f64 {
         (pages * PAGE_SIZE) as f64 / self.bandwidth.max(1.0) * 1000.0 + SWITCHOVER_OVERHEAD_MS
@@ -206,9 +243,24 @@ impl Convergence {
         let mut next = round + 1;
         let mut previous = f64::INFINITY;
         let mut stalled = 0;
+        let mut extra = self.extra;
         loop {
             let downtime = dirty * page_s * 1000.0 + SWITCHOVER_OVERHEAD_MS;
             let last = next >= u64::from(self.policy.max_rounds.max(1));
+            // The same look-ahead as `decide`: a round that halves a fitting downtime is taken.
+            if downtime <= self.policy.limit_ms as f64
+                && !last
+                && self.another_round_pays(downtime, dirty, page_s, rate, extra)
+            {
+                extra += 1;
+                let t = dirty * page_s;
+                time += t;
+                bytes += (dirty as u64) * PAGE_SIZE;
+                previous = dirty;
+                dirty = dirtied(t);
+                next += 1;
+                continue;
+            }
             stalled = if dirty >= previous * STALLED_SHARE {
                 stalled + 1
             } else {
@@ -236,6 +288,24 @@ impl Convergence {
     /// `est` holds (from [`Convergence::estimate`]) with `dirtied` pages dirty.
     pub fn decide(&mut self, round: u64, sent: u64, dirtied: u64, est: &Estimate) -> Decision {
         if est.converged {
+            let last = round + 1 >= u64::from(self.policy.max_rounds.max(1));
+            let page_s = PAGE_SIZE as f64 / est.bandwidth.max(1.0);
+            let rate = self.rate * f64::from(100 - self.throttle.min(99))
+                / f64::from(100 - self.rate_throttle.min(99));
+            if !last
+                && self.another_round_pays(
+                    est.predicted_downtime_ms,
+                    dirtied as f64,
+                    page_s,
+                    rate,
+                    self.extra,
+                )
+            {
+                self.extra += 1;
+                return Decision::Continue {
+                    throttle: self.throttle,
+                };
+            }
             return Decision::StopAndCopy {
                 reason: StopReason::Converged,
             };
@@ -315,6 +385,57 @@ mod tests {
             stall_rounds: crate::defaults::STALL_ROUNDS,
             ram_pages: 65_536,
         }
+    }
+
+    #[test]
+    fn a_round_that_halves_a_fitting_downtime_is_taken_at_most_twice() {
+        let mut c = Convergence::new(policy(true));
+        let stop = Decision::StopAndCopy {
+            reason: StopReason::Converged,
+        };
+        // Round 0: 1 GiB in 10 s (107 MB/s); 5000 pages dirty: 196 ms fits the 300 ms limit,
+        // but the guest writes ~520 pages/s, so a round of 0.19 s leaves ~100 pages (9 ms).
+        let e = c.estimate(1 << 30, Duration::from_secs(10), 5000);
+        assert!(e.converged && e.predicted_downtime_ms > 150.0, "{e:?}");
+        assert_eq!(
+            c.decide(0, 1 << 18, 5000, &e),
+            Decision::Continue { throttle: 0 }
+        );
+        // The ETA follows the same rule: one more round, then a stop at a few ms.
+        let eta = c.eta(1, (0, 5000), Duration::ZERO).unwrap();
+        assert!(eta.predicted_downtime_ms < 20.0, "{eta:?}");
+        // It did: what is left is under the floor, so it stops.
+        let e = c.estimate(5000 * PAGE_SIZE, Duration::from_millis(190), 100);
+        assert_eq!(c.decide(1, 5000, 100, &e), stop);
+        // Never more than EXTRA_ROUNDS_MAX of them.
+        let mut c = Convergence::new(policy(true));
+        let mut extra = 0;
+        for round in 0..10 {
+            let e = c.estimate(1 << 30, Duration::from_secs(10), 5000);
+            match c.decide(round, 1 << 18, 5000, &e) {
+                Decision::Continue { .. } => extra += 1,
+                d => {
+                    assert_eq!(d, stop);
+                    break;
+                }
+            }
+        }
+        assert_eq!(extra, EXTRA_ROUNDS_MAX);
+    }
+
+    #[test]
+    fn a_round_that_would_not_halve_the_downtime_is_not_taken() {
+        let mut c = Convergence::new(policy(true));
+        // 8 MiB in 20 ms (419 MB/s) and 20 000 pages dirty: 200 ms fits, but at this write
+        // rate another round would leave as much.
+        let e = c.estimate(8 << 20, Duration::from_millis(20), 20_000);
+        assert!(e.converged, "{e:?}");
+        assert_eq!(
+            c.decide(1, 2048, 20_000, &e),
+            Decision::StopAndCopy {
+                reason: StopReason::Converged
+            }
+        );
     }
 
     #[test]
