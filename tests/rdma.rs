@@ -581,7 +581,7 @@ fn two_rails_carry_the_data_and_a_cut_rail_is_survived() {
     // A larger VM (round 0 alone takes seconds here); the second rail's link goes down once the
     // migration is under way.
     let sock = dir.join("vm2.sock");
-    let _vm2 = memory_vm(&sock, 256, 500, "random", &[]);
+    let vm2 = memory_vm(&sock, 256, 500, "random", &[]);
     let (dst, addr) = destination(&d, &["--rdma-device", &dst2]);
     let mut cmd = Command::new(bin());
     cmd.args([
@@ -622,10 +622,16 @@ fn two_rails_carry_the_data_and_a_cut_rail_is_survived() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let r: Value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
     println!("RDMA RAIL CUT: {} rails={}", essentials(&r), r["rails"]);
-    assert!(
-        out.status.success(),
-        "the migration failed with a rail cut: {stderr}"
-    );
+    if !out.status.success() {
+        // What the source saw, channel by channel.
+        let log = vm2.kill_running();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        panic!(
+            "the migration failed with a rail cut: {stderr}\nsource VM's log (last lines, newest \
+             first):\n{}",
+            tail.join("\n")
+        );
+    }
     assert_rdma_report(&r, 4);
     let after = rails(&r);
     assert!(after[0].2.is_none(), "the first rail failed: {r}");

@@ -81,10 +81,11 @@ pub const FAULT_ENV: &str = "LIVEMIG_RDMA_FAULT";
 /// `ibv_port_attr.link_layer` values (an anonymous enum in verbs.h).
 const LINK_LAYER_INFINIBAND: u8 = 1;
 const LINK_LAYER_ETHERNET: u8 = 2;
-/// Local ACK timeout exponent: 4.096 µs × 2^16 ≈ 268 ms per try (generous: soft-RoCE under
-/// emulation can be slow to ACK); with [`RETRY_COUNT`] retries a vanished peer is detected
-/// in about two seconds.
-const ACK_TIMEOUT: u8 = 16;
+/// Local ACK timeout exponent: 4.096 µs × 2^17 ≈ 537 ms per try (generous: soft-RoCE under
+/// emulation can be slow to ACK, more so while another rail's queue pairs retry into a dead
+/// link); with [`RETRY_COUNT`] retries a vanished peer or a cut rail is detected in about four
+/// seconds.
+const ACK_TIMEOUT: u8 = 17;
 /// Transport retries before a write fails. Not 7: soft-RoCE (rxe) treats 7 as "retry forever".
 const RETRY_COUNT: u8 = 6;
 /// Hop limit of the GRH (RoCE v2 needs more than 1).
