@@ -54,19 +54,25 @@ fn ticks(text: &str) -> Vec<u64> {
 
 /// Waits (bounded) until the console at `log` shows tick `n` or later; returns the last tick.
 fn wait_tick(log: &Path, n: u64) -> u64 {
+    try_wait_tick(log, n).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`wait_tick`], saying why it gave up instead of panicking.
+fn try_wait_tick(log: &Path, n: u64) -> Result<u64, String> {
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         if let Some(&t) = ticks(&console(log)).last() {
             if t >= n {
-                return t;
+                return Ok(t);
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "no tick {n} on {}: {}",
-            log.display(),
-            tail(&console(log))
-        );
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no tick {n} on {}: {}",
+                log.display(),
+                tail(&console(log))
+            ));
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -410,7 +416,26 @@ fn migrate_from(
     // The source stopped for good; the guest goes on on the destination, its console
     // continuous.
     retire(&a.sock, a.proc);
-    let after = wait_tick(&b_log, before + 30);
+    let after = match try_wait_tick(&b_log, before + 30) {
+        Ok(t) => t,
+        Err(why) => {
+            // A guest that stopped after its migration: where its vCPUs and devices are.
+            let status = std::panic::catch_unwind(|| request(&b_sock, r#"{"cmd":"status"}"#))
+                .map(|v| v.to_string())
+                .unwrap_or_else(|_| "(no answer)".into());
+            let th = threads(b.id());
+            // Printed before the destination is stopped (which panics if it already exited).
+            println!(
+                "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{}",
+                tail(&console(&b_log))
+            );
+            let err = b.kill_running();
+            panic!(
+                "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{}",
+                vm_story("destination", &console(&b_log), &err)
+            );
+        }
+    };
     assert!(after > before);
     assert_clean(&console(&b_log), "destination console", true);
     assert_continuous(&[&a.log, &b_log]);

@@ -919,6 +919,10 @@ impl Scheduler {
                     let chunk = next_disk.take().expect("a disk chunk is ready");
                     pages += chunk.iter().map(|c| c.1 / PAGE_SIZE).sum::<u64>();
                     next_disk = disk.next();
+                    sent += 1;
+                    if sent % PROGRESS_EVERY == 0 {
+                        on_progress(pages);
+                    }
                     Work::Chunk(chunk, round)
                 }
                 Queued::Marker => {

@@ -804,7 +804,6 @@ mod tests {
             // Then a frame whose body never comes.
             w.write_all(&head).unwrap();
         });
-        let start = Instant::now();
         // The header comes at 300 ms, within the 400 ms wait; the body at 600 ms, after it.
         match dst.recv(Some(Duration::from_millis(400)), "t") {
             Err(MigrationError::Aborted(r)) => assert_eq!(r.len(), 100),
@@ -813,7 +812,6 @@ mod tests {
         t.join().unwrap();
         let e = dst.recv(Some(Duration::from_millis(400)), "t").unwrap_err();
         assert!(e.to_string().contains("stopped after 8 bytes"), "{e}");
-        assert!(start.elapsed() < Duration::from_secs(3));
         let _ = &mut src;
     }
 
