@@ -48,12 +48,6 @@ impl Device {
         }))
     }
 
-    /// Opens the device [`select`] picks among [`devices`].
-    pub fn open_for(name: Option<&str>, peer: Option<IpAddr>) -> Result<Arc<Device>, RdmaError> {
-        let devs = devices()?;
-        Device::open(&select(&devs, name, peer, &ipv4_prefix)?)
-    }
-
     /// Opens the rails to `peer` (see [`select_rails`]).
     pub fn open_rails(
         names: &[String],
