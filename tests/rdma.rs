@@ -626,10 +626,14 @@ fn two_rails_carry_the_data_and_a_cut_rail_is_survived() {
         // What the source saw, channel by channel.
         let log = vm2.kill_running();
         let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        std::thread::sleep(Duration::from_secs(2));
+        let dst_log = dst.kill_and_log();
+        let dst_tail: Vec<&str> = dst_log.lines().rev().take(20).collect();
         panic!(
             "the migration failed with a rail cut: {stderr}\nsource VM's log (last lines, newest \
-             first):\n{}",
-            tail.join("\n")
+             first):\n{}\ndestination's log (last lines, newest first):\n{}",
+            tail.join("\n"),
+            dst_tail.join("\n")
         );
     }
     assert_rdma_report(&r, 4);

@@ -69,6 +69,17 @@ impl Process {
         }
     }
 
+    /// Kills the process if it still runs, and returns its stderr (for a failure's report).
+    pub fn kill_and_log(mut self) -> Result<String> {
+        let _ = self.child.kill();
+        self.child.wait()?;
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        Ok(err)
+    }
+
     /// Kills the process, which must still be running, and returns its stderr.
     pub fn kill_running(mut self) -> Result<String> {
         if let Some(st) = self.child.try_wait()? {

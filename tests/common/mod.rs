@@ -60,6 +60,11 @@ impl Proc {
         self.0.wait_exit(limit).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// Kills the process if it still runs, and returns its stderr.
+    pub fn kill_and_log(self) -> String {
+        self.0.kill_and_log().unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     /// Kills the process, which must still be running, and returns its stderr.
     pub fn kill_running(self) -> String {
         self.0.kill_running().unwrap_or_else(|e| panic!("{e:#}"))

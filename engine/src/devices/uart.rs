@@ -28,6 +28,8 @@ pub const SECTION_VERSION: u32 = 1;
 pub const HISTORY_BYTES: usize = 256 << 10;
 /// Most bytes of pending input (beyond the UART's FIFO).
 const MAX_PENDING_INPUT: usize = 64 << 10;
+/// IIR bit 0: set when no interrupt is pending.
+const IIR_NONE: u8 = 1;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -250,6 +252,21 @@ impl MigratableDevice for Uart {
         *lock(&self.serial) = restored;
         Ok(())
     }
+
+    fn resume(&self) -> Result<(), VmError> {
+        // The UART raises an edge only when an interrupt becomes pending, never again while
+        // it stays pending (unread). An edge raised just before the pause may not have reached
+        // this side's interrupt controller (KVM injects a legacy irqfd from a work queue), and
+        // the one vm-superio raises on restore can land before the irqchip and LAPIC state is
+        // restored over it: the guest would wait forever, its console output stuck. Raise it
+        // again now, after every restore; the driver reads IIR and takes a spare edge for
+        // nothing.
+        let pending = lock(&self.serial).state().interrupt_identification & IIR_NONE == 0;
+        if pending {
+            let _ = self.irq.trigger();
+        }
+        Ok(())
+    }
 }
 
 fn err(reason: String) -> VmError {
@@ -326,5 +343,41 @@ mod tests {
         let mut bad = saved[0].clone();
         bad.data[9] = 200;
         assert!(b.check(&[&bad]).is_err());
+    }
+
+    /// Edges raised since the last look at `irq`'s eventfd (0 when none).
+    fn edges(irq: &IrqLine) -> u64 {
+        irq.eventfd().read().unwrap_or(0)
+    }
+
+    #[test]
+    fn a_pending_interrupt_is_raised_again_on_resume() {
+        let irq = IrqLine::new(COM1_GSI).unwrap();
+        let a = Uart::new(irq.clone(), Console::new(None, false));
+        // Resumed with nothing pending: no edge.
+        a.resume().unwrap();
+        assert_eq!(edges(&irq), 0);
+        // The driver enables the transmit-empty interrupt: one edge, then pending (unread).
+        a.write(1, &[0x02]);
+        assert_eq!(edges(&irq), 1);
+        a.write(1, &[0x02]);
+        assert_eq!(edges(&irq), 0, "no second edge while pending");
+        // That edge is lost on the way to the destination: its UART raises it again.
+        let saved = a.save().unwrap();
+        let birq = IrqLine::new(COM1_GSI).unwrap();
+        let b = Uart::new(birq.clone(), Console::new(None, false));
+        let refs: Vec<&DeviceSection> = saved.iter().collect();
+        b.restore(&refs).unwrap();
+        // vm-superio raises it on restore, before the interrupt controllers' state is
+        // restored over it; what counts is the edge at resume.
+        let _ = edges(&birq);
+        b.resume().unwrap();
+        assert_eq!(edges(&birq), 1);
+        // Once the guest read IIR, nothing is pending: a resume raises nothing.
+        let mut iir = [0u8];
+        b.read(2, &mut iir);
+        assert_eq!(iir[0] & 0x0f, 0x02, "transmit-empty pending");
+        b.resume().unwrap();
+        assert_eq!(edges(&birq), 0);
     }
 }

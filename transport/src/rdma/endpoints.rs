@@ -10,6 +10,10 @@ pub struct RdmaSource {
     pub(super) pd: Arc<ProtectionDomain>,
     pub(super) map: MemoryMap,
     pub(super) local: Mutex<Arc<LocalMemory>>,
+    /// The first link failure seen by any queue pair of this device (its rail): the others
+    /// give up at once instead of waiting out their own retries (soft-RoCE can leave a
+    /// queue pair of a downed link with writes that never complete).
+    pub(super) rail_fault: std::sync::OnceLock<String>,
 }
 
 /// Source memory registered so far. A newer one holds every registration of the older ones:
@@ -50,6 +54,7 @@ impl RdmaSource {
             pd: device.alloc_pd()?,
             map,
             local: Mutex::new(Arc::default()),
+            rail_fault: std::sync::OnceLock::new(),
         }))
     }
 
@@ -256,6 +261,40 @@ impl RdmaSender {
         extents: &[(u64, u64)],
         stop: &AtomicBool,
     ) -> Result<u64, RdmaError> {
+        let r = self.write_extents_inner(extents, stop);
+        self.note_failure(r)
+    }
+
+    /// Records a link failure for the rail's other queue pairs.
+    fn note_failure<T>(&self, r: Result<T, RdmaError>) -> Result<T, RdmaError> {
+        if let Err(
+            e @ (RdmaError::Completion { .. }
+            | RdmaError::CompletionTimeout { .. }
+            | RdmaError::Verbs { .. }),
+        ) = &r
+        {
+            let _ = self.source.rail_fault.set(e.to_string());
+        }
+        r
+    }
+
+    /// Fails if another queue pair of this rail saw the link fail.
+    fn check_rail(&self) -> Result<(), RdmaError> {
+        match self.source.rail_fault.get() {
+            Some(cause) => Err(RdmaError::RailDown {
+                qp: self.qp.num(),
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn write_extents_inner(
+        &mut self,
+        extents: &[(u64, u64)],
+        stop: &AtomicBool,
+    ) -> Result<u64, RdmaError> {
+        self.check_rail()?;
         let local = match &self.local {
             Some(l) if l.covers(extents) => l.clone(),
             _ => {
@@ -383,7 +422,8 @@ impl RdmaSender {
     /// placed in the peer's memory.
     pub fn flush(&mut self, stop: &AtomicBool) -> Result<(), RdmaError> {
         let target = self.posted;
-        self.wait_completed(target, stop)
+        let r = self.wait_completed(target, stop);
+        self.note_failure(r)
     }
 
     /// Writes and bytes since the last call.
@@ -398,6 +438,10 @@ impl RdmaSender {
     ) -> Result<(), RdmaError> {
         let mut last_progress = Instant::now();
         let mut wcs = [const { MaybeUninit::<ffi::ibv_wc>::uninit() }; 16];
+        // A live queue pair completes a write, or fails it after its retries, within seconds:
+        // waiting longer than STALL_LIMIT means the link is gone, and the peer must hear of it
+        // well before its own timeout gives the whole migration up.
+        let stall = self.timeout.min(STALL_LIMIT);
         while self.completed < target {
             if self.reap(&mut wcs)? > 0 {
                 last_progress = Instant::now();
@@ -406,10 +450,11 @@ impl RdmaSender {
             if stop.load(Ordering::Relaxed) {
                 return Err(RdmaError::Stopped);
             }
-            if last_progress.elapsed() >= self.timeout {
+            self.check_rail()?;
+            if last_progress.elapsed() >= stall {
                 return Err(RdmaError::CompletionTimeout {
                     qp: self.qp.num(),
-                    secs: self.timeout.as_secs(),
+                    secs: stall.as_secs(),
                     outstanding: self.posted - self.completed,
                 });
             }

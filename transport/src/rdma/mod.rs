@@ -88,6 +88,11 @@ const LINK_LAYER_ETHERNET: u8 = 2;
 const ACK_TIMEOUT: u8 = 17;
 /// Transport retries before a write fails. Not 7: soft-RoCE (rxe) treats 7 as "retry forever".
 const RETRY_COUNT: u8 = 6;
+/// A queue pair with writes outstanding that completes none for this long (well beyond
+/// [`ACK_TIMEOUT`] × ([`RETRY_COUNT`] + 1), after which the device fails the write itself)
+/// is taken for dead; it stays well under the peer's timeout for silence, so that its rail's
+/// writes can be handed to the other rails before the destination gives the migration up.
+pub const STALL_LIMIT: Duration = Duration::from_secs(20);
 /// Hop limit of the GRH (RoCE v2 needs more than 1).
 const HOP_LIMIT: u8 = 64;
 
@@ -161,6 +166,14 @@ pub enum RdmaError {
         secs: u64,
         /// Writes posted but not completed.
         outstanding: u64,
+    },
+    /// Another queue pair of the same device failed: the rail is down.
+    #[error("RDMA QP {qp}: its rail is down ({cause})")]
+    RailDown {
+        /// Local QP number.
+        qp: u32,
+        /// The sibling's failure.
+        cause: String,
     },
     /// An extent is not covered by registered memory on one side.
     #[error("extent {addr:#x}+{len:#x} is not covered by {side} registered memory")]
