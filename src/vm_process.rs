@@ -740,17 +740,54 @@ fn migrate(req: &MigrateRequest, p: &Arc<VmProcess>, out: &mut UnixStream) -> Re
     });
     let mut sink = EventSink::new(out.try_clone()?);
     *p.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(LiveProgress::default());
-    let result = source::migrate(&*p.vm, &req.to, &opts, &p.cancel, &mut |ev| {
-        let ev = Event::from(ev);
-        if let Some(live) = p.live.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            live.update(&ev);
-            if let Event::Round { round } = &ev {
-                live.throttle_pct = round.throttle_pct;
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        source::migrate(&*p.vm, &req.to, &opts, &p.cancel, &mut |ev| {
+            let ev = Event::from(ev);
+            if let Some(live) = p.live.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                live.update(&ev);
+                if let Event::Round { round } = &ev {
+                    live.throttle_pct = round.throttle_pct;
+                }
             }
-        }
-        sink.emit(&ev)
-    });
+            sink.emit(&ev)
+        })
+    }));
     *p.live.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    let result = match run {
+        Ok(r) => r,
+        // A bug, not a failure the engine foresaw: the client still hears what happened and
+        // where the guest is, instead of a connection closed without a word.
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            let running = p.vm.run_state() == livemig_engine::vm::RunState::Running;
+            let (phase, source_state, after) = if running {
+                ("running", "running", "the guest runs on here")
+            } else {
+                (
+                    "outcome-unknown",
+                    "paused",
+                    "the guest stays paused here: check the destination before resuming either \
+                     side",
+                )
+            };
+            let error = format!(
+                "internal error (a bug; please report it): the migration panicked: {what}; {after}"
+            );
+            tracing::error!("{error}");
+            *p.last.lock().unwrap_or_else(|e| e.into_inner()) =
+                json!({"status": "failed", "error": error, "source_state": source_state});
+            p.set_phase(phase);
+            sink.finish(&Event::Error {
+                error,
+                source_state: source_state.into(),
+            });
+            return Ok(());
+        }
+    };
     let (phase, ev) = match result {
         Ok(report) => {
             p.vm.shutdown();

@@ -249,7 +249,26 @@ fn destination_in(
 
 /// One migration with the checks every Linux migration must pass; returns the report.
 fn migrate_checked(from: &Path, to: &str, args: &[&str]) -> Value {
-    let report = migrate_ok(&[], from, to, args);
+    print_report(migrate_ok(&[], from, to, args))
+}
+
+/// [`migrate_checked`] from `a`; a failed migration shows the source VM's log.
+fn migrate_guest(a: &mut Guest, to: &str, args: &[&str]) -> Value {
+    let out = migrate(&[], &a.sock, to, args);
+    if !out.status.success() {
+        let log = a.proc.kill_and_log();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        panic!(
+            "migrate failed: {}{}\nthe source VM's log (last lines, newest first):\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail.join("\n")
+        );
+    }
+    print_report(report_ok(&out))
+}
+
+fn print_report(report: Value) -> Value {
     println!(
         "LINUX MIGRATION: total {:.0} ms, downtime {:.1} ms, {} rounds, transport {}, digest {}",
         report["total_time_ms"].as_f64().unwrap_or(0.0),
@@ -411,7 +430,8 @@ fn migrate_from(
     let mut extra = vec!["--tap", "net0=lmtapb"];
     extra.extend_from_slice(dest_extra);
     let (b, addr, b_sock, b_log) = destination(&dir, "b", listen, &extra);
-    let report = migrate_checked(&a.sock, &addr, transport);
+    let mut a = a;
+    let report = migrate_guest(&mut a, &addr, transport);
     assert!(report["rounds"].as_u64().unwrap() >= 2, "{report}");
     // The source stopped for good; the guest goes on on the destination, its console
     // continuous.

@@ -627,6 +627,7 @@ fn two_rails_carry_the_data_and_a_cut_rail_is_survived() {
         let log = vm2.kill_running();
         let tail: Vec<&str> = log.lines().rev().take(20).collect();
         std::thread::sleep(Duration::from_secs(2));
+        let mut dst = dst;
         let dst_log = dst.kill_and_log();
         let dst_tail: Vec<&str> = dst_log.lines().rev().take(20).collect();
         panic!(

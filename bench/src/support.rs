@@ -70,7 +70,7 @@ impl Process {
     }
 
     /// Kills the process if it still runs, and returns its stderr (for a failure's report).
-    pub fn kill_and_log(mut self) -> Result<String> {
+    pub fn kill_and_log(&mut self) -> Result<String> {
         let _ = self.child.kill();
         self.child.wait()?;
         let mut err = String::new();

@@ -61,7 +61,7 @@ impl Proc {
     }
 
     /// Kills the process if it still runs, and returns its stderr.
-    pub fn kill_and_log(self) -> String {
+    pub fn kill_and_log(&mut self) -> String {
         self.0.kill_and_log().unwrap_or_else(|e| panic!("{e:#}"))
     }
 
@@ -167,7 +167,11 @@ pub fn migrate(prefix: &[&str], socket: &Path, to: &str, args: &[&str]) -> Outpu
 
 /// Runs a migration that must succeed and returns its report.
 pub fn migrate_ok(prefix: &[&str], socket: &Path, to: &str, args: &[&str]) -> Value {
-    let out = migrate(prefix, socket, to, args);
+    report_ok(&migrate(prefix, socket, to, args))
+}
+
+/// The report of a `migrate --json` that must have succeeded.
+pub fn report_ok(out: &std::process::Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "migrate failed: {stdout}\n{stderr}");
