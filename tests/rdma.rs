@@ -392,37 +392,107 @@ fn auto_chooses_rdma_and_a_missing_device_is_a_clear_error() {
 #[test]
 #[ignore = "needs an RDMA device: run scripts/test-nested.sh"]
 fn throughput_of_a_large_round_against_ib_write_bw() {
-    // ib_write_bw with the message size of our writes and as many QPs, in the same VM boot;
-    // figures, not assertions (targets: 0.8 of it on one QP, 0.9 on two).
+    // ib_write_bw with the message size of our writes and as many QPs, in the same VM boot,
+    // each migration right after its own ib_write_bw run (soft-RoCE under emulation swings
+    // ±20 % from run to run: pairs, and their median on two QPs); figures, not assertions
+    // (targets: 0.8 of it on one QP, 0.9 on two).
     let size = 1 << 20;
     let iters = 128;
-    for (qps, target) in [(1, 0.8), (2, 0.9)] {
-        let out = Command::new("livemig-ib-write-bw")
-            .args([size.to_string(), iters.to_string()])
-            .env("LIVEMIG_IBWB_QPS", qps.to_string())
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("livemig-ib-write-bw (in the rdma-vm)");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let perftest: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("IB_WRITE_BW_MBPS="))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no IB_WRITE_BW_MBPS in {text:?}"));
+    for (qps, target, pairs) in [(1, 0.8, 1), (2, 0.9, 3)] {
+        let mut ratios = Vec::new();
+        for _ in 0..pairs {
+            let out = Command::new("livemig-ib-write-bw")
+                .args([size.to_string(), iters.to_string()])
+                .env("LIVEMIG_IBWB_QPS", qps.to_string())
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("livemig-ib-write-bw (in the rdma-vm)");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let perftest: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("IB_WRITE_BW_MBPS="))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no IB_WRITE_BW_MBPS in {text:?}"));
 
-        let r = idle_migration(256, qps);
-        let r0 = &r["round_details"][0];
-        let pages = r0["pages"].as_u64().unwrap();
-        let ms = r0["ms"].as_f64().unwrap();
-        let ours = pages as f64 * 4096.0 / (ms / 1000.0) / (1 << 20) as f64;
+            let r = idle_migration(256, qps);
+            let r0 = &r["round_details"][0];
+            let pages = r0["pages"].as_u64().unwrap();
+            let ms = r0["ms"].as_f64().unwrap();
+            let ours = pages as f64 * 4096.0 / (ms / 1000.0) / (1 << 20) as f64;
+            ratios.push(ours / perftest);
+            println!(
+                "RDMA THROUGHPUT: livemig round 0 {ours:.1} MiB/s ({pages} pages in {ms:.0} ms, \
+                 {qps} QP, RDMA WRITEs of {} KiB) vs ib_write_bw {perftest:.1} MiB/s \
+                 ({size} B x {iters}, {qps} QP); ratio {:.2}",
+                size >> 10,
+                ours / perftest
+            );
+        }
+        ratios.sort_by(f64::total_cmp);
         println!(
-            "RDMA THROUGHPUT: livemig round 0 {ours:.1} MiB/s ({pages} pages in {ms:.0} ms, \
-             {qps} QP, RDMA WRITEs of {} KiB) vs ib_write_bw {perftest:.1} MiB/s \
-             ({size} B x {iters}, {qps} QP); ratio {:.2} (target >= {target})",
-            size >> 10,
-            ours / perftest
+            "RDMA THROUGHPUT {qps} QP: median ratio {:.2} over {pairs} pair(s) [{}] (target >= \
+             {target})",
+            ratios[ratios.len() / 2],
+            ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
+}
+
+/// CPU seconds of each thread of process `pid`, by thread id: (name, seconds).
+fn thread_times(pid: u32) -> Vec<(u32, String, f64)> {
+    let hz = 100.0; // USER_HZ
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let tid: u32 = t.file_name().to_string_lossy().parse().unwrap_or(0);
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // "tid (comm) state ..." — comm may hold spaces: split after the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat.get(close + 2..).unwrap_or("").split(' ').collect();
+        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        out.push((tid, name, ticks / hz));
+    }
+    out
+}
+
+/// Samples the threads of `pid` until `done` is set (threads that end are still counted, at
+/// their last sample); returns CPU seconds by thread name, largest first.
+fn sample_threads(pid: u32, done: &std::sync::atomic::AtomicBool) -> String {
+    use std::sync::atomic::Ordering;
+    let mut last: std::collections::HashMap<u32, (String, f64)> = Default::default();
+    let start: std::collections::HashMap<u32, f64> = thread_times(pid)
+        .into_iter()
+        .map(|(t, _, s)| (t, s))
+        .collect();
+    loop {
+        for (tid, name, secs) in thread_times(pid) {
+            last.insert(tid, (name, secs - start.get(&tid).copied().unwrap_or(0.0)));
+        }
+        if done.load(Ordering::Relaxed) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut by: std::collections::BTreeMap<String, f64> = Default::default();
+    for (name, secs) in last.into_values() {
+        *by.entry(name).or_default() += secs;
+    }
+    let mut v: Vec<(String, f64)> = by.into_iter().filter(|x| x.1 > 0.0).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v.iter()
+        .map(|(n, s)| format!("{n} {s:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// An idle VM of `mib` MiB (random content) over `qps` QPs into reserved destination RAM; the
@@ -447,22 +517,31 @@ fn idle_migration(mib: u64, qps: u64) -> Value {
             &mib_s,
         ],
     );
-    let (ok, r, err) = try_migrate(
-        &sock,
-        &addr,
-        &[
-            "--transport",
-            "rdma",
-            "--channels",
-            &qps.to_string(),
-            "--rdma-device",
-            &d.src,
-        ],
-    );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (src_pid, dst_pid) = (_vm.child.id(), dst.child.id());
+    let ((ok, r, err), src_threads, dst_threads) = std::thread::scope(|s| {
+        let src = s.spawn(|| sample_threads(src_pid, &done));
+        let dst = s.spawn(|| sample_threads(dst_pid, &done));
+        let m = try_migrate(
+            &sock,
+            &addr,
+            &[
+                "--transport",
+                "rdma",
+                "--channels",
+                &qps.to_string(),
+                "--rdma-device",
+                &d.src,
+            ],
+        );
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (m, src.join().unwrap(), dst.join().unwrap())
+    });
     println!(
         "RDMA MIGRATION ({mib} MiB, idle, {qps} QP): {}",
         essentials(&r)
     );
+    println!("RDMA CPU BY THREAD ({mib} MiB, {qps} QP): source: {src_threads}; destination: {dst_threads}");
     assert!(ok, "{err}");
     assert_rdma_report(&r, qps);
     let (code, stderr) = dst.wait_exit(Duration::from_secs(60));
