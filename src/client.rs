@@ -484,6 +484,7 @@ fn print_summary(r: &Value) {
         ("total time", format!("{:.1} ms", f("total_time_ms"))),
         ("  of which set-up", format!("{:.1} ms", f("setup_ms"))),
         ("downtime", format!("{:.1} ms", f("downtime_ms"))),
+        ("  of which", downtime_detail(&r["downtime_detail"])),
         (
             "effective throughput",
             format!("{:.2} GB/s (RAM / total time)", f("effective_gbps")),
@@ -626,4 +627,25 @@ fn storage_rows(s: &Value) -> Vec<(&'static str, String)> {
         ));
     }
     rows
+}
+
+/// The downtime's steps in one line ("-" from a source that does not report them).
+fn downtime_detail(d: &serde_json::Value) -> String {
+    if !d.is_object() {
+        return "-".into();
+    }
+    [
+        ("pause", "pause_ms"),
+        ("save state", "save_state_ms"),
+        ("harvest", "harvest_ms"),
+        ("last pages", "final_pages_ms"),
+        ("destination prepares", "prepare_ms"),
+        ("resume", "resume_ms"),
+        ("other", "other_ms"),
+    ]
+    .iter()
+    .map(|(name, key)| format!("{name} {:.1}", d[*key].as_f64().unwrap_or(0.0)))
+    .collect::<Vec<_>>()
+    .join(", ")
+        + " ms"
 }

@@ -29,7 +29,34 @@ fn idle_guest_migrates_and_keeps_running_on_the_destination() {
     assert!(report["rounds"].as_u64().unwrap() >= 2);
     assert!(report["guest_progress_after_resume"].as_u64().unwrap() > 0);
     assert_eq!(report["ram_bytes"], 64 << 20);
-    assert!(report["downtime_ms"].as_f64().unwrap() > 0.0);
+    let downtime = report["downtime_ms"].as_f64().unwrap();
+    assert!(downtime > 0.0);
+    // The downtime's steps account for all of it, each measured.
+    let d = &report["downtime_detail"];
+    let steps = [
+        "pause_ms",
+        "save_state_ms",
+        "harvest_ms",
+        "final_pages_ms",
+        "prepare_ms",
+        "resume_ms",
+        "other_ms",
+    ];
+    let sum: f64 = steps
+        .iter()
+        .map(|k| {
+            let v = d[*k].as_f64().unwrap_or_else(|| panic!("no {k}: {d}"));
+            assert!(v >= 0.0, "{k} < 0: {d}");
+            v
+        })
+        .sum();
+    assert!(
+        (sum - downtime).abs() < 0.5,
+        "steps {sum} ms vs downtime {downtime} ms: {d}"
+    );
+    for k in ["pause_ms", "save_state_ms", "prepare_ms", "resume_ms"] {
+        assert!(d[k].as_f64().unwrap() > 0.0, "{k} not measured: {d}");
+    }
     assert_eq!(report["transport"], "tcp");
     // The guest continues on the destination from where it was: its counter is past the
     // source's and keeps moving.

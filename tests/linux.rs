@@ -269,10 +269,21 @@ fn migrate_guest(a: &mut Guest, to: &str, args: &[&str]) -> Value {
 }
 
 fn print_report(report: Value) -> Value {
+    let d = &report["downtime_detail"];
+    let step = |k: &str| d[k].as_f64().unwrap_or(0.0);
     println!(
-        "LINUX MIGRATION: total {:.0} ms, downtime {:.1} ms, {} rounds, transport {}, digest {}",
+        "LINUX MIGRATION: total {:.0} ms, downtime {:.1} ms (pause {:.1}, save state {:.1}, \
+         harvest {:.1}, last pages {:.1}, destination prepares {:.1}, resume {:.1}, other {:.1}), \
+         {} rounds, transport {}, digest {}",
         report["total_time_ms"].as_f64().unwrap_or(0.0),
         report["downtime_ms"].as_f64().unwrap_or(0.0),
+        step("pause_ms"),
+        step("save_state_ms"),
+        step("harvest_ms"),
+        step("final_pages_ms"),
+        step("prepare_ms"),
+        step("resume_ms"),
+        step("other_ms"),
         report["rounds"],
         report["transport"],
         report["destination_digest"]

@@ -647,6 +647,30 @@ pub struct MigrationReport {
     /// Per RDMA rail, when there were several.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rails: Vec<RailReport>,
+    /// Where the downtime went, step by step, as the source saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_detail: Option<DowntimeDetail>,
+}
+
+/// The downtime's steps, in milliseconds, in the order they happen; they add up to
+/// [`MigrationReport::downtime_ms`] (the rest, bookkeeping between them, is `other_ms`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DowntimeDetail {
+    /// Stopping the vCPUs and quiescing the devices (in-flight I/O completes).
+    pub pause_ms: f64,
+    /// Saving vCPU, interrupt controller, clock and device state.
+    pub save_state_ms: f64,
+    /// The last dirty-log harvest (RAM and disks).
+    pub harvest_ms: f64,
+    /// Sending the last dirty pages (and disk blocks) until every channel confirmed them.
+    pub final_pages_ms: f64,
+    /// From the device state sent to Prepared: the destination lands the last pages,
+    /// checks and restores the state, computes its digest.
+    pub prepare_ms: f64,
+    /// From Commit to the destination's word that the guest runs there.
+    pub resume_ms: f64,
+    /// The rest: messages and checks between those steps.
+    pub other_ms: f64,
 }
 
 /// What one RDMA rail (a local device and its queue pairs) carried.

@@ -13,13 +13,15 @@ use super::{ms, Progress, Session};
 use crate::digest::ram_digest;
 use crate::protocol::Message;
 use crate::scheduler::{RoundStats, RoundWork};
-use crate::session::{CodecReport, MigrationError, MigrationReport, RoundReport};
+use crate::session::{CodecReport, DowntimeDetail, MigrationError, MigrationReport, RoundReport};
 
 /// What the destination reported before Commit.
 struct Prepared {
     digest: u64,
     cpu_ns: u64,
     final_round: RoundStats,
+    /// The downtime's steps so far (save, harvest, final pages, prepare).
+    detail: DowntimeDetail,
 }
 
 impl Session<'_> {
@@ -32,7 +34,9 @@ impl Session<'_> {
     ) -> Result<MigrationReport, MigrationError> {
         let t_pause = Instant::now();
         tracing::info!(round = pre.round, "pausing the guest");
-        if let Err(e) = self.vm.pause() {
+        let paused = self.vm.pause();
+        let pause_ms = ms(t_pause.elapsed());
+        if let Err(e) = paused {
             // A partial pause is undone: resume whatever stopped.
             let _ = self.vm.resume();
             let _ = self.vm.stop_dirty_tracking();
@@ -40,10 +44,11 @@ impl Session<'_> {
             self.abort("source could not pause the guest");
             return Err(e.into());
         }
-        let prepared = match self.stop_and_copy(&pre, on_progress) {
+        let mut prepared = match self.stop_and_copy(&pre, on_progress) {
             Ok(p) => p,
             Err(e) => return Err(self.roll_back(e)),
         };
+        prepared.detail.pause_ms = pause_ms;
         self.tally.rounds.push(RoundReport {
             round: pre.round,
             pages: prepared.final_round.pages,
@@ -61,6 +66,7 @@ impl Session<'_> {
         if let Some(last) = self.tally.rounds.last() {
             on_progress(&Progress::Round(last.clone()));
         }
+        let t_commit = Instant::now();
         if let Err(e) = self.commit(on_progress) {
             return Err(match e {
                 // Authenticated word that the destination discarded its copy: the guest can
@@ -72,6 +78,16 @@ impl Session<'_> {
             });
         }
         let downtime = t_pause.elapsed();
+        prepared.detail.resume_ms = ms(t_commit.elapsed());
+        let d = &mut prepared.detail;
+        d.other_ms = (ms(downtime)
+            - d.pause_ms
+            - d.save_state_ms
+            - d.harvest_ms
+            - d.final_pages_ms
+            - d.prepare_ms
+            - d.resume_ms)
+            .max(0.0);
         let total = self.t0.elapsed();
         let source_cpu_ns =
             self.tally.cpu_ns + crate::scheduler::thread_cpu_ns().saturating_sub(cpu_start);
@@ -89,11 +105,16 @@ impl Session<'_> {
         // the state ioctls (a vCPU preempted inside one gets its steal-time record's
         // "preempted" flag set on the way out), and those pages must be in the final round —
         // otherwise the source's RAM no longer matches what the destination received.
+        let mut detail = DowntimeDetail::default();
+        let t = Instant::now();
         let sections = self.vm.save_state()?;
+        detail.save_state_ms = ms(t.elapsed());
+        let t = Instant::now();
         let mut to_send = pre.to_send.clone();
         self.vm.harvest_dirty(&mut to_send)?;
         // The devices are quiesced: the disks' last writes are in, the rest goes now.
         self.storage.harvest();
+        detail.harvest_ms = ms(t.elapsed());
         let mut disk = pre.disk.clone();
         disk.extend(self.storage.take_pending());
         self.storage.count_final(&disk);
@@ -105,7 +126,9 @@ impl Session<'_> {
             holes: &[],
             disk: &disk,
         };
+        let t = Instant::now();
         let stats = self.send_round(pre.round, &work, pages, None, &mut |_| {})?;
+        detail.final_pages_ms = ms(t.elapsed());
         if self.storage.copying() {
             self.ctl.send(&Message::DiskDigests {
                 digests: self.storage.digests(),
@@ -116,6 +139,7 @@ impl Session<'_> {
         self.storage
             .release_locks()
             .map_err(MigrationError::Storage)?;
+        let t = Instant::now();
         self.ctl.send(&Message::DeviceState {
             final_round: pre.round,
             sections,
@@ -125,6 +149,7 @@ impl Session<'_> {
             "waiting for the destination to prepare",
         )? {
             Message::Prepared { digest, cpu_ns } => {
+                detail.prepare_ms = ms(t.elapsed());
                 // Every page the destination holds must be the one sent last: a lost or
                 // altered batch is caught here, while the guest can still resume here.
                 let sent = self.sched.sent_digest();
@@ -142,6 +167,7 @@ impl Session<'_> {
                     digest,
                     cpu_ns,
                     final_round: stats,
+                    detail,
                 })
             }
             m => Err(self.ctl.unexpected(&m, "waiting for Prepared")),
@@ -268,6 +294,7 @@ impl Session<'_> {
             round_details: t.rounds.clone(),
             storage,
             rails: self.plane.rails(&self.sched),
+            downtime_detail: Some(prepared.detail.clone()),
         }
     }
 
