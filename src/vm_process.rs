@@ -257,15 +257,25 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
                 "used_reserved_ram": incoming.used_reserved_ram,
                 "guest_progress_after_resume": incoming.progress_after_resume,
                 "guest_counter": progress,
+                "switchover_steps": incoming.steps,
             })
         );
     } else {
+        let st = &incoming.steps;
         println!(
-            "livemig: migrated VM running here: {} pages received, guest counter {} (+{} since resume){}",
+            "livemig: migrated VM running here: {} pages received, guest counter {} (+{} since resume){}; \
+             switchover here: last pages landed {:.1}, storage {:.1}, digest {:.1}, restore {:.1}, \
+             record {:.1}, resume {:.1} ms",
             incoming.pages_received,
             progress,
             incoming.progress_after_resume,
-            if incoming.used_reserved_ram { ", reserved RAM used" } else { "" }
+            if incoming.used_reserved_ram { ", reserved RAM used" } else { "" },
+            st.land_ms,
+            st.storage_ms,
+            st.digest_ms,
+            st.restore_ms,
+            st.record_ms,
+            st.resume_ms
         );
     }
     let _ = std::io::stdout().flush();

@@ -18,7 +18,7 @@ fn idle_guest_migrates_and_keeps_running_on_the_destination() {
     let dir = tmpdir("idle");
     let src = dir.join("src.sock");
     let dst = dir.join("dst.sock");
-    let (_rx, addr) = receive(&[], "127.0.0.1:0", &["--socket", dst.to_str().unwrap()]);
+    let (mut rx, addr) = receive(&[], "127.0.0.1:0", &["--socket", dst.to_str().unwrap()]);
     let _vm = run_vm(
         &[],
         &src,
@@ -57,6 +57,26 @@ fn idle_guest_migrates_and_keeps_running_on_the_destination() {
     for k in ["pause_ms", "save_state_ms", "prepare_ms", "resume_ms"] {
         assert!(d[k].as_f64().unwrap() > 0.0, "{k} not measured: {d}");
     }
+    // The destination's own steps fit inside its share (prepare and resume).
+    let arrived: serde_json::Value =
+        serde_json::from_str(&rx.wait_line("switchover_steps")).unwrap();
+    let st = &arrived["switchover_steps"];
+    let here: f64 = [
+        "land_ms",
+        "storage_ms",
+        "digest_ms",
+        "restore_ms",
+        "record_ms",
+        "resume_ms",
+    ]
+    .iter()
+    .map(|k| st[*k].as_f64().unwrap_or_else(|| panic!("no {k}: {st}")))
+    .sum();
+    assert!(st["restore_ms"].as_f64().unwrap() > 0.0, "{st}");
+    assert!(
+        here <= d["prepare_ms"].as_f64().unwrap() + d["resume_ms"].as_f64().unwrap() + 0.5,
+        "destination steps {here} ms exceed what the source waited for them: {st} / {d}"
+    );
     assert_eq!(report["transport"], "tcp");
     // The guest continues on the destination from where it was: its counter is past the
     // source's and keeps moving.

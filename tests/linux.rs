@@ -444,6 +444,12 @@ fn migrate_from(
     let mut a = a;
     let report = migrate_guest(&mut a, &addr, transport);
     assert!(report["rounds"].as_u64().unwrap() >= 2, "{report}");
+    let mut b = b;
+    let arrived: Value = serde_json::from_str(&b.wait_line("switchover_steps")).unwrap();
+    println!(
+        "LINUX DESTINATION STEPS (ms): {}",
+        arrived["switchover_steps"]
+    );
     // The source stopped for good; the guest goes on on the destination, its console
     // continuous.
     retire(&a.sock, a.proc);

@@ -102,6 +102,26 @@ pub struct Incoming {
     pub used_reserved_ram: bool,
     /// Guest counter movement seen after resume.
     pub progress_after_resume: u64,
+    /// The destination's share of the downtime, step by step.
+    pub steps: SwitchoverSteps,
+}
+
+/// The destination's steps of the switchover, in milliseconds, from the device state's
+/// arrival to the guest running here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct SwitchoverSteps {
+    /// The final round's last pages landing and the data channels closing.
+    pub land_ms: f64,
+    /// Disks: copies verified and named, or shared images locked.
+    pub storage_ms: f64,
+    /// The RAM digest.
+    pub digest_ms: f64,
+    /// Checking and restoring vCPU and device state.
+    pub restore_ms: f64,
+    /// Writing the decision to resume durably.
+    pub record_ms: f64,
+    /// Starting the vCPUs and devices.
+    pub resume_ms: f64,
 }
 
 /// Receives one migration on `listener`.
@@ -185,6 +205,7 @@ pub fn receive(
         pages_received,
         used_reserved_ram: built.used_reserved_ram,
         progress_after_resume,
+        steps: s.steps,
     })
 }
 
@@ -193,6 +214,8 @@ struct Session {
     ctl: Control,
     opts: IncomingOptions,
     timeout: Duration,
+    /// The switchover's steps, as they are timed.
+    steps: SwitchoverSteps,
     /// The VM's disks (copies are deleted with it unless the migration commits).
     storage: IncomingStorage,
     /// The migration's id ([`crate::session::migration_id`]).
@@ -217,6 +240,7 @@ impl Session {
             ctl,
             opts,
             timeout,
+            steps: SwitchoverSteps::default(),
             storage: IncomingStorage::none(),
             id: String::new(),
             slot: None,

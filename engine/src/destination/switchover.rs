@@ -1,6 +1,8 @@
 //! The destination's switchover: wait for the device state (following RDMA rounds meanwhile),
 //! close RAM, restore, answer Prepared with the RAM digest, resume only on Commit.
 
+use std::time::Instant;
+
 use tracing::{info, warn};
 
 use super::channels::IncomingPlane;
@@ -8,6 +10,10 @@ use super::Session;
 use crate::protocol::{Message, ProtocolError};
 use crate::session::{MigrationError, Outcome};
 use crate::vm::{DeviceSection, MigratableVm};
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
 
 impl Session {
     /// From pre-copy to the guest running here.
@@ -40,17 +46,25 @@ impl Session {
         plane: &mut dyn IncomingPlane,
     ) -> Result<(), MigrationError> {
         let (final_round, sections, disk_digests) = self.wait_device_state(plane)?;
+        let t = Instant::now();
         plane.finish(final_round, self.timeout)?;
+        self.steps.land_ms = ms(t.elapsed());
         // Every block landed: the copies are verified and named, or shared images locked;
         // if that fails the source resumes.
+        let t = Instant::now();
         if let Err(e) = self.storage.complete(&disk_digests) {
             return Err(self.refuse(format!("storage: {e}")));
         }
+        self.steps.storage_ms = ms(t.elapsed());
         // The digest covers what arrived, before the restore: KVM itself writes guest RAM
         // when some state is restored (the kvmclock wall-clock MSR makes it write the
         // wall-clock structure), which the source's RAM at pause does not show.
+        let t = Instant::now();
         let (digest, cpu_ns) = plane.digest(vm.ram());
+        self.steps.digest_ms = ms(t.elapsed());
+        let t = Instant::now();
         vm.restore_state(&sections)?;
+        self.steps.restore_ms = ms(t.elapsed());
         info!(
             final_round,
             digest = format!("{digest:016x}"),
@@ -144,7 +158,10 @@ impl Session {
         }
         // Resuming is recorded durably first: a record that cannot be written means no
         // resume (the source, told so, resumes instead).
-        if let Err(re) = self.record(Outcome::Resumed) {
+        let t = Instant::now();
+        let recorded = self.record(Outcome::Resumed);
+        self.steps.record_ms = ms(t.elapsed());
+        if let Err(re) = recorded {
             let reason = format!(
                 "the destination discarded its copy of the VM: it could not record its decision \
                  to resume ({re})"
@@ -160,7 +177,9 @@ impl Session {
         }
         // The source will never resume: the copies are the VM's disks now.
         self.storage.commit();
+        let t = Instant::now();
         vm.resume()?;
+        self.steps.resume_ms = ms(t.elapsed());
         info!("resumed");
         if let Err(e) = self.ctl.send(&Message::Resumed) {
             // The guest runs here now; the source will report "outcome unknown".
