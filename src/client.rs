@@ -639,6 +639,7 @@ fn downtime_detail(d: &serde_json::Value) -> String {
         ("save state", "save_state_ms"),
         ("harvest", "harvest_ms"),
         ("last pages", "final_pages_ms"),
+        ("disks", "storage_ms"),
         ("destination prepares", "prepare_ms"),
         ("resume", "resume_ms"),
         ("other", "other_ms"),

@@ -273,7 +273,8 @@ fn print_report(report: Value) -> Value {
     let step = |k: &str| d[k].as_f64().unwrap_or(0.0);
     println!(
         "LINUX MIGRATION: total {:.0} ms, downtime {:.1} ms (pause {:.1}, save state {:.1}, \
-         harvest {:.1}, last pages {:.1}, destination prepares {:.1}, resume {:.1}, other {:.1}), \
+         harvest {:.1}, last pages {:.1}, disks {:.1}, destination prepares {:.1}, resume {:.1}, \
+         other {:.1}), \
          {} rounds, transport {}, digest {}",
         report["total_time_ms"].as_f64().unwrap_or(0.0),
         report["downtime_ms"].as_f64().unwrap_or(0.0),
@@ -281,6 +282,7 @@ fn print_report(report: Value) -> Value {
         step("save_state_ms"),
         step("harvest_ms"),
         step("final_pages_ms"),
+        step("storage_ms"),
         step("prepare_ms"),
         step("resume_ms"),
         step("other_ms"),

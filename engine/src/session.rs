@@ -664,6 +664,9 @@ pub struct DowntimeDetail {
     pub harvest_ms: f64,
     /// Sending the last dirty pages (and disk blocks) until every channel confirmed them.
     pub final_pages_ms: f64,
+    /// Disks: their digests sent (copy), or flushed and their locks released (shared).
+    #[serde(default)]
+    pub storage_ms: f64,
     /// From the device state sent to Prepared: the destination lands the last pages,
     /// checks and restores the state, computes its digest.
     pub prepare_ms: f64,

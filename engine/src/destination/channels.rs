@@ -94,6 +94,11 @@ pub(super) trait IncomingPlane {
     fn finish(&mut self, final_round: u64, timeout: Duration) -> Result<(), MigrationError>;
     /// Digest of guest RAM as it stands, and the CPU time the plane used.
     fn digest(&self, ram: &GuestRam) -> (u64, u64);
+    /// Whether [`IncomingPlane::digest`] reads guest RAM (a full pass) rather than the hashes
+    /// taken as pages landed: then it must not overlap the state restore, which writes RAM.
+    fn digest_reads_ram(&self) -> bool {
+        false
+    }
     /// Why the data path failed, if it did (explains a control connection cut because of it).
     fn failure(&self) -> Option<String>;
     /// Stops and releases everything (idempotent; after success or failure).
@@ -368,6 +373,13 @@ impl IncomingPlane for RdmaPlane {
             )));
         }
         Ok(())
+    }
+
+    fn digest_reads_ram(&self) -> bool {
+        self.hasher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
     }
 
     fn digest(&self, ram: &GuestRam) -> (u64, u64) {

@@ -32,6 +32,7 @@ impl Session<'_> {
         cpu_start: u64,
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<MigrationReport, MigrationError> {
+        self.storage.flush_ahead();
         let t_pause = Instant::now();
         tracing::info!(round = pre.round, "pausing the guest");
         let paused = self.vm.pause();
@@ -85,6 +86,7 @@ impl Session<'_> {
             - d.save_state_ms
             - d.harvest_ms
             - d.final_pages_ms
+            - d.storage_ms
             - d.prepare_ms
             - d.resume_ms)
             .max(0.0);
@@ -129,6 +131,7 @@ impl Session<'_> {
         let t = Instant::now();
         let stats = self.send_round(pre.round, &work, pages, None, &mut |_| {})?;
         detail.final_pages_ms = ms(t.elapsed());
+        let t = Instant::now();
         if self.storage.copying() {
             self.ctl.send(&Message::DiskDigests {
                 digests: self.storage.digests(),
@@ -139,6 +142,7 @@ impl Session<'_> {
         self.storage
             .release_locks()
             .map_err(MigrationError::Storage)?;
+        detail.storage_ms = ms(t.elapsed());
         let t = Instant::now();
         self.ctl.send(&Message::DeviceState {
             final_round: pre.round,

@@ -258,6 +258,18 @@ impl OutgoingStorage {
         Ok(())
     }
 
+    /// Shared mode, just before the pause: makes what the guest wrote so far durable while
+    /// it still runs, so that the flush inside the downtime has only the last writes left.
+    /// A failure here is only logged: the flush in the downtime is the one that counts.
+    pub fn flush_ahead(&self) {
+        if self.mode != StorageMode::Shared {
+            return;
+        }
+        if let Err(e) = self.flush() {
+            tracing::warn!("flushing the disks ahead of the pause: {e}");
+        }
+    }
+
     /// Shared mode, guest paused and flushed: lets the destination take the locks.
     pub fn release_locks(&mut self) -> Result<(), String> {
         if self.mode != StorageMode::Shared {
