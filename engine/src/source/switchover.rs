@@ -148,15 +148,20 @@ impl Session<'_> {
             final_round: pre.round,
             sections,
         })?;
-        match self.ctl.recv(
-            Some(self.opts.timeout),
-            "waiting for the destination to prepare",
-        )? {
+        // Every page's last hash is in (the final round's markers wait for their hashing):
+        // the digest of what was sent is computed while the destination prepares.
+        let (sched, ctl, timeout) = (&self.sched, &mut self.ctl, self.opts.timeout);
+        let (answer, sent) = std::thread::scope(|s| {
+            let sent = s.spawn(|| sched.sent_digest());
+            let answer = ctl.recv(Some(timeout), "waiting for the destination to prepare");
+            (answer, sent.join())
+        });
+        let sent = sent.unwrap_or_else(|p| std::panic::resume_unwind(p));
+        match answer? {
             Message::Prepared { digest, cpu_ns } => {
                 detail.prepare_ms = ms(t.elapsed());
                 // Every page the destination holds must be the one sent last: a lost or
                 // altered batch is caught here, while the guest can still resume here.
-                let sent = self.sched.sent_digest();
                 if digest != sent {
                     return Err(MigrationError::DigestMismatch {
                         sent: format!("{sent:016x}"),

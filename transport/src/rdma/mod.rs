@@ -88,8 +88,8 @@ const LINK_LAYER_ETHERNET: u8 = 2;
 const ACK_TIMEOUT: u8 = 17;
 /// Transport retries before a write fails. Not 7: soft-RoCE (rxe) treats 7 as "retry forever".
 const RETRY_COUNT: u8 = 6;
-/// A queue pair with writes outstanding that completes none for this long (well beyond
-/// [`ACK_TIMEOUT`] × ([`RETRY_COUNT`] + 1), after which the device fails the write itself)
+/// A queue pair with writes outstanding that completes none for this long (well beyond its
+/// ACK timeout × (retries + 1), about 4 s, after which the device fails the write itself)
 /// is taken for dead; it stays well under the peer's timeout for silence, so that its rail's
 /// writes can be handed to the other rails before the destination gives the migration up.
 pub const STALL_LIMIT: Duration = Duration::from_secs(20);
