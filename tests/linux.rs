@@ -987,12 +987,23 @@ fn without_announce_a_silent_guest_is_cut_off_until_it_transmits() {
     let dir = tmpdir("linux-silent");
     let (a, b, addr, b_sock, _b_log, macs) = rack_guest(&rack, &dir, &["--no-announce"]);
     wait_tick(&a.log, 30);
-    // The client reaches the guest on host A...
-    let before = client_report(client(&rack, macs[0], 3, false));
-    assert!(
-        before["received"].as_u64().unwrap() * 10 >= before["sent"].as_u64().unwrap() * 9,
-        "pings before the migration: {before}"
-    );
+    // The client reaches the guest on host A (a precondition: under nested TCG the guest can
+    // stall for a second or two, so a window that falls short is tried again, at most thrice;
+    // a NIC that stopped answering fails all three)...
+    let mut windows = Vec::new();
+    let reached = (0..3).any(|_| {
+        let before = client_report(client(&rack, macs[0], 3, false));
+        let ok = before["received"].as_u64().unwrap() * 10 >= before["sent"].as_u64().unwrap() * 9;
+        if !ok {
+            println!(
+                "SILENT GUEST: pings before the migration fell short ({} of {}, longest gap {} ms): again",
+                before["received"], before["sent"], before["longest_gap_ms"]
+            );
+        }
+        windows.push(before);
+        ok
+    });
+    assert!(reached, "pings before the migration: {windows:?}");
     // ...then leaves it alone, so no reply sits in the guest's queue when it pauses (one
     // would go out on host B at resume: the guest transmitting after all).
     std::thread::sleep(Duration::from_secs(1));
