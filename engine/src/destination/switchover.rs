@@ -9,11 +9,8 @@ use super::channels::IncomingPlane;
 use super::Session;
 use crate::protocol::{Message, ProtocolError};
 use crate::session::{MigrationError, Outcome};
+use crate::source::ms;
 use crate::vm::{DeviceSection, MigratableVm};
-
-fn ms(d: std::time::Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 impl Session {
     /// From pre-copy to the guest running here.
