@@ -194,7 +194,24 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         })
     });
     // Until the VM runs here, its control socket says it is arriving.
-    let arriving = sock_listener.as_ref().map(Arriving::start).transpose()?;
+    let mut arriving = sock_listener.as_ref().map(Arriving::start).transpose()?;
+    // Once the VM runs here, its control socket serves it at once, before the source is told
+    // the migration is over: whoever asks after `migrate` returns finds it running.
+    let (served_tx, served_rx) = std::sync::mpsc::channel();
+    let on_resumed = match (sock_listener, args.socket.clone()) {
+        (Some(l), Some(path)) if !args.exit_after_resume => {
+            let (arriving, key, host) = (arriving.take(), key.clone(), host.clone());
+            Some(Box::new(move |vm: Arc<dyn MigratableVm>| {
+                drop(arriving);
+                let process = Arc::new(VmProcess::new(vm, "running", key, host));
+                let spawned = std::thread::Builder::new()
+                    .name("livemig-control".into())
+                    .spawn(move || serve(l, &path, process));
+                let _ = served_tx.send(spawned);
+            }) as destination::OnResumed)
+        }
+        _ => None,
+    };
     println!("livemig: listening on {local}");
     let _ = std::io::stdout().flush();
     let make = factory(args.backend, args.host.resources()?);
@@ -203,6 +220,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         IncomingOptions {
             control,
             admit,
+            on_resumed,
             reserved,
             reserved_rdma,
             timeout: Duration::from_secs(args.timeout_secs),
@@ -284,10 +302,12 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         return Ok(());
     }
     watch_guest_exit(incoming.vm.clone(), args.socket.clone());
-    let process = Arc::new(VmProcess::new(incoming.vm, "running", key, host));
-    match (sock_listener, &args.socket) {
-        (Some(l), Some(path)) => serve(l, path, process),
-        _ => loop {
+    match served_rx.try_recv() {
+        Ok(spawned) => spawned
+            .context("starting the control socket's thread")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("the control socket's thread panicked"))?,
+        Err(_) => loop {
             std::thread::sleep(Duration::from_secs(3600));
         },
     }

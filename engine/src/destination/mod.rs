@@ -55,6 +55,10 @@ pub type DiskPlacement = [(String, std::path::PathBuf)];
 /// error is the reason the source is refused with.
 pub type Admit = Box<dyn FnOnce(&VmConfig) -> Result<Box<dyn std::any::Any>, String> + Send>;
 
+/// Called once the VM runs here, before the source is told how far the guest got (so by the
+/// time the source's `migrate` returns, whoever asks this host finds the VM running).
+pub type OnResumed = Box<dyn FnOnce(Arc<dyn MigratableVm>) + Send>;
+
 /// Options of an incoming migration.
 #[derive(Default)]
 pub struct IncomingOptions {
@@ -64,6 +68,8 @@ pub struct IncomingOptions {
     pub control: Option<std::net::TcpStream>,
     /// Called before the VM is built.
     pub admit: Option<Admit>,
+    /// Called once the VM runs here (see [`OnResumed`]).
+    pub on_resumed: Option<OnResumed>,
     /// RAM reserved and faulted in ahead of time (like QEMU's `-mem-prealloc` on an
     /// `-incoming` VM). Used when its layout matches the incoming one.
     pub reserved: Option<GuestRam>,
@@ -199,6 +205,9 @@ pub fn receive(
             return Err(e);
         }
     };
+    if let Some(hook) = s.opts.on_resumed.take() {
+        hook(vm.clone());
+    }
     let progress_after_resume = s.report_progress(&*vm);
     Ok(Incoming {
         vm,
