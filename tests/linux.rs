@@ -293,6 +293,42 @@ fn print_report(report: Value) -> Value {
     report
 }
 
+/// Waits (bounded) for tick `n` on a migrated guest's console; returns it and the
+/// destination. A guest that stopped after its migration fails with where its vCPUs and
+/// devices are, and whether a key on its console woke it (a lost wake-up) or not.
+fn wait_migrated(mut b: Proc, sock: &Path, log: &Path, n: u64) -> (u64, Proc) {
+    let why = match try_wait_tick(log, n) {
+        Ok(t) => return (t, b),
+        Err(why) => why,
+    };
+    let status = std::panic::catch_unwind(|| request(sock, r#"{"cmd":"status"}"#))
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| "(no answer)".into());
+    let th = threads(b.id());
+    let seen = ticks(&console(log)).last().copied();
+    let poked = Command::new(bin())
+        .args(["console", "--vm", sock.to_str().unwrap(), "--send", ""])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    std::thread::sleep(Duration::from_secs(5));
+    let woke = ticks(&console(log)).last().copied();
+    let poke = format!(
+        "a key on the console ({}): last tick {seen:?} before, {woke:?} 5 s after",
+        if poked { "sent" } else { "could not be sent" }
+    );
+    // Printed before the destination is stopped (which panics if it already exited).
+    println!(
+        "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{poke}\n{}",
+        tail(&console(log))
+    );
+    let err = b.kill_and_log();
+    panic!(
+        "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{poke}\n{}",
+        vm_story("destination", &console(log), &err)
+    );
+}
+
 /// The source after a migration: its VM has stopped for good; its process ends on `stop`.
 fn retire(sock: &Path, proc: Proc) {
     let st = request(sock, r#"{"cmd":"status"}"#);
@@ -455,26 +491,7 @@ fn migrate_from(
     // The source stopped for good; the guest goes on on the destination, its console
     // continuous.
     retire(&a.sock, a.proc);
-    let after = match try_wait_tick(&b_log, before + 30) {
-        Ok(t) => t,
-        Err(why) => {
-            // A guest that stopped after its migration: where its vCPUs and devices are.
-            let status = std::panic::catch_unwind(|| request(&b_sock, r#"{"cmd":"status"}"#))
-                .map(|v| v.to_string())
-                .unwrap_or_else(|_| "(no answer)".into());
-            let th = threads(b.id());
-            // Printed before the destination is stopped (which panics if it already exited).
-            println!(
-                "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{}",
-                tail(&console(&b_log))
-            );
-            let err = b.kill_running();
-            panic!(
-                "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{}",
-                vm_story("destination", &console(&b_log), &err)
-            );
-        }
-    };
+    let (after, b) = wait_migrated(b, &b_sock, &b_log, before + 30);
     assert!(after > before);
     assert_clean(&console(&b_log), "destination console", true);
     assert_continuous(&[&a.log, &b_log]);
@@ -579,7 +596,7 @@ fn a_linux_guest_migrates_with_a_copy_of_its_disk() {
         s["disks"][0]["destination_digest"]
     );
     retire(&a.sock, a.proc);
-    let after = wait_tick(&b_log, before + 30);
+    let (after, b) = wait_migrated(b, &b_sock, &b_log, before + 30);
     assert!(after > before);
     assert_clean(&console(&b_log), "destination console", true);
     assert_continuous(&[&a.log, &b_log]);
@@ -635,10 +652,11 @@ fn ping_pong_three_migrations() {
     let mut proc = g.proc;
     let mut last = wait_tick(&g.log, 15);
     for i in 1..=3 {
-        let (p, addr, s, log) = destination(&dir, &format!("m{i}"), "127.0.0.1:0", &[]);
+        let (p0, addr, s, log) = destination(&dir, &format!("m{i}"), "127.0.0.1:0", &[]);
         migrate_checked(&sock, &addr, &[]);
         retire(&sock, proc);
-        last = wait_tick(&log, last + 15);
+        let p;
+        (last, p) = wait_migrated(p0, &s, &log, last + 15);
         assert_clean(&console(&log), &format!("migration {i}"), true);
         logs.push(log);
         let refs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
