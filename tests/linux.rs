@@ -247,22 +247,20 @@ fn destination_in(
     (p, addr, sock, log)
 }
 
-/// One migration with the checks every Linux migration must pass; returns the report.
-fn migrate_checked(from: &Path, to: &str, args: &[&str]) -> Value {
-    print_report(migrate_ok(&[], from, to, args))
-}
-
-/// [`migrate_checked`] from `a`; a failed migration shows the source VM's log.
-fn migrate_guest(a: &mut Guest, to: &str, args: &[&str]) -> Value {
-    let out = migrate(&[], &a.sock, to, args);
+/// One migration of the VM behind `sock` (its process `proc`) with the checks every Linux
+/// migration must pass; returns the report. A failed migration shows the source VM's log.
+fn migrate_checked(proc: &mut Proc, sock: &Path, to: &str, args: &[&str]) -> Value {
+    let out = migrate(&[], sock, to, args);
     if !out.status.success() {
-        let log = a.proc.kill_and_log();
-        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let log = proc.kill_and_log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let console = console(&sock.with_extension("log"));
         panic!(
-            "migrate failed: {}{}\nthe source VM's log (last lines, newest first):\n{}",
+            "migrate failed: {}{}\nthe source VM's log (last lines, newest first):\n{}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
-            tail.join("\n")
+            tail.join("\n"),
+            vm_story("source", &console, "")
         );
     }
     print_report(report_ok(&out))
@@ -480,7 +478,7 @@ fn migrate_from(
     extra.extend_from_slice(dest_extra);
     let (b, addr, b_sock, b_log) = destination(&dir, "b", listen, &extra);
     let mut a = a;
-    let report = migrate_guest(&mut a, &addr, transport);
+    let report = migrate_checked(&mut a.proc, &a.sock, &addr, transport);
     assert!(report["rounds"].as_u64().unwrap() >= 2, "{report}");
     let mut b = b;
     let arrived: Value = serde_json::from_str(&b.wait_line("switchover_steps")).unwrap();
@@ -572,7 +570,9 @@ fn a_linux_guest_migrates_with_a_copy_of_its_disk() {
     );
     let before = wait_tick(&a.log, 30);
     let (b, addr, b_sock, b_log) = destination(&dir, "b", "127.0.0.1:0", &["--tap", "net0=lmtapd"]);
+    let mut a = a;
     let report = migrate_checked(
+        &mut a.proc,
         &a.sock,
         &addr,
         &[
@@ -653,7 +653,7 @@ fn ping_pong_three_migrations() {
     let mut last = wait_tick(&g.log, 15);
     for i in 1..=3 {
         let (p0, addr, s, log) = destination(&dir, &format!("m{i}"), "127.0.0.1:0", &[]);
-        migrate_checked(&sock, &addr, &[]);
+        migrate_checked(&mut proc, &sock, &addr, &[]);
         retire(&sock, proc);
         let p;
         (last, p) = wait_migrated(p0, &s, &log, last + 15);

@@ -71,11 +71,26 @@ impl Process {
 
     /// Kills the process if it still runs, and returns its stderr (for a failure's report).
     pub fn kill_and_log(&mut self) -> Result<String> {
+        // A process that had ended already says how (an exit code, or the signal that killed it).
+        let ended = self.child.try_wait()?;
         let _ = self.child.kill();
         self.child.wait()?;
         let mut err = String::new();
         if let Some(mut e) = self.child.stderr.take() {
             let _ = e.read_to_string(&mut err);
+        }
+        let mut out = String::new();
+        if let Some(o) = self.stdout.as_mut() {
+            let _ = o.read_to_string(&mut out);
+        }
+        if !out.trim().is_empty() {
+            err.push_str(&format!(
+                "\n(its stdout, unread until now:)\n{}",
+                out.trim_end()
+            ));
+        }
+        if let Some(st) = ended {
+            err.push_str(&format!("\n(the process had ended on its own: {st})"));
         }
         Ok(err)
     }
