@@ -400,7 +400,22 @@ fn run_once(fd: &mut VcpuFd, exits: &Exits) -> Result<Step, String> {
             mmio.write(addr, data).flatten()
         }
         (Exits::Linux { .. }, VcpuExit::Hlt) => None,
-        (Exits::Linux { .. }, VcpuExit::Shutdown) => Some(VmAction::Reset),
+        (Exits::Linux { .. }, VcpuExit::Shutdown) => {
+            // A triple fault (or the guest's own shutdown cycle): said with where it happened,
+            // since the VM ends here and nothing else would tell.
+            let at = fd
+                .get_regs()
+                .map(|r| format!("rip {:#x} rsp {:#x}", r.rip, r.rsp))
+                .unwrap_or_default();
+            let sregs = fd
+                .get_sregs()
+                .map(|s| format!("cr0 {:#x} cr3 {:#x} cr4 {:#x}", s.cr0, s.cr3, s.cr4))
+                .unwrap_or_default();
+            tracing::error!(
+                "the guest shut down (a triple fault, or its own reset) at {at} {sregs}"
+            );
+            Some(VmAction::Reset)
+        }
         (Exits::Linux { .. }, VcpuExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN, _)) => {
             Some(VmAction::PowerOff)
         }
