@@ -54,8 +54,9 @@ if [ "$what" != rdma ]; then
     --env "LIVEMIG_GUEST_DISK=/opt/livemig/$(basename "$DISK_TEMPLATE")")
 fi
 
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+log=$(mktemp)     # this boot's output
+all_log=$(mktemp) # every boot's, for the summary
+trap 'rm -f "$log" "$all_log"' EXIT
 t=$(basename "$transport_tests")
 r=$(basename "$rdma_tests")
 l=$(basename "$linux_tests")
@@ -100,7 +101,7 @@ boot_nested() {
 # test's: the run is repeated, saying so — at most twice, and not once this script has run for
 # LIVEMIG_NESTED_RETRY_BUDGET seconds (CI has seen two hangs in one run). A failing test in a
 # boot whose kernel stayed healthy is never retried.
-budget="${LIVEMIG_NESTED_RETRY_BUDGET:-1500}"
+budget="${LIVEMIG_NESTED_RETRY_BUDGET:-1800}"
 
 # A Linux guest (L2) whose kernel crashed or stopped while it booted, before its test
 # migrated anything: the test fails waiting for the workload on the source's console (a.log),
@@ -117,12 +118,27 @@ guest_boot_crash() {
        END { exit !found }' "$log"
 }
 
+# The tests that passed in a boot: "test NAME ... ok" or, when a test printed something (its
+# output and the nested kernel's console lines follow its name), "ok" alone on a later line
+# before the next test starts. A pass this misses is only run again.
+passed_tests() {
+  awk '/^test [A-Za-z0-9_:]+ \.\.\. / { name = $2; if ($0 ~ / \.\.\. ok$/) { print name; name = "" }; next }
+       /^ok$/ && name != "" { print name; name = "" }
+       /^test result:/ { name = "" }' "$1"
+}
+
+# A boot after a crash runs only what has not passed yet (`--skip NAME` for each test that
+# passed before; no test name is part of another's), so a crash late in the run costs the
+# rest of the run, not all of it.
+skips=()
 for attempt in 1 2 3; do
-  echo "== booting the nested VM (soft-RoCE + KVM): $what"
+  echo "== booting the nested VM (soft-RoCE + KVM): $what${skips[*]:+ (skipping the $((${#skips[@]} / 2)) tests that passed in earlier boots)}"
   set +e
-  boot_nested "$@"
+  boot_nested "$@" "${skips[@]}"
   rc=$?
   set -e
+  cat "$log" >>"$all_log"
+  while read -r name; do skips+=(--skip "$name"); done < <(passed_tests "$log")
   # The nested VM's own kernel failing under the tests (seen: a panic, soft lockups, a stack
   # guard hit and "scheduling while atomic" in a vCPU thread) takes its L2 guests with it.
   if [ "$attempt" != 3 ] && [ "$SECONDS" -lt "$((start + budget))" ] && { [ "$rc" = 200 ] ||
@@ -141,8 +157,8 @@ done
 
 echo
 echo "== summary (from the nested VM)"
-sed -n '/^--- livemig rdma devices ---$/,/^---$/p' "$log"
+sed -n '/^--- livemig rdma devices ---$/,/^---$/{p;/^---$/q}' "$all_log"
 # (-o: a test's first line of output follows its name on the same line)
-grep -aoE '(RDMA MIGRATION|FAULT|RETRY|MISSING DEVICE|AUTO|RDMA THROUGHPUT|after the peer vanished|LINUX BOOT|LINUX MIGRATION|LINUX COPY|LINUX BLACKOUT).*|^test result.*' "$log" || true
+grep -aoE '(RDMA MIGRATION|FAULT|RETRY|MISSING DEVICE|AUTO|RDMA THROUGHPUT|after the peer vanished|LINUX BOOT|LINUX MIGRATION|LINUX COPY|LINUX BLACKOUT).*|^test result.*' "$all_log" || true
 echo "test-nested: $( [ "$rc" = 0 ] && echo passed || echo "FAILED (status $rc)" ) in $((SECONDS - start)) s"
 exit "$rc"
