@@ -401,6 +401,7 @@ fn throughput_of_a_large_round_against_ib_write_bw() {
     for (qps, target, pairs) in [(1, 0.8, 1), (2, 0.9, 3)] {
         let mut ratios = Vec::new();
         for _ in 0..pairs {
+            let before = rxe_counters();
             let out = Command::new("livemig-ib-write-bw")
                 .args([size.to_string(), iters.to_string()])
                 .env("LIVEMIG_IBWB_QPS", qps.to_string())
@@ -413,8 +414,11 @@ fn throughput_of_a_large_round_against_ib_write_bw() {
                 .find_map(|l| l.strip_prefix("IB_WRITE_BW_MBPS="))
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or_else(|| panic!("no IB_WRITE_BW_MBPS in {text:?}"));
+            let theirs = counters_since(&before);
 
+            let before = rxe_counters();
             let r = idle_migration(256, qps);
+            let mine = counters_since(&before);
             let r0 = &r["round_details"][0];
             let pages = r0["pages"].as_u64().unwrap();
             let ms = r0["ms"].as_f64().unwrap();
@@ -427,6 +431,9 @@ fn throughput_of_a_large_round_against_ib_write_bw() {
                 size >> 10,
                 ours / perftest
             );
+            // Where soft-RoCE spent the difference: its retries and sequence errors (a lost
+            // packet costs a go-back-N retry, or an ACK timeout at the end of a burst).
+            println!("RDMA COUNTERS ({qps} QP): ib_write_bw {theirs}; livemig {mine}");
         }
         ratios.sort_by(f64::total_cmp);
         println!(
@@ -439,6 +446,47 @@ fn throughput_of_a_large_round_against_ib_write_bw() {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    }
+}
+
+/// Every rxe device's port-1 hardware counters, by "device/counter".
+fn rxe_counters() -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(devs) = std::fs::read_dir("/sys/class/infiniband") else {
+        return out;
+    };
+    for d in devs.flatten() {
+        let dev = d.file_name().to_string_lossy().into_owned();
+        let Ok(counters) = std::fs::read_dir(d.path().join("ports/1/hw_counters")) else {
+            continue;
+        };
+        for c in counters.flatten() {
+            let v = std::fs::read_to_string(c.path()).unwrap_or_default();
+            if let Ok(v) = v.trim().parse::<u64>() {
+                let name = c.file_name().to_string_lossy().into_owned();
+                out.insert(format!("{dev}/{name}"), v);
+            }
+        }
+    }
+    out
+}
+
+/// The counters that moved since `before`, "device/counter +n" (packet and byte counts left
+/// out: only what tells of loss, retries and waits).
+fn counters_since(before: &std::collections::BTreeMap<String, u64>) -> String {
+    let moved: Vec<String> = rxe_counters()
+        .into_iter()
+        .filter(|(k, _)| !k.ends_with("/sent_pkts") && !k.ends_with("/rcvd_pkts"))
+        .filter(|(k, _)| !k.ends_with("/rdma_sends") && !k.ends_with("/rdma_recvs"))
+        .filter_map(|(k, v)| {
+            let d = v.saturating_sub(before.get(&k).copied().unwrap_or(0));
+            (d > 0).then(|| format!("{k} +{d}"))
+        })
+        .collect();
+    if moved.is_empty() {
+        "no retries, no sequence errors".into()
+    } else {
+        moved.join(", ")
     }
 }
 
