@@ -40,7 +40,8 @@
 # REF_LM_LOG=info (livemig logs; with REF_BLACKOUT, `REF timeline` lines: pause, prepared, resumed,
 # announced, in unix ms beside the blackout gap), REF_DISKCHECK=0 (skip the third boot), REF_VERBOSE=1 (echo every guest
 # console line, not just every 10th tick), REF_HEARTBEAT (30 s; 0 = off). Phases and counts may
-# repeat: `bash qemu-reference.sh boot boot migrate` with REF_SMPS="1 2 1 2".
+# repeat: `bash qemu-reference.sh boot boot migrate` with REF_SMPS="1 2 1 2"; `lm-migrate=OPTS`
+# is one livemig migration with its own options, commas for spaces (`lm-migrate=--compress,none`).
 #
 # The VM needs ~0.5 GB beyond its files with both 256 MiB guests up: the default 2048 MiB is
 # plenty. Figures vary ±50% from run to run (TCG on 2 shared host cores): repeat and compare
@@ -436,7 +437,7 @@ phase_lm_migrate() { # SMP
     [ "$(tick_no <<<"$dst_last")" -gt "$(tick_no <<<"$dst_first")" ]; then kept=yes; fi
 
   num() { grep -o "\"$1\":[^,}]*" <<<"$r" | head -n1 | cut -d: -f2 | tr -d '"'; }
-  say "REF migrate system=livemig smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match)"
+  say "REF migrate system=livemig smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match) args=$(a=${REF_LM_MIGRATE_ARGS:-}; a=${a// /,}; echo "${a:-default}")"
   blackout_report "$W/$src" livemig "$smp" "$t_mig" "$(num total_time_ms)"
   if [ -n "${REF_LM_LOG:-}" ]; then # the switchover's timeline, unix ms (REF_LM_LOG=info)
     local f l
@@ -480,7 +481,13 @@ for p in $PHASES; do
     migrate) for s in $SMPS; do phase_migrate "$s"; done ;;
     lm-boot) phase_lm_boot ;;
     lm-migrate) for s in $SMPS; do phase_lm_migrate "$s"; done ;;
-    *) fail "unknown phase $p (boot, migrate, lm-boot, lm-migrate)" ;;
+    lm-migrate=*) # lm-migrate=--compress,none: this run's own `livemig migrate` options
+      for s in $SMPS; do
+        a=${p#lm-migrate=}
+        REF_LM_MIGRATE_ARGS="${a//,/ }" phase_lm_migrate "$s"
+      done
+      ;;
+    *) fail "unknown phase $p (boot, migrate, lm-boot, lm-migrate, lm-migrate=OPTIONS)" ;;
   esac
 done
 say "done"
