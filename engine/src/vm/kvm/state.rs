@@ -167,7 +167,7 @@ const VCPU_ROWS: [VcpuRow; 10] = [
         id: section::MSRS,
         check: |_, i, d| decode_msrs(i, d).map(|_| ()),
         save: |c, i, fd| Ok(encode_msrs(&read_msrs(fd, i, &c.msr_indices)?)),
-        restore: |_, i, fd, d| write_msrs(fd, i, &decode_msrs(i, d)?),
+        restore: |c, i, fd, d| write_msrs(fd, i, &restorable_msrs(c, i, decode_msrs(i, d)?)?),
     },
     pod_row!(
         section::VCPU_EVENTS,
@@ -585,18 +585,55 @@ fn write_msrs(fd: &VcpuFd, index: u32, entries: &[kvm_msr_entry]) -> Result<(), 
         let msrs = msr_buffer(chunk.iter().copied())?;
         let written = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
         if written != chunk.len() {
+            let rejected = chunk[written.min(chunk.len() - 1)];
             return Err(state_err(
                 section::MSRS,
                 index,
                 format!(
-                    "KVM accepted {written} of {} MSRs; rejected {:#x}",
+                    "KVM accepted {written} of {} MSRs; rejected MSR {:#x} = {:#x}",
                     chunk.len(),
-                    chunk[written.min(chunk.len() - 1)].index
+                    rejected.index,
+                    rejected.data
                 ),
             ));
         }
     }
     Ok(())
+}
+
+/// The source's MSRs this host's KVM can hold. One it cannot (another host kind lists other
+/// MSRs: Intel's KVM lists IA32_FEATURE_CONTROL, AMD's does not) is left out when the source
+/// held it at 0, its reset value, so nothing the guest had is lost; one with any other value
+/// refuses the migration, naming it (the source keeps the VM).
+fn restorable_msrs(
+    c: &VcpuContext,
+    instance: u32,
+    entries: Vec<kvm_msr_entry>,
+) -> Result<Vec<kvm_msr_entry>, VmError> {
+    if c.msr_indices.is_empty() {
+        return Ok(entries); // nothing known of this host: KVM decides
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        if c.msr_indices.contains(&e.index) {
+            out.push(e);
+        } else if e.data == 0 {
+            tracing::debug!(
+                msr = e.index,
+                "MSR not held by this host's KVM, 0 at the source: left out"
+            );
+        } else {
+            return Err(state_err(
+                section::MSRS,
+                instance,
+                format!(
+                    "the source's MSR {:#x} = {:#x} cannot be restored: this host's KVM does not hold it",
+                    e.index, e.data
+                ),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 fn encode_msrs(entries: &[kvm_msr_entry]) -> Vec<u8> {
@@ -714,5 +751,48 @@ fn state_err(id: u32, instance: u32, reason: String) -> VmError {
         id,
         instance,
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msr(index: u32, data: u64) -> kvm_msr_entry {
+        kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_msr_this_host_lacks_is_left_out_at_zero_and_refused_otherwise() {
+        let c = VcpuContext {
+            msr_indices: vec![MSR_IA32_TSC, 0x10a],
+            xsave_size: 4096,
+        };
+        let kept = restorable_msrs(&c, 0, vec![msr(MSR_IA32_TSC, 7), msr(0x3a, 0)]).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!((kept[0].index, kept[0].data), (MSR_IA32_TSC, 7));
+
+        let e = restorable_msrs(&c, 2, vec![msr(MSR_IA32_TSC, 7), msr(0x3a, 5)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("0x3a = 0x5") && e.contains("does not hold it"),
+            "{e}"
+        );
+        assert!(e.contains("instance 2"), "{e}");
+
+        // Nothing known of the host: every MSR goes to KVM, which decides.
+        let none = VcpuContext {
+            msr_indices: Vec::new(),
+            xsave_size: 4096,
+        };
+        assert_eq!(
+            restorable_msrs(&none, 0, vec![msr(0x3a, 5)]).unwrap().len(),
+            1
+        );
     }
 }
