@@ -1,7 +1,9 @@
 //! Older sources migrate to newer destinations: migrations recorded from a protocol-1 and a
-//! protocol-2 source (tests/fixtures/protocol-v1, protocol-v2) are replayed into today's
-//! destination, which converts their configuration and sections on load; the VM resumes with
-//! the source's RAM and keeps running.
+//! protocol-2 source (tests/fixtures/protocol-v1, protocol-v2-amd, protocol-v2-intel) are
+//! replayed into today's destination, which converts their configuration and sections on load;
+//! the VM resumes with the source's RAM and keeps running. A recording holds its host's KVM
+//! structures (MSR list, XSAVE size): the protocol-2 one made on a host of this host's CPU
+//! vendor must resume; the other vendor's may be refused before the VM resumes, never lost.
 //! And a newer source is refused up front by an older destination, both versions named.
 
 mod common;
@@ -17,11 +19,35 @@ use livemig_transport::frame;
 
 /// The recorded sources' RAM digests at pause (see each fixture's README).
 const V1_DIGEST: u64 = 0x25af_869a_37ec_5424;
-const V2_DIGEST: u64 = 0x3f78_99be_19cd_51e5;
+const V2_INTEL_DIGEST: u64 = 0x3f78_99be_19cd_51e5;
+const V2_AMD_DIGEST: u64 = 0xb501_bdcd_9c00_893d;
 
-fn fixture(version: u16, name: &str) -> Vec<u8> {
+/// A protocol-2 recording: its fixture directory and its source's RAM digest at pause.
+type Recording = (&'static str, u64);
+
+/// The protocol-2 recordings: (made on a host of this host's CPU vendor, made on the other).
+fn v2_recordings() -> (Recording, Recording) {
+    let intel = ("protocol-v2-intel", V2_INTEL_DIGEST);
+    let amd = ("protocol-v2-amd", V2_AMD_DIGEST);
+    let r = std::arch::x86_64::__cpuid(0);
+    let vendor: Vec<u8> = [r.ebx, r.edx, r.ecx]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    match &vendor[..] {
+        b"AuthenticAMD" => (amd, intel),
+        b"GenuineIntel" => (intel, amd),
+        v => panic!(
+            "no protocol-2 recording made on a {} host: record one (tests/fixtures/protocol-v2-amd/README.md says how)",
+            String::from_utf8_lossy(v)
+        ),
+    }
+}
+
+fn fixture(dir: &str, name: &str) -> Vec<u8> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("tests/fixtures/protocol-v{version}"))
+        .join("tests/fixtures")
+        .join(dir)
         .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -46,26 +72,47 @@ fn reply(c: &mut TcpStream) -> Message {
 
 #[test]
 fn a_recorded_protocol_1_migration_resumes_on_todays_destination() {
-    replay(1, V1_DIGEST);
+    let outcome = replay(1, "protocol-v1", V1_DIGEST);
+    assert_eq!(outcome, Ok(()));
 }
 
 #[test]
 fn a_recorded_protocol_2_migration_resumes_on_todays_destination() {
-    replay(2, V2_DIGEST);
+    let ((dir, digest), _) = v2_recordings();
+    assert_eq!(replay(2, dir, digest), Ok(()), "{dir}");
 }
 
-/// Replays the recorded migration of protocol `version` into a fresh destination.
-fn replay(version: u16, source_digest: u64) {
+/// The other CPU vendor's recording: its MSRs and XSAVE layout are another host kind's. It
+/// resumes if this host's KVM can hold all of it, or is refused before Prepared with the state
+/// section and MSR named; either way the destination neither crashes nor runs a half-restored
+/// VM. (On AMD, the Intel recording is refused: its IA32_ARCH_CAPABILITIES, 0x10a, holds bits
+/// AMD's KVM does not offer.)
+#[test]
+fn another_cpu_vendors_protocol_2_recording_resumes_or_is_refused_before_resume() {
+    let (_, (dir, digest)) = v2_recordings();
+    if let Err(reason) = replay(2, dir, digest) {
+        println!("{dir}: refused before resume: {reason}");
+        assert!(
+            reason.contains("device state section") && reason.contains("MSR"),
+            "{dir}: {reason}"
+        );
+    }
+}
+
+/// Replays the recorded migration of protocol `version` (fixture directory `dir`) into a fresh
+/// destination: Ok once the VM resumed with the recorded RAM and runs on, or the reason the
+/// destination refused the device state with (after which it must hold no running VM).
+fn replay(version: u16, dir: &str, source_digest: u64) -> Result<(), String> {
     assert!(version < VERSION, "a recording of an older version");
     assert!(kvm_available(), "this test needs /dev/kvm");
-    let dir = tmpdir(&format!("v{version}-replay"));
-    let sock = dir.join("dst.sock");
+    let tmp = tmpdir(&format!("v{version}-replay"));
+    let sock = tmp.join("dst.sock");
     let (_rx, addr) = receive(
         &[],
         "127.0.0.1:0",
         &["--no-auth", "--socket", sock.to_str().unwrap()],
     );
-    let control = frames(&fixture(version, "conn-0.bin"));
+    let control = frames(&fixture(dir, "conn-0.bin"));
     assert_eq!(control[0].0, MessageType::Hello as u16);
     let mut c = TcpStream::connect(&addr).unwrap();
     let mut data = Vec::new();
@@ -86,12 +133,20 @@ fn replay(version: u16, source_digest: u64) {
                 assert_eq!(reply(&mut c), Message::Ready);
                 for name in ["conn-1.bin", "conn-2.bin"] {
                     let mut d = TcpStream::connect(&addr).unwrap();
-                    d.write_all(&fixture(version, name)).unwrap();
+                    d.write_all(&fixture(dir, name)).unwrap();
                     data.push(d);
                 }
             }
             MessageType::DeviceState => match reply(&mut c) {
                 Message::Prepared { digest: d, .. } => digest = Some(d),
+                Message::Refuse { reason } => {
+                    // Refused before Prepared: the VM must not run here.
+                    std::thread::sleep(Duration::from_millis(300));
+                    let running = std::os::unix::net::UnixStream::connect(&sock).is_ok()
+                        && request(&sock, r#"{"cmd":"status"}"#)["guest_counter"].is_u64();
+                    assert!(!running, "refused ({reason}), yet a VM runs here");
+                    return Err(reason);
+                }
                 m => panic!("expected Prepared, got {m:?}"),
             },
             MessageType::Commit => assert_eq!(reply(&mut c), Message::Resumed),
@@ -108,6 +163,7 @@ fn replay(version: u16, source_digest: u64) {
     let c1 = wait_counter_beyond(&sock, 0);
     wait_counter_beyond(&sock, c1);
     request(&sock, r#"{"cmd":"stop"}"#);
+    Ok(())
 }
 
 #[test]
