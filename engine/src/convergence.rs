@@ -90,6 +90,10 @@ pub struct Policy {
     pub stall_rounds: u32,
     /// Pages of guest RAM: the most the guest can dirty.
     pub ram_pages: u64,
+    /// Measured cost of the switchover beside the last pages and [`SWITCHOVER_OVERHEAD_MS`]
+    /// (the dirty log's harvest, the queues' drain), ms: part of every predicted downtime, so
+    /// the limit and the cap are held to the downtime the switchover will take.
+    pub switchover_ms: f64,
 }
 
 /// What to do after a round.
@@ -164,6 +168,16 @@ impl Convergence {
         self.throttle
     }
 
+    /// The switchover's measured cost beside the last pages (see [`Policy::switchover_ms`]).
+    pub fn set_switchover_ms(&mut self, ms: f64) {
+        self.policy.switchover_ms = ms.max(0.0);
+    }
+
+    /// What every downtime costs beside its pages, ms.
+    fn overhead_ms(&self) -> f64 {
+        SWITCHOVER_OVERHEAD_MS + self.policy.switchover_ms
+    }
+
     /// Records a round that moved `bytes` in `elapsed`, after which `dirtied` pages are dirty.
     pub fn estimate(&mut self, bytes: u64, elapsed: Duration, dirtied: u64) -> Estimate {
         let secs = elapsed.as_secs_f64().max(1e-6);
@@ -201,19 +215,18 @@ impl Convergence {
         rate: f64,
         extra: u32,
     ) -> bool {
-        if extra >= EXTRA_ROUNDS_MAX || downtime_ms - SWITCHOVER_OVERHEAD_MS < EXTRA_ROUND_FLOOR_MS
-        {
+        if extra >= EXTRA_ROUNDS_MAX || downtime_ms - self.overhead_ms() < EXTRA_ROUND_FLOOR_MS {
             return false;
         }
         let w = self.policy.ram_pages.max(1) as f64;
         let t = dirty * page_s;
         let next = w * (1.0 - (-rate * t / w).exp());
-        next * page_s * 1000.0 + SWITCHOVER_OVERHEAD_MS <= downtime_ms * EXTRA_ROUND_GAIN
+        next * page_s * 1000.0 + self.overhead_ms() <= downtime_ms * EXTRA_ROUND_GAIN
     }
 
     /// Predicted downtime for sending `pages` with the guest paused.
     fn downtime_ms(&self, pages: u64) -> f64 {
-        (pages * PAGE_SIZE) as f64 / self.bandwidth.max(1.0) * 1000.0 + SWITCHOVER_OVERHEAD_MS
+        (pages * PAGE_SIZE) as f64 / self.bandwidth.max(1.0) * 1000.0 + self.overhead_ms()
     }
 
     /// Predicts the rest of the migration while round `round` runs: `sent` of its pages are
@@ -245,7 +258,7 @@ impl Convergence {
         let mut stalled = 0;
         let mut extra = self.extra;
         loop {
-            let downtime = dirty * page_s * 1000.0 + SWITCHOVER_OVERHEAD_MS;
+            let downtime = dirty * page_s * 1000.0 + self.overhead_ms();
             let last = next >= u64::from(self.policy.max_rounds.max(1));
             // The same look-ahead as `decide`: a round that halves a fitting downtime is taken.
             if downtime <= self.policy.limit_ms as f64
@@ -384,6 +397,7 @@ mod tests {
             max_rounds: 30,
             stall_rounds: crate::defaults::STALL_ROUNDS,
             ram_pages: 65_536,
+            switchover_ms: 0.0,
         }
     }
 

@@ -300,6 +300,7 @@ impl Model<'_> {
             max_rounds: opts.max_rounds,
             stall_rounds: opts.stall_rounds,
             ram_pages: self.ram_pages,
+            switchover_ms: self.switchover_ms,
         });
         let w = self.dirty.working_set_pages as f64;
         let dirtied = |rate: f64, t: f64| {

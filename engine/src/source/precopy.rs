@@ -73,6 +73,7 @@ impl Session<'_> {
             max_rounds: self.opts.max_rounds,
             stall_rounds: self.opts.stall_rounds,
             ram_pages: layout.total_pages(),
+            switchover_ms: 0.0,
         });
         let mut round = 0u64;
         // Round 0 copies what the disks hold; later rounds what the guest wrote since.
@@ -96,7 +97,10 @@ impl Session<'_> {
             };
             let stats = self.send_round(round, &work, pages_total, Some(&conv), on_progress)?;
             to_send.clear();
+            let harvest = std::time::Instant::now();
             self.vm.harvest_dirty(&mut to_send)?;
+            // The switchover harvests once more: its cost is part of the downtime.
+            conv.set_switchover_ms(harvest.elapsed().as_secs_f64() * 1000.0);
             let disk_dirty = self.storage.harvest();
             let dirtied = to_send.count() + disk_dirty;
             let sched = &self.sched;
