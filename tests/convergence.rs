@@ -24,7 +24,10 @@ fn a_guest_that_outruns_the_link_gives_up_or_is_throttled_to_converge() {
     let dir = tmpdir("converge");
     let src = dir.join("src.sock");
     // 60 000 random pages/s over 256 MiB: the dirty set stops shrinking at ~41 000 pages,
-    // about 1.4 s of this link.
+    // about 1.4 s of this link. The cap is the limit itself, far below that: where rounds
+    // stop shrinking depends steeply on the write rate the plan samples (a guest starved for
+    // a moment on this shared machine writes less), and a cap near it makes a toss-up (seen
+    // in CI with a cap of 1000 ms: a 39 000-page working set fitted, forecast 1005 ms).
     let _vm = run_vm(
         &NetnsHosts::exec(&hosts.ns_a),
         &src,
@@ -40,7 +43,7 @@ fn a_guest_that_outruns_the_link_gives_up_or_is_throttled_to_converge() {
         ],
     );
     let before = wait_counter_beyond(&src, 0);
-    let cap = ["--max-downtime", "1000"];
+    let cap = ["--max-downtime", "300"];
 
     // Without auto-converge: pre-copy stops, the figures say why, the guest runs on here.
     let dst = dir.join("dst1.sock");
@@ -92,7 +95,7 @@ fn a_guest_that_outruns_the_link_gives_up_or_is_throttled_to_converge() {
     for figure in [
         "MB/s over",
         "link",
-        "over the 1000 ms cap",
+        "over the 300 ms cap",
         "--auto-converge",
     ] {
         assert!(stderr.contains(figure), "no {figure:?} in: {stderr}");
@@ -157,7 +160,7 @@ fn a_guest_that_outruns_the_link_gives_up_or_is_throttled_to_converge() {
     );
     let levels = throttles(&report);
     println!(
-        "AUTO-CONVERGE: downtime {} ms (limit 300, cap 1000), total {} ms, throttle per round {levels:?}",
+        "AUTO-CONVERGE: downtime {} ms (limit and cap 300), total {} ms, throttle per round {levels:?}",
         report["downtime_ms"], report["total_time_ms"]
     );
     assert!(levels.iter().any(|&l| l >= 20), "never throttled: {report}");
@@ -166,10 +169,7 @@ fn a_guest_that_outruns_the_link_gives_up_or_is_throttled_to_converge() {
         "the throttle went down before the end: {levels:?}"
     );
     assert_eq!(*levels.last().unwrap(), 0, "stop-and-copy runs paused");
-    assert!(
-        report["downtime_ms"].as_f64().unwrap() <= 1000.0,
-        "{report}"
-    );
+    assert!(report["downtime_ms"].as_f64().unwrap() <= 300.0, "{report}");
     let c = counter(&dst);
     assert!(c > before);
     // The destination's guest is not throttled: it keeps its pace.
