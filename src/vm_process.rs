@@ -539,13 +539,20 @@ fn serve(listener: UnixListener, path: &Path, process: Arc<VmProcess>) -> Result
         }
         let p = process.clone();
         let path = path.clone();
-        let active = active.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = handle(conn, &p, &path) {
-                tracing::warn!("control connection: {e:#}");
-            }
+        let mine = active.clone();
+        // (Named: an outgoing migration runs on its request's thread.)
+        let spawned = std::thread::Builder::new()
+            .name("livemig-ctl".into())
+            .spawn(move || {
+                if let Err(e) = handle(conn, &p, &path) {
+                    tracing::warn!("control connection: {e:#}");
+                }
+                mine.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("control connection: no thread for it: {e}");
             active.fetch_sub(1, Ordering::SeqCst);
-        });
+        }
     }
     Ok(())
 }
