@@ -490,8 +490,8 @@ fn counters_since(before: &std::collections::BTreeMap<String, u64>) -> String {
     }
 }
 
-/// CPU seconds of each thread of process `pid`, by thread id: (name, seconds).
-fn thread_times(pid: u32) -> Vec<(u32, String, f64)> {
+/// CPU seconds of each thread of process `pid`, by thread id: (name, user, system seconds).
+fn thread_times(pid: u32) -> Vec<(u32, String, (f64, f64))> {
     let hz = 100.0; // USER_HZ
     let mut out = Vec::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -506,39 +506,43 @@ fn thread_times(pid: u32) -> Vec<(u32, String, f64)> {
         };
         let name = stat[open + 1..close].to_string();
         let f: Vec<&str> = stat.get(close + 2..).unwrap_or("").split(' ').collect();
-        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        out.push((tid, name, ticks / hz));
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        out.push((tid, name, (ticks(11) / hz, ticks(12) / hz)));
     }
     out
 }
 
 /// Samples the threads of `pid` until `done` is set (threads that end are still counted, at
-/// their last sample); returns CPU seconds by thread name, largest first.
+/// their last sample); returns CPU seconds by thread name, largest first, with the share spent
+/// in the kernel ("sys": pinning memory for registration, system calls).
 fn sample_threads(pid: u32, done: &std::sync::atomic::AtomicBool) -> String {
     use std::sync::atomic::Ordering;
-    let mut last: std::collections::HashMap<u32, (String, f64)> = Default::default();
-    let start: std::collections::HashMap<u32, f64> = thread_times(pid)
+    let mut last: std::collections::HashMap<u32, (String, f64, f64)> = Default::default();
+    let start: std::collections::HashMap<u32, (f64, f64)> = thread_times(pid)
         .into_iter()
         .map(|(t, _, s)| (t, s))
         .collect();
     loop {
-        for (tid, name, secs) in thread_times(pid) {
-            last.insert(tid, (name, secs - start.get(&tid).copied().unwrap_or(0.0)));
+        for (tid, name, (user, sys)) in thread_times(pid) {
+            let (u0, s0) = start.get(&tid).copied().unwrap_or((0.0, 0.0));
+            last.insert(tid, (name, user - u0, sys - s0));
         }
         if done.load(Ordering::Relaxed) {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut by: std::collections::BTreeMap<String, f64> = Default::default();
-    for (name, secs) in last.into_values() {
-        *by.entry(name).or_default() += secs;
+    let mut by: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for (name, user, sys) in last.into_values() {
+        let e = by.entry(name).or_default();
+        e.0 += user;
+        e.1 += sys;
     }
-    let mut v: Vec<(String, f64)> = by.into_iter().filter(|x| x.1 > 0.0).collect();
-    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut v: Vec<(String, (f64, f64))> =
+        by.into_iter().filter(|x| x.1 .0 + x.1 .1 > 0.0).collect();
+    v.sort_by(|a, b| (b.1 .0 + b.1 .1).total_cmp(&(a.1 .0 + a.1 .1)));
     v.iter()
-        .map(|(n, s)| format!("{n} {s:.2}"))
+        .map(|(n, (u, s))| format!("{n} {:.2} (sys {s:.2})", u + s))
         .collect::<Vec<_>>()
         .join(", ")
 }
