@@ -978,9 +978,11 @@ fn the_network_follows_the_vm_with_announce() {
     if !back_soon || !closed || r["tcp"]["survived"] != true {
         let (src, dst) = (console(&a.log), console(&b_log));
         let (a_threads, b_threads) = (threads(a.proc.id()), threads(b.id()));
-        let a_err = a.proc.kill_running();
+        // (The source's process has ended after a completed migration: not an error here.)
+        let (mut a, mut b) = (a, b);
+        let a_err = a.proc.kill_and_log();
         let b_err =
-            b.kill_running() + &std::fs::read_to_string(dir.join("b.err")).unwrap_or_default();
+            b.kill_and_log() + &std::fs::read_to_string(dir.join("b.err")).unwrap_or_default();
         panic!(
             "first reply {back:?} ms after resume (the longest silence closed: {closed}), TCP stream survived: {}: {r}\nresumed at {resumed:.0} (Unix ms)\n{}\nsource's threads:\n{a_threads}\n{}\ndestination's threads:\n{b_threads}",
             r["tcp"]["survived"],
