@@ -293,8 +293,10 @@ fn print_report(report: Value) -> Value {
 
 /// Waits (bounded) for tick `n` on a migrated guest's console; returns it and the
 /// destination. A guest that stopped after its migration fails with where its vCPUs and
-/// devices are, and whether a key on its console woke it (a lost wake-up) or not.
-fn wait_migrated(mut b: Proc, sock: &Path, log: &Path, n: u64) -> (u64, Proc) {
+/// devices are, whether a key on its console woke it (a lost wake-up) or not, and how the
+/// source's console (`source_log`) ended: a guest already stopped there before the pause
+/// dirties nothing, and its migration ends in few rounds.
+fn wait_migrated(mut b: Proc, sock: &Path, log: &Path, n: u64, source_log: &Path) -> (u64, Proc) {
     let why = match try_wait_tick(log, n) {
         Ok(t) => return (t, b),
         Err(why) => why,
@@ -315,14 +317,20 @@ fn wait_migrated(mut b: Proc, sock: &Path, log: &Path, n: u64) -> (u64, Proc) {
         "a key on the console ({}): last tick {seen:?} before, {woke:?} 5 s after",
         if poked { "sent" } else { "could not be sent" }
     );
+    let src = console(source_log);
+    let source = format!(
+        "source's last tick: {:?}; source's console, last lines:\n{}",
+        ticks(&src).last(),
+        tail(&src)
+    );
     // Printed before the destination is stopped (which panics if it already exited).
     println!(
-        "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{poke}\n{}",
+        "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{poke}\n{}\n{source}",
         tail(&console(log))
     );
     let err = b.kill_and_log();
     panic!(
-        "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{poke}\n{}",
+        "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{poke}\n{}\n{source}",
         vm_story("destination", &console(log), &err)
     );
 }
@@ -489,7 +497,7 @@ fn migrate_from(
     // The source stopped for good; the guest goes on on the destination, its console
     // continuous.
     retire(&a.sock, a.proc);
-    let (after, b) = wait_migrated(b, &b_sock, &b_log, before + 30);
+    let (after, b) = wait_migrated(b, &b_sock, &b_log, before + 30, &a.log);
     assert!(after > before);
     assert_clean(&console(&b_log), "destination console", true);
     assert_continuous(&[&a.log, &b_log]);
@@ -596,7 +604,7 @@ fn a_linux_guest_migrates_with_a_copy_of_its_disk() {
         s["disks"][0]["destination_digest"]
     );
     retire(&a.sock, a.proc);
-    let (after, b) = wait_migrated(b, &b_sock, &b_log, before + 30);
+    let (after, b) = wait_migrated(b, &b_sock, &b_log, before + 30, &a.log);
     assert!(after > before);
     assert_clean(&console(&b_log), "destination console", true);
     assert_continuous(&[&a.log, &b_log]);
@@ -656,7 +664,8 @@ fn ping_pong_three_migrations() {
         migrate_checked(&mut proc, &sock, &addr, &[]);
         retire(&sock, proc);
         let p;
-        (last, p) = wait_migrated(p0, &s, &log, last + 15);
+        let previous = logs.last().expect("the first guest's log").clone();
+        (last, p) = wait_migrated(p0, &s, &log, last + 15, &previous);
         assert_clean(&console(&log), &format!("migration {i}"), true);
         logs.push(log);
         let refs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
