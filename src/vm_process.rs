@@ -144,12 +144,12 @@ fn has_rdma_devices() -> bool {
     std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some())
 }
 
-/// `livemig receive`.
-pub fn receive(args: &ReceiveArgs) -> Result<()> {
-    livemig_engine::memory::set_backing(args.hugepages);
-    // The model of an incoming VM is its source's; only hidden features matter here.
-    args.cpu_without.apply(Default::default())?;
-    let key = args.auth.load()?;
+/// `--reserve-mib`: destination RAM faulted in ahead, and registered for RDMA writes now when
+/// this host has a device, so an RDMA migration into it does not pay that at set-up (a
+/// failure only costs it then).
+fn reserve_ram(
+    args: &ReceiveArgs,
+) -> Result<(Option<GuestRam>, Option<destination::RdmaRegistration>)> {
     let reserved = match args.reserve_mib {
         Some(mib) => Some(
             GuestRam::new(&RamLayout::single(mib << 20), Populate::Eager)
@@ -157,8 +157,6 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         ),
         None => None,
     };
-    // Reserved RAM is registered for RDMA writes now, when this host has a device, so an RDMA
-    // migration into it does not pay that at set-up (a failure only costs it then).
     let reserved_rdma = reserved
         .as_ref()
         .filter(|_| has_rdma_devices())
@@ -179,6 +177,51 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
                 }
             }
         });
+    Ok((reserved, reserved_rdma))
+}
+
+/// The migrated VM's line: what arrived and what the switchover cost here.
+fn report_arrival(args: &ReceiveArgs, incoming: &destination::Incoming) {
+    let progress = incoming.vm.progress().unwrap_or(0);
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "status": "running",
+                "pages_received": incoming.pages_received,
+                "used_reserved_ram": incoming.used_reserved_ram,
+                "guest_progress_after_resume": incoming.progress_after_resume,
+                "guest_counter": progress,
+                "switchover_steps": incoming.steps,
+            })
+        );
+    } else {
+        let st = &incoming.steps;
+        println!(
+            "livemig: migrated VM running here: {} pages received, guest counter {} (+{} since resume){}; \
+             switchover here: last pages landed {:.1}, storage {:.1}, digest {:.1}, restore {:.1}, \
+             record {:.1}, resume {:.1} ms",
+            incoming.pages_received,
+            progress,
+            incoming.progress_after_resume,
+            if incoming.used_reserved_ram { ", reserved RAM used" } else { "" },
+            st.land_ms,
+            st.storage_ms,
+            st.digest_ms,
+            st.restore_ms,
+            st.record_ms,
+            st.resume_ms
+        );
+    }
+}
+
+/// `livemig receive`.
+pub fn receive(args: &ReceiveArgs) -> Result<()> {
+    livemig_engine::memory::set_backing(args.hugepages);
+    // The model of an incoming VM is its source's; only hidden features matter here.
+    args.cpu_without.apply(Default::default())?;
+    let key = args.auth.load()?;
+    let (reserved, reserved_rdma) = reserve_ram(args)?;
     let listener =
         TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let local = listener.local_addr()?;
@@ -265,37 +308,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
                 .context("incoming migration failed; nothing was resumed here"));
         }
     };
-    let progress = incoming.vm.progress().unwrap_or(0);
-    if args.json {
-        println!(
-            "{}",
-            json!({
-                "status": "running",
-                "pages_received": incoming.pages_received,
-                "used_reserved_ram": incoming.used_reserved_ram,
-                "guest_progress_after_resume": incoming.progress_after_resume,
-                "guest_counter": progress,
-                "switchover_steps": incoming.steps,
-            })
-        );
-    } else {
-        let st = &incoming.steps;
-        println!(
-            "livemig: migrated VM running here: {} pages received, guest counter {} (+{} since resume){}; \
-             switchover here: last pages landed {:.1}, storage {:.1}, digest {:.1}, restore {:.1}, \
-             record {:.1}, resume {:.1} ms",
-            incoming.pages_received,
-            progress,
-            incoming.progress_after_resume,
-            if incoming.used_reserved_ram { ", reserved RAM used" } else { "" },
-            st.land_ms,
-            st.storage_ms,
-            st.digest_ms,
-            st.restore_ms,
-            st.record_ms,
-            st.resume_ms
-        );
-    }
+    report_arrival(args, &incoming);
     let _ = std::io::stdout().flush();
     if args.exit_after_resume {
         incoming.vm.shutdown();
