@@ -403,16 +403,26 @@ fn run_once(fd: &mut VcpuFd, exits: &Exits) -> Result<Step, String> {
         (Exits::Linux { .. }, VcpuExit::Shutdown) => {
             // A triple fault (or the guest's own shutdown cycle): said with where it happened,
             // since the VM ends here and nothing else would tell.
-            let at = fd
-                .get_regs()
+            let regs = fd.get_regs().ok();
+            let sregs = fd.get_sregs().ok();
+            let at = regs
                 .map(|r| format!("rip {:#x} rsp {:#x}", r.rip, r.rsp))
                 .unwrap_or_default();
-            let sregs = fd
-                .get_sregs()
+            let cr = sregs
                 .map(|s| format!("cr0 {:#x} cr3 {:#x} cr4 {:#x}", s.cr0, s.cr3, s.cr4))
                 .unwrap_or_default();
+            // KVM on AMD reinitialises the vCPU at a shutdown intercept (the VMCB is undefined
+            // after one): what it returns then is the reset state, not the fault's.
+            let reset =
+                matches!((regs, sregs), (Some(r), Some(s)) if r.rip == 0xfff0 && s.cr0 & 1 == 0);
+            let lost = if reset {
+                " — the vCPU's state at the fault is lost: this is its reset state (KVM on AMD \
+                 reinitialises a vCPU on a shutdown intercept)"
+            } else {
+                ""
+            };
             tracing::error!(
-                "the guest shut down (a triple fault, or its own reset) at {at} {sregs}"
+                "the guest shut down (a triple fault, or its own reset) at {at} {cr}{lost}"
             );
             Some(VmAction::Reset)
         }
