@@ -250,7 +250,18 @@ fn destination_in(
 /// One migration of the VM behind `sock` (its process `proc`) with the checks every Linux
 /// migration must pass; returns the report. A failed migration shows the source VM's log.
 fn migrate_checked(proc: &mut Proc, sock: &Path, to: &str, args: &[&str]) -> Value {
-    let out = migrate(&[], sock, to, args);
+    migrate_checked_in(&[], proc, sock, to, args)
+}
+
+/// [`migrate_checked`] with a command prefix for `migrate`.
+fn migrate_checked_in(
+    prefix: &[&str],
+    proc: &mut Proc,
+    sock: &Path,
+    to: &str,
+    args: &[&str],
+) -> Value {
+    let out = migrate(prefix, sock, to, args);
     if !out.status.success() {
         let log = proc.kill_and_log();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
@@ -809,8 +820,13 @@ fn client_report(p: Proc) -> Value {
 /// When the destination whose info log is `log` resumed the guest, Unix ms: the timestamp
 /// (RFC 3339, UTC) of its "resumed" line.
 fn resumed_at(log: &Path) -> Option<f64> {
+    logged_at(log, |l| l.trim_end().ends_with(" resumed"))
+}
+
+/// The time, Unix ms, of the first line of the info log `log` that `is` picks.
+fn logged_at(log: &Path, is: impl Fn(&str) -> bool) -> Option<f64> {
     let text = std::fs::read_to_string(log).ok()?;
-    let line = text.lines().find(|l| l.trim_end().ends_with(" resumed"))?;
+    let line = text.lines().find(|l| is(l))?;
     let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
     let (date, time) = ts.split_once('T')?;
     let d: Vec<i64> = date
@@ -934,7 +950,7 @@ fn rack_guest(
 fn the_network_follows_the_vm_with_announce() {
     let rack = Rack::up("n", 2);
     let dir = tmpdir("linux-announce");
-    let (a, b, addr, b_sock, b_log, macs) = rack_guest(&rack, &dir, &[]);
+    let (mut a, b, addr, b_sock, b_log, macs) = rack_guest(&rack, &dir, &[]);
     wait_tick(&a.log, 30);
     let c = client(&rack, macs[0], 25, true);
     std::thread::sleep(Duration::from_secs(4));
@@ -943,7 +959,13 @@ fn the_network_follows_the_vm_with_announce() {
         Some("upna"),
         "learned on host A first"
     );
-    let report = migrate_ok(&NetnsHosts::exec(&rack.ns("a")), &a.sock, &addr, &[]);
+    let report = migrate_checked_in(
+        &NetnsHosts::exec(&rack.ns("a")),
+        &mut a.proc,
+        &a.sock,
+        &addr,
+        &[],
+    );
     // The destination's own clock says when it resumed (a time taken here before `migrate`
     // started would add the process start-up, hundreds of ms under nested TCG).
     let resumed = resumed_at(&dir.join("b.err")).expect("the destination logs \"resumed\"");
@@ -956,6 +978,7 @@ fn the_network_follows_the_vm_with_announce() {
             "{mac} after announce"
         );
     }
+    let announced = logged_at(&dir.join("b.err"), |l| l.contains("announced round=0"));
     let mut r = client_report(c);
     // The first reply after the resume: the pings are back (a later hiccup — the guest was
     // seen to stall half a second after resuming under nested TCG — goes to the longest gap,
@@ -969,8 +992,10 @@ fn the_network_follows_the_vm_with_announce() {
         .map(|t| t - resumed);
     r.as_object_mut().unwrap().remove("reply_times_unix_ms");
     println!(
-        "LINUX BLACKOUT announce: longest ping gap {:.0} ms, first reply {:.0} ms after resume, {} of {} pings lost ({} before the gap, {} after), downtime {:.0} ms, TCP stream {} ({} bytes, longest stall {:.0} ms)",
+        "LINUX BLACKOUT announce: longest ping gap {:.0} ms (from {:.0} ms before the resume), first RARP {:.0} ms and first reply {:.0} ms after resume, {} of {} pings lost ({} before the gap, {} after), downtime {:.0} ms, TCP stream {} ({} bytes, longest stall {:.0} ms)",
         r["longest_gap_ms"].as_f64().unwrap(),
+        resumed - r["gap_start_unix_ms"].as_f64().unwrap_or(f64::NAN),
+        announced.map_or(f64::NAN, |t| t - resumed),
         back.unwrap_or(f64::NAN),
         r["lost"],
         r["sent"],
@@ -1014,7 +1039,7 @@ fn the_network_follows_the_vm_with_announce() {
 fn without_announce_a_silent_guest_is_cut_off_until_it_transmits() {
     let rack = Rack::up("s", 2);
     let dir = tmpdir("linux-silent");
-    let (a, b, addr, b_sock, _b_log, macs) = rack_guest(&rack, &dir, &["--no-announce"]);
+    let (mut a, b, addr, b_sock, _b_log, macs) = rack_guest(&rack, &dir, &["--no-announce"]);
     wait_tick(&a.log, 30);
     // The client reaches the guest on host A (a precondition: under nested TCG the guest can
     // stall for a second or two, so a window that falls short is tried again, at most thrice;
@@ -1036,7 +1061,13 @@ fn without_announce_a_silent_guest_is_cut_off_until_it_transmits() {
     // ...then leaves it alone, so no reply sits in the guest's queue when it pauses (one
     // would go out on host B at resume: the guest transmitting after all).
     std::thread::sleep(Duration::from_secs(1));
-    let report = migrate_ok(&NetnsHosts::exec(&rack.ns("a")), &a.sock, &addr, &[]);
+    let report = migrate_checked_in(
+        &NetnsHosts::exec(&rack.ns("a")),
+        &mut a.proc,
+        &a.sock,
+        &addr,
+        &[],
+    );
     assert_eq!(report["status"], "completed");
     let c = client(&rack, macs[0], 8, false);
     std::thread::sleep(Duration::from_secs(3));
