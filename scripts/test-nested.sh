@@ -123,8 +123,9 @@ guest_boot_crash() {
 # switchover: the source only reads the guest's RAM and its dirty log then, and the guest's
 # kernel printed no panic. Seen once in CI, in the two-vCPU test, under TCG's emulation of
 # nested SVM (nested page faults from the dirty log's write protection during the guest's
-# event delivery); the same test passed in every run before. Retried like a crash at boot; the
-# rerun's result stands, and a reset after a switchover fails the test.
+# event delivery); the same test passed in the runs before but one, which hung inside it.
+# Retried like a crash at boot; the rerun's result stands, and a reset after a switchover fails
+# the test.
 guest_reset_before_switchover() {
   awk '/panicked at/ { inside = 1; failed = 0; reset = 0 }
        inside && /^migrate failed: / { failed = 1 }

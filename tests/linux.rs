@@ -945,6 +945,12 @@ fn rack_guest(
     (a, b, addr, b_sock, b_log, macs)
 }
 
+/// The checked migration of `a`, on host A of `rack`, to the destination at `addr`.
+fn migrate_across(rack: &Rack, a: &mut Guest, addr: &str) -> Value {
+    let ns = rack.ns("a");
+    migrate_checked_in(&NetnsHosts::exec(&ns), &mut a.proc, &a.sock, addr, &[])
+}
+
 #[test]
 #[ignore = "needs real KVM and the guest images: run scripts/test-nested.sh"]
 fn the_network_follows_the_vm_with_announce() {
@@ -959,13 +965,7 @@ fn the_network_follows_the_vm_with_announce() {
         Some("upna"),
         "learned on host A first"
     );
-    let report = migrate_checked_in(
-        &NetnsHosts::exec(&rack.ns("a")),
-        &mut a.proc,
-        &a.sock,
-        &addr,
-        &[],
-    );
+    let report = migrate_across(&rack, &mut a, &addr);
     // The destination's own clock says when it resumed (a time taken here before `migrate`
     // started would add the process start-up, hundreds of ms under nested TCG).
     let resumed = resumed_at(&dir.join("b.err")).expect("the destination logs \"resumed\"");
@@ -1061,13 +1061,7 @@ fn without_announce_a_silent_guest_is_cut_off_until_it_transmits() {
     // ...then leaves it alone, so no reply sits in the guest's queue when it pauses (one
     // would go out on host B at resume: the guest transmitting after all).
     std::thread::sleep(Duration::from_secs(1));
-    let report = migrate_checked_in(
-        &NetnsHosts::exec(&rack.ns("a")),
-        &mut a.proc,
-        &a.sock,
-        &addr,
-        &[],
-    );
+    let report = migrate_across(&rack, &mut a, &addr);
     assert_eq!(report["status"], "completed");
     let c = client(&rack, macs[0], 8, false);
     std::thread::sleep(Duration::from_secs(3));
