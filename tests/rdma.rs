@@ -402,6 +402,7 @@ fn throughput_of_a_large_round_against_ib_write_bw() {
         let mut ratios = Vec::new();
         for _ in 0..pairs {
             let before = rxe_counters();
+            let cpu0 = cpu_totals();
             let out = Command::new("livemig-ib-write-bw")
                 .args([size.to_string(), iters.to_string()])
                 .env("LIVEMIG_IBWB_QPS", qps.to_string())
@@ -415,10 +416,13 @@ fn throughput_of_a_large_round_against_ib_write_bw() {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or_else(|| panic!("no IB_WRITE_BW_MBPS in {text:?}"));
             let theirs = counters_since(&before);
+            let their_cpu = cpu_since(&cpu0);
 
             let before = rxe_counters();
+            let cpu0 = cpu_totals();
             let r = idle_migration(256, qps);
             let mine = counters_since(&before);
+            let my_cpu = cpu_since(&cpu0);
             let r0 = &r["round_details"][0];
             let pages = r0["pages"].as_u64().unwrap();
             let ms = r0["ms"].as_f64().unwrap();
@@ -434,6 +438,9 @@ fn throughput_of_a_large_round_against_ib_write_bw() {
             // Where soft-RoCE spent the difference: its retries and sequence errors (a lost
             // packet costs a go-back-N retry, or an ACK timeout at the end of a burst).
             println!("RDMA COUNTERS ({qps} QP): ib_write_bw {theirs}; livemig {mine}");
+            // Whether the VM's CPUs were the limit: the whole VM's CPU time by kind over each
+            // run (soft-RoCE works in softirq and in the posting thread's system time).
+            println!("RDMA VM CPU ({qps} QP): ib_write_bw {their_cpu}; livemig {my_cpu}");
         }
         ratios.sort_by(f64::total_cmp);
         println!(
@@ -488,6 +495,33 @@ fn counters_since(before: &std::collections::BTreeMap<String, u64>) -> String {
     } else {
         moved.join(", ")
     }
+}
+
+/// The VM's CPU time so far by kind (`/proc/stat`'s first line, in USER_HZ ticks).
+fn cpu_totals() -> Vec<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
+/// The VM's CPU seconds by kind since `before` (from [`cpu_totals`]).
+fn cpu_since(before: &[u64]) -> String {
+    const KINDS: [&str; 8] = [
+        "user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal",
+    ];
+    cpu_totals()
+        .iter()
+        .zip(before)
+        .zip(KINDS)
+        .map(|((a, b), k)| format!("{k} {:.2}", a.saturating_sub(*b) as f64 / 100.0))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// CPU seconds of each thread of process `pid`, by thread id: (name, user, system seconds).
@@ -571,6 +605,7 @@ fn idle_migration(mib: u64, qps: u64) -> Value {
     );
     let done = std::sync::atomic::AtomicBool::new(false);
     let (src_pid, dst_pid) = (_vm.child.id(), dst.child.id());
+    let cpu0 = cpu_totals();
     let ((ok, r, err), src_threads, dst_threads) = std::thread::scope(|s| {
         let src = s.spawn(|| sample_threads(src_pid, &done));
         let dst = s.spawn(|| sample_threads(dst_pid, &done));
@@ -594,6 +629,10 @@ fn idle_migration(mib: u64, qps: u64) -> Value {
         essentials(&r)
     );
     println!("RDMA CPU BY THREAD ({mib} MiB, {qps} QP): source: {src_threads}; destination: {dst_threads}");
+    println!(
+        "RDMA VM CPU DURING THE MIGRATION ({mib} MiB, {qps} QP): {}",
+        cpu_since(&cpu0)
+    );
     assert!(ok, "{err}");
     assert_rdma_report(&r, qps);
     let (code, stderr) = dst.wait_exit(Duration::from_secs(60));
