@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The benchmark comparison: installs QEMU and a font for the plots (Debian packages), builds
-# livemig and runs `livemig bench` with the given arguments (e.g. --quick). Results land in
-# results/bench-DATE/ (CSV, JSON, markdown table, PNG/SVG plots). Needs root (namespaces).
+# The benchmark comparison: installs a font for the plots (Debian packages; QEMU comes with
+# scripts/setup.sh), builds livemig and runs `livemig bench` with the given arguments (e.g.
+# --quick). Results land in results/bench-DATE/ (CSV, JSON, markdown table, PNG/SVG plots).
+# Needs root (namespaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 need=()
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq

@@ -20,6 +20,17 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# QEMU: the benchmark's comparison and its tests (the built-in guest booted from its PVH ELF),
+# and the nested VM of scripts/test-nested.sh. --no-install-recommends: its recommends drag in
+# a GUI stack.
+if ! command -v qemu-system-x86_64 >/dev/null; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: need qemu-system-x86; run as root or install it" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 >/dev/null
+fi
 if [ ! -w /dev/kvm ]; then
   echo "setup: warning: /dev/kvm is not usable; KVM tests will fail and 'livemig demo' falls back to the memory-only VM" >&2
 fi

@@ -185,7 +185,13 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
             vec![lm(1, "none"), lm(1, "auto"), q(1, false)],
         );
         for rate in [0, 20_000] {
-            add(Link::Loopback, Fill::Random, 256, rate, vec![lm(1, "auto")]);
+            add(
+                Link::Loopback,
+                Fill::Random,
+                256,
+                rate,
+                vec![lm(1, "auto"), q(1, false)],
+            );
         }
         add(
             Link::Loopback,
@@ -260,7 +266,7 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
             Fill::Random,
             512,
             rate,
-            vec![lm(1, "auto"), lm(1, "delta")],
+            vec![lm(1, "auto"), lm(1, "delta"), q(1, false)],
         );
     }
     cells

@@ -19,6 +19,10 @@ use crate::qemu::run_qemu;
 use crate::report::{git_commit, machine, median, run_folders, write_outputs, Row};
 use crate::support::{kvm_available, which, write_key, NetnsHosts};
 
+/// Working set of the bench's dirtying guests (livemig's and, booted from the same
+/// program's PVH ELF, QEMU's), in MiB, written in random order.
+pub(crate) const WORKING_SET_MIB: u64 = 64;
+
 /// What to run.
 #[derive(Debug, Clone, Default)]
 pub struct BenchOptions {
@@ -294,7 +298,7 @@ fn run_livemig(
             "--dirty-rate".into(),
             cell.dirty_rate.to_string(),
             "--working-set".into(),
-            "64".into(),
+            WORKING_SET_MIB.to_string(),
             "--pattern".into(),
             "random".into(),
         ]

@@ -23,6 +23,7 @@
 //! file descriptor and never touches RAM of a running guest.
 
 use std::ops::Range;
+use std::time::Duration;
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
@@ -281,6 +282,34 @@ pub const GUEST_CODE: &[u8] = &[
     0x00, 0x00, 0x00, 0x00, 0x4d, 0x01, 0xc8, 0x4d, 0x39, 0xd0, 0x72, 0x03, 0x4d, 0x29, 0xd0, 0x49,
     0x83, 0xec, 0x01, 0x75, 0xb8, 0x48, 0xff, 0x03, 0xe6, 0x10, 0xeb, 0xa4,
 ];
+
+/// Most pages the guest writes between two pacing points.
+pub const MAX_BATCH: u64 = 256;
+/// Pacing period of an idle guest (dirty rate 0): the progress counter still moves.
+pub const IDLE_EXIT_PERIOD: Duration = Duration::from_millis(5);
+/// Pacing points per second a vCPU aims at: its batch is its share of the dirty rate divided
+/// by this, between 1 and [`MAX_BATCH`] pages.
+const TARGET_EXITS_PER_SEC: u64 = 1000;
+/// How far a vCPU may fall behind its pacing schedule before the schedule restarts (so a slow
+/// stretch is not followed by an unbounded burst).
+pub const MAX_PACING_LAG: Duration = Duration::from_millis(50);
+
+/// How the guest of `spec` is paced, whoever paces it (livemig's VMM at the guest's port
+/// exit, or the guest itself on its TSC, see [`super::pvh_guest`]): pages per batch for each
+/// vCPU (0 = idle) and the period of one batch.
+pub fn pacing_step(spec: &VmSpec) -> (u64, Duration) {
+    let rate = spec.workload.dirty_rate;
+    if rate == 0 {
+        return (0, IDLE_EXIT_PERIOD);
+    }
+    let vcpus = u64::from(spec.vcpus.max(1));
+    let per_vcpu = rate.div_ceil(vcpus);
+    let batch = per_vcpu.div_ceil(TARGET_EXITS_PER_SEC).clamp(1, MAX_BATCH);
+    (
+        batch,
+        Duration::from_secs_f64(batch as f64 * vcpus as f64 / rate as f64),
+    )
+}
 
 /// GDT: null, 64-bit code (type 0xb: execute/read, accessed; L=1), data (type 0x3; D/B=1).
 const GDT: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];

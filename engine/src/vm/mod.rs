@@ -12,6 +12,7 @@
 pub mod builtin_guest;
 pub mod kvm;
 pub mod memory_only;
+pub mod pvh_guest;
 
 pub use builtin_guest::{Fill, Pattern, VmSpec, Workload};
 

@@ -23,23 +23,14 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use super::lock;
 use crate::devices::bus::{Bus, VmAction};
 use crate::memory::GuestRam;
-use crate::vm::builtin_guest::PACING_PORT;
+use crate::vm::builtin_guest::{pacing_step, MAX_PACING_LAG, PACING_PORT};
+pub use crate::vm::builtin_guest::{IDLE_EXIT_PERIOD, MAX_BATCH};
 use crate::vm::{GuestExit, RunState, VmSpec};
 
-/// Most pages the guest writes between two exits.
-pub const MAX_BATCH: u64 = 256;
-/// Exit period of an idle guest (dirty rate 0): the progress counter still moves.
-pub const IDLE_EXIT_PERIOD: Duration = Duration::from_millis(5);
 /// How often a pause or stop kicks the vCPUs that have not parked yet.
 pub const KICK_INTERVAL: Duration = Duration::from_millis(2);
 /// Run time a throttled vCPU gets between two sleeps (QEMU's `CPU_THROTTLE_TIMESLICE_NS`).
 pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
-/// Exits per second a paced vCPU aims at: its batch is its share of the dirty rate divided by
-/// this, between 1 and [`MAX_BATCH`] pages.
-const TARGET_EXITS_PER_SEC: u64 = 1000;
-/// How far a vCPU may fall behind its pacing schedule before the schedule restarts (so a slow
-/// stretch is not followed by an unbounded burst).
-const MAX_LAG: Duration = Duration::from_millis(50);
 /// KVM's system-event types.
 const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const SYSTEM_EVENT_RESET: u32 = 2;
@@ -68,20 +59,8 @@ pub(super) struct Pacing {
 
 impl Pacing {
     pub(super) fn new(spec: &VmSpec) -> Pacing {
-        let rate = spec.workload.dirty_rate;
-        if rate == 0 {
-            return Pacing {
-                batch: 0,
-                period: IDLE_EXIT_PERIOD,
-            };
-        }
-        let vcpus = u64::from(spec.vcpus.max(1));
-        let per_vcpu = rate.div_ceil(vcpus);
-        let batch = per_vcpu.div_ceil(TARGET_EXITS_PER_SEC).clamp(1, MAX_BATCH);
-        Pacing {
-            batch,
-            period: Duration::from_secs_f64(batch as f64 * vcpus as f64 / rate as f64),
-        }
+        let (batch, period) = pacing_step(spec);
+        Pacing { batch, period }
     }
 }
 
@@ -360,7 +339,7 @@ fn vcpu_loop(
                 if let Exits::Builtin(pacing) = exits {
                     let now = Instant::now();
                     let mut next = deadline.unwrap_or(now) + pacing.period;
-                    if next + MAX_LAG < now {
+                    if next + MAX_PACING_LAG < now {
                         next = now;
                     }
                     deadline = Some(next);
