@@ -1,6 +1,8 @@
 //! `livemig bench --predict`: how good `migrate --plan` is. Each cell runs the plan, then the
 //! migration it forecast, with the same options, on the same pair: predicted against actual
-//! total time and downtime, every cell shown, and the median absolute errors.
+//! total time and downtime, every cell shown, and the median absolute errors. Beside each,
+//! QEMU migrates the same guest (livemig's built-in guest booted from its PVH ELF: same RAM,
+//! content, working set and rate) over the same link with auto-converge on, in the same run.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,15 +10,16 @@ use std::time::Instant;
 
 use anyhow::Result;
 use livemig_engine::control::{self, MigrateRequest, PlanRequest};
-use livemig_engine::vm::Backend;
+use livemig_engine::vm::{Backend, Fill, Pattern, VmSpec, Workload};
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::matrix::Link;
 use crate::pair::{Pair, PairAuth, PairSpec};
+use crate::qemu::{migrate_qemu, QemuOptions};
 use crate::report::{git_commit, machine, median, run_folders};
 use crate::run::hosts_for;
-use crate::support::{kvm_available, write_key, NetnsHosts};
+use crate::support::{kvm_available, which, write_key, NetnsHosts};
 
 /// One cell: a VM and a link.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -89,6 +92,9 @@ struct Outcome {
     predicted_throttle_max: u64,
     actual_throttle_max: u64,
     verdict: String,
+    /// QEMU with auto-converge on the same guest and link: total ms, downtime ms, its last
+    /// throttle %; or why it has no figures.
+    qemu: Result<(f64, f64, u64), String>,
 }
 
 impl Outcome {
@@ -121,6 +127,7 @@ pub fn run(a: &PredictOptions, exe: &Path) -> Result<()> {
         }
     }
     let started = Instant::now();
+    let qemu = which("qemu-system-x86_64");
     let mut outcomes = Vec::new();
     for (i, cell) in cells.iter().enumerate() {
         eprintln!(
@@ -133,7 +140,17 @@ pub fn run(a: &PredictOptions, exe: &Path) -> Result<()> {
             cell.working_set_mib
         );
         match measure(exe, &work, &key, backend, cell, hosts.get(&cell.link)) {
-            Ok(o) => outcomes.push(o),
+            Ok(mut o) => {
+                o.qemu = if qemu {
+                    qemu_beside(&work, cell, hosts.get(&cell.link))
+                } else {
+                    Err("qemu-system-x86_64 not found".into())
+                };
+                if let Err(e) = &o.qemu {
+                    eprintln!("  QEMU: {e}");
+                }
+                outcomes.push(o)
+            }
             Err(e) => eprintln!("  failed: {e:#}"),
         }
     }
@@ -166,6 +183,40 @@ pub fn run(a: &PredictOptions, exe: &Path) -> Result<()> {
     Ok(())
 }
 
+/// QEMU, auto-converge on, migrating the cell's guest over the cell's link.
+fn qemu_beside(
+    work: &Path,
+    cell: &PredictCell,
+    hosts: Option<&NetnsHosts>,
+) -> Result<(f64, f64, u64), String> {
+    let spec = VmSpec {
+        memory_mib: cell.memory_mib,
+        vcpus: 1,
+        fill: Fill::Random,
+        workload: Workload {
+            working_set_mib: cell.working_set_mib,
+            dirty_rate: cell.dirty_rate,
+            pattern: Pattern::Random,
+        },
+    };
+    let o = QemuOptions {
+        channels: 1,
+        zstd: false,
+        prealloc: true,
+        auto_converge: true,
+        downtime_limit_ms: 300,
+    };
+    let dir = work.join("qemu");
+    let _ = std::fs::create_dir_all(&dir);
+    let r = migrate_qemu(&dir, &spec, hosts, &o).map_err(|e| format!("{e:#}"))?;
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    Ok((
+        f("total_time_ms"),
+        f("downtime_ms"),
+        r["qemu_throttle_pct"].as_u64().unwrap_or(0),
+    ))
+}
+
 /// The markdown table.
 fn table(outcomes: &[Outcome], summary: &Value, meta: &Value) -> String {
     let mut s = String::from(
@@ -174,15 +225,21 @@ fn table(outcomes: &[Outcome], summary: &Value, meta: &Value) -> String {
     s.push_str(&format!(
         "Commit {}, {}; each cell: plan (2 s of dirty log, link probe), then the migration \
          with the same options (1 channel, compress auto, limit 300 ms, auto-converge), same \
-         pair, same run.\n\n",
+         pair, same run; then QEMU (TCG) migrating the same guest (livemig's built-in guest \
+         booted from its PVH ELF: same RAM, content, working set and rate) over the same link, \
+         single stream, limit 300 ms, auto-converge on.\n\n",
         meta["commit"].as_str().unwrap_or("?"),
         meta["date"].as_str().unwrap_or("?")
     ));
-    s.push_str("| link | RAM MiB | pages/s | working set MiB | total predicted | total actual | error | downtime predicted | downtime actual | error | rounds p/a | throttle p/a |\n");
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| link | RAM MiB | pages/s | working set MiB | total predicted | total actual | error | downtime predicted | downtime actual | error | rounds p/a | throttle p/a | QEMU total | QEMU downtime | QEMU throttle |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for o in outcomes {
+        let qemu = match &o.qemu {
+            Ok((t, d, th)) => format!("{t:.0} ms | {d:.0} ms | {th}%"),
+            Err(e) => format!("failed: {} | — | —", e.replace('|', "/")),
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} ms | {:.0} ms | {:.0} % | {:.1} ms | {:.1} ms | {:.0} % | {}/{} | {}%/{}% |\n",
+            "| {} | {} | {} | {} | {:.0} ms | {:.0} ms | {:.0} % | {:.1} ms | {:.1} ms | {:.0} % | {}/{} | {}%/{}% | {} |\n",
             o.cell.link.name(),
             o.cell.memory_mib,
             o.cell.dirty_rate,
@@ -197,6 +254,7 @@ fn table(outcomes: &[Outcome], summary: &Value, meta: &Value) -> String {
             o.actual_rounds,
             o.predicted_throttle_max,
             o.actual_throttle_max,
+            qemu,
         ));
     }
     s.push_str(&format!(
@@ -287,5 +345,6 @@ fn measure(
         ),
         actual_throttle_max: throttle_max(&report["round_details"]),
         verdict: plan.verdict,
+        qemu: Err("not run".into()),
     })
 }

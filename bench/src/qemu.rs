@@ -125,8 +125,24 @@ pub(crate) fn qemu(
     ))
 }
 
-/// QEMU migrating the same RAM (file-backed, pre-filled with the same content) of a paused
-/// VM over the same link, bandwidth cap lifted, downtime limit as ours.
+/// How QEMU migrates.
+#[derive(Debug, Clone, Copy)]
+pub struct QemuOptions {
+    /// multifd channels (1: the single stream, unless `zstd`).
+    pub channels: u16,
+    /// multifd with zstd.
+    pub zstd: bool,
+    /// The destination faults its RAM in before the migration (ours reserves it).
+    pub prealloc: bool,
+    /// QEMU's auto-converge (cpu-throttle 20 % first, +10 % per step: its defaults).
+    pub auto_converge: bool,
+    /// `downtime-limit`, ms.
+    pub downtime_limit_ms: u64,
+}
+
+/// QEMU migrating the same RAM (file-backed, pre-filled with the same content) of a VM over
+/// the same link, bandwidth cap lifted, downtime limit as ours: paused for an idle cell, the
+/// built-in guest booted from its PVH ELF for a dirtying one (see [`migrate_qemu`]).
 pub fn run_qemu(
     work: &Path,
     cell: &Cell,
@@ -135,6 +151,42 @@ pub fn run_qemu(
     zstd: bool,
     prealloc: bool,
 ) -> Result<Value> {
+    let spec = VmSpec {
+        memory_mib: cell.memory_mib,
+        vcpus: 1,
+        fill: cell.fill,
+        workload: Workload {
+            working_set_mib: crate::run::WORKING_SET_MIB,
+            dirty_rate: cell.dirty_rate,
+            pattern: Pattern::Random,
+        },
+    };
+    let o = QemuOptions {
+        channels,
+        zstd,
+        prealloc,
+        auto_converge: false,
+        downtime_limit_ms: 300,
+    };
+    migrate_qemu(work, &spec, hosts, &o)
+}
+
+/// QEMU migrating a VM of `spec`'s RAM size and content: a paused VM when `spec` has no dirty
+/// rate, else livemig's built-in guest of `spec` (one vCPU) booted from its PVH ELF and
+/// writing pages before the migration starts. Reports total time, downtime and bytes as QEMU
+/// counts them.
+pub fn migrate_qemu(
+    work: &Path,
+    spec: &VmSpec,
+    hosts: Option<&NetnsHosts>,
+    o: &QemuOptions,
+) -> Result<Value> {
+    let QemuOptions {
+        channels,
+        zstd,
+        prealloc,
+        ..
+    } = *o;
     let src_ram = PathBuf::from(format!(
         "/dev/shm/livemig-bench-qemu-src-{}",
         std::process::id()
@@ -148,13 +200,13 @@ pub fn run_qemu(
         let _ = std::fs::remove_file(&dst_ram);
     };
     let r = (|| {
-        write_ram_file(&src_ram, cell.memory_mib, cell.fill)?;
+        write_ram_file(&src_ram, spec.memory_mib, spec.fill)?;
         let _ = std::fs::remove_file(&dst_ram);
         let (qs, qd) = (work.join("qemu-src.qmp"), work.join("qemu-dst.qmp"));
         // A dirtying guest: the built-in guest's workload, booted from its PVH ELF on both
         // sides (the destination needs the same firmware blobs to take the migration).
-        let guest = (cell.dirty_rate > 0)
-            .then(|| guest_elf(work, cell))
+        let guest = (spec.workload.dirty_rate > 0)
+            .then(|| guest_elf(work, spec))
             .transpose()?;
         let extra: Vec<String> = match &guest {
             Some((path, _)) => vec!["-kernel".into(), path.display().to_string()],
@@ -163,7 +215,7 @@ pub fn run_qemu(
         let _src = qemu(
             hosts.map(|h| h.ns_a.as_str()),
             &src_ram,
-            cell.memory_mib,
+            spec.memory_mib,
             &qs,
             false,
             false,
@@ -174,7 +226,7 @@ pub fn run_qemu(
         let _dst = qemu(
             hosts.map(|h| h.ns_b.as_str()),
             &dst_ram,
-            cell.memory_mib,
+            spec.memory_mib,
             &qd,
             true,
             prealloc,
@@ -186,9 +238,15 @@ pub fn run_qemu(
         for q in [&mut s, &mut d] {
             q.cmd(
                 "migrate-set-capabilities",
-                json!({"capabilities": [{"capability": "multifd", "state": multifd}]}),
+                json!({"capabilities": [
+                    {"capability": "multifd", "state": multifd},
+                    {"capability": "auto-converge", "state": o.auto_converge},
+                ]}),
             )?;
-            let mut params = json!({"max-bandwidth": 100_000_000_000u64, "downtime-limit": 300});
+            let mut params = json!({
+                "max-bandwidth": 100_000_000_000u64,
+                "downtime-limit": o.downtime_limit_ms,
+            });
             if multifd {
                 params["multifd-channels"] = json!(channels);
                 params["multifd-compression"] = json!(if zstd { "zstd" } else { "none" });
@@ -231,7 +289,8 @@ pub fn run_qemu(
                         "total_time_ms": total,
                         "downtime_ms": down,
                         "bytes_on_wire": wire,
-                        "ram_bytes": cell.memory_mib << 20,
+                        "ram_bytes": spec.memory_mib << 20,
+                        "qemu_throttle_pct": st["cpu-throttle-percentage"],
                         // QEMU's own view of the guest's dirtying (pages/s, last sync) and
                         // how many times it synced the dirty log.
                         "qemu_dirty_pages_rate": st["ram"]["dirty-pages-rate"],
@@ -253,20 +312,9 @@ pub fn run_qemu(
     r
 }
 
-/// The built-in guest of `cell` as livemig's bench runs it (one vCPU, 64 MiB working set,
-/// random order, the cell's rate), as a PVH ELF in `work`.
-fn guest_elf(work: &Path, cell: &Cell) -> Result<(PathBuf, PvhGuest)> {
-    let spec = VmSpec {
-        memory_mib: cell.memory_mib,
-        vcpus: 1,
-        fill: cell.fill,
-        workload: Workload {
-            working_set_mib: crate::run::WORKING_SET_MIB,
-            dirty_rate: cell.dirty_rate,
-            pattern: Pattern::Random,
-        },
-    };
-    let g = pvh_guest(&spec, measure_tsc_hz(Duration::from_millis(50)))?;
+/// The built-in guest of `spec` as a PVH ELF in `work`.
+fn guest_elf(work: &Path, spec: &VmSpec) -> Result<(PathBuf, PvhGuest)> {
+    let g = pvh_guest(spec, measure_tsc_hz(Duration::from_millis(50)))?;
     let path = work.join("livemig-guest.pvh.elf");
     std::fs::write(&path, &g.elf).with_context(|| format!("writing {}", path.display()))?;
     Ok((path, g))
@@ -332,7 +380,16 @@ mod tests {
     fn the_builtin_guest_boots_in_qemu_and_writes_its_pages_at_its_rate() {
         let dir = work("pvh");
         let c = cell(128, 8000);
-        let (elf, g) = guest_elf(&dir, &c).unwrap();
+        let spec = VmSpec {
+            memory_mib: c.memory_mib,
+            workload: Workload {
+                working_set_mib: crate::run::WORKING_SET_MIB,
+                dirty_rate: c.dirty_rate,
+                pattern: Pattern::Random,
+            },
+            ..VmSpec::default()
+        };
+        let (elf, g) = guest_elf(&dir, &spec).unwrap();
         let ram = dir.join("ram");
         write_ram_file(&ram, c.memory_mib, c.fill).unwrap();
         let qmp = dir.join("q.qmp");
@@ -362,15 +419,6 @@ mod tests {
             t1 - t0
         );
         // The first page of the table holds a counter value, not the random fill.
-        let spec = VmSpec {
-            memory_mib: c.memory_mib,
-            workload: Workload {
-                working_set_mib: crate::run::WORKING_SET_MIB,
-                dirty_rate: c.dirty_rate,
-                pattern: Pattern::Random,
-            },
-            ..VmSpec::default()
-        };
         let layout = builtin_guest::GuestLayout::new(&spec).unwrap();
         let first = layout.working_set().start + u64::from(layout.table_entries()[0]) * 4096;
         let v = q.read_u64(first).unwrap();

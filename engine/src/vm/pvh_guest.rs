@@ -237,8 +237,10 @@ const STATUS: usize = 0x2c0;
 const PML4: u64 = 0x1000;
 /// The GDT: null, 64-bit code (selector 0x08), data (0x10).
 const GDT_ENTRIES: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-/// RAM the guest may use: QEMU's `pc` machine keeps RAM contiguous from 0 up to 3 GiB.
-pub const MAX_PVH_RAM_BYTES: u64 = 3 << 30;
+/// Where QEMU's `pc` machine ends RAM below 4 GiB when it has 3.5 GiB or more (the rest goes
+/// above 4 GiB); with less, all of RAM is below. The working set and the boot block must lie
+/// below it.
+pub const PC_LOW_RAM_SPLIT: u64 = 3 << 30;
 /// Kept clear at the top of RAM: SeaBIOS moves itself there and reserves part of it.
 const FIRMWARE_TOP: u64 = 2 << 20;
 /// Xen's ELF note type for the 32-bit PVH entry point.
@@ -261,9 +263,9 @@ pub struct PvhGuest {
 /// `tsc_hz` (the host's: QEMU's TCG and KVM both give the guest the host's TSC rate; see
 /// [`measure_tsc_hz`]).
 ///
-/// Fails for more than one vCPU, RAM over [`MAX_PVH_RAM_BYTES`], or no room for the boot
-/// block (between the table and the working set, or between the working set and the top 2 MiB
-/// of RAM).
+/// Fails for more than one vCPU, a working set reaching past QEMU's RAM below 4 GiB (see
+/// [`PC_LOW_RAM_SPLIT`]), or no room for the boot block (between the table and the working set,
+/// or between the working set and the top 2 MiB of low RAM).
 pub fn pvh_guest(spec: &VmSpec, tsc_hz: u64) -> Result<PvhGuest, VmError> {
     if spec.vcpus != 1 {
         return Err(VmError::InvalidSpec(format!(
@@ -273,27 +275,34 @@ pub fn pvh_guest(spec: &VmSpec, tsc_hz: u64) -> Result<PvhGuest, VmError> {
     }
     let layout = GuestLayout::new(spec)?;
     let ram = layout.ram_bytes();
-    if ram > MAX_PVH_RAM_BYTES {
+    let low = if ram >= PC_LOW_RAM_SPLIT + (512 << 20) {
+        PC_LOW_RAM_SPLIT
+    } else {
+        ram
+    };
+    let ws = layout.working_set();
+    if ws.end > low {
         return Err(VmError::InvalidSpec(format!(
-            "the PVH guest takes at most {} MiB of RAM (QEMU's pc machine splits RAM above),              not {} MiB",
-            MAX_PVH_RAM_BYTES >> 20,
-            ram >> 20
+            "the PVH guest's working set must end below {} MiB, where QEMU's pc machine splits \
+             {} MiB of RAM (it ends at {} MiB)",
+            low >> 20,
+            ram >> 20,
+            ws.end >> 20
         )));
     }
     let dirs = layout.page_directories();
     let block_len = PML4 + (2 + dirs) * PAGE_SIZE;
     let table_end = (TABLE_ADDR + layout.table_len() * 4).next_multiple_of(PAGE_SIZE);
-    let ws = layout.working_set();
     let base = if table_end + block_len <= ws.start {
         table_end
     } else {
         let after = ws.end.next_multiple_of(PAGE_SIZE);
-        if after + block_len + FIRMWARE_TOP > ram {
+        if after + block_len + FIRMWARE_TOP > low {
             return Err(VmError::InvalidSpec(format!(
-                "no room for the PVH guest's boot block ({} KiB) beside a {} MiB working set                  in {} MiB of RAM",
+                "no room for the PVH guest's boot block ({} KiB) beside a {} MiB working set                  in {} MiB of low RAM",
                 block_len >> 10,
                 (ws.end - ws.start) >> 20,
-                ram >> 20
+                low >> 20
             )));
         }
         after
@@ -528,10 +537,12 @@ mod tests {
         };
         let e = pvh_guest(&two, 1_000_000_000).unwrap_err().to_string();
         assert!(e.contains("one vCPU"), "{e}");
-        let e = pvh_guest(&spec(4096, 64, 0), 1_000_000_000)
+        // 4 GiB: QEMU puts 1 GiB above 4 GiB; a working set reaching there is refused.
+        let e = pvh_guest(&spec(4096, 3500, 0), 1_000_000_000)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("at most 3072 MiB"), "{e}");
+        assert!(e.contains("must end below 3072 MiB"), "{e}");
+        assert!(pvh_guest(&spec(4096, 512, 0), 1_000_000_000).is_ok());
         // A working set up to the top of RAM with a table filling its 2 MiB leaves no room.
         let e = pvh_guest(&spec(1026, 1024, 0), 1_000_000_000)
             .unwrap_err()
