@@ -107,19 +107,29 @@ pub struct Cell {
     pub memory_mib: u64,
     /// Guest dirty rate, pages per second.
     pub dirty_rate: u64,
+    /// Downtime limit both systems are given, ms.
+    pub downtime_limit_ms: u64,
     /// What migrates it.
     pub variant: Variant,
 }
 
+/// The downtime limit of most cells (QEMU's default).
+pub const DEFAULT_LIMIT_MS: u64 = 300;
+/// The small limit some cells use: where QEMU does not spend a large default by design, whose
+/// downtime is lower?
+pub const SMALL_LIMIT_MS: u64 = 20;
+
 impl Cell {
-    /// `link fill MiB pages/s variant`, e.g. `10gbit random 512MiB 0/s livemig tcp x1 none`.
+    /// `link fill MiB pages/s limit variant`, e.g.
+    /// `10gbit random 512MiB 0/s 300ms livemig tcp x1 none`.
     pub fn describe(&self) -> String {
         format!(
-            "{} {} {}MiB {}/s {}",
+            "{} {} {}MiB {}/s {}ms {}",
             self.link.name(),
             self.fill.name(),
             self.memory_mib,
             self.dirty_rate,
+            self.downtime_limit_ms,
             self.variant.label()
         )
     }
@@ -146,19 +156,31 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
         zstd,
         prealloc: true,
     };
-    let mut add = |link, fill, memory_mib, dirty_rate, variants: Vec<Variant>| {
-        for v in variants {
-            if matches!(v, Variant::Qemu { .. }) && !qemu {
-                continue;
+    let mut add_limited =
+        |link, fill, memory_mib, dirty_rate, downtime_limit_ms, variants: Vec<Variant>| {
+            for v in variants {
+                if matches!(v, Variant::Qemu { .. }) && !qemu {
+                    continue;
+                }
+                cells.push(Cell {
+                    link,
+                    fill,
+                    memory_mib,
+                    dirty_rate,
+                    downtime_limit_ms,
+                    variant: v,
+                });
             }
-            cells.push(Cell {
-                link,
-                fill,
-                memory_mib,
-                dirty_rate,
-                variant: v,
-            });
-        }
+        };
+    let mut add = |link, fill, memory_mib, dirty_rate, variants: Vec<Variant>| {
+        add_limited(
+            link,
+            fill,
+            memory_mib,
+            dirty_rate,
+            DEFAULT_LIMIT_MS,
+            variants,
+        )
     };
     let contents = [Fill::Zero, Fill::Random, Fill::Text, Fill::Mixed];
     if quick {
@@ -199,6 +221,14 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
             256,
             0,
             vec![clear(1, "none"), clear(2, "none")],
+        );
+        add_limited(
+            Link::Loopback,
+            Fill::Random,
+            256,
+            20_000,
+            SMALL_LIMIT_MS,
+            vec![lm(1, "auto"), q(1, false)],
         );
         return cells;
     }
@@ -267,6 +297,17 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
             512,
             rate,
             vec![lm(1, "auto"), lm(1, "delta"), q(1, false)],
+        );
+    }
+    // Both at a small limit, under the same dirtying guest: the downtime each really needs.
+    for rate in [0, 10_000, 30_000] {
+        add_limited(
+            Link::Loopback,
+            Fill::Random,
+            512,
+            rate,
+            SMALL_LIMIT_MS,
+            vec![lm(1, "auto"), q(1, false)],
         );
     }
     cells

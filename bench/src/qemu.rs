@@ -141,7 +141,7 @@ pub struct QemuOptions {
 }
 
 /// QEMU migrating the same RAM (file-backed, pre-filled with the same content) of a VM over
-/// the same link, bandwidth cap lifted, downtime limit as ours: paused for an idle cell, the
+/// the same link, bandwidth cap lifted, the cell's downtime limit (as ours): paused for an idle cell, the
 /// built-in guest booted from its PVH ELF for a dirtying one (see [`migrate_qemu`]).
 pub fn run_qemu(
     work: &Path,
@@ -166,7 +166,7 @@ pub fn run_qemu(
         zstd,
         prealloc,
         auto_converge: false,
-        downtime_limit_ms: 300,
+        downtime_limit_ms: cell.downtime_limit_ms,
     };
     migrate_qemu(work, &spec, hosts, &o)
 }
@@ -267,8 +267,12 @@ pub fn migrate_qemu(
         s.cmd("migrate", json!({"uri": format!("tcp:{host}:{port}")}))?;
         let deadline = Instant::now() + Duration::from_secs(600);
         let mut completed_polls = 0;
+        // QEMU reports its current throttle only while it migrates (it lifts the throttle at
+        // the end): the highest seen while polling.
+        let mut throttle_max = 0;
         loop {
             let st = s.cmd("query-migrate", json!({}))?;
+            throttle_max = throttle_max.max(st["cpu-throttle-percentage"].as_u64().unwrap_or(0));
             match st["status"].as_str() {
                 Some("completed") => {
                     // QEMU sets the completed status a moment before it fills in the total
@@ -290,7 +294,7 @@ pub fn migrate_qemu(
                         "downtime_ms": down,
                         "bytes_on_wire": wire,
                         "ram_bytes": spec.memory_mib << 20,
-                        "qemu_throttle_pct": st["cpu-throttle-percentage"],
+                        "qemu_throttle_max_pct": throttle_max,
                         // QEMU's own view of the guest's dirtying (pages/s, last sync) and
                         // how many times it synced the dirty log.
                         "qemu_dirty_pages_rate": st["ram"]["dirty-pages-rate"],
@@ -362,6 +366,7 @@ mod tests {
             fill: Fill::Random,
             memory_mib,
             dirty_rate,
+            downtime_limit_ms: crate::matrix::DEFAULT_LIMIT_MS,
             variant: Variant::Qemu {
                 channels: 1,
                 zstd: false,

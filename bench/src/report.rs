@@ -23,6 +23,9 @@ pub struct Row {
     pub memory_mib: u64,
     /// Guest dirty rate, pages per second.
     pub dirty_rate: u64,
+    /// Downtime limit both systems were given, ms (results from before it was a column: 300).
+    #[serde(default = "default_limit")]
+    pub downtime_limit_ms: u64,
     /// Repetitions that produced a figure.
     pub repetitions: usize,
     /// Total time, median.
@@ -43,6 +46,10 @@ pub struct Row {
     pub source_cpu_s: Option<f64>,
     /// Destination CPU seconds, median.
     pub destination_cpu_s: Option<f64>,
+}
+
+fn default_limit() -> u64 {
+    crate::matrix::DEFAULT_LIMIT_MS
 }
 
 /// The median of `v` (sorted in place; 0 when empty).
@@ -104,17 +111,18 @@ pub fn write_outputs(out: &Path, meta: &Value, rows: &[Row], raw: &[Value]) -> R
         serde_json::to_string_pretty(&json!({"meta": meta, "rows": rows, "runs": raw}))?,
     )?;
     let mut csv = String::from(
-        "system,variant,link,content,memory_mib,dirty_rate,repetitions,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,bytes_on_wire_median,throughput_gbps,digest_match,source_cpu_s,destination_cpu_s\n",
+        "system,variant,link,content,memory_mib,dirty_rate,downtime_limit_ms,repetitions,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,bytes_on_wire_median,throughput_gbps,digest_match,source_cpu_s,destination_cpu_s\n",
     );
     for r in rows {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.0},{:.3},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.0},{:.3},{},{},{}\n",
             r.system,
             r.variant,
             r.link,
             r.content,
             r.memory_mib,
             r.dirty_rate,
+            r.downtime_limit_ms,
             r.repetitions,
             r.total_ms_median,
             r.total_ms_min,
@@ -168,45 +176,60 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
             .collect();
         s.push_str(&parts.join(", "));
     }
-    s.push_str("\n\n| link | content | RAM MiB | dirty pages/s | variant | total ms (median [min–max]) | downtime ms | GB/s | wire / RAM | vs QEMU single | digest |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
-    // Each row against QEMU's single stream in the same destination-RAM regime.
-    let qemu_single = |r: &Row| {
-        let cold = r.variant.ends_with("(no reserve)") || r.variant.ends_with("(no prealloc)");
-        let peer = if cold {
-            "qemu single (no prealloc)"
-        } else {
-            "qemu single"
-        };
+    s.push_str("\n\n| link | content | RAM MiB | dirty pages/s | limit ms | variant | total ms (median [min–max]) | downtime ms | GB/s | wire / RAM | vs QEMU single | vs QEMU best | digest |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    // The same cell (link, content, RAM, rate, limit) in the same destination-RAM regime.
+    let peers = |r: &Row| {
+        let cold = |v: &str| v.ends_with("(no reserve)") || v.ends_with("(no prealloc)");
         rows.iter()
-            .find(|q| {
-                q.variant == peer
+            .filter(|q| {
+                q.system == "qemu"
                     && q.variant != r.variant
+                    && cold(&q.variant) == cold(&r.variant)
                     && q.link == r.link
                     && q.content == r.content
                     && q.memory_mib == r.memory_mib
                     && q.dirty_rate == r.dirty_rate
+                    && q.downtime_limit_ms == r.downtime_limit_ms
             })
-            .map(|q| q.total_ms_median)
+            .collect::<Vec<_>>()
     };
     for r in rows {
-        let vs = qemu_single(r)
-            .map(|q| format!("{:.2}× faster", q / r.total_ms_median.max(1e-9)))
-            .unwrap_or_else(|| "—".into());
+        let p = peers(r);
+        let single = p
+            .iter()
+            .find(|q| q.variant.starts_with("qemu single"))
+            .map(|q| q.total_ms_median);
+        let best = p
+            .iter()
+            .map(|q| q.total_ms_median)
+            .min_by(|a, b| a.total_cmp(b));
+        let vs = |q: Option<f64>| q.map_or_else(|| "—".into(), |q| speed(q, r.total_ms_median));
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.0} [{:.0}–{:.0}] | {:.1} | {:.2} | {:.3} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.0} [{:.0}–{:.0}] | {:.1} | {} | {:.3} | {} | {} | {} |\n",
             r.link,
             r.content,
             r.memory_mib,
             r.dirty_rate,
+            r.downtime_limit_ms,
             r.variant,
             r.total_ms_median,
             r.total_ms_min,
             r.total_ms_max,
             r.downtime_ms_median,
-            r.throughput_gbps,
+            // RAM over time means a rate only where the RAM really crossed the link.
+            if r.bytes_on_wire_median >= 0.5 * (r.memory_mib << 20) as f64 {
+                format!("{:.2}", r.throughput_gbps)
+            } else {
+                "—".into()
+            },
             r.bytes_on_wire_median / (r.memory_mib << 20) as f64,
-            vs,
+            if r.system == "qemu" && r.variant.starts_with("qemu single") {
+                "—".into()
+            } else {
+                vs(single)
+            },
+            if r.system == "qemu" { "—".into() } else { vs(best) },
             match r.digest_match {
                 Some(true) => "match",
                 Some(false) => "MISMATCH",
@@ -215,6 +238,17 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
         ));
     }
     s
+}
+
+/// `theirs` against `ours` (total times): "1.25× faster" or "1.60× slower", never a fraction
+/// of "faster".
+fn speed(theirs: f64, ours: f64) -> String {
+    let ratio = theirs / ours.max(1e-9);
+    if ratio >= 1.0 {
+        format!("{ratio:.2}× faster")
+    } else {
+        format!("{:.2}× slower", 1.0 / ratio.max(1e-9))
+    }
 }
 
 /// The folders of a bench run named `name`: its results folder (`out`, or

@@ -240,6 +240,7 @@ fn row(cell: &Cell, reps: &[Value]) -> Option<Row> {
         content: cell.fill.name().into(),
         memory_mib: cell.memory_mib,
         dirty_rate: cell.dirty_rate,
+        downtime_limit_ms: cell.downtime_limit_ms,
         repetitions: reps.len(),
         total_ms_median: total,
         total_ms_min: min,
@@ -310,7 +311,7 @@ fn run_livemig(
     let req = MigrateRequest {
         channels,
         compress: compress.parse::<Mode>().map_err(|e| anyhow::anyhow!(e))?,
-        downtime_limit_ms: 300,
+        downtime_limit_ms: cell.downtime_limit_ms,
         max_rounds: 30,
         ..MigrateRequest::to("")
     };

@@ -13,8 +13,8 @@
 //!
 //! | GPA | content |
 //! |---|---|
-//! | [`TABLE_ADDR`] | the page-index table, as in the built-in guest |
-//! | boot block (4 KiB aligned, between the table and the working set, or after the working set) | +0 code ([`PVH_CODE`]), +0x200 GDTR, +0x206 IDTR, +0x210 parameters, +0x280 GDT, +0x2c0 status slot (counter at +0, batch at +16), +0x300 IDT, stack below +0x1000, +0x1000 PML4, +0x2000 PDPT, +0x3000 page directories |
+//! | [`TABLE_ADDR`] | the page-index table, as in the built-in guest (above the working set when the boot block finds no room below it) |
+//! | boot block (4 KiB aligned, after the table, before the working set's 2 MiB boundary) | +0 code ([`PVH_CODE`]), +0x200 GDTR, +0x206 IDTR, +0x210 parameters, +0x280 GDT, +0x2c0 status slot (counter at +0, batch at +16), +0x300 IDT, stack below +0x1000, +0x1000 PML4, +0x2000 PDPT, +0x3000 page directories |
 //! | the working set | as in the built-in guest |
 //!
 //! The guest's progress counter is at [`PvhGuest::status_gpa`]; one vCPU only.
@@ -237,12 +237,13 @@ const STATUS: usize = 0x2c0;
 const PML4: u64 = 0x1000;
 /// The GDT: null, 64-bit code (selector 0x08), data (0x10).
 const GDT_ENTRIES: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+/// Kept clear at the top of RAM below 4 GiB: SeaBIOS's own data lives there (it relocated
+/// itself about 16 MiB below the top of a 256 MiB VM).
+const FIRMWARE_HIGH: u64 = 32 << 20;
 /// Where QEMU's `pc` machine ends RAM below 4 GiB when it has 3.5 GiB or more (the rest goes
 /// above 4 GiB); with less, all of RAM is below. The working set and the boot block must lie
 /// below it.
 pub const PC_LOW_RAM_SPLIT: u64 = 3 << 30;
-/// Kept clear at the top of RAM: SeaBIOS moves itself there and reserves part of it.
-const FIRMWARE_TOP: u64 = 2 << 20;
 /// Xen's ELF note type for the 32-bit PVH entry point.
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
@@ -264,8 +265,9 @@ pub struct PvhGuest {
 /// [`measure_tsc_hz`]).
 ///
 /// Fails for more than one vCPU, a working set reaching past QEMU's RAM below 4 GiB (see
-/// [`PC_LOW_RAM_SPLIT`]), or no room for the boot block (between the table and the working set,
-/// or between the working set and the top 2 MiB of low RAM).
+/// [`PC_LOW_RAM_SPLIT`]), or no room for the boot block: between the table and the working set,
+/// or else (a table ending on the working set's 2 MiB boundary: a 1 GiB working set) for table
+/// and block above the working set.
 pub fn pvh_guest(spec: &VmSpec, tsc_hz: u64) -> Result<PvhGuest, VmError> {
     if spec.vcpus != 1 {
         return Err(VmError::InvalidSpec(format!(
@@ -293,19 +295,28 @@ pub fn pvh_guest(spec: &VmSpec, tsc_hz: u64) -> Result<PvhGuest, VmError> {
     let dirs = layout.page_directories();
     let block_len = PML4 + (2 + dirs) * PAGE_SIZE;
     let table_end = (TABLE_ADDR + layout.table_len() * 4).next_multiple_of(PAGE_SIZE);
-    let base = if table_end + block_len <= ws.start {
-        table_end
+    // QEMU hands the ELF's whole span, lowest to highest loaded byte, to its loader ROM,
+    // which copies it after the firmware ran: the span must not cover the working set, or its
+    // fill would be overwritten with zeros. The block goes in the slack between the table and
+    // the working set's 2 MiB boundary; where there is none (a table ending on it), table and
+    // block go above the working set instead (the guest finds its table through its
+    // parameters), clear of the firmware's data at the top of low RAM.
+    let table_bytes = layout.table_len() * 4;
+    let (table_at, base) = if table_end + block_len <= ws.start {
+        (TABLE_ADDR, table_end)
     } else {
-        let after = ws.end.next_multiple_of(PAGE_SIZE);
-        if after + block_len + FIRMWARE_TOP > low {
+        let table_at = ws.end.next_multiple_of(PAGE_SIZE);
+        let base = (table_at + table_bytes).next_multiple_of(PAGE_SIZE);
+        if base + block_len + FIRMWARE_HIGH > low {
             return Err(VmError::InvalidSpec(format!(
-                "no room for the PVH guest's boot block ({} KiB) beside a {} MiB working set                  in {} MiB of low RAM",
-                block_len >> 10,
+                "no room for the PVH guest's page-index table and boot block ({} KiB) beside its \
+                 {} MiB working set in {} MiB of RAM below 4 GiB",
+                (table_bytes + block_len) >> 10,
                 (ws.end - ws.start) >> 20,
                 low >> 20
             )));
         }
-        after
+        (table_at, base)
     };
 
     let (batch, period) = pacing_step(spec);
@@ -319,7 +330,7 @@ pub fn pvh_guest(spec: &VmSpec, tsc_hz: u64) -> Result<PvhGuest, VmError> {
     put(&mut block, IDTR, &(48u16 * 16 - 1).to_le_bytes());
     put(&mut block, IDTR + 2, &0x300u64.to_le_bytes());
     let params = [
-        TABLE_ADDR,
+        table_at,
         layout.table_len(),
         ws.start,
         layout.lap_step(),
@@ -362,7 +373,7 @@ pub fn pvh_guest(spec: &VmSpec, tsc_hz: u64) -> Result<PvhGuest, VmError> {
         .flat_map(|e| e.to_le_bytes())
         .collect();
     Ok(PvhGuest {
-        elf: elf64(base, &[(base, &block), (TABLE_ADDR, &table)]),
+        elf: elf64(base, &[(base, &block), (table_at, &table)]),
         status_gpa: base + STATUS as u64,
         batch,
         ticks_per_batch,
@@ -521,12 +532,25 @@ mod tests {
     }
 
     #[test]
-    fn a_table_that_fills_its_2_mib_puts_the_block_after_the_working_set() {
+    fn a_table_that_fills_its_2_mib_moves_above_the_working_set_with_the_block() {
         // 1 GiB of working set: a table of 1 MiB ends at the working set's start.
         let s = spec(1536, 1024, 1000);
         let g = pvh_guest(&s, 1_000_000_000).unwrap();
-        let ws = GuestLayout::new(&s).unwrap().working_set();
-        assert!(g.status_gpa >= ws.end, "{:#x} in {ws:x?}", g.status_gpa);
+        let layout = GuestLayout::new(&s).unwrap();
+        let ws = layout.working_set();
+        let segs = segments(&g.elf);
+        let loads: Vec<_> = segs.iter().filter(|s| s.0 == 1).collect();
+        assert!(loads.iter().all(|s| s.2 >= ws.end), "{loads:?} vs {ws:x?}");
+        let table = loads
+            .iter()
+            .find(|s| s.3 == layout.table_len() as usize * 4)
+            .unwrap();
+        let block = loads.iter().find(|s| s.2 == g.status_gpa & !0xfff).unwrap();
+        assert_eq!(
+            u(&g.elf, block.1 + PARAMS, 8),
+            table.2,
+            "the guest's table address"
+        );
     }
 
     #[test]
@@ -543,7 +567,8 @@ mod tests {
             .to_string();
         assert!(e.contains("must end below 3072 MiB"), "{e}");
         assert!(pvh_guest(&spec(4096, 512, 0), 1_000_000_000).is_ok());
-        // A working set up to the top of RAM with a table filling its 2 MiB leaves no room.
+        // A 1 GiB working set filling RAM: its 1 MiB table ends on the working set's start,
+        // and nothing is left above.
         let e = pvh_guest(&spec(1026, 1024, 0), 1_000_000_000)
             .unwrap_err()
             .to_string();
