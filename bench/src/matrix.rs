@@ -296,7 +296,7 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
             Fill::Random,
             512,
             rate,
-            vec![lm(1, "auto"), lm(1, "delta"), q(1, false)],
+            vec![lm(1, "auto"), lm(1, "delta"), clear(1, "auto"), q(1, false)],
         );
     }
     // Both at a small limit, under the same dirtying guest: the downtime each really needs.
@@ -307,7 +307,7 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
             512,
             rate,
             SMALL_LIMIT_MS,
-            vec![lm(1, "auto"), q(1, false)],
+            vec![lm(1, "auto"), clear(1, "auto"), q(1, false)],
         );
     }
     cells
