@@ -45,8 +45,8 @@ pub struct BenchArgs {
     /// scans) with every assumption named; writes results.md to --out when given.
     #[arg(long, conflicts_with_all = ["redraw", "storage", "blackout", "predict"])]
     rdma_model: bool,
-    /// Only the matrix cells whose description (`link fill MiB pages/s variant`, e.g.
-    /// `10gbit random 512MiB 0/s livemig tcp x1 none (clear)`) contains this; repeatable.
+    /// Only the matrix cells whose description (`link fill MiB pages/s limit variant`, e.g.
+    /// `10gbit random 512MiB 0/s 300ms livemig tcp x1 none (clear)`) contains this; repeatable.
     #[arg(long, value_name = "TEXT")]
     only: Vec<String>,
 }
