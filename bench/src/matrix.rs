@@ -137,111 +137,164 @@ impl Cell {
 
 /// The cells of a run: `quick` for CI, QEMU rows only with `qemu`.
 pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
-    let mut cells = Vec::new();
-    let lm = |channels, compress| Variant::Livemig {
-        channels,
-        compress,
-        reserve: true,
-        encrypt: true,
+    let mut m = Cells {
+        cells: Vec::new(),
+        qemu,
     };
-    // The cost of encryption: the same migration with `--encrypt off`.
-    let clear = |channels, compress| Variant::Livemig {
-        channels,
-        compress,
-        reserve: true,
-        encrypt: false,
-    };
-    let q = |channels, zstd| Variant::Qemu {
-        channels,
-        zstd,
-        prealloc: true,
-    };
-    let mut add_limited =
-        |link, fill, memory_mib, dirty_rate, downtime_limit_ms, variants: Vec<Variant>| {
-            for v in variants {
-                if matches!(v, Variant::Qemu { .. }) && !qemu {
-                    continue;
-                }
-                cells.push(Cell {
-                    link,
-                    fill,
-                    memory_mib,
-                    dirty_rate,
-                    downtime_limit_ms,
-                    variant: v,
-                });
-            }
-        };
-    let mut add = |link, fill, memory_mib, dirty_rate, variants: Vec<Variant>| {
-        add_limited(
+    if quick {
+        quick_cells(&mut m);
+    } else {
+        full_cells(&mut m);
+    }
+    m.cells
+}
+
+/// RAM contents every size-and-codec cell runs with.
+const CONTENTS: [Fill; 4] = [Fill::Zero, Fill::Random, Fill::Text, Fill::Mixed];
+
+/// The cells listed so far; QEMU's are left out without QEMU.
+struct Cells {
+    cells: Vec<Cell>,
+    qemu: bool,
+}
+
+impl Cells {
+    /// One cell per variant at the default downtime limit.
+    fn add(
+        &mut self,
+        link: Link,
+        fill: Fill,
+        memory_mib: u64,
+        dirty_rate: u64,
+        variants: Vec<Variant>,
+    ) {
+        self.add_limited(
             link,
             fill,
             memory_mib,
             dirty_rate,
             DEFAULT_LIMIT_MS,
             variants,
-        )
-    };
-    let contents = [Fill::Zero, Fill::Random, Fill::Text, Fill::Mixed];
-    if quick {
-        for f in contents {
-            add(
-                Link::Loopback,
-                f,
-                256,
-                0,
-                vec![
-                    lm(1, "none"),
-                    lm(2, "none"),
-                    lm(1, "auto"),
-                    q(1, false),
-                    q(2, true),
-                ],
-            );
-        }
-        add(
-            Link::OneGbit,
-            Fill::Text,
-            128,
-            0,
-            vec![lm(1, "none"), lm(1, "auto"), q(1, false)],
         );
-        for rate in [0, 20_000] {
-            add(
-                Link::Loopback,
-                Fill::Random,
-                256,
-                rate,
-                vec![lm(1, "auto"), q(1, false)],
-            );
+    }
+
+    /// One cell per variant at `downtime_limit_ms`.
+    fn add_limited(
+        &mut self,
+        link: Link,
+        fill: Fill,
+        memory_mib: u64,
+        dirty_rate: u64,
+        downtime_limit_ms: u64,
+        variants: Vec<Variant>,
+    ) {
+        for variant in variants {
+            if matches!(variant, Variant::Qemu { .. }) && !self.qemu {
+                continue;
+            }
+            self.cells.push(Cell {
+                link,
+                fill,
+                memory_mib,
+                dirty_rate,
+                downtime_limit_ms,
+                variant,
+            });
         }
-        add(
+    }
+}
+
+/// livemig, encrypted (the default), destination RAM reserved.
+fn lm(channels: u16, compress: &'static str) -> Variant {
+    Variant::Livemig {
+        channels,
+        compress,
+        reserve: true,
+        encrypt: true,
+    }
+}
+
+/// The cost of encryption, and like for like with QEMU's stream: `--encrypt off`.
+fn clear(channels: u16, compress: &'static str) -> Variant {
+    Variant::Livemig {
+        channels,
+        compress,
+        reserve: true,
+        encrypt: false,
+    }
+}
+
+/// QEMU with its destination RAM faulted in ahead (as our reserve).
+fn q(channels: u16, zstd: bool) -> Variant {
+    Variant::Qemu {
+        channels,
+        zstd,
+        prealloc: true,
+    }
+}
+
+/// A small matrix for CI and a quick look: loopback and one shaped link, small RAM.
+fn quick_cells(m: &mut Cells) {
+    for f in CONTENTS {
+        m.add(
+            Link::Loopback,
+            f,
+            256,
+            0,
+            vec![
+                lm(1, "none"),
+                lm(2, "none"),
+                lm(1, "auto"),
+                q(1, false),
+                q(2, true),
+            ],
+        );
+    }
+    m.add(
+        Link::OneGbit,
+        Fill::Text,
+        128,
+        0,
+        vec![lm(1, "none"), lm(1, "auto"), q(1, false)],
+    );
+    for rate in [0, 20_000] {
+        m.add(
             Link::Loopback,
             Fill::Random,
             256,
-            0,
-            vec![clear(1, "none"), clear(2, "none")],
-        );
-        add_limited(
-            Link::Loopback,
-            Fill::Random,
-            256,
-            20_000,
-            SMALL_LIMIT_MS,
+            rate,
             vec![lm(1, "auto"), q(1, false)],
         );
-        return cells;
     }
+    m.add(
+        Link::Loopback,
+        Fill::Random,
+        256,
+        0,
+        vec![clear(1, "none"), clear(2, "none")],
+    );
+    m.add_limited(
+        Link::Loopback,
+        Fill::Random,
+        256,
+        20_000,
+        SMALL_LIMIT_MS,
+        vec![lm(1, "auto"), q(1, false)],
+    );
+}
+
+/// The full matrix.
+fn full_cells(m: &mut Cells) {
     // The headline: 2 GiB of random RAM, one stream each.
-    add(
+    m.add(
         Link::Loopback,
         Fill::Random,
         2048,
         0,
         vec![lm(1, "none"), clear(1, "none"), q(1, false)],
     );
-    for f in contents {
-        add(
+    for f in CONTENTS {
+        m.add(
             Link::Loopback,
             f,
             1024,
@@ -261,7 +314,7 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
         );
     }
     for f in [Fill::Random, Fill::Text] {
-        add(
+        m.add(
             Link::TenGbit,
             f,
             512,
@@ -276,7 +329,7 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
                 q(2, true),
             ],
         );
-        add(
+        m.add(
             Link::OneGbit,
             f,
             256,
@@ -291,7 +344,7 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
         );
     }
     for rate in [0, 10_000, 30_000, 60_000] {
-        add(
+        m.add(
             Link::Loopback,
             Fill::Random,
             512,
@@ -301,7 +354,7 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
     }
     // Both at a small limit, under the same dirtying guest: the downtime each really needs.
     for rate in [0, 10_000, 30_000] {
-        add_limited(
+        m.add_limited(
             Link::Loopback,
             Fill::Random,
             512,
@@ -310,5 +363,4 @@ pub fn matrix(quick: bool, qemu: bool) -> Vec<Cell> {
             vec![lm(1, "auto"), clear(1, "auto"), q(1, false)],
         );
     }
-    cells
 }
