@@ -224,10 +224,11 @@ fn table(outcomes: &[Outcome], summary: &Value, meta: &Value) -> String {
     );
     s.push_str(&format!(
         "Commit {}, {}; each cell: plan (2 s of dirty log, link probe), then the migration \
-         with the same options (1 channel, compress auto, limit 300 ms, auto-converge), same \
+         with the same options (1 channel, compress auto, encrypted as by default, limit \
+         300 ms, auto-converge), same \
          pair, same run; then QEMU (TCG) migrating the same guest (livemig's built-in guest \
          booted from its PVH ELF: same RAM, content, working set and rate) over the same link, \
-         single stream, limit 300 ms, auto-converge on.\n\n",
+         single stream (unencrypted), limit 300 ms, auto-converge on.\n\n",
         meta["commit"].as_str().unwrap_or("?"),
         meta["date"].as_str().unwrap_or("?")
     ));

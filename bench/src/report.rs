@@ -269,3 +269,15 @@ pub fn run_folders(
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     Ok((out, work, stamp))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slower_row_says_slower_not_a_fraction_of_faster() {
+        assert_eq!(speed(125.0, 100.0), "1.25× faster");
+        assert_eq!(speed(100.0, 125.0), "1.25× slower");
+        assert_eq!(speed(100.0, 100.0), "1.00× faster");
+    }
+}

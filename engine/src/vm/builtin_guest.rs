@@ -312,7 +312,7 @@ pub fn pacing_step(spec: &VmSpec) -> (u64, Duration) {
 }
 
 /// GDT: null, 64-bit code (type 0xb: execute/read, accessed; L=1), data (type 0x3; D/B=1).
-const GDT: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+pub const GDT: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
 
 /// Where everything of the guest program lives in RAM, derived from a [`VmSpec`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -19,7 +19,9 @@
 //!
 //! The guest's progress counter is at [`PvhGuest::status_gpa`]; one vCPU only.
 
-use super::builtin_guest::{pacing_step, GuestLayout, VmSpec, MAX_PACING_LAG, TABLE_ADDR};
+use super::builtin_guest::{
+    pacing_step, GuestLayout, VmSpec, GDT as GDT_ENTRIES, MAX_PACING_LAG, TABLE_ADDR,
+};
 use super::VmError;
 use crate::memory::PAGE_SIZE;
 
@@ -235,8 +237,6 @@ const GDT: usize = 0x280;
 const STATUS: usize = 0x2c0;
 /// Boot-block offset of the PML4 (then the PDPT, then the page directories).
 const PML4: u64 = 0x1000;
-/// The GDT: null, 64-bit code (selector 0x08), data (0x10).
-const GDT_ENTRIES: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
 /// Kept clear at the top of RAM below 4 GiB: SeaBIOS's own data lives there (it relocated
 /// itself about 16 MiB below the top of a 256 MiB VM).
 const FIRMWARE_HIGH: u64 = 32 << 20;
