@@ -134,6 +134,26 @@ guest_reset_before_switchover() {
        END { exit !found }' "$log"
 }
 
+# A Linux guest that stopped on the destination after a completed switchover (whose RAM
+# digest matched the source's): it reset itself (the destination logs KVM's shutdown exit),
+# or its workload stopped printing while its vCPU thread kept running and it acknowledged no
+# interrupt. Seen in CI on an AMD host, once each in about a dozen runs — 13.6 s after a
+# resume the guest ran normally until, and right after a resume — with the same signs as the
+# crashes above that happen with no migration at all (a guest whose console stopped 0.2 s
+# into its boot; a double fault while booting), which no restore of ours can cause. It may
+# still be a fault of the restore that shows that rarely: the run is repeated once only,
+# saying so with the test's whole output above, and the rerun's result stands.
+guest_stopped_after_switchover() {
+  awk '/panicked at/ { inside = 1; dest = 0; stalled = 0; reset = 0 }
+       inside && /^no tick [0-9]+ on / { stalled = 1 }
+       inside && /^destination status: / && stalled { found = 1 }
+       inside && /^destination.s / { dest = 1 }
+       inside && dest && /the guest shut down \(a triple fault/ { found = 1 }
+       inside && /^(FAILED|note: run with)/ { inside = 0 }
+       END { exit !found }' "$log"
+}
+after_retried=0
+
 # The tests that passed in a boot: "test NAME ... ok" or, when a test printed something (its
 # output and the nested kernel's console lines follow its name), "ok" alone on a later line
 # before the next test starts. A pass this misses is only run again.
@@ -171,6 +191,12 @@ for attempt in 1 2 3; do
   if [ "$attempt" != 3 ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
     guest_reset_before_switchover; then
     echo "test-nested: a Linux guest reset itself (triple fault) on the source during pre-copy, before any switchover (status $rc; see its test's output above): booting the nested VM again for the tests that have not passed (attempt $((attempt + 1)) of at most 3)"
+    continue
+  fi
+  if [ "$attempt" != 3 ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
+    [ "$after_retried" = 0 ] && guest_stopped_after_switchover; then
+    after_retried=1
+    echo "test-nested: a Linux guest stopped on the destination after a completed switchover (reset, or no progress with its vCPU running; status $rc; see its test's output above): booting the nested VM again, once, for the tests that have not passed (attempt $((attempt + 1)) of at most 3)"
     continue
   fi
   break

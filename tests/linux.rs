@@ -54,19 +54,43 @@ fn ticks(text: &str) -> Vec<u64> {
 
 /// Waits (bounded) until the console at `log` shows tick `n` or later; returns the last tick.
 fn wait_tick(log: &Path, n: u64) -> u64 {
-    try_wait_tick(log, n).unwrap_or_else(|e| panic!("{e}"))
+    try_wait_tick(log, n, false).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// [`wait_tick`], saying why it gave up instead of panicking.
-fn try_wait_tick(log: &Path, n: u64) -> Result<u64, String> {
-    let deadline = Instant::now() + Duration::from_secs(240);
+/// Longest a guest that runs its workload may go without a new tick (it prints one every
+/// 100 ms): past it the guest has stopped, and waiting for the whole deadline only costs CI
+/// time.
+const TICK_STALL: Duration = Duration::from_secs(60);
+
+/// [`wait_tick`], saying why it gave up instead of panicking: after 240 s, or once the ticks
+/// stopped for [`TICK_STALL`] — counted from the first tick seen, or from the start when the
+/// guest already `running` its workload (a migrated guest, whose console starts empty).
+fn try_wait_tick(log: &Path, n: u64, running: bool) -> Result<u64, String> {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(240);
+    let (mut last, mut since) = (None, running.then_some(start));
     loop {
-        if let Some(&t) = ticks(&console(log)).last() {
+        let seen = ticks(&console(log)).last().copied();
+        if let Some(t) = seen {
             if t >= n {
                 return Ok(t);
             }
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if seen.is_some() && seen != last {
+            (last, since) = (seen, Some(now));
+        }
+        if let Some(s) = since.filter(|s| now - *s >= TICK_STALL) {
+            return Err(format!(
+                "no tick {n} on {}: its ticks stopped (no new tick in {:.0} s; last tick {last:?}, \
+                 {:.0} s into the wait): {}",
+                log.display(),
+                (now - s).as_secs_f64(),
+                (now - start).as_secs_f64(),
+                tail(&console(log))
+            ));
+        }
+        if now >= deadline {
             return Err(format!(
                 "no tick {n} on {}: {}",
                 log.display(),
@@ -308,7 +332,7 @@ fn print_report(report: Value) -> Value {
 /// source's console (`source_log`) ended: a guest already stopped there before the pause
 /// dirties nothing, and its migration ends in few rounds.
 fn wait_migrated(mut b: Proc, sock: &Path, log: &Path, n: u64, source_log: &Path) -> (u64, Proc) {
-    let why = match try_wait_tick(log, n) {
+    let why = match try_wait_tick(log, n, true) {
         Ok(t) => return (t, b),
         Err(why) => why,
     };
@@ -316,6 +340,7 @@ fn wait_migrated(mut b: Proc, sock: &Path, log: &Path, n: u64, source_log: &Path
         .map(|v| v.to_string())
         .unwrap_or_else(|_| "(no answer)".into());
     let th = threads(b.id());
+    let exits = kvm_exit_trace(b.id());
     let seen = ticks(&console(log)).last().copied();
     let poked = Command::new(bin())
         .args(["console", "--vm", sock.to_str().unwrap(), "--send", ""])
@@ -336,12 +361,12 @@ fn wait_migrated(mut b: Proc, sock: &Path, log: &Path, n: u64, source_log: &Path
     );
     // Printed before the destination is stopped (which panics if it already exited).
     println!(
-        "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{poke}\n{}\n{source}",
+        "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{exits}\n{poke}\n{}\n{source}",
         tail(&console(log))
     );
     let err = b.kill_and_log();
     panic!(
-        "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{poke}\n{}\n{source}",
+        "{why}\ndestination status: {status}\ndestination threads:\n{th}\n{exits}\n{poke}\n{}\n{source}",
         vm_story("destination", &console(log), &err)
     );
 }
@@ -880,6 +905,71 @@ fn threads(pid: u32) -> String {
         ));
     }
     out.join("\n")
+}
+
+/// What the vCPUs of process `pid` did in KVM for one second, from the host kernel's `kvm`
+/// trace events (tracefs, mounted here if it is not): the events by name (exits by reason)
+/// and the last ones, exits with the guest's RIP. A guest that stopped with its vCPU
+/// thread running either exits in a loop (which reason, where) or sits in guest mode taking
+/// no interrupt; the thread list alone cannot tell which.
+fn kvm_exit_trace(pid: u32) -> String {
+    let root = Path::new("/sys/kernel/tracing");
+    if !root.join("events/kvm").exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .output();
+    }
+    if !root.join("events/kvm/enable").exists() {
+        return "kvm trace: no tracefs with KVM events here".into();
+    }
+    let vcpus: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("vcpu"))
+                })
+                .map(|t| t.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let w = |f: &str, v: &str| std::fs::write(root.join(f), v).map_err(|e| format!("{f}: {e}"));
+    let run = || -> Result<String, String> {
+        w("trace", "")?;
+        w("set_event_pid", &vcpus.join(" "))?;
+        w("events/kvm/enable", "1")?;
+        std::thread::sleep(Duration::from_secs(1));
+        w("events/kvm/enable", "0")?;
+        std::fs::read_to_string(root.join("trace")).map_err(|e| format!("trace: {e}"))
+    };
+    let trace = run();
+    let _ = w("set_event_pid", "");
+    let _ = w("trace", "");
+    let trace = match trace {
+        Ok(t) => t,
+        Err(e) => return format!("kvm trace of vCPU threads {vcpus:?}: {e}"),
+    };
+    let lines: Vec<&str> = trace.lines().filter(|l| !l.starts_with('#')).collect();
+    // "comm-tid [cpu] flags timestamp: event: details"
+    let mut kinds = std::collections::BTreeMap::<String, u64>::new();
+    for l in &lines {
+        let Some(event) = l.split(": ").nth(1) else {
+            continue;
+        };
+        let reason = l
+            .split_once(" reason ")
+            .map(|(_, r)| r.split_whitespace().next());
+        let key = match reason {
+            Some(r) => format!("{event} {}", r.unwrap_or("?")),
+            None => event.to_string(),
+        };
+        *kinds.entry(key).or_default() += 1;
+    }
+    format!(
+        "kvm trace of vCPU threads {vcpus:?} for 1 s: {} events {kinds:?}; last ones:\n{}",
+        lines.len(),
+        lines[lines.len().saturating_sub(12)..].join("\n")
+    )
 }
 
 /// What a VM's console and stderr tell, for a failure message: its last tick and the last
