@@ -18,7 +18,7 @@
 //! write of the round completed — reliable-connected completions mean the data is placed in
 //! destination RAM, so the barrier holds on the source side (the source then tells the
 //! destination over the control channel). Zero ranges cost RDMA nothing: destination RAM
-//! starts zero.
+//! starts zero — holes, and pages found zero that no write of this migration has touched.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -187,18 +187,127 @@ impl ChannelSender for TcpChannel {
 struct RdmaChannel {
     tx: RdmaSender,
     stats: CodecStats,
+    /// The pages any queue pair of this migration has written (shared by all).
+    written: Arc<WrittenPages>,
+}
+
+/// The guest pages an RDMA migration has written to the destination, one bit per page by
+/// guest-physical address. A page that is zero and was never written needs no write:
+/// destination RAM starts zero (as for holes). A page is marked before its write is posted,
+/// whatever it holds, and stays marked: once written, the destination's copy is whatever was
+/// read then, so every later send of the page writes it.
+#[cfg(feature = "rdma")]
+struct WrittenPages {
+    bits: Vec<AtomicU64>,
+}
+
+#[cfg(feature = "rdma")]
+impl WrittenPages {
+    fn new(ram: &RamLayout) -> Self {
+        let end = ram
+            .regions
+            .iter()
+            .map(|r| r.gpa + r.size)
+            .max()
+            .unwrap_or(0);
+        let words = (end / PAGE_SIZE).div_ceil(64) as usize;
+        WrittenPages {
+            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Whether page `gpa` was written; marks it written when `mark`.
+    fn written(&self, gpa: u64, mark: bool) -> bool {
+        let page = gpa / PAGE_SIZE;
+        let Some(w) = self.bits.get((page / 64) as usize) else {
+            return true; // outside the layout: never skipped
+        };
+        let bit = 1u64 << (page % 64);
+        if mark {
+            w.fetch_or(bit, Ordering::Relaxed) & bit != 0
+        } else {
+            w.load(Ordering::Relaxed) & bit != 0
+        }
+    }
+}
+
+/// Whether a page holds only zero bytes (256-byte blocks, each OR-ed as one vector).
+#[cfg(feature = "rdma")]
+fn zero_page(page: &[u8]) -> bool {
+    page.chunks_exact(256)
+        .all(|b| b.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
+#[cfg(feature = "rdma")]
+impl WrittenPages {
+    /// `extents` without the pages the destination already holds: zero pages never written
+    /// (the destination's fresh RAM is zero there). Returns the extents to write and the
+    /// pages left out. A page the guest writes after it was found zero here is dirty and
+    /// goes in a later round (the final one runs with the guest paused).
+    fn data_extents(&self, map: &MemoryMap, extents: &[(u64, u64)]) -> (Vec<(u64, u64)>, u64) {
+        let mut out = Vec::with_capacity(extents.len());
+        let mut skipped = 0u64;
+        for &(addr, len) in extents {
+            let Ok(host) = map.host_ptr(addr, len) else {
+                out.push((addr, len)); // the write reports the bad range
+                continue;
+            };
+            let pages = len / PAGE_SIZE;
+            let mut run: Option<u64> = None;
+            for i in 0..=pages {
+                let write = i < pages && {
+                    let gpa = addr + i * PAGE_SIZE;
+                    // SAFETY: page `i` lies inside `host..host + len`, a live mapping of
+                    // `map`. The guest may write it meanwhile: a torn read only decides
+                    // whether this round writes the page, and a written page is dirty.
+                    let page = unsafe {
+                        std::slice::from_raw_parts(
+                            host.add((i * PAGE_SIZE) as usize),
+                            PAGE_SIZE as usize,
+                        )
+                    };
+                    if self.written(gpa, false) {
+                        true
+                    } else if zero_page(page) {
+                        false
+                    } else {
+                        self.written(gpa, true);
+                        true
+                    }
+                };
+                match (write, run) {
+                    (true, None) => run = Some(i),
+                    (false, Some(s)) => {
+                        out.push((addr + s * PAGE_SIZE, (i - s) * PAGE_SIZE));
+                        run = None;
+                    }
+                    _ => {}
+                }
+                if !write && i < pages {
+                    skipped += 1;
+                }
+            }
+        }
+        (out, skipped)
+    }
 }
 
 #[cfg(feature = "rdma")]
 impl ChannelSender for RdmaChannel {
     fn chunk(
         &mut self,
-        _map: &MemoryMap,
+        map: &MemoryMap,
         extents: &[(u64, u64)],
         _round: u64,
         stop: &AtomicBool,
     ) -> Result<u64, TransportError> {
-        let bytes = self.tx.write_extents(extents, stop)?;
+        let (data, skipped) = self.written.data_extents(map, extents);
+        self.stats.pages_zero += skipped;
+        let bytes = if data.is_empty() {
+            0
+        } else {
+            self.tx.write_extents(&data, stop)?
+        };
         self.stats.pages_raw += bytes / PAGE_SIZE;
         self.stats.bytes_in += bytes;
         self.stats.bytes_out += bytes;
@@ -653,11 +762,13 @@ impl Scheduler {
         (pin, failover): (bool, bool),
         rate: Bandwidth,
     ) -> Scheduler {
+        let written = Arc::new(WrittenPages::new(ram));
         let channels = senders
             .into_iter()
             .map(|tx| RdmaChannel {
                 tx,
                 stats: CodecStats::default(),
+                written: written.clone(),
             })
             .collect();
         let mut s = Self::start(channels, map, ram, pin, None, rate);
@@ -1114,6 +1225,44 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         limit.spend(1_000_000, &stop);
     }
+    #[cfg(feature = "rdma")]
+    #[test]
+    fn rdma_skips_zero_pages_only_until_they_were_written() {
+        use livemig_transport::MappedRegion;
+        let p = PAGE_SIZE as usize;
+        let mut buf = vec![0u8; 8 * p];
+        buf[p] = 1; // page 1
+        buf[4 * p + p - 1] = 7; // page 4, its last byte
+                                // SAFETY: `buf` outlives `map` (dropped at the end of the test, after it).
+        let map = unsafe {
+            MemoryMap::new(
+                vec![MappedRegion {
+                    addr: 0x10_0000,
+                    host: buf.as_mut_ptr(),
+                    len: buf.len() as u64,
+                }],
+                Arc::new(()),
+            )
+        };
+        let ram = RamLayout::single(0x10_0000 + 8 * PAGE_SIZE);
+        let w = WrittenPages::new(&ram);
+        let at = |page: u64| 0x10_0000 + page * PAGE_SIZE;
+        let (data, skipped) = w.data_extents(&map, &[(at(0), 6 * PAGE_SIZE)]);
+        assert_eq!(data, vec![(at(1), PAGE_SIZE), (at(4), PAGE_SIZE)]);
+        assert_eq!(skipped, 4);
+        // Pages 1 and 4 now hold zero: the destination has their old bytes, so they are
+        // written again; pages never written stay skipped, page 5 is new data.
+        buf[p] = 0;
+        buf[4 * p + p - 1] = 0;
+        buf[5 * p + 100] = 3;
+        let (data, skipped) = w.data_extents(&map, &[(at(0), 8 * PAGE_SIZE)]);
+        assert_eq!(data, vec![(at(1), PAGE_SIZE), (at(4), 2 * PAGE_SIZE)]);
+        assert_eq!(skipped, 5);
+        // A range outside the map is handed to the write, which reports it.
+        let (data, _) = w.data_extents(&map, &[(at(9), PAGE_SIZE)]);
+        assert_eq!(data, vec![(at(9), PAGE_SIZE)]);
+    }
+
     /// A channel that logs what it sends and can fail at its n-th chunk.
     struct Fake {
         id: usize,
