@@ -20,6 +20,12 @@
 #             MAC to the destination's tap), then checks the disk: the destination syncs and
 #             powers off, and a third boot of that disk prints the last counter it stored.
 #             Once per vCPU count in REF_SMPS (default "1 2").
+#   migrate-rdma, lm-migrate-rdma[=OPTS]
+#             the same migrations over RDMA (QEMU's `rdma:` URI; livemig's --transport rdma) on
+#             the VM's soft-RoCE: needs rdma-vm.sh's RDMA set-up (any --mode; both systems use
+#             the same rxe device at both ends, see TRANSPORT below). tests/linux.rs runs
+#             `migrate-rdma lm-migrate-rdma lm-migrate-rdma=--channels,2` in CI
+#             (test-nested.sh), REF_SMPS=1.
 #
 # Run from the repository on the host:
 #   eval "$(scripts/linux-guest.sh build)"
@@ -33,7 +39,8 @@
 #
 # Knobs (rdma-vm.sh run --env NAME=VALUE): REF_MEM (256 MiB), REF_WS (64 MiB), REF_RATE (2000
 # pages/s), REF_PATTERN (random), REF_SMPS ("1 2"), REF_KERNEL for the migrations (bzImage),
-# REF_WARMUP (5 s of workload before migrating), REF_DOWNTIME_MS / REF_MAX_BW_BYTES (unset:
+# REF_WARMUP (5 s of workload before migrating), REF_PREFAULT (1: destination RAM faulted in
+# ahead on both sides, see prefault below; 0: not), REF_DOWNTIME_MS / REF_MAX_BW_BYTES (unset:
 # QEMU's defaults), REF_LM_MIGRATE_ARGS (more `livemig migrate` options, e.g. --compress none),
 # REF_BLACKOUT=1 (a client pings every 10 ms and streams through the guest's echo service
 # during each migration: `REF blackout` lines; REF_BLACKOUT_S its duration, 20 s),
@@ -76,6 +83,7 @@ setup() {
   done
   say "L1: $(nproc) vCPUs, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB, $(qemu-system-x86_64 --version | head -n1)"
   mkdir -p "$W"
+  trap teardown EXIT
   ip link add br0 type bridge forward_delay 0 2>/dev/null || fail "ip link add br0 (bridge module?)"
   ip addr add 10.0.0.1/24 dev br0
   ip link set br0 up
@@ -83,6 +91,19 @@ setup() {
     ip tuntap add dev "$t" mode tap || fail "ip tuntap add $t"
     ip link set "$t" master br0 up
   done
+}
+
+# On exit, whatever ended the run: no guest keeps running and the bridge and taps go, so that
+# whatever runs next in this VM (tests/linux.rs runs this script between its own tests) finds
+# neither.
+teardown() {
+  local p
+  for p in "$W"/*/pid; do
+    [ -e "$p" ] && kill -9 "$(cat "$p")" 2>/dev/null
+  done
+  [ -z "${HB:-}" ] || kill "$HB" 2>/dev/null
+  for p in tap0 tap1 br0; do ip link del "$p" 2>/dev/null; done
+  return 0
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +270,43 @@ blackout_report() { # DIR SYSTEM SMP MIGRATE_START_S TOTAL_MS
 
 # ---------------------------------------------------------------------------------------------
 
+# The migration stream's transport, set per phase: tcp (127.0.0.1) or rdma (phases
+# migrate-rdma and lm-migrate-rdma: the nested VM's soft-RoCE, see scripts/rdma-vm.sh). Over
+# RDMA both systems use the same device, the last of LIVEMIG_RDMA_DEVICES, at both ends:
+# QEMU's `rdma:HOST:PORT` URI names no source address, so its source resolves the
+# destination's address — local in this one network namespace — to that address's device, and
+# livemig is given the same device on both sides (--rdma-device), so that neither crosses a
+# veth pair the other does not.
+TRANSPORT=tcp
+# Destination RAM faulted in before the migration on both sides (REF_PREFAULT=1, the default),
+# as a destination host that reserves a VM's RAM ahead does: QEMU's -mem-prealloc on the
+# -incoming VM, livemig's `receive --reserve-mib` (which also registers it for RDMA then).
+# REF_PREFAULT=0: both fault it in while pages arrive.
+prefault() { # qemu|livemig
+  [ "${REF_PREFAULT:-1}" = 1 ] || return 0
+  case $1 in
+    qemu) echo -mem-prealloc ;;
+    livemig) echo --reserve-mib "$MEM" ;;
+  esac
+}
+rdma_last() { # VAR: the last word of LIVEMIG_RDMA_VAR
+  local a
+  read -r -a a <<<"$(eval echo "\${LIVEMIG_RDMA_$1:-}")"
+  [ ${#a[@]} -gt 0 ] || fail "RDMA phase without LIVEMIG_RDMA_$1 (run inside scripts/rdma-vm.sh)"
+  echo "${a[${#a[@]} - 1]}"
+}
+qemu_uri() {
+  case $TRANSPORT in
+    rdma) echo "rdma:$(rdma_last ADDRS):4444" ;;
+    *) echo "tcp:127.0.0.1:4444" ;;
+  esac
+}
+lm_addr() { if [ "$TRANSPORT" = rdma ]; then rdma_last ADDRS; else echo 127.0.0.1; fi; }
+lm_rdma_args() { # [migrate]: livemig's RDMA options (none over TCP)
+  [ "$TRANSPORT" = rdma ] || return 0
+  echo "${1:+--transport rdma} --rdma-device $(rdma_last DEVICES)"
+}
+
 phase_boot() {
   local k t0 init tick
   for k in bzImage vmlinux; do
@@ -271,7 +329,8 @@ phase_migrate() { # SMP
   # and takes it over at switchover, after the source flushed and released it.
   start_vm "$src" "$MIG_KERNEL" "$smp" "$disk" tap0
   wait_line "$src" 'livemig-workload: tick 1$' 300 >/dev/null || fail "$src: no first tick"
-  start_vm "$dst" "$MIG_KERNEL" "$smp" "$disk" tap1 -incoming tcp:127.0.0.1:4444
+  # shellcheck disable=SC2046 # word splitting of the argument list is intended
+  start_vm "$dst" "$MIG_KERNEL" "$smp" "$disk" tap1 -incoming "$(qemu_uri)" $(prefault qemu)
   sleep "$WARMUP"
   local echo_before
   net_fresh
@@ -290,7 +349,7 @@ phase_migrate() { # SMP
   blackout_start "$W/$src"
   local t_mig
   t_mig=$(now)
-  qmp "$src" '{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:4444"}}' >/dev/null ||
+  qmp "$src" "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"$(qemu_uri)\"}}" >/dev/null ||
     fail "$src: migrate"
   for i in $(seq 1200); do # 10 min at 0.5 s
     sleep 0.5
@@ -321,9 +380,9 @@ phase_migrate() { # SMP
   local kept=no
   if [ -n "$dst_first" ] && [ "$(tick_no <<<"$dst_first")" -gt "$(tick_no <<<"$src_last")" ] &&
     [ "$(tick_no <<<"$dst_last")" -gt "$(tick_no <<<"$dst_first")" ]; then kept=yes; fi
-  say "REF migrate system=qemu smp=$smp mem=$MEM ws=$WS rate=$RATE status=$st total_ms=$(jget total-time <<<"$r") downtime_ms=$(jget downtime <<<"$r") setup_ms=$(jget setup-time <<<"$r") transferred=$(jget transferred <<<"$r") iterations=$(jget dirty-sync-count <<<"$r") mbps=$(jget mbps <<<"$r") downtime_limit_ms=$dl max_bandwidth=$bw dst_status=$ds"
+  say "REF migrate system=qemu transport=$TRANSPORT prefault=${REF_PREFAULT:-1} smp=$smp mem=$MEM ws=$WS rate=$RATE status=$st total_ms=$(jget total-time <<<"$r") downtime_ms=$(jget downtime <<<"$r") setup_ms=$(jget setup-time <<<"$r") transferred=$(jget transferred <<<"$r") iterations=$(jget dirty-sync-count <<<"$r") mbps=$(jget mbps <<<"$r") downtime_limit_ms=$dl max_bandwidth=$bw dst_status=$ds"
   blackout_report "$W/$src" qemu "$smp" "$t_mig" "$(jget total-time <<<"$r")"
-  say "REF ticks system=qemu smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
+  say "REF ticks system=qemu transport=$TRANSPORT smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
   say "$src: full query-migrate: $r"
   say "L1 memory with both QEMUs up (MiB): $(free -m | awk '/Mem:/ {print "used=" $3 " free=" $4 " shared=" $5}')"
 
@@ -412,8 +471,9 @@ phase_lm_migrate() { # SMP
   # shellcheck disable=SC2046
   lm_start "$src" $(lm_vm_args "$W/$src/sock" "$MIG_KERNEL" "$smp" "$disk" tap0) --cmdline "$LM_APPEND"
   wait_line "$src" 'livemig-workload: tick 1$' 300 >/dev/null || fail "$src: no first tick"
-  lm_start "$dst" receive --no-auth --listen 127.0.0.1:4445 --socket "$W/$dst/sock" \
-    --tap net0=tap1 --console-stdout
+  # shellcheck disable=SC2046 # word splitting of the argument list is intended
+  lm_start "$dst" receive --no-auth --listen "$(lm_addr):4445" --socket "$W/$dst/sock" \
+    --tap net0=tap1 --console-stdout $(lm_rdma_args) $(prefault livemig)
   wait_line "$dst" 'listening on' 60 >/dev/null || fail "$dst: not listening"
   sleep "$WARMUP"
   local echo_before
@@ -423,8 +483,10 @@ phase_lm_migrate() { # SMP
   blackout_start "$W/$src"
   local t_mig
   t_mig=$(now)
-  r=$(./livemig migrate --vm "$W/$src/sock" --to 127.0.0.1:4445 --json \
-    --downtime-limit "${REF_DOWNTIME_MS:-300}" ${REF_LM_MIGRATE_ARGS:-} 2>"$W/$src/migrate.err") ||
+  # shellcheck disable=SC2046
+  r=$(./livemig migrate --vm "$W/$src/sock" --to "$(lm_addr):4445" --json \
+    --downtime-limit "${REF_DOWNTIME_MS:-300}" $(lm_rdma_args migrate) ${REF_LM_MIGRATE_ARGS:-} \
+    2>"$W/$src/migrate.err") ||
     fail "$src: livemig migrate: $(cat "$W/$src/migrate.err")"
   local src_last
   src_last=$(last_tick "$src")
@@ -437,7 +499,7 @@ phase_lm_migrate() { # SMP
     [ "$(tick_no <<<"$dst_last")" -gt "$(tick_no <<<"$dst_first")" ]; then kept=yes; fi
 
   num() { grep -o "\"$1\":[^,}]*" <<<"$r" | head -n1 | cut -d: -f2 | tr -d '"'; }
-  say "REF migrate system=livemig smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match) args=$(a=${REF_LM_MIGRATE_ARGS:-}; a=${a// /,}; echo "${a:-default}")"
+  say "REF migrate system=livemig transport=$TRANSPORT prefault=${REF_PREFAULT:-1} smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match) args=$(a=${REF_LM_MIGRATE_ARGS:-}; a=${a// /,}; echo "${a:-default}")"
   blackout_report "$W/$src" livemig "$smp" "$t_mig" "$(num total_time_ms)"
   if [ -n "${REF_LM_LOG:-}" ]; then # the switchover's timeline, unix ms (REF_LM_LOG=info)
     local f l
@@ -448,7 +510,7 @@ phase_lm_migrate() { # SMP
         done
     done
   fi
-  say "REF ticks system=livemig smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
+  say "REF ticks system=livemig transport=$TRANSPORT smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
   ./livemig stop --vm "$W/$src/sock" >/dev/null 2>&1
   reap "$src" 10
   lm_stop "$dst"
@@ -478,16 +540,21 @@ setup
 for p in $PHASES; do
   case "$p" in
     boot) phase_boot ;;
-    migrate) for s in $SMPS; do phase_migrate "$s"; done ;;
-    lm-boot) phase_lm_boot ;;
-    lm-migrate) for s in $SMPS; do phase_lm_migrate "$s"; done ;;
-    lm-migrate=*) # lm-migrate=--compress,none: this run's own `livemig migrate` options
-      for s in $SMPS; do
-        a=${p#lm-migrate=}
-        REF_LM_MIGRATE_ARGS="${a//,/ }" phase_lm_migrate "$s"
-      done
+    migrate | migrate-rdma)
+      TRANSPORT=tcp
+      [ "$p" = migrate ] || TRANSPORT=rdma
+      for s in $SMPS; do phase_migrate "$s"; done
       ;;
-    *) fail "unknown phase $p (boot, migrate, lm-boot, lm-migrate, lm-migrate=OPTIONS)" ;;
+    lm-boot) phase_lm_boot ;;
+    lm-migrate | lm-migrate=* | lm-migrate-rdma | lm-migrate-rdma=*)
+      # lm-migrate=--compress,none: this run's own `livemig migrate` options
+      TRANSPORT=tcp
+      case $p in lm-migrate-rdma*) TRANSPORT=rdma ;; esac
+      a=${REF_LM_MIGRATE_ARGS:-}
+      case $p in *=*) a=${p#*=} a=${a//,/ } ;; esac
+      for s in $SMPS; do REF_LM_MIGRATE_ARGS=$a phase_lm_migrate "$s"; done
+      ;;
+    *) fail "unknown phase $p (boot, migrate, migrate-rdma, lm-boot, lm-migrate[=OPTIONS], lm-migrate-rdma[=OPTIONS])" ;;
   esac
 done
 say "done"

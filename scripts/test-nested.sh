@@ -47,8 +47,12 @@ envs=(--env LIVEMIG_BIN=/opt/livemig/livemig)
 if [ "$what" != rdma ]; then
   echo "== building the Linux guest (scripts/linux-guest.sh)"
   eval "$(scripts/linux-guest.sh build)"
-  files+=("$KERNEL_BZIMAGE" "$KERNEL_VMLINUX" "$INITRD" "$DISK_TEMPLATE")
-  envs+=(--env "LIVEMIG_GUEST_BZIMAGE=/opt/livemig/$(basename "$KERNEL_BZIMAGE")"
+  # QEMU's firmware and guest/qemu-reference.sh: one test migrates the same guest with QEMU's
+  # own RDMA migration beside livemig's.
+  files+=("$KERNEL_BZIMAGE" "$KERNEL_VMLINUX" "$INITRD" "$DISK_TEMPLATE" "$QEMU_FIRMWARE"
+    guest/qemu-reference.sh)
+  envs+=(--env LIVEMIG_QEMU_REFERENCE=/opt/livemig/qemu-reference.sh
+    --env "LIVEMIG_GUEST_BZIMAGE=/opt/livemig/$(basename "$KERNEL_BZIMAGE")"
     --env "LIVEMIG_GUEST_VMLINUX=/opt/livemig/$(basename "$KERNEL_VMLINUX")"
     --env "LIVEMIG_GUEST_INITRD=/opt/livemig/$(basename "$INITRD")"
     --env "LIVEMIG_GUEST_DISK=/opt/livemig/$(basename "$DISK_TEMPLATE")")
@@ -80,7 +84,7 @@ inner='
 # emulation of nested SVM has, rarely, left both vCPUs in soft lockup) is cut short: status 200.
 boot_nested() {
   : >"$log" # (a previous attempt's lines must not count for this one)
-  LIVEMIG_RDMA_EXTRA_MODULES="kvm kvm_amd tun bridge" LIVEMIG_RDMA_EXTRA_BINS="debugfs e2fsck bridge" \
+  LIVEMIG_RDMA_EXTRA_MODULES="kvm kvm_amd tun bridge" LIVEMIG_RDMA_EXTRA_BINS="debugfs e2fsck bridge qemu-system-x86_64" \
     scripts/rdma-vm.sh run --timeout "${LIVEMIG_NESTED_TIMEOUT:-1800}" --mem "${LIVEMIG_NESTED_MEM:-3072}" \
     --files "${files[@]}" "${envs[@]}" \
     -- bash -c "$inner" test-nested "$what" "$@" > >(tee "$log") 2>&1 &
@@ -206,6 +210,6 @@ echo
 echo "== summary (from the nested VM)"
 sed -n '/^--- livemig rdma devices ---$/,/^---$/{p;/^---$/q}' "$all_log"
 # (-o: a test's first line of output follows its name on the same line)
-grep -aoE '(RDMA MIGRATION|FAULT|RETRY|MISSING DEVICE|AUTO|RDMA THROUGHPUT|RDMA COUNTERS|after the peer vanished|LINUX BOOT|LINUX MIGRATION|LINUX COPY|LINUX BLACKOUT).*|^test result.*' "$all_log" || true
+grep -aoE '(RDMA MIGRATION|FAULT|RETRY|MISSING DEVICE|AUTO|RDMA THROUGHPUT|RDMA COUNTERS|after the peer vanished|LINUX BOOT|LINUX MIGRATION|LINUX COPY|LINUX BLACKOUT|LINUX RDMA VS QEMU|qemu-ref: REF migrate).*|^test result.*' "$all_log" || true
 echo "test-nested: $( [ "$rc" = 0 ] && echo passed || echo "FAILED (status $rc)" ) in $((SECONDS - start)) s"
 exit "$rc"
