@@ -26,6 +26,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Select, Sender};
+#[cfg(feature = "rdma")]
+use livemig_transport::codec::is_zero_page;
 use livemig_transport::codec::{CodecStats, DeltaCache, Encoder, Mode};
 #[cfg(feature = "rdma")]
 use livemig_transport::rdma::RdmaSender;
@@ -229,17 +231,7 @@ impl WrittenPages {
             w.load(Ordering::Relaxed) & bit != 0
         }
     }
-}
 
-/// Whether a page holds only zero bytes (256-byte blocks, each OR-ed as one vector).
-#[cfg(feature = "rdma")]
-fn zero_page(page: &[u8]) -> bool {
-    page.chunks_exact(256)
-        .all(|b| b.iter().fold(0u8, |a, &x| a | x) == 0)
-}
-
-#[cfg(feature = "rdma")]
-impl WrittenPages {
     /// `extents` without the pages the destination already holds: zero pages never written
     /// (the destination's fresh RAM is zero there). Returns the extents to write and the
     /// pages left out. A page the guest writes after it was found zero here is dirty and
@@ -257,22 +249,16 @@ impl WrittenPages {
             for i in 0..=pages {
                 let write = i < pages && {
                     let gpa = addr + i * PAGE_SIZE;
-                    // SAFETY: page `i` lies inside `host..host + len`, a live mapping of
-                    // `map`. The guest may write it meanwhile: a torn read only decides
-                    // whether this round writes the page, and a written page is dirty.
-                    let page = unsafe {
-                        std::slice::from_raw_parts(
-                            host.add((i * PAGE_SIZE) as usize),
-                            PAGE_SIZE as usize,
-                        )
-                    };
-                    if self.written(gpa, false) {
-                        true
-                    } else if zero_page(page) {
-                        false
-                    } else {
-                        self.written(gpa, true);
-                        true
+                    self.written(gpa, false) || {
+                        // SAFETY: page `i` lies inside `host..host + len`, a live mapping of
+                        // `map`. The guest may write it meanwhile: the answer then only
+                        // decides whether this round writes the page, and a written page is
+                        // dirty.
+                        let zero = unsafe { is_zero_page(host.add((i * PAGE_SIZE) as usize)) };
+                        if !zero {
+                            self.written(gpa, true);
+                        }
+                        !zero
                     }
                 };
                 match (write, run) {
@@ -1230,10 +1216,15 @@ mod tests {
     fn rdma_skips_zero_pages_only_until_they_were_written() {
         use livemig_transport::MappedRegion;
         let p = PAGE_SIZE as usize;
-        let mut buf = vec![0u8; 8 * p];
+        // u64 words: pages are read word by word, aligned.
+        let mut words = vec![0u64; p];
+        let bytes = words.as_mut_ptr().cast::<u8>();
+        // SAFETY: `words` holds 8 * p bytes and outlives `buf` and `map`.
+        let buf = unsafe { std::slice::from_raw_parts_mut(bytes, 8 * p) };
         buf[p] = 1; // page 1
-        buf[4 * p + p - 1] = 7; // page 4, its last byte
-                                // SAFETY: `buf` outlives `map` (dropped at the end of the test, after it).
+        buf[4 * p + p - 1] = 7; // the last byte of page 4
+
+        // SAFETY: `words` outlives `map` (dropped at the end of the test, after it).
         let map = unsafe {
             MemoryMap::new(
                 vec![MappedRegion {
