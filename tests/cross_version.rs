@@ -107,7 +107,7 @@ fn replay(version: u16, dir: &str, source_digest: u64) -> Result<(), String> {
     assert!(kvm_available(), "this test needs /dev/kvm");
     let tmp = tmpdir(&format!("v{version}-replay"));
     let sock = tmp.join("dst.sock");
-    let (mut rx, addr) = receive(
+    let (_rx, addr) = receive(
         &[],
         "127.0.0.1:0",
         &["--no-auth", "--socket", sock.to_str().unwrap()],
@@ -160,10 +160,6 @@ fn replay(version: u16, dir: &str, source_digest: u64) -> Result<(), String> {
     );
     assert!(matches!(reply(&mut c), Message::Progress { .. }));
     // The guest runs on: its counter keeps moving.
-    let st = request(&sock, r#"{"cmd":"status"}"#);
-    if !st["guest_counter"].is_u64() {
-        panic!("the resumed VM failed: {st}\n{}", rx.kill_and_log());
-    }
     let c1 = wait_counter_beyond(&sock, 0);
     wait_counter_beyond(&sock, c1);
     request(&sock, r#"{"cmd":"stop"}"#);

@@ -134,11 +134,16 @@ pub fn counter(socket: &Path) -> u64 {
 pub fn wait_counter_beyond(socket: &Path, after: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let c = counter(socket);
-        if c > after {
+        // A destination answers `{"phase":"incoming"}`, without a counter, until it serves
+        // the VM it resumed — a moment after it told the source so.
+        let st = request(socket, r#"{"cmd":"status"}"#);
+        if let Some(c) = st["guest_counter"].as_u64().filter(|&c| c > after) {
             return c;
         }
-        assert!(Instant::now() < deadline, "guest counter stuck at {c}");
+        assert!(
+            Instant::now() < deadline,
+            "guest counter not past {after} after 20 s: {st}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
