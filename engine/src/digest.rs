@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::dirty::Extent;
 use crate::memory::{GuestRam, RamLayout, PAGE_SIZE};
 
 /// Hash of one page.
@@ -135,13 +136,21 @@ impl PageHashes {
     }
 }
 
-/// Digest of `ram`, read in full. The guest must not run meanwhile.
+/// Digest of `ram`: every page that may hold data is read; pages in holes of the backing
+/// memfd (never written since the RAM was allocated: zero) keep the zero page's hash without
+/// being touched, so untouched RAM costs no page fault. The guest must not run meanwhile.
 pub fn ram_digest(ram: &GuestRam) -> u64 {
     let hashes = PageHashes::new_zeroed(ram.layout());
     for (gpa, host, len) in ram.host_regions() {
-        // SAFETY: `host..host + len` is a live mapping of `ram`; the caller guarantees the guest
-        // is not running, so nothing writes it.
-        unsafe { hashes.update(gpa, len, host) };
+        let whole = [Extent {
+            gpa,
+            pages: len / PAGE_SIZE,
+        }];
+        for e in ram.split_holes(&whole).0 {
+            // SAFETY: the extent lies inside `host..host + len`, a live mapping of `ram`; the
+            // caller guarantees the guest is not running, so nothing writes it.
+            unsafe { hashes.update(e.gpa, e.bytes(), host.add((e.gpa - gpa) as usize)) };
+        }
     }
     hashes.digest()
 }
@@ -164,5 +173,46 @@ mod tests {
         // SAFETY: the mapping is live and nothing writes it during the call.
         unsafe { fresh.update(gpa + 0x5000, 0x1000, host.add(0x5000)) };
         assert_eq!(fresh.digest(), ram_digest(&ram));
+    }
+
+    #[test]
+    fn the_digest_reads_written_pages_and_leaves_holes_untouched() {
+        let layout = RamLayout::single(4 << 20);
+        let ram = GuestRam::new(&layout, Populate::Lazy).unwrap();
+        ram.memory().write_obj(7u64, GuestAddress(0x5008)).unwrap();
+        ram.memory()
+            .write_obj(9u64, GuestAddress(0x20_0000))
+            .unwrap();
+        // Every page hashed, read or not, gives the same digest.
+        let full = PageHashes::new_zeroed(&layout);
+        let (gpa, host, len) = ram.host_regions()[0];
+        let digest = ram_digest(&ram);
+        // SAFETY: the mapping is live and nothing writes it during the call.
+        unsafe { full.update(gpa, len, host) };
+        assert_eq!(digest, full.digest());
+        let mut written = PageHashes::new_zeroed(&layout);
+        assert_ne!(digest, written.digest());
+        // The digest itself did not fault the untouched pages in: they are still holes.
+        let whole = [Extent {
+            gpa,
+            pages: len / PAGE_SIZE,
+        }];
+        let fresh = GuestRam::new(&layout, Populate::Lazy).unwrap();
+        fresh
+            .memory()
+            .write_obj(7u64, GuestAddress(0x5008))
+            .unwrap();
+        let _ = ram_digest(&fresh);
+        let (data, holes) = fresh.split_holes(&whole);
+        assert_eq!(data.iter().map(|e| e.pages).sum::<u64>(), 1, "{data:?}");
+        assert_eq!(
+            holes.iter().map(|e| e.pages).sum::<u64>(),
+            len / PAGE_SIZE - 1
+        );
+        written = PageHashes::new_zeroed(&layout);
+        let (fgpa, fhost, _) = fresh.host_regions()[0];
+        // SAFETY: as above.
+        unsafe { written.update(fgpa + 0x5000, 0x1000, fhost.add(0x5000)) };
+        assert_eq!(ram_digest(&fresh), written.digest());
     }
 }
