@@ -3,10 +3,14 @@
 # joined by a veth pair, optionally shaped with tc tbf to a 1 or 10 GbE link.
 #
 #   scripts/netns-link.sh up NAME [none|1gbit|10gbit|RATE]   create (replacing an old pair)
+#   scripts/netns-link.sh up NAME loopback                   one namespace, NAME-a: both
+#                                                            hosts on its own 127.0.0.1
 #   scripts/netns-link.sh down NAME                          delete
 #
 # After `up`, host A is 10.M.N.1 in NAME-a and host B is 10.M.N.2 in NAME-b (printed as
 # `A=... B=...`); run programs there with `ip netns exec NAME-a ...`. Needs root and iproute2.
+# DEV_B is host B's end of the link, whose counters count what crossed it (`lo` for loopback:
+# only the namespace's own traffic).
 set -euo pipefail
 
 cmd=${1:-}; name=${2:-}
@@ -23,6 +27,12 @@ case "$cmd" in
   up)
     profile=${3:-none}
     down
+    if [ "$profile" = loopback ]; then
+      ip netns add "$name-a"
+      ip -n "$name-a" link set lo up
+      echo "A=127.0.0.1 B=127.0.0.1 NS_A=$name-a NS_B=$name-a DEV_B=lo"
+      exit 0
+    fi
     # A subnet derived from the name, so parallel pairs do not collide.
     sum=$(printf '%s' "$name" | cksum | cut -d' ' -f1)
     net="10.$((100 + sum % 100)).$((sum / 100 % 250))"

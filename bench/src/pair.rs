@@ -7,9 +7,9 @@ use std::process::Stdio;
 use anyhow::{Context, Result};
 use livemig_engine::control::{self, Event, MigrateRequest, Request};
 use livemig_engine::vm::Backend;
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use crate::support::{command_in, Process};
+use crate::support::{command_in, CpuWatch, Process};
 
 /// How to start a pair.
 pub struct PairSpec<'a> {
@@ -136,10 +136,12 @@ impl Pair {
             to: self.addr.clone(),
             ..req.clone()
         };
+        let cpu = CpuWatch::start(&[self.src.child.id(), self.dst.child.id()]);
         let report = control::migrate(&self.src_sock, &req, on_event)?;
         let mut report = serde_json::to_value(report)?;
         // The destination prints one JSON line once the guest runs there.
         let line = self.dst.read_line()?;
+        let cpu = cpu.finish();
         let dst_info: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
         let after = control::request(&self.dst_sock, &Request::Status)?;
         let src_status = control::request(&self.src_sock, &Request::Status)?;
@@ -158,6 +160,16 @@ impl Pair {
                 after["guest_counter"].clone(),
             );
             m.insert("source_phase_after".into(), src_status["phase"].clone());
+            // The engine's own figures count its migration threads; these count the whole
+            // processes but their vCPU threads, as the bench counts QEMU's.
+            m.insert(
+                "source_process_cpu_s".into(),
+                json!(cpu.first().copied().flatten()),
+            );
+            m.insert(
+                "destination_process_cpu_s".into(),
+                json!(cpu.get(1).copied().flatten()),
+            );
         }
         Ok(report)
     }

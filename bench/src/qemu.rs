@@ -15,12 +15,14 @@ use livemig_engine::vm::{builtin_guest, Fill, Pattern, VmSpec, Workload};
 use serde_json::{json, Value};
 
 use crate::matrix::Cell;
-use crate::support::{free_port, NetnsHosts, Process};
+use crate::support::{free_port, CpuWatch, NetnsHosts, Process};
 
 /// A QMP connection.
 pub(crate) struct Qmp {
     r: BufReader<UnixStream>,
     w: UnixStream,
+    /// Events received so far, in order.
+    pub(crate) events: Vec<Value>,
 }
 
 impl Qmp {
@@ -36,6 +38,7 @@ impl Qmp {
         let mut q = Qmp {
             r: BufReader::new(s.try_clone()?),
             w: s,
+            events: Vec::new(),
         };
         q.read()?; // greeting
         q.cmd("qmp_capabilities", json!({}))?;
@@ -53,6 +56,7 @@ impl Qmp {
         loop {
             let v = self.read()?;
             if v.get("event").is_some() {
+                self.events.push(v);
                 continue;
             }
             if let Some(e) = v.get("error") {
@@ -60,6 +64,20 @@ impl Qmp {
             }
             return Ok(v["return"].clone());
         }
+    }
+
+    /// When event `name` last came, in µs of the host's clock (QMP stamps every event).
+    pub(crate) fn event_us(&self, name: &str) -> Option<i64> {
+        self.events
+            .iter()
+            .rev()
+            .find(|e| e["event"] == name)
+            .and_then(|e| {
+                Some(
+                    e["timestamp"]["seconds"].as_i64()? * 1_000_000
+                        + e["timestamp"]["microseconds"].as_i64()?,
+                )
+            })
     }
 
     /// The `u64` at guest-physical `gpa` (HMP's `xp`).
@@ -76,7 +94,7 @@ impl Qmp {
     }
 }
 
-/// A paused TCG QEMU with `mib` MiB of RAM in `mem_file`, QMP on `qmp`, and `extra` arguments
+/// A TCG QEMU (a source paused until `cont`) with `mib` MiB of RAM in `mem_file`, QMP on `qmp`, and `extra` arguments
 /// (drives).
 pub(crate) fn qemu(
     ns: Option<&str>,
@@ -98,7 +116,6 @@ pub(crate) fn qemu(
     c.args([
         "-accel",
         "tcg",
-        "-S",
         "-nodefaults",
         "-display",
         "none",
@@ -117,8 +134,13 @@ pub(crate) fn qemu(
     .args(extra)
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
+    // The source waits for `cont`; the destination starts its guest as soon as the
+    // migration is in, if the source's was running (QEMU's default), which marks the end of
+    // the downtime as the guest sees it.
     if incoming {
         c.args(["-incoming", "defer"]);
+    } else {
+        c.arg("-S");
     }
     Ok(Process::new(
         c.spawn().context("starting qemu-system-x86_64")?,
@@ -171,10 +193,14 @@ pub fn run_qemu(
     migrate_qemu(work, &spec, hosts, &o)
 }
 
-/// QEMU migrating a VM of `spec`'s RAM size and content: a paused VM when `spec` has no dirty
-/// rate, else livemig's built-in guest of `spec` (one vCPU) booted from its PVH ELF and
-/// writing pages before the migration starts. Reports total time, downtime and bytes as QEMU
-/// counts them.
+/// QEMU migrating a VM of `spec`'s RAM size and content: livemig's built-in guest of `spec`
+/// (one vCPU) booted from its PVH ELF and running (writing pages at its rate, or idle) before
+/// the migration starts, as livemig's runs; a paused VM only where the PVH guest does not fit
+/// an idle `spec`. Reports total time and bytes as QEMU counts them, and the downtime from the
+/// source's `STOP` to the destination's `RESUME` (QMP's event stamps: the pause to the guest
+/// running again, as livemig's downtime spans; QEMU's own figure ends when the source has sent
+/// the last byte and is kept as `qemu_reported_downtime_ms`), and both processes' CPU time
+/// outside their vCPU threads ([`CpuWatch`]).
 pub fn migrate_qemu(
     work: &Path,
     spec: &VmSpec,
@@ -203,16 +229,18 @@ pub fn migrate_qemu(
         write_ram_file(&src_ram, spec.memory_mib, spec.fill)?;
         let _ = std::fs::remove_file(&dst_ram);
         let (qs, qd) = (work.join("qemu-src.qmp"), work.join("qemu-dst.qmp"));
-        // A dirtying guest: the built-in guest's workload, booted from its PVH ELF on both
-        // sides (the destination needs the same firmware blobs to take the migration).
-        let guest = (spec.workload.dirty_rate > 0)
-            .then(|| guest_elf(work, spec))
-            .transpose()?;
+        // The built-in guest's workload, booted from its PVH ELF on both sides (the
+        // destination needs the same firmware blobs to take the migration).
+        let guest = if spec.workload.dirty_rate > 0 {
+            Some(guest_elf(work, spec)?)
+        } else {
+            guest_elf(work, spec).ok()
+        };
         let extra: Vec<String> = match &guest {
             Some((path, _)) => vec!["-kernel".into(), path.display().to_string()],
             None => Vec::new(),
         };
-        let _src = qemu(
+        let src_proc = qemu(
             hosts.map(|h| h.ns_a.as_str()),
             &src_ram,
             spec.memory_mib,
@@ -223,7 +251,7 @@ pub fn migrate_qemu(
         )?;
         // With prealloc the destination faults its RAM in before the migration starts, as
         // ours does with its reserve.
-        let _dst = qemu(
+        let dst_proc = qemu(
             hosts.map(|h| h.ns_b.as_str()),
             &dst_ram,
             spec.memory_mib,
@@ -262,8 +290,9 @@ pub fn migrate_qemu(
             json!({"uri": format!("tcp:{host}:{port}")}),
         )?;
         if let Some((_, g)) = &guest {
-            start_dirtying(&mut s, g)?;
+            start_guest(&mut s, g)?;
         }
+        let cpu = CpuWatch::start(&[src_proc.child.id(), dst_proc.child.id()]);
         s.cmd("migrate", json!({"uri": format!("tcp:{host}:{port}")}))?;
         let deadline = Instant::now() + Duration::from_secs(600);
         let mut completed_polls = 0;
@@ -289,11 +318,24 @@ pub fn migrate_qemu(
                         std::thread::sleep(Duration::from_millis(5));
                         continue;
                     };
+                    // The guest runs again once the destination says RESUME.
+                    let resumed = match guest {
+                        Some(_) => Some(wait_event(&mut d, "RESUME")?),
+                        None => None,
+                    };
+                    let cpu = cpu.finish();
+                    let end_to_end = resumed
+                        .zip(s.event_us("STOP"))
+                        .map(|(r, p)| (r - p) as f64 / 1000.0);
                     return Ok(json!({
                         "total_time_ms": total,
-                        "downtime_ms": down,
+                        "downtime_ms": end_to_end.unwrap_or(down),
+                        "downtime_end_to_end": end_to_end.is_some(),
+                        "qemu_reported_downtime_ms": down,
                         "bytes_on_wire": wire,
                         "ram_bytes": spec.memory_mib << 20,
+                        "source_process_cpu_s": cpu.first().copied().flatten(),
+                        "destination_process_cpu_s": cpu.get(1).copied().flatten(),
                         "qemu_throttle_max_pct": throttle_max,
                         // QEMU's own view of the guest's dirtying (pages/s, last sync) and
                         // how many times it synced the dirty log.
@@ -324,10 +366,25 @@ fn guest_elf(work: &Path, spec: &VmSpec) -> Result<(PathBuf, PvhGuest)> {
     Ok((path, g))
 }
 
-/// Starts the paused source and waits until its guest has booted and writes pages (its
+/// Waits (10 s at most) for QMP event `name` and returns its stamp in µs.
+fn wait_event(q: &mut Qmp, name: &str) -> Result<i64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(t) = q.event_us(name) {
+            return Ok(t);
+        }
+        if Instant::now() > deadline {
+            bail!("QEMU sent no {name} event within 10 s");
+        }
+        q.cmd("query-status", json!({}))?;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Starts the paused source and waits until its guest has booted and runs its loop (its
 /// progress counter moves), so that the migration starts under the cell's dirty rate as
 /// livemig's does.
-fn start_dirtying(q: &mut Qmp, g: &PvhGuest) -> Result<()> {
+fn start_guest(q: &mut Qmp, g: &PvhGuest) -> Result<()> {
     q.cmd("cont", json!({}))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -409,7 +466,7 @@ mod tests {
         )
         .unwrap();
         let mut q = Qmp::connect(&qmp).unwrap();
-        start_dirtying(&mut q, &g).unwrap();
+        start_guest(&mut q, &g).unwrap();
         let (c0, t0) = (q.read_u64(g.status_gpa).unwrap(), Instant::now());
         std::thread::sleep(Duration::from_secs(2));
         let (c1, t1) = (q.read_u64(g.status_gpa).unwrap(), Instant::now());

@@ -46,6 +46,16 @@ pub struct Row {
     pub source_cpu_s: Option<f64>,
     /// Destination CPU seconds, median.
     pub destination_cpu_s: Option<f64>,
+    /// Source process CPU seconds outside its vCPU threads, median (both systems alike).
+    #[serde(default)]
+    pub source_process_cpu_s: Option<f64>,
+    /// Destination process CPU seconds outside its vCPU threads, median.
+    #[serde(default)]
+    pub destination_process_cpu_s: Option<f64>,
+    /// Bytes that crossed the link into the destination's host, counted at its interface,
+    /// median (both systems alike).
+    #[serde(default)]
+    pub link_bytes_median: Option<f64>,
 }
 
 fn default_limit() -> u64 {
@@ -111,11 +121,11 @@ pub fn write_outputs(out: &Path, meta: &Value, rows: &[Row], raw: &[Value]) -> R
         serde_json::to_string_pretty(&json!({"meta": meta, "rows": rows, "runs": raw}))?,
     )?;
     let mut csv = String::from(
-        "system,variant,link,content,memory_mib,dirty_rate,downtime_limit_ms,repetitions,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,bytes_on_wire_median,throughput_gbps,digest_match,source_cpu_s,destination_cpu_s\n",
+        "system,variant,link,content,memory_mib,dirty_rate,downtime_limit_ms,repetitions,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,bytes_on_wire_median,throughput_gbps,digest_match,source_cpu_s,destination_cpu_s,source_process_cpu_s,destination_process_cpu_s,link_bytes_median\n",
     );
     for r in rows {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.0},{:.3},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.0},{:.3},{},{},{},{},{},{}\n",
             r.system,
             r.variant,
             r.link,
@@ -137,6 +147,15 @@ pub fn write_outputs(out: &Path, meta: &Value, rows: &[Row], raw: &[Value]) -> R
             r.destination_cpu_s
                 .map(|c| format!("{c:.2}"))
                 .unwrap_or_default(),
+            r.source_process_cpu_s
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_default(),
+            r.destination_process_cpu_s
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_default(),
+            r.link_bytes_median
+                .map(|b| format!("{b:.0}"))
+                .unwrap_or_default(),
         ));
     }
     std::fs::write(out.join("results.csv"), csv)?;
@@ -152,7 +171,8 @@ pub fn write_outputs(out: &Path, meta: &Value, rows: &[Row], raw: &[Value]) -> R
             gbps: r.throughput_gbps,
             total_ms: r.total_ms_median,
             downtime_ms: r.downtime_ms_median,
-            wire_ratio: r.bytes_on_wire_median / (r.memory_mib << 20) as f64,
+            wire_ratio: r.link_bytes_median.unwrap_or(r.bytes_on_wire_median)
+                / (r.memory_mib << 20) as f64,
         }),
     )?;
     Ok(())
@@ -176,8 +196,17 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
             .collect();
         s.push_str(&parts.join(", "));
     }
-    s.push_str("\n\n| link | content | RAM MiB | dirty pages/s | limit ms | variant | total ms (median [min–max]) | downtime ms | GB/s | wire / RAM | vs QEMU single | vs QEMU best | digest |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str(
+        "\n\nDowntime: from the source's pause to the guest running on the destination, on \
+         both sides (QEMU: its source's STOP to its destination's RESUME event). Link bytes: \
+         what crossed into the destination's host, counted at its interface for both (headers \
+         included; on loopback, `lo` of a namespace of their own, both directions); \
+         `*` marks a program's own count where the interface was not read. CPU: seconds per \
+         GiB of guest RAM, each process's CPU time outside its vCPU threads, for both \
+         (`/proc`, 10 ms resolution).\n",
+    );
+    s.push_str("\n| link | content | RAM MiB | dirty pages/s | limit ms | variant | total ms (median [min–max]) | downtime ms | GB/s | link bytes / RAM | CPU s/GiB src / dst | vs QEMU single | vs QEMU best | digest |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     // The same cell (link, content, RAM, rate, limit) in the same destination-RAM regime.
     let peers = |r: &Row| {
         let cold = |v: &str| v.ends_with("(no reserve)") || v.ends_with("(no prealloc)");
@@ -205,8 +234,10 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
             .map(|q| q.total_ms_median)
             .min_by(|a, b| a.total_cmp(b));
         let vs = |q: Option<f64>| q.map_or_else(|| "—".into(), |q| speed(q, r.total_ms_median));
+        let ram = (r.memory_mib << 20) as f64;
+        let gib = ram / f64::from(1u32 << 30);
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} [{:.0}–{:.0}] | {:.1} | {} | {:.3} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.0} [{:.0}–{:.0}] | {:.1} | {} | {} | {} | {} | {} | {} |\n",
             r.link,
             r.content,
             r.memory_mib,
@@ -223,7 +254,14 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
             } else {
                 "—".into()
             },
-            r.bytes_on_wire_median / (r.memory_mib << 20) as f64,
+            match r.link_bytes_median {
+                Some(b) => format!("{:.3}", b / ram),
+                None => format!("{:.3}*", r.bytes_on_wire_median / ram),
+            },
+            match (r.source_process_cpu_s, r.destination_process_cpu_s) {
+                (Some(a), Some(b)) => format!("{:.2} / {:.2}", a / gib, b / gib),
+                _ => "—".into(),
+            },
             if r.system == "qemu" && r.variant.starts_with("qemu single") {
                 "—".into()
             } else {

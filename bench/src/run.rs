@@ -12,7 +12,7 @@ use livemig_engine::vm::Backend;
 use livemig_transport::codec::Mode;
 use serde_json::{json, Value};
 
-use crate::limits::{memcpy_gbps, raw_tcp_gbps};
+use crate::limits::{compressor_gbps, memcpy_gbps, raw_tcp_gbps};
 use crate::matrix::{matrix, Cell, Link, Variant};
 use crate::pair::{Pair, PairAuth, PairSpec};
 use crate::qemu::run_qemu;
@@ -41,12 +41,17 @@ pub struct BenchOptions {
     pub only: Vec<String>,
 }
 
-/// Two emulated hosts joined by `link`.
+/// Two emulated hosts joined by `link` (loopback: both in one namespace of their own, so that
+/// its `lo` counts only their traffic).
 pub(crate) fn hosts_for(link: Link) -> Result<NetnsHosts> {
     let name = format!(
         "lmb{}{}",
         std::process::id() % 10_000,
-        if link == Link::TenGbit { "t" } else { "o" }
+        match link {
+            Link::Loopback => "l",
+            Link::TenGbit => "t",
+            Link::OneGbit => "o",
+        }
     );
     NetnsHosts::up(&name, link.name())
 }
@@ -94,9 +99,7 @@ pub fn run(a: &BenchOptions, exe: &Path) -> Result<()> {
     links.dedup();
     let mut hosts: BTreeMap<Link, NetnsHosts> = BTreeMap::new();
     for &link in &links {
-        if link != Link::Loopback {
-            hosts.insert(link, hosts_for(link)?);
-        }
+        hosts.insert(link, hosts_for(link)?);
     }
     let limits = physical_limits(exe, &links, &hosts, &bar)?;
     let key_file = write_key(&work)?;
@@ -141,7 +144,8 @@ pub fn run(a: &BenchOptions, exe: &Path) -> Result<()> {
     Ok(())
 }
 
-/// memcpy on one core and raw TCP over every link, 1 and 2 streams.
+/// memcpy and the compressors on one core, and raw TCP RAM to RAM over every link, 1 and 2
+/// streams.
 fn physical_limits(
     exe: &Path,
     links: &[Link],
@@ -151,6 +155,10 @@ fn physical_limits(
     bar.set_message("physical limits: memcpy");
     let mut limits = BTreeMap::new();
     limits.insert("memcpy_one_core_gbps".to_string(), json!(memcpy_gbps()));
+    bar.set_message("physical limits: compressors");
+    for (k, g) in compressor_gbps()? {
+        limits.insert(k, json!(g));
+    }
     bar.inc(1);
     for &link in links {
         bar.set_message(format!("physical limits: raw TCP over {}", link.name()));
@@ -185,6 +193,7 @@ fn measure(
         cell.dirty_rate,
         rep + 1
     ));
+    let link_before = hosts.map(NetnsHosts::rx_bytes_b);
     let r = match &cell.variant {
         Variant::Livemig {
             channels,
@@ -199,6 +208,14 @@ fn measure(
         } => run_qemu(s.work, cell, hosts, *channels, *zstd, *prealloc),
     };
     bar.inc(1);
+    // What crossed the link into the destination's host, counted at its interface the same
+    // way for both systems (headers included; on loopback, both directions).
+    let r = r.map(|mut r| {
+        if let (Some(b), Some(h), Value::Object(m)) = (link_before, hosts, &mut r) {
+            m.insert("link_bytes".into(), json!(h.rx_bytes_b().saturating_sub(b)));
+        }
+        r
+    });
     match r {
         Ok(r)
             if r["total_time_ms"]
@@ -233,6 +250,12 @@ fn row(cell: &Cell, reps: &[Value]) -> Option<Row> {
         .map(|r| r.get("digest_match").and_then(Value::as_bool))
         .try_fold(true, |all, d| d.map(|d| all && d));
     let (mut src_cpu, mut dst_cpu) = (col("source_cpu_s"), col("destination_cpu_s"));
+    let (mut src_proc, mut dst_proc) = (
+        col("source_process_cpu_s"),
+        col("destination_process_cpu_s"),
+    );
+    let mut link_bytes = col("link_bytes");
+    let opt_median = |v: &mut Vec<f64>| (!v.is_empty()).then(|| median(v));
     Some(Row {
         system: cell.variant.system().into(),
         variant: cell.variant.label(),
@@ -255,6 +278,9 @@ fn row(cell: &Cell, reps: &[Value]) -> Option<Row> {
         },
         source_cpu_s: (!src_cpu.is_empty()).then(|| median(&mut src_cpu)),
         destination_cpu_s: (!dst_cpu.is_empty()).then(|| median(&mut dst_cpu)),
+        source_process_cpu_s: opt_median(&mut src_proc),
+        destination_process_cpu_s: opt_median(&mut dst_proc),
+        link_bytes_median: opt_median(&mut link_bytes),
     })
 }
 

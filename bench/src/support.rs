@@ -2,10 +2,13 @@
 //! hosts (network namespaces joined by a possibly shaped veth link), the KVM probe, a fresh
 //! migration key. The end-to-end tests and the bench harness both use these.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -276,4 +279,134 @@ pub fn which(cmd: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Whether a thread named `comm` runs a guest: livemig's `vcpuN`, QEMU's `CPU N/TCG` or
+/// `CPU N/KVM`.
+fn is_vcpu_thread(comm: &str) -> bool {
+    comm.starts_with("CPU ")
+        || comm
+            .strip_prefix("vcpu")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// utime + stime of `/proc/.../stat` (a process or one thread), in clock ticks.
+fn stat_ticks(path: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name, which may hold spaces: state is the first.
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// The guest's threads of process `pid` by id, with their CPU ticks so far.
+fn vcpu_ticks(pid: u32) -> Vec<(u32, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let tid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+        is_vcpu_thread(comm.trim())
+            .then(|| Some((tid, stat_ticks(&format!("/proc/{pid}/task/{tid}/stat"))?)))
+            .flatten()
+    })
+    .collect()
+}
+
+/// One process under a [`CpuWatch`].
+struct Watched {
+    pid: u32,
+    start: Option<u64>,
+    last: Option<u64>,
+    /// vCPU threads: ticks when first seen (0 for a thread born after the start) and last seen.
+    vcpus: BTreeMap<u32, (u64, u64)>,
+}
+
+impl Watched {
+    fn sample(&mut self, first: bool) {
+        if let Some(t) = stat_ticks(&format!("/proc/{}/stat", self.pid)) {
+            self.last = Some(t);
+        }
+        for (tid, t) in vcpu_ticks(self.pid) {
+            let e = self
+                .vcpus
+                .entry(tid)
+                .or_insert((if first { t } else { 0 }, t));
+            e.1 = t;
+        }
+    }
+
+    fn seconds(&self) -> Option<f64> {
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let guest: u64 = self.vcpus.values().map(|(a, b)| b.saturating_sub(*a)).sum();
+        Some(self.last?.saturating_sub(self.start?).saturating_sub(guest) as f64 / hz)
+    }
+}
+
+/// CPU time processes spend outside their guest's vCPU threads while they migrate, measured
+/// the same way for livemig and QEMU: the process's CPU time (`/proc/PID/stat`, which keeps
+/// the time of threads that ended) from [`CpuWatch::start`] to [`CpuWatch::finish`], less
+/// the time of its vCPU threads over the same span. A sampler reads the vCPU threads every
+/// 10 ms, so a vCPU thread that ends meanwhile (livemig's source stops its guest once the
+/// destination runs it) is subtracted as last seen. Resolution: one clock tick (10 ms).
+pub struct CpuWatch {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Vec<Watched>>>,
+}
+
+impl CpuWatch {
+    /// Starts watching `pids`.
+    pub fn start(pids: &[u32]) -> CpuWatch {
+        let mut watched: Vec<Watched> = pids
+            .iter()
+            .map(|&pid| Watched {
+                pid,
+                start: None,
+                last: None,
+                vcpus: BTreeMap::new(),
+            })
+            .collect();
+        for w in &mut watched {
+            w.sample(true);
+            w.start = w.last;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(10));
+                for w in &mut watched {
+                    w.sample(false);
+                }
+            }
+            for w in &mut watched {
+                w.sample(false);
+            }
+            watched
+        });
+        CpuWatch {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Seconds of CPU outside the vCPU threads, per pid in the order given (None for a
+    /// process that could not be read).
+    pub fn finish(mut self) -> Vec<Option<f64>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .map(|w| w.iter().map(Watched::seconds).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for CpuWatch {
+    /// A watch given up (its migration failed) stops its sampler.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
