@@ -741,6 +741,16 @@ fn tcp_progress(stream: &TcpStream) -> Option<(u64, u32)> {
         .then_some((info.tcpi_bytes_acked, info.tcpi_notsent_bytes))
 }
 
+/// Bytes written to `stream` that the peer has not acknowledged yet, unsent ones included
+/// (`SIOCOUTQ`): zero once everything written has reached the peer's TCP stack. None if the
+/// socket cannot tell.
+pub fn unacked_bytes(stream: &TcpStream) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ on a TCP socket) writes one int into `n`.
+    let r = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    (r == 0).then(|| n.max(0) as u64)
+}
+
 /// Shortest interval over which the link rate is sampled.
 const RATE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 

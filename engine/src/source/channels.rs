@@ -61,6 +61,9 @@ pub(super) trait OutgoingPlane {
         round: u64,
         pages: u64,
     ) -> Result<(), MigrationError>;
+    /// Before the guest pauses: waits (boundedly) until what was sent reached the
+    /// destination.
+    fn drain(&self) {}
     /// What each rail carried (RDMA over several devices; empty otherwise).
     fn rails(&self, _sched: &Scheduler) -> Vec<crate::session::RailReport> {
         Vec::new()
@@ -68,7 +71,13 @@ pub(super) trait OutgoingPlane {
 }
 
 /// TCP: round markers travel in-band on every data connection.
-struct Tcp;
+struct Tcp {
+    /// The RAM data connections (clones), to see what they still have in flight.
+    data: Vec<std::net::TcpStream>,
+}
+
+/// Longest wait for the data connections to drain before the guest pauses.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl OutgoingPlane for Tcp {
     fn name(&self) -> &'static str {
@@ -80,6 +89,21 @@ impl OutgoingPlane for Tcp {
     fn round_progress(&self, _: &mut Control, _: u64, _: u64) {}
     fn round_complete(&self, _: &mut Control, _: u64, _: u64) -> Result<(), MigrationError> {
         Ok(())
+    }
+    /// A round ends when its marker is written, with up to a socket buffer (and, on a shaped
+    /// or long link, a queue) of it still on the way: the pause waits until the destination
+    /// acknowledged all of it, so the downtime does not spend that draining while the guest
+    /// could still run.
+    fn drain(&self) {
+        let t = std::time::Instant::now();
+        while t.elapsed() < DRAIN_LIMIT
+            && self
+                .data
+                .iter()
+                .any(|s| livemig_transport::tcp::unacked_bytes(s).is_some_and(|n| n > 0))
+        {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
     }
 }
 
@@ -201,6 +225,7 @@ pub(super) fn open_tcp(
     storage: &OutgoingStorage,
 ) -> Result<Plane, MigrationError> {
     let mut senders = Vec::new();
+    let mut data = Vec::new();
     // A copy of disks adds the storage lane, the last channel.
     for index in 0..opts.channels + u16::from(storage.copying()) {
         let mut s = connect(to, opts, "data channel")?;
@@ -218,6 +243,13 @@ pub(super) fn open_tcp(
             peer: to.to_string(),
             source,
         })?;
+        // The RAM channels are idle between rounds; the storage lane carries the guest's
+        // mirrored disk writes at any time, so it is not waited on.
+        if index < opts.channels {
+            if let Ok(c) = s.try_clone() {
+                data.push(c);
+            }
+        }
         let mut tx = DataSender::new(s)?;
         if let Some(k) = keys {
             tx.seal_with(Sealer::new(
@@ -236,7 +268,7 @@ pub(super) fn open_tcp(
         storage.copying().then(|| storage.hashes()),
         counted,
     );
-    Ok((sched, Box::new(Tcp), String::new()))
+    Ok((sched, Box::new(Tcp { data }), String::new()))
 }
 
 /// Connects the session's RDMA queue pairs (see [`connect_rdma`]); an Abort tells the

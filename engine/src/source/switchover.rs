@@ -33,6 +33,7 @@ impl Session<'_> {
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<MigrationReport, MigrationError> {
         self.storage.flush_ahead();
+        self.plane.drain();
         let t_pause = Instant::now();
         tracing::info!(round = pre.round, "pausing the guest");
         let paused = self.vm.pause();
