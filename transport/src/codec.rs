@@ -277,6 +277,17 @@ pub(crate) struct Entry {
     pub body: Body,
 }
 
+/// What `auto` learned: its measurements and the link's recent rates.
+#[derive(Debug)]
+struct Learned {
+    auto: Auto,
+    rates: [f64; RATE_WINDOW],
+    next_rate: usize,
+    /// Encoders compressing side by side for the link (a codec's speed counts this many
+    /// times).
+    parallel: f64,
+}
+
 /// Adaptive state of `auto`.
 #[derive(Debug, Clone, Copy)]
 struct Auto {
@@ -300,10 +311,9 @@ pub struct Encoder {
     pub(crate) out: Vec<u8>,
     tmp: Vec<u8>,
     pub(crate) entries: Vec<Entry>,
-    auto: Auto,
+    /// What `auto` learned, shared by the encoders of one channel (see [`Encoder::sibling`]).
+    learned: Arc<Mutex<Learned>>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
-    rates: [f64; RATE_WINDOW],
-    next_rate: usize,
     /// Counters since the last [`Encoder::take_stats`].
     pub stats: CodecStats,
 }
@@ -318,7 +328,9 @@ impl std::fmt::Debug for Encoder {
 }
 
 // SAFETY: `Entry::Body::Guest` pointers are only kept between `encode` and the send of the
-// same chunk on the same thread; the encoder holds no other thread-bound state.
+// same chunk; they point into guest memory that stays mapped for the whole migration, and an
+// encoder moves between threads (an encoding helper and its channel) only through channels,
+// which order the encode before the send. The encoder holds no other thread-bound state.
 unsafe impl Send for Encoder {}
 
 impl Encoder {
@@ -336,17 +348,40 @@ impl Encoder {
             out: Vec::new(),
             tmp: Vec::new(),
             entries: Vec::new(),
-            auto: Auto {
-                lz4: (0.0, 0.0),
-                zstd: (0.0, 0.0),
-                link_speed: 0.0,
-                chunks: 0,
-            },
+            learned: Arc::new(Mutex::new(Learned {
+                auto: Auto {
+                    lz4: (0.0, 0.0),
+                    zstd: (0.0, 0.0),
+                    link_speed: 0.0,
+                    chunks: 0,
+                },
+                rates: [0.0; RATE_WINDOW],
+                next_rate: 0,
+                parallel: 1.0,
+            })),
             zstd,
-            rates: [0.0; RATE_WINDOW],
-            next_rate: 0,
             stats: CodecStats::default(),
         }
+    }
+
+    /// Another encoder for the same channel: same mode and delta cache, and one memory of
+    /// what `auto` learned (codec speeds and ratios, the link's rate, the probing schedule),
+    /// so that encoders working for one connection on several threads choose as one would.
+    /// Its counters start at zero.
+    pub fn sibling(&self) -> Encoder {
+        let mut e = Encoder::new(self.mode, self.cache.clone());
+        e.learned = self.learned.clone();
+        e
+    }
+
+    /// Tells `auto` that `n` encoders of this one's family (see [`Encoder::sibling`])
+    /// compress side by side for the link, on as many cores.
+    pub fn set_parallel(&self, n: usize) {
+        self.learned().parallel = n.max(1) as f64;
+    }
+
+    fn learned(&self) -> std::sync::MutexGuard<'_, Learned> {
+        self.learned.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The mode.
@@ -366,21 +401,27 @@ impl Encoder {
     /// its bandwidth filter.
     pub fn record_link_rate(&mut self, rate: f64) {
         if rate > 0.0 {
-            self.rates[self.next_rate % RATE_WINDOW] = rate;
-            self.next_rate += 1;
-            self.auto.link_speed = self.rates.iter().copied().fold(0.0, f64::max);
+            let mut l = self.learned();
+            let i = l.next_rate % RATE_WINDOW;
+            l.rates[i] = rate;
+            l.next_rate += 1;
+            l.auto.link_speed = l.rates.iter().copied().fold(0.0, f64::max);
         }
     }
 
     /// The codec `auto` uses now: None for raw, else LZ4 or zstd.
     ///
     /// Compressing overlaps with the socket draining what was queued before, so a codec of
-    /// speed C and ratio r moves min(C, L / r) raw bytes per second against L raw: `auto` takes
+    /// speed C per core and ratio r, run by p encoders side by side (see
+    /// [`Encoder::set_parallel`]), moves min(p C, L / r) raw bytes per second against L raw: `auto` takes
     /// whichever of raw, LZ4 and zstd is fastest by the latest measurements (raw unless a
     /// codec wins by 10%). It is raw until the link and a codec are measured: raw writes fill
     /// the socket queue and so measure the link; probes measure the codecs.
     pub fn auto_choice(&self) -> Option<Encoding> {
-        let a = &self.auto;
+        let (a, p) = {
+            let l = self.learned();
+            (l.auto, l.parallel)
+        };
         if a.link_speed == 0.0 {
             return None;
         }
@@ -388,7 +429,7 @@ impl Encoder {
             if c == 0.0 || r >= 0.95 {
                 0.0
             } else {
-                c.min(a.link_speed / r.max(1e-3))
+                (c * p).min(a.link_speed / r.max(1e-3))
             }
         };
         let (lz4, zstd) = (rate(a.lz4), rate(a.zstd));
@@ -412,14 +453,18 @@ impl Encoder {
     pub(crate) unsafe fn encode(&mut self, extents: &[(u64, u64, *const u8)], round: u64) {
         self.entries.clear();
         self.out.clear();
-        self.auto.chunks += 1;
+        let chunks = {
+            let mut l = self.learned();
+            l.auto.chunks += 1;
+            l.auto.chunks
+        };
         // `auto` probes LZ4 every 32 chunks even while it sends raw, to notice content change.
         // `auto` probes each codec every 64 chunks, even while it sends raw, to notice when
         // the content or the link changes.
         let codec = match self.mode {
             Mode::Lz4 => Some(Encoding::Lz4),
             Mode::Zstd(_) => Some(Encoding::Zstd),
-            Mode::Auto => match self.auto.chunks % 64 {
+            Mode::Auto => match chunks % 64 {
                 1 => Some(Encoding::Lz4),
                 33 if self.zstd.is_some() => Some(Encoding::Zstd),
                 _ => self.auto_choice(),
@@ -588,10 +633,11 @@ impl Encoder {
         };
         let secs = t.elapsed().as_secs_f64();
         if n != usize::MAX {
+            let mut l = self.learned();
             let m = if enc == Encoding::Zstd {
-                &mut self.auto.zstd
+                &mut l.auto.zstd
             } else {
-                &mut self.auto.lz4
+                &mut l.auto.lz4
             };
             m.0 = ewma(m.0, len as f64 / secs.max(1e-9));
             m.1 = ewma(m.1, n as f64 / len as f64);

@@ -168,16 +168,14 @@ impl DataSender {
         enc: &mut Encoder,
         round: u64,
     ) -> Result<u64, TransportError> {
-        let mut with_host = Vec::with_capacity(extents.len());
-        for &(addr, len) in extents {
-            if len % PAGE as u64 != 0 {
-                return Err(TransportError::OutOfBounds { addr, len });
-            }
-            with_host.push((addr, len, map.host_ptr(addr, len)?.cast_const()));
-        }
-        // SAFETY: every pointer was bounds-checked against `map`, which keeps the memory mapped
-        // for as long as this call (and the send below) runs.
-        unsafe { enc.encode(&with_host, round) };
+        encode_chunk(map, extents, enc, round)?;
+        self.send_entries(enc)
+    }
+
+    /// Sends what [`encode_chunk`] left in `enc` as one message (the memory its raw pages
+    /// point into must still be mapped: `map` of that call outlives this one). Returns the
+    /// bytes put on the wire.
+    pub fn send_prepared(&mut self, enc: &mut Encoder) -> Result<u64, TransportError> {
         self.send_entries(enc)
     }
 
@@ -709,6 +707,27 @@ impl DataReceiver {
     pub fn stream(&self) -> &TcpStream {
         &self.stream
     }
+}
+
+/// Encodes the pages of `extents` of `map` with `enc` (any thread may; the entries keep
+/// pointers into `map` for the raw pages), for [`DataSender::send_prepared`] to send.
+pub fn encode_chunk(
+    map: &MemoryMap,
+    extents: &[(u64, u64)],
+    enc: &mut Encoder,
+    round: u64,
+) -> Result<(), TransportError> {
+    let mut with_host = Vec::with_capacity(extents.len());
+    for &(addr, len) in extents {
+        if len % PAGE as u64 != 0 {
+            return Err(TransportError::OutOfBounds { addr, len });
+        }
+        with_host.push((addr, len, map.host_ptr(addr, len)?.cast_const()));
+    }
+    // SAFETY: every pointer was bounds-checked against `map`, which keeps the memory mapped
+    // for as long as this call and the send of the entries run (the caller's contract).
+    unsafe { enc.encode(&with_host, round) };
+    Ok(())
 }
 
 fn put_header(buf: &mut Vec<u8>, kind: u16, count: u16, value: u64) {
