@@ -215,6 +215,6 @@ echo
 echo "== summary (from the nested VM)"
 sed -n '/^--- livemig rdma devices ---$/,/^---$/{p;/^---$/q}' "$all_log"
 # (-o: a test's first line of output follows its name on the same line)
-grep -aoE '(RDMA MIGRATION|FAULT|RETRY|MISSING DEVICE|AUTO|RDMA THROUGHPUT|RDMA COUNTERS|after the peer vanished|LINUX BOOT|LINUX MIGRATION|LINUX COPY|LINUX BLACKOUT|LINUX RDMA VS QEMU|qemu-ref: REF migrate).*|^test result.*' "$all_log" || true
+grep -aoE '(RDMA MIGRATION|FAULT|RETRY|MISSING DEVICE|AUTO|RDMA THROUGHPUT|RDMA COUNTERS|after the peer vanished|LINUX BOOT|LINUX MIGRATION|LINUX COPY|LINUX BLACKOUT|LINUX CELL|qemu-ref: REF migrate).*|^test result.*' "$all_log" || true
 echo "test-nested: $( [ "$rc" = 0 ] && echo passed || echo "FAILED (status $rc)" ) in $((SECONDS - start)) s"
 exit "$rc"
