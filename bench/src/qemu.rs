@@ -207,12 +207,7 @@ pub fn migrate_qemu(
     hosts: Option<&NetnsHosts>,
     o: &QemuOptions,
 ) -> Result<Value> {
-    let QemuOptions {
-        channels,
-        zstd,
-        prealloc,
-        ..
-    } = *o;
+    let prealloc = o.prealloc;
     let src_ram = PathBuf::from(format!(
         "/dev/shm/livemig-bench-qemu-src-{}",
         std::process::id()
@@ -262,24 +257,8 @@ pub fn migrate_qemu(
         )?;
         let mut s = Qmp::connect(&qs)?;
         let mut d = Qmp::connect(&qd)?;
-        let multifd = channels > 1 || zstd;
         for q in [&mut s, &mut d] {
-            q.cmd(
-                "migrate-set-capabilities",
-                json!({"capabilities": [
-                    {"capability": "multifd", "state": multifd},
-                    {"capability": "auto-converge", "state": o.auto_converge},
-                ]}),
-            )?;
-            let mut params = json!({
-                "max-bandwidth": 100_000_000_000u64,
-                "downtime-limit": o.downtime_limit_ms,
-            });
-            if multifd {
-                params["multifd-channels"] = json!(channels);
-                params["multifd-compression"] = json!(if zstd { "zstd" } else { "none" });
-            }
-            q.cmd("migrate-set-parameters", params)?;
+            set_migration_options(q, o)?;
         }
         let (host, port) = match hosts {
             Some(h) => (h.addr_b.clone(), 7401),
@@ -294,68 +273,105 @@ pub fn migrate_qemu(
         }
         let cpu = CpuWatch::start(&[src_proc.child.id(), dst_proc.child.id()]);
         s.cmd("migrate", json!({"uri": format!("tcp:{host}:{port}")}))?;
-        let deadline = Instant::now() + Duration::from_secs(600);
-        let mut completed_polls = 0;
-        // QEMU reports its current throttle only while it migrates (it lifts the throttle at
-        // the end): the highest seen while polling.
-        let mut throttle_max = 0;
-        loop {
-            let st = s.cmd("query-migrate", json!({}))?;
-            throttle_max = throttle_max.max(st["cpu-throttle-percentage"].as_u64().unwrap_or(0));
-            match st["status"].as_str() {
-                Some("completed") => {
-                    // QEMU sets the completed status a moment before it fills in the total
-                    // time and downtime: ask again until they are there.
-                    let (Some(total), Some(down), Some(wire)) = (
-                        st["total-time"].as_f64().filter(|t| *t > 0.0),
-                        st["downtime"].as_f64().filter(|d| *d > 0.0),
-                        st["ram"]["transferred"].as_f64(),
-                    ) else {
-                        completed_polls += 1;
-                        if completed_polls > 200 {
-                            bail!("QEMU reported completion without its figures: {st}");
-                        }
-                        std::thread::sleep(Duration::from_millis(5));
-                        continue;
-                    };
-                    // The guest runs again once the destination says RESUME.
-                    let resumed = match guest {
-                        Some(_) => Some(wait_event(&mut d, "RESUME")?),
-                        None => None,
-                    };
-                    let cpu = cpu.finish();
-                    let end_to_end = resumed
-                        .zip(s.event_us("STOP"))
-                        .map(|(r, p)| (r - p) as f64 / 1000.0);
-                    return Ok(json!({
-                        "total_time_ms": total,
-                        "downtime_ms": end_to_end.unwrap_or(down),
-                        "downtime_end_to_end": end_to_end.is_some(),
-                        "qemu_reported_downtime_ms": down,
-                        "bytes_on_wire": wire,
-                        "ram_bytes": spec.memory_mib << 20,
-                        "source_process_cpu_s": cpu.first().copied().flatten(),
-                        "destination_process_cpu_s": cpu.get(1).copied().flatten(),
-                        "qemu_throttle_max_pct": throttle_max,
-                        // QEMU's own view of the guest's dirtying (pages/s, last sync) and
-                        // how many times it synced the dirty log.
-                        "qemu_dirty_pages_rate": st["ram"]["dirty-pages-rate"],
-                        "qemu_dirty_syncs": st["ram"]["dirty-sync-count"],
-                    }));
-                }
-                Some("failed") | Some("cancelled") => {
-                    bail!("QEMU migration {}: {st}", st["status"])
-                }
-                _ => {}
-            }
-            if Instant::now() > deadline {
-                bail!("QEMU migration did not finish in 10 minutes");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_completed(&mut s, &mut d, guest.is_some(), cpu, spec.memory_mib << 20)
     })();
     cleanup();
     r
+}
+
+/// Both sides' migration capabilities and parameters of `o` (multifd with its channels and
+/// compression, auto-converge, bandwidth cap lifted, the downtime limit).
+fn set_migration_options(q: &mut Qmp, o: &QemuOptions) -> Result<()> {
+    let multifd = o.channels > 1 || o.zstd;
+    q.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [
+            {"capability": "multifd", "state": multifd},
+            {"capability": "auto-converge", "state": o.auto_converge},
+        ]}),
+    )?;
+    let mut params = json!({
+        "max-bandwidth": 100_000_000_000u64,
+        "downtime-limit": o.downtime_limit_ms,
+    });
+    if multifd {
+        params["multifd-channels"] = json!(o.channels);
+        params["multifd-compression"] = json!(if o.zstd { "zstd" } else { "none" });
+    }
+    q.cmd("migrate-set-parameters", params)?;
+    Ok(())
+}
+
+/// Polls the source `s` until its migration completed and returns the cell's figures: with a
+/// `running` guest, the downtime from its STOP to the destination `d`'s RESUME; `cpu` is
+/// finished once the guest runs there.
+fn wait_completed(
+    s: &mut Qmp,
+    d: &mut Qmp,
+    running: bool,
+    cpu: CpuWatch,
+    ram_bytes: u64,
+) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut completed_polls = 0;
+    // QEMU reports its current throttle only while it migrates (it lifts the throttle at
+    // the end): the highest seen while polling.
+    let mut throttle_max = 0;
+    loop {
+        let st = s.cmd("query-migrate", json!({}))?;
+        throttle_max = throttle_max.max(st["cpu-throttle-percentage"].as_u64().unwrap_or(0));
+        match st["status"].as_str() {
+            Some("completed") => {
+                // QEMU sets the completed status a moment before it fills in the total
+                // time and downtime: ask again until they are there.
+                let (Some(total), Some(down), Some(wire)) = (
+                    st["total-time"].as_f64().filter(|t| *t > 0.0),
+                    st["downtime"].as_f64().filter(|d| *d > 0.0),
+                    st["ram"]["transferred"].as_f64(),
+                ) else {
+                    completed_polls += 1;
+                    if completed_polls > 200 {
+                        bail!("QEMU reported completion without its figures: {st}");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                // The guest runs again once the destination says RESUME.
+                let resumed = if running {
+                    Some(wait_event(d, "RESUME")?)
+                } else {
+                    None
+                };
+                let cpu = cpu.finish();
+                let end_to_end = resumed
+                    .zip(s.event_us("STOP"))
+                    .map(|(r, p)| (r - p) as f64 / 1000.0);
+                return Ok(json!({
+                    "total_time_ms": total,
+                    "downtime_ms": end_to_end.unwrap_or(down),
+                    "downtime_end_to_end": end_to_end.is_some(),
+                    "qemu_reported_downtime_ms": down,
+                    "bytes_on_wire": wire,
+                    "ram_bytes": ram_bytes,
+                    "source_process_cpu_s": cpu.first().copied().flatten(),
+                    "destination_process_cpu_s": cpu.get(1).copied().flatten(),
+                    "qemu_throttle_max_pct": throttle_max,
+                    // QEMU's own view of the guest's dirtying (pages/s, last sync) and
+                    // how many times it synced the dirty log.
+                    "qemu_dirty_pages_rate": st["ram"]["dirty-pages-rate"],
+                    "qemu_dirty_syncs": st["ram"]["dirty-sync-count"],
+                }));
+            }
+            Some("failed") | Some("cancelled") => {
+                bail!("QEMU migration {}: {st}", st["status"])
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            bail!("QEMU migration did not finish in 10 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The built-in guest of `spec` as a PVH ELF in `work`.

@@ -141,21 +141,11 @@ pub fn write_outputs(out: &Path, meta: &Value, rows: &[Row], raw: &[Value]) -> R
             r.bytes_on_wire_median,
             r.throughput_gbps,
             r.digest_match.map(|d| d.to_string()).unwrap_or_default(),
-            r.source_cpu_s
-                .map(|c| format!("{c:.2}"))
-                .unwrap_or_default(),
-            r.destination_cpu_s
-                .map(|c| format!("{c:.2}"))
-                .unwrap_or_default(),
-            r.source_process_cpu_s
-                .map(|c| format!("{c:.2}"))
-                .unwrap_or_default(),
-            r.destination_process_cpu_s
-                .map(|c| format!("{c:.2}"))
-                .unwrap_or_default(),
-            r.link_bytes_median
-                .map(|b| format!("{b:.0}"))
-                .unwrap_or_default(),
+            csv_opt(r.source_cpu_s, 2),
+            csv_opt(r.destination_cpu_s, 2),
+            csv_opt(r.source_process_cpu_s, 2),
+            csv_opt(r.destination_process_cpu_s, 2),
+            csv_opt(r.link_bytes_median, 0),
         ));
     }
     std::fs::write(out.join("results.csv"), csv)?;
@@ -176,6 +166,11 @@ pub fn write_outputs(out: &Path, meta: &Value, rows: &[Row], raw: &[Value]) -> R
         }),
     )?;
     Ok(())
+}
+
+/// A CSV field: `v` with `decimals`, or empty.
+fn csv_opt(v: Option<f64>, decimals: usize) -> String {
+    v.map(|x| format!("{x:.decimals$}")).unwrap_or_default()
 }
 
 fn markdown(meta: &Value, rows: &[Row]) -> String {
