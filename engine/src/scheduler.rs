@@ -6,7 +6,9 @@
 //!
 //! The scheduler thread only cuts extents into chunks and hands each to whichever channel's
 //! queue has room first (work stealing: a slow channel takes less); page work (reading guest
-//! RAM, syscalls) happens in the channel workers, one per channel, pinned to a core when asked.
+//! RAM, syscalls) happens in the channel workers, one per channel, pinned to a core when asked;
+//! a TCP channel that compresses (LZ4, zstd) hands the encoding to helper threads, its share
+//! of the cores, and sends their output in the order it handed the chunks out.
 //! RDMA over several rails fails over: a channel that fails is dropped and the chunks it had
 //! not confirmed at a marker go to the others. A round ends with a marker on every channel; the destination's receivers meet at a
 //! barrier on each marker, so a page re-sent in round k+1 can never be overtaken by its stale
