@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::dirty::Extent;
 use crate::memory::{GuestRam, RamLayout, PAGE_SIZE};
@@ -118,22 +118,29 @@ impl PageHashes {
             return 0;
         };
         let pages = (size / PAGE_SIZE) as usize;
-        let bytes: Vec<u8> = self.hashes[first..first + pages]
-            .iter()
-            .flat_map(|h| h.load(Ordering::Relaxed).to_le_bytes())
-            .collect();
-        xxh3_64(&bytes)
+        fold(&self.hashes[first..first + pages])
     }
 
     /// The digest of the hashed RAM.
     pub fn digest(&self) -> u64 {
-        let bytes: Vec<u8> = self
-            .hashes
-            .iter()
-            .flat_map(|h| h.load(Ordering::Relaxed).to_le_bytes())
-            .collect();
-        xxh3_64(&bytes)
+        fold(&self.hashes)
     }
+}
+
+/// xxh3-64 over `hashes` as little-endian bytes, streamed through a small buffer: the
+/// destination computes it inside the downtime, where building the byte string first (8 MiB
+/// for 4 GiB of RAM, freshly allocated, so faulted in) cost ~30 ms.
+fn fold(hashes: &[AtomicU64]) -> u64 {
+    const BATCH: usize = 512;
+    let mut h = Xxh3::new();
+    let mut buf = [0u8; BATCH * 8];
+    for batch in hashes.chunks(BATCH) {
+        for (out, v) in buf.chunks_exact_mut(8).zip(batch) {
+            out.copy_from_slice(&v.load(Ordering::Relaxed).to_le_bytes());
+        }
+        h.update(&buf[..batch.len() * 8]);
+    }
+    h.digest()
 }
 
 /// Digest of `ram`: every page that may hold data is read; pages in holes of the backing
@@ -173,6 +180,32 @@ mod tests {
         // SAFETY: the mapping is live and nothing writes it during the call.
         unsafe { fresh.update(gpa + 0x5000, 0x1000, host.add(0x5000)) };
         assert_eq!(fresh.digest(), ram_digest(&ram));
+    }
+
+    #[test]
+    fn the_streamed_digest_is_xxh3_over_the_page_hashes() {
+        // Not a multiple of the fold's batch, so its last batch is a short one.
+        let layout = RamLayout::single(1037 * PAGE_SIZE);
+        let ram = GuestRam::new(&layout, Populate::Lazy).unwrap();
+        for i in 0..1037u64 {
+            ram.memory()
+                .write_obj(i * 31 + 1, GuestAddress(i * PAGE_SIZE + 8 * (i % 7)))
+                .unwrap();
+        }
+        let (gpa, host, len) = ram.host_regions()[0];
+        let hashes = PageHashes::new_zeroed(&layout);
+        // SAFETY: the mapping is live and nothing writes it during the call.
+        unsafe { hashes.update(gpa, len, host) };
+        let mut bytes = Vec::new();
+        for i in 0..1037 {
+            // SAFETY: page `i` lies inside the live mapping, written above, not written now.
+            let page = unsafe {
+                std::slice::from_raw_parts(host.add((i * PAGE_SIZE) as usize), PAGE_SIZE as usize)
+            };
+            bytes.extend_from_slice(&page_hash(page).to_le_bytes());
+        }
+        assert_eq!(hashes.digest(), xxh3_64(&bytes));
+        assert_eq!(hashes.region_digest(0), xxh3_64(&bytes));
     }
 
     #[test]
