@@ -154,7 +154,10 @@ pub fn plan(
         dirty: &dirty,
         content: &content,
         setup_ms,
-        switchover_ms: single.drain_ms + dirty.harvest_ms,
+        // The source waits for the queues to drain before it pauses the guest: that wait is
+        // part of the total time, not of the downtime.
+        drain_ms: single.drain_ms,
+        switchover_ms: dirty.harvest_ms,
     };
     let link_for = |channels: u16| {
         if channels > 1 {
@@ -214,8 +217,9 @@ pub fn plan(
             "the link carries what the probe measured, for the whole migration".into(),
             "zstd compresses like LZ4; auto compresses when that is faster".into(),
             format!(
-                "the switchover costs {SWITCHOVER_OVERHEAD_MS} ms beside the last pages, the \
-                 queues' drain and one harvest of the dirty log (both measured)"
+                "the switchover costs {SWITCHOVER_OVERHEAD_MS} ms beside the last pages and one \
+                 harvest of the dirty log (measured); the queues' drain (measured) comes \
+                 before the pause"
             ),
             "a throttle of t% slows the guest's writes by t%".into(),
         ],
@@ -270,7 +274,10 @@ struct Model<'a> {
     dirty: &'a DirtySample,
     content: &'a ContentSample,
     setup_ms: f64,
-    /// Fixed costs of the stop-and-copy measured here (drain, harvest), ms.
+    /// From the last round's last byte to the destination's answer (the queues' drain,
+    /// waited for before the pause), ms.
+    drain_ms: f64,
+    /// Fixed costs of the stop-and-copy measured here (the dirty log's harvest), ms.
     switchover_ms: f64,
 }
 
@@ -345,7 +352,7 @@ impl Model<'_> {
                         converges: downtime <= opts.downtime_limit_ms as f64,
                         gives_up: None,
                         rounds: round + 1,
-                        total_ms: total + downtime,
+                        total_ms: total + self.drain_ms + downtime,
                         downtime_ms: downtime,
                         throttle,
                         ram_bytes_per_s: bw,
@@ -663,6 +670,7 @@ mod tests {
             dirty,
             content,
             setup_ms: 10.0,
+            drain_ms: 0.0,
             switchover_ms: 0.0,
         }
     }
@@ -688,6 +696,28 @@ mod tests {
         assert!(f.converges && f.gives_up.is_none(), "{f:?}");
         assert_eq!(f.rounds, 2);
         assert!((f.total_ms - (10.0 + 2147.5 + 5.0)).abs() < 1.0, "{f:?}");
+    }
+
+    #[test]
+    fn the_queues_drain_counts_in_the_total_time_and_not_in_the_downtime() {
+        let dirty = DirtySample {
+            samples: vec![],
+            write_rate: 0.0,
+            working_set_pages: 0,
+            harvest_ms: 0.0,
+        };
+        let quick = model(&dirty, &RANDOM).forecast(&MigrateOptions::default(), 125e6);
+        // A slow link's queue: 30 ms from the last byte sent to the destination's answer.
+        let slow = Model {
+            drain_ms: 30.0,
+            ..model(&dirty, &RANDOM)
+        }
+        .forecast(&MigrateOptions::default(), 125e6);
+        assert!(
+            (slow.total_ms - quick.total_ms - 30.0).abs() < 0.01,
+            "{slow:?}"
+        );
+        assert_eq!(slow.downtime_ms, quick.downtime_ms);
     }
 
     #[test]
