@@ -19,7 +19,7 @@ use crate::pair::{Pair, PairAuth, PairSpec};
 use crate::qemu::{migrate_qemu, QemuOptions};
 use crate::report::{git_commit, machine, median, run_folders};
 use crate::run::hosts_for;
-use crate::support::{kvm_available, which, write_key, NetnsHosts};
+use crate::support::{kvm_available, sync_disks, which, write_key, NetnsHosts};
 
 /// One cell: a VM and a link.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -54,7 +54,7 @@ pub fn cells(quick: bool) -> Vec<PredictCell> {
     vec![
         c(Loopback, 256, 0, 64),
         c(Loopback, 1024, 20_000, 256),
-        c(Loopback, 1024, 80_000, 1024),
+        c(Loopback, 1024, 80_000, 960),
         c(Loopback, 4096, 0, 64),
         c(Loopback, 4096, 40_000, 512),
         c(TenGbit, 512, 0, 64),
@@ -87,6 +87,8 @@ struct Outcome {
     actual_total_ms: f64,
     predicted_downtime_ms: f64,
     actual_downtime_ms: f64,
+    /// The migration's own account of its downtime, step by step (ms).
+    actual_downtime_detail: Value,
     predicted_rounds: u64,
     actual_rounds: u64,
     predicted_throttle_max: u64,
@@ -276,6 +278,7 @@ fn measure(
     cell: &PredictCell,
     hosts: Option<&NetnsHosts>,
 ) -> Result<Outcome> {
+    sync_disks();
     let dir = work.join("pair");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -339,6 +342,7 @@ fn measure(
         actual_total_ms: report["total_time_ms"].as_f64().unwrap_or(0.0),
         predicted_downtime_ms: plan.forecast.downtime_ms,
         actual_downtime_ms: report["downtime_ms"].as_f64().unwrap_or(0.0),
+        actual_downtime_detail: report["downtime_detail"].clone(),
         predicted_rounds: plan.forecast.rounds,
         actual_rounds: report["rounds"].as_u64().unwrap_or(0),
         predicted_throttle_max: u64::from(

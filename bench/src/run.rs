@@ -17,7 +17,7 @@ use crate::matrix::{matrix, Cell, Link, Variant};
 use crate::pair::{Pair, PairAuth, PairSpec};
 use crate::qemu::run_qemu;
 use crate::report::{git_commit, machine, median, run_folders, write_outputs, Row};
-use crate::support::{kvm_available, which, write_key, NetnsHosts};
+use crate::support::{kvm_available, sync_disks, which, write_key, NetnsHosts};
 
 /// Working set of the bench's dirtying guests (livemig's and, booted from the same
 /// program's PVH ELF, QEMU's), in MiB, written in random order.
@@ -193,6 +193,7 @@ fn measure(
         cell.dirty_rate,
         rep + 1
     ));
+    sync_disks();
     let link_before = hosts.map(NetnsHosts::rx_bytes_b);
     let r = match &cell.variant {
         Variant::Livemig {

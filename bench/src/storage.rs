@@ -186,8 +186,7 @@ pub fn run(b: &StorageBench, exe: &Path) -> Result<()> {
 
 /// Writes dirty page-cache data back and lets the machine settle.
 fn settle() {
-    // SAFETY: sync(2) has no memory effects.
-    unsafe { libc::sync() };
+    crate::support::sync_disks();
     std::thread::sleep(Duration::from_secs(1));
 }
 
