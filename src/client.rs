@@ -433,8 +433,13 @@ pub fn progress_display(quiet: bool) -> impl FnMut(&Event) {
                         } else {
                             String::new()
                         };
+                        let skipped = if r.redirtied_left > 0 {
+                            format!("  {} written again, left to the next round", r.redirtied_left)
+                        } else {
+                            String::new()
+                        };
                         let eta = r.eta.as_ref().map(eta_text).unwrap_or_default();
-                        format!("{throttle}  {eta}")
+                        format!("{throttle}{skipped}  {eta}")
                     }
                 );
                 if tty {

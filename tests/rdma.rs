@@ -93,11 +93,12 @@ fn essentials(r: &Value) -> String {
             a.iter()
                 .map(|x| {
                     format!(
-                        "r{}: {} pages {:.0} ms dirtied {}",
+                        "r{}: {} pages {:.0} ms dirtied {} left to the next {}",
                         x["round"],
                         x["pages"],
                         x["ms"].as_f64().unwrap_or(0.0),
-                        x["dirtied_pages"]
+                        x["dirtied_pages"],
+                        x["redirtied_left"]
                     )
                 })
                 .collect()

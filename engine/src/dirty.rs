@@ -101,6 +101,48 @@ impl DirtyBitmap {
         }
     }
 
+    /// The pages of `extents` whose bit is clear, as extents in the same order (pages outside
+    /// the layout are kept).
+    pub fn outside(&self, extents: &[Extent]) -> Vec<Extent> {
+        let mut out = Vec::new();
+        for e in extents {
+            let region = self
+                .regions
+                .iter()
+                .find(|(base, pages, _)| e.gpa >= *base && e.gpa < *base + *pages * PAGE_SIZE);
+            let Some((base, pages, words)) = region else {
+                out.push(*e);
+                continue;
+            };
+            let first = (e.gpa - base) / PAGE_SIZE;
+            let end = first + e.pages;
+            let mut run: Option<u64> = None; // first clear page of the current run
+            let mut p = first;
+            while p < end {
+                let set = p < *pages && words[(p / 64) as usize] & (1 << (p % 64)) != 0;
+                match (set, run) {
+                    (false, None) => run = Some(p),
+                    (true, Some(s)) => {
+                        out.push(Extent {
+                            gpa: base + s * PAGE_SIZE,
+                            pages: p - s,
+                        });
+                        run = None;
+                    }
+                    _ => {}
+                }
+                p += 1;
+            }
+            if let Some(s) = run {
+                out.push(Extent {
+                    gpa: base + s * PAGE_SIZE,
+                    pages: end - s,
+                });
+            }
+        }
+        out
+    }
+
     /// Runs of dirty pages, in address order. No extent crosses a region boundary.
     pub fn extents(&self) -> Vec<Extent> {
         let mut out = Vec::new();
@@ -247,6 +289,40 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn outside_keeps_exactly_the_clear_pages(
+            set in proptest::collection::btree_set(0u64..330, 0..200),
+            cuts in proptest::collection::btree_set(1u64..330, 0..12),
+        ) {
+            let l = layout();
+            let gpa = |p: u64| if p < 200 { p * PAGE_SIZE } else { (1 << 30) + (p - 200) * PAGE_SIZE };
+            let mut b = DirtyBitmap::new(&l);
+            for &p in &set {
+                b.set_page(gpa(p));
+            }
+            // All pages, cut into extents at `cuts` and at the region boundary.
+            let mut edges: Vec<u64> = cuts.into_iter().chain([200]).collect();
+            edges.sort_unstable();
+            edges.dedup();
+            let mut input = Vec::new();
+            let mut start = 0;
+            for &c in edges.iter().chain([330].iter()) {
+                if c > start {
+                    input.push(Extent { gpa: gpa(start), pages: c - start });
+                }
+                start = c;
+            }
+            let mut kept = Vec::new();
+            for e in b.outside(&input) {
+                prop_assert!(e.pages > 0);
+                for i in 0..e.pages {
+                    kept.push(e.gpa + i * PAGE_SIZE);
+                }
+            }
+            let want: Vec<u64> = (0..330).filter(|p| !set.contains(p)).map(gpa).collect();
+            prop_assert_eq!(kept, want);
+        }
+
         #[test]
         fn extents_are_exactly_the_set_pages(pages in proptest::collection::btree_set(0u64..330, 0..200)) {
             let l = layout();

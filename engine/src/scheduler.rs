@@ -834,6 +834,9 @@ pub struct RoundStats {
     pub codec: CodecStats,
     /// CPU time of the channel workers.
     pub cpu_ns: u64,
+    /// Pages of the round left to the next one: the guest wrote them again before their
+    /// slice went (set by the source's session, not by the scheduler).
+    pub redirtied_left: u64,
 }
 
 /// Fans chunks out to channel workers and runs round barriers.
@@ -1245,6 +1248,7 @@ impl Scheduler {
             elapsed: start.elapsed(),
             codec: st.codec,
             cpu_ns: st.cpu_ns,
+            redirtied_left: 0,
         })
     }
 

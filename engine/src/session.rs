@@ -582,6 +582,10 @@ pub struct RoundReport {
     /// Auto-converge: percent of vCPU time taken from the guest during the round.
     #[serde(default)]
     pub throttle_pct: u8,
+    /// Pages of the round not sent in it because the guest wrote them again before their
+    /// turn: the next round sends them.
+    #[serde(default)]
+    pub redirtied_left: u64,
     /// What is left after this round, predicted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<crate::convergence::Eta>,

@@ -95,8 +95,17 @@ impl Session<'_> {
                 holes: &holes,
                 disk: &disk,
             };
-            let stats = self.send_round(round, &work, pages_total, Some(&conv), on_progress)?;
-            to_send.clear();
+            // Pages dirtied while the round runs: the next round's; the round reads them from
+            // the dirty log between its slices and leaves them to that round.
+            let mut next = DirtyBitmap::new(&layout);
+            let stats = self.send_round(
+                round,
+                &work,
+                pages_total,
+                Some((&conv, &mut next)),
+                on_progress,
+            )?;
+            to_send = next;
             let harvest = std::time::Instant::now();
             self.vm.harvest_dirty(&mut to_send)?;
             // The switchover harvests once more: its cost is part of the downtime.
@@ -109,7 +118,9 @@ impl Session<'_> {
             disk = self.storage.take_pending();
             let est = conv.estimate(stats.wire_bytes, stats.elapsed, dirtied);
             let throttle = conv.throttle();
-            let decision = conv.decide(round, stats.pages, dirtied, &est);
+            // The round's share of the dirty set is what it was given, including the pages
+            // it left to this next round.
+            let decision = conv.decide(round, stats.pages + stats.redirtied_left, dirtied, &est);
             let eta = conv.eta(round + 1, (0, dirtied), std::time::Duration::ZERO);
             let report = RoundReport {
                 round,
@@ -123,6 +134,7 @@ impl Session<'_> {
                 stop_and_copy: false,
                 disk_pages: stats.disk_pages,
                 throttle_pct: throttle,
+                redirtied_left: stats.redirtied_left,
                 eta,
             };
             info!(
@@ -163,22 +175,30 @@ impl Session<'_> {
     /// Sends one round (pre-copy or final) through the scheduler and ends it on the data
     /// plane; counts it in the tally. A plane that lists landed pages (RDMA) gets the round's
     /// RAM in slices, each through the barrier and listed before the next.
+    ///
+    /// A pre-copy round comes with the estimates and the next round's bitmap: before each
+    /// slice after the first, the dirty log is read into that bitmap, and the slice's pages
+    /// the guest wrote again since the round began are left to the next round, which sends
+    /// them anyway (Xen's save loop skipped such pages the same way) — on a link as slow as
+    /// the guest is busy, that is a real share of each round.
     pub(super) fn send_round(
         &mut self,
         round: u64,
         work: &RoundWork<'_>,
         pages_total: u64,
-        conv: Option<&Convergence>,
+        mut precopy: Option<(&Convergence, &mut DirtyBitmap)>,
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<RoundStats, MigrationError> {
         let start = std::time::Instant::now();
         let Session {
+            vm,
             sched,
             plane,
             ctl,
             cancel,
             ..
         } = self;
+        let conv = precopy.as_ref().map(|(c, _)| *c);
         let cut;
         let pieces: Vec<&[Extent]> = match plane.landing_slice(ctl) {
             Some(n) => {
@@ -189,6 +209,17 @@ impl Session<'_> {
         };
         let mut stats = RoundStats::default();
         for (i, &ram) in pieces.iter().enumerate() {
+            let kept;
+            let ram = match precopy.as_mut() {
+                Some((_, next)) if i > 0 => {
+                    vm.harvest_dirty(next)?;
+                    kept = next.outside(ram);
+                    stats.redirtied_left += pages(ram) - pages(&kept);
+                    kept.as_slice()
+                }
+                _ => ram,
+            };
+            let left_out = stats.redirtied_left;
             // Holes and disk blocks go with the first slice.
             let part = RoundWork {
                 ram,
@@ -199,7 +230,7 @@ impl Session<'_> {
             let sent = sched.send_round(round, &part, cancel, &mut |pages_done| {
                 let pages_done = before + pages_done;
                 plane.round_progress(ctl, round, pages_done);
-                let left = pages_total.saturating_sub(pages_done);
+                let left = pages_total.saturating_sub(pages_done + left_out);
                 let eta = conv.and_then(|c| c.eta(round, (pages_done, left), start.elapsed()));
                 on_progress(&Progress::Sending {
                     round,
@@ -226,6 +257,11 @@ impl Session<'_> {
         self.storage.count(work.disk);
         Ok(stats)
     }
+}
+
+/// Pages in `extents`.
+fn pages(extents: &[Extent]) -> u64 {
+    extents.iter().map(|e| e.pages).sum()
 }
 
 /// `ram` cut into pieces of `pages` pages (the last may be shorter; an extent may be cut);

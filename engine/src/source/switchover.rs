@@ -63,6 +63,7 @@ impl Session<'_> {
             stop_and_copy: true,
             disk_pages: prepared.final_round.disk_pages,
             throttle_pct: 0,
+            redirtied_left: 0,
             eta: None,
         });
         if let Some(last) = self.tally.rounds.last() {
