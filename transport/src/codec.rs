@@ -611,27 +611,29 @@ impl Encoder {
         self.stage
             .extend_from_slice(unsafe { std::slice::from_raw_parts(host, len) });
         self.stats.bytes_staged += len as u64;
-        let t = Instant::now();
         let off = self.out.len();
-        let (enc, n) = match (codec, self.zstd.as_mut()) {
+        // Only the compressor is timed: growing the output buffer (the first time: fresh
+        // memory, faulted in) is not the codec's speed, and `auto` compares codecs by it.
+        let (enc, n, secs) = match (codec, self.zstd.as_mut()) {
             (Encoding::Zstd, Some(z)) => {
                 self.out
                     .resize(off + zstd::zstd_safe::compress_bound(len), 0);
+                let t = Instant::now();
                 match z.compress_to_buffer(&self.stage, &mut self.out[off..]) {
-                    Ok(n) => (Encoding::Zstd, n),
-                    Err(_) => (Encoding::Raw, usize::MAX),
+                    Ok(n) => (Encoding::Zstd, n, t.elapsed().as_secs_f64()),
+                    Err(_) => (Encoding::Raw, usize::MAX, 0.0),
                 }
             }
             _ => {
                 self.out
                     .resize(off + lz4_flex::block::get_maximum_output_size(len), 0);
+                let t = Instant::now();
                 match lz4_flex::block::compress_into(&self.stage, &mut self.out[off..]) {
-                    Ok(n) => (Encoding::Lz4, n),
-                    Err(_) => (Encoding::Raw, usize::MAX),
+                    Ok(n) => (Encoding::Lz4, n, t.elapsed().as_secs_f64()),
+                    Err(_) => (Encoding::Raw, usize::MAX, 0.0),
                 }
             }
         };
-        let secs = t.elapsed().as_secs_f64();
         if n != usize::MAX {
             let mut l = self.learned();
             let m = if enc == Encoding::Zstd {
