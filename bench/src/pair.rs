@@ -156,6 +156,10 @@ impl Pair {
             );
             m.insert("destination_phase".into(), after["phase"].clone());
             m.insert(
+                "destination_switchover_steps".into(),
+                dst_info["switchover_steps"].clone(),
+            );
+            m.insert(
                 "destination_guest_counter".into(),
                 after["guest_counter"].clone(),
             );

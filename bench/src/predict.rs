@@ -87,7 +87,8 @@ struct Outcome {
     actual_total_ms: f64,
     predicted_downtime_ms: f64,
     actual_downtime_ms: f64,
-    /// The migration's own account of its downtime, step by step (ms).
+    /// The migration's own account of its downtime, step by step (ms): the source's
+    /// (`source`) and the destination's switchover (`destination`).
     actual_downtime_detail: Value,
     predicted_rounds: u64,
     actual_rounds: u64,
@@ -342,7 +343,10 @@ fn measure(
         actual_total_ms: report["total_time_ms"].as_f64().unwrap_or(0.0),
         predicted_downtime_ms: plan.forecast.downtime_ms,
         actual_downtime_ms: report["downtime_ms"].as_f64().unwrap_or(0.0),
-        actual_downtime_detail: report["downtime_detail"].clone(),
+        actual_downtime_detail: json!({
+            "source": report["downtime_detail"],
+            "destination": report["destination_switchover_steps"],
+        }),
         predicted_rounds: plan.forecast.rounds,
         actual_rounds: report["rounds"].as_u64().unwrap_or(0),
         predicted_throttle_max: u64::from(
