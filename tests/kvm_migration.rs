@@ -189,6 +189,9 @@ fn a_busy_guest_migrates_over_one_compressing_connection_with_every_codec() {
             ],
         );
         assert_eq!(report["rounds"], 4, "{codec}: {report}");
+        // Before the pause the destination confirmed the last pre-copy round (round 2; the
+        // fourth round is the stop-and-copy) was all decoded into its RAM.
+        assert_eq!(report["drain"]["landed_round"], 2, "{codec}: {report}");
         let c = &report["codec"];
         let counted: u64 = [
             "pages_raw",

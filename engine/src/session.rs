@@ -654,6 +654,22 @@ pub struct MigrationReport {
     /// Where the downtime went, step by step, as the source saw it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_detail: Option<DowntimeDetail>,
+    /// The wait before the pause for the last pre-copy round to reach the destination.
+    #[serde(default)]
+    pub drain: DrainReport,
+}
+
+/// Before the pause, the source waits until the last pre-copy round reached the destination,
+/// so that the downtime does not spend that while the guest could still run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DrainReport {
+    /// How long the source waited, ms (not part of the downtime).
+    pub ms: f64,
+    /// The round the destination confirmed was all in its RAM (TCP with
+    /// [`crate::protocol::FEATURE_LANDED`]); none where it was not asked (RDMA writes land in
+    /// place, an older destination cannot answer) or where it was still landing after a
+    /// second.
+    pub landed_round: Option<u64>,
 }
 
 /// The downtime's steps, in milliseconds, in the order they happen; they add up to

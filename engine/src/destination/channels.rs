@@ -89,6 +89,13 @@ pub(super) trait IncomingPlane {
     fn round_extents(&mut self, round: u64, extents: &[(u64, u64)]) -> Result<(), String>;
     /// Pages landed so far (a sign of life during a long pre-copy).
     fn pages(&self) -> u64;
+    /// Waits, at most `limit`, until every page of pre-copy round `round` is in RAM (the
+    /// source asks before it pauses the guest: [`crate::protocol::FEATURE_LANDED`]); false
+    /// if they were not all in by then. A plane whose pages are in RAM once the source hears
+    /// of them (RDMA) returns at once.
+    fn wait_landed(&self, _round: u64, _limit: Duration) -> Result<bool, MigrationError> {
+        Ok(true)
+    }
     /// The device state names `final_round` as the last: wait until every page of it
     /// landed, then close guest RAM to the source for good.
     fn finish(&mut self, final_round: u64, timeout: Duration) -> Result<(), MigrationError>;

@@ -12,8 +12,8 @@ use super::{refuse, Session, VmFactory};
 use crate::auth;
 use crate::memory::{GuestRam, Populate};
 use crate::protocol::{
-    negotiate, Message, FEATURE_PROBE, FEATURE_RAILS, FEATURE_RDMA, FEATURE_ROUND_COUNTS,
-    FEATURE_SEALED,
+    negotiate, Message, FEATURE_LANDED, FEATURE_PROBE, FEATURE_RAILS, FEATURE_RDMA,
+    FEATURE_ROUND_COUNTS, FEATURE_SEALED,
 };
 use crate::session::{Control, MigrationError};
 use crate::storage::incoming::IncomingStorage;
@@ -136,7 +136,7 @@ pub(super) fn greet(stream: TcpStream, g: &GreetOptions) -> Result<Greeted, Migr
                     } else {
                         0
                     }
-                    | (features & FEATURE_PROBE),
+                    | (features & (FEATURE_PROBE | FEATURE_LANDED)),
                 nonce: nonce_d,
                 proof,
             })?;

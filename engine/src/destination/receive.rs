@@ -110,6 +110,16 @@ impl IncomingPlane for TcpPlane {
         self.shared.pages.load(Ordering::Relaxed)
     }
 
+    fn wait_landed(&self, round: u64, limit: Duration) -> Result<bool, MigrationError> {
+        match self.shared.wait_round(round, limit) {
+            Ok(()) => Ok(true),
+            // Still landing after the limit: the source pauses anyway, and the rest lands in
+            // the downtime, as it would have without asking.
+            Err(MigrationError::Timeout { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     fn finish(&mut self, final_round: u64, timeout: Duration) -> Result<(), MigrationError> {
         let r = self.shared.wait_round(final_round, timeout);
         // RAM closes here: the receivers stop and are joined before anything reads or runs

@@ -12,6 +12,9 @@ use crate::session::{MigrationError, Outcome};
 use crate::source::ms;
 use crate::vm::{DeviceSection, MigratableVm};
 
+/// Longest wait for a round's pages to land before answering `AwaitLanded`.
+const LANDED_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Session {
     /// From pre-copy to the guest running here.
     pub(super) fn switchover(
@@ -109,6 +112,10 @@ impl Session {
                 }) => return Ok((final_round, sections, disk_digests.unwrap_or_default())),
                 Ok(Message::DiskDigests { digests }) if disk_digests.is_none() => {
                     disk_digests = Some(digests);
+                }
+                Ok(Message::AwaitLanded { round }) => {
+                    let complete = plane.wait_landed(round, LANDED_LIMIT)?;
+                    self.ctl.send(&Message::Landed { round, complete })?;
                 }
                 Ok(Message::RoundProgress {
                     round,

@@ -195,6 +195,19 @@ pub enum Message {
         /// The TCP port.
         port: u16,
     },
+    /// Source → destination, TCP with [`crate::protocol::FEATURE_LANDED`], before the pause:
+    /// answer once every page of `round` is in RAM.
+    AwaitLanded {
+        /// The round (the last one sent).
+        round: u64,
+    },
+    /// Destination → source: the answer to `AwaitLanded`, at most a second later.
+    Landed {
+        /// The round asked about.
+        round: u64,
+        /// Every page of it is in RAM (else the destination stopped waiting).
+        complete: bool,
+    },
 }
 
 impl Message {
@@ -224,6 +237,8 @@ impl Message {
             Message::ProbeResult { .. } => MessageType::ProbeResult,
             Message::RoundExtents { .. } => MessageType::RoundExtents,
             Message::DataPort { .. } => MessageType::DataPort,
+            Message::AwaitLanded { .. } => MessageType::AwaitLanded,
+            Message::Landed { .. } => MessageType::Landed,
         }
     }
 
@@ -346,6 +361,11 @@ impl Message {
             }
             Message::Probe { bytes } => put_u64(&mut w, *bytes),
             Message::DataPort { port } => put_u16(&mut w, *port),
+            Message::AwaitLanded { round } => put_u64(&mut w, *round),
+            Message::Landed { round, complete } => {
+                put_u64(&mut w, *round);
+                w.push(u8::from(*complete));
+            }
             Message::ProbeData { data } => {
                 put_u32(&mut w, data.len() as u32);
                 w.extend_from_slice(data);
@@ -495,6 +515,15 @@ impl Message {
             MessageType::DataPort => match r.u16()? {
                 0 => return Err(r.invalid("data port 0".into())),
                 port => Message::DataPort { port },
+            },
+            MessageType::AwaitLanded => Message::AwaitLanded { round: r.u64()? },
+            MessageType::Landed => Message::Landed {
+                round: r.u64()?,
+                complete: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    c => return Err(r.invalid(format!("complete flag {c}"))),
+                },
             },
         };
         r.finish()?;
@@ -752,6 +781,11 @@ mod tests {
                 extents: vec![(0, 16), (1 << 20, 1)],
             },
             Message::DataPort { port: 7001 },
+            Message::AwaitLanded { round: 4 },
+            Message::Landed {
+                round: 4,
+                complete: true,
+            },
         ]
     }
 

@@ -27,6 +27,8 @@
 //!   | N data connections: ChannelHello{token,i} |
 //!   | data: round 0 pages ... Marker(0)          |  receivers meet at a barrier per round
 //!   | data: round k pages ... Marker(k)          |
+//!   | AwaitLanded {k} ------------------------> |  (FEATURE_LANDED) once round k's pages
+//!   | <-------------------------- Landed {k}     |  are in RAM (at most 1 s later)
 //!   |   (source pauses the guest)                |
 //!   | data: final round pages ... Marker(n)      |
 //!   |   -- or, with RDMA (FEATURE_RDMA in Hello and Welcome) --
@@ -131,6 +133,12 @@ pub const FEATURE_PROBE: u64 = 8;
 /// GID, rails in order) and the destination answers one `RdmaAccept` per rail, in that order,
 /// each with the regions of the registration that rail writes into.
 pub const FEATURE_RAILS: u64 = 16;
+/// Feature bit: the source offers (Hello) / the destination agrees (Welcome) to answer
+/// `AwaitLanded {round}` with `Landed {round}` once every page of that TCP round is in its RAM
+/// (decoded and written, not only acknowledged by its kernel), at most a second later: the
+/// source asks before it pauses the guest, so the downtime does not wait for the destination
+/// to work through what its socket buffers held.
+pub const FEATURE_LANDED: u64 = 32;
 /// Most bytes one probe may send.
 pub const MAX_PROBE_BYTES: u64 = 1 << 30;
 /// Most bytes of one `ProbeData` frame.
@@ -190,11 +198,15 @@ pub enum MessageType {
     RoundExtents = 22,
     /// [`Message::DataPort`].
     DataPort = 23,
+    /// [`Message::AwaitLanded`].
+    AwaitLanded = 24,
+    /// [`Message::Landed`].
+    Landed = 25,
 }
 
 impl MessageType {
     /// Every valid type, in wire order.
-    pub const ALL: [MessageType; 23] = [
+    pub const ALL: [MessageType; 25] = [
         MessageType::Hello,
         MessageType::Welcome,
         MessageType::Refuse,
@@ -218,6 +230,8 @@ impl MessageType {
         MessageType::ProbeResult,
         MessageType::RoundExtents,
         MessageType::DataPort,
+        MessageType::AwaitLanded,
+        MessageType::Landed,
     ];
 
     /// The frame kind.
@@ -252,6 +266,8 @@ impl MessageType {
             MessageType::ProbeResult => "ProbeResult",
             MessageType::RoundExtents => "RoundExtents",
             MessageType::DataPort => "DataPort",
+            MessageType::AwaitLanded => "AwaitLanded",
+            MessageType::Landed => "Landed",
         }
     }
 }
@@ -445,8 +461,8 @@ mod tests {
         }
         assert_eq!(MessageType::try_from(0), Err(ProtocolError::UnknownType(0)));
         assert_eq!(
-            MessageType::try_from(24),
-            Err(ProtocolError::UnknownType(24))
+            MessageType::try_from(26),
+            Err(ProtocolError::UnknownType(26))
         );
     }
 

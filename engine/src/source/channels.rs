@@ -61,9 +61,12 @@ pub(super) trait OutgoingPlane {
         round: u64,
         pages: u64,
     ) -> Result<(), MigrationError>;
-    /// Before the guest pauses: waits (boundedly) until what was sent reached the
-    /// destination.
-    fn drain(&self) {}
+    /// Before the guest pauses: waits (boundedly) until what was sent up to `round` (the
+    /// last pre-copy round) reached the destination; returns the round when the destination
+    /// confirmed all of it is in its RAM.
+    fn drain(&self, _ctl: &mut Control, _round: u64) -> Result<Option<u64>, MigrationError> {
+        Ok(None)
+    }
     /// What each rail carried (RDMA over several devices; empty otherwise).
     fn rails(&self, _sched: &Scheduler) -> Vec<crate::session::RailReport> {
         Vec::new()
@@ -74,10 +77,14 @@ pub(super) trait OutgoingPlane {
 struct Tcp {
     /// The RAM data connections (clones), to see what they still have in flight.
     data: Vec<std::net::TcpStream>,
+    /// The destination answers `AwaitLanded` ([`crate::protocol::FEATURE_LANDED`]).
+    landed: bool,
 }
 
 /// Longest wait for the data connections to drain before the guest pauses.
 const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// Longest wait for `Landed` (the destination answers within a second of its own).
+const LANDED_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl OutgoingPlane for Tcp {
     fn name(&self) -> &'static str {
@@ -93,8 +100,10 @@ impl OutgoingPlane for Tcp {
     /// A round ends when its marker is written, with up to a socket buffer (and, on a shaped
     /// or long link, a queue) of it still on the way: the pause waits until the destination
     /// acknowledged all of it, so the downtime does not spend that draining while the guest
-    /// could still run.
-    fn drain(&self) {
+    /// could still run — and, where the destination answers `AwaitLanded`, until its
+    /// receivers also worked through what its socket buffers held (compressed pages can be
+    /// many milliseconds of decoding behind what its kernel acknowledged).
+    fn drain(&self, ctl: &mut Control, round: u64) -> Result<Option<u64>, MigrationError> {
         let t = std::time::Instant::now();
         while t.elapsed() < DRAIN_LIMIT
             && self
@@ -103,6 +112,14 @@ impl OutgoingPlane for Tcp {
                 .any(|s| livemig_transport::tcp::unacked_bytes(s).is_some_and(|n| n > 0))
         {
             std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        if !self.landed {
+            return Ok(None);
+        }
+        ctl.send(&Message::AwaitLanded { round })?;
+        match ctl.recv(Some(LANDED_WAIT), "waiting for the last round to land")? {
+            Message::Landed { round: r, complete } if r == round => Ok(complete.then_some(round)),
+            m => Err(ctl.unexpected(&m, "waiting for Landed")),
         }
     }
 }
@@ -220,7 +237,7 @@ pub(super) fn open_tcp(
     vm: &dyn MigratableVm,
     to: &str,
     opts: &MigrateOptions,
-    (token, counted): (u64, bool),
+    (token, counted, landed): (u64, bool, bool),
     keys: Option<&SessionKeys>,
     storage: &OutgoingStorage,
 ) -> Result<Plane, MigrationError> {
@@ -268,7 +285,7 @@ pub(super) fn open_tcp(
         storage.copying().then(|| storage.hashes()),
         counted,
     );
-    Ok((sched, Box::new(Tcp { data }), String::new()))
+    Ok((sched, Box::new(Tcp { data, landed }), String::new()))
 }
 
 /// Connects the session's RDMA queue pairs (see [`connect_rdma`]); an Abort tells the

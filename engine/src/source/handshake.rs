@@ -10,7 +10,8 @@ use super::channels::{self, RdmaDevice};
 use super::{MigrateOptions, Session, Tally, TransportChoice};
 use crate::auth;
 use crate::protocol::{
-    Message, FEATURE_RAILS, FEATURE_RDMA, FEATURE_ROUND_COUNTS, FEATURE_SEALED, VERSION,
+    Message, FEATURE_LANDED, FEATURE_RAILS, FEATURE_RDMA, FEATURE_ROUND_COUNTS, FEATURE_SEALED,
+    VERSION,
 };
 use crate::session::{random_u64, Control, MigrationError};
 use crate::storage::outgoing::OutgoingStorage;
@@ -80,7 +81,8 @@ impl<'a> Session<'a> {
                 Some(r) if rails(r) > 1 => FEATURE_RDMA | FEATURE_RAILS,
                 Some(_) => FEATURE_RDMA,
                 None => 0,
-            } | FEATURE_ROUND_COUNTS,
+            } | FEATURE_ROUND_COUNTS
+                | FEATURE_LANDED,
         )?;
         let features = greeting.features;
         let ctl = &mut greeting.ctl;
@@ -135,12 +137,13 @@ impl<'a> Session<'a> {
             }
         }
         let counted = features & FEATURE_ROUND_COUNTS != 0;
+        let landed = features & FEATURE_LANDED != 0;
         let (sched, plane, d) = open_plane(
             &mut ctl,
             vm,
             &data_to,
             opts,
-            (token, counted),
+            (token, counted, landed),
             rdma,
             &storage,
         )?;
@@ -270,13 +273,13 @@ fn open_plane(
     vm: &dyn MigratableVm,
     to: &str,
     opts: &MigrateOptions,
-    (token, counted): (u64, bool),
+    tcp: (u64, bool, bool),
     rdma: Option<RdmaDevice>,
     storage: &OutgoingStorage,
 ) -> Result<channels::Plane, MigrationError> {
     match rdma {
         Some(dev) => channels::open_rdma(ctl, vm, &dev, opts),
-        None => channels::open_tcp(vm, to, opts, (token, counted), ctl.keys(), storage),
+        None => channels::open_tcp(vm, to, opts, tcp, ctl.keys(), storage),
     }
 }
 

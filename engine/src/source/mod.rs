@@ -216,6 +216,7 @@ struct Session<'a> {
 #[derive(Default)]
 struct Tally {
     rounds: Vec<RoundReport>,
+    drain: crate::session::DrainReport,
     pages_sent: u64,
     wire: u64,
     codec: CodecStats,

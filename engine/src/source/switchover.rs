@@ -33,7 +33,23 @@ impl Session<'_> {
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<MigrationReport, MigrationError> {
         self.storage.flush_ahead();
-        self.plane.drain();
+        // The last pre-copy round is the one before the final round.
+        let t_drain = Instant::now();
+        match self.plane.drain(&mut self.ctl, pre.round.saturating_sub(1)) {
+            Ok(landed_round) => {
+                self.tally.drain = crate::session::DrainReport {
+                    ms: ms(t_drain.elapsed()),
+                    landed_round,
+                }
+            }
+            Err(e) => {
+                let _ = self.vm.stop_dirty_tracking();
+                self.storage.stop();
+                let _ = self.vm.set_throttle(0);
+                self.abort("source failed before pausing the guest");
+                return Err(e);
+            }
+        }
         let t_pause = Instant::now();
         tracing::info!(round = pre.round, "pausing the guest");
         let paused = self.vm.pause();
@@ -306,6 +322,7 @@ impl Session<'_> {
             storage,
             rails: self.plane.rails(&self.sched),
             downtime_detail: Some(prepared.detail.clone()),
+            drain: t.drain.clone(),
         }
     }
 
