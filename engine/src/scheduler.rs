@@ -7,7 +7,7 @@
 //! The scheduler thread only cuts extents into chunks and hands each to whichever channel's
 //! queue has room first (work stealing: a slow channel takes less); page work (reading guest
 //! RAM, syscalls) happens in the channel workers, one per channel, pinned to a core when asked;
-//! a TCP channel that compresses (LZ4, zstd, auto) hands the encoding to helper threads, its share
+//! a TCP channel that compresses (LZ4, zstd) hands the encoding to helper threads, its share
 //! of the cores, and sends their output in the order it handed the chunks out.
 //! RDMA over several rails fails over: a channel that fails is dropped and the chunks it had
 //! not confirmed at a marker go to the others. A round ends with a marker on every channel; the destination's receivers meet at a
@@ -914,16 +914,18 @@ impl Scheduler {
     ) -> Scheduler {
         let cache =
             matches!(mode, Mode::Delta | Mode::Auto).then(|| DeltaCache::new(delta_cache_bytes));
-        // LZ4, zstd and `auto` encode on every core, however few the connections: each
-        // channel gets its share of the cores as encoding helpers, and `auto` weighs a codec
-        // by the encoders running it (on 1 GbE text it then keeps to zstd, where one encoder
-        // sometimes took LZ4's lighter work for the faster choice). The storage lane keeps
-        // encoding inline: a mirrored guest write waits until its blocks are sent.
+        // LZ4 and zstd encode on every core, however few the connections: each channel
+        // gets its share of the cores as encoding helpers. The storage lane keeps encoding
+        // inline: a mirrored guest write waits until its blocks are sent.
         let n = senders.len();
         let lane = storage_hashes.is_some() && n >= 2;
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
         let helpers = (cores / n.max(1)).clamp(1, 8);
-        let compresses = matches!(mode, Mode::Lz4 | Mode::Zstd(_) | Mode::Auto);
+        // `auto` keeps encoding inline: with helpers it counted each codec's speed once per
+        // helper, which on this 2-core host (where sealing and the destination need the same
+        // cores) drew it to LZ4 on loopback where raw was faster (mixed RAM, 1 GiB: 560-617 ms
+        // against 432-540 inline), for a small and unsteady gain on 1 GbE text.
+        let compresses = matches!(mode, Mode::Lz4 | Mode::Zstd(_));
         let channels = senders
             .into_iter()
             .enumerate()
