@@ -89,6 +89,33 @@ fn idle_guest_migrates_and_keeps_running_on_the_destination() {
     request(&src, r#"{"cmd":"stop"}"#);
 }
 
+/// A VM whose RAM was never written sends its round 0 as zero markers in no time: the
+/// source asks for it to have landed (`AwaitLanded`) while the destination may still be
+/// greeting its data connections; the question waits there for the switchover (it failed
+/// the migration once: "unexpected AwaitLanded ... while waiting for data channels").
+#[test]
+fn an_untouched_vm_asks_for_its_round_to_land_before_the_channels_are_all_greeted() {
+    require_kvm();
+    for channels in ["1", "2"] {
+        let dir = tmpdir(&format!("untouched-{channels}"));
+        let src = dir.join("src.sock");
+        let dst = dir.join("dst.sock");
+        let (_rx, addr) = receive(&[], "127.0.0.1:0", &["--socket", dst.to_str().unwrap()]);
+        let _vm = run_vm(&[], &src, &["--memory", "256", "--fill", "zero"]);
+        wait_counter_beyond(&src, 0);
+        let report = migrate_ok(
+            &[],
+            &src,
+            &addr,
+            &["--compress", "none", "--channels", channels],
+        );
+        assert_eq!(report["drain"]["landed_round"], 0, "{report}");
+        let c = counter(&dst);
+        wait_counter_beyond(&dst, c);
+        request(&dst, r#"{"cmd":"stop"}"#);
+    }
+}
+
 #[test]
 fn busy_guest_needs_several_rounds() {
     require_kvm();

@@ -535,9 +535,14 @@ fn control_quiet(ctl: &mut Control, rdma: bool) -> Result<Option<Vec<RdmaQp>>, M
     // Data, EOF or an error: let the control reader say what it is.
     match ctl.recv(Some(Duration::from_secs(5)), "waiting for data channels")? {
         Message::RdmaConnect { qps } if rdma => Ok(Some(qps)),
-        // The source sent its last round and device state before this side greeted its
-        // last channel: kept for the switchover, which waits for that round's pages.
-        m @ (Message::DeviceState { .. } | Message::DiskDigests { .. }) if !rdma => {
+        // The source sent its last round and device state (or, before pausing, asked for its
+        // last round to land) before this side greeted its last channel: kept for the
+        // switchover, which waits for that round's pages.
+        m @ (Message::DeviceState { .. }
+        | Message::DiskDigests { .. }
+        | Message::AwaitLanded { .. })
+            if !rdma =>
+        {
             ctl.unread(m);
             Ok(None)
         }
