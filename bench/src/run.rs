@@ -226,13 +226,26 @@ fn measure(
             Some(r)
         }
         Ok(r) => {
-            bar.println(format!("{}: no total time in {r}", cell.variant.label()));
+            say(
+                bar,
+                format!("{}: no total time in {r}", cell.variant.label()),
+            );
             None
         }
         Err(e) => {
-            bar.println(format!("{}: {e:#}", cell.variant.label()));
+            say(bar, format!("{}: {e:#}", cell.variant.label()));
             None
         }
+    }
+}
+
+/// Prints why a run has no figures: above the progress bar on a terminal, else on stderr
+/// (a hidden bar prints nothing, and CI logs must say why a cell is missing).
+fn say(bar: &ProgressBar, msg: String) {
+    if bar.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        bar.println(msg);
     }
 }
 
