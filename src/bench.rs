@@ -84,6 +84,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return livemig_bench::predict::run(
             &livemig_bench::predict::PredictOptions {
                 quick: a.quick,
+                repeat: a.repeat.unwrap_or(if a.quick { 1 } else { 3 }),
+                no_qemu: a.no_qemu,
                 out: a.out,
                 command: std::env::args().collect::<Vec<_>>().join(" "),
             },

@@ -1,6 +1,8 @@
 //! `livemig bench --predict`: how good `migrate --plan` is. Each cell runs the plan, then the
-//! migration it forecast, with the same options, on the same pair: predicted against actual
-//! total time and downtime, every cell shown, and the median absolute errors. Beside each,
+//! migration it forecast, with the same options, on the same pair — `--repeat` times, each on a
+//! fresh pair (this machine is shared: a downtime of 2 ms reads 5 ms now and then): the median
+//! prediction against the median outcome, total time and downtime, every cell shown with the
+//! outcomes' range, and the median absolute errors. Beside each,
 //! QEMU migrates the same guest (livemig's built-in guest booted from its PVH ELF: same RAM,
 //! content, working set and rate) over the same link with auto-converge on, in the same run.
 
@@ -73,13 +75,36 @@ pub fn cells(quick: bool) -> Vec<PredictCell> {
 pub struct PredictOptions {
     /// Four small cells.
     pub quick: bool,
+    /// Plan and migration pairs per cell (at least 1).
+    pub repeat: usize,
+    /// Leave QEMU out.
+    pub no_qemu: bool,
     /// Results folder.
     pub out: Option<PathBuf>,
     /// The command line, for the record.
     pub command: String,
 }
 
-/// One cell's outcome.
+/// One plan and the migration it forecast.
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    predicted_total_ms: f64,
+    actual_total_ms: f64,
+    predicted_downtime_ms: f64,
+    actual_downtime_ms: f64,
+    /// The migration's own account of its downtime, step by step (ms): the source's
+    /// (`source`) and the destination's switchover (`destination`); the pages of the
+    /// stop-and-copy; the wait for the last round to land before the pause (`drain`) and the
+    /// plan's probe of it (`planned_drain_ms`).
+    actual_downtime_detail: Value,
+    predicted_rounds: u64,
+    actual_rounds: u64,
+    predicted_throttle_max: u64,
+    actual_throttle_max: u64,
+    verdict: String,
+}
+
+/// One cell's outcome: the medians of its runs.
 #[derive(Debug, Clone, Serialize)]
 struct Outcome {
     cell: PredictCell,
@@ -87,17 +112,43 @@ struct Outcome {
     actual_total_ms: f64,
     predicted_downtime_ms: f64,
     actual_downtime_ms: f64,
-    /// The migration's own account of its downtime, step by step (ms): the source's
-    /// (`source`) and the destination's switchover (`destination`).
-    actual_downtime_detail: Value,
+    /// The runs' shortest and longest downtime, ms.
+    actual_downtime_range: (f64, f64),
     predicted_rounds: u64,
     actual_rounds: u64,
     predicted_throttle_max: u64,
     actual_throttle_max: u64,
-    verdict: String,
+    /// Every plan and migration, in order.
+    runs: Vec<Run>,
     /// QEMU with auto-converge on the same guest and link: total ms, downtime ms, its highest
     /// throttle % (seen polling every 20 ms); or why it has no figures.
     qemu: Result<(f64, f64, u64), String>,
+}
+
+impl Outcome {
+    /// The medians of `runs` (not empty).
+    fn of(cell: PredictCell, runs: Vec<Run>) -> Self {
+        let med = |f: fn(&Run) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+        let downtimes = runs.iter().map(|r| r.actual_downtime_ms);
+        let range = (
+            downtimes.clone().fold(f64::INFINITY, f64::min),
+            downtimes.fold(0.0, f64::max),
+        );
+        Outcome {
+            cell,
+            predicted_total_ms: med(|r| r.predicted_total_ms),
+            actual_total_ms: med(|r| r.actual_total_ms),
+            predicted_downtime_ms: med(|r| r.predicted_downtime_ms),
+            actual_downtime_ms: med(|r| r.actual_downtime_ms),
+            actual_downtime_range: range,
+            predicted_rounds: med(|r| r.predicted_rounds as f64) as u64,
+            actual_rounds: med(|r| r.actual_rounds as f64) as u64,
+            predicted_throttle_max: med(|r| r.predicted_throttle_max as f64) as u64,
+            actual_throttle_max: med(|r| r.actual_throttle_max as f64) as u64,
+            runs,
+            qemu: Err("not run".into()),
+        }
+    }
 }
 
 impl Outcome {
@@ -142,10 +193,17 @@ pub fn run(a: &PredictOptions, exe: &Path) -> Result<()> {
             cell.dirty_rate,
             cell.working_set_mib
         );
-        match measure(exe, &work, &key, backend, cell, hosts.get(&cell.link)) {
-            Ok(mut o) => {
-                o.qemu = if qemu {
+        let runs: Result<Vec<Run>> = (0..a.repeat.max(1))
+            .map(|_| measure(exe, &work, &key, backend, cell, hosts.get(&cell.link)))
+            .collect();
+        match runs {
+            Ok(runs) => {
+                let mut o = Outcome::of(*cell, runs);
+                o.qemu = if a.no_qemu {
+                    Err("left out (--no-qemu)".into())
+                } else if qemu {
                     qemu_beside(&work, cell, hosts.get(&cell.link))
+                        .map_err(|e| format!("failed: {e}"))
                 } else {
                     Err("qemu-system-x86_64 not found".into())
                 };
@@ -170,6 +228,7 @@ pub fn run(a: &PredictOptions, exe: &Path) -> Result<()> {
         "date": stamp,
         "command": a.command,
         "commit": git_commit(),
+        "repeat": a.repeat.max(1),
         "machine": machine(),
         "backend": backend.name(),
         "duration_s": started.elapsed().as_secs_f64(),
@@ -229,21 +288,29 @@ fn table(outcomes: &[Outcome], summary: &Value, meta: &Value) -> String {
         "Commit {}, {}; each cell: plan (2 s of dirty log, link probe), then the migration \
          with the same options (1 channel, compress auto, encrypted as by default, limit \
          300 ms, auto-converge), same \
-         pair, same run; then QEMU (TCG) migrating the same guest (livemig's built-in guest \
+         pair, {} times (a fresh pair each time): the medians of the plans against the medians \
+         of the migrations (the downtime's range in brackets); then QEMU (TCG) migrating the same guest (livemig's built-in guest \
          booted from its PVH ELF: same RAM, content, working set and rate) over the same link, \
          single stream (unencrypted), limit 300 ms, auto-converge on.\n\n",
         meta["commit"].as_str().unwrap_or("?"),
-        meta["date"].as_str().unwrap_or("?")
+        meta["date"].as_str().unwrap_or("?"),
+        meta["repeat"].as_u64().unwrap_or(1),
     ));
     s.push_str("| link | RAM MiB | pages/s | working set MiB | total predicted | total actual | error | downtime predicted | downtime actual | error | rounds p/a | throttle p/a | QEMU total | QEMU downtime | QEMU throttle |\n");
     s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for o in outcomes {
         let qemu = match &o.qemu {
             Ok((t, d, th)) => format!("{t:.0} ms | {d:.0} ms | {th}%"),
-            Err(e) => format!("failed: {} | — | —", e.replace('|', "/")),
+            Err(e) => format!("{} | — | —", e.replace('|', "/")),
+        };
+        let (lo, hi) = o.actual_downtime_range;
+        let downtime = if o.runs.len() > 1 {
+            format!("{:.1} ms ({lo:.1}–{hi:.1})", o.actual_downtime_ms)
+        } else {
+            format!("{:.1} ms", o.actual_downtime_ms)
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} ms | {:.0} ms | {:.0} % | {:.1} ms | {:.1} ms | {:.0} % | {}/{} | {}%/{}% | {} |\n",
+            "| {} | {} | {} | {} | {:.0} ms | {:.0} ms | {:.0} % | {:.1} ms | {} | {:.0} % | {}/{} | {}%/{}% | {} |\n",
             o.cell.link.name(),
             o.cell.memory_mib,
             o.cell.dirty_rate,
@@ -252,7 +319,7 @@ fn table(outcomes: &[Outcome], summary: &Value, meta: &Value) -> String {
             o.actual_total_ms,
             o.total_error() * 100.0,
             o.predicted_downtime_ms,
-            o.actual_downtime_ms,
+            downtime,
             o.downtime_error() * 100.0,
             o.predicted_rounds,
             o.actual_rounds,
@@ -278,7 +345,7 @@ fn measure(
     backend: Backend,
     cell: &PredictCell,
     hosts: Option<&NetnsHosts>,
-) -> Result<Outcome> {
+) -> Result<Run> {
     sync_disks();
     let dir = work.join("pair");
     let _ = std::fs::remove_dir_all(&dir);
@@ -337,13 +404,18 @@ fn measure(
             })
             .unwrap_or(0)
     };
-    Ok(Outcome {
-        cell: *cell,
+    Ok(Run {
         predicted_total_ms: plan.forecast.total_ms,
         actual_total_ms: report["total_time_ms"].as_f64().unwrap_or(0.0),
         predicted_downtime_ms: plan.forecast.downtime_ms,
         actual_downtime_ms: report["downtime_ms"].as_f64().unwrap_or(0.0),
         actual_downtime_detail: json!({
+            "stop_and_copy_pages": report["round_details"]
+                .as_array()
+                .and_then(|r| r.last())
+                .map(|r| r["pages"].clone()),
+            "drain": report["drain"],
+            "planned_drain_ms": plan.link.first().map(|l| l.drain_ms),
             "source": report["downtime_detail"],
             "destination": report["destination_switchover_steps"],
         }),
@@ -354,6 +426,5 @@ fn measure(
         ),
         actual_throttle_max: throttle_max(&report["round_details"]),
         verdict: plan.verdict,
-        qemu: Err("not run".into()),
     })
 }
