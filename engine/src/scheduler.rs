@@ -57,18 +57,7 @@ pub const PROGRESS_EVERY: usize = 32;
 /// Framing bytes of a marker message.
 pub const MESSAGE_OVERHEAD: u64 = 16;
 
-/// CPU time consumed by the calling thread, in nanoseconds.
-pub fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into `ts`, which is valid.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        return 0;
-    }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use livemig_transport::codec::thread_cpu_ns;
 
 /// Errors of the data path.
 #[derive(Debug, thiserror::Error)]
@@ -229,9 +218,6 @@ impl EncodePool {
             return None;
         }
         let free: Vec<Encoder> = (0..2 * threads.len()).map(|_| make()).collect();
-        if let Some(e) = free.first() {
-            e.set_parallel(threads.len());
-        }
         Some(EncodePool {
             jobs: Some(jobs),
             done,
@@ -914,18 +900,18 @@ impl Scheduler {
     ) -> Scheduler {
         let cache =
             matches!(mode, Mode::Delta | Mode::Auto).then(|| DeltaCache::new(delta_cache_bytes));
-        // LZ4 and zstd encode on every core, however few the connections: each channel
-        // gets its share of the cores as encoding helpers. The storage lane keeps encoding
-        // inline: a mirrored guest write waits until its blocks are sent.
+        // LZ4, zstd and `auto` encode on every core, however few the connections: each
+        // channel gets its share of the cores as encoding helpers. The storage lane keeps
+        // encoding inline: a mirrored guest write waits until its blocks are sent.
         let n = senders.len();
         let lane = storage_hashes.is_some() && n >= 2;
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
         let helpers = (cores / n.max(1)).clamp(1, 8);
-        // `auto` keeps encoding inline: with helpers it counted each codec's speed once per
-        // helper, which on this 2-core host (where sealing and the destination need the same
-        // cores) drew it to LZ4 on loopback where raw was faster (mixed RAM, 1 GiB: 560-617 ms
-        // against 432-540 inline), for a small and unsteady gain on 1 GbE text.
-        let compresses = matches!(mode, Mode::Lz4 | Mode::Zstd(_));
+        // `auto` still weighs a codec by one core's speed: counted once per helper, on this
+        // 2-core host (where sealing and the destination need the same cores) it took LZ4 on
+        // loopback where raw was faster (mixed RAM, 1 GiB: 560-617 ms against 432-540). The
+        // helpers only make the codec it chose faster.
+        let compresses = matches!(mode, Mode::Lz4 | Mode::Zstd(_) | Mode::Auto);
         let channels = senders
             .into_iter()
             .enumerate()

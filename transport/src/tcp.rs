@@ -265,6 +265,7 @@ impl DataSender {
         let Some((acked, queued)) = tcp_progress(&self.stream) else {
             return;
         };
+        enc.record_backlog(u64::from(queued));
         match self.rate_sample {
             Some((t, a)) if now.duration_since(t) >= RATE_INTERVAL => {
                 // Only a sample taken with data still queued measures the link; with an
