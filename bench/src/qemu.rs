@@ -196,11 +196,13 @@ pub fn run_qemu(
 /// QEMU migrating a VM of `spec`'s RAM size and content: livemig's built-in guest of `spec`
 /// (one vCPU) booted from its PVH ELF and running (writing pages at its rate, or idle) before
 /// the migration starts, as livemig's runs; a paused VM only where the PVH guest does not fit
-/// an idle `spec`. Reports total time and bytes as QEMU counts them, and the downtime from the
-/// source's `STOP` to the destination's `RESUME` (QMP's event stamps: the pause to the guest
-/// running again, as livemig's downtime spans; QEMU's own figure ends when the source has sent
-/// the last byte and is kept as `qemu_reported_downtime_ms`), and both processes' CPU time
-/// outside their vCPU threads ([`CpuWatch`]).
+/// an idle `spec`. Reports bytes as QEMU counts them; the total time from the `migrate`
+/// command to the destination's `RESUME`, and the downtime from the source's `STOP` to that
+/// `RESUME` (QMP's event stamps, on this host's clock: the spans livemig's figures cover —
+/// QEMU's own figures end when the source has sent the last byte, before the destination has
+/// loaded it, and are kept as `qemu_reported_total_ms` and `qemu_reported_downtime_ms`; a
+/// paused VM, which does not resume there, keeps them); and both processes' CPU time outside
+/// their vCPU threads ([`CpuWatch`]).
 pub fn migrate_qemu(
     work: &Path,
     spec: &VmSpec,
@@ -272,8 +274,15 @@ pub fn migrate_qemu(
             start_guest(&mut s, g)?;
         }
         let cpu = CpuWatch::start(&[src_proc.child.id(), dst_proc.child.id()]);
+        let started_us = unix_us();
         s.cmd("migrate", json!({"uri": format!("tcp:{host}:{port}")}))?;
-        wait_completed(&mut s, &mut d, guest.is_some(), cpu, spec.memory_mib << 20)
+        wait_completed(
+            &mut s,
+            &mut d,
+            guest.is_some(),
+            cpu,
+            (spec.memory_mib << 20, started_us),
+        )
     })();
     cleanup();
     r
@@ -303,14 +312,15 @@ fn set_migration_options(q: &mut Qmp, o: &QemuOptions) -> Result<()> {
 }
 
 /// Polls the source `s` until its migration completed and returns the cell's figures: with a
-/// `running` guest, the downtime from its STOP to the destination `d`'s RESUME; `cpu` is
-/// finished once the guest runs there.
+/// `running` guest, the total time from `started_us` (the migrate command, µs since the epoch)
+/// and the downtime from its STOP, each to the destination `d`'s RESUME; `cpu` is finished
+/// once the guest runs there.
 fn wait_completed(
     s: &mut Qmp,
     d: &mut Qmp,
     running: bool,
     cpu: CpuWatch,
-    ram_bytes: u64,
+    (ram_bytes, started_us): (u64, i64),
 ) -> Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut completed_polls = 0;
@@ -346,8 +356,11 @@ fn wait_completed(
                 let end_to_end = resumed
                     .zip(s.event_us("STOP"))
                     .map(|(r, p)| (r - p) as f64 / 1000.0);
+                let total_end_to_end = resumed.map(|r| (r - started_us) as f64 / 1000.0);
                 return Ok(json!({
-                    "total_time_ms": total,
+                    "total_time_ms": total_end_to_end.unwrap_or(total),
+                    "total_end_to_end": total_end_to_end.is_some(),
+                    "qemu_reported_total_ms": total,
                     "downtime_ms": end_to_end.unwrap_or(down),
                     "downtime_end_to_end": end_to_end.is_some(),
                     "qemu_reported_downtime_ms": down,
@@ -380,6 +393,13 @@ fn guest_elf(work: &Path, spec: &VmSpec) -> Result<(PathBuf, PvhGuest)> {
     let path = work.join("livemig-guest.pvh.elf");
     std::fs::write(&path, &g.elf).with_context(|| format!("writing {}", path.display()))?;
     Ok((path, g))
+}
+
+/// Now, in µs since the epoch (the clock of QMP's event stamps).
+fn unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// Waits (10 s at most) for QMP event `name` and returns its stamp in µs.

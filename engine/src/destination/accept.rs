@@ -3,7 +3,10 @@
 //! stranger — garbage, a wrong key, a peer that trickles bytes or says nothing — is refused,
 //! logged and forgotten; it never ends the wait, and never delays a real source.
 
+use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -16,8 +19,29 @@ use crate::session::MigrationError;
 /// Connections greeted at once; more are closed at once (and logged).
 pub const MAX_GREETING: usize = 8;
 
-/// How often the acceptor looks for a greeted source while no connection arrives.
-const POLL: Duration = Duration::from_millis(5);
+/// The acceptor sleeps until a connection arrives or a greeting ends, at most this long.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Waits until one of `fds` is readable (or has hung up), at most `limit`.
+pub(super) fn wait_readable(fds: &[i32], limit: Duration) {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structures that poll may write.
+    // An error (EINTR) only ends the wait early: the caller looks again.
+    unsafe {
+        libc::poll(
+            pfds.as_mut_ptr(),
+            pfds.len() as libc::nfds_t,
+            limit.as_millis() as i32,
+        )
+    };
+}
 
 /// Accepts on `listener` until a source is greeted; strangers are refused and logged.
 pub(super) fn first_source(
@@ -33,12 +57,20 @@ pub(super) fn first_source(
     };
     listener.set_nonblocking(true).map_err(connect_err)?;
     let (tx, rx) = mpsc::channel::<Greeted>();
+    // A greeting that ends wakes the acceptor at once (a byte on this pair), as a connection
+    // on the listener does: a source is never kept waiting by a polling interval.
+    let (mut wake_rx, wake_tx) = UnixStream::pair().map_err(connect_err)?;
+    wake_rx.set_nonblocking(true).map_err(connect_err)?;
+    wake_tx.set_nonblocking(true).map_err(connect_err)?;
     let greeting = Arc::new(AtomicUsize::new(0));
     let won = loop {
-        match rx.recv_timeout(POLL) {
-            Ok(greeted) => break Ok(greeted),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {}
+        if let Ok(greeted) = rx.try_recv() {
+            break Ok(greeted);
+        }
+        wait_readable(&[listener.as_raw_fd(), wake_rx.as_raw_fd()], POLL);
+        let _ = wake_rx.read(&mut [0u8; 64]);
+        if let Ok(greeted) = rx.try_recv() {
+            break Ok(greeted);
         }
         let (stream, peer) = match listener.accept() {
             Ok(c) => c,
@@ -58,6 +90,11 @@ pub(super) fn first_source(
             warn!(%peer, "closed a connection: {MAX_GREETING} connections are being greeted already");
             continue;
         }
+        let Ok(mut wake) = wake_tx.try_clone() else {
+            greeting.fetch_sub(1, Ordering::SeqCst);
+            warn!(%peer, "closed a connection: cannot start its greeting");
+            continue;
+        };
         let (tx, g, count) = (tx.clone(), g.clone(), greeting.clone());
         let spawned = std::thread::Builder::new()
             .name("livemig-greet".into())
@@ -78,6 +115,8 @@ pub(super) fn first_source(
                     Err(e) => warn!(%peer, "refused a connection: {e}"),
                 }
                 count.fetch_sub(1, Ordering::SeqCst);
+                // Full (the acceptor has not read the last wake-ups yet): it wakes anyway.
+                let _ = wake.write(&[1]);
             });
         if let Err(e) = spawned {
             greeting.fetch_sub(1, Ordering::SeqCst);

@@ -3,6 +3,7 @@
 //! connection. After that, what differs between the two is behind [`IncomingPlane`].
 
 use std::net::TcpListener;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -486,7 +487,12 @@ fn accept_channels(
                         rdma_qps = Some(qps);
                         return Ok(());
                     }
-                    std::thread::sleep(Duration::from_millis(2));
+                    // A connection or a control message ends the wait at once; a greeting
+                    // that ends (on its own thread) is seen within 2 ms.
+                    super::accept::wait_readable(
+                        &[listener.as_raw_fd(), ctl.stream().as_raw_fd()],
+                        Duration::from_millis(2),
+                    );
                     continue;
                 }
                 Err(source) => {
