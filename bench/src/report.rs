@@ -192,7 +192,10 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
         s.push_str(&parts.join(", "));
     }
     s.push_str(
-        "\n\nDowntime: from the source's pause to the guest running on the destination, on \
+        "\n\nTotal time: from the migrate command to the guest running on the destination, on \
+         both sides (QEMU: the command to its destination's RESUME event; its own total-time, \
+         which ends when its source has sent the last byte, is in the JSON). \
+         Downtime: from the source's pause to the guest running on the destination, on \
          both sides (QEMU: its source's STOP to its destination's RESUME event). Link bytes: \
          what crossed into the destination's host, counted at its interface for both (headers \
          included; on loopback, `lo` of a namespace of their own, both directions); \
