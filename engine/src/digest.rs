@@ -237,11 +237,8 @@ mod tests {
             .unwrap();
         let _ = ram_digest(&fresh);
         let (data, holes) = fresh.split_holes(&whole);
-        assert_eq!(data.iter().map(|e| e.pages).sum::<u64>(), 1, "{data:?}");
-        assert_eq!(
-            holes.iter().map(|e| e.pages).sum::<u64>(),
-            len / PAGE_SIZE - 1
-        );
+        assert_eq!(Extent::total(&data), 1, "{data:?}");
+        assert_eq!(Extent::total(&holes), len / PAGE_SIZE - 1);
         written = PageHashes::new_zeroed(&layout);
         let (fgpa, fhost, _) = fresh.host_regions()[0];
         // SAFETY: as above.

@@ -20,6 +20,11 @@ impl Extent {
     pub fn bytes(&self) -> u64 {
         self.pages * PAGE_SIZE
     }
+
+    /// Pages in all of `extents`.
+    pub fn total(extents: &[Extent]) -> u64 {
+        extents.iter().map(|e| e.pages).sum()
+    }
 }
 
 /// One bit per guest page, per region of a [`RamLayout`].

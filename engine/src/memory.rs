@@ -483,15 +483,17 @@ mod tests {
             pages: (64 << 20) / PAGE_SIZE,
         }];
         let (data, holes) = ram.split_holes(&all);
-        let pages = |v: &[Extent]| v.iter().map(|e| e.pages).sum::<u64>();
-        assert_eq!(pages(&data) + pages(&holes), (64 << 20) / PAGE_SIZE);
+        assert_eq!(
+            Extent::total(&data) + Extent::total(&holes),
+            (64 << 20) / PAGE_SIZE
+        );
         assert!(data
             .iter()
             .any(|e| e.gpa <= 0x5000 && 0x5000 < e.gpa + e.bytes()));
         assert!(data
             .iter()
             .any(|e| e.gpa <= 0x20_0000 && 0x20_0000 < e.gpa + e.bytes()));
-        assert!(pages(&data) < 1024, "{data:?}");
+        assert!(Extent::total(&data) < 1024, "{data:?}");
         for h in &holes {
             for d in &data {
                 assert!(h.gpa + h.bytes() <= d.gpa || d.gpa + d.bytes() <= h.gpa);

@@ -1129,7 +1129,7 @@ impl Scheduler {
             cpu_ns: 0,
         };
         let mut pages = self.send_holes(work.holes)?;
-        let disk_pages: u64 = work.disk.iter().map(|e| e.pages).sum();
+        let disk_pages = Extent::total(work.disk);
         // Without a storage lane, disk blocks ride with RAM (each once per round, like pages).
         let (ram, disk) = if self.storage {
             (work.ram.to_vec(), work.disk)
@@ -1341,7 +1341,7 @@ impl Scheduler {
             .enumerate()
         {
             let ch = up[i % up.len()];
-            pages += piece.iter().map(|e| e.pages).sum::<u64>();
+            pages += Extent::total(piece);
             let ranges = piece.iter().map(|e| (e.gpa, e.bytes())).collect();
             if self.queues[ch].send(Work::Zero(ranges)).is_err() {
                 return Err(self.failure(ch));

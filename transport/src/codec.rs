@@ -964,53 +964,42 @@ mod tests {
         Seen { cpu, wall, ratio }
     }
 
+    /// Tells `e`'s family what `auto` measured of LZ4 and zstd.
+    fn learn(e: &Encoder, lz4: Seen, zstd: Seen) {
+        let mut l = e.learned();
+        l.auto.lz4 = lz4;
+        l.auto.zstd = zstd;
+    }
+
     #[test]
     fn auto_weighs_the_codecs_by_cpu_speed_and_raw_by_what_the_codec_delivers() {
-        let enc = Encoder::new(Mode::Auto, None);
-        let set = |lz4: Seen, zstd: Seen| {
-            let mut l = enc.learned();
-            l.auto.lz4 = lz4;
-            l.auto.zstd = zstd;
-        };
-        let mut e = enc.sibling();
+        let mut e = Encoder::new(Mode::Auto, None);
         // 1 GbE text: zstd compresses to 7 %, LZ4 to 20 %; LZ4 ran on every chunk while
         // zstd's last probe ran beside other work (wall 300 MB/s against a CPU speed of 900).
         e.record_link_rate(118e6);
-        set(seen(1000e6, 800e6, 0.2), seen(900e6, 300e6, 0.07));
+        learn(&e, seen(1000e6, 800e6, 0.2), seen(900e6, 300e6, 0.07));
         assert_eq!(e.auto_choice(), Some(Encoding::Zstd));
         // By wall-clock speed LZ4 would have looked better (min(800, 590) against 300):
         // the same figures with equal loads choose LZ4 only when it is really faster.
-        set(seen(1000e6, 800e6, 0.2), seen(500e6, 300e6, 0.07));
+        learn(&e, seen(1000e6, 800e6, 0.2), seen(500e6, 300e6, 0.07));
         assert_eq!(e.auto_choice(), Some(Encoding::Lz4));
         // 10 GbE shared by two connections (600 MB/s each): LZ4's own speed beats the link,
         // but on the cores it gets it delivers 500 MB/s: raw.
         let mut e = Encoder::new(Mode::Auto, None);
         e.record_link_rate(600e6);
-        {
-            let mut l = e.learned();
-            l.auto.lz4 = seen(1000e6, 500e6, 0.2);
-            l.auto.zstd = seen(700e6, 400e6, 0.07);
-        }
+        learn(&e, seen(1000e6, 500e6, 0.2), seen(700e6, 400e6, 0.07));
         assert_eq!(e.auto_choice(), None);
         // Incompressible content: raw whatever the speeds.
         let mut e = Encoder::new(Mode::Auto, None);
         e.record_link_rate(118e6);
-        {
-            let mut l = e.learned();
-            l.auto.lz4 = seen(3000e6, 3000e6, 1.0);
-            l.auto.zstd = seen(2000e6, 2000e6, 0.99);
-        }
+        learn(&e, seen(3000e6, 3000e6, 1.0), seen(2000e6, 2000e6, 0.99));
         assert_eq!(e.auto_choice(), None);
     }
 
     #[test]
     fn before_the_link_is_measured_auto_sends_raw_only_while_the_queue_is_short() {
         let mut e = Encoder::new(Mode::Auto, None);
-        {
-            let mut l = e.learned();
-            l.auto.lz4 = seen(1000e6, 1000e6, 0.2);
-            l.auto.zstd = seen(900e6, 900e6, 0.07);
-        }
+        learn(&e, seen(1000e6, 1000e6, 0.2), seen(900e6, 900e6, 0.07));
         e.record_backlog(UNMEASURED_BACKLOG - 1);
         assert_eq!(e.auto_choice(), None);
         e.record_backlog(UNMEASURED_BACKLOG);

@@ -585,8 +585,8 @@ fn sample_content(vm: &dyn MigratableVm) -> ContentSample {
     let layout = vm.ram().layout();
     let all = DirtyBitmap::all(layout).extents();
     let (data, holes) = vm.ram().split_holes(&all);
-    let hole_pages: u64 = holes.iter().map(|e| e.pages).sum();
-    let data_pages: u64 = data.iter().map(|e| e.pages).sum();
+    let hole_pages = Extent::total(&holes);
+    let data_pages = Extent::total(&data);
     let step = (data_pages / CONTENT_SAMPLE).max(1);
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let (mut zero, mut sampled, mut raw, mut packed) = (0u64, 0u64, 0u64, 0u64);
@@ -670,6 +670,16 @@ mod tests {
         assert!(rate >= 34_113.0 / 1.0003, "rate {rate}");
     }
 
+    /// A guest writing `write_rate` pages per second over `working_set_pages`.
+    fn writes(write_rate: f64, working_set_pages: u64) -> DirtySample {
+        DirtySample {
+            samples: vec![],
+            write_rate,
+            working_set_pages,
+            harvest_ms: 0.0,
+        }
+    }
+
     fn model<'a>(dirty: &'a DirtySample, content: &'a ContentSample) -> Model<'a> {
         Model {
             ram_pages: 65_536,
@@ -691,12 +701,7 @@ mod tests {
 
     #[test]
     fn a_quiet_guest_moves_in_one_pass() {
-        let dirty = DirtySample {
-            samples: vec![],
-            write_rate: 0.0,
-            working_set_pages: 0,
-            harvest_ms: 0.0,
-        };
+        let dirty = writes(0.0, 0);
         let m = model(&dirty, &RANDOM);
         // 256 MiB at 125 MB/s: 2.15 s, and the switchover.
         let f = m.forecast(&MigrateOptions::default(), 125e6);
@@ -711,12 +716,7 @@ mod tests {
     fn what_the_guest_writes_while_the_queues_drain_goes_in_the_stop_and_copy() {
         // 2000 writes/s over a 16 MiB working set: round 0 (2.15 s) leaves ~3400 pages, round
         // 1 (112 ms) ~220, which fits the limit.
-        let dirty = DirtySample {
-            samples: vec![],
-            write_rate: 2000.0,
-            working_set_pages: 4096,
-            harvest_ms: 0.0,
-        };
+        let dirty = writes(2000.0, 4096);
         let quick = model(&dirty, &RANDOM).forecast(&MigrateOptions::default(), 125e6);
         let slow = Model {
             drain_ms: 50.0,
@@ -732,12 +732,7 @@ mod tests {
 
     #[test]
     fn the_queues_drain_counts_in_the_total_time_and_not_in_the_downtime() {
-        let dirty = DirtySample {
-            samples: vec![],
-            write_rate: 0.0,
-            working_set_pages: 0,
-            harvest_ms: 0.0,
-        };
+        let dirty = writes(0.0, 0);
         let quick = model(&dirty, &RANDOM).forecast(&MigrateOptions::default(), 125e6);
         // A slow link's queue: 30 ms from the last byte sent to the destination's answer.
         let slow = Model {
@@ -754,12 +749,7 @@ mod tests {
 
     #[test]
     fn a_guest_that_outruns_the_link_needs_the_throttle() {
-        let dirty = DirtySample {
-            samples: vec![],
-            write_rate: 60_000.0,
-            working_set_pages: 65_536,
-            harvest_ms: 0.0,
-        };
+        let dirty = writes(60_000.0, 65_536);
         let m = model(&dirty, &RANDOM);
         let no = MigrateOptions {
             auto_converge: false,
@@ -782,12 +772,7 @@ mod tests {
 
     #[test]
     fn compression_pays_on_a_slow_link_for_compressible_ram() {
-        let dirty = DirtySample {
-            samples: vec![],
-            write_rate: 0.0,
-            working_set_pages: 0,
-            harvest_ms: 0.0,
-        };
+        let dirty = writes(0.0, 0);
         let text = ContentSample {
             lz4_ratio: 0.3,
             ..RANDOM

@@ -89,7 +89,7 @@ impl Session<'_> {
             } else {
                 (to_send.extents(), Vec::new())
             };
-            let pages_total = to_send.count() + disk.iter().map(|e| e.pages).sum::<u64>();
+            let pages_total = to_send.count() + Extent::total(&disk);
             let work = RoundWork {
                 ram: &extents,
                 holes: &holes,
@@ -214,7 +214,7 @@ impl Session<'_> {
                 Some((_, next)) if i > 0 => {
                     vm.harvest_dirty(next)?;
                     kept = next.outside(ram);
-                    stats.redirtied_left += pages(ram) - pages(&kept);
+                    stats.redirtied_left += Extent::total(ram) - Extent::total(&kept);
                     kept.as_slice()
                 }
                 _ => ram,
@@ -257,11 +257,6 @@ impl Session<'_> {
         self.storage.count(work.disk);
         Ok(stats)
     }
-}
-
-/// Pages in `extents`.
-fn pages(extents: &[Extent]) -> u64 {
-    extents.iter().map(|e| e.pages).sum()
 }
 
 /// `ram` cut into pieces of `pages` pages (the last may be shorter; an extent may be cut);

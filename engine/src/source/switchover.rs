@@ -11,6 +11,7 @@ use tracing::warn;
 use super::precopy::PreCopied;
 use super::{ms, Progress, Session};
 use crate::digest::ram_digest;
+use crate::dirty::Extent;
 use crate::protocol::Message;
 use crate::scheduler::{RoundStats, RoundWork};
 use crate::session::{CodecReport, DowntimeDetail, MigrationError, MigrationReport, RoundReport};
@@ -138,7 +139,7 @@ impl Session<'_> {
         let mut disk = pre.disk.clone();
         disk.extend(self.storage.take_pending());
         self.storage.count_final(&disk);
-        let pages = to_send.count() + disk.iter().map(|e| e.pages).sum::<u64>();
+        let pages = to_send.count() + Extent::total(&disk);
         on_progress(&Progress::Paused { pages });
         let ram = to_send.extents();
         let work = RoundWork {

@@ -196,7 +196,7 @@ impl OutgoingStorage {
 
     /// Notes the final round's disk extents (sent with the guest paused).
     pub fn count_final(&mut self, extents: &[Extent]) {
-        self.report.dirty_blocks_in_downtime = extents.iter().map(|e| e.pages).sum();
+        self.report.dirty_blocks_in_downtime = Extent::total(extents);
     }
 
     /// After a pre-copy round that sent `sent` disk blocks and left `pending` to send:
