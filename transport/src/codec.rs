@@ -640,31 +640,32 @@ impl Encoder {
             .extend_from_slice(unsafe { std::slice::from_raw_parts(host, len) });
         self.stats.bytes_staged += len as u64;
         let off = self.out.len();
-        // Only the compressor is timed, and by the CPU time it took: growing the output buffer
-        // (the first time: fresh memory, faulted in) is not the codec's speed, nor is the time
-        // the thread waited for a core (the encoding helpers, sealing and, on one host, the
-        // destination share them), and `auto` compares codecs by it.
-        let (enc, n, (cpu, wall)) = match (codec, self.zstd.as_mut()) {
+        // Only `auto` weighs codecs, so only it times them (two clock reads per run, a run
+        // may be one page): the compressor alone — growing the output buffer (the first time:
+        // fresh memory, faulted in) is not the codec's speed — by its CPU time and by the
+        // wall clock (see [`Encoder::auto_choice`]).
+        let timed = self.mode == Mode::Auto;
+        let (enc, n, secs) = match (codec, self.zstd.as_mut()) {
             (Encoding::Zstd, Some(z)) => {
                 self.out
                     .resize(off + zstd::zstd_safe::compress_bound(len), 0);
-                let t = Timer::start();
+                let t = timed.then(Timer::start);
                 match z.compress_to_buffer(&self.stage, &mut self.out[off..]) {
-                    Ok(n) => (Encoding::Zstd, n, t.secs()),
-                    Err(_) => (Encoding::Raw, usize::MAX, (0.0, 0.0)),
+                    Ok(n) => (Encoding::Zstd, n, t.map(|t| t.secs())),
+                    Err(_) => (Encoding::Raw, usize::MAX, None),
                 }
             }
             _ => {
                 self.out
                     .resize(off + lz4_flex::block::get_maximum_output_size(len), 0);
-                let t = Timer::start();
+                let t = timed.then(Timer::start);
                 match lz4_flex::block::compress_into(&self.stage, &mut self.out[off..]) {
-                    Ok(n) => (Encoding::Lz4, n, t.secs()),
-                    Err(_) => (Encoding::Raw, usize::MAX, (0.0, 0.0)),
+                    Ok(n) => (Encoding::Lz4, n, t.map(|t| t.secs())),
+                    Err(_) => (Encoding::Raw, usize::MAX, None),
                 }
             }
         };
-        if n != usize::MAX {
+        if let Some((cpu, wall)) = secs {
             let mut l = self.learned();
             let m = if enc == Encoding::Zstd {
                 &mut l.auto.zstd
