@@ -712,17 +712,24 @@ mod tests {
         assert!((f.downtime_ms - fixed).abs() < 0.01, "{f:?}");
     }
 
+    /// The default migration of `dirty` on a 125 MB/s link forecast without a drain and with
+    /// one of `drain_ms`.
+    fn without_and_with_drain(dirty: &DirtySample, drain_ms: f64) -> (Forecast, Forecast) {
+        let opts = MigrateOptions::default();
+        let quick = model(dirty, &RANDOM).forecast(&opts, 125e6);
+        let slow = Model {
+            drain_ms,
+            ..model(dirty, &RANDOM)
+        }
+        .forecast(&opts, 125e6);
+        (quick, slow)
+    }
+
     #[test]
     fn what_the_guest_writes_while_the_queues_drain_goes_in_the_stop_and_copy() {
         // 2000 writes/s over a 16 MiB working set: round 0 (2.15 s) leaves ~3400 pages, round
         // 1 (112 ms) ~220, which fits the limit.
-        let dirty = writes(2000.0, 4096);
-        let quick = model(&dirty, &RANDOM).forecast(&MigrateOptions::default(), 125e6);
-        let slow = Model {
-            drain_ms: 50.0,
-            ..model(&dirty, &RANDOM)
-        }
-        .forecast(&MigrateOptions::default(), 125e6);
+        let (quick, slow) = without_and_with_drain(&writes(2000.0, 4096), 50.0);
         assert_eq!(slow.rounds, quick.rounds, "{slow:?} {quick:?}");
         // The last round ran ~112 ms; 50 ms more of writes: ~100 pages more (3.3 ms at
         // 125 MB/s).
@@ -732,14 +739,8 @@ mod tests {
 
     #[test]
     fn the_queues_drain_counts_in_the_total_time_and_not_in_the_downtime() {
-        let dirty = writes(0.0, 0);
-        let quick = model(&dirty, &RANDOM).forecast(&MigrateOptions::default(), 125e6);
         // A slow link's queue: 30 ms from the last byte sent to the destination's answer.
-        let slow = Model {
-            drain_ms: 30.0,
-            ..model(&dirty, &RANDOM)
-        }
-        .forecast(&MigrateOptions::default(), 125e6);
+        let (quick, slow) = without_and_with_drain(&writes(0.0, 0), 30.0);
         assert!(
             (slow.total_ms - quick.total_ms - 30.0).abs() < 0.01,
             "{slow:?}"
