@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,42 +17,116 @@ use anyhow::{bail, Context, Result};
 /// `scripts/netns-link.sh` of this repository.
 pub const NETNS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/netns-link.sh");
 
+/// How long [`Process::wait_line`] and [`Process::read_line`] wait: far beyond any healthy VM
+/// boot or migration here (a Linux guest boots in about 20 s inside the nested VM), so that a
+/// process that hung fails its caller with an error instead of holding it (and a whole test
+/// run) for ever.
+pub const LINE_LIMIT: Duration = Duration::from_secs(600);
+
 /// A child process, killed (and reaped) when dropped.
 pub struct Process {
     /// The child.
     pub child: Child,
     /// Its stdout, when piped.
     pub stdout: Option<BufReader<ChildStdout>>,
+    /// The start of a line a read that timed out had taken (the next read goes on from it).
+    partial: Vec<u8>,
 }
 
 impl Process {
     /// Takes ownership of `child` (its stdout, if piped, is read through [`Process::wait_line`]).
     pub fn new(mut child: Child) -> Process {
         let stdout = child.stdout.take().map(BufReader::new);
-        Process { child, stdout }
+        Process {
+            child,
+            stdout,
+            partial: Vec::new(),
+        }
     }
 
-    /// Reads stdout lines until one contains `needle`; returns it, trimmed.
+    /// Reads stdout lines until one contains `needle` (waiting at most [`LINE_LIMIT`]);
+    /// returns it, trimmed.
     pub fn wait_line(&mut self, needle: &str) -> Result<String> {
-        let out = self.stdout.as_mut().context("stdout is not piped")?;
-        let mut line = String::new();
+        self.wait_line_within(needle, LINE_LIMIT)
+    }
+
+    /// [`Process::wait_line`], waiting at most `limit` in all.
+    pub fn wait_line_within(&mut self, needle: &str, limit: Duration) -> Result<String> {
+        let deadline = Instant::now() + limit;
         loop {
-            line.clear();
-            if out.read_line(&mut line)? == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(line) = self.next_line(left)? else {
                 bail!("the process exited before printing {needle:?}");
-            }
+            };
             if line.contains(needle) {
                 return Ok(line.trim().to_string());
             }
         }
     }
 
-    /// Reads one stdout line.
+    /// Reads one stdout line (empty at the end of its output), waiting at most
+    /// [`LINE_LIMIT`].
     pub fn read_line(&mut self) -> Result<String> {
+        self.read_line_within(LINE_LIMIT)
+    }
+
+    /// [`Process::read_line`], waiting at most `limit`.
+    pub fn read_line_within(&mut self, limit: Duration) -> Result<String> {
+        Ok(self.next_line(limit)?.unwrap_or_default())
+    }
+
+    /// The next stdout line, newline included (the last one may lack it); `None` at the end
+    /// of the output; an error once `limit` has passed with no whole line, the process still
+    /// running (a hung process fails its caller instead of holding it for ever).
+    fn next_line(&mut self, limit: Duration) -> Result<Option<String>> {
         let out = self.stdout.as_mut().context("stdout is not piped")?;
-        let mut line = String::new();
-        out.read_line(&mut line)?;
-        Ok(line)
+        let deadline = Instant::now() + limit;
+        let mut line = std::mem::take(&mut self.partial);
+        loop {
+            // What the reader holds already, up to a newline...
+            let held = out.buffer();
+            if let Some(i) = held.iter().position(|&b| b == b'\n') {
+                line.extend_from_slice(&held[..=i]);
+                out.consume(i + 1);
+                return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+            }
+            let n = held.len();
+            line.extend_from_slice(held);
+            out.consume(n);
+            // ...then the pipe, once it has something (the reader is empty: `fill_buf` reads).
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let so_far = if line.is_empty() {
+                    String::new()
+                } else {
+                    format!("; it printed {:?} so far", String::from_utf8_lossy(&line))
+                };
+                self.partial = line;
+                bail!(
+                    "no whole line on its stdout within {limit:?} (the process still runs{so_far})"
+                );
+            }
+            let mut pfd = libc::pollfd {
+                fd: out.get_ref().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+            // SAFETY: one pollfd, valid for the call.
+            if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e).context("poll on the process's stdout");
+                }
+                continue;
+            }
+            if pfd.revents == 0 {
+                continue;
+            }
+            if out.fill_buf()?.is_empty() {
+                return Ok((!line.is_empty()).then(|| String::from_utf8_lossy(&line).into_owned()));
+            }
+        }
     }
 
     /// Waits for the exit (at most `limit`); returns its status code and its stderr.
@@ -417,5 +492,53 @@ impl Drop for CpuWatch {
     /// A watch given up (its migration failed) stops its sampler.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Process {
+        let child = Command::new("sh")
+            .args(["-c", script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Process::new(child)
+    }
+
+    #[test]
+    fn a_line_that_does_not_come_in_time_is_an_error_and_nothing_read_is_lost() {
+        let mut p = sh("printf 'one\\ntw'; sleep 1; printf 'o\\nthree'");
+        assert_eq!(p.read_line_within(Duration::from_secs(5)).unwrap(), "one\n");
+        let err = p
+            .read_line_within(Duration::from_millis(200))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("within") && err.contains("\"tw\""), "{err}");
+        assert_eq!(p.read_line_within(Duration::from_secs(5)).unwrap(), "two\n");
+        // The last line lacks its newline; then the end of the output.
+        assert_eq!(p.read_line().unwrap(), "three");
+        assert_eq!(p.read_line().unwrap(), "");
+    }
+
+    #[test]
+    fn wait_line_skips_to_its_needle_and_gives_up_at_its_limit_or_the_end() {
+        let mut p = sh("echo booting; echo 'VM running'; sleep 2; echo late");
+        assert_eq!(
+            p.wait_line_within("running", Duration::from_secs(5))
+                .unwrap(),
+            "VM running"
+        );
+        let t = Instant::now();
+        let err = p
+            .wait_line_within("late", Duration::from_millis(300))
+            .unwrap_err();
+        assert!(t.elapsed() < Duration::from_millis(1500), "{err}");
+        let err = p
+            .wait_line_within("never", Duration::from_secs(10))
+            .unwrap_err();
+        assert!(err.to_string().contains("exited before"), "{err}");
     }
 }
