@@ -18,6 +18,9 @@ use serde_json::Value;
 
 const IGNORE: &str = "needs real KVM and the guest images: run scripts/test-nested.sh";
 
+/// How long `livemig console --send` may take (it writes a line to the VM's console socket).
+const CONSOLE_LIMIT: Duration = Duration::from_secs(60);
+
 fn env_path(k: &str) -> PathBuf {
     PathBuf::from(std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set ({IGNORE})")))
 }
@@ -62,19 +65,29 @@ fn wait_tick(log: &Path, n: u64) -> u64 {
 /// time.
 const TICK_STALL: Duration = Duration::from_secs(60);
 
-/// [`wait_tick`], saying why it gave up instead of panicking: after 240 s, or once the ticks
-/// stopped for [`TICK_STALL`] — counted from the first tick seen, or from the start when the
+/// [`wait_tick`], saying why it gave up instead of panicking: after 240 s, at once when the
+/// guest's kernel panicked, or once the ticks stopped for [`TICK_STALL`] — counted from the first tick seen, or from the start when the
 /// guest already `running` its workload (a migrated guest, whose console starts empty).
 fn try_wait_tick(log: &Path, n: u64, running: bool) -> Result<u64, String> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(240);
     let (mut last, mut since) = (None, running.then_some(start));
     loop {
-        let seen = ticks(&console(log)).last().copied();
+        let text = console(log);
+        let seen = ticks(&text).last().copied();
         if let Some(t) = seen {
             if t >= n {
                 return Ok(t);
             }
+        }
+        // A guest whose kernel panicked prints no tick again: said at once (CI saw a guest's
+        // double fault 4 s into its boot under nested TCG, and the test then waited 240 s).
+        if text.contains("Kernel panic - not syncing") {
+            return Err(format!(
+                "no tick {n} on {}: the guest's kernel panicked (last tick {seen:?}): {}",
+                log.display(),
+                tail(&text)
+            ));
         }
         let now = Instant::now();
         if seen.is_some() && seen != last {
@@ -342,11 +355,9 @@ fn wait_migrated(mut b: Proc, sock: &Path, log: &Path, n: u64, source_log: &Path
     let th = threads(b.id());
     let exits = kvm_exit_trace(b.id());
     let seen = ticks(&console(log)).last().copied();
-    let poked = Command::new(bin())
-        .args(["console", "--vm", sock.to_str().unwrap(), "--send", ""])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let mut poke_cmd = Command::new(bin());
+    poke_cmd.args(["console", "--vm", sock.to_str().unwrap(), "--send", ""]);
+    let poked = output_within(poke_cmd, CONSOLE_LIMIT).status.success();
     std::thread::sleep(Duration::from_secs(5));
     let woke = ticks(&console(log)).last().copied();
     let poke = format!(
@@ -385,10 +396,9 @@ fn retire(sock: &Path, proc: Proc) {
 fn power_off(sock: &Path, proc: Proc) {
     let bin = bin();
     let send = |t: &str| {
-        let out = Command::new(bin)
-            .args(["console", "--vm", sock.to_str().unwrap(), "--send", t])
-            .output()
-            .unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.args(["console", "--vm", sock.to_str().unwrap(), "--send", t]);
+        let out = output_within(cmd, CONSOLE_LIMIT);
         assert!(
             out.status.success(),
             "{}",
@@ -970,7 +980,10 @@ fn client(rack: &Rack, mac: &str, secs: u64, stream: bool) -> Proc {
 
 fn client_report(p: Proc) -> Value {
     let mut p = p;
-    let line = p.read_line().unwrap_or_default();
+    // (The client ends after its duration, 25 s at most here, and a 30 s drain at most.)
+    let line = p
+        .read_line_within(Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("bench-blackout: {e:#}"));
     let (code, err) = p.wait_exit(Duration::from_secs(60));
     assert_eq!(code, Some(0), "bench-blackout: {err}");
     serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line:?} {err}"))
@@ -1296,17 +1309,20 @@ fn without_announce_a_silent_guest_is_cut_off_until_it_transmits() {
         "stale before the guest talks"
     );
     let hello = unix_ms();
-    let out = Command::new(bin())
-        .args([
-            "console",
-            "--vm",
-            b_sock.to_str().unwrap(),
-            "--send",
-            "hello",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "console",
+        "--vm",
+        b_sock.to_str().unwrap(),
+        "--send",
+        "hello",
+    ]);
+    let out = output_within(cmd, CONSOLE_LIMIT);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r = client_report(c);
     let (first_ping, first_reply) = (
         r["first_ping_unix_ms"].as_f64().unwrap(),

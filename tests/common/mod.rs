@@ -115,13 +115,21 @@ pub fn receive(prefix: &[&str], listen: &str, args: &[&str]) -> (Proc, String) {
     (p, addr)
 }
 
-/// One request on a control socket.
+/// How long [`request`] waits for an answer: a VM process answers in milliseconds, so one
+/// that does not in a minute is hung (its test fails saying so, rather than hanging).
+pub const REQUEST_LIMIT: Duration = Duration::from_secs(60);
+
+/// One request on a control socket; panics, saying which, if the VM process does not answer.
 pub fn request(socket: &Path, req: &str) -> Value {
-    let mut s = UnixStream::connect(socket).unwrap();
-    writeln!(s, "{req}").unwrap();
+    let at = socket.display();
+    let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("{req} to {at}: {e}"));
+    s.set_read_timeout(Some(REQUEST_LIMIT)).unwrap();
+    writeln!(s, "{req}").unwrap_or_else(|e| panic!("{req} to {at}: {e}"));
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
+    if let Err(e) = BufReader::new(s).read_line(&mut line) {
+        panic!("{req} to {at}: no answer within {REQUEST_LIMIT:?} ({e}); got {line:?}");
+    }
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{req} to {at}: answer {line:?}: {e}"))
 }
 
 pub fn counter(socket: &Path) -> u64 {
@@ -165,9 +173,61 @@ pub fn migrate(prefix: &[&str], socket: &Path, to: &str, args: &[&str]) -> Outpu
         "--to",
         to,
     ])
-    .args(args)
-    .output()
-    .unwrap()
+    .args(args);
+    output_within(cmd, MIGRATE_LIMIT)
+}
+
+/// How long a test waits for `livemig migrate` to end: far beyond any migration the tests run
+/// (the slowest, a Linux guest inside the nested VM, takes about 10 s), so that one that hung
+/// fails its test with what the command printed instead of holding the run for ever.
+pub const MIGRATE_LIMIT: Duration = Duration::from_secs(600);
+
+/// `cmd`'s output, like `Command::output`, waiting at most `limit`: then the process is killed
+/// (its status says so, by signal) and its stderr ends with a line saying why.
+pub fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Both pipes are drained while it runs (a full pipe would stop it).
+    let drain = |p: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + limit;
+    let mut killed = false;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            killed = true;
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out.join().unwrap();
+    let mut stderr = err.join().unwrap();
+    if killed {
+        stderr.extend_from_slice(
+            format!("\n(killed by the test: it had not ended after {limit:?})\n").as_bytes(),
+        );
+    }
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
 }
 
 /// Runs a migration that must succeed and returns its report.
