@@ -12,7 +12,9 @@
 #   - tests/linux.rs (Linux guests: boot, migrations, ping-pong, over RDMA).
 #
 # Usage: scripts/test-nested.sh [rdma|linux|all] [extra test-binary args, e.g. a name filter]
-# Env:   LIVEMIG_NESTED_TIMEOUT (whole VM, default 1800 s), LIVEMIG_NESTED_MEM (MiB, default 3072).
+# Env:   LIVEMIG_NESTED_TIMEOUT (whole VM, default 1800 s), LIVEMIG_NESTED_MEM (MiB, default 3072),
+#        LIVEMIG_NESTED_TEST_LIMIT (each test, default 600 s), LIVEMIG_NESTED_SILENCE (a VM that
+#        prints nothing that long is hung, default 300 s).
 # Exit status: the tests' (0 = all passed); 124/125 from rdma-vm.sh if the VM itself failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +45,7 @@ for f in "$rdma_tests" "$transport_tests" "$linux_tests"; do
 done
 
 files=("$bin" "$rdma_tests" "$transport_tests" "$linux_tests")
-envs=(--env LIVEMIG_BIN=/opt/livemig/livemig)
+envs=(--env LIVEMIG_BIN=/opt/livemig/livemig --env "LIVEMIG_NESTED_TEST_LIMIT=${LIVEMIG_NESTED_TEST_LIMIT:-600}")
 if [ "$what" != rdma ]; then
   echo "== building the Linux guest (scripts/linux-guest.sh)"
   eval "$(scripts/linux-guest.sh build)"
