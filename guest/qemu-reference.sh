@@ -265,7 +265,7 @@ blackout_report() { # DIR SYSTEM SMP MIGRATE_START_S TOTAL_MS
   j=$(cat "$1/blackout.json")
   resumed_ms=$(awk -v a="$4" -v t="$5" 'BEGIN { printf "%.0f", a * 1000 + t }')
   bnum() { grep -o "\"$1\":[^,}]*" <<<"$j" | head -n1 | cut -d: -f2 | tr -d '"'; }
-  say "REF blackout system=$2 smp=$3 longest_gap_ms=$(bnum longest_gap_ms) back_after_resume_ms=$(awk -v e="$(bnum gap_end_unix_ms)" -v r="$resumed_ms" 'BEGIN { if (e == 0) print "never"; else printf "%.0f", e - r }') lost=$(bnum lost) lost_before=$(bnum lost_before_gap) lost_after=$(bnum lost_after_gap) sent=$(bnum sent) tcp_survived=$(bnum survived) tcp_bytes=$(bnum bytes_echoed) tcp_longest_stall_ms=$(bnum longest_stall_ms) tcp_error=$(bnum error | tr ' ' _) gap_start_unix_ms=$(bnum gap_start_unix_ms) gap_end_unix_ms=$(bnum gap_end_unix_ms) err=$(tr ' ' _ <"$1/blackout.err" | head -c 200)"
+  say "REF blackout system=$2 transport=$TRANSPORT smp=$3 longest_gap_ms=$(bnum longest_gap_ms) back_after_resume_ms=$(awk -v e="$(bnum gap_end_unix_ms)" -v r="$resumed_ms" 'BEGIN { if (e == 0) print "never"; else printf "%.0f", e - r }') lost=$(bnum lost) lost_before=$(bnum lost_before_gap) lost_after=$(bnum lost_after_gap) sent=$(bnum sent) tcp_survived=$(bnum survived) tcp_bytes=$(bnum bytes_echoed) tcp_longest_stall_ms=$(bnum longest_stall_ms) tcp_error=$(bnum error | tr ' ' _) gap_start_unix_ms=$(bnum gap_start_unix_ms) gap_end_unix_ms=$(bnum gap_end_unix_ms) err=$(tr ' ' _ <"$1/blackout.err" | head -c 200)"
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@
 # Usage: scripts/test-nested.sh [rdma|linux|all] [extra test-binary args, e.g. a name filter]
 # Env:   LIVEMIG_NESTED_TIMEOUT (whole VM, default 1800 s), LIVEMIG_NESTED_MEM (MiB, default 3072),
 #        LIVEMIG_NESTED_TEST_LIMIT (each test, default 600 s), LIVEMIG_NESTED_SILENCE (a VM that
-#        prints nothing that long is hung, default 300 s).
+#        prints nothing that long is hung, default 180 s).
 # Exit status: the tests' (0 = all passed); 124/125 from rdma-vm.sh if the VM itself failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -127,7 +127,7 @@ boot_nested() {
     scripts/rdma-vm.sh run --timeout "${LIVEMIG_NESTED_TIMEOUT:-1800}" --mem "${LIVEMIG_NESTED_MEM:-3072}" \
     --files "${files[@]}" "${envs[@]}" \
     -- bash -c "$inner" test-nested "$what" "$@" > >(tee "$log") 2>&1 &
-  local pid=$! size=-1 quiet_since=$SECONDS silence=${LIVEMIG_NESTED_SILENCE:-300} now
+  local pid=$! size=-1 quiet_since=$SECONDS silence=${LIVEMIG_NESTED_SILENCE:-180} now
   while kill -0 "$pid" 2>/dev/null; do
     if grep -qaE 'soft lockup - CPU#[0-9]+ stuck for ([6-9][0-9]|[0-9]{3,})s' "$log"; then
       echo "test-nested: the nested VM's kernel is hung (soft lockup for a minute); stopping it"
