@@ -531,11 +531,11 @@ mod tests {
                 .unwrap(),
             "VM running"
         );
-        let t = Instant::now();
+        // ("late" comes 2 s on: an error, not that line, is the limit at work.)
         let err = p
             .wait_line_within("late", Duration::from_millis(300))
             .unwrap_err();
-        assert!(t.elapsed() < Duration::from_millis(1500), "{err}");
+        assert!(err.to_string().contains("within"), "{err}");
         let err = p
             .wait_line_within("never", Duration::from_secs(10))
             .unwrap_err();
