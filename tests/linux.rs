@@ -18,8 +18,13 @@ use serde_json::Value;
 
 const IGNORE: &str = "needs real KVM and the guest images: run scripts/test-nested.sh";
 
-/// How long `livemig console --send` may take (it writes a line to the VM's console socket).
-const CONSOLE_LIMIT: Duration = Duration::from_secs(60);
+/// `livemig console --vm SOCK --send TEXT`: a line typed on the guest's console (bounded: it
+/// only writes to the VM's console socket, so a minute means the VM process is hung).
+fn console_send(sock: &Path, text: &str) -> std::process::Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(["console", "--vm", sock.to_str().unwrap(), "--send", text]);
+    output_within(cmd, Duration::from_secs(60))
+}
 
 fn env_path(k: &str) -> PathBuf {
     PathBuf::from(std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set ({IGNORE})")))
@@ -66,8 +71,9 @@ fn wait_tick(log: &Path, n: u64) -> u64 {
 const TICK_STALL: Duration = Duration::from_secs(60);
 
 /// [`wait_tick`], saying why it gave up instead of panicking: after 240 s, at once when the
-/// guest's kernel panicked, or once the ticks stopped for [`TICK_STALL`] — counted from the first tick seen, or from the start when the
-/// guest already `running` its workload (a migrated guest, whose console starts empty).
+/// guest's kernel panicked, or once the ticks stopped for [`TICK_STALL`] — counted from the
+/// first tick seen, or from the start when the guest already `running` its workload (a
+/// migrated guest, whose console starts empty).
 fn try_wait_tick(log: &Path, n: u64, running: bool) -> Result<u64, String> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(240);
@@ -355,9 +361,7 @@ fn wait_migrated(mut b: Proc, sock: &Path, log: &Path, n: u64, source_log: &Path
     let th = threads(b.id());
     let exits = kvm_exit_trace(b.id());
     let seen = ticks(&console(log)).last().copied();
-    let mut poke_cmd = Command::new(bin());
-    poke_cmd.args(["console", "--vm", sock.to_str().unwrap(), "--send", ""]);
-    let poked = output_within(poke_cmd, CONSOLE_LIMIT).status.success();
+    let poked = console_send(sock, "").status.success();
     std::thread::sleep(Duration::from_secs(5));
     let woke = ticks(&console(log)).last().copied();
     let poke = format!(
@@ -394,11 +398,8 @@ fn retire(sock: &Path, proc: Proc) {
 
 /// Syncs and powers the guest behind `sock` off; waits for its process to end with status 0.
 fn power_off(sock: &Path, proc: Proc) {
-    let bin = bin();
     let send = |t: &str| {
-        let mut cmd = Command::new(bin);
-        cmd.args(["console", "--vm", sock.to_str().unwrap(), "--send", t]);
-        let out = output_within(cmd, CONSOLE_LIMIT);
+        let out = console_send(sock, t);
         assert!(
             out.status.success(),
             "{}",
@@ -1351,15 +1352,7 @@ fn without_announce_a_silent_guest_is_cut_off_until_it_transmits() {
         "stale before the guest talks"
     );
     let hello = unix_ms();
-    let mut cmd = Command::new(bin());
-    cmd.args([
-        "console",
-        "--vm",
-        b_sock.to_str().unwrap(),
-        "--send",
-        "hello",
-    ]);
-    let out = output_within(cmd, CONSOLE_LIMIT);
+    let out = console_send(&b_sock, "hello");
     assert!(
         out.status.success(),
         "{}",
