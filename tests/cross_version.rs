@@ -76,10 +76,24 @@ fn a_recorded_protocol_1_migration_resumes_on_todays_destination() {
     assert_eq!(outcome, Ok(()));
 }
 
+/// The same vendor's recording resumes — unless this host's processor lacks a feature whose
+/// state the recording holds: then it is refused before Prepared, naming the XSAVE
+/// components (a host of the same vendor without PKU, as under some nested hypervisors,
+/// cannot hold the recording's PKRU; a protocol-2 source sent no CPU to check up front).
 #[test]
 fn a_recorded_protocol_2_migration_resumes_on_todays_destination() {
     let ((dir, digest), _) = v2_recordings();
-    assert_eq!(replay(2, dir, digest), Ok(()), "{dir}");
+    match replay(2, dir, digest) {
+        Ok(()) => {}
+        Err(reason)
+            if reason.contains("device state section 4")
+                && reason.contains("XSAVE components")
+                && reason.contains("does not offer") =>
+        {
+            println!("{dir}: refused before resume: {reason}")
+        }
+        Err(reason) => panic!("{dir}: {reason}"),
+    }
 }
 
 /// The other CPU vendor's recording: its MSRs and XSAVE layout are another host kind's. It

@@ -72,19 +72,27 @@ pub fn linux(supported: &CpuId, index: u32, vcpus: u32) -> CpuId {
 /// state (opmask, ZMM_Hi256, Hi16_ZMM) and PKRU.
 const LINUX_XFEATURES: u64 = 0x2e7;
 
+/// The XSAVE state components a vCPU given `cpuid` may enable (leaf 0xD.0, EDX:EAX); 0 if
+/// the leaf is missing.
+pub fn xfeatures(cpuid: &CpuId) -> u64 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map_or(0, |e| u64::from(e.edx) << 32 | u64::from(e.eax))
+}
+
 /// The XCR0 a Linux guest will run with: the XSAVE components its CPUID offers that Linux
 /// enables. The VMM sets it before the guest starts, so KVM's answer to CPUID leaf 0xD
 /// (the XSAVE area size for the enabled components) is already right when the kernel reads
 /// it — even on a nested host whose emulated SVM does not trap XSETBV, where KVM would
 /// otherwise keep answering for XCR0 = x87 and the kernel would warn that the sizes differ.
 pub fn linux_xcr0(cpuid: &CpuId) -> u64 {
-    cpuid
-        .as_slice()
-        .iter()
-        .find(|e| e.function == 0xd && e.index == 0)
-        .map_or(1, |e| {
-            (u64::from(e.edx) << 32 | u64::from(e.eax)) & LINUX_XFEATURES
-        })
+    // (x87 alone, which XCR0 always holds, when the leaf is missing.)
+    match xfeatures(cpuid) {
+        0 => 1,
+        x => x & LINUX_XFEATURES,
+    }
 }
 
 #[cfg(test)]

@@ -337,6 +337,7 @@ impl KvmVm {
             None => cpu::GuestCpu::for_new_vm(&kvm_fd, &cpu::host_cpu())?,
         };
         let mut vcpus = Vec::with_capacity(vcpu_count as usize);
+        let mut xfeatures = 0;
         for i in 0..vcpu_count {
             let fd = vm
                 .create_vcpu(u64::from(i))
@@ -346,6 +347,7 @@ impl KvmVm {
                 Shape::Linux(_) => cpuid::linux(&cpu.cpuid, i, vcpu_count),
             };
             fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+            xfeatures = cpuid::xfeatures(&cpuid);
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
         let msr_indices = {
@@ -401,6 +403,7 @@ impl KvmVm {
             VcpuContext {
                 msr_indices,
                 xsave_size,
+                xfeatures,
             },
         )))?;
         let control = Arc::new(Control::new(vcpu_count as usize));

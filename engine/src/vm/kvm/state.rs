@@ -66,6 +66,9 @@ pub struct VcpuContext {
     pub msr_indices: Vec<u32>,
     /// Size of this host's XSAVE area.
     pub xsave_size: usize,
+    /// The XSAVE state components this VM's vCPUs may hold (the XCR0 mask of their CPUID
+    /// leaf 0xD: what KVM_SET_XSAVE accepts); 0 when not known (nothing is checked).
+    pub xfeatures: u64,
 }
 
 /// One row of the vCPU table: a section, how to check, save and restore it.
@@ -431,6 +434,7 @@ pub fn check_sections(
     let ctx = VcpuContext {
         msr_indices: Vec::new(),
         xsave_size,
+        xfeatures: 0,
     };
     VcpuStates::check_sections(&of(&VCPU_IDS), vcpus, &ctx)?;
     Irqchips::check_sections(&of(&[section::IRQCHIP]))?;
@@ -469,6 +473,9 @@ fn accepts_v1(_id: u32, version: u32) -> bool {
     version == SECTION_VERSION
 }
 
+/// Where an XSAVE area's header keeps XSTATE_BV, the state components the area holds.
+const XSTATE_BV: std::ops::Range<usize> = 512..520;
+
 fn check_xsave(c: &VcpuContext, index: u32, data: &[u8]) -> Result<(), VmError> {
     if data.len() != c.xsave_size {
         return Err(state_err(
@@ -482,6 +489,58 @@ fn check_xsave(c: &VcpuContext, index: u32, data: &[u8]) -> Result<(), VmError> 
         ));
     }
     Ok(())
+}
+
+/// Why KVM refused the XSAVE area `data`, when the reason is one worth naming: it holds
+/// state of a component this VM's CPU lacks here (a source whose processor has a feature
+/// this one does not: a recording with PKRU state on a host without PKU, say), which KVM
+/// refuses with a bare EINVAL.
+fn lacking_xsave_components(c: &VcpuContext, index: u32, data: &[u8]) -> Option<VmError> {
+    let bv = data
+        .get(XSTATE_BV)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)?;
+    let lacking = bv & !c.xfeatures;
+    (c.xfeatures != 0 && lacking != 0).then(|| {
+        state_err(
+            section::XSAVE,
+            index,
+            format!(
+                "the saved FPU and vector state holds XSAVE components {} (XSTATE_BV {bv:#x}) \
+                 that this VM's CPU here does not offer (XCR0 mask {:#x}): the source's \
+                 processor has features this host's lacks",
+                xsave_components(lacking),
+                c.xfeatures
+            ),
+        )
+    })
+}
+
+/// The names of the XSAVE state components in `bits` (Intel SDM vol. 1, 13.1).
+fn xsave_components(bits: u64) -> String {
+    const NAMES: [(u32, &str); 11] = [
+        (0, "x87"),
+        (1, "SSE"),
+        (2, "AVX"),
+        (3, "MPX BNDREGS"),
+        (4, "MPX BNDCSR"),
+        (5, "AVX-512 opmask"),
+        (6, "AVX-512 ZMM_Hi256"),
+        (7, "AVX-512 Hi16_ZMM"),
+        (9, "PKRU"),
+        (17, "AMX TILECFG"),
+        (18, "AMX TILEDATA"),
+    ];
+    (0..64)
+        .filter(|b| bits & (1 << b) != 0)
+        .map(|b| {
+            NAMES
+                .iter()
+                .find(|(n, _)| *n == b)
+                .map_or(format!("bit {b}"), |(_, name)| format!("{b} ({name})"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn get_xsave(c: &VcpuContext, fd: &VcpuFd) -> Result<Vec<u8>, VmError> {
@@ -505,7 +564,9 @@ fn set_xsave(c: &VcpuContext, index: u32, fd: &VcpuFd, data: &[u8]) -> Result<()
         let xsave: kvm_xsave = pod_from(section::XSAVE, index, data)?;
         // SAFETY: KVM_CAP_XSAVE2 reported no more than the legacy 4 KiB, so KVM reads
         // only `size_of::<kvm_xsave>()` bytes from `xsave`.
-        return unsafe { fd.set_xsave(&xsave) }.map_err(kvm("KVM_SET_XSAVE"));
+        return unsafe { fd.set_xsave(&xsave) }
+            .map_err(kvm("KVM_SET_XSAVE"))
+            .map_err(|e| lacking_xsave_components(c, index, data).unwrap_or(e));
     }
     let mut xsave = xsave2_buffer(c.xsave_size)?;
     let (legacy, extra) = data.split_at(LEGACY_XSAVE);
@@ -518,7 +579,9 @@ fn set_xsave(c: &VcpuContext, index: u32, fd: &VcpuFd, data: &[u8]) -> Result<()
         *w = u32::from_ne_bytes(word);
     }
     // SAFETY: `xsave` is allocated for the `xsave_size` bytes KVM_CAP_XSAVE2 reported.
-    unsafe { fd.set_xsave2(&xsave) }.map_err(kvm("KVM_SET_XSAVE2"))
+    unsafe { fd.set_xsave2(&xsave) }
+        .map_err(kvm("KVM_SET_XSAVE2"))
+        .map_err(|e| lacking_xsave_components(c, index, data).unwrap_or(e))
 }
 
 pub(super) fn supported_msrs(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, VmError> {
@@ -767,10 +830,36 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_xsave_area_names_the_components_this_cpu_lacks() {
+        let mut area = vec![0u8; 4096];
+        // x87, SSE, AVX and PKRU.
+        area[XSTATE_BV].copy_from_slice(&0x207u64.to_le_bytes());
+        let with = |xfeatures| VcpuContext {
+            msr_indices: Vec::new(),
+            xsave_size: 4096,
+            xfeatures,
+        };
+        assert!(
+            lacking_xsave_components(&with(0x2e7), 1, &area).is_none(),
+            "PKRU offered"
+        );
+        assert!(
+            lacking_xsave_components(&with(0), 1, &area).is_none(),
+            "nothing known"
+        );
+        let e = lacking_xsave_components(&with(0xe7), 1, &area)
+            .unwrap()
+            .to_string();
+        assert!(e.contains("9 (PKRU)") && !e.contains("AVX"), "{e}");
+        assert!(e.contains("section 4") && e.contains("instance 1"), "{e}");
+    }
+
+    #[test]
     fn an_msr_this_host_lacks_is_left_out_at_zero_and_refused_otherwise() {
         let c = VcpuContext {
             msr_indices: vec![MSR_IA32_TSC, 0x10a],
             xsave_size: 4096,
+            xfeatures: 0,
         };
         let kept = restorable_msrs(&c, 0, vec![msr(MSR_IA32_TSC, 7), msr(0x3a, 0)]).unwrap();
         assert_eq!(kept.len(), 1);
@@ -789,6 +878,7 @@ mod tests {
         let none = VcpuContext {
             msr_indices: Vec::new(),
             xsave_size: 4096,
+            xfeatures: 0,
         };
         assert_eq!(
             restorable_msrs(&none, 0, vec![msr(0x3a, 5)]).unwrap().len(),
