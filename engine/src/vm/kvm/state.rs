@@ -560,13 +560,17 @@ fn get_xsave(c: &VcpuContext, fd: &VcpuFd) -> Result<Vec<u8>, VmError> {
 
 fn set_xsave(c: &VcpuContext, index: u32, fd: &VcpuFd, data: &[u8]) -> Result<(), VmError> {
     check_xsave(c, index, data)?;
+    // A refusal is explained when its reason can be named (KVM says EINVAL only).
+    put_xsave(c, index, fd, data).map_err(|e| lacking_xsave_components(c, index, data).unwrap_or(e))
+}
+
+/// KVM_SET_XSAVE, or KVM_SET_XSAVE2 for an area larger than the legacy 4 KiB.
+fn put_xsave(c: &VcpuContext, index: u32, fd: &VcpuFd, data: &[u8]) -> Result<(), VmError> {
     if c.xsave_size == LEGACY_XSAVE {
         let xsave: kvm_xsave = pod_from(section::XSAVE, index, data)?;
         // SAFETY: KVM_CAP_XSAVE2 reported no more than the legacy 4 KiB, so KVM reads
         // only `size_of::<kvm_xsave>()` bytes from `xsave`.
-        return unsafe { fd.set_xsave(&xsave) }
-            .map_err(kvm("KVM_SET_XSAVE"))
-            .map_err(|e| lacking_xsave_components(c, index, data).unwrap_or(e));
+        return unsafe { fd.set_xsave(&xsave) }.map_err(kvm("KVM_SET_XSAVE"));
     }
     let mut xsave = xsave2_buffer(c.xsave_size)?;
     let (legacy, extra) = data.split_at(LEGACY_XSAVE);
@@ -579,9 +583,7 @@ fn set_xsave(c: &VcpuContext, index: u32, fd: &VcpuFd, data: &[u8]) -> Result<()
         *w = u32::from_ne_bytes(word);
     }
     // SAFETY: `xsave` is allocated for the `xsave_size` bytes KVM_CAP_XSAVE2 reported.
-    unsafe { fd.set_xsave2(&xsave) }
-        .map_err(kvm("KVM_SET_XSAVE2"))
-        .map_err(|e| lacking_xsave_components(c, index, data).unwrap_or(e))
+    unsafe { fd.set_xsave2(&xsave) }.map_err(kvm("KVM_SET_XSAVE2"))
 }
 
 pub(super) fn supported_msrs(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, VmError> {
