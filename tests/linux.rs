@@ -1142,10 +1142,14 @@ fn kvm_exit_trace(pid: u32) -> String {
     let lines: Vec<&str> = trace.lines().filter(|l| !l.starts_with('#')).collect();
     // "comm-tid [cpu] flags timestamp: event: details"
     let mut kinds = std::collections::BTreeMap::<String, u64>::new();
+    // The last line of each event, for its details: which address faulted, which
+    // exception was injected, what the exit said.
+    let mut each = std::collections::BTreeMap::<&str, &str>::new();
     for l in &lines {
         let Some(event) = l.split(": ").nth(1) else {
             continue;
         };
+        each.insert(event, l);
         let reason = l
             .split_once(" reason ")
             .map(|(_, r)| r.split_whitespace().next());
@@ -1156,8 +1160,9 @@ fn kvm_exit_trace(pid: u32) -> String {
         *kinds.entry(key).or_default() += 1;
     }
     format!(
-        "kvm trace of vCPU threads {vcpus:?} for 1 s: {} events {kinds:?}; last ones:\n{}",
+        "kvm trace of vCPU threads {vcpus:?} for 1 s: {} events {kinds:?}; the last of each:\n{}\nthe last ones:\n{}",
         lines.len(),
+        each.values().copied().collect::<Vec<_>>().join("\n"),
         lines[lines.len().saturating_sub(12)..].join("\n")
     )
 }
