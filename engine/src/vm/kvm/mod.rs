@@ -404,6 +404,7 @@ impl KvmVm {
                 msr_indices,
                 xsave_size,
                 xfeatures,
+                ram: Some(ram.layout().clone()),
             },
         )))?;
         let control = Arc::new(Control::new(vcpu_count as usize));

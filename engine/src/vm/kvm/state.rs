@@ -18,6 +18,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use super::{kvm, lock};
 use crate::devices::{index_sections, MigratableDevice};
+use crate::memory::RamLayout;
 use crate::vm::{DeviceSection, VmError};
 
 /// Ids of the sections of the KVM state devices. vCPU sections have the vCPU index as
@@ -69,6 +70,58 @@ pub struct VcpuContext {
     /// The XSAVE state components this VM's vCPUs may hold (the XCR0 mask of their CPUID
     /// leaf 0xD: what KVM_SET_XSAVE accepts); 0 when not known (nothing is checked).
     pub xfeatures: u64,
+    /// The VM's guest RAM, where a paging vCPU's page-table root must lie; `None` when not
+    /// known (nothing is checked).
+    pub ram: Option<RamLayout>,
+}
+
+/// Where the page-table root of a paging vCPU with these control registers lies in
+/// guest-physical memory, and how many bytes of it the CPU reads first: the top-level table
+/// (4-level or 5-level long mode, 32-bit paging) or the four PDPTEs of PAE paging. `None`
+/// when paging is off.
+pub(super) fn paging_root(sregs: &kvm_sregs) -> Option<(u64, u64)> {
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PAE: u64 = 1 << 5;
+    const EFER_LMA: u64 = 1 << 10;
+    if sregs.cr0 & CR0_PG == 0 {
+        return None;
+    }
+    Some(if sregs.efer & EFER_LMA != 0 {
+        // Bits 51:12; below them the PCID (or cache controls), above them reserved and
+        // the no-flush bit of a CR3 write.
+        (sregs.cr3 & 0x000f_ffff_ffff_f000, 4096)
+    } else if sregs.cr4 & CR4_PAE != 0 {
+        (sregs.cr3 & 0xffff_ffe0, 32)
+    } else {
+        (sregs.cr3 & 0xffff_f000, 4096)
+    })
+}
+
+/// Refuses a vCPU state whose paging root lies outside guest RAM: such a guest cannot run
+/// one instruction (every fetch walks from the root), so the state is not the guest's —
+/// seen under TCG's emulation of nested SVM, where the CR3 KVM returned at a pause was an
+/// address of the host's own RAM, and the guest, resumed from it, looped on a page fault it
+/// could not deliver.
+fn check_paging_root(ctx: &VcpuContext, vcpu: u32, sregs: &kvm_sregs) -> Result<(), VmError> {
+    let (Some(ram), Some((root, len))) = (&ctx.ram, paging_root(sregs)) else {
+        return Ok(());
+    };
+    if ram.contains(root, len) {
+        return Ok(());
+    }
+    Err(state_err(
+        section::SREGS,
+        vcpu,
+        format!(
+            "the vCPU pages with a page-table root at {root:#x} (CR3 {:#x}, CR0 {:#x}, CR4 \
+             {:#x}, EFER {:#x}) outside guest RAM ({} MiB): not a state this guest can run",
+            sregs.cr3,
+            sregs.cr0,
+            sregs.cr4,
+            sregs.efer,
+            ram.total_bytes() >> 20
+        ),
+    ))
 }
 
 /// One row of the vCPU table: a section, how to check, save and restore it.
@@ -120,14 +173,22 @@ const VCPU_ROWS: [VcpuRow; 10] = [
         "KVM_GET_REGS",
         "KVM_SET_REGS"
     ),
-    pod_row!(
-        section::SREGS,
-        kvm_sregs,
-        get_sregs,
-        set_sregs,
-        "KVM_GET_SREGS",
-        "KVM_SET_SREGS"
-    ),
+    VcpuRow {
+        id: section::SREGS,
+        check: |ctx, i, d| check_paging_root(ctx, i, &pod_from(section::SREGS, i, d)?),
+        save: |ctx, i, fd| {
+            let sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+            // A source never sends a state its guest cannot run: the migration fails before
+            // the switchover and the VM goes on here.
+            check_paging_root(ctx, i, &sregs)?;
+            Ok(pod_bytes(&sregs))
+        },
+        restore: |ctx, i, fd, d| {
+            let sregs: kvm_sregs = pod_from(section::SREGS, i, d)?;
+            check_paging_root(ctx, i, &sregs)?;
+            fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))
+        },
+    },
     pod_row!(
         section::FPU,
         kvm_fpu,
@@ -435,6 +496,7 @@ pub fn check_sections(
         msr_indices: Vec::new(),
         xsave_size,
         xfeatures: 0,
+        ram: None,
     };
     VcpuStates::check_sections(&of(&VCPU_IDS), vcpus, &ctx)?;
     Irqchips::check_sections(&of(&[section::IRQCHIP]))?;
@@ -840,6 +902,7 @@ mod tests {
             msr_indices: Vec::new(),
             xsave_size: 4096,
             xfeatures,
+            ram: None,
         };
         assert!(
             lacking_xsave_components(&with(0x2e7), 1, &area).is_none(),
@@ -857,11 +920,61 @@ mod tests {
     }
 
     #[test]
+    fn a_paging_root_outside_guest_ram_is_refused() {
+        let ctx = VcpuContext {
+            msr_indices: Vec::new(),
+            xsave_size: 4096,
+            xfeatures: 0,
+            ram: Some(RamLayout::single(256 << 20)),
+        };
+        let long = |cr3| kvm_sregs {
+            cr0: 0x8005_0033,
+            cr3,
+            cr4: 0x3506f0,
+            efer: 0xd01,
+            ..Default::default()
+        };
+        // Long mode: PCID and the no-flush bit are not part of the address.
+        let ok = long(0x0fc4_c000 | 0x5 | 1 << 63);
+        assert_eq!(paging_root(&ok), Some((0x0fc4_c000, 4096)));
+        check_paging_root(&ctx, 0, &ok).unwrap();
+        // The CR3 a paused guest's KVM returned under TCG's nested SVM: the host's RAM.
+        let e = check_paging_root(&ctx, 1, &long(0xbfc4_c000))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("0xbfc4c000") && e.contains("outside guest RAM (256 MiB)"),
+            "{e}"
+        );
+        assert!(e.contains("instance 1"), "{e}");
+        // Paging off (a vCPU in real mode, an AP in INIT-wait): CR3 means nothing.
+        let real = kvm_sregs {
+            cr3: 0xbfc4_c000,
+            ..Default::default()
+        };
+        assert_eq!(paging_root(&real), None);
+        check_paging_root(&ctx, 0, &real).unwrap();
+        // PAE without long mode: 32-byte aligned PDPTEs, only their 32 bytes must be in RAM.
+        let pae = kvm_sregs {
+            cr0: 0x8000_0011,
+            cr3: 0x0fff_ffe0,
+            cr4: 0x20,
+            ..Default::default()
+        };
+        assert_eq!(paging_root(&pae), Some((0x0fff_ffe0, 32)));
+        check_paging_root(&ctx, 0, &pae).unwrap();
+        // Nothing known of the RAM: nothing checked.
+        let unknown = VcpuContext { ram: None, ..ctx };
+        check_paging_root(&unknown, 0, &long(0xbfc4_c000)).unwrap();
+    }
+
+    #[test]
     fn an_msr_this_host_lacks_is_left_out_at_zero_and_refused_otherwise() {
         let c = VcpuContext {
             msr_indices: vec![MSR_IA32_TSC, 0x10a],
             xsave_size: 4096,
             xfeatures: 0,
+            ram: None,
         };
         let kept = restorable_msrs(&c, 0, vec![msr(MSR_IA32_TSC, 7), msr(0x3a, 0)]).unwrap();
         assert_eq!(kept.len(), 1);
@@ -881,6 +994,7 @@ mod tests {
             msr_indices: Vec::new(),
             xsave_size: 4096,
             xfeatures: 0,
+            ram: None,
         };
         assert_eq!(
             restorable_msrs(&none, 0, vec![msr(0x3a, 5)]).unwrap().len(),
