@@ -499,7 +499,7 @@ phase_lm_migrate() { # SMP
     [ "$(tick_no <<<"$dst_last")" -gt "$(tick_no <<<"$dst_first")" ]; then kept=yes; fi
 
   num() { grep -o "\"$1\":[^,}]*" <<<"$r" | head -n1 | cut -d: -f2 | tr -d '"'; }
-  say "REF migrate system=livemig transport=$TRANSPORT prefault=${REF_PREFAULT:-1} smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match) args=$(a=${REF_LM_MIGRATE_ARGS:-}; a=${a// /,}; echo "${a:-default}")"
+  say "REF migrate system=livemig transport=$TRANSPORT prefault=${REF_PREFAULT:-1} smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match) encryption=$(num encryption | tr " " _) args=$(a=${REF_LM_MIGRATE_ARGS:-}; a=${a// /,}; echo "${a:-default}")"
   blackout_report "$W/$src" livemig "$smp" "$t_mig" "$(num total_time_ms)"
   if [ -n "${REF_LM_LOG:-}" ]; then # the switchover's timeline, unix ms (REF_LM_LOG=info)
     local f l

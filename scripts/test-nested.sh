@@ -14,7 +14,9 @@
 # Usage: scripts/test-nested.sh [rdma|linux|all] [extra test-binary args, e.g. a name filter]
 # Env:   LIVEMIG_NESTED_TIMEOUT (whole VM, default 1800 s), LIVEMIG_NESTED_MEM (MiB, default 3072),
 #        LIVEMIG_NESTED_TEST_LIMIT (each test, default 600 s), LIVEMIG_NESTED_SILENCE (a VM that
-#        prints nothing that long is hung, default 180 s).
+#        prints nothing that long is hung, default 180 s), LIVEMIG_NESTED_REPEAT (run each selected
+#        test that many times in a row, default 1: for chasing a rare failure; the retries
+#        below still count as for one run).
 # Exit status: the tests' (0 = all passed); 124/125 from rdma-vm.sh if the VM itself failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +47,8 @@ for f in "$rdma_tests" "$transport_tests" "$linux_tests"; do
 done
 
 files=("$bin" "$rdma_tests" "$transport_tests" "$linux_tests")
-envs=(--env LIVEMIG_BIN=/opt/livemig/livemig --env "LIVEMIG_NESTED_TEST_LIMIT=${LIVEMIG_NESTED_TEST_LIMIT:-600}")
+envs=(--env LIVEMIG_BIN=/opt/livemig/livemig --env "LIVEMIG_NESTED_TEST_LIMIT=${LIVEMIG_NESTED_TEST_LIMIT:-600}"
+  --env "LIVEMIG_NESTED_REPEAT=${LIVEMIG_NESTED_REPEAT:-1}")
 if [ "$what" != rdma ]; then
   echo "== building the Linux guest (scripts/linux-guest.sh)"
   eval "$(scripts/linux-guest.sh build)"
@@ -77,7 +80,8 @@ inner='
     set -m
     run_each() { # BINARY FILTER ARGS...: each ignored test it selects, one at a time
       local bin=$1 filter=$2 rc=0 name pid t; shift 2
-      for name in $(./"$bin" --ignored --list $filter "$@" 2>/dev/null | sed -n "s/: test\$//p"); do
+      for name in $(./"$bin" --ignored --list $filter "$@" 2>/dev/null | sed -n "s/: test\$//p" |
+                    awk -v n="${LIVEMIG_NESTED_REPEAT:-1}" "{ for (i = 0; i < n; i++) print }"); do
         ./"$bin" --ignored --exact --test-threads=1 --nocapture "$name" &
         pid=$!; t=0
         while kill -0 "$pid" 2>/dev/null && [ "$t" -lt "$limit" ]; do
@@ -196,9 +200,11 @@ guest_reset_before_switchover() {
 # interrupt. Seen in CI on an AMD host, once each in about a dozen runs — 13.6 s after a
 # resume the guest ran normally until, and right after a resume — with the same signs as the
 # crashes above that happen with no migration at all (a guest whose console stopped 0.2 s
-# into its boot; a double fault while booting), which no restore of ours can cause. It may
-# still be a fault of the restore that shows that rarely: the run is repeated once only,
-# saying so with the test's whole output above, and the rerun's result stands. The same goes
+# into its boot; a double fault while booting), which no restore of ours can cause. (The
+# stop right after a resume, with the vCPU looping on a page fault, turned out to be the
+# guest given its host's state: below, `guest_given_host_state`.) Any other stop is
+# repeated once only, saying so with the test's whole output above, and the rerun's result
+# stands. The same goes
 # for a guest that stopped on the source — its interrupts unacknowledged for 6 s and more, in
 # the source's log — as CI saw once before its migration had even started — and for a guest
 # that guest/qemu-reference.sh migrated with livemig (completed, digests matching) and that
@@ -230,6 +236,21 @@ guest_stopped_after_switchover() {
        END { exit !found }' "$log"
 }
 after_retried=0
+
+# A Linux guest given its host's own processor state: TCG's emulation of nested SVM, at a
+# #VMEXIT, can write the nested VM's own state (its RIP inside kvm_amd's __svm_vcpu_run, its
+# CR3 in its own RAM, beyond the guest's) into the guest's save area. Seen at the source's
+# pause, in one or two of 20 to 40 migrations of `ping_pong_three_migrations` here (the stop
+# after a switchover above, every time at that RIP): the destination resumed a guest whose
+# every instruction fetch walked page tables outside its RAM. The source now refuses to send
+# such a state ("not a state this guest can run", with the registers: CR3 0xbf89c000 for a
+# 256 MiB guest in a 3 GiB nested VM; the migration fails before the switchover), the
+# destination refuses to restore it, and the test's trace of a stopped guest names the host
+# symbol its RIP lies in. No code of ours can produce an address of the nested VM's own
+# kernel: booted again, like the crashes above.
+guest_given_host_state() {
+  grep -qaE "not a state this guest can run|the guest runs its host.s code" "$log"
+}
 
 # The tests that passed in a boot: "test NAME ... ok" or, when a test printed something (its
 # output and the nested kernel's console lines follow its name), "ok" alone on a later line
@@ -263,6 +284,11 @@ for attempt in 1 2 3; do
   if [ "$attempt" != 3 ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
     guest_boot_crash; then
     echo "test-nested: a Linux guest's kernel crashed or stopped while booting, before any migration (status $rc; the emulator's, not a test failure): booting the nested VM again (attempt $((attempt + 1)) of at most 3)"
+    continue
+  fi
+  if [ "$attempt" != 3 ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
+    guest_given_host_state; then
+    echo "test-nested: a Linux guest was given the nested VM's own processor state at a pause or resume (the emulator's, not a test failure; see its test's output above): booting the nested VM again for the tests that have not passed (attempt $((attempt + 1)) of at most 3)"
     continue
   fi
   if [ "$attempt" != 3 ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&

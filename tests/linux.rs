@@ -306,11 +306,17 @@ fn migrate_checked_in(
 ) -> Value {
     let out = migrate(prefix, sock, to, args);
     if !out.status.success() {
+        // A failed migration leaves the guest running on the source: whether it does.
+        let con = sock.with_extension("log");
+        let before = ticks(&console(&con)).last().copied();
+        std::thread::sleep(Duration::from_secs(10));
+        let after = ticks(&console(&con)).last().copied();
         let log = proc.kill_and_log();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        let console = console(&sock.with_extension("log"));
+        let console = console(&con);
         panic!(
-            "migrate failed: {}{}\nthe source VM's log (last lines, newest first):\n{}\n{}",
+            "migrate failed: {}{}\nthe source's guest after it: last tick {before:?}, {after:?} \
+             10 s later\nthe source VM's log (last lines, newest first):\n{}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
             tail.join("\n"),
@@ -700,8 +706,9 @@ fn a_linux_guest_migrates_over_rdma() {
 /// The comparison users run (issue 14's Linux cells), in one boot: the same Linux guest
 /// (256 MiB, its workload rewriting 2000 pages/s of a 64 MiB working set) migrated by QEMU
 /// over TCP (`-accel kvm`) and with its own RDMA migration (`rdma:` URI over soft-RoCE), and
-/// by livemig over TCP (its defaults: encrypted, `auto`), TCP with zstd, and RDMA with one
-/// and two queue pairs, one after the other, by guest/qemu-reference.sh: same kernel,
+/// by livemig over TCP (its defaults: `auto`; in clear like QEMU's, both sides without a
+/// key), TCP with zstd, and RDMA with one and two queue pairs, one after the other, by
+/// guest/qemu-reference.sh: same kernel,
 /// initramfs, disk, RAM, workload, taps and downtime limit (QEMU's default, 300 ms), the same
 /// rxe device for both RDMA migrations, and destination RAM faulted in ahead on both sides
 /// (QEMU's -mem-prealloc, livemig's --reserve-mib). Asserts that every migration completes
@@ -843,10 +850,11 @@ fn livemig_and_qemu_migrate_the_same_linux_guest_over_tcp_and_rdma() {
                 _ => "-".into(),
             };
             println!(
-                "LINUX CELL: livemig {transport} {cell}: total {:.0} ms, downtime {:.1} ms, {} \
-                 bytes, {}; vs QEMU {transport}: total {:.2}x, downtime {:.2}x, blackout {}; \
-                 same boot, destination RAM faulted in ahead on both sides, 256 MiB guest \
-                 rewriting 2000 pages/s over 64 MiB",
+                "LINUX CELL: livemig {transport} {cell} (encryption {}): total {:.0} ms, \
+                 downtime {:.1} ms, {} bytes, {}; vs QEMU {transport}: total {:.2}x, downtime \
+                 {:.2}x, blackout {}; same boot, destination RAM faulted in ahead on both \
+                 sides, 256 MiB guest rewriting 2000 pages/s over 64 MiB",
+                m.get("encryption").map_or("?", String::as_str),
                 ms(m, "total_ms"),
                 ms(m, "downtime_ms"),
                 m["transferred"],
@@ -1159,12 +1167,51 @@ fn kvm_exit_trace(pid: u32) -> String {
         };
         *kinds.entry(key).or_default() += 1;
     }
+    // The RIP the guest exits at, as this host's own kernel knows it: a guest that runs its
+    // host's code was given its host's state.
+    let host_code = each
+        .get("kvm_exit")
+        .and_then(|l| l.split_once(" rip 0x"))
+        .and_then(|(_, r)| u64::from_str_radix(r.split_whitespace().next()?, 16).ok())
+        .and_then(|rip| host_module_symbol(rip).map(|s| (rip, s)))
+        .map(|(rip, s)| {
+            format!(
+                "\nthe guest's RIP {rip:#x} is, in this host's own kernel, {s}: the guest runs \
+                 its host's code (the host's state given to the guest)"
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "kvm trace of vCPU threads {vcpus:?} for 1 s: {} events {kinds:?}; the last of each:\n{}\nthe last ones:\n{}",
+        "kvm trace of vCPU threads {vcpus:?} for 1 s: {} events {kinds:?}; the last of each:\n{}\nthe last ones:\n{}{host_code}",
         lines.len(),
         each.values().copied().collect::<Vec<_>>().join("\n"),
         lines[lines.len().saturating_sub(12)..].join("\n")
     )
+}
+
+/// `symbol+offset [module]` for an address inside a module loaded in this host's kernel
+/// (`/proc/modules`, `/proc/kallsyms`: root reads the addresses), or `None`.
+fn host_module_symbol(addr: u64) -> Option<String> {
+    let hex = |t: &str| u64::from_str_radix(t.trim_start_matches("0x"), 16).ok();
+    let modules = std::fs::read_to_string("/proc/modules").ok()?;
+    // "name size refs deps state address"
+    let module = modules.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (size, base) = (f.get(1)?.parse::<u64>().ok()?, hex(f.get(5)?)?);
+        (base != 0 && (base..base + size).contains(&addr)).then(|| f[0].to_string())
+    })?;
+    let syms = std::fs::read_to_string("/proc/kallsyms").ok()?;
+    let tag = format!("[{module}]");
+    let (at, name) = syms
+        .lines()
+        .filter(|l| l.ends_with(&tag))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((hex(f.first()?)?, f.get(2)?.to_string()))
+        })
+        .filter(|(a, _)| *a <= addr)
+        .max_by_key(|(a, _)| *a)?;
+    Some(format!("{name}+{:#x} {tag}", addr - at))
 }
 
 /// What a VM's console and stderr tell, for a failure message: its last tick and the last
