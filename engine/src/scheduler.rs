@@ -197,6 +197,7 @@ impl EncodePool {
                 std::thread::Builder::new()
                     .name(format!("livemig-enc{index}.{h}"))
                     .spawn(move || {
+                        livemig_transport::codec::lower_thread_priority();
                         for mut job in rx {
                             let cpu = thread_cpu_ns();
                             let r = livemig_transport::tcp::encode_chunk(

@@ -755,6 +755,25 @@ pub fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Niceness of the source's compression helpers (the threads that encode chunks beside each
+/// data channel): the guest's vCPUs and devices, and the data channels themselves, come
+/// first on a busy host, and compression takes the cores they leave (as Hyper-V compresses
+/// with spare processor time); `auto` sees the slower codec in its wall-clock speed and
+/// sends raw. On an idle core the helpers run as fast as ever. (The page hashers are not
+/// lowered: the digest's last pages are hashed inside the downtime.)
+pub const HELPER_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's priority to [`HELPER_NICE`] (Linux: a thread's own nice
+/// value), never raising it; a failure leaves it as it was.
+pub fn lower_thread_priority() {
+    // SAFETY: getpriority takes plain integers; `who` 0 is the calling thread.
+    let now = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if now < HELPER_NICE {
+        // SAFETY: setpriority takes plain integers; `who` 0 is the calling thread.
+        let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, HELPER_NICE) };
+    }
+}
+
 /// Times a call by this thread's CPU time and by the wall clock.
 struct Timer {
     cpu: u64,
@@ -923,6 +942,22 @@ pub fn decompress_into(encoding: Encoding, body: &[u8], out: &mut [u8]) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_helper_thread_lowers_its_own_priority_only() {
+        // SAFETY: getpriority takes plain integers; `who` 0 is this thread.
+        let mine = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        let helper = std::thread::spawn(|| {
+            lower_thread_priority();
+            // SAFETY: as above.
+            unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(helper, mine.max(HELPER_NICE));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }, mine);
+    }
     use proptest::prelude::*;
 
     #[test]
