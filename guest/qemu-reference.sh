@@ -487,7 +487,7 @@ phase_lm_migrate() { # SMP
   r=$(./livemig migrate --vm "$W/$src/sock" --to "$(lm_addr):4445" --json \
     --downtime-limit "${REF_DOWNTIME_MS:-300}" $(lm_rdma_args migrate) ${REF_LM_MIGRATE_ARGS:-} \
     2>"$W/$src/migrate.err") ||
-    fail "$src: livemig migrate: $(cat "$W/$src/migrate.err")"
+    fail "$src: livemig migrate: $(tr '\n' ' ' <"$W/$src/migrate.err")[the source VM's log: $(tail -n 6 "$W/$src/qemu.log" 2>/dev/null | tr '\n' ' ')]"
   local src_last
   src_last=$(last_tick "$src")
   sleep 3
