@@ -28,8 +28,8 @@ pub enum Mode {
     /// Pages re-sent in later rounds travel as the bytes that changed since the version last
     /// sent (bounded cache); others raw.
     Delta,
-    /// Per chunk: zero markers, delta for cached pages, LZ4 when measured speeds and ratio say
-    /// it pays, raw otherwise.
+    /// Per chunk: zero markers, delta for cached pages, LZ4 or zstd (at one of two levels)
+    /// when measured speeds and ratios say it pays, raw otherwise.
     Auto,
 }
 
@@ -298,22 +298,77 @@ struct Seen {
     wall: f64,
     /// Output bytes over input bytes.
     ratio: f64,
+    /// As `cpu`, in probes only: every codec is probed alike (once in [`AUTO_PROBE_EVERY`]
+    /// chunks, its caches cold), while the chosen one also runs on every other chunk, warm.
+    /// Codecs are compared by this (a level-3 zstd probed among level-1 chunks measured
+    /// 740-810 MB/s here, level 1 1 100; both run alone, 1 100).
+    probed: f64,
 }
+
+/// How to compress one chunk.
+#[derive(Debug, Clone, Copy)]
+struct Compress {
+    encoding: Encoding,
+    /// zstd: `auto`'s stronger level.
+    strong: bool,
+    /// One of `auto`'s probes.
+    probe: bool,
+}
+
+/// A compressor `auto` can choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoCodec {
+    /// LZ4.
+    Lz4,
+    /// zstd at [`AUTO_ZSTD_FAST`]: the cheaper of the two zstd levels.
+    ZstdFast,
+    /// zstd at [`Mode::DEFAULT_ZSTD_LEVEL`], the level of plain `zstd`: fewer bytes on a
+    /// link that is slower than the cores (on text, 30 % fewer than level 1 here, at about
+    /// the same speed).
+    ZstdStrong,
+}
+
+impl AutoCodec {
+    /// The wire encoding it produces (both zstd levels decode alike).
+    pub fn encoding(self) -> Encoding {
+        match self {
+            AutoCodec::Lz4 => Encoding::Lz4,
+            AutoCodec::ZstdFast | AutoCodec::ZstdStrong => Encoding::Zstd,
+        }
+    }
+
+    /// The codec `auto` probes on its `chunks`-th chunk (counted from 1), if any: every
+    /// codec every [`AUTO_PROBE_EVERY`] chunks, the first chunks first, even while it sends
+    /// raw, to notice when the content or the link changes.
+    fn probed_at(chunks: u64) -> Option<AutoCodec> {
+        match chunks % AUTO_PROBE_EVERY {
+            1 => Some(AutoCodec::Lz4),
+            2 => Some(AutoCodec::ZstdFast),
+            3 => Some(AutoCodec::ZstdStrong),
+            _ => None,
+        }
+    }
+}
+
+/// `auto` probes each codec once in this many chunks.
+const AUTO_PROBE_EVERY: u64 = 64;
 
 /// Adaptive state of `auto`.
 #[derive(Debug, Clone, Copy)]
 struct Auto {
     /// LZ4.
     lz4: Seen,
-    /// zstd level 1.
+    /// zstd at [`AUTO_ZSTD_FAST`].
     zstd: Seen,
+    /// zstd at [`Mode::DEFAULT_ZSTD_LEVEL`].
+    zstd_strong: Seen,
     /// Socket bytes per second (windowed maximum).
     link_speed: f64,
     chunks: u64,
 }
 
-/// Level of the zstd compressor `auto` uses.
-const AUTO_ZSTD_LEVEL: i32 = 1;
+/// The faster of `auto`'s two zstd levels.
+pub const AUTO_ZSTD_FAST: i32 = 1;
 
 /// Before the link is measured, `auto` sends raw only while the channel's queue holds less
 /// than this: a longer queue says the link is behind already, and the socket buffer (8 MiB)
@@ -331,6 +386,8 @@ pub struct Encoder {
     /// What `auto` learned, shared by the encoders of one channel (see [`Encoder::sibling`]).
     learned: Arc<Mutex<Learned>>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// `auto`'s second zstd level ([`AutoCodec::ZstdStrong`]).
+    zstd_strong: Option<zstd::bulk::Compressor<'static>>,
     /// Counters since the last [`Encoder::take_stats`].
     pub stats: CodecStats,
 }
@@ -355,9 +412,12 @@ impl Encoder {
     pub fn new(mode: Mode, cache: Option<Arc<DeltaCache>>) -> Encoder {
         let zstd = match mode {
             Mode::Zstd(level) => zstd::bulk::Compressor::new(level).ok(),
-            Mode::Auto => zstd::bulk::Compressor::new(AUTO_ZSTD_LEVEL).ok(),
+            Mode::Auto => zstd::bulk::Compressor::new(AUTO_ZSTD_FAST).ok(),
             _ => None,
         };
+        let zstd_strong = (mode == Mode::Auto)
+            .then(|| zstd::bulk::Compressor::new(Mode::DEFAULT_ZSTD_LEVEL).ok())
+            .flatten();
         Encoder {
             mode,
             cache,
@@ -369,6 +429,7 @@ impl Encoder {
                 auto: Auto {
                     lz4: Seen::default(),
                     zstd: Seen::default(),
+                    zstd_strong: Seen::default(),
                     link_speed: 0.0,
                     chunks: 0,
                 },
@@ -377,6 +438,7 @@ impl Encoder {
                 backlog: 0,
             })),
             zstd,
+            zstd_strong,
             stats: CodecStats::default(),
         }
     }
@@ -426,50 +488,70 @@ impl Encoder {
         self.learned().backlog = bytes;
     }
 
-    /// The codec `auto` uses now: None for raw, else LZ4 or zstd.
+    /// The codec `auto` uses now: None for raw, else LZ4 or zstd at one of two levels.
     ///
     /// Compressing overlaps with the socket draining what was queued before, so a codec of
-    /// speed C and ratio r moves min(C, L / r) raw bytes per second against L raw. LZ4 and
-    /// zstd are weighed against each other by their CPU speed (a fair comparison: one of them
-    /// runs on every chunk, the other only in probes, so their wall-clock speeds were taken
-    /// under different loads); the better one is taken when, at the speed it delivers on the
-    /// cores it gets (wall clock), it beats raw by 10%. Until the link is measured it is raw —
-    /// raw writes fill the socket queue and so measure the link — as long as the queue is
-    /// short ([`UNMEASURED_BACKLOG`]); with a longer one, the probed codec with the better
-    /// ratio (raw if neither compresses). Probes measure the codecs.
-    pub fn auto_choice(&self) -> Option<Encoding> {
+    /// speed C and ratio r moves min(C, L / r) raw bytes per second against L raw. The
+    /// codecs are weighed against each other by their CPU speed in probes (a fair comparison:
+    /// the chosen one also runs on every other chunk, with warm caches and beside the other
+    /// encoders, so neither its wall-clock speed nor its overall CPU speed compares with the
+    /// others'); the better one is taken when, at the speed it delivers on the cores it gets
+    /// (wall clock), it beats raw by 10%. Until the link is measured it is raw — raw writes
+    /// fill the socket queue and so measure the link — as long as the queue is short
+    /// ([`UNMEASURED_BACKLOG`]); with a longer one, the probed codec with the best ratio (raw
+    /// if none compresses). Probes measure the codecs.
+    pub fn auto_choice(&self) -> Option<AutoCodec> {
         let (a, backlog) = {
             let l = self.learned();
             (l.auto, l.backlog)
         };
         let usable = |s: &Seen| s.cpu > 0.0 && s.ratio < 0.95;
-        let zstd_ok = self.zstd.is_some() && usable(&a.zstd);
+        let candidates = [
+            (AutoCodec::Lz4, a.lz4),
+            (AutoCodec::ZstdFast, a.zstd),
+            (AutoCodec::ZstdStrong, a.zstd_strong),
+        ];
+        let usable = candidates
+            .into_iter()
+            .filter(|(c, s)| self.has(*c) && usable(s));
         if a.link_speed == 0.0 {
             if backlog < UNMEASURED_BACKLOG {
                 return None;
             }
-            return if zstd_ok && (!usable(&a.lz4) || a.zstd.ratio < a.lz4.ratio) {
-                Some(Encoding::Zstd)
-            } else if usable(&a.lz4) {
-                Some(Encoding::Lz4)
-            } else {
-                None
-            };
+            // The best ratio (the first of equals: the cheaper codec).
+            return usable
+                .min_by(|x, y| x.1.ratio.total_cmp(&y.1.ratio))
+                .map(|(c, _)| c);
         }
         let moves = |speed: f64, ratio: f64| speed.min(a.link_speed / ratio.max(1e-3));
-        let (best, seen) = match (usable(&a.lz4), zstd_ok) {
-            (false, false) => return None,
-            (true, false) => (Encoding::Lz4, a.lz4),
-            (false, true) => (Encoding::Zstd, a.zstd),
-            (true, true) => {
-                if moves(a.zstd.cpu, a.zstd.ratio) > moves(a.lz4.cpu, a.lz4.ratio) {
-                    (Encoding::Zstd, a.zstd)
-                } else {
-                    (Encoding::Lz4, a.lz4)
-                }
-            }
-        };
+        // The most raw bytes moved by CPU speed in probes (the first of equals: the cheaper
+        // codec).
+        let (best, seen) =
+            usable.fold(None, |best: Option<(AutoCodec, Seen)>, (c, s)| match best {
+                Some((_, b)) if moves(b.probed, b.ratio) >= moves(s.probed, s.ratio) => best,
+                _ => Some((c, s)),
+            })?;
         (moves(seen.wall, seen.ratio) >= a.link_speed * 1.1).then_some(best)
+    }
+
+    /// Whether this encoder has `codec`'s compressor.
+    fn has(&self, codec: AutoCodec) -> bool {
+        match codec {
+            AutoCodec::Lz4 => true,
+            AutoCodec::ZstdFast => self.zstd.is_some(),
+            AutoCodec::ZstdStrong => self.zstd_strong.is_some(),
+        }
+    }
+
+    /// Whether `auto` sends the next chunk raw as things stand (no probe due, no codec
+    /// chosen): scanning for zero pages is then all the encoding there is, and a channel does
+    /// it inline rather than hand the chunk to a helper thread. False in other modes.
+    pub fn next_chunk_raw(&self) -> bool {
+        if self.mode != Mode::Auto {
+            return false;
+        }
+        let next = self.learned().auto.chunks + 1;
+        AutoCodec::probed_at(next).is_none() && self.auto_choice().is_none()
     }
 
     /// Encodes the pages of `extents` (`(addr, len)`, page multiples; `host` gives each
@@ -487,16 +569,23 @@ impl Encoder {
             l.auto.chunks += 1;
             l.auto.chunks
         };
-        // `auto` probes each codec every 64 chunks, the first two chunks first, even while it
-        // sends raw, to notice when the content or the link changes.
+        let fixed = |encoding| Compress {
+            encoding,
+            strong: false,
+            probe: false,
+        };
         let codec = match self.mode {
-            Mode::Lz4 => Some(Encoding::Lz4),
-            Mode::Zstd(_) => Some(Encoding::Zstd),
-            Mode::Auto => match chunks % 64 {
-                1 => Some(Encoding::Lz4),
-                2 if self.zstd.is_some() => Some(Encoding::Zstd),
-                _ => self.auto_choice(),
-            },
+            Mode::Lz4 => Some(fixed(Encoding::Lz4)),
+            Mode::Zstd(_) => Some(fixed(Encoding::Zstd)),
+            Mode::Auto => match AutoCodec::probed_at(chunks).filter(|c| self.has(*c)) {
+                Some(c) => Some((c, true)),
+                None => self.auto_choice().map(|c| (c, false)),
+            }
+            .map(|(c, probe)| Compress {
+                encoding: c.encoding(),
+                strong: c == AutoCodec::ZstdStrong,
+                probe,
+            }),
             _ => None,
         };
         for &(addr, len, host) in extents {
@@ -555,7 +644,7 @@ impl Encoder {
         host: *const u8,
         len: usize,
         round: u64,
-        codec: Option<Encoding>,
+        codec: Option<Compress>,
     ) {
         self.stats.bytes_in += len as u64;
         let use_delta =
@@ -628,11 +717,16 @@ impl Encoder {
         }
     }
 
-    /// Compresses a snapshot of the run with `codec`; sends it raw when that does not pay.
+    /// Compresses a snapshot of the run as `codec` says; sends it raw when that does not pay.
     ///
     /// # Safety
     /// `host..host + len` must be readable.
-    unsafe fn compress_run(&mut self, addr: u64, host: *const u8, len: usize, codec: Encoding) {
+    unsafe fn compress_run(&mut self, addr: u64, host: *const u8, len: usize, codec: Compress) {
+        let Compress {
+            encoding: codec,
+            strong,
+            probe,
+        } = codec;
         let pages = (len / PAGE) as u64;
         self.stage.clear();
         // SAFETY: the run is readable; the snapshot gives the compressor stable bytes.
@@ -645,7 +739,12 @@ impl Encoder {
         // fresh memory, faulted in) is not the codec's speed — by its CPU time and by the
         // wall clock (see [`Encoder::auto_choice`]).
         let timed = self.mode == Mode::Auto;
-        let (enc, n, secs) = match (codec, self.zstd.as_mut()) {
+        let zstd = if strong {
+            self.zstd_strong.as_mut()
+        } else {
+            self.zstd.as_mut()
+        };
+        let (enc, n, secs) = match (codec, zstd) {
             (Encoding::Zstd, Some(z)) => {
                 self.out
                     .resize(off + zstd::zstd_safe::compress_bound(len), 0);
@@ -667,12 +766,15 @@ impl Encoder {
         };
         if let Some((cpu, wall)) = secs {
             let mut l = self.learned();
-            let m = if enc == Encoding::Zstd {
-                &mut l.auto.zstd
-            } else {
-                &mut l.auto.lz4
+            let m = match (enc, strong) {
+                (Encoding::Zstd, true) => &mut l.auto.zstd_strong,
+                (Encoding::Zstd, false) => &mut l.auto.zstd,
+                _ => &mut l.auto.lz4,
             };
             m.cpu = ewma(m.cpu, len as f64 / cpu.max(1e-9));
+            if probe {
+                m.probed = ewma(m.probed, len as f64 / cpu.max(1e-9));
+            }
             m.wall = ewma(m.wall, len as f64 / wall.max(1e-9));
             m.ratio = ewma(m.ratio, n as f64 / len as f64);
         }
@@ -997,7 +1099,12 @@ mod tests {
     }
 
     fn seen(cpu: f64, wall: f64, ratio: f64) -> Seen {
-        Seen { cpu, wall, ratio }
+        Seen {
+            cpu,
+            wall,
+            ratio,
+            probed: cpu,
+        }
     }
 
     /// Tells `e`'s family what `auto` measured of LZ4 and zstd.
@@ -1014,11 +1121,11 @@ mod tests {
         // zstd's last probe ran beside other work (wall 300 MB/s against a CPU speed of 900).
         e.record_link_rate(118e6);
         learn(&e, seen(1000e6, 800e6, 0.2), seen(900e6, 300e6, 0.07));
-        assert_eq!(e.auto_choice(), Some(Encoding::Zstd));
+        assert_eq!(e.auto_choice(), Some(AutoCodec::ZstdFast));
         // By wall-clock speed LZ4 would have looked better (min(800, 590) against 300):
         // the same figures with equal loads choose LZ4 only when it is really faster.
         learn(&e, seen(1000e6, 800e6, 0.2), seen(500e6, 300e6, 0.07));
-        assert_eq!(e.auto_choice(), Some(Encoding::Lz4));
+        assert_eq!(e.auto_choice(), Some(AutoCodec::Lz4));
         // 10 GbE shared by two connections (600 MB/s each): LZ4's own speed beats the link,
         // but on the cores it gets it delivers 500 MB/s: raw.
         let mut e = Encoder::new(Mode::Auto, None);
@@ -1039,13 +1146,54 @@ mod tests {
         e.record_backlog(UNMEASURED_BACKLOG - 1);
         assert_eq!(e.auto_choice(), None);
         e.record_backlog(UNMEASURED_BACKLOG);
-        assert_eq!(e.auto_choice(), Some(Encoding::Zstd));
+        assert_eq!(e.auto_choice(), Some(AutoCodec::ZstdFast));
         // Only LZ4 probed so far.
         e.learned().auto.zstd = Seen::default();
-        assert_eq!(e.auto_choice(), Some(Encoding::Lz4));
+        assert_eq!(e.auto_choice(), Some(AutoCodec::Lz4));
         // Nothing compresses: raw.
         e.learned().auto.lz4 = seen(3000e6, 3000e6, 1.0);
         assert_eq!(e.auto_choice(), None);
+    }
+
+    #[test]
+    fn auto_takes_the_stronger_zstd_level_where_the_link_is_slower_than_the_cores() {
+        let e = Encoder::new(Mode::Auto, None);
+        let strong = |s: Seen| e.learned().auto.zstd_strong = s;
+        // 1 GbE, text as measured here: level 3 as fast as level 1, 30 % fewer bytes.
+        e.learned().auto.link_speed = 118e6;
+        learn(&e, seen(1150e6, 1150e6, 0.2), seen(1030e6, 800e6, 0.075));
+        strong(seen(1110e6, 800e6, 0.054));
+        assert_eq!(e.auto_choice(), Some(AutoCodec::ZstdStrong));
+        // Content on which level 3 costs more than it saves at this link: level 1.
+        strong(seen(400e6, 300e6, 0.054));
+        assert_eq!(e.auto_choice(), Some(AutoCodec::ZstdFast));
+        // The same speeds over a link of 20 MB/s: level 1 would wait for the link
+        // (20 / 0.075 = 267 MB/s), level 3 moves 370.
+        e.learned().auto.link_speed = 20e6;
+        assert_eq!(e.auto_choice(), Some(AutoCodec::ZstdStrong));
+        // Before the link is measured, with a long queue: the best ratio.
+        e.learned().auto.link_speed = 0.0;
+        e.learned().backlog = UNMEASURED_BACKLOG;
+        assert_eq!(e.auto_choice(), Some(AutoCodec::ZstdStrong));
+    }
+
+    #[test]
+    fn auto_says_when_its_next_chunk_goes_raw() {
+        let mut e = Encoder::new(Mode::Auto, None);
+        // The first chunks probe each codec.
+        assert!(!e.next_chunk_raw());
+        e.learned().auto.chunks = AUTO_PROBE_EVERY + 2;
+        assert!(!e.next_chunk_raw());
+        e.learned().auto.chunks = 3;
+        // Link not measured, short queue: raw.
+        assert!(e.next_chunk_raw());
+        // A slow link on compressible content: compressed.
+        e.record_link_rate(118e6);
+        learn(&e, seen(1000e6, 1000e6, 0.2), seen(900e6, 900e6, 0.07));
+        assert!(!e.next_chunk_raw());
+        // Fixed modes never say raw (they have no helpers' choice to skip).
+        assert!(!Encoder::new(Mode::Lz4, None).next_chunk_raw());
+        assert!(!Encoder::new(Mode::None, None).next_chunk_raw());
     }
 
     fn page_from(seed: u64, text: bool) -> Vec<u8> {
@@ -1092,6 +1240,34 @@ mod tests {
             }
         }
         assert_eq!(&dest[..src.len()], &src[..]);
+    }
+
+    #[test]
+    fn auto_probes_each_codec_in_turn_and_every_probe_decodes() {
+        let src: Vec<u8> = (0..8).flat_map(|i| page_from(i, true)).collect();
+        let mut enc = Encoder::new(Mode::Auto, None);
+        for want in [Encoding::Lz4, Encoding::Zstd, Encoding::Zstd] {
+            // SAFETY: `src` outlives the encoding.
+            unsafe { enc.encode(&[(0, src.len() as u64, src.as_ptr())], 0) };
+            let mut dest = vec![0u8; src.len()];
+            for e in &enc.entries {
+                assert_eq!(e.encoding, want);
+                let Body::Out(off) = e.body else {
+                    panic!("a compressed entry's body is in the output buffer")
+                };
+                let at = e.addr as usize;
+                let body = &enc.out[off..off + e.enc_len as usize];
+                decompress_into(e.encoding, body, &mut dest[at..at + e.raw_len as usize]).unwrap();
+            }
+            assert_eq!(dest, src);
+        }
+        let a = enc.learned().auto;
+        for (name, s) in [("lz4", a.lz4), ("zstd", a.zstd), ("strong", a.zstd_strong)] {
+            assert!(
+                s.cpu > 0.0 && s.probed > 0.0 && s.ratio < 0.5,
+                "{name}: {s:?}"
+            );
+        }
     }
 
     proptest! {
