@@ -45,8 +45,10 @@
 # REF_BLACKOUT=1 (a client pings every 10 ms and streams through the guest's echo service
 # during each migration: `REF blackout` lines; REF_BLACKOUT_S its duration, 20 s),
 # REF_LM_LOG=info (livemig logs; with REF_BLACKOUT, `REF timeline` lines: pause, prepared, resumed,
-# announced, in unix ms beside the blackout gap), REF_DISKCHECK=0 (skip the third boot), REF_VERBOSE=1 (echo every guest
-# console line, not just every 10th tick), REF_HEARTBEAT (30 s; 0 = off). Phases and counts may
+# announced, in unix ms beside the blackout gap), REF_LM_JSON=1 (each livemig migration's whole
+# JSON report on a `REF json` line: rounds, CPU, switchover steps), REF_DISKCHECK=0 (skip the
+# third boot), REF_VERBOSE=1 (echo every guest console line, not just every 10th tick),
+# REF_HEARTBEAT (30 s; 0 = off). Phases and counts may
 # repeat: `bash qemu-reference.sh boot boot migrate` with REF_SMPS="1 2 1 2"; `lm-migrate=OPTS`
 # is one livemig migration with its own options, commas for spaces (`lm-migrate=--compress,none`).
 #
@@ -500,6 +502,7 @@ phase_lm_migrate() { # SMP
 
   num() { grep -o "\"$1\":[^,}]*" <<<"$r" | head -n1 | cut -d: -f2 | tr -d '"'; }
   say "REF migrate system=livemig transport=$TRANSPORT prefault=${REF_PREFAULT:-1} smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match) encryption=$(num encryption | tr " " _) args=$(a=${REF_LM_MIGRATE_ARGS:-}; a=${a// /,}; echo "${a:-default}")"
+  if [ -n "${REF_LM_JSON:-}" ]; then say "REF json $(tr -d '\n' <<<"$r")"; fi
   blackout_report "$W/$src" livemig "$smp" "$t_mig" "$(num total_time_ms)"
   if [ -n "${REF_LM_LOG:-}" ]; then # the switchover's timeline, unix ms (REF_LM_LOG=info)
     local f l
