@@ -868,11 +868,17 @@ pub const HELPER_NICE: libc::c_int = 10;
 /// Lowers the calling thread's priority to [`HELPER_NICE`] (Linux: a thread's own nice
 /// value), never raising it; a failure leaves it as it was.
 pub fn lower_thread_priority() {
+    lower_thread_priority_to(HELPER_NICE);
+}
+
+/// Lowers the calling thread's priority to `nice` (-20..=19), never raising it; a failure
+/// leaves it as it was.
+pub fn lower_thread_priority_to(nice: libc::c_int) {
     // SAFETY: getpriority takes plain integers; `who` 0 is the calling thread.
     let now = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    if now < HELPER_NICE {
+    if now < nice {
         // SAFETY: setpriority takes plain integers; `who` 0 is the calling thread.
-        let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, HELPER_NICE) };
+        let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
     }
 }
 
@@ -1059,6 +1065,18 @@ mod tests {
         assert_eq!(helper, mine.max(HELPER_NICE));
         // SAFETY: as above.
         assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }, mine);
+        // Lower still, then never back up.
+        let (lowest, after) = std::thread::spawn(|| {
+            lower_thread_priority_to(19);
+            // SAFETY: as above.
+            let lowest = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+            lower_thread_priority();
+            // SAFETY: as above.
+            (lowest, unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) })
+        })
+        .join()
+        .unwrap();
+        assert_eq!((lowest, after), (19, 19));
     }
     use proptest::prelude::*;
 
