@@ -154,10 +154,12 @@ boot_nested() {
 }
 
 # A crash of the nested VM's own kernel (a panic, or the hang above) is the emulator's, not a
-# test's: the run is repeated, saying so — at most twice, and not once this script has run for
-# LIVEMIG_NESTED_RETRY_BUDGET seconds (CI has seen two hangs in one run). A failing test in a
-# boot whose kernel stayed healthy is never retried.
+# test's: the run is repeated, saying so — in at most four boots, and not once this script has
+# run for LIVEMIG_NESTED_RETRY_BUDGET seconds (CI has seen two hangs in one run, and two hangs
+# and a guest's reset in pre-copy in another: three boots were not enough). A failing test in
+# a boot whose kernel stayed healthy is never retried.
 budget="${LIVEMIG_NESTED_RETRY_BUDGET:-1800}"
+max_boots=4
 
 # A Linux guest (L2) whose kernel crashed or stopped while it booted, before its test
 # migrated anything: the test fails waiting for the workload on the source's console (a.log),
@@ -268,7 +270,7 @@ passed_tests() {
 # passed before; no test name is part of another's), so a crash late in the run costs the
 # rest of the run, not all of it.
 skips=()
-for attempt in 1 2 3; do
+for attempt in $(seq "$max_boots"); do
   echo "== booting the nested VM (soft-RoCE + KVM): $what${skips[*]:+ (skipping the $((${#skips[@]} / 2)) tests that passed in earlier boots)}"
   set +e
   boot_nested "$@" "${skips[@]}"
@@ -278,31 +280,31 @@ for attempt in 1 2 3; do
   while read -r name; do skips+=(--skip "$name"); done < <(passed_tests "$log")
   # The nested VM's own kernel failing under the tests (seen: a panic, soft lockups, a stack
   # guard hit and "scheduling while atomic" in a vCPU thread) takes its L2 guests with it.
-  if [ "$attempt" != 3 ] && [ "$SECONDS" -lt "$((start + budget))" ] && { [ "$rc" = 200 ] ||
+  if [ "$attempt" != "$max_boots" ] && [ "$SECONDS" -lt "$((start + budget))" ] && { [ "$rc" = 200 ] ||
     { [ "$rc" = 125 ] && grep -qa 'Kernel panic' "$log" && ! grep -qa 'LIVEMIG-EXIT=' "$log"; } ||
     { [ "$rc" != 0 ] && grep -qaE '^\[ *[0-9.]+\] (BUG: scheduling while atomic|BUG: TASK stack guard page was hit|watchdog: BUG: soft lockup)' "$log"; }; }; then
-    echo "test-nested: the nested VM's kernel crashed (status $rc; not a test failure): booting it again (attempt $((attempt + 1)) of at most 3)"
+    echo "test-nested: the nested VM's kernel crashed (status $rc; not a test failure): booting it again (attempt $((attempt + 1)) of at most $max_boots)"
     continue
   fi
-  if [ "$attempt" != 3 ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
+  if [ "$attempt" != "$max_boots" ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
     guest_boot_crash; then
-    echo "test-nested: a Linux guest's kernel crashed or stopped while booting, before any migration (status $rc; the emulator's, not a test failure): booting the nested VM again (attempt $((attempt + 1)) of at most 3)"
+    echo "test-nested: a Linux guest's kernel crashed or stopped while booting, before any migration (status $rc; the emulator's, not a test failure): booting the nested VM again (attempt $((attempt + 1)) of at most $max_boots)"
     continue
   fi
-  if [ "$attempt" != 3 ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
+  if [ "$attempt" != "$max_boots" ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
     guest_given_host_state; then
-    echo "test-nested: a Linux guest was given the nested VM's own processor state at a pause or resume (the emulator's, not a test failure; see its test's output above): booting the nested VM again for the tests that have not passed (attempt $((attempt + 1)) of at most 3)"
+    echo "test-nested: a Linux guest was given the nested VM's own processor state at a pause or resume (the emulator's, not a test failure; see its test's output above): booting the nested VM again for the tests that have not passed (attempt $((attempt + 1)) of at most $max_boots)"
     continue
   fi
-  if [ "$attempt" != 3 ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
+  if [ "$attempt" != "$max_boots" ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
     guest_reset_before_switchover; then
-    echo "test-nested: a Linux guest reset itself (triple fault) on the source during pre-copy, before any switchover (status $rc; see its test's output above): booting the nested VM again for the tests that have not passed (attempt $((attempt + 1)) of at most 3)"
+    echo "test-nested: a Linux guest reset itself (triple fault) on the source during pre-copy, before any switchover (status $rc; see its test's output above): booting the nested VM again for the tests that have not passed (attempt $((attempt + 1)) of at most $max_boots)"
     continue
   fi
-  if [ "$attempt" != 3 ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
+  if [ "$attempt" != "$max_boots" ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
     [ "$after_retried" = 0 ] && guest_stopped_after_switchover; then
     after_retried=1
-    echo "test-nested: a Linux guest stopped (on the source, or on the destination after a completed switchover: reset, or no progress with its vCPU running), or a test timed out (status $rc; see its test's output above): booting the nested VM again, once, for the tests that have not passed (attempt $((attempt + 1)) of at most 3)"
+    echo "test-nested: a Linux guest stopped (on the source, or on the destination after a completed switchover: reset, or no progress with its vCPU running), or a test timed out (status $rc; see its test's output above): booting the nested VM again, once, for the tests that have not passed (attempt $((attempt + 1)) of at most $max_boots)"
     continue
   fi
   break
