@@ -154,12 +154,13 @@ boot_nested() {
 }
 
 # A crash of the nested VM's own kernel (a panic, or the hang above) is the emulator's, not a
-# test's: the run is repeated, saying so — in at most four boots, and not once this script has
-# run for LIVEMIG_NESTED_RETRY_BUDGET seconds (CI has seen two hangs in one run, and two hangs
-# and a guest's reset in pre-copy in another: three boots were not enough). A failing test in
-# a boot whose kernel stayed healthy is never retried.
+# test's: the run is repeated, saying so — in at most five boots, and not once this script has
+# run for LIVEMIG_NESTED_RETRY_BUDGET seconds (CI has seen two hangs and a guest's reset in
+# pre-copy in one run, and two hangs, a panic of the nested kernel and a reset in another;
+# each boot after the first runs only the tests that have not passed). A failing test in a
+# boot whose kernel stayed healthy is never retried.
 budget="${LIVEMIG_NESTED_RETRY_BUDGET:-1800}"
-max_boots=4
+max_boots=5
 
 # A Linux guest (L2) whose kernel crashed or stopped while it booted, before its test
 # migrated anything: the test fails waiting for the workload on the source's console (a.log),
