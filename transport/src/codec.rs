@@ -524,14 +524,17 @@ impl Encoder {
                 .map(|(c, _)| c);
         }
         let moves = |speed: f64, ratio: f64| speed.min(a.link_speed / ratio.max(1e-3));
-        // The most raw bytes moved by CPU speed in probes (the first of equals: the cheaper
-        // codec).
-        let (best, seen) =
-            usable.fold(None, |best: Option<(AutoCodec, Seen)>, (c, s)| match best {
+        // Among the codecs that beat raw by 10 % at the speed they deliver on the cores they
+        // get (wall clock), the one that moves the most raw bytes by CPU speed in probes (the
+        // first of equals: the cheaper codec). A codec best by CPU speed that delivers too
+        // little here does not send the chunk raw while another one beats raw.
+        usable
+            .filter(|(_, s)| moves(s.wall, s.ratio) >= a.link_speed * 1.1)
+            .fold(None, |best: Option<(AutoCodec, Seen)>, (c, s)| match best {
                 Some((_, b)) if moves(b.probed, b.ratio) >= moves(s.probed, s.ratio) => best,
                 _ => Some((c, s)),
-            })?;
-        (moves(seen.wall, seen.ratio) >= a.link_speed * 1.1).then_some(best)
+            })
+            .map(|(c, _)| c)
     }
 
     /// Whether this encoder has `codec`'s compressor.
@@ -1189,6 +1192,11 @@ mod tests {
         // (20 / 0.075 = 267 MB/s), level 3 moves 370.
         e.learned().auto.link_speed = 20e6;
         assert_eq!(e.auto_choice(), Some(AutoCodec::ZstdStrong));
+        // Level 3 best by CPU speed but delivering 100 MB/s on the cores it gets, under the
+        // link: level 1, which delivers, rather than raw.
+        e.learned().auto.link_speed = 118e6;
+        strong(seen(1110e6, 100e6, 0.054));
+        assert_eq!(e.auto_choice(), Some(AutoCodec::ZstdFast));
         // Before the link is measured, with a long queue: the best ratio.
         e.learned().auto.link_speed = 0.0;
         e.learned().backlog = UNMEASURED_BACKLOG;
