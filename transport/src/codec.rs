@@ -492,11 +492,11 @@ impl Encoder {
     ///
     /// Compressing overlaps with the socket draining what was queued before, so a codec of
     /// speed C and ratio r moves min(C, L / r) raw bytes per second against L raw. The
-    /// codecs are weighed against each other by their CPU speed in probes (a fair comparison:
-    /// the chosen one also runs on every other chunk, with warm caches and beside the other
-    /// encoders, so neither its wall-clock speed nor its overall CPU speed compares with the
-    /// others'); the better one is taken when, at the speed it delivers on the cores it gets
-    /// (wall clock), it beats raw by 10%. Until the link is measured it is raw — raw writes
+    /// codecs that beat raw by 10% at the speed they deliver on the cores they get (wall
+    /// clock) compete, weighed against each other by their CPU speed in probes (a fair
+    /// comparison: the chosen one also runs on every other chunk, with warm caches and beside
+    /// the other encoders, so neither its wall-clock speed nor its overall CPU speed compares
+    /// with the others'); raw if none does. Until the link is measured it is raw — raw writes
     /// fill the socket queue and so measure the link — as long as the queue is short
     /// ([`UNMEASURED_BACKLOG`]); with a longer one, the probed codec with the best ratio (raw
     /// if none compresses). Probes measure the codecs.
