@@ -156,6 +156,22 @@ start_vm() {
 
 alive() { kill -0 "$(cat "$W/$1/pid")" 2>/dev/null; }
 
+# gone NAME: why QEMU ended, for a message: its log's last lines and the reason of the SHUTDOWN
+# event it sent on QMP. With -no-reboot a guest that resets itself (a triple fault, or a reboot)
+# ends QEMU with status 0 and nothing on its stderr: only the event's "guest-reset" tells that
+# from a crash or a kill, which send no event.
+gone() {
+  local d=$W/$1 why
+  sleep 0.3 # the QMP reader may not have written QEMU's last event yet
+  why=$(grep -F '"event": "SHUTDOWN"' "$d/qmp.log" | tail -n1 | jget reason)
+  printf '%s; ' "$(tail -n 5 "$d/qemu.log" | tr '\n' ' ')"
+  case $why in
+  guest-reset) printf 'QMP SHUTDOWN reason guest-reset (-no-reboot: the guest reset itself)' ;;
+  "") printf 'no SHUTDOWN event on QMP (killed or crashed)' ;;
+  *) printf 'QMP SHUTDOWN reason %s' "$why" ;;
+  esac
+}
+
 # qmp NAME JSON -> the reply line (stdout). Each command gets a unique id so the reply is
 # matched exactly, whatever events arrive in between (a counter would not survive the $(...)
 # subshells qmp runs in). Writes open the FIFO read-write (1<>): that never blocks, even if
@@ -169,7 +185,7 @@ qmp() {
   printf '%s\n' "${cmd%\}},\"id\":\"$id\"}" 1<>"$d/qmp.in"
   for i in $(seq 300); do # 30 s: QMP under nested TCG can be slow while the guest boots
     grep -F "\"id\": \"$id\"" "$d/qmp.log" && return 0
-    alive "$name" || { say "$name: QEMU died: $(tail -n 5 "$d/qemu.log")" >&2; return 1; }
+    alive "$name" || { say "$name: QEMU died: $(gone "$name")" >&2; return 1; }
     sleep 0.1
   done
   say "$name: no QMP reply to $cmd" >&2
@@ -186,7 +202,7 @@ wait_line() {
   local d=$W/$1 i
   for i in $(seq $(($3 * 10))); do
     grep -m1 -E "$2" "$d/con.log" && return 0
-    alive "$1" || { say "$1: QEMU exited: $(tail -n 5 "$d/qemu.log")" >&2; return 1; }
+    alive "$1" || { say "$1: QEMU exited: $(gone "$1")" >&2; return 1; }
     sleep 0.1
   done
   return 1
