@@ -1175,20 +1175,28 @@ mod tests {
                 assert_eq!(x.data, y.data, "section {} of vCPU {}", x.id, x.instance);
             }
         }
-        // The pending `out` was completed before the pause: no vCPU sits on it.
+        // The pending `out` was completed before the pause. A vCPU found on its `out` is
+        // either one whose I/O exit was left unfinished (the bug: KVM would then run the `out`
+        // a second time after a restore) or one the kick stopped just before executing it
+        // (legitimate, and rare: the guest spends most of its time parked after its exit).
+        // Hence counted over several pauses: unfinished exits would show at nearly every one.
+        // (Stock KVM completes a port write at the next KVM_RUN, RIP on the `out` until then;
+        // the PVM host KVM of this project's CI reports RIP already past it at the exit, so
+        // there the check holds even without the completion: `complete_io` skipped, 1 of 10.)
         let out_at = builtin_guest::CODE_ADDR
             + builtin_guest::GUEST_CODE
                 .windows(2)
                 .position(|w| w == [0xe6, 0x10])
                 .unwrap() as u64;
-        for v in 0..2 {
-            let r = saved
-                .iter()
-                .find(|s| s.id == section::REGS && s.instance == v)
-                .unwrap();
-            let regs: kvm_regs = pod_from(section::REGS, v, &r.data).unwrap();
-            assert_ne!(regs.rip, out_at, "vCPU {v} paused on its out instruction");
-        }
+        let on_out = |sections: &[DeviceSection]| {
+            (0..2)
+                .filter(|&v| {
+                    let r = find(sections, section::REGS, v);
+                    pod_from::<kvm_regs>(section::REGS, v, &r.data).unwrap().rip == out_at
+                })
+                .count()
+        };
+        let mut seen_on_out = on_out(&saved);
         // The guest's TSC continues from the source's value instead of restarting.
         let tsc = |v: &[DeviceSection]| {
             let m = v
@@ -1209,6 +1217,20 @@ mod tests {
         a.resume().unwrap();
         let p = a.progress().unwrap();
         wait_progress(&a, p);
+        const PAUSES: usize = 5;
+        for _ in 1..PAUSES {
+            let p = a.progress().unwrap();
+            wait_progress(&a, p + 2);
+            a.pause().unwrap();
+            seen_on_out += on_out(&a.save_state().unwrap());
+            a.resume().unwrap();
+        }
+        assert!(
+            seen_on_out <= 2,
+            "a vCPU sat on its out instruction at {seen_on_out} of {} vCPU pauses: its I/O exit was \
+             not completed before the pause",
+            2 * PAUSES
+        );
     }
 
     #[test]
