@@ -1227,8 +1227,8 @@ mod tests {
         }
         assert!(
             seen_on_out <= 2,
-            "a vCPU sat on its out instruction at {seen_on_out} of {} vCPU pauses: its I/O exit was \
-             not completed before the pause",
+            "a vCPU sat on its out instruction at {seen_on_out} of {} vCPU pauses: its I/O \
+             exit was not completed before the pause",
             2 * PAUSES
         );
     }
