@@ -208,6 +208,41 @@ wait_line() {
   return 1
 }
 
+# kept_rising SRC_LAST DST_FIRST DST_LAST (tick lines) -> yes: the destination's ticks continue
+# the source's and at least 10 more came in the 3 s after the migration (the workload prints 10
+# a second; 30-39 came in every run CI logged), slow: fewer (3, once, in a guest that answered
+# no echo and no ping), no: none.
+kept_rising() {
+  local first last
+  first=$(tick_no <<<"$2")
+  last=$(tick_no <<<"$3")
+  if [ -z "$first" ] || [ "$first" -le "$(tick_no <<<"$1")" ] || [ "$last" -le "$first" ]; then
+    echo no
+  elif [ "$last" -lt "$((first + 10))" ]; then
+    echo slow
+  else
+    echo yes
+  fi
+}
+
+# stall_report NAME: for a destination whose guest stalled or answered no echo: what used the
+# nested VM's CPUs over one second (the busiest threads, in clock ticks), and its VMM's last
+# log lines.
+stall_report() {
+  cpu_snapshot() { # tid (comm) utime+stime, one awk over every thread
+    awk '{ p = match($0, /\) [A-Za-z] /); split(substr($0, p + 2), f, " ")
+           o = index($0, "("); print $1, substr($0, o, p - o + 1), f[12] + f[13] }' \
+      /proc/[0-9]*/task/[0-9]*/stat 2>/dev/null
+  }
+  cpu_snapshot >"$W/cpu.1"
+  sleep 1
+  cpu_snapshot >"$W/cpu.2"
+  say "REF stall $1: load $(cut -d' ' -f1-3 /proc/loadavg); busiest threads over 1 s: $(
+    awk 'NR == FNR { a[$1] = $NF; next } ($1 in a) && $NF > a[$1] { print $NF - a[$1], $0 }' \
+      "$W/cpu.1" "$W/cpu.2" | sort -rn | head -n 8 | awk '{ $NF = ""; print }' | tr '\n' ';')"
+  say "REF stall $1: its log: $(tail -n 8 "$W/$1/qemu.log" 2>/dev/null | tr '\n' ' ' | cut -c 1-1500)"
+}
+
 last_tick() { grep -E 'livemig-workload: tick [0-9]+$' "$W/$1/con.log" | tail -n1; }
 tick_no() { awk '{print $NF}'; }
 tick_ts() { awk '{print $1}'; }
@@ -395,9 +430,9 @@ phase_migrate() { # SMP
   dst_first=$(grep -E 'livemig-workload: tick [0-9]+$' "$W/$dst/con.log" | head -n1)
   dst_last=$(last_tick "$dst")
   echo_after=$(echo_check after)
-  local kept=no
-  if [ -n "$dst_first" ] && [ "$(tick_no <<<"$dst_first")" -gt "$(tick_no <<<"$src_last")" ] &&
-    [ "$(tick_no <<<"$dst_last")" -gt "$(tick_no <<<"$dst_first")" ]; then kept=yes; fi
+  local kept
+  kept=$(kept_rising "$src_last" "$dst_first" "$dst_last")
+  [ "$kept" = yes ] && [ "$echo_after" = ok ] || stall_report "$dst"
   say "REF migrate system=qemu transport=$TRANSPORT prefault=${REF_PREFAULT:-1} smp=$smp mem=$MEM ws=$WS rate=$RATE status=$st total_ms=$(jget total-time <<<"$r") downtime_ms=$(jget downtime <<<"$r") setup_ms=$(jget setup-time <<<"$r") transferred=$(jget transferred <<<"$r") iterations=$(jget dirty-sync-count <<<"$r") mbps=$(jget mbps <<<"$r") downtime_limit_ms=$dl max_bandwidth=$bw dst_status=$ds"
   blackout_report "$W/$src" qemu "$smp" "$t_mig" "$(jget total-time <<<"$r")"
   say "REF ticks system=qemu transport=$TRANSPORT smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
@@ -509,12 +544,12 @@ phase_lm_migrate() { # SMP
   local src_last
   src_last=$(last_tick "$src")
   sleep 3
-  local dst_first dst_last echo_after kept=no
+  local dst_first dst_last echo_after kept
   dst_first=$(grep -E 'livemig-workload: tick [0-9]+$' "$W/$dst/con.log" | head -n1)
   dst_last=$(last_tick "$dst")
   echo_after=$(echo_check after)
-  if [ -n "$dst_first" ] && [ "$(tick_no <<<"$dst_first")" -gt "$(tick_no <<<"$src_last")" ] &&
-    [ "$(tick_no <<<"$dst_last")" -gt "$(tick_no <<<"$dst_first")" ]; then kept=yes; fi
+  kept=$(kept_rising "$src_last" "$dst_first" "$dst_last")
+  [ "$kept" = yes ] && [ "$echo_after" = ok ] || stall_report "$dst"
 
   num() { grep -o "\"$1\":[^,}]*" <<<"$r" | head -n1 | cut -d: -f2 | tr -d '"'; }
   say "REF migrate system=livemig transport=$TRANSPORT prefault=${REF_PREFAULT:-1} smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match) encryption=$(num encryption | tr " " _) args=$(a=${REF_LM_MIGRATE_ARGS:-}; a=${a// /,}; echo "${a:-default}")"

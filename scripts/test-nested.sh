@@ -221,7 +221,11 @@ guest_reset_before_switchover() {
 # that guest/qemu-reference.sh migrated with livemig (completed, digests matching) and that
 # printed no tick on the destination (seen once, in a TCP migration with zstd) — or that QEMU
 # migrated, as the reference, and reported completed, whose guest then printed no tick and
-# answered no echo on QEMU's destination (seen once, over QEMU's own rdma:, at 40b1dab) — or
+# answered no echo on QEMU's destination (seen once, over QEMU's own rdma:, at 40b1dab) — or,
+# migrated by either, that ran at a tenth of its pace on the destination (`kept_rising=slow`:
+# 3 ticks in 3 s against 30-39 in every other migration CI logged, no echo, no ping answered
+# for 6.6 s; once, livemig over RDMA with two queue pairs at 6d8e6d0; the script's `REF stall`
+# lines now say which threads held the nested VM's CPUs then) — or
 # that livemig was about to migrate there and that had stopped on its own before the migration
 # began ("VM is Stopped: cannot pause"; seen once in CI at 494d857, after QEMU's guest of the
 # same test had migrated: the guest reset itself while nothing of livemig but its VMM ran).
@@ -231,9 +235,9 @@ guest_reset_before_switchover() {
 guest_stopped_after_switchover() {
   awk '/qemu-ref: FAILED: [^ ]+: livemig migrate: .*VM is Stopped: cannot pause/ { found = 1 }
        /qemu-ref: REF migrate system=livemig / { done = / status=completed / && / digest_match=true / }
-       /qemu-ref: REF ticks system=livemig .* kept_rising=no / && done { found = 1 }
+       /qemu-ref: REF ticks system=livemig .* kept_rising=(no|slow) / && done { found = 1 }
        /qemu-ref: REF migrate system=qemu / { qdone = / status=completed / }
-       /qemu-ref: REF ticks system=qemu .* kept_rising=no / && qdone { found = 1 }
+       /qemu-ref: REF ticks system=qemu .* kept_rising=(no|slow) / && qdone { found = 1 }
        /panicked at/ { inside = 1; dest = 0; src = 0; stalled = 0; reset = 0 }
        inside && /^no tick [0-9]+ on / { stalled = 1 }
        inside && /^destination status: / && stalled { found = 1 }
