@@ -740,6 +740,10 @@ fn livemig_and_qemu_migrate_the_same_linux_guest_over_tcp_and_rdma() {
             // 2 s before each migration, 15 s in all: the blackout (longest gap in replies).
             ("REF_BLACKOUT", "1"),
             ("REF_BLACKOUT_S", "15"),
+            // Each livemig migration's whole report (rounds, setup, CPU) on a `REF json` line:
+            // what a slow cell took its time with (CI at 6d8e6d0: 4655 ms over TCP, against
+            // 2371-2672 in four earlier runs, with QEMU's 1827 as usual).
+            ("REF_LM_JSON", "1"),
         ])
         .stdout(out.try_clone().unwrap())
         .stderr(out)
