@@ -279,6 +279,9 @@ passed_tests() {
 # A boot after a crash runs only what has not passed yet (`--skip NAME` for each test that
 # passed before; no test name is part of another's), so a crash late in the run costs the
 # rest of the run, not all of it.
+# Whether another boot is allowed: this was not the last one, and the retry budget lasts.
+boot_left() { [ "$attempt" != "$max_boots" ] && [ "$SECONDS" -lt "$((start + budget))" ]; }
+
 skips=()
 for attempt in $(seq "$max_boots"); do
   echo "== booting the nested VM (soft-RoCE + KVM): $what${skips[*]:+ (skipping the $((${#skips[@]} / 2)) tests that passed in earlier boots)}"
@@ -290,28 +293,28 @@ for attempt in $(seq "$max_boots"); do
   while read -r name; do skips+=(--skip "$name"); done < <(passed_tests "$log")
   # The nested VM's own kernel failing under the tests (seen: a panic, soft lockups, a stack
   # guard hit and "scheduling while atomic" in a vCPU thread) takes its L2 guests with it.
-  if [ "$attempt" != "$max_boots" ] && [ "$SECONDS" -lt "$((start + budget))" ] && { [ "$rc" = 200 ] ||
+  if boot_left && { [ "$rc" = 200 ] ||
     { [ "$rc" = 125 ] && grep -qa 'Kernel panic' "$log" && ! grep -qa 'LIVEMIG-EXIT=' "$log"; } ||
     { [ "$rc" != 0 ] && grep -qaE '^\[ *[0-9.]+\] (BUG: scheduling while atomic|BUG: TASK stack guard page was hit|watchdog: BUG: soft lockup)' "$log"; }; }; then
     echo "test-nested: the nested VM's kernel crashed (status $rc; not a test failure): booting it again (attempt $((attempt + 1)) of at most $max_boots)"
     continue
   fi
-  if [ "$attempt" != "$max_boots" ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
+  if boot_left && [ "$rc" != 0 ] &&
     guest_boot_crash; then
     echo "test-nested: a Linux guest's kernel crashed or stopped while booting, before any migration (status $rc; the emulator's, not a test failure): booting the nested VM again (attempt $((attempt + 1)) of at most $max_boots)"
     continue
   fi
-  if [ "$attempt" != "$max_boots" ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
+  if boot_left && [ "$rc" != 0 ] &&
     guest_given_host_state; then
     echo "test-nested: a Linux guest was given the nested VM's own processor state at a pause or resume (the emulator's, not a test failure; see its test's output above): booting the nested VM again for the tests that have not passed (attempt $((attempt + 1)) of at most $max_boots)"
     continue
   fi
-  if [ "$attempt" != "$max_boots" ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
+  if boot_left && [ "$rc" != 0 ] &&
     guest_reset_before_switchover; then
     echo "test-nested: a Linux guest reset itself (triple fault) on the source during pre-copy, before any switchover (status $rc; see its test's output above): booting the nested VM again for the tests that have not passed (attempt $((attempt + 1)) of at most $max_boots)"
     continue
   fi
-  if [ "$attempt" != "$max_boots" ] && [ "$SECONDS" -lt "$((start + budget))" ] && [ "$rc" != 0 ] &&
+  if boot_left && [ "$rc" != 0 ] &&
     [ "$after_retried" = 0 ] && guest_stopped_after_switchover; then
     after_retried=1
     echo "test-nested: a Linux guest stopped (on the source, or on the destination after a completed switchover: reset, or no progress with its vCPU running), or a test timed out (status $rc; see its test's output above): booting the nested VM again, once, for the tests that have not passed (attempt $((attempt + 1)) of at most $max_boots)"
