@@ -318,6 +318,25 @@ fn echo(mut c: TcpStream) {
     }
 }
 
+/// eth0 as the guest sees it: packets and drops each way, and how often the kernel's transmit
+/// watchdog found its queue stuck (a device that stopped completing transmits).
+fn nic_status() -> String {
+    let read = |f: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/eth0/{f}"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    format!(
+        "eth0: rx_packets={} rx_dropped={} tx_packets={} tx_dropped={} tx_timeouts={} carrier={}",
+        read("statistics/rx_packets"),
+        read("statistics/rx_dropped"),
+        read("statistics/tx_packets"),
+        read("statistics/tx_dropped"),
+        read("queues/tx-0/tx_timeout"),
+        read("carrier")
+    )
+}
+
 fn hello() -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let s = std::net::UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
@@ -394,11 +413,12 @@ fn commands(
                 Err(e) => say(&format!("error: hello: {e}")),
             },
             "status" => say(&format!(
-                "status tick={} writes={} writes_paused={} quiet={}",
+                "status tick={} writes={} writes_paused={} quiet={} {}",
                 tick.load(Relaxed),
                 writes.load(Relaxed),
                 paused.load(Relaxed),
-                quiet.load(Relaxed)
+                quiet.load(Relaxed),
+                nic_status()
             )),
             other => say(&format!("error: unknown command {other:?} (sync|poweroff|reboot|quiet|loud|pause-writes|resume-writes|hello|status)")),
         }

@@ -77,6 +77,12 @@ pub struct StreamReport {
     pub longest_stall_ms: f64,
     /// What went wrong, if anything.
     pub error: Option<String>,
+    /// When bytes never came back: the client socket's TCP state at the end (`TCP_INFO`):
+    /// whether the client still had data unacknowledged and how far its retransmission timer
+    /// had backed off (segments lost towards the guest), or had nothing in flight (the guest
+    /// held the bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_info: Option<String>,
 }
 
 fn unix_ms() -> f64 {
@@ -394,6 +400,9 @@ fn stream(
         }
     }
     failed.store(true, Ordering::Relaxed);
+    if rep.bytes_echoed < written.load(Ordering::Relaxed) {
+        rep.tcp_info = tcp_info(&r);
+    }
     let _ = r.shutdown(std::net::Shutdown::Both);
     if let Ok(Some(e)) = writer.join() {
         rep.error.get_or_insert(e);
@@ -403,9 +412,56 @@ fn stream(
     rep
 }
 
+/// The socket's `TCP_INFO`, the fields that tell where a stalled stream stands.
+fn tcp_info(s: &TcpStream) -> Option<String> {
+    // SAFETY: tcp_info is plain data; zeroes are a valid value.
+    let mut i: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `i`, which is that large.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut i).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then(|| {
+        format!(
+            "state={} ca_state={} retransmits={} backoff={} rto_ms={} unacked={} lost={} \
+             total_retrans={} snd_cwnd={} last_data_sent_ms={} last_data_recv_ms={} \
+             last_ack_recv_ms={}",
+            i.tcpi_state,
+            i.tcpi_ca_state,
+            i.tcpi_retransmits,
+            i.tcpi_backoff,
+            i.tcpi_rto / 1000,
+            i.tcpi_unacked,
+            i.tcpi_lost,
+            i.tcpi_total_retrans,
+            i.tcpi_snd_cwnd,
+            i.tcpi_last_data_sent,
+            i.tcpi_last_data_recv,
+            i.tcpi_last_ack_recv
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_info_tells_an_established_connection_and_what_it_has_in_flight() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_peer, _) = l.accept().unwrap();
+        c.write_all(b"unread").unwrap();
+        let info = tcp_info(&c).expect("TCP_INFO");
+        assert!(info.starts_with("state=1 "), "{info}"); // TCP_ESTABLISHED
+        assert!(info.contains(" retransmits=0 "), "{info}");
+    }
 
     #[test]
     fn the_longest_silence_is_the_blackout_even_when_it_never_ends() {
