@@ -42,6 +42,8 @@
 # REF_WARMUP (5 s of workload before migrating), REF_PREFAULT (1: destination RAM faulted in
 # ahead on both sides, see prefault below; 0: not), REF_DOWNTIME_MS / REF_MAX_BW_BYTES (unset:
 # QEMU's defaults), REF_LM_MIGRATE_ARGS (more `livemig migrate` options, e.g. --compress none),
+# REF_LM_HOST_ARGS (more options of both livemig VM processes, run-vm and receive, e.g.
+# `--hugepages 2M`),
 # REF_BLACKOUT=1 (a client pings every 10 ms and streams through the guest's echo service
 # during each migration: `REF blackout` lines; REF_BLACKOUT_S its duration, 20 s),
 # REF_LM_LOG=info (livemig logs; with REF_BLACKOUT, `REF timeline` lines: pause, prepared, resumed,
@@ -163,7 +165,7 @@ alive() { kill -0 "$(cat "$W/$1/pid")" 2>/dev/null; }
 gone() {
   local d=$W/$1 why
   sleep 0.3 # the QMP reader may not have written QEMU's last event yet
-  why=$(grep -F '"event": "SHUTDOWN"' "$d/qmp.log" | tail -n1 | jget reason)
+  why=$(grep -sF '"event": "SHUTDOWN"' "$d/qmp.log" | tail -n1 | jget reason)
   printf '%s; ' "$(tail -n 5 "$d/qemu.log" | tr '\n' ' ')"
   case $why in
   guest-reset) printf 'QMP SHUTDOWN reason guest-reset (-no-reboot: the guest reset itself)' ;;
@@ -311,14 +313,35 @@ blackout_start() { # DIR
   sleep 2 # a baseline of replies before the migration starts
 }
 
-blackout_report() { # DIR SYSTEM SMP MIGRATE_START_S TOTAL_MS
+blackout_report() { # DIR SYSTEM SMP MIGRATE_START_S TOTAL_MS [DESTINATION]
   [ "${REF_BLACKOUT:-0}" = 1 ] || return 0
   wait "$(cat "$1/blackout.pid")" 2>/dev/null
   local j resumed_ms
   j=$(cat "$1/blackout.json")
   resumed_ms=$(awk -v a="$4" -v t="$5" 'BEGIN { printf "%.0f", a * 1000 + t }')
   bnum() { grep -o "\"$1\":[^,}]*" <<<"$j" | head -n1 | cut -d: -f2 | tr -d '"'; }
-  say "REF blackout system=$2 transport=$TRANSPORT smp=$3 longest_gap_ms=$(bnum longest_gap_ms) back_after_resume_ms=$(awk -v e="$(bnum gap_end_unix_ms)" -v r="$resumed_ms" 'BEGIN { if (e == 0) print "never"; else printf "%.0f", e - r }') lost=$(bnum lost) lost_before=$(bnum lost_before_gap) lost_after=$(bnum lost_after_gap) sent=$(bnum sent) tcp_survived=$(bnum survived) tcp_bytes=$(bnum bytes_echoed) tcp_longest_stall_ms=$(bnum longest_stall_ms) tcp_error=$(bnum error | tr ' ' _) gap_start_unix_ms=$(bnum gap_start_unix_ms) gap_end_unix_ms=$(bnum gap_end_unix_ms) err=$(tr ' ' _ <"$1/blackout.err" | head -c 200)"
+  # Every silence of over 25 ms between replies, unix ms of its start and its length (where
+  # the longest one sits against the pause and resume of `REF timeline`, and what else the
+  # guest's network went through).
+  say "REF gaps system=$2 transport=$TRANSPORT $(grep -o '"reply_times_unix_ms":\[[^]]*\]' <<<"$j" |
+    tr -d '[]"a-z_:' | tr ',' '\n' | awk 'NF { if (p != "" && $1 - p > 25) printf "%.0f+%.0f ", p, $1 - p; p = $1 }')"
+  if [ "$(bnum gap_end_unix_ms)" = 0.0 ] || [ "$(bnum gap_end_unix_ms)" = 0 ]; then
+    # The replies stopped and never came back within the window: where the switch sends the
+    # guest's MAC, what each tap passed, and what the destination's VMM logged (both VMs are
+    # still up).
+    local t l=""
+    for t in tap0 tap1; do
+      l+="$t: $(ip -s link show "$t" 2>/dev/null | awk '/RX:/ { getline; rx = $1 " pkts " $4 " dropped" } /TX:/ { getline; tx = $1 " pkts " $4 " dropped" } END { print "rx " rx ", tx " tx }'); "
+    done
+    local st=""
+    if [ "$2" = livemig ] && [ -n "${6:-}" ]; then # the guest's own view of its NIC
+      ./livemig console --vm "$W/$6/sock" --send status >/dev/null 2>&1
+      sleep 1
+      st=$(grep -a 'livemig-workload: status' "$W/$6/con.log" | tail -n1 | cut -d' ' -f2-)
+    fi
+    say "REF blackout-lost $2: the MAC on $(bridge fdb show br br0 2>/dev/null | grep -i "^$MAC" | grep -v permanent | tr '\n' ' '); ${l}the guest: ${st:-no status}; destination's warnings: $(grep -aE ' (WARN|ERROR) ' "$W/${6:-none}/qemu.log" 2>/dev/null | tail -n 5 | tr '\n' ' ' | cut -c 1-1200)"
+  fi
+  say "REF blackout system=$2 transport=$TRANSPORT smp=$3 longest_gap_ms=$(bnum longest_gap_ms) back_after_resume_ms=$(awk -v e="$(bnum gap_end_unix_ms)" -v r="$resumed_ms" 'BEGIN { if (e == 0) print "never"; else printf "%.0f", e - r }') lost=$(bnum lost) lost_before=$(bnum lost_before_gap) lost_after=$(bnum lost_after_gap) sent=$(bnum sent) tcp_survived=$(bnum survived) tcp_bytes=$(bnum bytes_echoed) tcp_sent=$(bnum bytes_sent) tcp_longest_stall_ms=$(bnum longest_stall_ms) tcp_error=$(bnum error | tr ' ' _) gap_start_unix_ms=$(bnum gap_start_unix_ms) gap_end_unix_ms=$(bnum gap_end_unix_ms) err=$(tr ' ' _ <"$1/blackout.err" | head -c 200)$(grep -o '"tcp_info":"[^"]*"' <<<"$j" | cut -d'"' -f4 | tr ' ' , | sed 's/^./ tcp_info=&/')"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +457,7 @@ phase_migrate() { # SMP
   kept=$(kept_rising "$src_last" "$dst_first" "$dst_last")
   [ "$kept" = yes ] && [ "$echo_after" = ok ] || stall_report "$dst"
   say "REF migrate system=qemu transport=$TRANSPORT prefault=${REF_PREFAULT:-1} smp=$smp mem=$MEM ws=$WS rate=$RATE status=$st total_ms=$(jget total-time <<<"$r") downtime_ms=$(jget downtime <<<"$r") setup_ms=$(jget setup-time <<<"$r") transferred=$(jget transferred <<<"$r") iterations=$(jget dirty-sync-count <<<"$r") mbps=$(jget mbps <<<"$r") downtime_limit_ms=$dl max_bandwidth=$bw dst_status=$ds"
-  blackout_report "$W/$src" qemu "$smp" "$t_mig" "$(jget total-time <<<"$r")"
+  blackout_report "$W/$src" qemu "$smp" "$t_mig" "$(jget total-time <<<"$r")" "$dst"
   say "REF ticks system=qemu transport=$TRANSPORT smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
   say "$src: full query-migrate: $r"
   say "L1 memory with both QEMUs up (MiB): $(free -m | awk '/Mem:/ {print "used=" $3 " free=" $4 " shared=" $5}')"
@@ -499,7 +522,7 @@ lm_stop() { # NAME: power the guest off through its console; `livemig stop` as t
 
 lm_vm_args() { # SOCKET KERNEL SMP DISK TAP
   echo run-vm --no-auth --socket "$1" --memory "$MEM" --vcpus "$3" --kernel "$2" \
-    --initrd initramfs.cpio --disk "$4" --net "tap=$5,mac=$MAC" --console-stdout
+    --initrd initramfs.cpio --disk "$4" --net "tap=$5,mac=$MAC" --console-stdout ${REF_LM_HOST_ARGS:-}
 }
 
 phase_lm_boot() {
@@ -526,7 +549,7 @@ phase_lm_migrate() { # SMP
   wait_line "$src" 'livemig-workload: tick 1$' 300 >/dev/null || fail "$src: no first tick"
   # shellcheck disable=SC2046 # word splitting of the argument list is intended
   lm_start "$dst" receive --no-auth --listen "$(lm_addr):4445" --socket "$W/$dst/sock" \
-    --tap net0=tap1 --console-stdout $(lm_rdma_args) $(prefault livemig)
+    --tap net0=tap1 --console-stdout $(lm_rdma_args) $(prefault livemig) ${REF_LM_HOST_ARGS:-}
   wait_line "$dst" 'listening on' 60 >/dev/null || fail "$dst: not listening"
   sleep "$WARMUP"
   local echo_before
@@ -554,7 +577,7 @@ phase_lm_migrate() { # SMP
   num() { grep -o "\"$1\":[^,}]*" <<<"$r" | head -n1 | cut -d: -f2 | tr -d '"'; }
   say "REF migrate system=livemig transport=$TRANSPORT prefault=${REF_PREFAULT:-1} smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match) encryption=$(num encryption | tr " " _) args=$(a=${REF_LM_MIGRATE_ARGS:-}; a=${a// /,}; echo "${a:-default}")"
   if [ -n "${REF_LM_JSON:-}" ]; then say "REF json $(tr -d '\n' <<<"$r")"; fi
-  blackout_report "$W/$src" livemig "$smp" "$t_mig" "$(num total_time_ms)"
+  blackout_report "$W/$src" livemig "$smp" "$t_mig" "$(num total_time_ms)" "$dst"
   if [ -n "${REF_LM_LOG:-}" ]; then # the switchover's timeline, unix ms (REF_LM_LOG=info)
     local f l
     for f in "$W/$src/qemu.log" "$W/$dst/qemu.log"; do
