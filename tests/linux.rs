@@ -1375,7 +1375,7 @@ fn the_network_follows_the_vm_with_announce() {
 fn without_announce_a_silent_guest_is_cut_off_until_it_transmits() {
     let rack = Rack::up("s", 2);
     let dir = tmpdir("linux-silent");
-    let (mut a, b, addr, b_sock, b_log, macs) = rack_guest(&rack, &dir, &["--no-announce"]);
+    let (mut a, mut b, addr, b_sock, b_log, macs) = rack_guest(&rack, &dir, &["--no-announce"]);
     wait_tick(&a.log, 30);
     // The client reaches the guest on host A (a precondition: under nested TCG the guest can
     // stall for a second or two, so a window that falls short is tried again, at most thrice;
@@ -1435,14 +1435,18 @@ fn without_announce_a_silent_guest_is_cut_off_until_it_transmits() {
     if !replied {
         // The guest's own view of its NIC (packets each way, transmit timeouts) lands on the
         // console, whose tail the failure prints.
+        // A guest that reset itself on the destination (TCG's nested SVM has reset guests at
+        // boot, in pre-copy and after a resume) says so in the destination's log.
         let _ = console_send(&b_sock, "status");
         std::thread::sleep(Duration::from_secs(1));
+        let port = rack.port_of(macs[0]);
+        let err =
+            b.kill_and_log() + &std::fs::read_to_string(dir.join("b.err")).unwrap_or_default();
         panic!(
             "no reply even after the guest was told to transmit (+{:.0} ms): the switch has its \
-             MAC on {:?}; the client's report {r}; the destination's console:\n{}",
+             MAC on {port:?}; the client's report {r}\n{}",
             hello - first_ping,
-            rack.port_of(macs[0]),
-            tail(&std::fs::read_to_string(&b_log).unwrap_or_default())
+            vm_story("destination", &console(&b_log), &err)
         );
     }
     assert!(
