@@ -311,6 +311,53 @@ fn an_unwritable_decisions_folder_refuses_before_any_ram_moves() {
     assert_clean_error(code, &err, "cannot keep a decision record");
 }
 
+/// `receive --reserve-mib` makes the KVM VM and its RAM's slots ahead; a VM of that size is
+/// built on them (the destination's line says so), one of another size on its own, and the
+/// guest runs on after both migrations.
+#[test]
+fn reserved_ram_is_migrated_into_the_vm_made_ahead_and_other_sizes_still_arrive() {
+    require_kvm();
+    let dir = tmpdir("ahead");
+    for (reserve, memory, ahead) in [("64", "64", true), ("96", "64", false)] {
+        let src = dir.join(format!("src{reserve}.sock"));
+        let dst = dir.join(format!("dst{reserve}.sock"));
+        let (mut rx, addr) = receive(
+            &[],
+            "127.0.0.1:0",
+            &["--socket", dst.to_str().unwrap(), "--reserve-mib", reserve],
+        );
+        let _vm = run_vm(
+            &[],
+            &src,
+            &[
+                "--memory",
+                memory,
+                "--fill",
+                "random",
+                "--dirty-rate",
+                "2000",
+            ],
+        );
+        let before = wait_counter_beyond(&src, 0);
+        let report = migrate_ok(&[], &src, &addr, &[]);
+        assert_eq!(report["digest_match"], true, "{report}");
+        let arrival: serde_json::Value =
+            serde_json::from_str(&rx.wait_line("\"vm_made_ahead\"")).unwrap();
+        assert_eq!(
+            arrival["used_reserved_ram"], ahead,
+            "reserve {reserve} MiB, VM {memory} MiB: {arrival}"
+        );
+        assert_eq!(
+            arrival["vm_made_ahead"], ahead,
+            "reserve {reserve} MiB, VM {memory} MiB: {arrival}"
+        );
+        let c = counter(&dst);
+        assert!(c > before);
+        wait_counter_beyond(&dst, c);
+        request(&dst, r#"{"cmd":"stop"}"#);
+    }
+}
+
 #[test]
 fn a_huge_page_backed_vm_migrates_to_a_huge_page_backed_destination() {
     require_kvm();

@@ -361,6 +361,21 @@ impl GuestRam {
                 data.push(*e);
                 continue;
             };
+            // A memfd with every page allocated has no hole, one with none is all hole:
+            // either is told by its block count, without walking its pages (SEEK_HOLE over
+            // a fully written memfd walks every page: ~9 ms per GiB here, in front of the
+            // first page sent).
+            match allocation(fo.file()) {
+                Allocation::Full => {
+                    data.push(*e);
+                    continue;
+                }
+                Allocation::Empty => {
+                    holes.push(*e);
+                    continue;
+                }
+                Allocation::Partial => {}
+            }
             let base = region.start_addr().0;
             let (start, end) = (e.gpa - base, e.gpa - base + e.bytes());
             let mut pos = start;
@@ -403,6 +418,28 @@ impl GuestRam {
             .nth(index)
             .map(|r| vm_memory::mmap::MmapRegion::bitmap(r).get_and_reset())
             .unwrap_or_default()
+    }
+}
+
+/// How much of a memfd has pages behind it.
+#[derive(Debug, PartialEq, Eq)]
+enum Allocation {
+    /// Every page.
+    Full,
+    /// None.
+    Empty,
+    /// Some, or unknown.
+    Partial,
+}
+
+/// A memfd's allocation from its size and block count (shmem counts every page it holds,
+/// swapped out or not, in `st_blocks`).
+fn allocation(file: &File) -> Allocation {
+    use std::os::unix::fs::MetadataExt;
+    match file.metadata() {
+        Ok(m) if m.blocks() == 0 => Allocation::Empty,
+        Ok(m) if m.blocks().saturating_mul(512) >= m.len() => Allocation::Full,
+        _ => Allocation::Partial,
     }
 }
 
@@ -499,6 +536,42 @@ mod tests {
                 assert!(h.gpa + h.bytes() <= d.gpa || d.gpa + d.bytes() <= h.gpa);
             }
         }
+    }
+
+    #[test]
+    fn a_memfd_all_written_or_never_written_is_told_by_its_block_count() {
+        let pages = (4 << 20) / PAGE_SIZE;
+        let all = [Extent { gpa: 0, pages }];
+        let file = |ram: &GuestRam| {
+            ram.memory()
+                .iter()
+                .next()
+                .unwrap()
+                .file_offset()
+                .unwrap()
+                .file()
+                .try_clone()
+                .unwrap()
+        };
+        let fresh = GuestRam::new(&RamLayout::single(4 << 20), Populate::Lazy).unwrap();
+        assert_eq!(allocation(&file(&fresh)), Allocation::Empty);
+        assert_eq!(fresh.split_holes(&all), (vec![], all.to_vec()));
+        let full = GuestRam::new(&RamLayout::single(4 << 20), Populate::Eager).unwrap();
+        assert_eq!(allocation(&file(&full)), Allocation::Full);
+        assert_eq!(full.split_holes(&all), (all.to_vec(), vec![]));
+        // One page written: walked, and only that page is data.
+        let one = GuestRam::new(&RamLayout::single(4 << 20), Populate::Lazy).unwrap();
+        one.memory().write_obj(1u8, GuestAddress(0x3000)).unwrap();
+        assert_eq!(allocation(&file(&one)), Allocation::Partial);
+        let (data, holes) = one.split_holes(&all);
+        assert_eq!(
+            data,
+            vec![Extent {
+                gpa: 0x3000,
+                pages: 1
+            }]
+        );
+        assert_eq!(Extent::total(&holes), pages - 1);
     }
 
     #[test]

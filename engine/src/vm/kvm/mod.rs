@@ -317,21 +317,14 @@ impl KvmVm {
         ram: GuestRam,
         cpu: Option<cpu::GuestCpu>,
     ) -> Result<KvmVm, VmError> {
-        let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
-        let vm = Arc::new(kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
-        // The TSS is only used to emulate real mode; it must not overlap RAM, so it is
-        // skipped when RAM reaches up to it.
-        if ram
-            .layout()
-            .regions
-            .iter()
-            .all(|r| r.gpa + r.size <= TSS_ADDR || r.gpa > TSS_ADDR + 0x3000)
-        {
-            vm.set_tss_address(TSS_ADDR as usize)
-                .map_err(kvm("KVM_SET_TSS_ADDR"))?;
-        }
-        vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
-        set_slots(&vm, &ram, false)?;
+        // The shell made ahead for this very RAM, if there is one (any other is dropped).
+        let (kvm_fd, vm) = match lock(&SHELL).take() {
+            Some(s) if s.regions == host_regions(&ram) => {
+                SHELL_USED.store(true, Ordering::Relaxed);
+                (s.kvm, s.vm)
+            }
+            _ => new_vm(&ram)?,
+        };
         let cpu = match cpu {
             Some(c) => c,
             None => cpu::GuestCpu::for_new_vm(&kvm_fd, &cpu::host_cpu())?,
@@ -833,6 +826,70 @@ impl Drop for KvmVm {
     }
 }
 
+/// A KVM VM made ahead for RAM reserved before a migration arrives (`receive --reserve-mib`):
+/// the VM, its irqchip and its RAM's slots, the part of building a VM that grows with RAM
+/// (KVM's per-page slot metadata: ~9 ms per GiB on this host), done while the destination
+/// waits rather than in the migration's set-up — as QEMU's `-incoming` VM exists before its
+/// migration starts. It holds the RAM, whose mapping its slots name.
+struct Shell {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    /// [`host_regions`] of `_ram`: the incoming VM uses the shell only for the same mapping.
+    regions: Vec<(u64, usize, u64)>,
+    _ram: GuestRam,
+}
+
+/// The shell made by [`prepare_shell`], until a VM is built (which takes it, used or not).
+static SHELL: Mutex<Option<Shell>> = Mutex::new(None);
+/// A VM of this process was built on the shell.
+static SHELL_USED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a VM of this process was built on the KVM VM [`prepare_shell`] made.
+pub fn shell_used() -> bool {
+    SHELL_USED.load(Ordering::Relaxed)
+}
+
+/// Makes the KVM VM that an incoming migration into `ram` (reserved ahead) will be built on:
+/// see [`Shell`]. A VM built on other RAM drops it.
+pub fn prepare_shell(ram: &GuestRam) -> Result<(), VmError> {
+    let (kvm, vm) = new_vm(ram)?;
+    *lock(&SHELL) = Some(Shell {
+        kvm,
+        vm,
+        regions: host_regions(ram),
+        _ram: ram.clone(),
+    });
+    Ok(())
+}
+
+/// Each region's guest address, host address and length.
+fn host_regions(ram: &GuestRam) -> Vec<(u64, usize, u64)> {
+    ram.host_regions()
+        .into_iter()
+        .map(|(gpa, host, len)| (gpa, host as usize, len))
+        .collect()
+}
+
+/// A new KVM VM with its TSS, irqchip and `ram`'s slots.
+fn new_vm(ram: &GuestRam) -> Result<(Kvm, Arc<VmFd>), VmError> {
+    let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+    let vm = Arc::new(kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
+    // The TSS is only used to emulate real mode; it must not overlap RAM, so it is skipped
+    // when RAM reaches up to it.
+    if ram
+        .layout()
+        .regions
+        .iter()
+        .all(|r| r.gpa + r.size <= TSS_ADDR || r.gpa > TSS_ADDR + 0x3000)
+    {
+        vm.set_tss_address(TSS_ADDR as usize)
+            .map_err(kvm("KVM_SET_TSS_ADDR"))?;
+    }
+    vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+    set_slots(&vm, ram, false)?;
+    Ok((kvm_fd, vm))
+}
+
 /// Re-registers every RAM region as slot `i`, with or without dirty logging.
 fn set_slots(vm: &VmFd, ram: &GuestRam, log_dirty: bool) -> Result<(), VmError> {
     for (i, (gpa, host, len)) in ram.host_regions().into_iter().enumerate() {
@@ -848,8 +905,8 @@ fn set_slots(vm: &VmFd, ram: &GuestRam, log_dirty: bool) -> Result<(), VmError> 
             userspace_addr: host as u64,
         };
         // SAFETY: `host` is the start of the region's `len`-byte mapping, kept alive by the
-        // `GuestRam` clones held by the `KvmVm` and by every vCPU thread, i.e. as long as any
-        // fd of this VM exists; the layout's regions do not overlap.
+        // `GuestRam` clones held by the `KvmVm` (or the `Shell`) and by every vCPU thread,
+        // i.e. as long as any fd of this VM exists; the layout's regions do not overlap.
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
