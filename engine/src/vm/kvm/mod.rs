@@ -850,7 +850,8 @@ pub fn shell_used() -> bool {
 }
 
 /// Makes the KVM VM that an incoming migration into `ram` (reserved ahead) will be built on:
-/// see [`Shell`]. A VM built on other RAM drops it.
+/// the VM, its irqchip and `ram`'s memory slots, the part of building a VM that grows with RAM.
+/// A VM built on other RAM drops it.
 pub fn prepare_shell(ram: &GuestRam) -> Result<(), VmError> {
     let (kvm, vm) = new_vm(ram)?;
     *lock(&SHELL) = Some(Shell {
