@@ -297,7 +297,8 @@ struct ReceiveArgs {
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Reserve and fault in this much RAM (MiB) before accepting, like QEMU's -mem-prealloc
-    /// on an -incoming VM; used when the incoming VM has exactly this size.
+    /// on an -incoming VM, and make the KVM VM and its memory slots on it; used when the
+    /// incoming VM has exactly this size.
     #[arg(long)]
     reserve_mib: Option<u64>,
     /// Back incoming guest RAM with 4K pages, or with 2M or 1G huge pages from the kernel's
