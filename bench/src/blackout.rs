@@ -414,20 +414,7 @@ fn stream(
 
 /// The socket's `TCP_INFO`, the fields that tell where a stalled stream stands.
 fn tcp_info(s: &TcpStream) -> Option<String> {
-    // SAFETY: tcp_info is plain data; zeroes are a valid value.
-    let mut i: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `i`, which is that large.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut i).cast(),
-            &mut len,
-        )
-    };
-    (r == 0).then(|| {
+    livemig_transport::tcp::tcp_info(s).map(|(i, _)| {
         format!(
             "state={} ca_state={} retransmits={} backoff={} rto_ms={} unacked={} lost={} \
              total_retrans={} snd_cwnd={} last_data_sent_ms={} last_data_recv_ms={} \

@@ -749,6 +749,14 @@ const QUEUED_FOR_SAMPLE: u32 = 64 << 10;
 
 /// `(bytes the peer acknowledged so far, bytes queued but not yet sent)`.
 fn tcp_progress(stream: &TcpStream) -> Option<(u64, u32)> {
+    let (info, len) = tcp_info(stream)?;
+    (len >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt))
+        .then_some((info.tcpi_bytes_acked, info.tcpi_notsent_bytes))
+}
+
+/// The socket's `TCP_INFO` and how many of its bytes this kernel filled in (older kernels
+/// fill a prefix); None if it cannot be read.
+pub fn tcp_info(stream: &TcpStream) -> Option<(libc::tcp_info, usize)> {
     // SAFETY: tcp_info is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -762,8 +770,7 @@ fn tcp_progress(stream: &TcpStream) -> Option<(u64, u32)> {
             &mut len,
         )
     };
-    (r == 0 && len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt))
-        .then_some((info.tcpi_bytes_acked, info.tcpi_notsent_bytes))
+    (r == 0).then_some((info, len as usize))
 }
 
 /// Bytes written to `stream` that the peer has not acknowledged yet, unsent ones included
