@@ -301,6 +301,46 @@ echo_check() { # TAG: one line through the guest's TCP echo server (port 7) at 1
     [ "$r" = "ping-$1" ]' _ "$1" 2>/dev/null && echo ok || echo FAILED
 }
 
+# net_diag SYSTEM DESTINATION: where the switch sends the guest's MAC, what each tap passed,
+# the guest's own view of its NIC (its workload's `status` line: counters, transmit timeouts,
+# carrier) and what the destination's VMM warned of.
+net_diag() {
+  local t l="" st=""
+  for t in tap0 tap1; do
+    l+="$t: $(ip -s link show "$t" 2>/dev/null | awk '/RX:/ { getline; rx = $1 " pkts " $4 " dropped" } /TX:/ { getline; tx = $1 " pkts " $4 " dropped" } END { print "rx " rx ", tx " tx }'); "
+  done
+  if alive "$2"; then
+    if [ "$1" = livemig ]; then
+      ./livemig console --vm "$W/$2/sock" --send status >/dev/null 2>&1
+    else
+      console "$2" status
+    fi
+    sleep 1
+    st=$(grep -a 'livemig-workload: status' "$W/$2/con.log" | tail -n1 | cut -d' ' -f2-)
+  fi
+  echo "the MAC on $(bridge fdb show br br0 2>/dev/null | grep -i "^$MAC" | grep -v permanent | tr '\n' ' '); ${l}the guest: ${st:-no status}; destination's warnings: $(grep -aE ' (WARN|ERROR) ' "$W/$2/qemu.log" 2>/dev/null | tail -n 5 | tr '\n' ' ' | cut -c 1-1200)"
+}
+
+# echo_check_after SYSTEM DESTINATION: the echo check 3 s after the migration; when it fails,
+# what the destination's network and CPUs show (`REF stall`, `REF echo-lost`), then the check
+# again four times, 2 s apart: `ok`, `late_Ns` (seconds from the first try to the answer) or
+# FAILED.
+echo_check_after() {
+  local t0 i
+  t0=$(now)
+  [ "$(echo_check after)" = ok ] && { echo ok; return; }
+  stall_report "$2" >&2
+  say "REF echo-lost $1 $2: $(net_diag "$1" "$2")" >&2
+  for i in 1 2 3 4; do
+    sleep 2
+    if [ "$(echo_check "after-$i")" = ok ]; then
+      echo "late_$(elapsed "$t0" "$(now)")s"
+      return
+    fi
+  done
+  echo FAILED
+}
+
 # Blackout (REF_BLACKOUT=1, needs the livemig binary): a client on br0 pings the guest every
 # 10 ms and streams through its echo service while the migration runs; the longest gap between
 # ping replies is what a user of the VM loses.
@@ -326,20 +366,8 @@ blackout_report() { # DIR SYSTEM SMP MIGRATE_START_S TOTAL_MS [DESTINATION]
   say "REF gaps system=$2 transport=$TRANSPORT $(grep -o '"reply_times_unix_ms":\[[^]]*\]' <<<"$j" |
     tr -d '[]"a-z_:' | tr ',' '\n' | awk 'NF { if (p != "" && $1 - p > 25) printf "%.0f+%.0f ", p, $1 - p; p = $1 }')"
   if [ "$(bnum gap_end_unix_ms)" = 0.0 ] || [ "$(bnum gap_end_unix_ms)" = 0 ]; then
-    # The replies stopped and never came back within the window: where the switch sends the
-    # guest's MAC, what each tap passed, and what the destination's VMM logged (both VMs are
-    # still up).
-    local t l=""
-    for t in tap0 tap1; do
-      l+="$t: $(ip -s link show "$t" 2>/dev/null | awk '/RX:/ { getline; rx = $1 " pkts " $4 " dropped" } /TX:/ { getline; tx = $1 " pkts " $4 " dropped" } END { print "rx " rx ", tx " tx }'); "
-    done
-    local st=""
-    if [ "$2" = livemig ] && [ -n "${6:-}" ]; then # the guest's own view of its NIC
-      ./livemig console --vm "$W/$6/sock" --send status >/dev/null 2>&1
-      sleep 1
-      st=$(grep -a 'livemig-workload: status' "$W/$6/con.log" | tail -n1 | cut -d' ' -f2-)
-    fi
-    say "REF blackout-lost $2: the MAC on $(bridge fdb show br br0 2>/dev/null | grep -i "^$MAC" | grep -v permanent | tr '\n' ' '); ${l}the guest: ${st:-no status}; destination's warnings: $(grep -aE ' (WARN|ERROR) ' "$W/${6:-none}/qemu.log" 2>/dev/null | tail -n 5 | tr '\n' ' ' | cut -c 1-1200)"
+    # The replies stopped and never came back within the window (both VMs are still up).
+    say "REF blackout-lost $2: $(net_diag "$2" "${6:-none}")"
   fi
   say "REF blackout system=$2 transport=$TRANSPORT smp=$3 longest_gap_ms=$(bnum longest_gap_ms) back_after_resume_ms=$(awk -v e="$(bnum gap_end_unix_ms)" -v r="$resumed_ms" 'BEGIN { if (e == 0) print "never"; else printf "%.0f", e - r }') lost=$(bnum lost) lost_before=$(bnum lost_before_gap) lost_after=$(bnum lost_after_gap) sent=$(bnum sent) tcp_survived=$(bnum survived) tcp_bytes=$(bnum bytes_echoed) tcp_sent=$(bnum bytes_sent) tcp_longest_stall_ms=$(bnum longest_stall_ms) tcp_error=$(bnum error | tr ' ' _) gap_start_unix_ms=$(bnum gap_start_unix_ms) gap_end_unix_ms=$(bnum gap_end_unix_ms) err=$(tr ' ' _ <"$1/blackout.err" | head -c 200)$(grep -o '"tcp_info":"[^"]*"' <<<"$j" | cut -d'"' -f4 | tr ' ' , | sed 's/^./ tcp_info=&/')"
 }
@@ -452,10 +480,10 @@ phase_migrate() { # SMP
   local dst_first dst_last echo_after
   dst_first=$(grep -E 'livemig-workload: tick [0-9]+$' "$W/$dst/con.log" | head -n1)
   dst_last=$(last_tick "$dst")
-  echo_after=$(echo_check after)
+  echo_after=$(echo_check_after qemu "$dst")
   local kept
   kept=$(kept_rising "$src_last" "$dst_first" "$dst_last")
-  [ "$kept" = yes ] && [ "$echo_after" = ok ] || stall_report "$dst"
+  [ "$kept" = yes ] || [ "$echo_after" != ok ] || stall_report "$dst"
   say "REF migrate system=qemu transport=$TRANSPORT prefault=${REF_PREFAULT:-1} smp=$smp mem=$MEM ws=$WS rate=$RATE status=$st total_ms=$(jget total-time <<<"$r") downtime_ms=$(jget downtime <<<"$r") setup_ms=$(jget setup-time <<<"$r") transferred=$(jget transferred <<<"$r") iterations=$(jget dirty-sync-count <<<"$r") mbps=$(jget mbps <<<"$r") downtime_limit_ms=$dl max_bandwidth=$bw dst_status=$ds"
   blackout_report "$W/$src" qemu "$smp" "$t_mig" "$(jget total-time <<<"$r")" "$dst"
   say "REF ticks system=qemu transport=$TRANSPORT smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
@@ -570,9 +598,9 @@ phase_lm_migrate() { # SMP
   local dst_first dst_last echo_after kept
   dst_first=$(grep -E 'livemig-workload: tick [0-9]+$' "$W/$dst/con.log" | head -n1)
   dst_last=$(last_tick "$dst")
-  echo_after=$(echo_check after)
+  echo_after=$(echo_check_after livemig "$dst")
   kept=$(kept_rising "$src_last" "$dst_first" "$dst_last")
-  [ "$kept" = yes ] && [ "$echo_after" = ok ] || stall_report "$dst"
+  [ "$kept" = yes ] || [ "$echo_after" != ok ] || stall_report "$dst"
 
   num() { grep -o "\"$1\":[^,}]*" <<<"$r" | head -n1 | cut -d: -f2 | tr -d '"'; }
   say "REF migrate system=livemig transport=$TRANSPORT prefault=${REF_PREFAULT:-1} smp=$smp mem=$MEM ws=$WS rate=$RATE status=$(num status) total_ms=$(num total_time_ms) downtime_ms=$(num downtime_ms) setup_ms=$(num setup_ms) transferred=$(num bytes_on_wire) iterations=$(num rounds) downtime_limit_ms=${REF_DOWNTIME_MS:-300} digest_match=$(num digest_match) encryption=$(num encryption | tr " " _) args=$(a=${REF_LM_MIGRATE_ARGS:-}; a=${a// /,}; echo "${a:-default}")"
