@@ -242,7 +242,7 @@ stall_report() {
   say "REF stall $1: load $(cut -d' ' -f1-3 /proc/loadavg); busiest threads over 1 s: $(
     awk 'NR == FNR { a[$1] = $NF; next } ($1 in a) && $NF > a[$1] { print $NF - a[$1], $0 }' \
       "$W/cpu.1" "$W/cpu.2" | sort -rn | head -n 8 | awk '{ $NF = ""; print }' | tr '\n' ';')"
-  say "REF stall $1: its log: $(tail -n 8 "$W/$1/qemu.log" 2>/dev/null | tr '\n' ' ' | cut -c 1-1500)"
+  say "REF stall $1: its log: $(tail -n 8 "$W/$1/qemu.log" 2>/dev/null | tr '\n' ' ' | cut -c 1-1500) [its last warnings: $(grep -aE ' (WARN|ERROR) ' "$W/$1/qemu.log" 2>/dev/null | tail -n 4 | tr '\n' ' ' | cut -c 1-1200)]"
 }
 
 last_tick() { grep -E 'livemig-workload: tick [0-9]+$' "$W/$1/con.log" | tail -n1; }
@@ -609,7 +609,7 @@ phase_lm_migrate() { # SMP
   if [ -n "${REF_LM_LOG:-}" ]; then # the switchover's timeline, unix ms (REF_LM_LOG=info)
     local f l
     for f in "$W/$src/qemu.log" "$W/$dst/qemu.log"; do
-      grep -aE 'pausing the guest|prepared|resumed|announced' "$f" |
+      grep -aE 'pausing the guest|prepared|resumed|announced|RDMA access revoked|RDMA registrations released' "$f" |
         while read -r l; do
           say "REF timeline $(basename "$(dirname "$f")") unix_ms=$(iso_ms "${l%% *}") ${l#* }"
         done

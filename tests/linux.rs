@@ -744,6 +744,10 @@ fn livemig_and_qemu_migrate_the_same_linux_guest_over_tcp_and_rdma() {
             // what a slow cell took its time with (CI at 6d8e6d0: 4655 ms over TCP, against
             // 2371-2672 in four earlier runs, with QEMU's 1827 as usual).
             ("REF_LM_JSON", "1"),
+            // livemig's info lines in each VMM's log, and `REF timeline` from them: pause,
+            // resume, each announce, RDMA access revoked and registrations released (what a
+            // destination did in the seconds after its resume when its guest went quiet).
+            ("REF_LM_LOG", "info"),
         ])
         .stdout(out.try_clone().unwrap())
         .stderr(out)
