@@ -24,7 +24,8 @@
 #             the same migrations over RDMA (QEMU's `rdma:` URI; livemig's --transport rdma) on
 #             the VM's soft-RoCE: needs rdma-vm.sh's RDMA set-up (any --mode; both systems use
 #             the same rxe device at both ends, see TRANSPORT below). tests/linux.rs runs
-#             `migrate-rdma lm-migrate-rdma lm-migrate-rdma=--channels,2` in CI
+#             `migrate-rdma lm-migrate-rdma=--channels,1 lm-migrate-rdma` (two queue pairs,
+#             livemig's default) in CI
 #             (test-nested.sh), REF_SMPS=1.
 #
 # Run from the repository on the host:

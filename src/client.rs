@@ -48,9 +48,10 @@ pub struct MigrateArgs {
 /// Migration tuning shared by `migrate` and `demo`.
 #[derive(Args, Debug, Clone)]
 pub struct Tuning {
-    /// Data channels (TCP connections or RDMA queue pairs carrying pages).
-    #[arg(long, default_value_t = defaults::CHANNELS, value_parser = clap::value_parser!(u16).range(1..=i64::from(defaults::MAX_CHANNELS)))]
-    pub channels: u16,
+    /// Data channels: TCP connections, or RDMA queue pairs per rail [default: 1 TCP
+    /// connection; 2 queue pairs per RDMA rail].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=i64::from(defaults::MAX_CHANNELS)))]
+    pub channels: Option<u16>,
     /// Data transport: TCP connections, RDMA queue pairs (RDMA WRITEs straight into
     /// destination RAM; no compression), or auto: RDMA when a device here has an address in
     /// the destination's subnet and the destination takes RDMA, else TCP.
@@ -180,7 +181,7 @@ pub fn migrate(a: &MigrateArgs, given: &dyn Fn(&str) -> bool) -> Result<()> {
             if !given("compress") {
                 t.compress = s.compress;
             }
-            if !given("channels") {
+            if !given("channels") && s.channels.is_some() {
                 t.channels = s.channels;
             }
         }

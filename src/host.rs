@@ -69,8 +69,9 @@ pub struct HostConfig {
     pub transport: TransportChoice,
     /// Default page encoding of migrations from this host (`none`, `lz4`, `zstd`, `auto`, ...).
     pub compress: Mode,
-    /// Default number of data channels of migrations from this host.
-    pub channels: u16,
+    /// Default data channels of migrations from this host: TCP connections, or RDMA queue pairs
+    /// per rail (None: 1 connection, 2 queue pairs per rail).
+    pub channels: Option<u16>,
     /// Most MB/s one outgoing migration may send (0: no cap).
     pub migration_bandwidth_mbps: u64,
     /// Most MB/s the host's outgoing migrations send together, shared evenly among those in
@@ -105,7 +106,7 @@ impl Default for HostConfig {
             queue_timeout_secs: 30,
             transport: TransportChoice::Tcp,
             compress: Mode::Auto,
-            channels: livemig_engine::defaults::CHANNELS,
+            channels: None,
             migration_bandwidth_mbps: 0,
             host_bandwidth_mbps: 0,
             key_file: None,
@@ -151,7 +152,8 @@ pub struct HostArgs {
     /// Default page encoding of migrations from this host [default: auto].
     #[arg(long)]
     compress: Option<Mode>,
-    /// Default data channels of migrations from this host [default: 4].
+    /// Default data channels of migrations from this host: TCP connections, or RDMA queue pairs
+    /// per rail [default: 1 connection; 2 queue pairs per rail].
     #[arg(long)]
     channels: Option<u16>,
     /// Most MB/s one outgoing migration may send [default: 0, no cap].
@@ -210,8 +212,10 @@ impl HostConfig {
             transport,
             compress
         );
+        if a.channels.is_some() {
+            c.channels = a.channels;
+        }
         over!(
-            channels,
             backend,
             hugepages,
             migration_bandwidth_mbps,
@@ -255,10 +259,12 @@ impl HostConfig {
         if self.max_incoming == 0 || self.max_outgoing == 0 {
             bail!("max_incoming and max_outgoing must be at least 1");
         }
-        if self.channels == 0 || self.channels > livemig_engine::defaults::MAX_CHANNELS {
+        if let Some(n) = self
+            .channels
+            .filter(|&n| n == 0 || n > livemig_engine::defaults::MAX_CHANNELS)
+        {
             bail!(
-                "channels {} (1..={})",
-                self.channels,
+                "channels {n} (1..={})",
                 livemig_engine::defaults::MAX_CHANNELS
             );
         }
@@ -883,7 +889,7 @@ cpu_without = ["avx2"]
         assert_eq!(c.listen.len(), 2);
         assert_eq!((c.max_incoming, c.max_outgoing), (3, 2));
         assert_eq!(c.transport, TransportChoice::Auto);
-        assert_eq!(c.channels, 8);
+        assert_eq!(c.channels, Some(8));
         assert_eq!(c.hugepages, Backing::Huge2M);
         assert_eq!(c.cpu_without, vec!["avx2".to_string()]);
         // Unknown fields, bad values and no way to authenticate are clear errors.

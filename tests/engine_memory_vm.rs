@@ -72,7 +72,7 @@ fn run(
     let src = MemoryVm::launch(&spec(mib, rate), fill).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     let opts = MigrateOptions {
-        channels,
+        channels: Some(channels),
         downtime_limit_ms: downtime_ms,
         ..Default::default()
     };

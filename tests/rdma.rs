@@ -262,11 +262,11 @@ fn a_huge_page_backed_vm_migrates_over_rdma() {
         &["--transport", "rdma", "--rdma-device", &d.src],
     );
     println!(
-        "RDMA MIGRATION (32 MiB in 2M huge pages, 1 QP): {}",
+        "RDMA MIGRATION (32 MiB in 2M huge pages, the default 2 QPs): {}",
         essentials(&r)
     );
     assert!(ok, "migration failed: {err}");
-    assert_rdma_report(&r, 1);
+    assert_rdma_report(&r, u64::from(livemig_engine::defaults::RDMA_QPS_PER_RAIL));
     let (code, stderr) = dst.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(0), "destination: {stderr}");
 }
@@ -375,7 +375,8 @@ fn auto_chooses_rdma_and_a_missing_device_is_a_clear_error() {
     let (ok, r, err) = try_migrate(&sock, &addr, &["--transport", "auto"]);
     println!("AUTO: {}", essentials(&r));
     assert!(ok, "{err}");
-    assert_rdma_report(&r, 1);
+    // No --channels: the RDMA default, two queue pairs.
+    assert_rdma_report(&r, u64::from(livemig_engine::defaults::RDMA_QPS_PER_RAIL));
     assert!(
         r["transport_detail"]
             .as_str()

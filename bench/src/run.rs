@@ -349,7 +349,7 @@ fn run_livemig(
         receive_args: clear.clone(),
     })?;
     let req = MigrateRequest {
-        channels,
+        channels: Some(channels),
         compress: compress.parse::<Mode>().map_err(|e| anyhow::anyhow!(e))?,
         downtime_limit_ms: cell.downtime_limit_ms,
         max_rounds: 30,

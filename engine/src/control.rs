@@ -82,9 +82,6 @@ fn default_plan_window() -> u64 {
     defaults::PLAN_WINDOW_MS
 }
 
-fn default_channels() -> u16 {
-    defaults::CHANNELS
-}
 fn default_downtime() -> u64 {
     defaults::DOWNTIME_LIMIT_MS
 }
@@ -108,9 +105,10 @@ fn default_delta_cache() -> u64 {
 pub struct MigrateRequest {
     /// Destination address (`host:port` of `livemig receive`).
     pub to: String,
-    /// Data channels.
-    #[serde(default = "default_channels")]
-    pub channels: u16,
+    /// Data channels: TCP connections, or RDMA queue pairs per rail (None: the transport's
+    /// default; left out of the request then, which an older VM process reads as one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<u16>,
     /// Data transport.
     #[serde(default)]
     pub transport: TransportChoice,
@@ -164,7 +162,7 @@ impl MigrateRequest {
     pub fn to(to: &str) -> Self {
         MigrateRequest {
             to: to.to_string(),
-            channels: defaults::CHANNELS,
+            channels: None,
             transport: TransportChoice::Tcp,
             rdma_device: None,
             rdma_devices: Vec::new(),
@@ -185,12 +183,11 @@ impl MigrateRequest {
 
     /// The engine's options for this request, or why it is not acceptable.
     pub fn options(&self, key: Option<Key>) -> Result<MigrateOptions, String> {
-        if self.channels == 0 || self.channels > defaults::MAX_CHANNELS {
-            return Err(format!(
-                "{} channels (1..={})",
-                self.channels,
-                defaults::MAX_CHANNELS
-            ));
+        if let Some(n) = self
+            .channels
+            .filter(|&n| n == 0 || n > defaults::MAX_CHANNELS)
+        {
+            return Err(format!("{n} channels (1..={})", defaults::MAX_CHANNELS));
         }
         if self.max_rounds == 0 {
             return Err("max_rounds must be at least 1".into());
@@ -601,7 +598,7 @@ mod tests {
         };
         assert_eq!(m.compress, Mode::Zstd(5));
         assert_eq!(m.transport, TransportChoice::Rdma);
-        assert_eq!((m.channels, m.max_rounds), (3, defaults::MAX_ROUNDS));
+        assert_eq!((m.channels, m.max_rounds), (Some(3), defaults::MAX_ROUNDS));
         let back = serde_json::to_string(&Request::Migrate(m.clone())).unwrap();
         assert!(back.contains(r#""cmd":"migrate""#), "{back}");
         assert!(back.contains(r#""compress":"zstd:5""#), "{back}");
@@ -610,6 +607,23 @@ mod tests {
         )
         .is_err());
         assert!(m.options(None).is_ok());
-        assert!(MigrateRequest { channels: 0, ..m }.options(None).is_err());
+        assert!(MigrateRequest {
+            channels: Some(0),
+            ..m.clone()
+        }
+        .options(None)
+        .is_err());
+        // No channels asked: each transport's default, and the field stays out of the request
+        // (an older VM process reads its absence as one channel).
+        let d = MigrateRequest::to("h:1");
+        let o = d.options(None).unwrap();
+        assert_eq!(
+            (o.channels_for(false), o.channels_for(true)),
+            (defaults::CHANNELS, defaults::RDMA_QPS_PER_RAIL)
+        );
+        let text = serde_json::to_string(&Request::Migrate(d)).unwrap();
+        assert!(!text.contains("channels"), "{text}");
+        let o = m.options(None).unwrap();
+        assert_eq!((o.channels_for(false), o.channels_for(true)), (3, 3));
     }
 }

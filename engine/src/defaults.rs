@@ -16,8 +16,12 @@ pub const STALL_ROUNDS: u32 = 2;
 pub const PLAN_WINDOW_MS: u64 = 2000;
 /// Unless given, the hard cap on the predicted downtime is this many times the limit.
 pub const MAX_DOWNTIME_FACTOR: u64 = 10;
-/// Data channels of a migration unless asked otherwise.
+/// TCP data connections of a migration unless asked otherwise.
 pub const CHANNELS: u16 = 1;
+/// RDMA queue pairs per rail (NIC or port) unless asked otherwise: two, as SMB Multichannel
+/// opens two SMB Direct connections per RDMA interface — one queue pair leaves a NIC's (or
+/// soft-RoCE's) second processing context idle.
+pub const RDMA_QPS_PER_RAIL: u16 = 2;
 /// Most data channels (TCP connections or RDMA queue pairs) of one migration.
 pub const MAX_CHANNELS: u16 = 64;
 /// Most vCPUs a VM configuration may declare.

@@ -243,8 +243,9 @@ pub(super) fn open_tcp(
 ) -> Result<Plane, MigrationError> {
     let mut senders = Vec::new();
     let mut data = Vec::new();
+    let channels = opts.channels_for(false);
     // A copy of disks adds the storage lane, the last channel.
-    for index in 0..opts.channels + u16::from(storage.copying()) {
+    for index in 0..channels + u16::from(storage.copying()) {
         let mut s = connect(to, opts, "data channel")?;
         let _ = s.set_write_timeout(Some(opts.timeout));
         // A sealed session never shows its token: the channel proves it in its first
@@ -262,7 +263,7 @@ pub(super) fn open_tcp(
         })?;
         // The RAM channels are idle between rounds; the storage lane carries the guest's
         // mirrored disk writes at any time, so it is not waited on.
-        if index < opts.channels {
+        if index < channels {
             if let Ok(c) = s.try_clone() {
                 data.push(c);
             }
@@ -447,7 +448,7 @@ fn connect_rdma(
         check_remote_regions, QpEndpoint, RdmaError, RdmaSender, RdmaSource, RemoteRegion,
     };
     let rdma_err = |e: RdmaError| MigrationError::Transport(e.into());
-    let per_rail = usize::from(opts.channels.max(1));
+    let per_rail = usize::from(opts.channels_for(true).max(1));
     let mut prepared = Vec::new();
     for dev in rails {
         let source = RdmaSource::new(dev, map.clone()).map_err(rdma_err)?;

@@ -110,7 +110,7 @@ impl<'a> Session<'a> {
         let (mut ctl, token) = greeting.authenticate()?;
         ctl.send(&Message::Config {
             vm: vm.config(),
-            channels: opts.channels,
+            channels: opts.channels_for(rdma.is_some()),
             token,
         })?;
         ctl.send(&storage.message(opts.storage_dir.as_deref().unwrap_or("")))?;

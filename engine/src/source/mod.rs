@@ -55,8 +55,9 @@ crate::named_enum!(TransportChoice, "transport", { Tcp => "tcp", Rdma => "rdma",
 /// Options of an outgoing migration.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
-    /// Data channels (TCP connections or RDMA queue pairs for pages).
-    pub channels: u16,
+    /// Data channels: TCP connections, or RDMA queue pairs per rail (None: the transport's
+    /// default, see [`MigrateOptions::channels_for`]).
+    pub channels: Option<u16>,
     /// Data transport.
     pub transport: TransportChoice,
     /// RDMA devices, one per rail (default: every active device with an address in the
@@ -101,7 +102,7 @@ pub struct MigrateOptions {
 impl Default for MigrateOptions {
     fn default() -> Self {
         MigrateOptions {
-            channels: defaults::CHANNELS,
+            channels: None,
             transport: TransportChoice::Tcp,
             rdma_devices: Vec::new(),
             downtime_limit_ms: defaults::DOWNTIME_LIMIT_MS,
@@ -130,6 +131,16 @@ impl MigrateOptions {
             self.downtime_limit_ms
                 .saturating_mul(defaults::MAX_DOWNTIME_FACTOR),
         )
+    }
+
+    /// The data channels over RDMA (`rdma`: queue pairs per rail) or TCP (connections): those
+    /// asked for, else the transport's default.
+    pub fn channels_for(&self, rdma: bool) -> u16 {
+        self.channels.unwrap_or(if rdma {
+            defaults::RDMA_QPS_PER_RAIL
+        } else {
+            defaults::CHANNELS
+        })
     }
 }
 

@@ -146,7 +146,7 @@ pub fn plan(
         .clamp(FIRST_PROBE, MAX_PROBE_BYTES / 4);
     let single = probe(to, opts, 1, bytes)?;
     // (A destination greets at most 8 connections at once.)
-    let many = opts.channels.clamp(2, 8);
+    let many = opts.channels_for(false).clamp(2, 8);
     let parallel = probe(to, opts, many, bytes)?;
     let dirty = sample_dirty(vm, window)?;
     let content = sample_content(vm);
@@ -169,15 +169,15 @@ pub fn plan(
             single.bytes_per_s
         }
     };
-    let forecast = model.forecast(opts, link_for(opts.channels));
+    let forecast = model.forecast(opts, link_for(opts.channels_for(false)));
     let mut alternatives = Vec::new();
     let mut alt = |o: MigrateOptions| {
-        let f = model.forecast(&o, link_for(o.channels));
+        let f = model.forecast(&o, link_for(o.channels_for(false)));
         alternatives.push(f);
     };
-    if opts.channels == 1 && parallel.bytes_per_s > single.bytes_per_s * 1.15 {
+    if opts.channels_for(false) == 1 && parallel.bytes_per_s > single.bytes_per_s * 1.15 {
         alt(MigrateOptions {
-            channels: many,
+            channels: Some(many),
             ..opts.clone()
         });
     }
@@ -195,7 +195,7 @@ pub fn plan(
     }
     // The smallest limit that converges without throttling, if the one asked does not.
     if !forecast.converges || forecast.throttle.iter().any(|&t| t > 0) {
-        if let Some(limit) = model.feasible_limit(opts, link_for(opts.channels)) {
+        if let Some(limit) = model.feasible_limit(opts, link_for(opts.channels_for(false))) {
             alt(MigrateOptions {
                 downtime_limit_ms: limit,
                 max_downtime_ms: Some(opts.max_downtime().max(limit)),
@@ -292,7 +292,7 @@ impl Model<'_> {
         let wire_share = (1.0 - c.zero_share).max(1e-3);
         let raw = link / wire_share;
         let lz4 = (link / (wire_share * c.lz4_ratio.max(1e-3)))
-            .min(c.lz4_bytes_per_s * f64::from(opts.channels) / wire_share);
+            .min(c.lz4_bytes_per_s * f64::from(opts.channels_for(false)) / wire_share);
         let rate = match opts.compress {
             Mode::None | Mode::Zero | Mode::Delta => raw,
             Mode::Auto => raw.max(lz4),
@@ -404,7 +404,7 @@ impl Model<'_> {
 fn flags(opts: &MigrateOptions) -> String {
     let mut f = format!(
         "--channels {} --compress {} --downtime-limit {} --max-downtime {}",
-        opts.channels,
+        opts.channels_for(false),
         opts.compress,
         opts.downtime_limit_ms,
         opts.max_downtime()
