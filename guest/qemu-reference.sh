@@ -304,7 +304,9 @@ echo_check() { # TAG: one line through the guest's TCP echo server (port 7) at 1
 
 # net_diag SYSTEM DESTINATION: where the switch sends the guest's MAC, what each tap passed,
 # the guest's own view of its NIC (its workload's `status` line: counters, transmit timeouts,
-# carrier) and what the destination's VMM warned of.
+# carrier), what the destination's VMM warned of, and — once livemig's VMM raised an interrupt
+# the eighth time in vain — what the guest's interrupt controllers held then (the IOAPIC pin and
+# PICs, each vCPU's local APIC).
 net_diag() {
   local t l="" st=""
   for t in tap0 tap1; do
@@ -319,7 +321,8 @@ net_diag() {
     sleep 1
     st=$(grep -a 'livemig-workload: status' "$W/$2/con.log" | tail -n1 | cut -d' ' -f2-)
   fi
-  echo "the MAC on $(bridge fdb show br br0 2>/dev/null | grep -i "^$MAC" | grep -v permanent | tr '\n' ' '); ${l}the guest: ${st:-no status}; destination's warnings: $(grep -aE ' (WARN|ERROR) ' "$W/$2/qemu.log" 2>/dev/null | tail -n 5 | tr '\n' ' ' | cut -c 1-1200)"
+  echo "the MAC on $(bridge fdb show br br0 2>/dev/null | grep -i "^$MAC" | grep -v permanent | tr '\n' ' '); ${l}the guest: ${st:-no status}; destination's warnings: $(grep -aE ' (WARN|ERROR) ' "$W/$2/qemu.log" 2>/dev/null | grep -avE 'interrupt controllers:|local APIC:' | tail -n 5 | tr '\n' ' ' | cut -c 1-1200)$(
+    grep -aE 'interrupt controllers:|local APIC:' "$W/$2/qemu.log" 2>/dev/null | head -n 3 | tr '\n' ' ' | cut -c 1-2000 | sed 's/^./; interrupt state: &/')"
 }
 
 # echo_check_after SYSTEM DESTINATION: the echo check 3 s after the migration; when it fails,

@@ -71,12 +71,18 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::dirty::DirtyBitmap;
 use crate::vm::{DeviceSection, VmError};
 
+/// What the VMM does when a device finds an interrupt it raised left unserviced: logs what the
+/// interrupt controllers hold for the line (the argument: its GSI).
+pub type StuckIrqHook = Arc<dyn Fn(u32) + Send + Sync>;
+
 /// An interrupt line of the in-kernel irqchip: an eventfd the VMM registers as an irqfd for
 /// `gsi`; raising it never involves a vCPU thread.
 #[derive(Clone)]
 pub struct IrqLine {
     evt: Arc<EventFd>,
     gsi: u32,
+    /// Set by the VMM that registered the line (shared by its clones).
+    stuck: Arc<std::sync::OnceLock<StuckIrqHook>>,
 }
 
 impl std::fmt::Debug for IrqLine {
@@ -91,7 +97,21 @@ impl IrqLine {
         Ok(IrqLine {
             evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             gsi,
+            stuck: Arc::default(),
         })
+    }
+
+    /// The VMM's diagnosis for [`IrqLine::report_stuck`] (the first one set stays).
+    pub fn on_stuck(&self, hook: StuckIrqHook) {
+        let _ = self.stuck.set(hook);
+    }
+
+    /// The device raised this line and the guest has not serviced it for a long time: the
+    /// VMM logs the interrupt controllers' state for it (nothing without a VMM hook).
+    pub fn report_stuck(&self) {
+        if let Some(h) = self.stuck.get() {
+            h(self.gsi);
+        }
     }
 
     /// Raises the interrupt (an edge).

@@ -432,6 +432,9 @@ const BACKEND_TOKEN: u64 = u64::MAX - 1;
 /// How often a worker looks at its rings and its interrupt whatever happens: a notification
 /// the driver never saw is served, and an interrupt it never acknowledged is raised again.
 const TICK: std::time::Duration = std::time::Duration::from_millis(200);
+/// Re-raises of an unserviced interrupt after which the VMM is asked what the guest's
+/// interrupt controllers hold for it (then at every power of two).
+const STUCK_REPORT_AFTER: u64 = 8;
 
 impl Worker {
     fn new(dev: &VirtioMmio) -> std::io::Result<Worker> {
@@ -557,10 +560,16 @@ impl Worker {
             *recovered += 1;
             if recovered.is_power_of_two() {
                 tracing::warn!(
+                    gsi = self.irq.gsi(),
                     times = *recovered,
                     "virtio: an interrupt stayed unacknowledged for {} ms; raised again",
                     TICK.as_millis()
                 );
+                // From the eighth on, what the guest's interrupt controllers hold for it
+                // (an in-service bit never cleared, a remote IRR never acknowledged, a mask).
+                if *recovered >= STUCK_REPORT_AFTER {
+                    self.irq.report_stuck();
+                }
             }
             let _ = self.irq.trigger();
         }

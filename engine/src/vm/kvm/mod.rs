@@ -52,6 +52,7 @@ use crate::storage::VmDisk;
 pub mod boot;
 pub mod cpu;
 pub mod cpuid;
+mod irqdiag;
 pub mod linux;
 pub mod state;
 pub mod vcpu;
@@ -401,6 +402,15 @@ impl KvmVm {
             },
         )))?;
         let control = Arc::new(Control::new(vcpu_count as usize));
+        if let Guest::Linux(m) = &guest {
+            // A device that finds its interrupt unserviced for seconds has the VMM log what
+            // the interrupt controllers hold for it.
+            let hook = irqdiag::stuck_irq_hook(Arc::downgrade(&vm), Arc::downgrade(&control));
+            m.uart.irq().on_stuck(hook.clone());
+            for d in &m.virtio {
+                d.irq().on_stuck(hook.clone());
+            }
+        }
         let vm = KvmVm {
             devices,
             vm,
@@ -926,7 +936,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The MSRs of KVM's index list that this vCPU can read (KVM_GET_MSRS stops at the first
 /// MSR it cannot read; that one is dropped and the rest retried), plus the TSC.
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::state::{decode_msrs, pod_bytes, pod_from, section, MSR_IA32_TSC, SECTION_VERSION};
     use super::vcpu::{IDLE_EXIT_PERIOD, MAX_BATCH};
     use super::*;
@@ -952,7 +962,7 @@ mod tests {
             .expect("section present")
     }
 
-    fn spec(vcpus: u32, dirty_rate: u64, ws_mib: u64, pattern: Pattern) -> VmSpec {
+    pub(super) fn spec(vcpus: u32, dirty_rate: u64, ws_mib: u64, pattern: Pattern) -> VmSpec {
         VmSpec {
             memory_mib: 32,
             vcpus,

@@ -15,6 +15,7 @@
 //! `slice × t / (1 - t)` (t the throttle level), so they run `1 - t` of the time. A pause or
 //! stop cuts a sleep short.
 
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, Once, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,8 @@ pub(super) struct Ctl {
 pub(super) struct Control {
     pub(super) ctl: Mutex<Ctl>,
     pub(super) cv: Condvar,
+    /// Per vCPU: log its local APIC at its next exit ([`super::irqdiag`]).
+    lapic_report: Vec<AtomicBool>,
 }
 
 /// The signal that kicks a vCPU out of `KVM_RUN`.
@@ -140,7 +143,32 @@ impl Control {
                 throttler: false,
             }),
             cv: Condvar::new(),
+            lapic_report: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    /// Has every vCPU log its local APIC at its next exit, kicking the running ones out of
+    /// `KVM_RUN` (a kick lost just before a thread enters it waits for its next exit).
+    pub(super) fn request_lapic_report(&self) {
+        for r in &self.lapic_report {
+            r.store(true, AtomicOrdering::Relaxed);
+        }
+        self.kick_all(&lock(&self.ctl));
+    }
+
+    /// Whether a vCPU has a report of its local APIC still to log.
+    #[cfg(test)]
+    pub(super) fn lapic_report_pending(&self) -> bool {
+        self.lapic_report
+            .iter()
+            .any(|r| r.load(AtomicOrdering::Relaxed))
+    }
+
+    /// Whether vCPU `index` was asked to log its local APIC (and no longer is).
+    fn take_lapic_report(&self, index: u32) -> bool {
+        self.lapic_report
+            .get(index as usize)
+            .is_some_and(|r| r.swap(false, AtomicOrdering::Relaxed))
     }
 
     /// What the vCPU should do next, once any throttle sleep it owes is over.
@@ -321,6 +349,9 @@ fn vcpu_loop(
         let step = {
             let mut fd = lock(vcpu);
             let step = run_once(&mut fd, exits);
+            if control.take_lapic_report(index) {
+                super::irqdiag::report_vcpu(&fd, index);
+            }
             if matches!(step, Ok(Step::Paced)) || matches!(exits, Exits::Linux { .. }) {
                 io_pending = true;
             }
