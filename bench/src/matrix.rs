@@ -51,6 +51,9 @@ pub enum Variant {
         zstd: bool,
         /// Destination RAM faulted in at start.
         prealloc: bool,
+        /// Migration over TLS (`tls-creds-x509`, a throwaway CA): the like-for-like peer of
+        /// livemig's sealed sessions.
+        tls: bool,
     },
 }
 
@@ -72,17 +75,21 @@ impl Variant {
                 channels: 1,
                 zstd: false,
                 prealloc,
+                tls,
             } => format!(
-                "qemu single{}",
+                "qemu single{}{}",
+                if *tls { " tls" } else { "" },
                 if *prealloc { "" } else { " (no prealloc)" }
             ),
             Variant::Qemu {
                 channels,
                 zstd,
                 prealloc,
+                tls,
             } => format!(
-                "qemu multifd x{channels}{}{}",
+                "qemu multifd x{channels}{}{}{}",
                 if *zstd { " zstd" } else { "" },
+                if *tls { " tls" } else { "" },
                 if *prealloc { "" } else { " (no prealloc)" }
             ),
         }
@@ -230,25 +237,34 @@ fn q(channels: u16, zstd: bool) -> Variant {
         channels,
         zstd,
         prealloc: true,
+        tls: false,
+    }
+}
+
+/// QEMU over TLS (the single stream, or multifd): the same work as livemig's default, sealed.
+fn qtls(channels: u16) -> Variant {
+    Variant::Qemu {
+        channels,
+        zstd: false,
+        prealloc: true,
+        tls: true,
     }
 }
 
 /// A small matrix for CI and a quick look: loopback and one shaped link, small RAM.
 fn quick_cells(m: &mut Cells) {
     for f in CONTENTS {
-        m.add(
-            Link::Loopback,
-            f,
-            256,
-            0,
-            vec![
-                lm(1, "none"),
-                lm(2, "none"),
-                lm(1, "auto"),
-                q(1, false),
-                q(2, true),
-            ],
-        );
+        let mut v = vec![
+            lm(1, "none"),
+            lm(2, "none"),
+            lm(1, "auto"),
+            q(1, false),
+            q(2, true),
+        ];
+        if f == Fill::Random {
+            v.push(qtls(1));
+        }
+        m.add(Link::Loopback, f, 256, 0, v);
     }
     m.add(
         Link::OneGbit,
@@ -291,7 +307,7 @@ fn full_cells(m: &mut Cells) {
         Fill::Random,
         2048,
         0,
-        vec![lm(1, "none"), clear(1, "none"), q(1, false)],
+        vec![lm(1, "none"), clear(1, "none"), q(1, false), qtls(1)],
     );
     for f in CONTENTS {
         m.add(
@@ -310,6 +326,8 @@ fn full_cells(m: &mut Cells) {
                 q(1, false),
                 q(2, false),
                 q(2, true),
+                qtls(1),
+                qtls(2),
             ],
         );
     }
@@ -327,6 +345,8 @@ fn full_cells(m: &mut Cells) {
                 clear(2, "none"),
                 q(1, false),
                 q(2, true),
+                qtls(1),
+                qtls(2),
             ],
         );
         m.add(
@@ -340,6 +360,7 @@ fn full_cells(m: &mut Cells) {
                 lm(1, "zstd"),
                 q(1, false),
                 q(2, true),
+                qtls(1),
             ],
         );
     }
@@ -349,7 +370,13 @@ fn full_cells(m: &mut Cells) {
             Fill::Random,
             512,
             rate,
-            vec![lm(1, "auto"), lm(1, "delta"), clear(1, "auto"), q(1, false)],
+            vec![
+                lm(1, "auto"),
+                lm(1, "delta"),
+                clear(1, "auto"),
+                q(1, false),
+                qtls(1),
+            ],
         );
     }
     // Both at a small limit, under the same dirtying guest: the downtime each really needs.
@@ -360,7 +387,7 @@ fn full_cells(m: &mut Cells) {
             512,
             rate,
             SMALL_LIMIT_MS,
-            vec![lm(1, "auto"), clear(1, "auto"), q(1, false)],
+            vec![lm(1, "auto"), clear(1, "auto"), q(1, false), qtls(1)],
         );
     }
 }

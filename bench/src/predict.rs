@@ -265,6 +265,7 @@ fn qemu_beside(
         channels: 1,
         zstd: false,
         prealloc: true,
+        tls: None,
         auto_converge: true,
         downtime_limit_ms: 300,
     };

@@ -156,6 +156,10 @@ pub struct QemuOptions {
     pub zstd: bool,
     /// The destination faults its RAM in before the migration (ours reserves it).
     pub prealloc: bool,
+    /// Over TLS: both sides get `tls-creds-x509` from a throwaway CA and `tls-creds` set; the
+    /// destination's certificate carries this name (the source checks it is
+    /// [`TLS_HOSTNAME`]). None: in clear.
+    pub tls: Option<&'static str>,
     /// QEMU's auto-converge (cpu-throttle 20 % first, +10 % per step: its defaults).
     pub auto_converge: bool,
     /// `downtime-limit`, ms.
@@ -172,6 +176,7 @@ pub fn run_qemu(
     channels: u16,
     zstd: bool,
     prealloc: bool,
+    tls: bool,
 ) -> Result<Value> {
     let spec = VmSpec {
         memory_mib: cell.memory_mib,
@@ -187,10 +192,45 @@ pub fn run_qemu(
         channels,
         zstd,
         prealloc,
+        tls: tls.then_some(TLS_HOSTNAME),
         auto_converge: false,
         downtime_limit_ms: cell.downtime_limit_ms,
     };
     migrate_qemu(work, &spec, hosts, &o)
+}
+
+/// The name the destination's TLS certificate carries and the source checks (`tls-hostname`).
+pub const TLS_HOSTNAME: &str = "livemig-bench-destination";
+
+/// A folder of QEMU x509 credentials under `work` (`ca-cert.pem`, `server-cert.pem`,
+/// `server-key.pem` for `name`), fresh from a throwaway CA, and the `-object` arguments of each side's
+/// `tls-creds-x509` (id `tls0`): the destination's (server) and the source's (client).
+fn tls_credentials(work: &Path, name: &str) -> Result<[Vec<String>; 2]> {
+    let dir = work.join("qemu-tls");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (ca, certs) = livemig_engine::tls::throwaway_ca(&[vec![name.to_string()]])
+        .map_err(|e| anyhow::anyhow!("making QEMU's TLS certificates: {e}"))?;
+    let (cert, key) = &certs[0];
+    for (name, pem) in [
+        ("ca-cert.pem", &ca),
+        ("server-cert.pem", cert),
+        ("server-key.pem", key),
+    ] {
+        std::fs::write(dir.join(name), pem)?;
+    }
+    // The destination asks the source for no certificate; the source checks the
+    // destination's against the CA and the name.
+    let object = |endpoint: &str, verify: &str| {
+        vec![
+            "-object".to_string(),
+            format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint={endpoint},verify-peer={verify}",
+                dir.display()
+            ),
+        ]
+    };
+    Ok([object("server", "off"), object("client", "on")])
 }
 
 /// QEMU migrating a VM of `spec`'s RAM size and content: livemig's built-in guest of `spec`
@@ -210,12 +250,15 @@ pub fn migrate_qemu(
     o: &QemuOptions,
 ) -> Result<Value> {
     let prealloc = o.prealloc;
+    // Unique per call: two migrations of one process (tests run in parallel) never share RAM.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let src_ram = PathBuf::from(format!(
-        "/dev/shm/livemig-bench-qemu-src-{}",
+        "/dev/shm/livemig-bench-qemu-src-{}-{call}",
         std::process::id()
     ));
     let dst_ram = PathBuf::from(format!(
-        "/dev/shm/livemig-bench-qemu-dst-{}",
+        "/dev/shm/livemig-bench-qemu-dst-{}-{call}",
         std::process::id()
     ));
     let cleanup = || {
@@ -237,6 +280,10 @@ pub fn migrate_qemu(
             Some((path, _)) => vec!["-kernel".into(), path.display().to_string()],
             None => Vec::new(),
         };
+        let [tls_dst, tls_src] = match o.tls {
+            Some(name) => tls_credentials(work, name)?,
+            None => Default::default(),
+        };
         let src_proc = qemu(
             hosts.map(|h| h.ns_a.as_str()),
             &src_ram,
@@ -244,7 +291,7 @@ pub fn migrate_qemu(
             &qs,
             false,
             false,
-            &extra,
+            &[extra.clone(), tls_src].concat(),
         )?;
         // With prealloc the destination faults its RAM in before the migration starts, as
         // ours does with its reserve.
@@ -255,7 +302,7 @@ pub fn migrate_qemu(
             &qd,
             true,
             prealloc,
-            &extra,
+            &[extra, tls_dst].concat(),
         )?;
         let mut s = Qmp::connect(&qs)?;
         let mut d = Qmp::connect(&qd)?;
@@ -306,6 +353,10 @@ fn set_migration_options(q: &mut Qmp, o: &QemuOptions) -> Result<()> {
     if multifd {
         params["multifd-channels"] = json!(o.channels);
         params["multifd-compression"] = json!(if o.zstd { "zstd" } else { "none" });
+    }
+    if o.tls.is_some() {
+        params["tls-creds"] = json!("tls0");
+        params["tls-hostname"] = json!(TLS_HOSTNAME);
     }
     q.cmd("migrate-set-parameters", params)?;
     Ok(())
@@ -466,6 +517,7 @@ mod tests {
                 channels: 1,
                 zstd: false,
                 prealloc: false,
+                tls: false,
             },
         }
     }
@@ -529,10 +581,41 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Over TLS QEMU migrates, and its source refuses a destination whose certificate names
+    /// another host: the stream is TLS, checked.
+    #[test]
+    fn qemu_migrates_over_tls_and_checks_the_destination() {
+        let dir = work("qemu-tls");
+        let r = run_qemu(&dir, &cell(64, 0), None, 1, false, true, true).unwrap();
+        assert!(r["total_time_ms"].as_f64().unwrap() > 0.0, "{r}");
+        let spec = VmSpec {
+            memory_mib: 64,
+            vcpus: 1,
+            fill: Fill::Random,
+            workload: Workload {
+                working_set_mib: crate::run::WORKING_SET_MIB,
+                dirty_rate: 0,
+                pattern: Pattern::Random,
+            },
+        };
+        let o = QemuOptions {
+            channels: 1,
+            zstd: false,
+            prealloc: true,
+            tls: Some("someone-else"),
+            auto_converge: false,
+            downtime_limit_ms: 300,
+        };
+        let err = format!("{:#}", migrate_qemu(&dir, &spec, None, &o).unwrap_err());
+        assert!(err.contains("does not match the hostname"), "{err}");
+        println!("QEMU TLS, wrong destination name: {err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn qemu_migrates_the_dirtying_builtin_guest() {
         let dir = work("qemu-dirty");
-        let r = run_qemu(&dir, &cell(128, 20_000), None, 1, false, false).unwrap();
+        let r = run_qemu(&dir, &cell(128, 20_000), None, 1, false, false, false).unwrap();
         assert!(r["total_time_ms"].as_f64().unwrap() > 0.0, "{r}");
         // The pages the guest wrote during the migration went again: a paused VM's migration
         // carries its RAM plus ~0.3 % (page headers), this one several percent more.

@@ -203,8 +203,13 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
          GiB of guest RAM, each process's CPU time outside its vCPU threads, for both \
          (`/proc`, 10 ms resolution).\n",
     );
-    s.push_str("\n| link | content | RAM MiB | dirty pages/s | limit ms | variant | total ms (median [min–max]) | downtime ms | GB/s | link bytes / RAM | CPU s/GiB src / dst | vs QEMU single | vs QEMU best | digest |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str(
+        "\nvs QEMU best: against the fastest QEMU variant of the cell, whatever it is (in clear \
+         too); vs QEMU TLS best: an encrypted livemig row (no `(clear)`) against the fastest \
+         QEMU variant over TLS — the same work, sealed on both sides.\n",
+    );
+    s.push_str("\n| link | content | RAM MiB | dirty pages/s | limit ms | variant | total ms (median [min–max]) | downtime ms | GB/s | link bytes / RAM | CPU s/GiB src / dst | vs QEMU single | vs QEMU best | vs QEMU TLS best | digest |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     // The same cell (link, content, RAM, rate, limit) in the same destination-RAM regime.
     let peers = |r: &Row| {
         let cold = |v: &str| v.ends_with("(no reserve)") || v.ends_with("(no prealloc)");
@@ -231,11 +236,17 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
             .iter()
             .map(|q| q.total_ms_median)
             .min_by(|a, b| a.total_cmp(b));
+        let tls_best = p
+            .iter()
+            .filter(|q| q.variant.contains(" tls"))
+            .map(|q| q.total_ms_median)
+            .min_by(|a, b| a.total_cmp(b));
+        let sealed = r.system == "livemig" && !r.variant.contains("(clear)");
         let vs = |q: Option<f64>| q.map_or_else(|| "—".into(), |q| speed(q, r.total_ms_median));
         let ram = (r.memory_mib << 20) as f64;
         let gib = ram / f64::from(1u32 << 30);
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} [{:.0}–{:.0}] | {:.1} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.0} [{:.0}–{:.0}] | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.link,
             r.content,
             r.memory_mib,
@@ -266,6 +277,7 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
                 vs(single)
             },
             if r.system == "qemu" { "—".into() } else { vs(best) },
+            if sealed { vs(tls_best) } else { "—".into() },
             match r.digest_match {
                 Some(true) => "match",
                 Some(false) => "MISMATCH",

@@ -206,7 +206,8 @@ fn measure(
             channels,
             zstd,
             prealloc,
-        } => run_qemu(s.work, cell, hosts, *channels, *zstd, *prealloc),
+            tls,
+        } => run_qemu(s.work, cell, hosts, *channels, *zstd, *prealloc, *tls),
     };
     bar.inc(1);
     // What crossed the link into the destination's host, counted at its interface the same
