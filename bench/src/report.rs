@@ -230,7 +230,7 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
         let p = peers(r);
         let single = p
             .iter()
-            .find(|q| q.variant.starts_with("qemu single"))
+            .find(|q| q.variant.starts_with("qemu single") && !q.variant.contains(" tls"))
             .map(|q| q.total_ms_median);
         let best = p
             .iter()
@@ -271,7 +271,10 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
                 (Some(a), Some(b)) => format!("{:.2} / {:.2}", a / gib, b / gib),
                 _ => "—".into(),
             },
-            if r.system == "qemu" && r.variant.starts_with("qemu single") {
+            if r.system == "qemu"
+                && r.variant.starts_with("qemu single")
+                && !r.variant.contains(" tls")
+            {
                 "—".into()
             } else {
                 vs(single)
