@@ -108,12 +108,19 @@ fn describe_redirection(bits: u64) -> String {
 }
 
 /// Reads the 32-bit local APIC register at `off`.
-fn reg(l: &kvm_lapic_state, off: usize) -> u32 {
+pub(super) fn reg(l: &kvm_lapic_state, off: usize) -> u32 {
     let mut b = [0u8; 4];
     for (k, x) in b.iter_mut().enumerate() {
         *x = l.regs[off + k] as u8;
     }
     u32::from_le_bytes(b)
+}
+
+/// Writes the 32-bit local APIC register at `off`.
+pub(super) fn set_reg(l: &mut kvm_lapic_state, off: usize, v: u32) {
+    for (k, b) in v.to_le_bytes().iter().enumerate() {
+        l.regs[off + k] = *b as _;
+    }
 }
 
 /// The vectors set in the 256-bit register of the local APIC at `base` (eight 32-bit words
@@ -250,25 +257,19 @@ mod tests {
         vm.shutdown();
     }
 
-    fn set(l: &mut kvm_lapic_state, off: usize, v: u32) {
-        for (k, b) in v.to_le_bytes().iter().enumerate() {
-            l.regs[off + k] = *b as _;
-        }
-    }
-
     #[test]
     fn local_apic_registers_decode_to_vectors_and_flags() {
         let mut l = kvm_lapic_state::default();
         assert!(describe_lapic(&l).starts_with("ISR none; IRR none; TMR none; TPR 0x0"));
         // ISR: vector 0x21 (word 1, bit 1) and 0xec (word 7, bit 12); IRR 0x31; TPR 0x20.
-        set(&mut l, 0x110, 1 << 1);
-        set(&mut l, 0x170, 1 << 12);
-        set(&mut l, 0x210, 1 << 17);
-        set(&mut l, 0x80, 0x20);
-        set(&mut l, 0xf0, 0x1ff);
-        set(&mut l, 0x320, 0x200ec);
-        set(&mut l, 0x390, 1234);
-        set(&mut l, 0x350, 0x10700);
+        set_reg(&mut l, 0x110, 1 << 1);
+        set_reg(&mut l, 0x170, 1 << 12);
+        set_reg(&mut l, 0x210, 1 << 17);
+        set_reg(&mut l, 0x80, 0x20);
+        set_reg(&mut l, 0xf0, 0x1ff);
+        set_reg(&mut l, 0x320, 0x200ec);
+        set_reg(&mut l, 0x390, 1234);
+        set_reg(&mut l, 0x350, 0x10700);
         let d = describe_lapic(&l);
         assert!(
             d.starts_with("ISR 0x21 0xec; IRR 0x31; TMR none; TPR 0x20"),

@@ -494,14 +494,8 @@ fn set_lint(fd: &VcpuFd) -> Result<(), VmError> {
     const DM_NMI: u32 = 4 << 8;
     let mut lapic = fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
     for (off, mode) in [(LVT_LINT0, DM_EXTINT), (LVT_LINT1, DM_NMI)] {
-        let mut b = [0u8; 4];
-        for (k, x) in b.iter_mut().enumerate() {
-            *x = lapic.regs[off + k] as u8;
-        }
-        let v = (u32::from_le_bytes(b) & !0x700) | mode;
-        for (k, x) in v.to_le_bytes().iter().enumerate() {
-            lapic.regs[off + k] = *x as _;
-        }
+        let v = (irqdiag::reg(&lapic, off) & !0x700) | mode;
+        irqdiag::set_reg(&mut lapic, off, v);
     }
     fd.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))
 }
