@@ -93,7 +93,7 @@ pub struct DataSender {
     stream: TcpStream,
     peer: String,
     table: Vec<u8>,
-    rate_sample: Option<(std::time::Instant, u64, bool)>,
+    rate_sample: Option<(std::time::Instant, TcpProgress, bool)>,
     /// Seals every record (a sealed channel), staged in `stage`.
     seal: Option<Sealer>,
     stage: Vec<u8>,
@@ -259,16 +259,17 @@ impl DataSender {
         Ok(wire)
     }
 
-    /// Feeds the encoder the rate at which the peer acknowledged bytes since the last sample.
+    /// Feeds the encoder the rate at which the peer acknowledged bytes since the last sample,
+    /// and whether the peer's receive window held the connection back meanwhile.
     fn sample_link(&mut self, enc: &mut Encoder) {
         let now = std::time::Instant::now();
-        let Some((acked, queued)) = tcp_progress(&self.stream) else {
+        let Some(p) = tcp_progress(&self.stream) else {
             return;
         };
-        enc.record_backlog(u64::from(queued));
-        let backlogged = queued >= QUEUED_FOR_SAMPLE;
+        enc.record_backlog(u64::from(p.queued));
+        let backlogged = p.queued >= QUEUED_FOR_SAMPLE;
         match self.rate_sample {
-            Some((t, a, was_backlogged)) if now.duration_since(t) >= RATE_INTERVAL => {
+            Some((t, before, was_backlogged)) if now.duration_since(t) >= RATE_INTERVAL => {
                 // Only a window with data queued at both ends measures the link; with an empty
                 // queue the sender (compressing, say) was the bottleneck, and a queue that
                 // builds only at the end is the receiver's moment, not the link: on loopback
@@ -276,14 +277,14 @@ impl DataSender {
                 // then compressed with LZ4 — which, keeping the queue empty, let no later
                 // window correct it (1 GiB of text in 1029-1273 ms against 544 raw).
                 if backlogged && was_backlogged {
-                    enc.record_link_rate(
-                        acked.saturating_sub(a) as f64 / now.duration_since(t).as_secs_f64(),
-                    );
+                    let rate = p.acked.saturating_sub(before.acked) as f64
+                        / now.duration_since(t).as_secs_f64();
+                    enc.record_link_sample(rate, p.receiver_bound_since(&before));
                 }
-                self.rate_sample = Some((now, acked, backlogged));
+                self.rate_sample = Some((now, p, backlogged));
             }
             Some(_) => {}
-            None => self.rate_sample = Some((now, acked, backlogged)),
+            None => self.rate_sample = Some((now, p, backlogged)),
         }
     }
 
@@ -743,15 +744,46 @@ fn put_header(buf: &mut Vec<u8>, kind: u16, count: u16, value: u64) {
     buf.extend_from_slice(&value.to_le_bytes());
 }
 
-/// Bytes of this connection the peer has acknowledged so far.
 /// Bytes the sender must still have queued for a rate sample to count.
 const QUEUED_FOR_SAMPLE: u32 = 64 << 10;
 
-/// `(bytes the peer acknowledged so far, bytes queued but not yet sent)`.
-fn tcp_progress(stream: &TcpStream) -> Option<(u64, u32)> {
+/// A connection's progress, from `TCP_INFO`.
+#[derive(Debug, Clone, Copy)]
+struct TcpProgress {
+    /// Bytes the peer acknowledged so far.
+    acked: u64,
+    /// Bytes queued but not yet sent.
+    queued: u32,
+    /// Microseconds the connection spent sending so far, and of those, held back by the
+    /// peer's receive window (kernels since 4.10; None before).
+    busy_us: Option<(u64, u64)>,
+}
+
+impl TcpProgress {
+    /// Whether, since `before`, the peer's receive window held the connection back at least
+    /// half the time it was sending: its application (the receiver's threads, on cores they
+    /// may share with the sender) did not take the bytes in as fast as the network brought
+    /// them, so the rate measured is the receiver's, not the network's.
+    fn receiver_bound_since(&self, before: &TcpProgress) -> bool {
+        match (self.busy_us, before.busy_us) {
+            (Some((busy, rwnd)), Some((busy0, rwnd0))) => {
+                let busy = busy.saturating_sub(busy0);
+                busy > 0 && 2 * rwnd.saturating_sub(rwnd0) >= busy
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The connection's progress; None if the kernel does not say.
+fn tcp_progress(stream: &TcpStream) -> Option<TcpProgress> {
     let (info, len) = tcp_info(stream)?;
-    (len >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt))
-        .then_some((info.tcpi_bytes_acked, info.tcpi_notsent_bytes))
+    (len >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt)).then(|| TcpProgress {
+        acked: info.tcpi_bytes_acked,
+        queued: info.tcpi_notsent_bytes,
+        busy_us: (len >= std::mem::offset_of!(libc::tcp_info, tcpi_sndbuf_limited))
+            .then_some((info.tcpi_busy_time, info.tcpi_rwnd_limited)),
+    })
 }
 
 /// The socket's `TCP_INFO` and how many of its bytes this kernel filled in (older kernels
@@ -888,6 +920,52 @@ mod tests {
                 Arc::new(()),
             )
         }
+    }
+
+    /// `auto`'s sign of a receiver that cannot keep up, read from a real connection: a
+    /// reader that takes 64 KiB every 2 ms behind a writer that never waits for it.
+    #[test]
+    fn a_receiver_that_reads_slowly_holds_the_connection_back() {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (a, mut b) = pair();
+        let done = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                while !done.load(Ordering::Relaxed) && b.read(&mut buf).is_ok_and(|n| n > 0) {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            })
+        };
+        let mut w = a.try_clone().unwrap();
+        let writer = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let buf = vec![1u8; 1 << 20];
+                while !done.load(Ordering::Relaxed) && w.write_all(&buf).is_ok() {}
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let before = tcp_progress(&a).expect("TCP_INFO");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let after = tcp_progress(&a).expect("TCP_INFO");
+        done.store(true, Ordering::Relaxed);
+        let _ = a.shutdown(std::net::Shutdown::Both);
+        writer.join().unwrap();
+        reader.join().unwrap();
+        assert!(after.acked > before.acked, "{before:?} {after:?}");
+        assert!(after.queued > 0, "nothing queued: {after:?}");
+        assert!(after.receiver_bound_since(&before), "{before:?} {after:?}");
+        // The same figures with the window never in the way: not the receiver's.
+        let free = TcpProgress {
+            busy_us: after
+                .busy_us
+                .map(|(busy, _)| (busy, before.busy_us.unwrap().1)),
+            ..after
+        };
+        assert!(!free.receiver_bound_since(&before));
     }
 
     fn pair() -> (TcpStream, TcpStream) {
