@@ -19,8 +19,11 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 
-use super::vcpu::Control;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::vcpu::{Control, ExitTally};
 use crate::devices::StuckIrqHook;
+use crate::memory::{GuestRam, PAGE_SIZE};
 
 /// The hook a VMM sets on its Linux guest's interrupt lines: logs the IOAPIC's and PICs' state
 /// for the line and has every vCPU log its local APIC. Holds the VM weakly: the lines belong to
@@ -171,14 +174,45 @@ pub(super) fn describe_lapic(l: &kvm_lapic_state) -> String {
     )
 }
 
-/// Logs vCPU `index`'s local APIC, interrupt flag, MP state and pending events (on its thread,
-/// between two `KVM_RUN`s).
-pub(super) fn report_vcpu(fd: &VcpuFd, index: u32) {
-    tracing::warn!(vcpu = index, "{}", describe_vcpu(fd));
+/// Logs vCPU `index`'s local APIC, interrupt flag, MP state and pending events, the code at
+/// its RIP and the exits it took since its last report (on its thread, between two
+/// `KVM_RUN`s).
+pub(super) fn report_vcpu(fd: &VcpuFd, index: u32, ram: &GuestRam, tally: ExitTally) {
+    tracing::warn!(vcpu = index, "{}", describe_vcpu(fd, ram, tally));
 }
 
-/// A vCPU's local APIC, interrupt flag, MP state and pending events.
-fn describe_vcpu(fd: &VcpuFd) -> String {
+/// Bytes of guest code at `rip`, read through the vCPU's page tables (`KVM_TRANSLATE`): where
+/// a guest spins, what it runs there.
+fn code_at(fd: &VcpuFd, ram: &GuestRam, rip: u64) -> String {
+    const LEN: u64 = 16;
+    let t = match fd.translate_gva(rip) {
+        Ok(t) if t.valid != 0 => t,
+        Ok(_) => return "not mapped".into(),
+        Err(e) => return format!("KVM_TRANSLATE: {e}"),
+    };
+    // Up to the end of the page: the next one may map elsewhere.
+    let len = LEN.min(PAGE_SIZE - (t.physical_address % PAGE_SIZE)) as usize;
+    let mut buf = [0u8; LEN as usize];
+    match ram
+        .memory()
+        .read_slice(&mut buf[..len], GuestAddress(t.physical_address))
+    {
+        Ok(()) => format!(
+            "gpa {:#x}: {}",
+            t.physical_address,
+            buf[..len]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        Err(_) => format!("gpa {:#x}: not in RAM", t.physical_address),
+    }
+}
+
+/// A vCPU's local APIC, interrupt flag, MP state and pending events, its code at RIP and its
+/// exits since the last report.
+fn describe_vcpu(fd: &VcpuFd, ram: &GuestRam, tally: ExitTally) -> String {
     let lapic = fd
         .get_lapic()
         .map_or_else(|e| format!("KVM_GET_LAPIC: {e}"), |l| describe_lapic(&l));
@@ -186,13 +220,14 @@ fn describe_vcpu(fd: &VcpuFd) -> String {
         |e| format!("KVM_GET_REGS: {e}"),
         |r| {
             format!(
-                "rip {:#x}, interrupts {}",
+                "rip {:#x}, interrupts {}; code {}",
                 r.rip,
                 if r.rflags & (1 << 9) != 0 {
                     "enabled"
                 } else {
                     "disabled"
-                }
+                },
+                code_at(fd, ram, r.rip)
             )
         },
     );
@@ -208,12 +243,24 @@ fn describe_vcpu(fd: &VcpuFd) -> String {
         |e| format!("KVM_GET_VCPU_EVENTS: {e}"),
         |ev| {
             format!(
-                "injecting {} (vector {:#04x}), shadow {}, NMI pending {}",
-                ev.interrupt.injected, ev.interrupt.nr, ev.interrupt.shadow, ev.nmi.pending
+                "injecting {} (vector {:#04x}), shadow {}, NMI pending {} masked {}, \
+                 exception injected {} pending {}, SMM {}",
+                ev.interrupt.injected,
+                ev.interrupt.nr,
+                ev.interrupt.shadow,
+                ev.nmi.pending,
+                ev.nmi.masked,
+                ev.exception.injected,
+                ev.exception.pending,
+                ev.smi.smm
             )
         },
     );
-    format!("local APIC: {lapic}; {regs}; MP state {mp}; {events}")
+    format!(
+        "local APIC: {lapic}; {regs}; MP state {mp}; {events}; exits to the VMM since the last \
+         report: {} port I/O (last {:#x}), {} MMIO (last {:#x}), {} other",
+        tally.pio, tally.last_port, tally.mmio, tally.last_mmio, tally.other
+    )
 }
 
 #[cfg(test)]
@@ -239,10 +286,30 @@ mod tests {
         assert!(chips.contains("; PIC slave: irr "), "{chips}");
         assert!(describe_chips(&vm.vm, 99).starts_with("no IOAPIC pin 99"));
         vm.pause().unwrap();
-        let one = describe_vcpu(&crate::vm::kvm::lock(&vm.vcpus[0]));
+        let tally = ExitTally {
+            pio: 3,
+            last_port: 0x3f8,
+            ..ExitTally::default()
+        };
+        let one = describe_vcpu(&crate::vm::kvm::lock(&vm.vcpus[0]), &vm.ram, tally);
         assert!(one.starts_with("local APIC: ISR "), "{one}");
         assert!(one.contains("; rip 0x"), "{one}");
         assert!(!one.contains("KVM_GET"), "{one}");
+        // The guest's code at RIP, read through its page tables, as bytes of its RAM.
+        let code = one.split("; code gpa ").nth(1).expect("no code at RIP");
+        let (gpa, bytes) = code.split_once(": ").unwrap();
+        let gpa = u64::from_str_radix(gpa.trim_start_matches("0x"), 16).unwrap();
+        let mut want = [0u8; 4];
+        vm.ram
+            .memory()
+            .read_slice(&mut want, GuestAddress(gpa))
+            .unwrap();
+        let want: Vec<String> = want.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(bytes.starts_with(&want.join(" ")), "{one}");
+        assert!(
+            one.contains("since the last report: 3 port I/O (last 0x3f8), 0 MMIO"),
+            "{one}"
+        );
         println!("{chips}\n{one}");
         vm.resume().unwrap();
         stuck_irq_hook(Arc::downgrade(&vm.vm), Arc::downgrade(&vm.control))(4);

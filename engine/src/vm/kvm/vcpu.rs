@@ -298,11 +298,11 @@ pub(super) fn vcpu_thread(
     vcpu: &Mutex<VcpuFd>,
     control: &Control,
     exits: &Exits,
-    _ram: GuestRam,
+    ram: GuestRam,
 ) {
     // SAFETY: pthread_self has no preconditions.
     lock(&control.ctl).threads[index as usize] = Some(unsafe { libc::pthread_self() });
-    let outcome = vcpu_loop(index, vcpu, control, exits);
+    let outcome = vcpu_loop(index, vcpu, control, exits, &ram);
     let mut ctl = lock(&control.ctl);
     if let Err(reason) = outcome {
         tracing::error!(vcpu = index, %reason, "vCPU failed");
@@ -326,15 +326,32 @@ enum Step {
     Exit(GuestExit),
 }
 
+/// The exits to this VMM a vCPU took since its last interrupt report (see
+/// [`super::irqdiag::report_vcpu`]): a guest that polls a device shows here, one spinning in
+/// its own code or in KVM does not.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct ExitTally {
+    /// Port I/O, and the last port.
+    pub pio: u64,
+    pub last_port: u16,
+    /// MMIO, and the last address.
+    pub mmio: u64,
+    pub last_mmio: u64,
+    /// `KVM_RUN` ended by a signal (a kick) or anything else.
+    pub other: u64,
+}
+
 /// Runs vCPU `index` until stopped (`Ok`) or failed (`Err(reason)`).
 fn vcpu_loop(
     index: u32,
     vcpu: &Mutex<VcpuFd>,
     control: &Control,
     exits: &Exits,
+    ram: &GuestRam,
 ) -> Result<(), String> {
     let mut io_pending = false;
     let mut deadline: Option<Instant> = None;
+    let mut tally = ExitTally::default();
     loop {
         if control.target() != Target::Run {
             if io_pending {
@@ -348,9 +365,9 @@ fn vcpu_loop(
         }
         let step = {
             let mut fd = lock(vcpu);
-            let step = run_once(&mut fd, exits);
+            let step = run_once(&mut fd, exits, &mut tally);
             if control.take_lapic_report(index) {
-                super::irqdiag::report_vcpu(&fd, index);
+                super::irqdiag::report_vcpu(&fd, index, ram, std::mem::take(&mut tally));
             }
             if matches!(step, Ok(Step::Paced)) || matches!(exits, Exits::Linux { .. }) {
                 io_pending = true;
@@ -381,13 +398,27 @@ fn vcpu_loop(
     }
 }
 
-/// One `KVM_RUN` and the service of its exit.
-fn run_once(fd: &mut VcpuFd, exits: &Exits) -> Result<Step, String> {
+/// One `KVM_RUN` and the service of its exit (counted in `tally`).
+fn run_once(fd: &mut VcpuFd, exits: &Exits, tally: &mut ExitTally) -> Result<Step, String> {
     let exit = match fd.run() {
         Ok(exit) => exit,
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(Step::Again),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            tally.other += 1;
+            return Ok(Step::Again);
+        }
         Err(e) => return Err(format!("KVM_RUN failed: {e}")),
     };
+    match &exit {
+        VcpuExit::IoIn(port, _) | VcpuExit::IoOut(port, _) => {
+            tally.pio += 1;
+            tally.last_port = *port;
+        }
+        VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => {
+            tally.mmio += 1;
+            tally.last_mmio = *addr;
+        }
+        _ => tally.other += 1,
+    }
     let action = match (exits, exit) {
         (Exits::Builtin(_), VcpuExit::IoOut(PACING_PORT, _)) => return Ok(Step::Paced),
         (Exits::Linux { pio, .. }, VcpuExit::IoIn(port, data)) => {
