@@ -229,20 +229,35 @@ kept_rising() {
 }
 
 # stall_report NAME: for a destination whose guest stalled or answered no echo: what used the
-# nested VM's CPUs over one second (the busiest threads, in clock ticks), and its VMM's last
-# log lines.
+# nested VM's CPUs over one second (the busiest threads, in clock ticks), what KVM counted for
+# each VM meanwhile (its debugfs statistics that moved: exits, interrupt injections and
+# interrupt-window exits tell a guest that is offered no interrupt from one that takes none),
+# and its VMM's last log lines.
 stall_report() {
   cpu_snapshot() { # tid (comm) utime+stime, one awk over every thread
     awk '{ p = match($0, /\) [A-Za-z] /); split(substr($0, p + 2), f, " ")
            o = index($0, "("); print $1, substr($0, o, p - o + 1), f[12] + f[13] }' \
       /proc/[0-9]*/task/[0-9]*/stat 2>/dev/null
   }
+  kvm_snapshot() { # "PID-FD/stat value" for every VM's statistics
+    local f
+    for f in /sys/kernel/debug/kvm/[0-9]*-[0-9]*/*; do
+      [ -f "$f" ] && echo "${f#/sys/kernel/debug/kvm/} $(cat "$f" 2>/dev/null)"
+    done
+    return 0
+  }
+  [ -d /sys/kernel/debug/kvm ] || mount -t debugfs none /sys/kernel/debug 2>/dev/null || true
   cpu_snapshot >"$W/cpu.1"
+  kvm_snapshot >"$W/kvm.1"
   sleep 1
   cpu_snapshot >"$W/cpu.2"
+  kvm_snapshot >"$W/kvm.2"
   say "REF stall $1: load $(cut -d' ' -f1-3 /proc/loadavg); busiest threads over 1 s: $(
     awk 'NR == FNR { a[$1] = $NF; next } ($1 in a) && $NF > a[$1] { print $NF - a[$1], $0 }' \
       "$W/cpu.1" "$W/cpu.2" | sort -rn | head -n 8 | awk '{ $NF = ""; print }' | tr '\n' ';')"
+  say "REF stall $1: KVM's counts over 1 s (VM pid-fd/stat +delta): $(
+    awk 'NR == FNR { a[$1] = $2; next } ($1 in a) && $2 ~ /^[0-9]+$/ && $2 != a[$1] { print $1, "+" $2 - a[$1] }' \
+      "$W/kvm.1" "$W/kvm.2" | tr '\n' ';' | cut -c 1-1500)"
   say "REF stall $1: its log: $(tail -n 8 "$W/$1/qemu.log" 2>/dev/null | tr '\n' ' ' | cut -c 1-1500) [its last warnings: $(grep -aE ' (WARN|ERROR) ' "$W/$1/qemu.log" 2>/dev/null | tail -n 4 | tr '\n' ' ' | cut -c 1-1200)]"
 }
 
