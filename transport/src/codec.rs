@@ -353,8 +353,9 @@ const AUTO_PROBE_EVERY: u64 = 64;
 /// set every 64 chunks: 48 MiB compressed at about 1 GB/s on cores busy sealing and sending;
 /// 10 pairs, median 1.16x the time of `none`; 1.02x with no probes after the first set, 0.94x
 /// with these gaps; behind shaped 10 GbE, two connections, where `auto` compresses a fifth,
-/// level with the fixed gap: 6 pairs, median 1.02x). A slower link needs no probe to be noticed (the remembered speeds and ratios are weighed
-/// against every new link sample); new content does, within the gap.
+/// level with the fixed gap: 6 pairs, median 1.02x). A slower link needs no probe to be
+/// noticed (the remembered speeds and ratios are weighed against every new link sample); new
+/// content does, within the gap.
 const AUTO_PROBE_BACKOFF: u64 = 4;
 /// The longest gap between probe sets (1 GiB at 1 MiB chunks).
 const AUTO_PROBE_EVERY_MAX: u64 = 1024;
@@ -575,12 +576,13 @@ impl Encoder {
     /// compresses). Probes measure the codecs.
     ///
     /// Raw, too, while most of the recent link samples were taken with the receiver holding
-    /// the connection back (its receive window full): the link is then the receiving
-    /// threads, not the network, and a codec only adds to their work — raw pages are received
-    /// straight into guest RAM, a compressed chunk is received and then decoded. Where both
-    /// ends share the cores (one host, or the nested VM's two) the codec's own work comes off
-    /// the receiver's too: in the nested VM, a 256 MiB Linux guest with LZ4 on 60 % of its
-    /// pages took 2745 and 3124 ms against 2180 and 2019 raw.
+    /// the connection back (its receive window full): the rate measured is then the receiving
+    /// threads' pace, not the network's, and the model's premise — fewer bytes on the wire
+    /// move RAM faster — does not hold: the receiver still takes in every page, and decodes
+    /// a compressed chunk where a raw one lands straight in guest RAM. Where both ends share
+    /// the cores (one host, or the nested VM's two) the codec's own work comes off the
+    /// receiver's too: in the nested VM, a 256 MiB Linux guest with LZ4 on 60 % of its pages
+    /// took 2745 and 3124 ms against 2180 and 2019 raw.
     pub fn auto_choice(&self) -> Option<AutoCodec> {
         let (a, backlog, persistent, receiver_bound) = {
             let l = self.learned();
