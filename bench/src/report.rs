@@ -226,11 +226,13 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
             })
             .collect::<Vec<_>>()
     };
+    // QEMU's single stream in clear: the yardstick of the 'vs QEMU single' column.
+    let clear_single = |v: &str| v.starts_with("qemu single") && !v.contains(" tls");
     for r in rows {
         let p = peers(r);
         let single = p
             .iter()
-            .find(|q| q.variant.starts_with("qemu single") && !q.variant.contains(" tls"))
+            .find(|q| clear_single(&q.variant))
             .map(|q| q.total_ms_median);
         let best = p
             .iter()
@@ -271,10 +273,7 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
                 (Some(a), Some(b)) => format!("{:.2} / {:.2}", a / gib, b / gib),
                 _ => "—".into(),
             },
-            if r.system == "qemu"
-                && r.variant.starts_with("qemu single")
-                && !r.variant.contains(" tls")
-            {
+            if r.system == "qemu" && clear_single(&r.variant) {
                 "—".into()
             } else {
                 vs(single)
