@@ -511,13 +511,17 @@ fn print_summary(r: &Value) {
         (
             "encoding",
             format!(
-                "{}: {} raw, {} zero, {} lz4, {} zstd, {} delta pages; {:.1} -> {:.1} MiB (ratio {:.2})",
+                "{}: {} raw, {} zero, {} lz4, {} zstd, {} delta{} pages; {:.1} -> {:.1} MiB (ratio {:.2})",
                 r["compress"].as_str().unwrap_or("?"),
                 r["codec"]["pages_raw"],
                 r["codec"]["pages_zero"],
                 r["codec"]["pages_lz4"],
                 r["codec"]["pages_zstd"],
                 r["codec"]["pages_delta"],
+                match r["codec"]["pages_sparse"].as_u64() {
+                    Some(n) if n > 0 => format!(", {n} sparse"),
+                    _ => String::new(),
+                },
                 r["codec"]["bytes_before"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
                 r["codec"]["bytes_after"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
                 r["codec"]["compression_ratio"].as_f64().unwrap_or(1.0)

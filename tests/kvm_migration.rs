@@ -226,6 +226,7 @@ fn a_busy_guest_migrates_over_one_compressing_connection_with_every_codec() {
             "pages_lz4",
             "pages_zstd",
             "pages_delta",
+            "pages_sparse",
         ]
         .iter()
         .map(|k| c[k].as_u64().unwrap_or(0))

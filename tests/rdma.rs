@@ -106,7 +106,8 @@ fn essentials(r: &Value) -> String {
         .unwrap_or_default();
     format!(
         "status={} transport={} channels={} digest_match={} source_digest={} destination_digest={} \
-         bytes_copied_staging={} compress={} ram_bytes={} pages_sent={} zero_pages={} rounds={} \
+         bytes_copied_staging={} compress={} ram_bytes={} pages_sent={} zero_pages={} sparse_pages={} \
+         bytes_on_wire={} rounds={} \
          downtime_ms={:.1} total_ms={:.0} guest_progress_after_resume={} source_cpu_s={:.2} \
          destination_cpu_s={:.2} [{}] detail=\"{}\"",
         r["status"],
@@ -120,6 +121,8 @@ fn essentials(r: &Value) -> String {
         r["ram_bytes"],
         r["pages_sent"],
         r["codec"]["pages_zero"],
+        r["codec"]["pages_sparse"],
+        r["bytes_on_wire"],
         r["rounds"],
         r["downtime_ms"].as_f64().unwrap_or(0.0),
         r["total_time_ms"].as_f64().unwrap_or(0.0),
@@ -387,6 +390,15 @@ fn auto_chooses_rdma_and_a_missing_device_is_a_clear_error() {
     let zero = r["codec"]["pages_zero"].as_u64().unwrap();
     let raw = r["codec"]["pages_raw"].as_u64().unwrap();
     assert!(zero > raw, "holes were written, not skipped: {r}");
+    // The writer stamps one u64 into pages of zero RAM: the first write of such a page is
+    // its cache line alone, the digests above prove the destination's copy whole.
+    let sparse = r["codec"]["pages_sparse"].as_u64().unwrap();
+    assert!(sparse > 0, "no page was written as its data alone: {r}");
+    let wire = r["bytes_on_wire"].as_u64().unwrap();
+    assert!(
+        wire <= raw * 4096 + sparse * livemig_transport::codec::SPARSE_MAX_BYTES as u64,
+        "sparse pages were written whole: {r}"
+    );
     let (code, stderr) = dst.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(0), "destination: {stderr}");
 }

@@ -28,8 +28,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Select, Sender};
+use livemig_transport::codec::WrittenPages;
 #[cfg(feature = "rdma")]
-use livemig_transport::codec::is_zero_page;
+use livemig_transport::codec::{page_shape, PageShape};
 use livemig_transport::codec::{CodecStats, DeltaCache, Encoder, Mode};
 #[cfg(feature = "rdma")]
 use livemig_transport::rdma::RdmaSender;
@@ -371,89 +372,100 @@ struct RdmaChannel {
     written: Arc<WrittenPages>,
 }
 
-/// The guest pages an RDMA migration has written to the destination, one bit per page by
-/// guest-physical address. A page that is zero and was never written needs no write:
-/// destination RAM starts zero (as for holes). A page is marked before its write is posted,
-/// whatever it holds, and stays marked: once written, the destination's copy is whatever was
-/// read then, so every later send of the page writes it.
+/// What RDMA writes to bring the destination up to date (see [`WrittenPages`]).
 #[cfg(feature = "rdma")]
-struct WrittenPages {
-    bits: Vec<AtomicU64>,
+trait DataWrites {
+    fn data_extents(&self, map: &MemoryMap, extents: &[(u64, u64)]) -> DataExtents;
 }
 
 #[cfg(feature = "rdma")]
-impl WrittenPages {
-    fn new(ram: &RamLayout) -> Self {
-        let end = ram
-            .regions
-            .iter()
-            .map(|r| r.gpa + r.size)
-            .max()
-            .unwrap_or(0);
-        let words = (end / PAGE_SIZE).div_ceil(64) as usize;
-        WrittenPages {
-            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    /// Whether page `gpa` was written; marks it written when `mark`.
-    fn written(&self, gpa: u64, mark: bool) -> bool {
-        let page = gpa / PAGE_SIZE;
-        let Some(w) = self.bits.get((page / 64) as usize) else {
-            return true; // outside the layout: never skipped
+impl DataWrites for WrittenPages {
+    /// `extents` as the writes that bring the destination up to date, given that its RAM
+    /// is zero wherever no write went yet: a zero page never written is left out, a page
+    /// never written that holds a few short runs of data (a [`PageShape::Sparse`] one) is
+    /// written as those runs alone, any other page whole. A page the guest writes after it
+    /// was read here is dirty and goes in a later round (the final one runs with the guest
+    /// paused), whole if part of it was written.
+    fn data_extents(&self, map: &MemoryMap, extents: &[(u64, u64)]) -> DataExtents {
+        let mut out = DataExtents {
+            writes: Vec::with_capacity(extents.len()),
+            ..DataExtents::default()
         };
-        let bit = 1u64 << (page % 64);
-        if mark {
-            w.fetch_or(bit, Ordering::Relaxed) & bit != 0
-        } else {
-            w.load(Ordering::Relaxed) & bit != 0
-        }
-    }
-
-    /// `extents` without the pages the destination already holds: zero pages never written
-    /// (the destination's fresh RAM is zero there). Returns the extents to write and the
-    /// pages left out. A page the guest writes after it was found zero here is dirty and
-    /// goes in a later round (the final one runs with the guest paused).
-    fn data_extents(&self, map: &MemoryMap, extents: &[(u64, u64)]) -> (Vec<(u64, u64)>, u64) {
-        let mut out = Vec::with_capacity(extents.len());
-        let mut skipped = 0u64;
         for &(addr, len) in extents {
             let Ok(host) = map.host_ptr(addr, len) else {
-                out.push((addr, len)); // the write reports the bad range
+                out.writes.push((addr, len)); // the write reports the bad range
+                out.whole += len / PAGE_SIZE;
                 continue;
             };
             let pages = len / PAGE_SIZE;
+            // The open run of whole pages, from this page index.
             let mut run: Option<u64> = None;
             for i in 0..=pages {
-                let write = i < pages && {
-                    let gpa = addr + i * PAGE_SIZE;
-                    self.written(gpa, false) || {
-                        // SAFETY: page `i` lies inside `host..host + len`, a live mapping of
-                        // `map`. The guest may write it meanwhile: the answer then only
-                        // decides whether this round writes the page, and a written page is
-                        // dirty.
-                        let zero = unsafe { is_zero_page(host.add((i * PAGE_SIZE) as usize)) };
-                        if !zero {
-                            self.written(gpa, true);
-                        }
-                        !zero
+                let gpa = addr + i * PAGE_SIZE;
+                let shape = if i == pages {
+                    PageShape::Zero // closes the open run
+                } else if self.is_written(gpa) {
+                    PageShape::Dense
+                } else {
+                    // SAFETY: page `i` lies inside `host..host + len`, a live mapping of
+                    // `map`, page-aligned. The guest may write it meanwhile: the answer then
+                    // only decides how this round writes the page, and a written page is
+                    // dirty.
+                    let shape = unsafe { page_shape(host.add((i * PAGE_SIZE) as usize)) };
+                    if shape != PageShape::Zero {
+                        self.mark(gpa);
                     }
+                    shape
                 };
-                match (write, run) {
-                    (true, None) => run = Some(i),
-                    (false, Some(s)) => {
-                        out.push((addr + s * PAGE_SIZE, (i - s) * PAGE_SIZE));
-                        run = None;
-                    }
-                    _ => {}
+                if let (PageShape::Dense, None) = (shape, run) {
+                    run = Some(i);
                 }
-                if !write && i < pages {
-                    skipped += 1;
+                if shape == PageShape::Dense {
+                    out.whole += 1;
+                    continue;
+                }
+                if let Some(s) = run.take() {
+                    out.writes.push((addr + s * PAGE_SIZE, (i - s) * PAGE_SIZE));
+                }
+                match shape {
+                    PageShape::Sparse { runs, n } => {
+                        out.sparse += 1;
+                        out.writes.extend(
+                            runs[..n]
+                                .iter()
+                                .map(|&(off, l)| (gpa + u64::from(off), u64::from(l))),
+                        );
+                    }
+                    _ if i < pages => out.skipped += 1,
+                    _ => {}
                 }
             }
         }
-        (out, skipped)
+        out
     }
+}
+
+/// The writes of [`WrittenPages::data_extents`] and what became of the pages.
+#[cfg(feature = "rdma")]
+#[derive(Debug, Default, PartialEq, Eq)]
+struct DataExtents {
+    /// `(addr, len)`, in order.
+    writes: Vec<(u64, u64)>,
+    /// Pages written whole.
+    whole: u64,
+    /// Pages written as their runs of data.
+    sparse: u64,
+    /// Zero pages never written: left out.
+    skipped: u64,
+}
+
+/// The end of `ram`'s highest region: the guest-physical span a [`WrittenPages`] covers.
+fn ram_end(ram: &RamLayout) -> u64 {
+    ram.regions
+        .iter()
+        .map(|r| r.gpa + r.size)
+        .max()
+        .unwrap_or(0)
 }
 
 #[cfg(feature = "rdma")]
@@ -465,15 +477,16 @@ impl ChannelSender for RdmaChannel {
         _round: u64,
         stop: &AtomicBool,
     ) -> Result<u64, TransportError> {
-        let (data, skipped) = self.written.data_extents(map, extents);
-        self.stats.pages_zero += skipped;
-        let bytes = if data.is_empty() {
+        let data = self.written.data_extents(map, extents);
+        let bytes = if data.writes.is_empty() {
             0
         } else {
-            self.tx.write_extents(&data, stop)?
+            self.tx.write_extents(&data.writes, stop)?
         };
-        self.stats.pages_raw += bytes / PAGE_SIZE;
-        self.stats.bytes_in += bytes;
+        self.stats.pages_zero += data.skipped;
+        self.stats.pages_raw += data.whole;
+        self.stats.pages_sparse += data.sparse;
+        self.stats.bytes_in += (data.whole + data.sparse) * PAGE_SIZE;
         self.stats.bytes_out += bytes;
         Ok(bytes)
     }
@@ -918,11 +931,17 @@ impl Scheduler {
         // loopback where raw was faster (mixed RAM, 1 GiB: 560-617 ms against 432-540). The
         // helpers only make the codec it chose faster.
         let compresses = matches!(mode, Mode::Lz4 | Mode::Zstd(_) | Mode::Auto);
+        // `auto` and `delta` send a sparse page never sent as its data alone.
+        let written = matches!(mode, Mode::Auto | Mode::Delta)
+            .then(|| Arc::new(WrittenPages::new(ram_end(ram))));
         let channels = senders
             .into_iter()
             .enumerate()
             .map(|(i, tx)| {
-                let enc = Encoder::new(mode, cache.clone());
+                let mut enc = Encoder::new(mode, cache.clone());
+                if let Some(w) = &written {
+                    enc = enc.with_written(w.clone());
+                }
                 let pool = (compresses && !(lane && i == n - 1))
                     .then(|| EncodePool::start(i, helpers, &map, || enc.sibling()))
                     .flatten();
@@ -949,7 +968,7 @@ impl Scheduler {
         (pin, failover): (bool, bool),
         rate: Bandwidth,
     ) -> Scheduler {
-        let written = Arc::new(WrittenPages::new(ram));
+        let written = Arc::new(WrittenPages::new(ram_end(ram)));
         let channels = senders
             .into_iter()
             .map(|tx| RdmaChannel {
@@ -1415,7 +1434,7 @@ mod tests {
     }
     #[cfg(feature = "rdma")]
     #[test]
-    fn rdma_skips_zero_pages_only_until_they_were_written() {
+    fn rdma_writes_new_pages_by_their_data_and_old_ones_whole() {
         use livemig_transport::MappedRegion;
         let p = PAGE_SIZE as usize;
         // u64 words: pages are read word by word, aligned.
@@ -1423,7 +1442,8 @@ mod tests {
         let bytes = words.as_mut_ptr().cast::<u8>();
         // SAFETY: `words` holds 8 * p bytes and outlives `buf` and `map`.
         let buf = unsafe { std::slice::from_raw_parts_mut(bytes, 8 * p) };
-        buf[p] = 1; // page 1
+        buf[p] = 1; // page 1: one stamp
+        buf[2 * p..4 * p].fill(0x5a); // pages 2 and 3: full
         buf[4 * p + p - 1] = 7; // the last byte of page 4
 
         // SAFETY: `words` outlives `map` (dropped at the end of the test, after it).
@@ -1438,22 +1458,37 @@ mod tests {
             )
         };
         let ram = RamLayout::single(0x10_0000 + 8 * PAGE_SIZE);
-        let w = WrittenPages::new(&ram);
+        let w = WrittenPages::new(ram_end(&ram));
         let at = |page: u64| 0x10_0000 + page * PAGE_SIZE;
-        let (data, skipped) = w.data_extents(&map, &[(at(0), 6 * PAGE_SIZE)]);
-        assert_eq!(data, vec![(at(1), PAGE_SIZE), (at(4), PAGE_SIZE)]);
-        assert_eq!(skipped, 4);
+        let d = w.data_extents(&map, &[(at(0), 6 * PAGE_SIZE)]);
+        assert_eq!(
+            d,
+            DataExtents {
+                writes: vec![(at(1), 64), (at(2), 2 * PAGE_SIZE), (at(4) + 4032, 64)],
+                whole: 2,
+                sparse: 2,
+                skipped: 2,
+            }
+        );
         // Pages 1 and 4 now hold zero: the destination has their old bytes, so they are
-        // written again; pages never written stay skipped, page 5 is new data.
+        // written again, whole, as are pages 2 and 3; pages never written stay skipped, page 5
+        // is new data.
         buf[p] = 0;
         buf[4 * p + p - 1] = 0;
         buf[5 * p + 100] = 3;
-        let (data, skipped) = w.data_extents(&map, &[(at(0), 8 * PAGE_SIZE)]);
-        assert_eq!(data, vec![(at(1), PAGE_SIZE), (at(4), 2 * PAGE_SIZE)]);
-        assert_eq!(skipped, 5);
+        let d = w.data_extents(&map, &[(at(0), 8 * PAGE_SIZE)]);
+        assert_eq!(
+            d,
+            DataExtents {
+                writes: vec![(at(1), 4 * PAGE_SIZE), (at(5) + 64, 64)],
+                whole: 4,
+                sparse: 1,
+                skipped: 3,
+            }
+        );
         // A range outside the map is handed to the write, which reports it.
-        let (data, _) = w.data_extents(&map, &[(at(9), PAGE_SIZE)]);
-        assert_eq!(data, vec![(at(9), PAGE_SIZE)]);
+        let d = w.data_extents(&map, &[(at(9), PAGE_SIZE)]);
+        assert_eq!(d.writes, vec![(at(9), PAGE_SIZE)]);
     }
 
     /// A channel that logs what it sends and can fail at its n-th chunk.

@@ -725,6 +725,10 @@ pub struct CodecReport {
     pub pages_zstd: u64,
     /// Pages sent as deltas.
     pub pages_delta: u64,
+    /// Pages written as their runs of data alone (RDMA: a page never written before, the
+    /// destination's copy zero, that holds a few short runs of data).
+    #[serde(default)]
+    pub pages_sparse: u64,
     /// Bytes of non-zero pages before encoding.
     pub bytes_before: u64,
     /// Their bytes after encoding.
@@ -741,6 +745,7 @@ impl From<&livemig_transport::codec::CodecStats> for CodecReport {
             pages_lz4: c.pages_lz4,
             pages_zstd: c.pages_zstd,
             pages_delta: c.pages_delta,
+            pages_sparse: c.pages_sparse,
             bytes_before: c.bytes_in,
             bytes_after: c.bytes_out,
             compression_ratio: if c.bytes_out == 0 {

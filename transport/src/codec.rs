@@ -9,6 +9,7 @@
 //! and never a write past its page range.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Page size the codecs work in.
@@ -169,6 +170,8 @@ pub struct CodecStats {
     pub pages_zstd: u64,
     /// Pages sent as deltas.
     pub pages_delta: u64,
+    /// Pages written as their runs of data alone, into a copy known to be zero (RDMA).
+    pub pages_sparse: u64,
     /// Bytes of non-zero pages before encoding.
     pub bytes_in: u64,
     /// Payload bytes after encoding (framing excluded).
@@ -185,6 +188,7 @@ impl CodecStats {
         self.pages_lz4 += o.pages_lz4;
         self.pages_zstd += o.pages_zstd;
         self.pages_delta += o.pages_delta;
+        self.pages_sparse += o.pages_sparse;
         self.bytes_in += o.bytes_in;
         self.bytes_out += o.bytes_out;
         self.bytes_staged += o.bytes_staged;
@@ -451,6 +455,9 @@ pub struct Encoder {
     zstd: Option<zstd::bulk::Compressor<'static>>,
     /// `auto`'s second zstd level ([`AutoCodec::ZstdStrong`]).
     zstd_strong: Option<zstd::bulk::Compressor<'static>>,
+    /// The pages sent as data by any channel of the migration (see
+    /// [`Encoder::with_written`]).
+    written: Option<Arc<WrittenPages>>,
     /// Counters since the last [`Encoder::take_stats`].
     pub stats: CodecStats,
 }
@@ -506,8 +513,18 @@ impl Encoder {
             })),
             zstd,
             zstd_strong,
+            written: None,
             stats: CodecStats::default(),
         }
+    }
+
+    /// This encoder, keeping track of the pages sent as data in `written` (shared by the
+    /// migration's channels): in `auto` and `delta` modes, a page never sent that is sparse
+    /// ([`page_shape`]) goes as a delta against the zero page the destination holds — its
+    /// runs of data alone, applied in place there — unless a codec compresses the chunk.
+    pub fn with_written(mut self, written: Arc<WrittenPages>) -> Encoder {
+        self.written = Some(written);
+        self
     }
 
     /// Another encoder for the same channel: same mode and delta cache, and one memory of
@@ -517,6 +534,7 @@ impl Encoder {
     pub fn sibling(&self) -> Encoder {
         let mut e = Encoder::new(self.mode, self.cache.clone());
         e.learned = self.learned.clone();
+        e.written = self.written.clone();
         e
     }
 
@@ -756,6 +774,107 @@ impl Encoder {
     /// # Safety
     /// `host..host + len` must be readable.
     unsafe fn encode_run(
+        &mut self,
+        addr: u64,
+        host: *const u8,
+        len: usize,
+        round: u64,
+        codec: Option<Compress>,
+    ) {
+        if let Some(written) = self.written.clone() {
+            if codec.is_none() && matches!(self.mode, Mode::Delta | Mode::Auto) {
+                // SAFETY: the caller's guarantee.
+                unsafe { self.encode_new_sparse(&written, addr, host, len, round) };
+                return;
+            }
+            for k in 0..len / PAGE {
+                written.mark(addr + (k * PAGE) as u64);
+            }
+        }
+        // SAFETY: the caller's guarantee.
+        unsafe { self.encode_data(addr, host, len, round, codec) };
+    }
+
+    /// Page by page: the pages never sent that are sparse as deltas against zero, the others
+    /// in runs as [`Encoder::encode_data`] does; every page marked sent.
+    ///
+    /// # Safety
+    /// `host..host + len` must be readable.
+    unsafe fn encode_new_sparse(
+        &mut self,
+        written: &WrittenPages,
+        addr: u64,
+        host: *const u8,
+        len: usize,
+        round: u64,
+    ) {
+        let pages = len / PAGE;
+        // The run of pages that go as encode_data sends them, from this page.
+        let mut start = 0;
+        for k in 0..=pages {
+            let paddr = addr + (k * PAGE) as u64;
+            // SAFETY: page `k < pages` of the run is readable.
+            let phost = unsafe { host.add(k * PAGE) };
+            let sparse = match k < pages && !written.is_written(paddr) {
+                // SAFETY: as above; pages are page-aligned.
+                true => match unsafe { page_shape(phost) } {
+                    PageShape::Sparse { runs, n } => Some((runs, n)),
+                    _ => None,
+                },
+                false => None,
+            };
+            if k < pages {
+                written.mark(paddr);
+            }
+            if sparse.is_none() && k < pages {
+                continue;
+            }
+            if k > start {
+                // SAFETY: pages `start..k` of the run are readable.
+                unsafe {
+                    self.encode_data(
+                        addr + (start * PAGE) as u64,
+                        host.add(start * PAGE),
+                        (k - start) * PAGE,
+                        round,
+                        None,
+                    )
+                };
+            }
+            start = k + 1;
+            if let Some((runs, n)) = sparse {
+                // A delta against zero: each run is (gap since the last, length, bytes).
+                let off = self.out.len();
+                let mut at = 0usize;
+                for &(o, l) in &runs[..n] {
+                    let (o, l) = (usize::from(o), usize::from(l));
+                    put_varint(&mut self.out, o - at);
+                    put_varint(&mut self.out, l);
+                    // SAFETY: `o + l <= PAGE`: the run lies inside the readable page.
+                    self.out
+                        .extend_from_slice(unsafe { std::slice::from_raw_parts(phost.add(o), l) });
+                    at = o + l;
+                }
+                let enc_len = (self.out.len() - off) as u64;
+                self.entries.push(Entry {
+                    addr: paddr,
+                    raw_len: PAGE as u64,
+                    enc_len,
+                    encoding: Encoding::Delta,
+                    body: Body::Out(off),
+                });
+                self.stats.bytes_in += PAGE as u64;
+                self.stats.bytes_out += enc_len;
+                self.stats.pages_sparse += 1;
+            }
+        }
+    }
+
+    /// Encodes a run of non-zero pages: deltas, a codec's output, or raw.
+    ///
+    /// # Safety
+    /// `host..host + len` must be readable.
+    unsafe fn encode_data(
         &mut self,
         addr: u64,
         host: *const u8,
@@ -1054,6 +1173,149 @@ pub unsafe fn is_zero_page(p: *const u8) -> bool {
     true
 }
 
+/// The guest pages a migration has sent as data, one bit per page by guest-physical address,
+/// shared by its channels: where no bit is set, the destination's copy of the page is zero
+/// (its RAM starts zero), so a zero page needs no write there and a sparse one only its data
+/// ([`page_shape`]). A page is marked before its data is sent, whatever it holds, and stays
+/// marked: once sent, the destination's copy is whatever was read then, so every later send
+/// of the page carries it whole. Addresses beyond the span count as written.
+#[derive(Debug)]
+pub struct WrittenPages {
+    bits: Vec<AtomicU64>,
+}
+
+impl WrittenPages {
+    /// No page written, for guest-physical addresses below `end`.
+    pub fn new(end: u64) -> Self {
+        let words = (end / PAGE as u64).div_ceil(64) as usize;
+        WrittenPages {
+            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn bit(&self, gpa: u64) -> Option<(&AtomicU64, u64)> {
+        let page = gpa / PAGE as u64;
+        let w = self.bits.get((page / 64) as usize)?;
+        Some((w, 1u64 << (page % 64)))
+    }
+
+    /// Whether the page at `gpa` was sent as data (or lies beyond the span).
+    pub fn is_written(&self, gpa: u64) -> bool {
+        self.bit(gpa)
+            .is_none_or(|(w, bit)| w.load(Ordering::Relaxed) & bit != 0)
+    }
+
+    /// Marks the page at `gpa` sent.
+    pub fn mark(&self, gpa: u64) {
+        if let Some((w, bit)) = self.bit(gpa) {
+            w.fetch_or(bit, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Granule of a sparse page's runs: a cache line.
+pub const SPARSE_LINE: usize = 64;
+/// Most runs a sparse page is written in (each run is a write of its own on the wire).
+pub const SPARSE_MAX_RUNS: usize = 4;
+/// Most bytes a sparse page's runs hold together: beyond, the whole page goes.
+pub const SPARSE_MAX_BYTES: usize = PAGE / 4;
+/// Zero lines a run spans rather than end (one write of 128 bytes more costs less than a
+/// write of its own).
+const SPARSE_GAP_LINES: usize = 2;
+
+/// What a page holds, for a transport that can write parts of a page into a peer's copy
+/// known to be zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageShape {
+    /// All zero.
+    Zero,
+    /// Non-zero bytes only inside `runs[..n]`: `(offset, len)` in bytes, whole cache lines,
+    /// in order, apart from each other; at most [`SPARSE_MAX_BYTES`] in all.
+    Sparse {
+        /// The runs.
+        runs: [(u16, u16); SPARSE_MAX_RUNS],
+        /// How many of `runs` are used (at least one).
+        n: usize,
+    },
+    /// Anything else: the page is written whole.
+    Dense,
+}
+
+/// Whether the cache line `line` of the page at `w` holds a non-zero byte.
+///
+/// # Safety
+///
+/// As [`page_shape`]; `line < PAGE / SPARSE_LINE`.
+unsafe fn line_nonzero(w: *const u64, line: usize) -> bool {
+    let mut acc = 0u64;
+    for k in 0..SPARSE_LINE / 8 {
+        // SAFETY: inside the page (the caller's `line` bound); volatile because the guest may
+        // write it concurrently; page-aligned, so aligned.
+        acc |= unsafe { w.add(line * (SPARSE_LINE / 8) + k).read_volatile() };
+    }
+    acc != 0
+}
+
+/// The shape of the page at `p`: zero, a few short runs of data (sparse), or dense. A page
+/// whose lines at four spread places mostly hold data is taken as dense without a full scan.
+///
+/// # Safety
+///
+/// `p..p + PAGE` must be readable and 8-byte aligned. The guest may write it concurrently:
+/// the answer then describes some mix of both states, and the dirty log catches the write.
+pub unsafe fn page_shape(p: *const u8) -> PageShape {
+    const LINES: usize = PAGE / SPARSE_LINE;
+    let w = p.cast::<u64>();
+    let sampled = [0, LINES / 3, 2 * LINES / 3, LINES - 1]
+        .iter()
+        // SAFETY: lines below LINES, inside the readable page.
+        .filter(|&&l| unsafe { line_nonzero(w, l) })
+        .count();
+    if sampled >= 3 {
+        return PageShape::Dense;
+    }
+    let mut runs = [(0u16, 0u16); SPARSE_MAX_RUNS];
+    let mut n = 0usize;
+    // The open run, in lines: [start, end).
+    let mut open: Option<(usize, usize)> = None;
+    let mut bytes = 0usize;
+    for line in 0..LINES {
+        // SAFETY: `line < LINES`, inside the readable page.
+        if !unsafe { line_nonzero(w, line) } {
+            continue;
+        }
+        open = match open {
+            Some((s, e)) if line - e <= SPARSE_GAP_LINES => {
+                bytes += (line + 1 - e) * SPARSE_LINE;
+                Some((s, line + 1))
+            }
+            Some((s, e)) => {
+                if n == SPARSE_MAX_RUNS - 1 {
+                    return PageShape::Dense;
+                }
+                runs[n] = ((s * SPARSE_LINE) as u16, ((e - s) * SPARSE_LINE) as u16);
+                n += 1;
+                bytes += SPARSE_LINE;
+                Some((line, line + 1))
+            }
+            None => {
+                bytes += SPARSE_LINE;
+                Some((line, line + 1))
+            }
+        };
+        if bytes > SPARSE_MAX_BYTES {
+            return PageShape::Dense;
+        }
+    }
+    match open {
+        None => PageShape::Zero,
+        Some((s, e)) => {
+            runs[n] = ((s * SPARSE_LINE) as u16, ((e - s) * SPARSE_LINE) as u16);
+            PageShape::Sparse { runs, n: n + 1 }
+        }
+    }
+}
+
 fn put_varint(out: &mut Vec<u8>, mut v: usize) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -1105,8 +1367,25 @@ pub fn delta_encode(old: &[u8], new: &[u8], out: &mut Vec<u8>, limit: usize) -> 
     true
 }
 
-/// Applies a delta in place: `page` holds the old version and gets the new one.
+/// Applies a delta in place: `page` holds the old version and gets the new one. A corrupt
+/// delta may have changed the page when this fails; [`delta_check`] first leaves it intact.
 pub fn delta_apply(delta: &[u8], page: &mut [u8]) -> Result<(), DecodeError> {
+    delta_walk(delta, page.len(), |at, src| {
+        page[at..at + src.len()].copy_from_slice(src)
+    })
+}
+
+/// Checks that `delta` is well-formed for a page of `len` bytes, changing nothing.
+pub fn delta_check(delta: &[u8], len: usize) -> Result<(), DecodeError> {
+    delta_walk(delta, len, |_, _| {})
+}
+
+/// Parses `delta` for a page of `len` bytes, calling `put(offset, bytes)` for each run.
+fn delta_walk(
+    delta: &[u8],
+    len: usize,
+    mut put: impl FnMut(usize, &[u8]),
+) -> Result<(), DecodeError> {
     let bad = |reason: &str| DecodeError::Corrupt {
         codec: "delta",
         reason: reason.to_string(),
@@ -1115,17 +1394,17 @@ pub fn delta_apply(delta: &[u8], page: &mut [u8]) -> Result<(), DecodeError> {
     let mut at = 0usize;
     while pos < delta.len() {
         let skip = get_varint(delta, &mut pos).ok_or_else(|| bad("bad varint"))?;
-        let len = get_varint(delta, &mut pos).ok_or_else(|| bad("bad varint"))?;
+        let n = get_varint(delta, &mut pos).ok_or_else(|| bad("bad varint"))?;
         at = at.checked_add(skip).ok_or_else(|| bad("overflow"))?;
         let end = at
-            .checked_add(len)
-            .filter(|&e| e <= page.len())
+            .checked_add(n)
+            .filter(|&e| e <= len)
             .ok_or_else(|| bad("run past the page"))?;
         let src = delta
-            .get(pos..pos + len)
+            .get(pos..pos + n)
             .ok_or_else(|| bad("literal past the body"))?;
-        page[at..end].copy_from_slice(src);
-        pos += len;
+        put(at, src);
+        pos += n;
         at = end;
     }
     Ok(())
@@ -1206,6 +1485,56 @@ mod tests {
             p[PAGE + 4095] = 1;
             assert!(!is_zero_page(p.as_ptr().add(PAGE)));
         }
+    }
+
+    #[test]
+    fn page_shapes_are_zero_sparse_or_dense() {
+        let shape = |set: &[(usize, u8)]| {
+            let mut words = vec![0u64; PAGE / 8];
+            // SAFETY: `words` holds PAGE bytes, u64-aligned.
+            let page = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), PAGE) };
+            for &(at, v) in set {
+                page[at] = v;
+            }
+            // SAFETY: one readable, aligned page.
+            unsafe { page_shape(words.as_ptr().cast()) }
+        };
+        let sparse = |runs: &[(u16, u16)]| {
+            let mut r = [(0, 0); SPARSE_MAX_RUNS];
+            r[..runs.len()].copy_from_slice(runs);
+            PageShape::Sparse {
+                runs: r,
+                n: runs.len(),
+            }
+        };
+        assert_eq!(shape(&[]), PageShape::Zero);
+        // One stamp: its cache line alone (the built-in and Linux test guests' working sets).
+        assert_eq!(shape(&[(8, 1)]), sparse(&[(0, 64)]));
+        assert_eq!(shape(&[(4095, 1)]), sparse(&[(4032, 64)]));
+        // Lines two apart join one run; three apart, two runs.
+        assert_eq!(shape(&[(100, 1), (300, 1)]), sparse(&[(64, 256)]));
+        assert_eq!(shape(&[(100, 1), (364, 1)]), sparse(&[(64, 64), (320, 64)]));
+        // Four runs at most.
+        let four = [(1000, 1), (1500, 1), (2000, 1), (3000, 1)];
+        assert_eq!(
+            shape(&four),
+            sparse(&[(960, 64), (1472, 64), (1984, 64), (2944, 64)])
+        );
+        assert_eq!(
+            shape(&[(10, 1), (1000, 1), (1500, 1), (2000, 1), (3000, 1)]),
+            PageShape::Dense
+        );
+        // A quarter of the page at most.
+        let quarter: Vec<(usize, u8)> = (0..PAGE / 4).map(|i| (200 + i, 1)).collect();
+        assert!(matches!(
+            shape(&quarter[..PAGE / 4 - 200]),
+            PageShape::Sparse { n: 1, .. }
+        ));
+        assert_eq!(shape(&quarter), PageShape::Dense);
+        // Data at three of the four sampled places: dense without a scan.
+        assert_eq!(shape(&[(0, 1), (1344, 1), (4095, 1)]), PageShape::Dense);
+        let full: Vec<(usize, u8)> = (0..PAGE).map(|i| (i, 0x5a)).collect();
+        assert_eq!(shape(&full), PageShape::Dense);
     }
 
     #[test]
@@ -1487,6 +1816,85 @@ mod tests {
             }
         }
         assert_eq!(&dest[..src.len()], &src[..]);
+    }
+
+    #[test]
+    fn pages_never_sent_go_as_their_data_alone_when_sparse() {
+        let mut words = vec![0u64; PAGE / 2];
+        // SAFETY: `words` holds 4 pages, u64-aligned.
+        let src =
+            unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), 4 * PAGE) };
+        src[8] = 1; // page 0: one stamp
+        src[PAGE..2 * PAGE].copy_from_slice(&page_from(1, false)); // page 1: dense
+        src[3 * PAGE + 100] = 7; // page 3: two runs
+        src[3 * PAGE + 3000] = 9;
+        let src: &[u8] = src;
+        let kinds = |enc: &Encoder| -> Vec<(u64, Encoding, u64)> {
+            enc.entries
+                .iter()
+                .map(|e| (e.addr / PAGE as u64, e.encoding, e.raw_len / PAGE as u64))
+                .collect()
+        };
+        for mode in [Mode::Delta, Mode::Auto] {
+            let written = Arc::new(WrittenPages::new(4 * PAGE as u64));
+            let mut enc = Encoder::new(mode, None).with_written(written.clone());
+            // Past `auto`'s first probes (a zero page is all they see).
+            while mode == Mode::Auto && !enc.next_chunk_raw() {
+                // SAFETY: `src` outlives the encoding.
+                unsafe {
+                    enc.encode(
+                        &[(2 * PAGE as u64, PAGE as u64, src[2 * PAGE..].as_ptr())],
+                        0,
+                    )
+                };
+            }
+            // Siblings (a channel's encoding helpers) share what was sent.
+            let mut sib = enc.sibling();
+            let mut dest = vec![0u8; 4 * PAGE];
+            // SAFETY: `src` outlives the encoding.
+            unsafe { sib.encode(&[(0, src.len() as u64, src.as_ptr())], 0) };
+            use Encoding::*;
+            assert_eq!(
+                kinds(&sib),
+                vec![(0, Delta, 1), (1, Raw, 1), (2, Zero, 1), (3, Delta, 1)],
+                "{mode:?}"
+            );
+            assert_eq!((sib.stats.pages_sparse, sib.stats.pages_raw), (2, 1));
+            assert!(
+                sib.stats.bytes_out < PAGE as u64 + 4 * 64,
+                "{:?}",
+                sib.stats
+            );
+            for e in &sib.entries {
+                let range = &mut dest[e.addr as usize..(e.addr + e.raw_len) as usize];
+                match (e.encoding, e.body) {
+                    (Delta, Body::Out(off)) => {
+                        let body = &sib.out[off..off + e.enc_len as usize];
+                        delta_check(body, PAGE).unwrap();
+                        delta_apply(body, range).unwrap();
+                    }
+                    // SAFETY: points into `src`, alive.
+                    (Raw, Body::Guest(p)) => range.copy_from_slice(unsafe {
+                        std::slice::from_raw_parts(p, e.enc_len as usize)
+                    }),
+                    (Zero, _) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(dest, src, "{mode:?}");
+            // Sent once, a page goes whole from then on, whoever sends it.
+            assert!((0..4).all(|p| written.is_written(p * PAGE as u64) == (p != 2)));
+            // SAFETY: `src` outlives the encoding.
+            unsafe { enc.encode(&[(0, src.len() as u64, src.as_ptr())], 1) };
+            assert_eq!(
+                kinds(&enc),
+                vec![(0, Raw, 2), (2, Zero, 1), (3, Raw, 1)],
+                "{mode:?}"
+            );
+        }
+        // A corrupt delta is refused before anything is written.
+        assert!(delta_check(&[0, 200, 1], PAGE).is_err());
+        assert!(delta_check(&[0x80, 0x40, 8, 1], PAGE).is_err());
     }
 
     #[test]
