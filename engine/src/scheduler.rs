@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, Select, Sender};
 use livemig_transport::codec::WrittenPages;
 #[cfg(feature = "rdma")]
-use livemig_transport::codec::{page_shape, PageShape};
+use livemig_transport::codec::{is_zero_page, page_shape, PageShape, SparseGate};
 use livemig_transport::codec::{CodecStats, DeltaCache, Encoder, Mode};
 #[cfg(feature = "rdma")]
 use livemig_transport::rdma::RdmaSender;
@@ -370,12 +370,19 @@ struct RdmaChannel {
     stats: CodecStats,
     /// The pages any queue pair of this migration has written (shared by all).
     written: Arc<WrittenPages>,
+    /// Whether to look for sparse pages.
+    gate: SparseGate,
 }
 
 /// What RDMA writes to bring the destination up to date (see [`WrittenPages`]).
 #[cfg(feature = "rdma")]
 trait DataWrites {
-    fn data_extents(&self, map: &MemoryMap, extents: &[(u64, u64)]) -> DataExtents;
+    fn data_extents(
+        &self,
+        map: &MemoryMap,
+        extents: &[(u64, u64)],
+        gate: &mut SparseGate,
+    ) -> DataExtents;
 }
 
 #[cfg(feature = "rdma")]
@@ -386,7 +393,12 @@ impl DataWrites for WrittenPages {
     /// written as those runs alone, any other page whole. A page the guest writes after it
     /// was read here is dirty and goes in a later round (the final one runs with the guest
     /// paused), whole if part of it was written.
-    fn data_extents(&self, map: &MemoryMap, extents: &[(u64, u64)]) -> DataExtents {
+    fn data_extents(
+        &self,
+        map: &MemoryMap,
+        extents: &[(u64, u64)],
+        gate: &mut SparseGate,
+    ) -> DataExtents {
         let mut out = DataExtents {
             writes: Vec::with_capacity(extents.len()),
             ..DataExtents::default()
@@ -411,7 +423,20 @@ impl DataWrites for WrittenPages {
                     // `map`, page-aligned. The guest may write it meanwhile: the answer then
                     // only decides how this round writes the page, and a written page is
                     // dirty.
-                    let shape = unsafe { page_shape(host.add((i * PAGE_SIZE) as usize)) };
+                    let page = unsafe { host.add((i * PAGE_SIZE) as usize) };
+                    let shape = if gate.look() {
+                        // SAFETY: as above.
+                        let shape = unsafe { page_shape(page) };
+                        if shape != PageShape::Zero {
+                            gate.found(matches!(shape, PageShape::Sparse { .. }));
+                        }
+                        shape
+                    // SAFETY: as above.
+                    } else if unsafe { is_zero_page(page) } {
+                        PageShape::Zero
+                    } else {
+                        PageShape::Dense
+                    };
                     if shape != PageShape::Zero {
                         self.mark(gpa);
                     }
@@ -477,7 +502,7 @@ impl ChannelSender for RdmaChannel {
         _round: u64,
         stop: &AtomicBool,
     ) -> Result<u64, TransportError> {
-        let data = self.written.data_extents(map, extents);
+        let data = self.written.data_extents(map, extents, &mut self.gate);
         let bytes = if data.writes.is_empty() {
             0
         } else {
@@ -975,6 +1000,7 @@ impl Scheduler {
                 tx,
                 stats: CodecStats::default(),
                 written: written.clone(),
+                gate: SparseGate::default(),
             })
             .collect();
         let mut s = Self::start(channels, map, ram, pin, None, rate);
@@ -1459,8 +1485,9 @@ mod tests {
         };
         let ram = RamLayout::single(0x10_0000 + 8 * PAGE_SIZE);
         let w = WrittenPages::new(ram_end(&ram));
+        let mut gate = SparseGate::default();
         let at = |page: u64| 0x10_0000 + page * PAGE_SIZE;
-        let d = w.data_extents(&map, &[(at(0), 6 * PAGE_SIZE)]);
+        let d = w.data_extents(&map, &[(at(0), 6 * PAGE_SIZE)], &mut gate);
         assert_eq!(
             d,
             DataExtents {
@@ -1476,7 +1503,7 @@ mod tests {
         buf[p] = 0;
         buf[4 * p + p - 1] = 0;
         buf[5 * p + 100] = 3;
-        let d = w.data_extents(&map, &[(at(0), 8 * PAGE_SIZE)]);
+        let d = w.data_extents(&map, &[(at(0), 8 * PAGE_SIZE)], &mut gate);
         assert_eq!(
             d,
             DataExtents {
@@ -1487,7 +1514,7 @@ mod tests {
             }
         );
         // A range outside the map is handed to the write, which reports it.
-        let d = w.data_extents(&map, &[(at(9), PAGE_SIZE)]);
+        let d = w.data_extents(&map, &[(at(9), PAGE_SIZE)], &mut gate);
         assert_eq!(d.writes, vec![(at(9), PAGE_SIZE)]);
     }
 
