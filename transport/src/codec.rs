@@ -1222,39 +1222,54 @@ impl WrittenPages {
     }
 }
 
-/// Whether to look for sparse pages ([`page_shape`]): always while they turn up, only now
-/// and then where the last pages looked at were all dense. A look reads four cache lines
-/// spread over the page that sending it may not read again soon: on loopback, looking at every
-/// page of 1 GiB of text cost ~8 % of its migration time.
+/// Whether to look for sparse pages ([`page_shape`]): at every page while they turn up; after
+/// a window of pages looked at that held none, at one page in [`GATE_SAMPLE`] only, until one
+/// of those is sparse. A look reads four cache lines spread over the page that sending it may
+/// not read again soon: on loopback, looking at every page of 1 GiB of text cost ~8 % of its
+/// migration time.
 #[derive(Debug, Clone, Default)]
 pub struct SparseGate {
     looked: u32,
     found: u32,
-    skip: u32,
+    /// Sampling, and the pages since the last sample.
+    sampling: Option<u32>,
 }
 
 /// Non-zero pages looked at per verdict of a [`SparseGate`].
 const GATE_WINDOW: u32 = 256;
-/// Pages sent without a look after a window that found no sparse page (one look in nine).
-const GATE_SKIP: u32 = 2048;
+/// While sampling, one page in this many is looked at.
+const GATE_SAMPLE: u32 = 16;
 
 impl SparseGate {
     /// Whether to look at the next non-zero page.
     pub fn look(&mut self) -> bool {
-        if self.skip > 0 {
-            self.skip -= 1;
-            return false;
+        match &mut self.sampling {
+            None => true,
+            Some(since) => {
+                *since += 1;
+                if *since == GATE_SAMPLE {
+                    *since = 0;
+                    true
+                } else {
+                    false
+                }
+            }
         }
-        true
     }
 
     /// What the look at a non-zero page found.
     pub fn found(&mut self, sparse: bool) {
+        if self.sampling.is_some() {
+            if sparse {
+                *self = SparseGate::default();
+            }
+            return;
+        }
         self.looked += 1;
         self.found += u32::from(sparse);
         if self.looked == GATE_WINDOW {
             if self.found == 0 {
-                self.skip = GATE_SKIP;
+                self.sampling = Some(0);
             }
             self.looked = 0;
             self.found = 0;
@@ -1875,13 +1890,25 @@ mod tests {
             assert!(g.look());
             g.found(i % GATE_WINDOW == 7);
         }
-        // A window of dense pages: the next GATE_SKIP pages go without a look.
+        // A window of dense pages: then one page in GATE_SAMPLE, as long as they are dense.
         for _ in 0..GATE_WINDOW {
             assert!(g.look());
             g.found(false);
         }
-        assert_eq!((0..GATE_SKIP).filter(|_| g.look()).count(), 0);
+        for _ in 0..3 {
+            assert_eq!((1..GATE_SAMPLE).filter(|_| g.look()).count(), 0);
+            assert!(g.look());
+            g.found(false);
+        }
+        // A sampled sparse page: every page again.
+        assert_eq!((1..GATE_SAMPLE).filter(|_| g.look()).count(), 0);
         assert!(g.look());
+        g.found(true);
+        assert!((0..GATE_WINDOW).all(|_| {
+            let l = g.look();
+            g.found(false);
+            l
+        }));
     }
 
     #[test]
