@@ -1223,8 +1223,8 @@ impl WrittenPages {
 }
 
 /// Whether to look for sparse pages ([`page_shape`]): at every page while they turn up; after
-/// a window of pages looked at that held none, at one page in [`GATE_SAMPLE`] only, until one
-/// of those is sparse. A look reads four cache lines spread over the page that sending it may
+/// a window of 256 pages looked at that held none, at one page in 16 only, until one of those
+/// is sparse. A look reads four cache lines spread over the page that sending it may
 /// not read again soon: on loopback, looking at every page of 1 GiB of text cost ~8 % of its
 /// migration time.
 #[derive(Debug, Clone, Default)]
