@@ -725,8 +725,9 @@ pub struct CodecReport {
     pub pages_zstd: u64,
     /// Pages sent as deltas.
     pub pages_delta: u64,
-    /// Pages written as their runs of data alone (RDMA: a page never written before, the
-    /// destination's copy zero, that holds a few short runs of data).
+    /// Pages sent as their runs of data alone: never sent before (the destination's copy
+    /// zero) and holding a few short runs of data — an RDMA write per run, or over TCP
+    /// (`auto`, `delta`) a delta against zero.
     #[serde(default)]
     pub pages_sparse: u64,
     /// Bytes of non-zero pages before encoding.

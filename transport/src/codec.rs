@@ -170,7 +170,8 @@ pub struct CodecStats {
     pub pages_zstd: u64,
     /// Pages sent as deltas.
     pub pages_delta: u64,
-    /// Pages written as their runs of data alone, into a copy known to be zero (RDMA).
+    /// Pages sent as their runs of data alone, into a copy known to be zero (RDMA writes
+    /// per run; TCP deltas against zero).
     pub pages_sparse: u64,
     /// Bytes of non-zero pages before encoding.
     pub bytes_in: u64,

@@ -654,18 +654,17 @@ impl DataReceiver {
                 Encoding::Delta if e.file.is_none() => {
                     let body = &self.scratch[off..off + e.enc_len as usize];
                     off += e.enc_len as usize;
+                    let malformed = |err: codec::DecodeError| TransportError::Malformed {
+                        peer: self.peer.clone(),
+                        reason: format!("entry {addr:#x}: {err}"),
+                    };
                     // Checked whole first: a corrupt body is an error that leaves the
                     // destination page untouched; then applied in place, no copy of the page.
-                    codec::delta_check(body, raw_len as usize).map_err(|err| {
-                        TransportError::Malformed {
-                            peer: self.peer.clone(),
-                            reason: format!("entry {addr:#x}: {err}"),
-                        }
-                    })?;
+                    codec::delta_check(body, raw_len as usize).map_err(malformed)?;
                     // SAFETY: `host..host + raw_len` is registered memory (checked in
                     // check_table) that only this receiver writes meanwhile.
                     let page = unsafe { std::slice::from_raw_parts_mut(e.host, raw_len as usize) };
-                    let _ = codec::delta_apply(body, page);
+                    codec::delta_apply(body, page).map_err(malformed)?;
                     landed.data.push((addr, raw_len));
                 }
                 encoding => {
