@@ -374,100 +374,90 @@ struct RdmaChannel {
     gate: SparseGate,
 }
 
-/// What RDMA writes to bring the destination up to date (see [`WrittenPages`]).
+/// `extents` as the writes that bring the destination up to date, given that its RAM
+/// is zero wherever no write went yet: a zero page never written is left out, a page
+/// never written that holds a few short runs of data (a [`PageShape::Sparse`] one) is
+/// written as those runs alone, any other page whole. A page the guest writes after it
+/// was read here is dirty and goes in a later round (the final one runs with the guest
+/// paused), whole if part of it was written.
 #[cfg(feature = "rdma")]
-trait DataWrites {
-    fn data_extents(
-        &self,
-        map: &MemoryMap,
-        extents: &[(u64, u64)],
-        gate: &mut SparseGate,
-    ) -> DataExtents;
-}
-
-#[cfg(feature = "rdma")]
-impl DataWrites for WrittenPages {
-    /// `extents` as the writes that bring the destination up to date, given that its RAM
-    /// is zero wherever no write went yet: a zero page never written is left out, a page
-    /// never written that holds a few short runs of data (a [`PageShape::Sparse`] one) is
-    /// written as those runs alone, any other page whole. A page the guest writes after it
-    /// was read here is dirty and goes in a later round (the final one runs with the guest
-    /// paused), whole if part of it was written.
-    fn data_extents(
-        &self,
-        map: &MemoryMap,
-        extents: &[(u64, u64)],
-        gate: &mut SparseGate,
-    ) -> DataExtents {
-        let mut out = DataExtents {
-            writes: Vec::with_capacity(extents.len()),
-            ..DataExtents::default()
+fn data_extents(
+    written: &WrittenPages,
+    map: &MemoryMap,
+    extents: &[(u64, u64)],
+    gate: &mut SparseGate,
+) -> DataExtents {
+    let mut out = DataExtents {
+        writes: Vec::with_capacity(extents.len()),
+        ..DataExtents::default()
+    };
+    for &(addr, len) in extents {
+        let Ok(host) = map.host_ptr(addr, len) else {
+            out.writes.push((addr, len)); // the write reports the bad range
+            out.whole += len / PAGE_SIZE;
+            continue;
         };
-        for &(addr, len) in extents {
-            let Ok(host) = map.host_ptr(addr, len) else {
-                out.writes.push((addr, len)); // the write reports the bad range
-                out.whole += len / PAGE_SIZE;
-                continue;
-            };
-            let pages = len / PAGE_SIZE;
-            // The open run of whole pages, from this page index.
-            let mut run: Option<u64> = None;
-            for i in 0..=pages {
-                let gpa = addr + i * PAGE_SIZE;
-                let shape = if i == pages {
-                    PageShape::Zero // closes the open run
-                } else if self.is_written(gpa) {
-                    PageShape::Dense
-                } else {
-                    // SAFETY: page `i` lies inside `host..host + len`, a live mapping of
-                    // `map`, page-aligned. The guest may write it meanwhile: the answer then
-                    // only decides how this round writes the page, and a written page is
-                    // dirty.
-                    let page = unsafe { host.add((i * PAGE_SIZE) as usize) };
-                    let shape = if gate.look() {
-                        // SAFETY: as above.
-                        let shape = unsafe { page_shape(page) };
-                        if shape != PageShape::Zero {
-                            gate.found(matches!(shape, PageShape::Sparse { .. }));
-                        }
-                        shape
+        let pages = len / PAGE_SIZE;
+        // The open run of whole pages, from this page index.
+        let mut run: Option<u64> = None;
+        for i in 0..=pages {
+            let gpa = addr + i * PAGE_SIZE;
+            let shape = if i == pages {
+                PageShape::Zero // closes the open run
+            } else if written.is_written(gpa) {
+                PageShape::Dense
+            } else {
+                // SAFETY: page `i` lies inside `host..host + len`, a live mapping of
+                // `map`, page-aligned. The guest may write it meanwhile: the answer then
+                // only decides how this round writes the page, and a written page is
+                // dirty.
+                let page = unsafe { host.add((i * PAGE_SIZE) as usize) };
+                let shape = if gate.look() {
                     // SAFETY: as above.
-                    } else if unsafe { is_zero_page(page) } {
+                    let shape = unsafe { page_shape(page) };
+                    if shape != PageShape::Zero {
+                        gate.found(matches!(shape, PageShape::Sparse { .. }));
+                    }
+                    shape
+                } else {
+                    // SAFETY: as above.
+                    let zero = unsafe { is_zero_page(page) };
+                    if zero {
                         PageShape::Zero
                     } else {
                         PageShape::Dense
-                    };
-                    if shape != PageShape::Zero {
-                        self.mark(gpa);
                     }
-                    shape
                 };
-                if let (PageShape::Dense, None) = (shape, run) {
-                    run = Some(i);
+                if shape != PageShape::Zero {
+                    written.mark(gpa);
                 }
-                if shape == PageShape::Dense {
-                    out.whole += 1;
-                    continue;
+                shape
+            };
+            if let (PageShape::Dense, None) = (shape, run) {
+                run = Some(i);
+            }
+            if shape == PageShape::Dense {
+                out.whole += 1;
+                continue;
+            }
+            if let Some(s) = run.take() {
+                out.writes.push((addr + s * PAGE_SIZE, (i - s) * PAGE_SIZE));
+            }
+            match shape {
+                PageShape::Sparse { runs, n } => {
+                    out.sparse += 1;
+                    out.writes.extend(
+                        runs[..n]
+                            .iter()
+                            .map(|&(off, l)| (gpa + u64::from(off), u64::from(l))),
+                    );
                 }
-                if let Some(s) = run.take() {
-                    out.writes.push((addr + s * PAGE_SIZE, (i - s) * PAGE_SIZE));
-                }
-                match shape {
-                    PageShape::Sparse { runs, n } => {
-                        out.sparse += 1;
-                        out.writes.extend(
-                            runs[..n]
-                                .iter()
-                                .map(|&(off, l)| (gpa + u64::from(off), u64::from(l))),
-                        );
-                    }
-                    _ if i < pages => out.skipped += 1,
-                    _ => {}
-                }
+                _ if i < pages => out.skipped += 1,
+                _ => {}
             }
         }
-        out
     }
+    out
 }
 
 /// The writes of [`WrittenPages::data_extents`] and what became of the pages.
@@ -502,7 +492,7 @@ impl ChannelSender for RdmaChannel {
         _round: u64,
         stop: &AtomicBool,
     ) -> Result<u64, TransportError> {
-        let data = self.written.data_extents(map, extents, &mut self.gate);
+        let data = data_extents(&self.written, map, extents, &mut self.gate);
         let bytes = if data.writes.is_empty() {
             0
         } else {
@@ -1487,7 +1477,7 @@ mod tests {
         let w = WrittenPages::new(ram_end(&ram));
         let mut gate = SparseGate::default();
         let at = |page: u64| 0x10_0000 + page * PAGE_SIZE;
-        let d = w.data_extents(&map, &[(at(0), 6 * PAGE_SIZE)], &mut gate);
+        let d = data_extents(&w, &map, &[(at(0), 6 * PAGE_SIZE)], &mut gate);
         assert_eq!(
             d,
             DataExtents {
@@ -1503,7 +1493,7 @@ mod tests {
         buf[p] = 0;
         buf[4 * p + p - 1] = 0;
         buf[5 * p + 100] = 3;
-        let d = w.data_extents(&map, &[(at(0), 8 * PAGE_SIZE)], &mut gate);
+        let d = data_extents(&w, &map, &[(at(0), 8 * PAGE_SIZE)], &mut gate);
         assert_eq!(
             d,
             DataExtents {
@@ -1514,7 +1504,7 @@ mod tests {
             }
         );
         // A range outside the map is handed to the write, which reports it.
-        let d = w.data_extents(&map, &[(at(9), PAGE_SIZE)], &mut gate);
+        let d = data_extents(&w, &map, &[(at(9), PAGE_SIZE)], &mut gate);
         assert_eq!(d.writes, vec![(at(9), PAGE_SIZE)]);
     }
 

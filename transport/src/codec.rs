@@ -819,19 +819,16 @@ impl Encoder {
             let paddr = addr + (k * PAGE) as u64;
             // SAFETY: page `k < pages` of the run is readable.
             let phost = unsafe { host.add(k * PAGE) };
-            let sparse = match k < pages && !written.is_written(paddr) && self.gate.look() {
+            let sparse = if k < pages && !written.is_written(paddr) && self.gate.look() {
                 // SAFETY: as above; pages are page-aligned.
-                true => match unsafe { page_shape(phost) } {
-                    PageShape::Sparse { runs, n } => {
-                        self.gate.found(true);
-                        Some((runs, n))
-                    }
-                    _ => {
-                        self.gate.found(false);
-                        None
-                    }
-                },
-                false => None,
+                let shape = unsafe { page_shape(phost) };
+                self.gate.found(matches!(shape, PageShape::Sparse { .. }));
+                match shape {
+                    PageShape::Sparse { runs, n } => Some((runs, n)),
+                    _ => None,
+                }
+            } else {
+                None
             };
             if k < pages {
                 written.mark(paddr);
