@@ -206,8 +206,19 @@ pub struct RdmaSender {
     /// The scatter lists of the batch being posted, kept between posts (no allocation per
     /// batch once it has grown).
     pub(super) sge_buf: Vec<ffi::ibv_sge>,
+    /// The work requests of the batch being posted, kept between posts likewise.
+    pub(super) wr_buf: WrBuf,
     pub(super) stats: WriteStats,
 }
+
+/// A chain of work requests reused from post to post.
+#[derive(Default)]
+pub(super) struct WrBuf(Vec<ffi::ibv_send_wr>);
+
+// SAFETY: the raw pointers inside (`next`, `sg_list`) are written for each post and read only
+// by `ibv_post_send` during it; between posts they are stale and never dereferenced, so the
+// buffer may move to another thread with its sender.
+unsafe impl Send for WrBuf {}
 
 impl std::fmt::Debug for RdmaSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -244,6 +255,7 @@ impl RdmaSender {
             wrs: Vec::new(),
             sges: Vec::new(),
             sge_buf: Vec::new(),
+            wr_buf: WrBuf::default(),
             stats: WriteStats::default(),
         })
     }
@@ -359,9 +371,10 @@ impl RdmaSender {
                 });
             }
         }
+        let mut chain = std::mem::take(&mut self.wr_buf.0);
+        chain.clear();
         // SAFETY: plain C structs; all-zero is a valid starting value.
-        let mut chain: Vec<ffi::ibv_send_wr> =
-            (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
+        chain.resize_with(n, || unsafe { std::mem::zeroed() });
         let mut sge_at = 0usize;
         let mut fire_error = false;
         for (i, w) in self.wrs[first..first + n].iter().enumerate() {
@@ -408,7 +421,7 @@ impl RdmaSender {
         // long as this sender lives, and the QP (destroyed first when the sender drops) is the
         // only thing that reads it. The remote side was registered by the peer for writing.
         let posted = unsafe { self.qp.post(chain.as_mut_ptr()) };
-        drop(chain);
+        self.wr_buf.0 = chain;
         self.sge_buf = sge_list;
         posted?;
         self.posted += n as u64;
