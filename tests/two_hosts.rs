@@ -55,7 +55,7 @@ fn migration_between_two_network_namespaces() {
 #[test]
 fn auto_compresses_text_on_a_slow_link() {
     assert!(kvm_available(), "this test needs /dev/kvm");
-    let hosts = hosts("s", "1gbit");
+    let hosts = hosts("s", "200mbit");
     let dir = tmpdir("shaped");
     let src = dir.join("src.sock");
     let dst = dir.join("dst.sock");
@@ -68,20 +68,25 @@ fn auto_compresses_text_on_a_slow_link() {
     let _vm = run_vm(
         &NetnsHosts::exec(&hosts.ns_a),
         &src,
-        &["--memory", "256", "--fill", "text", "--dirty-rate", "500"],
+        &["--memory", "128", "--fill", "text", "--dirty-rate", "500"],
     );
     wait_counter_beyond(&src, 0);
     let report = migrate_ok(&[], &src, &addr, &["--compress", "auto"]);
     let ram = report["ram_bytes"].as_u64().unwrap();
     let wire = report["bytes_on_wire"].as_u64().unwrap();
-    // On 1 Gbit/s the compressor outruns the link: auto compresses text.
+    // On 200 Mbit/s the compressors outrun the link many times over, even on cores busy with
+    // other work: auto compresses text. (At 1 Gbit/s, on two cores that other processes
+    // kept busy, the receiver became the bottleneck and auto rightly sent most chunks raw:
+    // `none`, `lz4` and `zstd` all took 2.3-2.8 s there.)
     assert!(
         wire * 100 <= ram * 35,
         "auto sent {wire} bytes for {ram} of text: {report}"
     );
+    let codec = &report["codec"];
+    let compressed = codec["pages_lz4"].as_u64().unwrap() + codec["pages_zstd"].as_u64().unwrap();
     assert!(
-        report["codec"]["pages_lz4"].as_u64().unwrap() > 0,
-        "{report}"
+        compressed * 4 >= ram / 4096 * 3,
+        "auto compressed only {compressed} pages: {report}"
     );
     let rx = hosts.rx_bytes_b();
     assert!(rx < ram / 2, "the link carried {rx} bytes");
