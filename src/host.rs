@@ -785,18 +785,31 @@ pub fn vm(cmd: &VmCmd) -> Result<()> {
     names.sort();
     let rows: Vec<Value> = names
         .iter()
-        .map(|p| {
+        .filter_map(|p| {
             let name = p.file_stem().map(|s| s.to_string_lossy().into_owned());
-            match control::request_timeout(p, &Request::Status, Duration::from_secs(2)) {
-                Ok(s) => json!({
-                    "vm": name,
-                    "phase": s.get("phase").cloned().unwrap_or(Value::Null),
-                    "run_state": s.get("run_state").cloned().unwrap_or(Value::Null),
-                    "memory_mib": s.get("memory_mib").cloned().unwrap_or(Value::Null),
-                    "vcpus": s.get("vcpus").cloned().unwrap_or(Value::Null),
-                }),
-                Err(e) => json!({"vm": name, "phase": "not answering", "error": e.to_string()}),
-            }
+            Some(
+                match control::request_timeout(p, &Request::Status, Duration::from_secs(2)) {
+                    Ok(s) => json!({
+                        "vm": name,
+                        "phase": s.get("phase").cloned().unwrap_or(Value::Null),
+                        "run_state": s.get("run_state").cloned().unwrap_or(Value::Null),
+                        "memory_mib": s.get("memory_mib").cloned().unwrap_or(Value::Null),
+                        "vcpus": s.get("vcpus").cloned().unwrap_or(Value::Null),
+                    }),
+                    // Gone since the directory was read: its process ended (a VM stopped,
+                    // or an incoming migration failed).
+                    Err(control::ControlError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        return None
+                    }
+                    Err(e) => json!({
+                        "vm": name,
+                        "phase": "not answering",
+                        "error": format!("{:#}", anyhow::Error::new(e)),
+                    }),
+                },
+            )
         })
         .collect();
     if *json {

@@ -251,15 +251,18 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         })
     });
     // Until the VM runs here, its control socket says it is arriving.
-    let mut arriving = sock_listener.as_ref().map(Arriving::start).transpose()?;
+    // (Shared with `on_resumed`, which ends it on resume; a failure ends it below.)
+    let arriving = Arc::new(Mutex::new(
+        sock_listener.as_ref().map(Arriving::start).transpose()?,
+    ));
     // Once the VM runs here, its control socket serves it at once, before the source is told
     // the migration is over: whoever asks after `migrate` returns finds it running.
     let (served_tx, served_rx) = std::sync::mpsc::channel();
     let on_resumed = match (sock_listener, args.socket.clone()) {
         (Some(l), Some(path)) if !args.exit_after_resume => {
-            let (arriving, key, host) = (arriving.take(), key.clone(), host.clone());
+            let (arriving, key, host) = (arriving.clone(), key.clone(), host.clone());
             Some(Box::new(move |vm: Arc<dyn MigratableVm>| {
-                drop(arriving);
+                drop(arriving.lock().unwrap_or_else(|p| p.into_inner()).take());
                 let process = Arc::new(VmProcess::new(vm, "running", key, host));
                 let spawned = std::thread::Builder::new()
                     .name("livemig-control".into())
@@ -306,13 +309,17 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         },
         &make,
     );
-    drop(arriving);
     let incoming = match incoming {
         Ok(i) => i,
         Err(e) => {
-            // No VM here: its control socket goes (a host's VM list shows no ghost).
+            // No VM here: its control socket goes (a host's VM list shows no ghost) — its
+            // name first, then the arriving thread answers whoever still waits (closed
+            // first, a `vm list` in between would find a socket that resets it).
             if let Some(p) = &args.socket {
                 let _ = std::fs::remove_file(p);
+            }
+            if let Some(a) = arriving.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                a.fail();
             }
             // A link probe through the host agent: served, and this process is done.
             if matches!(e, MigrationError::ProbeServed) && args.control_fd.is_some() {
@@ -322,6 +329,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
                 .context("incoming migration failed; nothing was resumed here"));
         }
     };
+    drop(arriving.lock().unwrap_or_else(|p| p.into_inner()).take());
     report_arrival(args, &incoming);
     let _ = std::io::stdout().flush();
     if args.exit_after_resume {
@@ -370,6 +378,10 @@ fn control_connection(fd: i32) -> Result<TcpStream> {
 /// else is refused until the VM runs here.
 struct Arriving {
     stop: Arc<AtomicBool>,
+    /// Set with `stop` when the migration failed: the thread then answers the connections
+    /// still waiting (status says `failed`) before it ends, rather than leave them to be
+    /// reset when the process exits.
+    failed: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -378,11 +390,19 @@ impl Arriving {
         let l = listener.try_clone()?;
         l.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let failed = Arc::new(AtomicBool::new(false));
+        let (s, f) = (stop.clone(), failed.clone());
         let thread = std::thread::Builder::new()
             .name("livemig-arriving".into())
             .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
+                loop {
+                    let stopping = s.load(Ordering::Relaxed);
+                    let failed = f.load(Ordering::Relaxed);
+                    if stopping && !failed {
+                        // The VM runs here: the waiting connections are the control
+                        // socket's to serve.
+                        break;
+                    }
                     match l.accept() {
                         Ok((mut conn, _)) => {
                             let _ = conn.set_nonblocking(false);
@@ -390,13 +410,19 @@ impl Arriving {
                             let mut line = String::new();
                             let _ = BufReader::new(&conn).read_line(&mut line);
                             let answer = match serde_json::from_str::<Request>(&line) {
+                                Ok(Request::Status) if failed => json!({"phase": "failed"}),
                                 Ok(Request::Status) => json!({"phase": "incoming"}),
+                                _ if failed => json!({
+                                    "error": "the incoming migration failed: no VM here"
+                                }),
                                 _ => json!({
                                     "error": "the VM is arriving here: only status until it runs"
                                 }),
                             };
                             let _ = writeln!(conn, "{answer}");
                         }
+                        // None waiting, and the socket's name is gone: none can come.
+                        Err(_) if stopping => break,
                         Err(_) => std::thread::sleep(Duration::from_millis(20)),
                     }
                 }
@@ -404,8 +430,15 @@ impl Arriving {
             })?;
         Ok(Arriving {
             stop,
+            failed,
             thread: Some(thread),
         })
+    }
+
+    /// Ends it for a migration that failed, once the socket's name is removed: the
+    /// connections already waiting are answered.
+    fn fail(self) {
+        self.failed.store(true, Ordering::Relaxed);
     }
 }
 

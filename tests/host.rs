@@ -4,6 +4,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -381,7 +382,20 @@ fn one_failing_migration_never_disturbs_the_others() {
     // The refused VM runs on at the source; the others run on B.
     let bad = a_dir.join("bad.sock");
     wait_counter_beyond(&bad, counter(&bad));
-    let arrived = vm_list(&b_dir);
+    // The refused VM's destination process on B ends on its own, its control socket gone
+    // first; until it has, B lists it arriving.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let arrived = loop {
+        let arrived = vm_list(&b_dir);
+        if arrived.len() == 2 || Instant::now() > deadline {
+            break arrived;
+        }
+        assert!(
+            arrived.iter().all(|v| v["phase"] != "not answering"),
+            "{arrived:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(arrived.len(), 2, "{arrived:?}");
     for v in &arrived {
         assert_eq!(v["phase"], "running", "{arrived:?}");
