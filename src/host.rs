@@ -787,29 +787,28 @@ pub fn vm(cmd: &VmCmd) -> Result<()> {
         .iter()
         .filter_map(|p| {
             let name = p.file_stem().map(|s| s.to_string_lossy().into_owned());
-            Some(
-                match control::request_timeout(p, &Request::Status, Duration::from_secs(2)) {
-                    Ok(s) => json!({
-                        "vm": name,
-                        "phase": s.get("phase").cloned().unwrap_or(Value::Null),
-                        "run_state": s.get("run_state").cloned().unwrap_or(Value::Null),
-                        "memory_mib": s.get("memory_mib").cloned().unwrap_or(Value::Null),
-                        "vcpus": s.get("vcpus").cloned().unwrap_or(Value::Null),
-                    }),
-                    // Gone since the directory was read: its process ended (a VM stopped,
-                    // or an incoming migration failed).
-                    Err(control::ControlError::Io { source, .. })
-                        if source.kind() == std::io::ErrorKind::NotFound =>
-                    {
-                        return None
-                    }
-                    Err(e) => json!({
-                        "vm": name,
-                        "phase": "not answering",
-                        "error": format!("{:#}", anyhow::Error::new(e)),
-                    }),
-                },
-            )
+            let row = match control::request_timeout(p, &Request::Status, Duration::from_secs(2)) {
+                Ok(s) => json!({
+                    "vm": name,
+                    "phase": s.get("phase").cloned().unwrap_or(Value::Null),
+                    "run_state": s.get("run_state").cloned().unwrap_or(Value::Null),
+                    "memory_mib": s.get("memory_mib").cloned().unwrap_or(Value::Null),
+                    "vcpus": s.get("vcpus").cloned().unwrap_or(Value::Null),
+                }),
+                // Gone since the directory was read: its process ended (a VM stopped, or an
+                // incoming migration failed).
+                Err(control::ControlError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    return None
+                }
+                Err(e) => json!({
+                    "vm": name,
+                    "phase": "not answering",
+                    "error": format!("{:#}", anyhow::Error::new(e)),
+                }),
+            };
+            Some(row)
         })
         .collect();
     if *json {

@@ -262,7 +262,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         (Some(l), Some(path)) if !args.exit_after_resume => {
             let (arriving, key, host) = (arriving.clone(), key.clone(), host.clone());
             Some(Box::new(move |vm: Arc<dyn MigratableVm>| {
-                drop(arriving.lock().unwrap_or_else(|p| p.into_inner()).take());
+                drop(Arriving::take(&arriving));
                 let process = Arc::new(VmProcess::new(vm, "running", key, host));
                 let spawned = std::thread::Builder::new()
                     .name("livemig-control".into())
@@ -318,7 +318,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
             if let Some(p) = &args.socket {
                 let _ = std::fs::remove_file(p);
             }
-            if let Some(a) = arriving.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if let Some(a) = Arriving::take(&arriving) {
                 a.fail();
             }
             // A link probe through the host agent: served, and this process is done.
@@ -329,7 +329,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
                 .context("incoming migration failed; nothing was resumed here"));
         }
     };
-    drop(arriving.lock().unwrap_or_else(|p| p.into_inner()).take());
+    drop(Arriving::take(&arriving));
     report_arrival(args, &incoming);
     let _ = std::io::stdout().flush();
     if args.exit_after_resume {
@@ -433,6 +433,11 @@ impl Arriving {
             failed,
             thread: Some(thread),
         })
+    }
+
+    /// The one shared between `receive` and its `on_resumed` hook, if neither has ended it.
+    fn take(shared: &Mutex<Option<Arriving>>) -> Option<Arriving> {
+        shared.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Ends it for a migration that failed, once the socket's name is removed: the
