@@ -817,7 +817,7 @@ impl Encoder {
         let mut start = 0;
         for k in 0..=pages {
             let paddr = addr + (k * PAGE) as u64;
-            // SAFETY: page `k < pages` of the run is readable.
+            // SAFETY: page `k` of the run, or (`k == pages`) one past its end, never read.
             let phost = unsafe { host.add(k * PAGE) };
             let sparse = if k < pages && !written.is_written(paddr) && self.gate.look() {
                 // SAFETY: as above; pages are page-aligned.
