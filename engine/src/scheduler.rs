@@ -941,10 +941,10 @@ impl Scheduler {
         let lane = storage_hashes.is_some() && n >= 2;
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
         let helpers = (cores / n.max(1)).clamp(1, 8);
-        // `auto` still weighs a codec by one core's speed: counted once per helper, on this
-        // 2-core host (where sealing and the destination need the same cores) it took LZ4 on
-        // loopback where raw was faster (mixed RAM, 1 GiB: 560-617 ms against 432-540). The
-        // helpers only make the codec it chose faster.
+        // `auto` still judges whether a codec beats raw by one core's speed: counted once per
+        // helper, on this 2-core host (where sealing and the destination need the same cores)
+        // it took LZ4 on loopback where raw was faster (mixed RAM, 1 GiB: 560-617 ms against
+        // 432-540). The helpers count only in ranking the codecs that do beat raw.
         let compresses = matches!(mode, Mode::Lz4 | Mode::Zstd(_) | Mode::Auto);
         // `auto` and `delta` send a sparse page never sent as its data alone.
         let written = matches!(mode, Mode::Auto | Mode::Delta)
@@ -960,6 +960,9 @@ impl Scheduler {
                 let pool = (compresses && !(lane && i == n - 1))
                     .then(|| EncodePool::start(i, helpers, &map, || enc.sibling()))
                     .flatten();
+                if let Some(p) = &pool {
+                    enc.set_helpers(p.helpers.len());
+                }
                 TcpChannel {
                     tx,
                     enc,
