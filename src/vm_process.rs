@@ -306,6 +306,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
                 step_ms: args.announce_step_ms,
                 ..AnnounceSettings::default()
             },
+            receiver_hashing: destination::Hashing::Auto,
         },
         &make,
     );

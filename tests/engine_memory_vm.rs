@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use livemig_engine::destination::{receive, IncomingOptions};
+use livemig_engine::destination::{receive, Hashing, IncomingOptions};
 use livemig_engine::digest::ram_digest;
 use livemig_engine::memory::GuestRam;
 use livemig_engine::session::MigrationError;
@@ -56,6 +56,21 @@ fn run(
     Arc<dyn MigratableVm>,
     MemoryVm,
 ) {
+    run_hashing(mib, rate, channels, downtime_ms, Hashing::Auto)
+}
+
+/// As [`run`], the destination's receivers hashing the pages they land as `hashing` says.
+fn run_hashing(
+    mib: u64,
+    rate: u64,
+    channels: u16,
+    downtime_ms: u64,
+    hashing: Hashing,
+) -> (
+    livemig_engine::session::MigrationReport,
+    Arc<dyn MigratableVm>,
+    MemoryVm,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let dest = std::thread::spawn(move || {
@@ -64,6 +79,7 @@ fn run(
             IncomingOptions {
                 timeout: Duration::from_secs(20),
                 progress_wait: Duration::from_secs(2),
+                receiver_hashing: hashing,
                 ..Default::default()
             },
             &factory,
@@ -104,6 +120,18 @@ fn busy_memory_vm_takes_several_rounds_over_two_channels() {
     assert!(report.rounds >= 3, "{report:?}");
     assert_eq!(report.channels, 2);
     assert!(report.pages_sent > 64 * 256);
+}
+
+#[test]
+fn receivers_hashing_beside_or_inline_agree_with_the_source_over_several_rounds() {
+    // A 2-core host (CI) chooses inline; each way is run here whatever the host, with pages
+    // re-sent in later rounds (the last hash of each page must be of its last landing).
+    for hashing in [Hashing::Beside, Hashing::Inline] {
+        let (report, _dest, _src) = run_hashing(64, 20_000, 2, 1, hashing);
+        assert_eq!(report.status, "completed", "{hashing:?}: {report:?}");
+        assert!(report.digest_match, "{hashing:?}: {report:?}");
+        assert!(report.rounds >= 3, "{hashing:?}: {report:?}");
+    }
 }
 
 #[test]

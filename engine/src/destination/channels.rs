@@ -162,6 +162,7 @@ impl Session {
                 &self.storage,
                 &self.ctl,
                 self.round_counts,
+                self.opts.receiver_hashing,
             )?)),
             Channels::Rdma(_) if copying => {
                 Err(self

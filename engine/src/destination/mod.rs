@@ -20,6 +20,7 @@ mod channels;
 pub use channels::{register_reserved, RdmaRegistration};
 mod handshake;
 mod receive;
+pub use receive::Hashing;
 mod switchover;
 
 use std::net::TcpListener;
@@ -96,6 +97,8 @@ pub struct IncomingOptions {
     /// durably before it is acted on, as `ID.json` (None: not recorded). With it, a source
     /// left in "outcome unknown" is settled by `livemig resolve`.
     pub decisions: Option<std::path::PathBuf>,
+    /// Where TCP receivers hash the pages they land (default: by the host's cores).
+    pub receiver_hashing: Hashing,
 }
 
 /// A migrated VM, running on the destination.
