@@ -140,6 +140,24 @@ impl Cell {
             self.variant.label()
         )
     }
+
+    /// Whether `other` does the same work (link, content, RAM, dirty rate and limit), its
+    /// variant aside: the cells compared with each other in a table row's "vs" columns.
+    pub fn same_work(&self, other: &Cell) -> bool {
+        (
+            self.link,
+            self.fill,
+            self.memory_mib,
+            self.dirty_rate,
+            self.downtime_limit_ms,
+        ) == (
+            other.link,
+            other.fill,
+            other.memory_mib,
+            other.dirty_rate,
+            other.downtime_limit_ms,
+        )
+    }
 }
 
 /// The cells of a run: `quick` for CI, QEMU rows only with `qemu`.

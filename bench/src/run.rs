@@ -111,15 +111,22 @@ pub fn run(a: &BenchOptions, exe: &Path) -> Result<()> {
     };
     let mut rows = Vec::new();
     let mut raw = Vec::new();
-    for cell in &cells {
-        let reps = (0..repeat)
-            .filter_map(|rep| {
-                let r = measure(&setting, cell, hosts.get(&cell.link), rep, &bar)?;
-                raw.push(json!({"cell": format!("{cell:?}"), "repetition": rep, "report": r}));
-                Some(r)
-            })
-            .collect::<Vec<_>>();
-        rows.extend(row(cell, &reps));
+    // The variants of the same work take turns, one repetition each (A B C A B C ...): the
+    // load this shared host is under changes over minutes, and every variant compared in a
+    // row then meets the same moments.
+    for group in cells.chunk_by(|a, b| a.same_work(b)) {
+        let mut reps: Vec<Vec<Value>> = vec![Vec::new(); group.len()];
+        for rep in 0..repeat {
+            for (cell, got) in group.iter().zip(reps.iter_mut()) {
+                if let Some(r) = measure(&setting, cell, hosts.get(&cell.link), rep, &bar) {
+                    raw.push(json!({"cell": format!("{cell:?}"), "repetition": rep, "report": r}));
+                    got.push(r);
+                }
+            }
+        }
+        for (cell, got) in group.iter().zip(&reps) {
+            rows.extend(row(cell, got));
+        }
     }
     bar.finish_with_message(format!("done in {:.0} s", started.elapsed().as_secs_f64()));
     drop(hosts);
