@@ -201,7 +201,9 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
          included; on loopback, `lo` of a namespace of their own, both directions); \
          `*` marks a program's own count where the interface was not read. CPU: seconds per \
          GiB of guest RAM, each process's CPU time outside its vCPU threads, for both \
-         (`/proc`, 10 ms resolution).\n",
+         (`/proc`, 10 ms resolution), livemig's source less its digest check after the \
+         switchover (a pass over RAM QEMU does not make; `source_verify_cpu_s` in the \
+         JSON).\n",
     );
     s.push_str(
         "\nvs QEMU best: against the fastest QEMU variant of the cell, whatever it is (in clear \

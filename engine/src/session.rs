@@ -620,6 +620,9 @@ pub struct MigrationReport {
     pub destination_digest: String,
     /// Time to compute the source digest (after the switchover, outside the downtime).
     pub verify_ms: f64,
+    /// CPU seconds that pass took (outside `source_cpu_s`).
+    #[serde(default)]
+    pub verify_cpu_s: f64,
     /// Guest counter movement on the destination after resume.
     pub guest_progress_after_resume: u64,
     /// Transport used: `tcp` or `rdma`.

@@ -13,7 +13,7 @@ use super::{ms, Progress, Session};
 use crate::digest::ram_digest;
 use crate::dirty::Extent;
 use crate::protocol::Message;
-use crate::scheduler::{RoundStats, RoundWork};
+use crate::scheduler::{thread_cpu_ns, RoundStats, RoundWork};
 use crate::session::{CodecReport, DowntimeDetail, MigrationError, MigrationReport, RoundReport};
 
 /// Nice value of the report's pass over the frozen source RAM after the guest resumed on the
@@ -267,17 +267,20 @@ impl Session<'_> {
         // shares this host's cores (a benchmark, a test, a nested VM) its first moments come
         // before this report's full pass over RAM.
         let ram = self.vm.ram();
-        let source_digest = std::thread::scope(|s| {
+        // The digest and the CPU time it took.
+        let timed = || {
+            let cpu = thread_cpu_ns();
+            let d = ram_digest(ram);
+            (d, thread_cpu_ns().saturating_sub(cpu))
+        };
+        let (source_digest, verify_cpu_ns) = std::thread::scope(|s| {
             std::thread::Builder::new()
                 .name("livemig-verify".into())
                 .spawn_scoped(s, || {
                     livemig_transport::codec::lower_thread_priority_to(VERIFY_NICE);
-                    ram_digest(ram)
+                    timed()
                 })
-                .map_or_else(
-                    |_| ram_digest(ram),
-                    |h| h.join().unwrap_or_else(|_| ram_digest(ram)),
-                )
+                .map_or_else(|_| timed(), |h| h.join().unwrap_or_else(|_| timed()))
         });
         let verify = tv.elapsed();
         let progress = match self.ctl.recv(
@@ -318,6 +321,7 @@ impl Session<'_> {
             source_digest: format!("{source_digest:016x}"),
             destination_digest: format!("{:016x}", prepared.digest),
             verify_ms: ms(verify),
+            verify_cpu_s: verify_cpu_ns as f64 / 1e9,
             guest_progress_after_resume: progress,
             transport: self.plane.name().into(),
             transport_detail: self.detail.clone(),
