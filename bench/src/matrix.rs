@@ -249,6 +249,35 @@ fn clear(channels: u16, compress: &'static str) -> Variant {
     }
 }
 
+/// `v` with its destination RAM left to be faulted in as pages land: livemig without
+/// `--reserve-mib`, QEMU without `prealloc=on`.
+fn cold(v: Variant) -> Variant {
+    match v {
+        Variant::Livemig {
+            channels,
+            compress,
+            encrypt,
+            ..
+        } => Variant::Livemig {
+            channels,
+            compress,
+            reserve: false,
+            encrypt,
+        },
+        Variant::Qemu {
+            channels,
+            zstd,
+            tls,
+            ..
+        } => Variant::Qemu {
+            channels,
+            zstd,
+            prealloc: false,
+            tls,
+        },
+    }
+}
+
 /// QEMU with its destination RAM faulted in ahead (as our reserve).
 fn q(channels: u16, zstd: bool) -> Variant {
     Variant::Qemu {
@@ -346,6 +375,10 @@ fn full_cells(m: &mut Cells) {
                 q(2, true),
                 qtls(1),
                 qtls(2),
+                // Cold on both sides: the destination's RAM faulted in as pages land.
+                cold(lm(1, "none")),
+                cold(clear(1, "none")),
+                cold(q(1, false)),
             ],
         );
     }

@@ -214,7 +214,7 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     // The same cell (link, content, RAM, rate, limit) in the same destination-RAM regime.
     let peers = |r: &Row| {
-        let cold = |v: &str| v.ends_with("(no reserve)") || v.ends_with("(no prealloc)");
+        let cold = |v: &str| v.contains("(no reserve)") || v.contains("(no prealloc)");
         rows.iter()
             .filter(|q| {
                 q.system == "qemu"
