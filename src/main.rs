@@ -141,6 +141,12 @@ struct RunVmArgs {
     linux: linux_cli::LinuxArgs,
     #[command(flatten)]
     auth: AuthArgs,
+    /// Fault in all guest RAM once the VM runs, zero pages included, as if the guest had
+    /// written every page: there are then no never-used holes for a migration to skip, and
+    /// it reads every page (as QEMU reads a RAM file written in full; the benchmark's
+    /// "written" cells).
+    #[arg(long)]
+    populate_ram: bool,
     /// Back guest RAM with 4K pages, or with 2M or 1G huge pages from the kernel's hugetlb
     /// pool (reserved when the VM starts; a short pool is a clear error).
     #[arg(long, default_value_t = Backing::Normal, value_parser = one_of::<Backing>(Backing::NAMES))]

@@ -88,6 +88,11 @@ pub fn run_vm(args: &RunVmArgs, key: Option<Key>) -> Result<()> {
             args.linux.builtin_disk()?.as_ref(),
         )?,
     };
+    if args.populate_ram {
+        vm.ram()
+            .populate_all()
+            .context("faulting in all guest RAM (--populate-ram)")?;
+    }
     let listener = bind(socket)?;
     let config = vm.config();
     println!(

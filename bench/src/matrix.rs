@@ -110,6 +110,10 @@ pub struct Cell {
     pub link: Link,
     /// RAM content.
     pub fill: Fill,
+    /// Zero pages written on both sides (livemig's RAM faulted in throughout, QEMU's RAM file
+    /// written in full), rather than holes never written on both sides (livemig's unused
+    /// memfd pages, QEMU's sparse file). Only zero and mixed content have zero pages.
+    pub written: bool,
     /// RAM size.
     pub memory_mib: u64,
     /// Guest dirty rate, pages per second.
@@ -133,12 +137,22 @@ impl Cell {
         format!(
             "{} {} {}MiB {}/s {}ms {}",
             self.link.name(),
-            self.fill.name(),
+            self.content(),
             self.memory_mib,
             self.dirty_rate,
             self.downtime_limit_ms,
             self.variant.label()
         )
+    }
+
+    /// The content's name, `-written` added where zero pages are written
+    /// ([`Cell::written`]).
+    pub fn content(&self) -> String {
+        if self.written {
+            format!("{}-written", self.fill.name())
+        } else {
+            self.fill.name().to_string()
+        }
     }
 
     /// Whether `other` does the same work (link, content, RAM, dirty rate and limit), its
@@ -147,12 +161,14 @@ impl Cell {
         (
             self.link,
             self.fill,
+            self.written,
             self.memory_mib,
             self.dirty_rate,
             self.downtime_limit_ms,
         ) == (
             other.link,
             other.fill,
+            other.written,
             other.memory_mib,
             other.dirty_rate,
             other.downtime_limit_ms,
@@ -203,6 +219,15 @@ impl Cells {
         );
     }
 
+    /// One cell per variant whose zero pages are written on both sides ([`Cell::written`]).
+    fn add_written(&mut self, link: Link, fill: Fill, memory_mib: u64, variants: Vec<Variant>) {
+        let from = self.cells.len();
+        self.add(link, fill, memory_mib, 0, variants);
+        for c in &mut self.cells[from..] {
+            c.written = true;
+        }
+    }
+
     /// One cell per variant at `downtime_limit_ms`.
     fn add_limited(
         &mut self,
@@ -220,6 +245,7 @@ impl Cells {
             self.cells.push(Cell {
                 link,
                 fill,
+                written: false,
                 memory_mib,
                 dirty_rate,
                 downtime_limit_ms,
@@ -381,6 +407,25 @@ fn full_cells(m: &mut Cells) {
                 cold(q(1, false)),
             ],
         );
+        // The zero pages of these contents left as holes above (a guest's never-used RAM:
+        // livemig skips them unread, QEMU reads a sparse file); here written on both sides,
+        // so that both read every page.
+        if matches!(f, Fill::Zero | Fill::Mixed) {
+            m.add_written(
+                Link::Loopback,
+                f,
+                1024,
+                vec![
+                    lm(1, "none"),
+                    clear(1, "none"),
+                    lm(1, "auto"),
+                    q(1, false),
+                    q(2, false),
+                    q(2, true),
+                    qtls(1),
+                ],
+            );
+        }
     }
     for f in [Fill::Random, Fill::Text] {
         m.add(

@@ -262,6 +262,7 @@ fn qemu_beside(
         },
     };
     let o = QemuOptions {
+        written: true,
         channels: 1,
         zstd: false,
         prealloc: true,

@@ -164,6 +164,8 @@ pub struct QemuOptions {
     pub auto_converge: bool,
     /// `downtime-limit`, ms.
     pub downtime_limit_ms: u64,
+    /// The RAM file's zero pages written (else left as holes; see [`write_ram_file`]).
+    pub written: bool,
 }
 
 /// QEMU migrating the same RAM (file-backed, pre-filled with the same content) of a VM over
@@ -195,6 +197,7 @@ pub fn run_qemu(
         tls: tls.then_some(TLS_HOSTNAME),
         auto_converge: false,
         downtime_limit_ms: cell.downtime_limit_ms,
+        written: cell.written,
     };
     migrate_qemu(work, &spec, hosts, &o)
 }
@@ -266,7 +269,7 @@ pub fn migrate_qemu(
         let _ = std::fs::remove_file(&dst_ram);
     };
     let r = (|| {
-        write_ram_file(&src_ram, spec.memory_mib, spec.fill)?;
+        write_ram_file(&src_ram, spec.memory_mib, spec.fill, o.written)?;
         let _ = std::fs::remove_file(&dst_ram);
         let (qs, qd) = (work.join("qemu-src.qmp"), work.join("qemu-dst.qmp"));
         // The built-in guest's workload, booted from its PVH ELF on both sides (the
@@ -487,16 +490,38 @@ fn start_guest(q: &mut Qmp, g: &PvhGuest) -> Result<()> {
     }
 }
 
-/// A file of `mib` MiB with the same content generator our guests use.
-pub(crate) fn write_ram_file(path: &Path, mib: u64, fill: Fill) -> Result<()> {
+/// A file of `mib` MiB with the same content generator our guests use: its zero pages
+/// `written` (allocated, as a guest that wrote zeros leaves them), or holes (as a guest's
+/// never-used RAM: the file is sparse there, as livemig's RAM is where it was never written).
+pub(crate) fn write_ram_file(path: &Path, mib: u64, fill: Fill, written: bool) -> Result<()> {
+    use std::os::unix::fs::FileExt;
     let ram = GuestRam::new(&RamLayout::single(mib << 20), Populate::Lazy)?;
     builtin_guest::fill(&ram, fill, 1);
     let mut f =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(mib << 20)?;
     for (_, host, len) in ram.host_regions() {
         // SAFETY: the region is a live mapping of `ram`, nothing writes it meanwhile.
         let bytes = unsafe { std::slice::from_raw_parts(host, len as usize) };
-        f.write_all(bytes)?;
+        if written {
+            f.write_all(bytes)?;
+            continue;
+        }
+        // Each run of pages holding data in one write; the zero pages between stay holes.
+        let data = |i: usize| bytes[i * 4096..(i + 1) * 4096].iter().any(|&b| b != 0);
+        let pages = bytes.len() / 4096;
+        let mut i = 0;
+        while i < pages {
+            if !data(i) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < pages && data(i) {
+                i += 1;
+            }
+            f.write_all_at(&bytes[start * 4096..i * 4096], (start * 4096) as u64)?;
+        }
     }
     Ok(())
 }
@@ -510,6 +535,7 @@ mod tests {
         Cell {
             link: Link::Loopback,
             fill: Fill::Random,
+            written: false,
             memory_mib,
             dirty_rate,
             downtime_limit_ms: crate::matrix::DEFAULT_LIMIT_MS,
@@ -543,7 +569,7 @@ mod tests {
         };
         let (elf, g) = guest_elf(&dir, &spec).unwrap();
         let ram = dir.join("ram");
-        write_ram_file(&ram, c.memory_mib, c.fill).unwrap();
+        write_ram_file(&ram, c.memory_mib, c.fill, true).unwrap();
         let qmp = dir.join("q.qmp");
         let _q = qemu(
             None,
@@ -599,6 +625,7 @@ mod tests {
             },
         };
         let o = QemuOptions {
+            written: true,
             channels: 1,
             zstd: false,
             prealloc: true,

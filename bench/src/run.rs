@@ -282,7 +282,7 @@ fn row(cell: &Cell, reps: &[Value]) -> Option<Row> {
         system: cell.variant.system().into(),
         variant: cell.variant.label(),
         link: cell.link.name().into(),
-        content: cell.fill.name().into(),
+        content: cell.content(),
         memory_mib: cell.memory_mib,
         dirty_rate: cell.dirty_rate,
         downtime_limit_ms: cell.downtime_limit_ms,
@@ -352,6 +352,7 @@ fn run_livemig(
             "random".into(),
         ]
         .into_iter()
+        .chain(cell.written.then(|| "--populate-ram".to_string()))
         .chain(clear.iter().cloned())
         .collect(),
         receive_args: clear.clone(),

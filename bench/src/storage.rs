@@ -253,7 +253,7 @@ fn qemu_mirror(b: &StorageBench, work: &Path, image: &Path, hosts: &NetnsHosts) 
     let dst_img = dir.join("copy.img");
     std::fs::File::create(&dst_img)?.set_len(b.disk_mib << 20)?;
     let r = (|| {
-        write_ram_file(&src_ram, b.ram_mib, Fill::Random)?;
+        write_ram_file(&src_ram, b.ram_mib, Fill::Random, true)?;
         let drive = |img: &Path| {
             vec![
                 "-blockdev".to_string(),

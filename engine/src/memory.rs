@@ -61,6 +61,15 @@ pub enum MemoryError {
         /// What vm-memory reported.
         reason: String,
     },
+    /// Faulting a region's pages in failed (`MADV_POPULATE_WRITE`: Linux 5.14 or later).
+    #[error("cannot fault in the region at gpa {gpa:#x}")]
+    Populate {
+        /// Guest physical address of the region.
+        gpa: u64,
+        /// Underlying OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One contiguous range of guest-physical RAM.
@@ -341,6 +350,25 @@ impl GuestRam {
         self.layout.total_bytes()
     }
 
+    /// Faults in every page of guest RAM that is not yet, leaving contents as they are: a
+    /// hole becomes an allocated zero page, as if the guest had written zeros there. The
+    /// source then has no hole to skip and reads every page, as QEMU reads a RAM file
+    /// written in full (`run-vm --populate-ram`, the benchmark's "written" cells).
+    pub fn populate_all(&self) -> Result<(), MemoryError> {
+        for (gpa, host, len) in self.host_regions() {
+            // SAFETY: the region is a live mapping of `len` bytes at `host`; the advice only
+            // allocates missing pages (zero-filled) and writes no byte of an existing one.
+            let r = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_POPULATE_WRITE) };
+            if r != 0 {
+                return Err(MemoryError::Populate {
+                    gpa,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Splits `extents` into pages that may hold data and pages in holes of the backing memfd
     /// (never written since the RAM was allocated, so zero), without touching any page.
     pub fn split_holes(&self, extents: &[Extent]) -> (Vec<Extent>, Vec<Extent>) {
@@ -572,6 +600,18 @@ mod tests {
             }]
         );
         assert_eq!(Extent::total(&holes), pages - 1);
+        // Faulted in throughout: no hole left, and the written page keeps its byte.
+        one.populate_all().unwrap();
+        assert_eq!(allocation(&file(&one)), Allocation::Full);
+        assert_eq!(one.split_holes(&all), (all.to_vec(), vec![]));
+        assert_eq!(
+            one.memory().read_obj::<u8>(GuestAddress(0x3000)).unwrap(),
+            1
+        );
+        assert_eq!(
+            one.memory().read_obj::<u8>(GuestAddress(0x4000)).unwrap(),
+            0
+        );
     }
 
     #[test]

@@ -622,11 +622,15 @@ pub fn fill(ram: &GuestRam, fill: Fill, seed: u64) {
                     let n = (last * FILL_BLOCK).min(len) - off;
                     // Fault the range in with one call: much cheaper than a fault per page
                     // (notably under nested virtualisation). Failure (kernel < 5.14) only
-                    // means the writes below fault the pages in instead.
-                    // SAFETY: the range lies inside the region's mapping (see below); the
-                    // advice only populates pages, it does not change their content.
-                    unsafe {
-                        libc::madvise(base.0.add(off).cast(), n, libc::MADV_POPULATE_WRITE);
+                    // means the writes below fault the pages in instead. Mixed RAM's zero
+                    // blocks are left unwritten, holes, as a guest's never-used RAM is: only
+                    // its data blocks are faulted in, one call each.
+                    if fill != Fill::Mixed {
+                        // SAFETY: the range lies inside the region's mapping (see below); the
+                        // advice only populates pages, it does not change their content.
+                        unsafe {
+                            libc::madvise(base.0.add(off).cast(), n, libc::MADV_POPULATE_WRITE);
+                        }
                     }
                     let mut buf = vec![0u64; FILL_BLOCK / 8];
                     for b in first..last {
@@ -641,6 +645,12 @@ pub fn fill(ram: &GuestRam, fill: Fill, seed: u64) {
                         };
                         if kind == Fill::Zero {
                             continue;
+                        }
+                        if fill == Fill::Mixed {
+                            // SAFETY: as the call above, for this block.
+                            unsafe {
+                                libc::madvise(base.0.add(off).cast(), n, libc::MADV_POPULATE_WRITE);
+                            }
                         }
                         let src: &[u8] = match kind {
                             Fill::Random => {
