@@ -554,6 +554,22 @@ impl Encoder {
         self.mode
     }
 
+    /// Appends the ranges of the chunk encoded last, as pages sent with their data (`data`)
+    /// and as zero pages (`zero`), each run of like entries as one range.
+    pub fn sent_ranges(&self, data: &mut Vec<(u64, u64)>, zero: &mut Vec<(u64, u64)>) {
+        for e in &self.entries {
+            let to = if e.encoding == Encoding::Zero {
+                &mut *zero
+            } else {
+                &mut *data
+            };
+            match to.last_mut() {
+                Some((a, l)) if *a + *l == e.addr => *l += e.raw_len,
+                _ => to.push((e.addr, e.raw_len)),
+            }
+        }
+    }
+
     /// Returns and resets the counters.
     pub fn take_stats(&mut self) -> CodecStats {
         std::mem::take(&mut self.stats)
