@@ -164,7 +164,7 @@ pub struct QemuOptions {
     pub auto_converge: bool,
     /// `downtime-limit`, ms.
     pub downtime_limit_ms: u64,
-    /// The RAM file's zero pages written (else left as holes; see [`write_ram_file`]).
+    /// The RAM file's zero pages written (else left as holes).
     pub written: bool,
 }
 

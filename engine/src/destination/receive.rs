@@ -297,7 +297,8 @@ impl Shared {
 /// Where a receiver hashes the pages it lands (the destination's half of the RAM digest).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Hashing {
-    /// Chosen by the host's cores ([`Hashing::for_receivers`]).
+    /// Chosen by the host's cores: beside where it has a core to spare per receiver, inline
+    /// otherwise.
     #[default]
     Auto,
     /// In a thread of its own, in the time the receiver waits on its socket: where the host
