@@ -508,7 +508,10 @@ pub(crate) fn write_ram_file(path: &Path, mib: u64, fill: Fill, written: bool) -
             continue;
         }
         // Each run of pages holding data in one write; the zero pages between stay holes.
-        let data = |i: usize| bytes[i * 4096..(i + 1) * 4096].iter().any(|&b| b != 0);
+        let data = |i: usize| {
+            // SAFETY: page `i` lies inside `bytes` (`i < pages`), which is readable.
+            !unsafe { livemig_transport::codec::is_zero_page(bytes[i * 4096..].as_ptr()) }
+        };
         let pages = bytes.len() / 4096;
         let mut i = 0;
         while i < pages {
