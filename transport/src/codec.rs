@@ -289,7 +289,7 @@ struct Learned {
     /// Whether the receiver held the connection back in each of those samples.
     receiver_bound: [bool; RATE_WINDOW],
     next_rate: usize,
-    /// Bytes the channel had queued but not yet sent, as of its last send.
+    /// Bytes the channel had queued but not yet sent, just before its last send.
     backlog: u64,
     /// Sends recorded, and those after which the queue held [`UNMEASURED_BACKLOG`] or more.
     sends: u64,
@@ -599,13 +599,20 @@ impl Encoder {
         self.learned().helpers = n.max(1);
     }
 
-    /// Records the bytes the channel has queued but not yet sent (feeds `auto` while the
-    /// link is not measured yet).
+    /// Records the bytes the channel has queued but not yet sent just before a send: what the
+    /// link did not drain while the chunk was prepared (feeds `auto` while the link is not
+    /// measured yet).
     pub fn record_backlog(&mut self, bytes: u64) {
         let mut l = self.learned();
         l.backlog = bytes;
         l.sends += 1;
         l.long_sends += u64::from(bytes >= UNMEASURED_BACKLOG);
+    }
+
+    /// The channel's queue as last recorded by [`Encoder::record_backlog`].
+    #[cfg(test)]
+    pub(crate) fn backlog(&self) -> u64 {
+        self.learned().backlog
     }
 
     /// The codec `auto` uses now: None for raw, else LZ4 or zstd at one of two levels.
