@@ -369,12 +369,21 @@ blackout_start() { # DIR
     >"$1/blackout.json" 2>"$1/blackout.err" &
   echo $! >"$1/blackout.pid"
   now >"$1/blackout.t0"
+  # When the switch moves the guest's MAC from port to port (unix ms and the port), to set
+  # beside the pause, the resume, the announcements and the gap.
+  bridge monitor fdb 2>/dev/null | while read -r l; do
+    case $l in "${MAC,,}"* | "${MAC^^}"*) echo "$(now) $l" ;; esac
+  done >"$1/fdb.log" &
+  echo $! >"$1/fdb.pid"
   sleep 2 # a baseline of replies before the migration starts
 }
 
 blackout_report() { # DIR SYSTEM SMP MIGRATE_START_S TOTAL_MS [DESTINATION]
   [ "${REF_BLACKOUT:-0}" = 1 ] || return 0
   wait "$(cat "$1/blackout.pid")" 2>/dev/null
+  killall bridge 2>/dev/null # the monitor (the loop reading it ends with it)
+  wait "$(cat "$1/fdb.pid")" 2>/dev/null
+  say "REF fdb system=$2 transport=$TRANSPORT $(awk '{ printf "%.0f:%s ", $1 * 1000, $4 }' "$1/fdb.log")"
   local j resumed_ms
   j=$(cat "$1/blackout.json")
   resumed_ms=$(awk -v a="$4" -v t="$5" 'BEGIN { printf "%.0f", a * 1000 + t }')
