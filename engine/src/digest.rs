@@ -154,7 +154,7 @@ pub fn ram_digest(ram: &GuestRam) -> u64 {
 const PACED_SLICE_PAGES: u64 = 512;
 
 /// [`ram_digest`] on at most `duty` (0 to 1) of one core: after each slice of
-/// [`PACED_SLICE_PAGES`] it sleeps so that its work is that share of the time it takes.
+/// 512 pages (2 MiB) it sleeps so that its work is that share of the time it takes.
 /// Where the pass shares cores with a guest that has just resumed (both hosts on one machine:
 /// a benchmark, the nested VM), the guest keeps the rest.
 pub fn ram_digest_paced(ram: &GuestRam, duty: f64) -> u64 {
