@@ -377,7 +377,7 @@ impl DataReceiver {
     /// Wraps a connected stream.
     pub fn new(stream: TcpStream) -> Result<Self, TransportError> {
         let peer = peer_name(&stream);
-        set_buffer(&stream, libc::SO_RCVBUF);
+        set_buffer(&stream, libc::SO_RCVBUF, SOCKET_BUFFER);
         Ok(DataReceiver {
             stream,
             peer,
@@ -853,8 +853,9 @@ const RATE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 /// and receiver wake each other less often.
 pub const SOCKET_BUFFER: i32 = 8 << 20;
 
-fn set_buffer(stream: &TcpStream, opt: i32) {
-    let v = SOCKET_BUFFER;
+/// Sets the socket's buffer `opt` (`SO_RCVBUF`, `SO_SNDBUF`) to `bytes`.
+fn set_buffer(stream: &TcpStream, opt: i32, bytes: i32) {
+    let v = bytes;
     // SAFETY: setsockopt reads `size_of::<i32>()` bytes from `&v`, a valid i32; the fd is open.
     unsafe {
         libc::setsockopt(
@@ -1318,17 +1319,7 @@ mod tests {
         });
         let mut rx = DataReceiver::new(b).unwrap();
         rx.open_with(Opener::new(&[5; 32]));
-        let small: libc::c_int = 128 << 10;
-        // SAFETY: setsockopt reads one int from `&small`; the socket is open.
-        unsafe {
-            libc::setsockopt(
-                rx.stream().as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&raw const small).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        set_buffer(rx.stream(), libc::SO_RCVBUF, 128 << 10);
         let mut landed = Landed::default();
         while sent.recv().is_ok() {
             match rx.recv(&dm, &mut landed) {
