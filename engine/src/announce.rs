@@ -1,5 +1,7 @@
-//! The network follows the VM: after it resumes on a new host, every NIC is announced so
-//! switches learn its MAC behind the new port (the mission's stage 6).
+//! The network follows the VM: as it resumes on a new host, every NIC is announced so
+//! switches learn its MAC behind the new port (the mission's stage 6). A destination sends
+//! the first round once its decision to resume is recorded, just before the vCPUs start (as
+//! QEMU does), and the later rounds while the guest runs.
 //!
 //! An announcement round sends, for every NIC, a RARP frame from the VM's MAC into its tap
 //! (QEMU's announce-self) and asks the guest to announce itself where virtio allows it
@@ -53,13 +55,28 @@ impl AnnounceSettings {
 /// after the last round or when the VM stops announcing). Returns how many NICs the first
 /// round announced.
 pub fn announce(vm: Arc<dyn MigratableVm>, s: AnnounceSettings) -> Result<usize, VmError> {
+    let n = first_round(&*vm, s)?;
+    if n > 0 {
+        repeat(vm, s);
+    }
+    Ok(n)
+}
+
+/// The first round of [`announce`] alone: how many NICs it announced. A destination sends it
+/// just before the vCPUs start and the others with [`repeat`] once they run.
+pub fn first_round(vm: &dyn MigratableVm, s: AnnounceSettings) -> Result<usize, VmError> {
     if s.count == 0 {
         return Ok(0);
     }
     let n = vm.announce()?;
     tracing::info!(round = 0, nics = n, "announced");
-    if n == 0 || s.count == 1 {
-        return Ok(n);
+    Ok(n)
+}
+
+/// The rounds after the first, each after its gap, in a background thread.
+pub fn repeat(vm: Arc<dyn MigratableVm>, s: AnnounceSettings) {
+    if s.count <= 1 {
+        return;
     }
     let spawned = std::thread::Builder::new()
         .name("livemig-announce".into())
@@ -79,7 +96,6 @@ pub fn announce(vm: Arc<dyn MigratableVm>, s: AnnounceSettings) -> Result<usize,
     if let Err(e) = spawned {
         tracing::warn!("cannot start the announcement rounds: {e}");
     }
-    Ok(n)
 }
 
 #[cfg(test)]

@@ -189,14 +189,7 @@ pub fn receive(
     let result = s
         .accept_plane(listener, &agreed, &built)
         .and_then(|mut plane| {
-            let r = s.switchover(&*vm, &mut *plane);
-            if r.is_ok() {
-                // The network follows the VM at once: switches learn its MACs behind this
-                // host's ports before anything else is tidied up.
-                if let Err(e) = crate::announce::announce(vm.clone(), s.opts.announce) {
-                    tracing::warn!("announcing the VM's NICs: {e}");
-                }
-            }
+            let r = s.switchover(&vm, &mut *plane);
             plane.close();
             r.map(|()| plane.pages())
         });

@@ -1,6 +1,7 @@
 //! The destination's switchover: wait for the device state (following RDMA rounds meanwhile),
 //! close RAM, restore, answer Prepared with the RAM digest, resume only on Commit.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{info, warn};
@@ -19,10 +20,10 @@ impl Session {
     /// From pre-copy to the guest running here.
     pub(super) fn switchover(
         &mut self,
-        vm: &dyn MigratableVm,
+        vm: &Arc<dyn MigratableVm>,
         plane: &mut dyn IncomingPlane,
     ) -> Result<(), MigrationError> {
-        let r = self.prepare(vm, plane);
+        let r = self.prepare(&**vm, plane);
         match (r, plane.failure()) {
             // A data channel's failure explains a control connection cut because of it.
             (Err(MigrationError::Transport(_)), Some(e)) => Err(MigrationError::DataChannel(e)),
@@ -160,7 +161,7 @@ impl Session {
     }
 
     /// Resumes the guest on the source's Commit.
-    fn commit(&mut self, vm: &dyn MigratableVm) -> Result<(), MigrationError> {
+    fn commit(&mut self, vm: &Arc<dyn MigratableVm>) -> Result<(), MigrationError> {
         let e = match self.ctl.recv(Some(self.timeout), "waiting for Commit") {
             Ok(Message::Commit) => None,
             Ok(m) => Some(self.ctl.unexpected(&m, "waiting for Commit")),
@@ -199,6 +200,17 @@ impl Session {
         }
         // The source will never resume: the copies are the VM's disks now.
         self.storage.commit();
+        // The network follows the VM before it runs (QEMU's order too): the switches learn
+        // its MACs behind this host's ports while the vCPUs start, and what they forward here
+        // meanwhile waits in the taps and the restored receive queues. Sent after the
+        // vCPUs started, the first frame left 7-15 ms after the resume in the nested VM, where
+        // the resumed guest and this thread share two vCPUs with the rest. The later rounds'
+        // thread starts once the guest runs (outside the downtime).
+        let s = self.opts.announce;
+        let announced = crate::announce::first_round(&**vm, s).unwrap_or_else(|e| {
+            warn!("announcing the VM's NICs: {e}");
+            0
+        });
         let t = Instant::now();
         vm.resume()?;
         self.steps.resume_ms = ms(t.elapsed());
@@ -206,6 +218,9 @@ impl Session {
         if let Err(e) = self.ctl.send(&Message::Resumed) {
             // The guest runs here now; the source will report "outcome unknown".
             warn!("could not confirm resume to the source: {e}");
+        }
+        if announced > 0 {
+            crate::announce::repeat(vm.clone(), s);
         }
         Ok(())
     }
