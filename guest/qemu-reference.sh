@@ -642,6 +642,9 @@ phase_lm_migrate() { # SMP
           say "REF timeline $(basename "$(dirname "$f")") unix_ms=$(iso_ms "${l%% *}") ${l#* }"
         done
     done
+    # The destination's own steps of the switchover (land, storage, digest, restore, record,
+    # resume), from its report line.
+    say "REF steps $(grep -ao 'switchover here: .*' "$W/$dst/con.log" | head -n1)"
   fi
   say "REF ticks system=livemig transport=$TRANSPORT smp=$smp src_last=$(tick_no <<<"$src_last") dst_first=$(tick_no <<<"$dst_first") dst_after_3s=$(tick_no <<<"$dst_last") console_gap_s=$(elapsed "$(tick_ts <<<"$src_last")" "$(tick_ts <<<"$dst_first")") kept_rising=$kept echo_before=$echo_before echo_after=$echo_after"
   ./livemig stop --vm "$W/$src/sock" >/dev/null 2>&1
