@@ -418,6 +418,7 @@ fn full_cells(m: &mut Cells) {
                 vec![
                     lm(1, "none"),
                     clear(1, "none"),
+                    clear(2, "none"),
                     lm(1, "auto"),
                     q(1, false),
                     q(2, false),
