@@ -429,7 +429,7 @@ pub fn channel_hello(
 pub fn migration_id(token: u64) -> String {
     format!(
         "{:016x}",
-        xxhash_rust::xxh3::xxh3_64(&[b"livemig id".as_slice(), &token.to_le_bytes()].concat())
+        twox_hash::XxHash3_64::oneshot(&[b"livemig id".as_slice(), &token.to_le_bytes()].concat())
     )
 }
 

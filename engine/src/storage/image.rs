@@ -358,8 +358,10 @@ impl DiskImage {
     /// The digest of the image's content: the digest of its pages (as RAM digests are made:
     /// xxh3 over the per-page hashes), holes hashed as zero pages without being read.
     pub fn digest(&self) -> Result<u64, DiskError> {
+        use std::hash::Hasher;
+
         let zero = crate::digest::page_hash(&[0u8; BLOCK as usize]);
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut h = twox_hash::XxHash3_64::new();
         let pages = self.size.div_ceil(BLOCK);
         let mut next = 0u64; // next page to feed
         let mut buf = vec![0u8; 1 << 20];
@@ -370,7 +372,7 @@ impl DiskImage {
         };
         for (off, len) in self.allocated_extents() {
             for _ in next..off / BLOCK {
-                h.update(&zero.to_le_bytes());
+                h.write(&zero.to_le_bytes());
             }
             let mut at = off;
             while at < off + len {
@@ -379,16 +381,16 @@ impl DiskImage {
                 buf[..n].fill(0);
                 self.file.read_exact_at(&mut buf[..avail], at).map_err(io)?;
                 for page in buf[..n].chunks(BLOCK as usize) {
-                    h.update(&crate::digest::page_hash(page).to_le_bytes());
+                    h.write(&crate::digest::page_hash(page).to_le_bytes());
                 }
                 at += n as u64;
             }
             next = (off + len) / BLOCK;
         }
         for _ in next..pages {
-            h.update(&zero.to_le_bytes());
+            h.write(&zero.to_le_bytes());
         }
-        Ok(h.digest())
+        Ok(h.finish())
     }
 }
 
