@@ -73,7 +73,11 @@ fn the_quick_bench_measures_every_cell_of_both_systems_alike() {
             link <= ram * 1.3 + 4e6,
             "{what}: {link} bytes for {ram} of RAM"
         );
-        for k in ["source_process_cpu_s", "destination_process_cpu_s"] {
+        for k in [
+            "source_process_cpu_s",
+            "destination_process_cpu_s",
+            "source_guest_cpu_s",
+        ] {
             assert!(r[k].as_f64().is_some_and(|c| c >= 0.0), "{what}: no {k}");
         }
     }

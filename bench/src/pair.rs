@@ -170,19 +170,17 @@ impl Pair {
             // QEMU does not make (kept apart as `source_verify_cpu_s`). The pages hashed
             // while they are sent and land stay counted: they take the migration's cores.
             let verify = m.get("verify_cpu_s").and_then(Value::as_f64).unwrap_or(0.0);
+            let (src, dst) = (
+                cpu.first().copied().unwrap_or_default(),
+                cpu.get(1).copied().unwrap_or_default(),
+            );
             m.insert(
                 "source_process_cpu_s".into(),
-                json!(cpu
-                    .first()
-                    .copied()
-                    .flatten()
-                    .map(|c| (c - verify).max(0.0))),
+                json!(src.outside.map(|c| (c - verify).max(0.0))),
             );
             m.insert("source_verify_cpu_s".into(), json!(verify));
-            m.insert(
-                "destination_process_cpu_s".into(),
-                json!(cpu.get(1).copied().flatten()),
-            );
+            m.insert("destination_process_cpu_s".into(), json!(dst.outside));
+            m.insert("source_guest_cpu_s".into(), json!(src.guest));
         }
         Ok(report)
     }

@@ -114,6 +114,11 @@ pub(crate) fn qemu(
         None => Command::new("qemu-system-x86_64"),
     };
     c.args([
+        // Thread names ("CPU 0/TCG"), so that its vCPU threads' time is told apart from the
+        // migration's as livemig's is ([`CpuWatch`]); without them every thread is
+        // "qemu-system-x86" and the guest's time counted as the migration's.
+        "-name",
+        "bench,debug-threads=on",
         "-accel",
         "tcg",
         "-nodefaults",
@@ -422,8 +427,9 @@ fn wait_completed(
                     "qemu_reported_downtime_ms": down,
                     "bytes_on_wire": wire,
                     "ram_bytes": ram_bytes,
-                    "source_process_cpu_s": cpu.first().copied().flatten(),
-                    "destination_process_cpu_s": cpu.get(1).copied().flatten(),
+                    "source_process_cpu_s": cpu.first().and_then(|c| c.outside),
+                    "destination_process_cpu_s": cpu.get(1).and_then(|c| c.outside),
+                    "source_guest_cpu_s": cpu.first().and_then(|c| c.guest),
                     "qemu_throttle_max_pct": throttle_max,
                     // QEMU's own view of the guest's dirtying (pages/s, last sync) and
                     // how many times it synced the dirty log.
@@ -612,6 +618,30 @@ mod tests {
 
     /// Over TLS QEMU migrates, and its source refuses a destination whose certificate names
     /// another host: the stream is TLS, checked.
+    #[test]
+    fn the_vcpu_threads_of_qemu_are_told_apart() {
+        let dir = work("qemu-threads");
+        let mem = dir.join("ram");
+        std::fs::File::create(&mem)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let mut q = qemu(None, &mem, 64, &dir.join("qmp"), false, false, &[]).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut found = Vec::new();
+        while found.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            found = crate::support::vcpu_ticks(q.id());
+        }
+        let _ = q.kill_and_log();
+        assert_eq!(
+            found.len(),
+            1,
+            "QEMU's one vCPU thread not found by its name"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn qemu_migrates_over_tls_and_checks_the_destination() {
         let dir = work("qemu-tls");

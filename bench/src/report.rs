@@ -56,6 +56,10 @@ pub struct Row {
     /// median (both systems alike).
     #[serde(default)]
     pub link_bytes_median: Option<f64>,
+    /// CPU seconds of the source's vCPU threads during the migration, median (both systems
+    /// alike): what the guest took from the cores the migration runs on.
+    #[serde(default)]
+    pub source_guest_cpu_s: Option<f64>,
 }
 
 fn default_limit() -> u64 {
@@ -121,11 +125,11 @@ pub fn write_outputs(out: &Path, meta: &Value, rows: &[Row], raw: &[Value]) -> R
         serde_json::to_string_pretty(&json!({"meta": meta, "rows": rows, "runs": raw}))?,
     )?;
     let mut csv = String::from(
-        "system,variant,link,content,memory_mib,dirty_rate,downtime_limit_ms,repetitions,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,bytes_on_wire_median,throughput_gbps,digest_match,source_cpu_s,destination_cpu_s,source_process_cpu_s,destination_process_cpu_s,link_bytes_median\n",
+        "system,variant,link,content,memory_mib,dirty_rate,downtime_limit_ms,repetitions,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,bytes_on_wire_median,throughput_gbps,digest_match,source_cpu_s,destination_cpu_s,source_process_cpu_s,destination_process_cpu_s,link_bytes_median,source_guest_cpu_s\n",
     );
     for r in rows {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.0},{:.3},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.0},{:.3},{},{},{},{},{},{},{}\n",
             r.system,
             r.variant,
             r.link,
@@ -146,6 +150,7 @@ pub fn write_outputs(out: &Path, meta: &Value, rows: &[Row], raw: &[Value]) -> R
             csv_opt(r.source_process_cpu_s, 2),
             csv_opt(r.destination_process_cpu_s, 2),
             csv_opt(r.link_bytes_median, 0),
+            csv_opt(r.source_guest_cpu_s, 2),
         ));
     }
     std::fs::write(out.join("results.csv"), csv)?;
@@ -203,15 +208,18 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
          GiB of guest RAM, each process's CPU time outside its vCPU threads, for both \
          (`/proc`, 10 ms resolution), livemig's source less its digest check after the \
          switchover (a pass over RAM QEMU does not make; `source_verify_cpu_s` in the \
-         JSON).\n",
+         JSON). Guest CPU s: the source's vCPU threads over the migration, for both — the \
+         guest's own running and what its hypervisor does for it (KVM's exits and dirty-log \
+         faults for livemig's guest, TCG's emulation for QEMU's), taken from the same two \
+         cores.\n",
     );
     s.push_str(
         "\nvs QEMU best: against the fastest QEMU variant of the cell, whatever it is (in clear \
          too); vs QEMU TLS best: an encrypted livemig row (no `(clear)`) against the fastest \
          QEMU variant over TLS — the same work, sealed on both sides.\n",
     );
-    s.push_str("\n| link | content | RAM MiB | dirty pages/s | limit ms | variant | total ms (median [min–max]) | downtime ms | GB/s | link bytes / RAM | CPU s/GiB src / dst | vs QEMU single | vs QEMU best | vs QEMU TLS best | digest |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("\n| link | content | RAM MiB | dirty pages/s | limit ms | variant | total ms (median [min–max]) | downtime ms | GB/s | link bytes / RAM | CPU s/GiB src / dst | guest CPU s | vs QEMU single | vs QEMU best | vs QEMU TLS best | digest |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     // The same cell (link, content, RAM, rate, limit) in the same destination-RAM regime.
     let peers = |r: &Row| {
         let cold = |v: &str| v.contains("(no reserve)") || v.contains("(no prealloc)");
@@ -250,7 +258,7 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
         let ram = (r.memory_mib << 20) as f64;
         let gib = ram / f64::from(1u32 << 30);
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} [{:.0}–{:.0}] | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.0} [{:.0}–{:.0}] | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.link,
             r.content,
             r.memory_mib,
@@ -275,6 +283,8 @@ fn markdown(meta: &Value, rows: &[Row]) -> String {
                 (Some(a), Some(b)) => format!("{:.2} / {:.2}", a / gib, b / gib),
                 _ => "—".into(),
             },
+            r.source_guest_cpu_s
+                .map_or_else(|| "—".into(), |g| format!("{g:.2}")),
             if r.system == "qemu" && clear_single(&r.variant) {
                 "—".into()
             } else {

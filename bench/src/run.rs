@@ -277,6 +277,7 @@ fn row(cell: &Cell, reps: &[Value]) -> Option<Row> {
         col("destination_process_cpu_s"),
     );
     let mut link_bytes = col("link_bytes");
+    let mut guest = col("source_guest_cpu_s");
     let opt_median = |v: &mut Vec<f64>| (!v.is_empty()).then(|| median(v));
     Some(Row {
         system: cell.variant.system().into(),
@@ -303,6 +304,7 @@ fn row(cell: &Cell, reps: &[Value]) -> Option<Row> {
         source_process_cpu_s: opt_median(&mut src_proc),
         destination_process_cpu_s: opt_median(&mut dst_proc),
         link_bytes_median: opt_median(&mut link_bytes),
+        source_guest_cpu_s: opt_median(&mut guest),
     })
 }
 

@@ -384,7 +384,7 @@ fn stat_ticks(path: &str) -> Option<u64> {
 }
 
 /// The guest's threads of process `pid` by id, with their CPU ticks so far.
-fn vcpu_ticks(pid: u32) -> Vec<(u32, u64)> {
+pub(crate) fn vcpu_ticks(pid: u32) -> Vec<(u32, u64)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
@@ -421,12 +421,27 @@ impl Watched {
         }
     }
 
-    fn seconds(&self) -> Option<f64> {
+    fn seconds(&self) -> CpuSeconds {
         // SAFETY: sysconf has no memory effects.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let guest: u64 = self.vcpus.values().map(|(a, b)| b.saturating_sub(*a)).sum();
-        Some(self.last?.saturating_sub(self.start?).saturating_sub(guest) as f64 / hz)
+        let whole = self.last.zip(self.start).map(|(l, s)| l.saturating_sub(s));
+        CpuSeconds {
+            outside: whole.map(|w| w.saturating_sub(guest) as f64 / hz),
+            guest: whole.map(|_| guest as f64 / hz),
+        }
     }
+}
+
+/// CPU seconds one watched process spent during a [`CpuWatch`] (None: it could not be read).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSeconds {
+    /// Outside its vCPU threads: the migration's own work (and the VMM's).
+    pub outside: Option<f64>,
+    /// In its vCPU threads: the guest running, with what its hypervisor does on its behalf
+    /// (exits, the faults of dirty logging under KVM; TCG's translation and its own dirty
+    /// tracking under QEMU's emulator).
+    pub guest: Option<f64>,
 }
 
 /// CPU time processes spend outside their guest's vCPU threads while they migrate, measured
@@ -476,9 +491,8 @@ impl CpuWatch {
         }
     }
 
-    /// Seconds of CPU outside the vCPU threads, per pid in the order given (None for a
-    /// process that could not be read).
-    pub fn finish(mut self) -> Vec<Option<f64>> {
+    /// Seconds of CPU outside and inside the vCPU threads, per pid in the order given.
+    pub fn finish(mut self) -> Vec<CpuSeconds> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle
             .take()
