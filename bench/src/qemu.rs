@@ -616,8 +616,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Over TLS QEMU migrates, and its source refuses a destination whose certificate names
-    /// another host: the stream is TLS, checked.
+    /// QEMU's vCPU thread carries its name, so that the CPU columns tell it apart from the
+    /// migration's threads as they do livemig's.
     #[test]
     fn the_vcpu_threads_of_qemu_are_told_apart() {
         let dir = work("qemu-threads");
@@ -627,9 +627,9 @@ mod tests {
             .set_len(64 << 20)
             .unwrap();
         let mut q = qemu(None, &mem, 64, &dir.join("qmp"), false, false, &[]).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(20);
         let mut found = Vec::new();
-        while found.is_empty() && std::time::Instant::now() < deadline {
+        while found.is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
             found = crate::support::vcpu_ticks(q.id());
         }
@@ -642,6 +642,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Over TLS QEMU migrates, and its source refuses a destination whose certificate names
+    /// another host: the stream is TLS, checked.
     #[test]
     fn qemu_migrates_over_tls_and_checks_the_destination() {
         let dir = work("qemu-tls");

@@ -6,9 +6,8 @@
 //! which pages it wrote, and nothing else writes destination RAM before resume), so its digest
 //! costs no extra pass over RAM during the downtime.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use std::hash::Hasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use twox_hash::XxHash3_64;
 
