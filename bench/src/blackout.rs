@@ -253,8 +253,11 @@ fn summarise(sent_at: &[f64], mut replies: Vec<(u16, f64)>) -> BlackoutReport {
             r.gap_end_unix_ms = w[1].1;
         }
     }
-    // A silence that lasted to the end is a gap that never closed: the worst of all.
-    if let (Some(&(_, last)), Some(&end)) = (replies.last(), sent_at.last()) {
+    // A silence that lasted to the end is a gap that never closed: the worst of all — from
+    // the last reply, or from the first ping where none came back at all (a guest that no
+    // ping reached is not a blackout of zero; one such run read 0 ms in a median).
+    if let (Some(&first), Some(&end)) = (sent_at.first(), sent_at.last()) {
+        let last = replies.last().map_or(first, |r| r.1);
         if end - last > r.longest_gap_ms {
             r.longest_gap_ms = end - last;
             r.gap_start_unix_ms = last;
@@ -474,11 +477,13 @@ mod tests {
         assert_eq!(r.gap_end_unix_ms, 0.0, "never closed");
         assert_eq!(r.longest_gap_ms, 1090.0 - 1031.0);
         assert_eq!((r.lost_before_gap, r.lost_after_gap), (0, 0));
-        // No reply at all.
+        // No reply at all: silent from the first ping to the last, never closed.
         let r = summarise(&sent, Vec::new());
         assert_eq!(
             (r.received, r.first_reply_unix_ms, r.last_reply_unix_ms),
             (0, 0.0, 0.0)
         );
+        assert_eq!(r.longest_gap_ms, 1090.0 - 1000.0);
+        assert_eq!((r.gap_start_unix_ms, r.gap_end_unix_ms), (1000.0, 0.0));
     }
 }
