@@ -51,7 +51,9 @@
 # announced, in unix ms beside the blackout gap), REF_LM_JSON=1 (each livemig migration's whole
 # JSON report on a `REF json` line: rounds, CPU, switchover steps), REF_DISKCHECK=0 (skip the
 # third boot), REF_VERBOSE=1 (echo every guest console line, not just every 10th tick),
-# REF_HEARTBEAT (30 s; 0 = off). Phases and counts may
+# REF_HEARTBEAT (30 s; 0 = off), REF_SAMPLE=1 (with REF_BLACKOUT: what ran around each
+# switchover, `REF sample` lines, see sampler), REF_HUGEPAGE_POOL=N (2 MiB pages reserved before
+# the phases, for `REF_LM_HOST_ARGS=--hugepages 2M`). Phases and counts may
 # repeat: `bash qemu-reference.sh boot boot migrate` with REF_SMPS="1 2 1 2"; `lm-migrate=OPTS`
 # is one livemig migration with its own options, commas for spaces (`lm-migrate=--compress,none`).
 #
@@ -360,11 +362,57 @@ echo_check_after() {
   echo FAILED
 }
 
+# Until killed (REF_SAMPLE=1), every 20 ms plus the loop's own time (60-100 ms apart in the
+# nested VM): a `T` line with KVM's counters of every VM from debugfs (exits, nested-paging
+# faults fixed, halts, injected interrupts, port and MMIO exits, 4 KiB and 2 MiB mappings) and
+# a `P` line with the CPU ticks (user + system) of every thread of the phase's processes.
+# Counters only rise: the reader takes differences.
+sampler() {
+  grep -q " /sys/kernel/debug " /proc/mounts || mount -t debugfs none /sys/kernel/debug
+  local d f v l p t pids comm tick
+  # A FIFO nobody writes: `read -t` on it is a sleep without a process (the initramfs has no
+  # /dev/fd for <(...)).
+  rm -f "$W/sampler.fifo"
+  mkfifo "$W/sampler.fifo"
+  exec {tick}<>"$W/sampler.fifo"
+  while :; do
+    l="T $EPOCHREALTIME"
+    for d in /sys/kernel/debug/kvm/*-*; do
+      l+=" | vm=${d##*/}"
+      for f in exits pf_fixed halt_exits irq_injections io_exits mmio_exits pages_4k pages_2m; do
+        read -r v <"$d/$f" 2>/dev/null || v=-
+        l+=" $f=$v"
+      done
+    done
+    echo "$l"
+    pids=
+    for f in "$W"/*/pid "$W"/*/blackout.pid; do read -r v <"$f" 2>/dev/null && pids+=" $v"; done
+    l="P $EPOCHREALTIME"
+    for p in $pids; do
+      for t in /proc/"$p"/task/*/stat; do
+        read -r v <"$t" 2>/dev/null || continue
+        v=${v#*(}
+        comm=${v%%)*}
+        v=${v#*) }
+        # shellcheck disable=SC2086 # the fields of stat, split on purpose
+        set -- $v
+        l+=" $p/${comm// /_}=$((${12} + ${13}))"
+      done
+    done
+    echo "$l"
+    read -r -t 0.02 -u "$tick"
+  done
+}
+
 # Blackout (REF_BLACKOUT=1, needs the livemig binary): a client on br0 pings the guest every
 # 10 ms and streams through its echo service while the migration runs; the longest gap between
 # ping replies is what a user of the VM loses.
 blackout_start() { # DIR
   [ "${REF_BLACKOUT:-0}" = 1 ] || return 0
+  if [ "${REF_SAMPLE:-0}" = 1 ]; then
+    sampler >"$1/samples" 2>/dev/null &
+    echo $! >"$1/sampler.pid"
+  fi
   ./livemig bench-blackout --target 10.0.0.2 --echo-port 7 --duration-s "${REF_BLACKOUT_S:-20}" \
     >"$1/blackout.json" 2>"$1/blackout.err" &
   echo $! >"$1/blackout.pid"
@@ -381,6 +429,21 @@ blackout_start() { # DIR
 blackout_report() { # DIR SYSTEM SMP MIGRATE_START_S TOTAL_MS [DESTINATION]
   [ "${REF_BLACKOUT:-0}" = 1 ] || return 0
   wait "$(cat "$1/blackout.pid")" 2>/dev/null
+  if [ -f "$1/sampler.pid" ]; then
+    # The samples from 0.6 s before the migration's end (the resume) to 0.8 s after it.
+    local l t lo total=${5%.*}
+    kill "$(cat "$1/sampler.pid")" 2>/dev/null
+    wait "$(cat "$1/sampler.pid")" 2>/dev/null
+    [[ $total =~ ^[0-9]+$ ]] || total=0
+    t=${4/./}
+    lo=$((10#$t + 10#$total * 1000 - 600000))
+    while IFS= read -r l; do
+      t=${l#* }
+      t=${t%% *}
+      t=${t/./}
+      [ "$t" -lt "$lo" ] || [ "$t" -gt $((lo + 1400000)) ] || say "REF sample system=$2 $l"
+    done <"$1/samples"
+  fi
   killall bridge 2>/dev/null # the monitor (the loop reading it ends with it)
   wait "$(cat "$1/fdb.pid")" 2>/dev/null
   say "REF fdb system=$2 transport=$TRANSPORT $(awk '{ printf "%.0f:%s ", $1 * 1000, $4 }' "$1/fdb.log")"
@@ -673,6 +736,7 @@ HB=
 [ "${REF_HEARTBEAT:-30}" = 0 ] || { heartbeat "${REF_HEARTBEAT:-30}" & HB=$!; }
 
 setup
+[ -z "${REF_HUGEPAGE_POOL:-}" ] || echo "$REF_HUGEPAGE_POOL" >/proc/sys/vm/nr_hugepages
 for p in $PHASES; do
   case "$p" in
     boot) phase_boot ;;
