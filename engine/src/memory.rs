@@ -223,6 +223,23 @@ impl Backing {
     }
 }
 
+/// Asks for transparent huge pages behind `len` bytes of ordinary guest RAM at `host`, as
+/// QEMU does for its RAM: KVM then maps the guest's RAM 2 MiB at a time where the host has
+/// such a page, so that a guest resumed on a destination — whose second-level page tables
+/// start empty — takes one nested-paging fault per 2 MiB rather than per 4 KiB page it
+/// touches. Guest RAM is a memfd, so this takes effect where the host lets shared memory have
+/// huge pages (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`: `advise`, `within_size`
+/// or `always`; most distributions ship `never`, where it does nothing; then a guest page
+/// written makes its whole 2 MiB data to [`GuestRam::split_holes`]). In the nested VM, with
+/// `advise`, a resumed 256 MiB Linux guest took 0-64 such faults per 60-100 ms sample instead
+/// of 100-520, and the longest silence after its first ping reply was 53-128 ms in four
+/// migrations against 76-209 with 4 KiB pages (its first reply came no sooner).
+fn advise_huge(host: *mut u8, len: usize) {
+    // SAFETY: advice on a live mapping of `len` bytes; it changes no byte of it. A kernel
+    // without transparent huge pages refuses it (EINVAL), which leaves small pages.
+    let _ = unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) };
+}
+
 /// The backing of guest RAM this process allocates ([`set_backing`]).
 static BACKING: AtomicU8 = AtomicU8::new(0);
 
@@ -279,7 +296,9 @@ impl GuestRam {
             if !huge {
                 flags |= libc::MAP_NORESERVE;
             }
-            if populate == Populate::Eager {
+            // Ordinary pages are faulted in after the advice below, or they would all be
+            // small.
+            if populate == Populate::Eager && huge {
                 flags |= libc::MAP_POPULATE;
             }
             let mmap_err = |reason: String| {
@@ -309,6 +328,22 @@ impl GuestRam {
             .with_file_offset(FileOffset::new(file, 0))
             .build()
             .map_err(|e| mmap_err(e.to_string()))?;
+            if !huge {
+                advise_huge(mapping.as_ptr(), size);
+                if populate == Populate::Eager {
+                    // SAFETY: `mapping` is a live mapping of `size` bytes; the advice only
+                    // allocates missing pages (zero-filled).
+                    let p = unsafe {
+                        libc::madvise(mapping.as_ptr().cast(), size, libc::MADV_POPULATE_WRITE)
+                    };
+                    if p != 0 {
+                        return Err(MemoryError::Populate {
+                            gpa: r.gpa,
+                            source: std::io::Error::last_os_error(),
+                        });
+                    }
+                }
+            }
             let region = GuestRegionMmap::new(mapping, GuestAddress(r.gpa))
                 .ok_or_else(|| mmap_err("address overflow".into()))?;
             regions.push(Arc::new(region));
@@ -566,6 +601,41 @@ mod tests {
         }
     }
 
+    /// Whether this host gives shared memory transparent huge pages where asked.
+    fn shmem_huge_pages() -> bool {
+        let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+            .unwrap_or_default();
+        !(s.is_empty() || s.contains("[never]") || s.contains("[deny]"))
+    }
+
+    /// The `VmFlags` of this process's mapping that starts at `host`.
+    fn vm_flags(host: *mut u8) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{:x}-", host as usize);
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        assert!(lines.next().is_some(), "no mapping at {start}");
+        lines
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn ordinary_guest_ram_asks_for_transparent_huge_pages() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            return; // a kernel without them refuses the advice
+        }
+        for populate in [Populate::Lazy, Populate::Eager] {
+            let ram = GuestRam::new(&RamLayout::single(4 << 20), populate).unwrap();
+            let (_, host, _) = ram.host_regions()[0];
+            let flags = vm_flags(host);
+            assert!(
+                flags.split_whitespace().any(|f| f == "hg"),
+                "{populate:?}: {flags}"
+            );
+        }
+    }
+
     #[test]
     fn a_memfd_all_written_or_never_written_is_told_by_its_block_count() {
         let pages = (4 << 20) / PAGE_SIZE;
@@ -587,19 +657,22 @@ mod tests {
         let full = GuestRam::new(&RamLayout::single(4 << 20), Populate::Eager).unwrap();
         assert_eq!(allocation(&file(&full)), Allocation::Full);
         assert_eq!(full.split_holes(&all), (all.to_vec(), vec![]));
-        // One page written: walked, and only that page is data.
+        // One page written: walked, and only that page is data — or its whole 2 MiB where
+        // the host gives shared memory huge pages (see `advise_huge`).
         let one = GuestRam::new(&RamLayout::single(4 << 20), Populate::Lazy).unwrap();
         one.memory().write_obj(1u8, GuestAddress(0x3000)).unwrap();
         assert_eq!(allocation(&file(&one)), Allocation::Partial);
         let (data, holes) = one.split_holes(&all);
-        assert_eq!(
-            data,
-            vec![Extent {
+        let written = if shmem_huge_pages() {
+            Extent { gpa: 0, pages: 512 }
+        } else {
+            Extent {
                 gpa: 0x3000,
-                pages: 1
-            }]
-        );
-        assert_eq!(Extent::total(&holes), pages - 1);
+                pages: 1,
+            }
+        };
+        assert_eq!(data, vec![written]);
+        assert_eq!(Extent::total(&holes), pages - written.pages);
         // Faulted in throughout: no hole left, and the written page keeps its byte.
         one.populate_all().unwrap();
         assert_eq!(allocation(&file(&one)), Allocation::Full);
