@@ -315,7 +315,7 @@ sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 >/d
 # Two rxe devices in one netns send to each other's *local* addresses; without accept_local the
 # kernel drops those packets as martians and connections just time out.
 sysctl -qw net.ipv4.conf.all.accept_local=1 >/dev/null || setup_failed "sysctl accept_local"
-# The hosts' setting for guest RAM that README's "Host settings" recommends: shared memory may
+# The hosts' setting for guest RAM that README's "Huge pages" recommends: shared memory may
 # have transparent huge pages where a process asks (MADV_HUGEPAGE), as livemig does for its
 # memfd-backed guest RAM (QEMU's anonymous RAM has them anyway: THP "always" in this kernel).
 echo advise >/sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null
