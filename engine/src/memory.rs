@@ -230,11 +230,11 @@ impl Backing {
 /// touches. Guest RAM is a memfd, so this takes effect where the host lets shared memory have
 /// huge pages (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`: `advise`, `within_size`
 /// or `always`; most distributions ship `never`, where it does nothing). Where it takes
-/// effect, a guest page written makes its whole 2 MiB data to [`GuestRam::split_holes`].
-/// In the nested VM, with
-/// `advise`, a resumed 256 MiB Linux guest took 0-64 such faults per 60-100 ms sample instead
-/// of 100-520, and the longest silence after its first ping reply was 53-128 ms in four
-/// migrations against 76-209 with 4 KiB pages (its first reply came no sooner).
+/// effect, a guest page written makes its whole 2 MiB data to [`GuestRam::split_holes`]. In
+/// the nested VM, with `advise`, a resumed 256 MiB Linux guest took 0-64 such faults per
+/// 60-100 ms sample instead of 100-520, and the longest silence after its first ping reply
+/// was 53-128 ms in four migrations against 76-209 with 4 KiB pages (its first reply came no
+/// sooner).
 fn advise_huge(host: *mut u8, len: usize) {
     // SAFETY: advice on a live mapping of `len` bytes; it changes no byte of it. A kernel
     // without transparent huge pages refuses it (EINVAL), which leaves small pages.
